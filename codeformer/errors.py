@@ -1,0 +1,22 @@
+"""The project's exception types: one base class, one subclass per kind of failure.
+
+Every message names what failed (an input, a file, a setting) and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class CodeFormerError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InputError(CodeFormerError):
+    """A request input is invalid or cannot be decoded (the caller's fault)."""
+
+
+class WeightsError(CodeFormerError):
+    """A weight file is missing, cannot be downloaded, or does not load."""
+
+
+class ConfigError(CodeFormerError):
+    """A runtime setting is unknown or conflicts with the running process."""

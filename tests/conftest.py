@@ -1,0 +1,28 @@
+"""Shared fixtures: random weights in the official formats, and the golden reference folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# shared/ sits beside the project root; absent on a machine that only has the project
+GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "reference" / "golden"
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the three weight files for seed 0 (the golden outputs' weights)."""
+    from codeformer import random_weights
+
+    out = tmp_path_factory.mktemp("weights-seed0")
+    random_weights.write(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip(f"golden reference outputs not found at {GOLDEN_DIR} (shared/ is not beside the project)")
+    return GOLDEN_DIR
