@@ -1,0 +1,1 @@
+"""Pipeline stages, one job each: prepare, detect, align, restore, paste."""
