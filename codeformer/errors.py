@@ -20,3 +20,12 @@ class WeightsError(CodeFormerError):
 
 class ConfigError(CodeFormerError):
     """A runtime setting is unknown or conflicts with the running process."""
+
+
+class ImageFailedError(CodeFormerError):
+    """Processing one image of a request failed; ``index`` is its position in the request."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"image {index}: {reason}")
+        self.index = index
+        self.reason = reason
