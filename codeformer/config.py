@@ -67,7 +67,9 @@ class RequestOptions:
         try:
             fidelity = float(fidelity)
         except (TypeError, ValueError):
-            raise InputError(f"codeformer_fidelity must be a number between 0 and 1, got {fidelity!r}") from None
+            raise InputError(
+                f"codeformer_fidelity must be a number between 0 and 1, got {fidelity!r}"
+            ) from None
         if not 0.0 <= fidelity <= 1.0:  # also rejects NaN
             raise InputError(f"codeformer_fidelity must be between 0 and 1, got {fidelity}")
         if profile not in PROFILES:

@@ -1,0 +1,278 @@
+"""The restoration pipeline: prepare -> detect -> align -> restore -> paste back -> resize.
+
+``Restorer`` holds the models and nothing per request: every call gets its images and
+options as arguments, so one warm process serves any sequence of requests. The faces of
+all images in a call are restored together, in chunks of ``Limits.face_batch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from codeformer import weights
+from codeformer.config import FACE_SIZE, Limits, RequestOptions
+from codeformer.errors import CodeFormerError, ImageFailedError, InputError
+from codeformer.runtime import Nets, Runtime, pick_device
+from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
+from codeformer.stages.detect import Detections, FaceDetector
+from codeformer.stages.paste import FaceParser, paste_faces
+from codeformer.stages.prepare import is_gray, to_working_image
+from codeformer.stages.restore import FaceRestorer
+
+log = logging.getLogger(__name__)
+
+DETECTOR_SHORT_SIDE = 640  # spec §3 step 1: detections are divided by 640 / short side
+GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])  # spec §5.5: 0.2989 R + 0.5870 G + 0.1140 B
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detected face, in input-image pixel coordinates."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2
+    score: float  # detector face probability in (0.8, 1]
+    landmarks: np.ndarray  # (5, 2): eyes, nose, mouth corners (image-left first)
+
+
+@dataclass
+class RestoreResult:
+    image: np.ndarray  # (H, W, 3) uint8 BGR, the input's size
+    faces: list[Face]
+    faces_dropped: int  # detections over Limits.max_faces, lowest scores first
+    working_size: tuple[int, int]  # (H, W) the pipeline ran at (spec §4.1)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
+
+
+@dataclass
+class _Stages:
+    detector: FaceDetector
+    restorer: FaceRestorer
+    parser: FaceParser
+
+
+@dataclass
+class _ImageWork:
+    """What one image carries between stages within a call."""
+
+    working: np.ndarray
+    factor: float
+    gray: bool
+    detections: Detections
+    crops: np.ndarray  # (F, 512, 512, 3) uint8
+    inverse_affines: np.ndarray  # (F, 2, 3)
+    timings: dict[str, float]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
+
+
+def to_gray_faces(faces: np.ndarray) -> np.ndarray:
+    """(F, 512, 512, 3) uint8 BGR -> float64 gray replicated to 3 channels (spec §5.5, no AdaIN)."""
+    gray = faces.astype(np.float64) @ GRAY_WEIGHTS_BGR
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+class Restorer:
+    """The three nets on one device, and the stages that use them."""
+
+    def __init__(self, nets: Nets, device: torch.device, limits: Limits | None = None) -> None:
+        self.device = device
+        self.limits = limits or Limits.from_env()
+        self.runtime = Runtime(nets, device)
+        self._stages: dict[tuple[str, str], _Stages] = {}
+
+    @classmethod
+    def load(
+        cls, weights_dir: str | Path | None = None, device: str | torch.device | None = None
+    ) -> Restorer:
+        """Load (downloading if missing) the three nets onto ``device`` (CUDA if present, else CPU)."""
+        target = pick_device(device)
+        codeformer, retinaface, parsenet = weights.load_nets(weights_dir)
+        nets = Nets(*(net.to(target).eval() for net in (codeformer, retinaface, parsenet)))
+        return cls(nets, target)
+
+    @property
+    def compile_backend(self) -> str | None:
+        return self.runtime.compile_backend
+
+    def check_options(
+        self,
+        fidelity: float = 0.5,
+        profile: str = "baseline",
+        stability: str = "safe",
+        compile_backend: str = "none",
+    ) -> RequestOptions:
+        """Validate a request's options against this process; raises InputError or ConfigError."""
+        options = RequestOptions.parse(fidelity, profile, stability, compile_backend)
+        if options.stability.compiled:
+            self.runtime.check_backend(options.compile_backend)
+        return options
+
+    def _stages_for(self, options: RequestOptions) -> _Stages:
+        key = (options.stability.name, options.compile_backend if options.stability.compiled else "")
+        if key not in self._stages:
+            nets = self.runtime.nets_for(options.stability, options.compile_backend)
+            self._stages[key] = _Stages(
+                detector=FaceDetector(nets.retinaface, self.device),
+                restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.limits.face_batch),
+                parser=FaceParser(nets.parsenet, self.device),
+            )
+        return self._stages[key]
+
+    def warmup(
+        self, profile: str = "baseline", stability: str = "safe", compile_backend: str = "none"
+    ) -> float:
+        """Run one synthetic image through a path so its first real request pays no set-up; returns ms."""
+        start = time.perf_counter()
+        canvas = np.full((FACE_SIZE, FACE_SIZE, 3), 127, np.uint8)
+        self.restore([canvas], 0.5, profile, stability, compile_backend)
+        # the detector rarely fires on a flat canvas: run restore and parse on a face-sized crop too
+        options = self.check_options(0.5, profile, stability, compile_backend)
+        stages = self._stages_for(options)
+        restored = stages.restorer.restore(canvas[None], 0.5, options.profile.mixed_precision)
+        if options.profile.use_parse:
+            stages.parser.masks(restored, options.profile.mixed_precision)
+        return (time.perf_counter() - start) * 1000.0
+
+    def restore(
+        self,
+        images: Sequence[np.ndarray],
+        fidelity: float = 0.5,
+        profile: str = "baseline",
+        stability: str = "safe",
+        compile_backend: str = "none",
+    ) -> list[RestoreResult]:
+        """Restore every face of every image; one result per image, in order.
+
+        Raises ``InputError``/``ConfigError`` for bad options and ``ImageFailedError`` (with
+        the image's index) when an image cannot be processed. Nothing is returned partially.
+        """
+        options = self.check_options(fidelity, profile, stability, compile_backend)
+        for index, image in enumerate(images):
+            if not (
+                isinstance(image, np.ndarray)
+                and image.ndim == 3
+                and image.shape[2] == 3
+                and image.dtype == np.uint8
+            ):
+                raise InputError(f"image {index}: expected an (H, W, 3) uint8 BGR array")
+        stages = self._stages_for(options)
+        work = [self._locate_faces(index, image, stages) for index, image in enumerate(images)]
+        restored = self._restore_faces(work, stages, options)
+        return [
+            self._finish(index, image, item, faces, stages, options)
+            for index, (image, item, faces) in enumerate(zip(images, work, restored, strict=True))
+        ]
+
+    def _locate_faces(self, index: int, image: np.ndarray, stages: _Stages) -> _ImageWork:
+        timings: dict[str, float] = {}
+        try:
+            with _timed(timings, "prepare"):
+                gray = is_gray(image)
+                working, factor = to_working_image(image)
+            with _timed(timings, "detect"):
+                detections = stages.detector.detect(working, max_faces=self.limits.max_faces)
+            with _timed(timings, "align"):
+                affines = estimate_affines(detections.landmarks)
+                crops = warp_crops(working, affines)
+                inverse_affines = invert_affines(affines)
+        except CodeFormerError as exc:
+            raise ImageFailedError(index, str(exc)) from exc
+        if detections.dropped:
+            log.warning(
+                "image %d: kept the %d highest-scoring faces, dropped %d (CODEFORMER_MAX_FACES=%d)",
+                index,
+                len(detections.scores),
+                detections.dropped,
+                self.limits.max_faces,
+            )
+        return _ImageWork(working, factor, gray, detections, crops, inverse_affines, timings)
+
+    def _restore_faces(
+        self, work: list[_ImageWork], stages: _Stages, options: RequestOptions
+    ) -> list[np.ndarray]:
+        """Run CodeFormer over the faces of all images at once; returns per-image face arrays."""
+        counts = [len(item.crops) for item in work]
+        total = sum(counts)
+        if total == 0:
+            return [item.crops for item in work]
+        start = time.perf_counter()
+        restored = stages.restorer.restore(
+            np.concatenate([item.crops for item in work]), options.fidelity, options.profile.mixed_precision
+        )
+        per_face_ms = (time.perf_counter() - start) * 1000.0 / total
+        bounds = np.cumsum([0, *counts])
+        for item, count in zip(work, counts, strict=True):
+            item.timings["restore"] = per_face_ms * count
+        return [restored[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _finish(
+        self,
+        index: int,
+        image: np.ndarray,
+        item: _ImageWork,
+        faces: np.ndarray,
+        stages: _Stages,
+        options: RequestOptions,
+    ) -> RestoreResult:
+        timings = item.timings
+        if len(faces) == 0:
+            # nothing to paste: the input comes back as it was (not a resized working copy)
+            output = image.copy()
+        else:
+            try:
+                output = self._paste(image, item, faces, stages, options)
+            except CodeFormerError as exc:
+                raise ImageFailedError(index, str(exc)) from exc
+        return RestoreResult(
+            image=output,
+            faces=self._faces_in_input_pixels(item),
+            faces_dropped=item.detections.dropped,
+            working_size=item.working.shape[:2],
+            timings=timings,
+        )
+
+    @staticmethod
+    def _paste(
+        image: np.ndarray, item: _ImageWork, faces: np.ndarray, stages: _Stages, options: RequestOptions
+    ) -> np.ndarray:
+        timings = item.timings
+        faces = to_gray_faces(faces) if item.gray else faces
+        masks = None
+        if options.profile.use_parse:
+            with _timed(timings, "parse"):
+                masks = stages.parser.masks(faces, options.profile.mixed_precision)
+        with _timed(timings, "paste"):
+            output = paste_faces(item.working, faces, item.inverse_affines, masks)
+        if output.shape[:2] != image.shape[:2]:
+            with _timed(timings, "resize"):
+                output = cv2.resize(output, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
+        return output
+
+    @staticmethod
+    def _faces_in_input_pixels(item: _ImageWork) -> list[Face]:
+        # The official rows are divided by the nominal detector scale, score included
+        # (spec §3 step 11); undo that for the score, and undo the §4.1 enlargement.
+        detector_scale = DETECTOR_SHORT_SIDE / min(item.working.shape[:2])
+        det = item.detections
+        return [
+            Face(
+                box=tuple(float(v) / item.factor for v in det.boxes[i]),
+                score=float(det.scores[i]) * detector_scale,
+                landmarks=det.landmarks[i].astype(np.float64) / item.factor,
+            )
+            for i in range(len(det.scores))
+        ]

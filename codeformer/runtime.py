@@ -1,0 +1,110 @@
+"""The one place that touches devices, memory formats, ``torch.backends`` and ``torch.compile``.
+
+A ``Runtime`` owns the three loaded nets and hands the pipeline the variant a request
+asks for: the nets as loaded (``safe``), or channels_last copies compiled with one backend
+(``optimized``). The optimized variant is built once per process, on first use, and its
+backend is then fixed: switching backends would recompile every graph and double the
+memory held, so a later request that asks for another backend is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from codeformer.config import CUDA_ONLY_BACKENDS, Stability
+from codeformer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Nets:
+    """The three networks in eval mode on one device."""
+
+    codeformer: nn.Module
+    retinaface: nn.Module
+    parsenet: nn.Module
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, or CUDA when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """Mixed-precision dtype: fp16 on CUDA (tensor cores), bf16 on CPU (AVX-512 BF16 / AMX)."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+class Runtime:
+    def __init__(self, nets: Nets, device: torch.device) -> None:
+        self.device = device
+        self.safe_nets = nets
+        self._optimized: Nets | None = None
+        self._backend: str | None = None
+        self._lock = threading.Lock()
+        if device.type == "cuda":
+            # safe mode promises the official numerics: no autotuned kernels, no TF32 (spec §9.17)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The backend of the optimized nets, or None before the first optimized request."""
+        return self._backend
+
+    def check_backend(self, backend: str) -> None:
+        """Raise ``ConfigError`` if ``backend`` cannot serve an optimized request in this process."""
+        if backend in CUDA_ONLY_BACKENDS and self.device.type != "cuda":
+            raise ConfigError(
+                f"compile_backend={backend!r} needs a CUDA GPU; this process runs on {self.device}"
+            )
+        if self._backend is not None and backend != self._backend:
+            raise ConfigError(
+                f"compile_backend is fixed to {self._backend!r} for this process (set by the first optimized "
+                f"request); got {backend!r}. Send compile_backend={self._backend!r} or restart the server"
+            )
+
+    def nets_for(self, stability: Stability, backend: str) -> Nets:
+        """The nets a request with these settings runs on."""
+        if not stability.compiled:
+            return self.safe_nets
+        self.check_backend(backend)
+        with self._lock:
+            self.check_backend(backend)  # another thread may have initialised it meanwhile
+            if self._optimized is None:
+                self._optimized = self._build_optimized(backend)
+                self._backend = backend
+        return self._optimized
+
+    def _build_optimized(self, backend: str) -> Nets:
+        log.info("initialising the optimized runtime: channels_last, compile_backend=%s", backend)
+        nets = Nets(
+            *(
+                self._channels_last_copy(net)
+                for net in (self.safe_nets.codeformer, self.safe_nets.retinaface, self.safe_nets.parsenet)
+            )
+        )
+        if backend == "none":
+            return nets
+        # CodeFormer and ParseNet always see 512x512 inputs: compile them. The detector sees
+        # a new shape per photo size, and would recompile for each; it stays eager.
+        return Nets(
+            codeformer=torch.compile(nets.codeformer, backend=backend),
+            retinaface=nets.retinaface,
+            parsenet=torch.compile(nets.parsenet, backend=backend),
+        )
+
+    @staticmethod
+    def _channels_last_copy(net: nn.Module) -> nn.Module:
+        # a copy, so that safe requests keep the default memory format and its numerics
+        return copy.deepcopy(net).to(memory_format=torch.channels_last)
