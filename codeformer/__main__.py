@@ -1,0 +1,65 @@
+"""Restore faces in image files from the command line.
+
+    python -m codeformer data/1.jpg [more images] [--output-dir out] [--fidelity 0.5]
+        [--profile baseline|fast|max_speed] [--stability safe|optimized] [--compile-backend none]
+
+Weights are downloaded into weights/ on first use (see codeformer/weights.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES, Limits
+from codeformer.errors import CodeFormerError
+from codeformer.imageio import decode_image, encode_jpeg
+
+log = logging.getLogger("codeformer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m codeformer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--output-dir", type=Path, default=Path("out"))
+    parser.add_argument("--fidelity", type=float, default=0.5, help="0 = more quality, 1 = more fidelity")
+    parser.add_argument("--profile", choices=list(PROFILES), default="baseline")
+    parser.add_argument("--stability", choices=list(STABILITY_MODES), default="safe")
+    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="none")
+    parser.add_argument("--weights-dir", type=Path, default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from codeformer.pipeline import Restorer
+
+    try:
+        limits = Limits.from_env()
+        images = []
+        for path in args.images:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise CodeFormerError(f"{path}: cannot read the file: {exc.strerror}") from None
+            images.append(decode_image(data, str(path), limits.max_pixels))
+        start = time.perf_counter()
+        restorer = Restorer.load(args.weights_dir, args.device)
+        log.info("loaded the nets on %s in %.0f ms", restorer.device, (time.perf_counter() - start) * 1000)
+        results = restorer.restore(images, args.fidelity, args.profile, args.stability, args.compile_backend)
+    except CodeFormerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for path, result in zip(args.images, results, strict=True):
+        out = args.output_dir / f"{path.stem}.jpg"
+        out.write_bytes(encode_jpeg(result.image))
+        stages = " ".join(f"{stage}={ms:.0f}ms" for stage, ms in result.timings.items())
+        log.info("%s -> %s: %d face(s), %s", path, out, len(result.faces), stages)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
