@@ -1,0 +1,98 @@
+"""Request option validation, limits from the environment, and the optimized-runtime backend lock."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from codeformer.config import PROFILES, STABILITY_MODES, Limits, RequestOptions
+from codeformer.errors import ConfigError, InputError
+from codeformer.runtime import Nets, Runtime
+
+
+def test_defaults_are_the_official_recipe() -> None:
+    options = RequestOptions.parse()
+    assert options.fidelity == 0.5
+    assert options.profile == PROFILES["baseline"]
+    assert not options.profile.mixed_precision and options.profile.use_parse
+    assert options.stability == STABILITY_MODES["safe"] and not options.stability.compiled
+
+
+@pytest.mark.parametrize("fidelity", [0.0, 0.5, 1.0, "0.25"])
+def test_fidelity_in_range_is_accepted(fidelity: float | str) -> None:
+    assert RequestOptions.parse(fidelity=fidelity).fidelity == float(fidelity)
+
+
+@pytest.mark.parametrize("fidelity", [-0.1, 1.1, 1.5, float("nan"), "abc", None])
+def test_fidelity_out_of_range_is_refused(fidelity: object) -> None:
+    with pytest.raises(InputError, match="codeformer_fidelity"):
+        RequestOptions.parse(fidelity=fidelity)
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs"),
+    [
+        ("runtime_profile", {"profile": "turbo"}),
+        ("stability_mode", {"stability": "reckless"}),
+        ("compile_backend", {"compile_backend": "tensorrt"}),
+    ],
+)
+def test_unknown_names_are_refused_with_the_choices(field: str, kwargs: dict) -> None:
+    with pytest.raises(InputError, match=rf"{field} must be one of .*got '"):
+        RequestOptions.parse(**kwargs)
+
+
+def test_limits_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODEFORMER_MAX_FACES", "3")
+    monkeypatch.delenv("CODEFORMER_MAX_PIXELS", raising=False)
+    limits = Limits.from_env()
+    assert limits.max_faces == 3 and limits.max_pixels == 40_000_000
+    monkeypatch.setenv("CODEFORMER_MAX_FACES", "zero")
+    with pytest.raises(ConfigError, match="CODEFORMER_MAX_FACES must be a positive integer"):
+        Limits.from_env()
+
+
+def _tiny_nets() -> Nets:
+    def conv() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval()
+
+    return Nets(conv(), conv(), conv())
+
+
+def test_safe_requests_get_the_nets_as_loaded() -> None:
+    nets = _tiny_nets()
+    runtime = Runtime(nets, torch.device("cpu"))
+    assert runtime.nets_for(STABILITY_MODES["safe"], "inductor") is nets
+    assert runtime.compile_backend is None  # safe requests never initialise the optimized runtime
+
+
+def test_optimized_nets_are_channels_last_copies_and_the_backend_is_locked() -> None:
+    nets = _tiny_nets()
+    runtime = Runtime(nets, torch.device("cpu"))
+    optimized = runtime.nets_for(STABILITY_MODES["optimized"], "none")
+    assert runtime.compile_backend == "none"
+    weight = optimized.codeformer[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert nets.codeformer[0].weight.is_contiguous()  # the safe nets keep their format
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(optimized.codeformer(x), nets.codeformer(x))
+    assert runtime.nets_for(STABILITY_MODES["optimized"], "none") is optimized
+    with pytest.raises(ConfigError, match="compile_backend is fixed to 'none'.*got 'eager'"):
+        runtime.nets_for(STABILITY_MODES["optimized"], "eager")
+    assert runtime.nets_for(STABILITY_MODES["safe"], "eager") is nets  # safe ignores the backend
+
+
+def test_compiled_backend_runs_and_matches_eager() -> None:
+    nets = _tiny_nets()
+    runtime = Runtime(nets, torch.device("cpu"))
+    optimized = runtime.nets_for(STABILITY_MODES["optimized"], "eager")
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(optimized.parsenet(x), nets.parsenet(x))
+
+
+def test_cuda_only_backend_is_refused_on_cpu() -> None:
+    runtime = Runtime(_tiny_nets(), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="cudagraphs.*needs a CUDA GPU"):
+        runtime.nets_for(STABILITY_MODES["optimized"], "cudagraphs")
+    assert runtime.compile_backend is None  # a refused request initialises nothing
