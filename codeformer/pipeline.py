@@ -96,13 +96,16 @@ class Restorer:
 
     @classmethod
     def load(
-        cls, weights_dir: str | Path | None = None, device: str | torch.device | None = None
+        cls,
+        weights_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        limits: Limits | None = None,
     ) -> Restorer:
         """Load (downloading if missing) the three nets onto ``device`` (CUDA if present, else CPU)."""
         target = pick_device(device)
         codeformer, retinaface, parsenet = weights.load_nets(weights_dir)
         nets = Nets(*(net.to(target).eval() for net in (codeformer, retinaface, parsenet)))
-        return cls(nets, target)
+        return cls(nets, target, limits)
 
     @property
     def compile_backend(self) -> str | None:

@@ -26,3 +26,12 @@ def golden_dir() -> Path:
     if not GOLDEN_DIR.is_dir():
         pytest.skip(f"golden reference outputs not found at {GOLDEN_DIR} (shared/ is not beside the project)")
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def restorer_seed0(weights_dir: Path):
+    """The pipeline on CPU with the seed-0 random weights, shared by the end-to-end tests."""
+    from codeformer.config import Limits
+    from codeformer.pipeline import Restorer
+
+    return Restorer.load(weights_dir, "cpu", Limits(max_pixels=40_000_000, max_faces=20, face_batch=4))
