@@ -197,6 +197,11 @@ def _download(url: str, destination: Path) -> None:
                 wait,
             )
             time.sleep(wait)
+        except OSError as error:  # the folder side: disk full, read-only, permissions
+            raise WeightsError(
+                f"cannot write {destination.name} into {destination.parent}: {error}. Fix: free disk space "
+                f"or make the folder writable, or set {WEIGHTS_DIR_ENV} to another folder."
+            ) from error
 
 
 def _unreachable_message(destination: Path, url: str, reason: str) -> str:
