@@ -1,0 +1,217 @@
+"""Face detection (spec §3): RetinaFace on a 640-short-side copy, then the official post-processing.
+
+Every step follows the official ``get_face_landmarks_5`` with resize 640 and eye-distance
+threshold 5, quirks included: the result rows are divided by the nominal scale (score
+column too), and the eye-distance filter reads the wrong columns. Tensors stay on the
+detector's device until the final (F, 15) rows, which are copied to the host once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torchvision
+
+from codeformer.errors import InputError
+from codeformer.nets.retinaface import RetinaFace
+
+logger = logging.getLogger(__name__)
+
+DETECTOR_SHORT_SIDE = 640  # the helper's resize=640: the detector sees the image at short side ~640
+DETECTOR_MEAN_BGR = (104.0, 117.0, 123.0)  # subtracted from the BGR pixels, no /255
+PRIOR_STEPS = (8, 16, 32)  # cfg_re50 steps, one per pyramid level
+PRIOR_MIN_SIZES = ((16, 32), (64, 128), (256, 512))  # cfg_re50 min_sizes: two anchors per location
+VARIANCES = (0.1, 0.2)  # centre/landmark offsets, log sizes
+CONFIDENCE_THRESHOLD = 0.8  # detect_faces' default, which CodeFormer's helper relies on (strict >)
+NMS_IOU_THRESHOLD = 0.4
+EYE_DISTANCE_THRESHOLD = 5.0  # rows whose (buggy) eye distance is under this are dropped
+PRIOR_CACHE_SIZE = 16  # detector input shapes whose priors are kept
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Faces of one working image, in detection order (descending score).
+
+    Coordinates are in working-image pixels exactly as the official helper stores them:
+    the detector's rows divided by the nominal scale 640 / min(h, w).
+    """
+
+    boxes: np.ndarray  # (F, 4) float32 x1, y1, x2, y2
+    scores: np.ndarray  # (F,) float32 face probability, also divided by the nominal scale (quirk)
+    landmarks: np.ndarray  # (F, 5, 2) float32 (x, y): image-left eye, other eye, nose, left/right mouth
+    dropped: int = 0  # faces found beyond the ``max_faces`` cap (the lowest-scoring ones)
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(
+            boxes=np.zeros((0, 4), np.float32),
+            scores=np.zeros((0,), np.float32),
+            landmarks=np.zeros((0, 5, 2), np.float32),
+        )
+
+
+def detector_input_size(height: int, width: int) -> tuple[float, int, int]:
+    """(nominal scale, h', w') of the detector's copy of an h x w image (§3 step 1).
+
+    The sizes are truncated, so the short side can come out as 639; the rows are later
+    divided by the nominal scale, not by the actual ratio (§9 item 3).
+    """
+    scale = DETECTOR_SHORT_SIDE / min(height, width)
+    return scale, int(height * scale), int(width * scale)
+
+
+def resize_for_detector(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """(detector input, nominal scale): INTER_AREA when shrinking, INTER_LINEAR when enlarging."""
+    height, width = image.shape[:2]
+    scale, new_height, new_width = detector_input_size(height, width)
+    if (new_height, new_width) == (height, width):
+        return image, scale
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (new_width, new_height), interpolation=interpolation), scale
+
+
+def prior_boxes(height: int, width: int) -> torch.Tensor:
+    """(P, 4) float32 anchors (cx, cy, w, h), normalised by the input size (§3 step 4).
+
+    Order: level (stride 8, 16, 32), then row, column, min size, matching the heads'
+    concatenation. Computed in float64 on the CPU (not every device has float64), then
+    stored as float32 like the official list-to-Tensor conversion.
+    """
+    levels = []
+    for step, min_sizes in zip(PRIOR_STEPS, PRIOR_MIN_SIZES, strict=True):
+        rows, cols = math.ceil(height / step), math.ceil(width / step)
+        centre_x = (torch.arange(cols, dtype=torch.float64) + 0.5) * step / width  # (cols,)
+        centre_y = (torch.arange(rows, dtype=torch.float64) + 0.5) * step / height  # (rows,)
+        sizes = torch.tensor(min_sizes, dtype=torch.float64)
+        grid = torch.broadcast_tensors(
+            centre_x[None, :, None],
+            centre_y[:, None, None],
+            (sizes / width)[None, None, :],
+            (sizes / height)[None, None, :],
+        )
+        levels.append(torch.stack(grid, dim=-1).reshape(-1, 4))  # (rows * cols * 2, 4)
+    return torch.cat(levels).to(torch.float32)
+
+
+def decode_boxes(loc: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+    """(K, 4) offsets and priors -> (K, 4) corners x1, y1, x2, y2, normalised (§3 step 5)."""
+    centres = priors[:, :2] + loc[:, :2] * VARIANCES[0] * priors[:, 2:]
+    sizes = priors[:, 2:] * torch.exp(loc[:, 2:] * VARIANCES[1])
+    top_left = centres - sizes / 2
+    return torch.cat([top_left, top_left + sizes], dim=1)
+
+
+def decode_landmarks(landms: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+    """(K, 10) offsets and priors -> (K, 10) points x0, y0, ..., x4, y4, normalised (§3 step 6)."""
+    offsets = landms.reshape(-1, 5, 2)
+    points = priors[:, None, :2] + offsets * VARIANCES[0] * priors[:, None, 2:]
+    return points.reshape(-1, 10)
+
+
+class FaceDetector:
+    """Runs RetinaFace on one working image and applies the official post-processing.
+
+    ``net`` must already hold its weights, sit on ``device`` and be float32; the detector
+    always runs in float32 (the official half=False), whatever the pipeline's precision.
+    """
+
+    def __init__(self, net: RetinaFace, device: torch.device) -> None:
+        self.net = net.eval()
+        self.device = torch.device(device)
+        self._mean = torch.tensor(DETECTOR_MEAN_BGR, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # priors depend only on the detector input size; shared by concurrent requests
+        self._priors: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._priors_lock = threading.Lock()
+
+    def priors(self, height: int, width: int) -> torch.Tensor:
+        """(P, 4) float32 priors for an h' x w' detector input, on the device, cached."""
+        key = (height, width)
+        with self._priors_lock:
+            if key in self._priors:
+                self._priors.move_to_end(key)
+                return self._priors[key]
+        priors = prior_boxes(height, width).to(self.device)
+        with self._priors_lock:
+            self._priors[key] = priors
+            while len(self._priors) > PRIOR_CACHE_SIZE:
+                self._priors.popitem(last=False)
+        return priors
+
+    def detect(self, image: np.ndarray, max_faces: int | None = None) -> Detections:
+        """Faces of one uint8 BGR working image (h, w, 3), at most ``max_faces`` of them.
+
+        When more are found, the highest-scoring ``max_faces`` are kept and ``dropped``
+        says how many were not.
+        """
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(
+                f"the detector needs a uint8 BGR image of shape (h, w, 3), got {image.dtype} "
+                f"{image.shape}; decode the input with codeformer's image reader first"
+            )
+        if max_faces is not None and max_faces < 1:
+            raise InputError(f"max_faces must be a positive number of faces or None, got {max_faces}")
+
+        resized, scale = resize_for_detector(image)
+        if not (resized.flags.writeable and resized.flags.c_contiguous):
+            resized = resized.copy()  # torch.from_numpy needs a writable array with positive strides
+        height, width = resized.shape[:2]
+        with torch.inference_mode():
+            # HWC -> (1, 3, h', w') float32, BGR minus mean. The permuted view keeps the
+            # channels-last strides the official numpy-transpose input had; on CPU that also
+            # selects the faster channels-last convolutions (about 4x here).
+            pixels = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).unsqueeze(0)
+            net_input = pixels.to(torch.float32) - self._mean
+            loc, conf, landms = self.net(net_input)  # (1, P, 4), (1, P, 2), (1, P, 10)
+            face_scores = conf[0, :, 1]  # (P,)
+
+            keep = torch.nonzero(face_scores > CONFIDENCE_THRESHOLD).squeeze(1)
+            scores = face_scores[keep]
+            order = torch.argsort(scores, descending=True, stable=True)
+            keep, scores = keep[order], scores[order]
+
+            priors = self.priors(height, width)[keep]
+            box_scale = torch.tensor([width, height] * 2, dtype=torch.float32, device=self.device)
+            point_scale = torch.tensor([width, height] * 5, dtype=torch.float32, device=self.device)
+            boxes = decode_boxes(loc[0, keep], priors) * box_scale  # (K, 4) detector-input pixels
+            points = decode_landmarks(landms[0, keep], priors) * point_scale  # (K, 10)
+
+            kept = torchvision.ops.nms(boxes, scores, NMS_IOU_THRESHOLD)  # descending score order
+            rows = torch.cat([boxes[kept], scores[kept, None], points[kept]], dim=1)  # (F, 15)
+            # The whole row, score included, is divided by the nominal scale (a float32
+            # divide, as NumPy does it); a 1-element tensor so no device turns it into a
+            # multiply by the reciprocal.
+            rows = rows / torch.tensor([scale], dtype=torch.float32, device=self.device)
+
+            # Official off-by-one: columns 6..9 are (le_y, re_x, re_y, nose_x), so this is
+            # sqrt((le_y - re_y)^2 + (re_x - nose_x)^2), not the eye distance.
+            eye_distance = torch.sqrt((rows[:, 6] - rows[:, 8]) ** 2 + (rows[:, 7] - rows[:, 9]) ** 2)
+            rows = rows[~(eye_distance < EYE_DISTANCE_THRESHOLD)]
+
+            dropped = 0
+            if max_faces is not None and rows.shape[0] > max_faces:
+                dropped = rows.shape[0] - max_faces
+                rows = rows[:max_faces]  # already in descending score order
+            result = rows.cpu().numpy()
+
+        if dropped:
+            logger.info(
+                "kept the %d highest-scoring faces of %d; raise max_faces to keep more",
+                max_faces,
+                len(result) + dropped,
+            )
+        return Detections(
+            boxes=np.ascontiguousarray(result[:, 0:4]),
+            scores=np.ascontiguousarray(result[:, 4]),
+            landmarks=np.ascontiguousarray(result[:, 5:15]).reshape(-1, 5, 2),
+            dropped=dropped,
+        )
