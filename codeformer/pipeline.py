@@ -23,14 +23,13 @@ from codeformer.config import FACE_SIZE, Limits, RequestOptions
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
 from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
-from codeformer.stages.detect import Detections, FaceDetector
+from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
 from codeformer.stages.paste import FaceParser, paste_faces
 from codeformer.stages.prepare import is_gray, to_working_image
 from codeformer.stages.restore import FaceRestorer
 
 log = logging.getLogger(__name__)
 
-DETECTOR_SHORT_SIDE = 640  # spec §3 step 1: detections are divided by 640 / short side
 GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])  # spec §5.5: 0.2989 R + 0.5870 G + 0.1140 B
 
 
