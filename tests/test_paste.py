@@ -1,0 +1,454 @@
+"""Paste-back (spec §6): region-local paste_faces against the full-canvas recipe, and golden parity."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from codeformer import random_weights
+from codeformer.errors import InputError
+from codeformer.nets.parsenet import ParseNet
+from codeformer.stages import paste
+from codeformer.stages.paste import FaceParser, face_pixels_to_masks, paste_faces
+from codeformer.stages.prepare import to_working_image
+
+logger = logging.getLogger(__name__)
+
+FACE = 512
+MASK_COLORMAP = [0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 255, 0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------
+# The official recipe, written plainly from the spec: whole-canvas warps, one face at a time
+
+
+def reference_parse_mask(logits: np.ndarray) -> np.ndarray:
+    """(19, 512, 512) ParseNet logits -> (512, 512) float64 mask (spec §6.3 9 b–f)."""
+    labels = logits.argmax(axis=0)
+    parse_mask = np.zeros(labels.shape)
+    for index, color in enumerate(MASK_COLORMAP):
+        parse_mask[labels == index] = color
+    parse_mask = cv2.GaussianBlur(parse_mask, (101, 101), 11)
+    parse_mask = cv2.GaussianBlur(parse_mask, (101, 101), 11)
+    thres = 10
+    parse_mask[:thres, :] = 0
+    parse_mask[-thres:, :] = 0
+    parse_mask[:, :thres] = 0
+    parse_mask[:, -thres:] = 0
+    return parse_mask / 255.0
+
+
+def reference_canvas(
+    image: np.ndarray, faces: np.ndarray, inverse_affines: np.ndarray, parse_masks: np.ndarray | None
+) -> np.ndarray:
+    """Spec §6.2–§6.3 (§6.4 without parse masks) over the whole canvas, before the final cast."""
+    h_up, w_up = image.shape[:2]
+    img = image
+    for index, restored_face in enumerate(faces):
+        inverse_affine = inverse_affines[index]
+        inv_restored = cv2.warpAffine(restored_face, inverse_affine, (w_up, h_up))
+        mask = np.ones((FACE, FACE), dtype=np.float32)
+        inv_mask = cv2.warpAffine(mask, inverse_affine, (w_up, h_up))
+        inv_mask_erosion = cv2.erode(inv_mask, np.ones((2, 2), np.uint8))
+        pasted_face = inv_mask_erosion[:, :, None] * inv_restored
+        total_face_area = np.sum(inv_mask_erosion)
+        w_edge = int(total_face_area**0.5) // 20
+        erosion_radius = w_edge * 2
+        inv_mask_center = cv2.erode(inv_mask_erosion, np.ones((erosion_radius, erosion_radius), np.uint8))
+        blur_size = w_edge * 2
+        inv_soft_mask = cv2.GaussianBlur(inv_mask_center, (blur_size + 1, blur_size + 1), 0)
+        inv_soft_mask = inv_soft_mask[:, :, None]
+        if parse_masks is not None:
+            parse_mask = parse_masks[index]
+            inv_soft_parse_mask = cv2.warpAffine(parse_mask, inverse_affine, (w_up, h_up), flags=3)
+            inv_soft_parse_mask = inv_soft_parse_mask[:, :, None]
+            fuse_mask = (inv_soft_parse_mask < inv_soft_mask).astype("int")
+            inv_soft_mask = inv_soft_parse_mask * fuse_mask + inv_soft_mask * (1 - fuse_mask)
+        img = inv_soft_mask * pasted_face + (1 - inv_soft_mask) * img
+    return img
+
+
+def reference_paste(
+    image: np.ndarray, faces: np.ndarray, inverse_affines: np.ndarray, parse_masks: np.ndarray | None
+) -> np.ndarray:
+    """The full-canvas recipe with the official §6.5 cast: uint8 by truncation, uint16 if max > 256."""
+    img = reference_canvas(image, faces, inverse_affines, parse_masks)
+    if np.max(img) > 256:
+        return img.astype(np.uint16)
+    return img.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------
+# Synthetic data
+
+
+def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
+    """A face -> image (inverse) affine: rotate by ``angle``, scale, then translate."""
+    cos, sin = scale * np.cos(angle), scale * np.sin(angle)
+    return np.array([[cos, -sin, tx], [sin, cos, ty]])
+
+
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
+    """Random values on a coarse grid enlarged bicubically: float64 in [0, 1], smooth at ``cells`` scale."""
+    coarse = rng.random((cells, cells, *shape[2:]))
+    # bicubic overshoots a little; clip so that callers can scale to levels without wrapping
+    return np.clip(cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+
+
+def random_masks(rng: np.random.Generator, count: int) -> np.ndarray:
+    """(count, 512, 512) parse masks from random blobs, through the official post-processing."""
+    face_pixels = np.stack([smooth_noise(rng, (FACE, FACE), 6) > 0.45 for _ in range(count)])
+    return face_pixels_to_masks(face_pixels)
+
+
+def to_gray_faces(faces: np.ndarray) -> np.ndarray:
+    """The spec §5.5 gray face of the demos: 0.2989 R + 0.5870 G + 0.1140 B, float64, 3 channels."""
+    gray = 0.2989 * faces[..., 2] + 0.5870 * faces[..., 1] + 0.1140 * faces[..., 0]
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+CANVAS_HW = (700, 900)
+# (scale, angle, tx, ty): mostly inside, overlapping, cut by each canvas edge, rotated by
+# more than 90 degrees, one tiny face (w_edge 0), and one fully outside the canvas
+SYNTHETIC_FACES = [
+    (0.45, 0.10, 300.0, 150.0),
+    (0.62, -0.35, 420.0, 260.0),
+    (0.38, 2.00, 80.0, -60.0),
+    (0.50, -0.05, 650.0, 480.0),
+    (0.30, 3.00, 880.0, 690.0),
+    (0.03, 0.70, 120.0, 600.0),
+    (0.40, 0.00, 1200.0, 100.0),
+]
+
+
+def synthetic_case(
+    seed: int, noise_faces: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (*CANVAS_HW, 3), dtype=np.uint8)
+    count = len(SYNTHETIC_FACES)
+    if noise_faces:  # the harshest case for interpolation: neighbouring pixels unrelated
+        faces = rng.integers(0, 256, (count, FACE, FACE, 3), dtype=np.uint8)
+    else:
+        faces = np.stack(
+            [(smooth_noise(rng, (FACE, FACE, 3), 12) * 255).astype(np.uint8) for _ in range(count)]
+        )
+    jitter = rng.uniform(-0.5, 0.5, (count, 2))
+    inverse_affines = np.stack(
+        [
+            similarity(s, a, tx + dx, ty + dy)
+            for (s, a, tx, ty), (dx, dy) in zip(SYNTHETIC_FACES, jitter, strict=True)
+        ]
+    )
+    return image, faces, inverse_affines, random_masks(rng, count)
+
+
+def compare(ours: np.ndarray, reference: np.ndarray, label: str) -> tuple[int, float]:
+    difference = np.abs(ours.astype(np.int32) - reference.astype(np.int32))
+    max_difference, fraction = int(difference.max()), float(np.mean(difference > 0))
+    logger.info("%s: max difference %d, fraction differing %.2e", label, max_difference, fraction)
+    return max_difference, fraction
+
+
+# ---------------------------------------------------------------------------------------
+# Region-local paste equals the full-canvas recipe
+
+
+def test_synthetic_case_covers_the_careful_points() -> None:
+    """The synthetic faces do reach w_edge 0, the canvas edges and the outside of the canvas."""
+    _, _, inverse_affines, _ = synthetic_case(0)
+    w_edges, clipped = [], []
+    for inverse_affine in inverse_affines:
+        inv_mask = cv2.warpAffine(np.ones((FACE, FACE), np.float32), inverse_affine, CANVAS_HW[::-1])
+        w_edges.append(int(np.sum(cv2.erode(inv_mask, np.ones((2, 2), np.uint8))) ** 0.5) // 20)
+        region = paste._face_region(inverse_affine, CANVAS_HW)
+        clipped.append(
+            region.x0 == 0 or region.y0 == 0 or region.x1 == CANVAS_HW[1] or region.y1 == CANVAS_HW[0]
+        )
+    assert 0 in w_edges[:-1]  # the tiny face is on the canvas but has w_edge 0
+    assert w_edges[-1] == 0 and paste._face_region(inverse_affines[-1], CANVAS_HW).empty
+    assert sum(clipped) >= 4
+    assert max(w_edges) >= 8
+
+
+@pytest.mark.parametrize("use_parse", [True, False], ids=["parse", "no_parse"])
+@pytest.mark.parametrize("gray", [False, True], ids=["colour", "gray"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_region_paste_equals_full_canvas(use_parse: bool, gray: bool, seed: int) -> None:
+    image, faces, inverse_affines, parse_masks = synthetic_case(seed)
+    if gray:
+        faces = to_gray_faces(faces)
+    masks = parse_masks if use_parse else None
+    reference = reference_paste(image, faces, inverse_affines, masks)
+    ours = paste_faces(image, faces, inverse_affines, masks)
+    assert ours.dtype == np.uint8 and ours.shape == image.shape
+    assert reference.dtype == np.uint8  # no value leaves [0, 255] here
+    max_difference, fraction = compare(ours, reference, f"seed {seed} gray={gray} parse={use_parse}")
+    # OpenCV's per-pixel warp arithmetic is reproduced, so the two agree bit for bit
+    assert max_difference == 0, f"max difference {max_difference}, fraction {fraction:.2e}"
+
+
+def test_region_paste_smooth_faces_single_and_repeated() -> None:
+    """Smooth faces, each face alone and all together; the input image is not modified."""
+    image, faces, inverse_affines, parse_masks = synthetic_case(3, noise_faces=False)
+    image_before = image.copy()
+    for index in range(len(faces)):
+        one = slice(index, index + 1)
+        reference = reference_paste(image, faces[one], inverse_affines[one], parse_masks[one])
+        assert np.array_equal(
+            paste_faces(image, faces[one], inverse_affines[one], parse_masks[one]), reference
+        )
+    first = paste_faces(image, faces, inverse_affines, parse_masks)
+    second = paste_faces(image, faces, inverse_affines, parse_masks)
+    assert np.array_equal(first, second)  # no state carried between calls
+    assert np.array_equal(image, image_before)
+    assert not np.array_equal(first, image)
+
+
+def test_gray_faces_out_of_range_are_clipped_not_wrapped() -> None:
+    """AdaIN-recoloured gray faces can leave [0, 255]; our output clips where the official wraps."""
+    image, faces, inverse_affines, parse_masks = synthetic_case(4, noise_faces=False)
+    gray = to_gray_faces(faces[:2]) * 1.6 - 60.0  # roughly [-60, 350]
+    ours = paste_faces(image, gray, inverse_affines[:2], parse_masks[:2])
+    canvas = reference_canvas(image, gray, inverse_affines[:2], parse_masks[:2])
+    expected = np.clip(canvas, 0, 255).astype(np.uint8)
+    assert canvas.max() > 256 and canvas.min() < 0
+    assert np.array_equal(ours, expected)
+
+
+def test_zero_faces_return_a_copy() -> None:
+    image = np.random.default_rng(5).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    out = paste_faces(image, np.zeros((0, FACE, FACE, 3), np.uint8), np.zeros((0, 2, 3)), None)
+    assert np.array_equal(out, image) and out is not image and not np.shares_memory(out, image)
+    out_parse = paste_faces(
+        image, np.zeros((0, FACE, FACE, 3), np.uint8), np.zeros((0, 2, 3)), np.zeros((0, FACE, FACE))
+    )
+    assert np.array_equal(out_parse, image)
+
+
+def test_paste_rejects_malformed_inputs() -> None:
+    image = np.zeros((64, 64, 3), np.uint8)
+    faces = np.zeros((1, FACE, FACE, 3), np.uint8)
+    affine = similarity(0.1, 0.0, 5.0, 5.0)[None]
+    with pytest.raises(InputError, match="inverse_affines"):
+        paste_faces(image, faces, np.zeros((2, 2, 3)), None)
+    with pytest.raises(InputError, match="faces"):
+        paste_faces(image, faces.astype(np.float32), affine, None)
+    with pytest.raises(InputError, match="parse_masks"):
+        paste_faces(image, faces, affine, np.zeros((1, FACE, FACE), np.float32))
+    with pytest.raises(InputError, match="image"):
+        paste_faces(image[..., 0], faces, affine, None)
+
+
+@pytest.mark.parametrize("side", [20, 40, 60, 100])
+def test_edge_width_near_a_step_uses_the_canvas_sum(side: int) -> None:
+    """An eroded-mask area right at a w_edge step (400·k²) gives the canvas-layout answer."""
+    canvas_hw = (300, 310)
+    eroded = np.zeros(canvas_hw, np.float32)
+    rng = np.random.default_rng(side)
+    eroded[17 : 17 + side, 23 : 23 + side] = 1.0
+    # a few fractional pixels nudge the sum around the step by float32 rounding amounts
+    eroded[17, 23 : 23 + side] = rng.choice([1.0, 1.0 - 2**-20, 1.0 + 2**-20], size=side).astype(np.float32)
+    expected = int(np.sum(eroded) ** 0.5) // 20
+    region = paste._Region(10, 12, 10 + side + 20, 12 + side + 20)
+    assert paste._edge_width(eroded[region.slices], region, canvas_hw) == expected
+
+
+# ---------------------------------------------------------------------------------------
+# Warps: region maps reproduce the full-canvas cv2.warpAffine
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
+def test_region_warp_equals_full_canvas_warp(dtype: str) -> None:
+    rng = np.random.default_rng(7)
+    if dtype == "uint8":
+        source = rng.integers(0, 256, (FACE, FACE, 3), dtype=np.uint8)
+    elif dtype == "float32":
+        source = rng.random((FACE, FACE), dtype=np.float32)
+    else:
+        source = rng.random((FACE, FACE, 3)) * 255
+    for trial in range(25):
+        height, width = (int(v) for v in rng.integers(60, 700, 2))
+        scale, angle = rng.uniform(0.05, 1.5), rng.uniform(-np.pi, np.pi)
+        inverse_affine = similarity(scale, angle, rng.uniform(-200, width), rng.uniform(-200, height))
+        x0, y0 = int(rng.integers(0, width - 5)), int(rng.integers(0, height - 5))
+        x1, y1 = int(rng.integers(x0 + 1, width + 1)), int(rng.integers(y0 + 1, height + 1))
+        region = paste._Region(x0, y0, x1, y1)
+        full = cv2.warpAffine(source, inverse_affine, (width, height))
+        got = paste._RegionWarper(inverse_affine, region, width).warp(source)
+        assert np.array_equal(got, full[region.slices]), f"trial {trial}"
+
+
+def test_translated_matrix_warp_differs_which_is_why_maps_are_used() -> None:
+    """Measures what the naive region warp (translated matrix) would cost: rare ±1 levels."""
+    rng = np.random.default_rng(8)
+    source = rng.integers(0, 256, (FACE, FACE, 3), dtype=np.uint8)
+    differing, total, worst = 0, 0, 0
+    for _ in range(10):
+        inverse_affine = similarity(rng.uniform(0.2, 0.8), rng.uniform(-0.5, 0.5), 150.0, 100.0)
+        full = cv2.warpAffine(source, inverse_affine, (700, 600))
+        x0, y0 = int(rng.integers(1, 150)), int(rng.integers(1, 100))
+        shifted = inverse_affine.copy()
+        shifted[:, 2] -= (x0, y0)
+        naive = cv2.warpAffine(source, shifted, (700 - x0, 600 - y0))
+        difference = np.abs(naive.astype(int) - full[y0:, x0:])
+        differing += int(np.count_nonzero(difference))
+        total += difference.size
+        worst = max(worst, int(difference.max()))
+    logger.info("translated-matrix region warp: max %d, fraction %.2e", worst, differing / total)
+    assert worst <= 1 and differing / total < 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# Pasting the unchanged crop back
+
+
+def soft_mask_and_erosion(
+    inverse_affine: np.ndarray, canvas_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The official (soft mask, 2x2-eroded mask) of one face over the whole canvas (§6.3 steps 2–8)."""
+    inv_mask = cv2.warpAffine(np.ones((FACE, FACE), np.float32), inverse_affine, canvas_hw[::-1])
+    erosion = cv2.erode(inv_mask, np.ones((2, 2), np.uint8))
+    w_edge = int(np.sum(erosion) ** 0.5) // 20
+    center = cv2.erode(erosion, np.ones((2 * w_edge, 2 * w_edge), np.uint8))
+    return cv2.GaussianBlur(center, (2 * w_edge + 1, 2 * w_edge + 1), 0), erosion
+
+
+def test_pasting_the_unchanged_crop_changes_little() -> None:
+    """Crop faces out of a smooth image with the forward affine and paste them straight back.
+
+    The image is smooth (gradient under 3 levels/px, curvature negligible), so bilinear
+    resampling reproduces it up to the 1/32-px coordinate rounding (≤ 1/64 px x gradient,
+    under 0.05 level) plus the uint8 rounding of each warp (0.5 level each; the crop's
+    error passes through the second warp's convex weights): the warped-back face r differs
+    from the image I by less than 1.1, and both are integers, so by at most 1. Where the
+    2x2-eroded mask is 1, the blend m·r + (1 − m)·I lies between them and the final cast
+    truncates toward the one below: at most 1 level. On the 1-px rim where the eroded mask
+    e is below 1, the premultiplied face (spec §9 item 10) also pulls the value down by
+    m·(1 − e)·r, under 1 level for faces this size (checked), so at most 2 levels there.
+    Outside every face region nothing changes.
+    """
+    rng = np.random.default_rng(9)
+    image = (smooth_noise(rng, (600, 800, 3), 5) * 200 + 20).astype(np.uint8)  # gradient < 3 levels/px
+    inverse_affines = np.stack([similarity(0.42, 0.15, 150.0, 90.0), similarity(0.5, -0.3, 450.0, 200.0)])
+    crops = np.stack(
+        [
+            cv2.warpAffine(image, cv2.invertAffineTransform(ia), (FACE, FACE), borderValue=(135, 133, 132))
+            for ia in inverse_affines
+        ]
+    )
+    canvas_hw = image.shape[:2]
+    rim = np.zeros(canvas_hw, bool)
+    untouched = np.ones(canvas_hw, bool)
+    for ia in inverse_affines:
+        soft, erosion = soft_mask_and_erosion(ia, canvas_hw)
+        face_rim = (erosion > 0) & (erosion < 1)
+        assert face_rim.any() and np.max(soft * (1 - erosion) * 255) < 1.0
+        rim |= face_rim
+        untouched[paste._face_region(ia, canvas_hw).slices] = False
+    full_masks = face_pixels_to_masks(np.ones((2, FACE, FACE), bool))
+    for masks in (None, full_masks):
+        out = paste_faces(image, crops, inverse_affines, masks)
+        difference = np.abs(out.astype(int) - image).max(axis=2)
+        logger.info("unchanged crop: max %d, fraction %.2e", difference.max(), np.mean(difference > 0))
+        assert difference[~rim].max() <= 1
+        assert difference[rim].max() <= 2
+        assert not difference[untouched].any()
+        assert difference.any()  # the faces did go through the warps
+
+
+# ---------------------------------------------------------------------------------------
+# FaceParser
+
+
+@pytest.fixture(scope="module")
+def parse_net() -> ParseNet:
+    net = ParseNet()
+    net.load_state_dict(random_weights.state_dict("parsing_parsenet.pth", 0), strict=True)
+    return net.eval()
+
+
+@pytest.mark.slow
+def test_face_parser_matches_the_plain_recipe(parse_net: ParseNet) -> None:
+    rng = np.random.default_rng(10)
+    faces = np.stack([(smooth_noise(rng, (FACE, FACE, 3), 8) * 255).astype(np.uint8) for _ in range(2)])
+    gray = to_gray_faces(faces[:1])
+    parser = FaceParser(parse_net, torch.device("cpu"), batch_size=2)
+    masks = parser.masks(faces)
+    gray_masks = parser.masks(gray)
+    assert masks.shape == (2, FACE, FACE) and masks.dtype == np.float64
+    assert masks.min() >= 0.0 and masks.max() <= 1.0
+    for face, mask in [(faces[0], masks[0]), (faces[1], masks[1]), (gray[0], gray_masks[0])]:
+        # official input: astype float32, / 255, BGR -> RGB, CHW, (x - 0.5) / 0.5, batch 1
+        face_input = face.astype("float32") / 255.0
+        face_input = torch.from_numpy(face_input[:, :, ::-1].transpose(2, 0, 1).copy())[None]
+        with torch.no_grad():
+            logits = parse_net((face_input - 0.5) / 0.5)[0][0].numpy()
+        expected = reference_parse_mask(logits)
+        assert np.abs(mask - expected).max() < 1e-3  # batched convolutions may flip a rare argmax
+
+
+def test_face_parser_rejects_bad_faces(parse_net: ParseNet) -> None:
+    parser = FaceParser(parse_net, torch.device("cpu"))
+    with pytest.raises(InputError, match="faces"):
+        parser.masks(np.zeros((1, 256, 256, 3), np.uint8))
+    assert parser.masks(np.zeros((0, FACE, FACE, 3), np.uint8)).shape == (0, FACE, FACE)
+
+
+# ---------------------------------------------------------------------------------------
+# Golden parity
+
+
+def read_case(folder: Path, suffix: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(working image, restored faces, inverse affines) of one golden photo."""
+    detections = json.loads((folder / "detections.json").read_text())
+    decoded = cv2.imread(str(folder / detections["image"]), cv2.IMREAD_COLOR)
+    image, _ = to_working_image(decoded)
+    assert list(image.shape[:2]) == detections["work_hw"]
+    faces = np.stack(
+        [cv2.imread(str(folder / f"restored_{i}{suffix}.png")) for i in range(detections["num_faces"])]
+    )
+    inverse_affines = np.array([face["inverse_affine"] for face in detections["faces"]], dtype=np.float64)
+    return image, faces, inverse_affines
+
+
+GOLDEN_CASES = [(f"{n:02d}", "", "output.png", True) for n in range(7)] + [
+    ("01", "", "output_noparse.png", False),
+    ("01", "_w0", "output_w0.png", True),
+    ("01", "_w1", "output_w1.png", True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("photo", "suffix", "expected_name", "use_parse"),
+    GOLDEN_CASES,
+    ids=[f"{c[0]}-{c[2]}" for c in GOLDEN_CASES],
+)
+def test_golden_paste_parity(
+    golden_dir: Path, parse_net: ParseNet, photo: str, suffix: str, expected_name: str, use_parse: bool
+) -> None:
+    folder = golden_dir / photo
+    image, faces, inverse_affines = read_case(folder, suffix)
+    masks = FaceParser(parse_net, torch.device("cpu")).masks(faces) if use_parse else None
+    ours = paste_faces(image, faces, inverse_affines, masks)
+    expected = cv2.imread(str(folder / expected_name), cv2.IMREAD_UNCHANGED)
+    assert ours.shape == expected.shape and expected.dtype == np.uint8
+    difference = np.abs(ours.astype(np.int32) - expected)
+    within_one = float(np.mean(difference <= 1))
+    logger.info(
+        "golden %s/%s: max %d, within 1 level %.5f, identical %.5f",
+        photo,
+        expected_name,
+        difference.max(),
+        within_one,
+        np.mean(difference == 0),
+    )
+    assert within_one >= 0.999
+    assert difference.max() <= 3
