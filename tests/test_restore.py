@@ -1,0 +1,185 @@
+"""The restore stage: exact tensor conversions, chunked inference, and parity with the golden faces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from codeformer import random_weights
+from codeformer.errors import InputError
+from codeformer.nets.codeformer import CodeFormer
+from codeformer.stages.restore import FaceRestorer, crops_to_tensor, tensor_to_faces
+
+CPU = torch.device("cpu")
+
+
+def spec_crop_to_input(crop: np.ndarray) -> np.ndarray:
+    """Spec §5.1 in NumPy: u / 255 in float64, float32, BGR->RGB, CHW, (v - 0.5) / 0.5 in float32."""
+    unit = (crop.astype(np.float64) / 255.0).astype(np.float32)
+    rgb = unit[..., ::-1].transpose(2, 0, 1)
+    return (rgb - np.float32(0.5)) / np.float32(0.5)
+
+
+def spec_output_to_face(out: np.ndarray) -> np.ndarray:
+    """Spec §5.3 in NumPy (tensor2img with min_max (-1, 1), rgb2bgr): one (3, H, W) float32 output."""
+    clamped = np.clip(out.astype(np.float32), -1.0, 1.0)
+    unit = (clamped - np.float32(-1.0)) / np.float32(1.0 - -1.0)
+    bgr = unit.transpose(1, 2, 0)[..., ::-1]
+    return (bgr * np.float32(255.0)).round().astype(np.uint8)
+
+
+def all_levels_crops() -> np.ndarray:
+    """(2, 512, 512, 3) uint8 where every channel of every face holds all 256 levels, differently."""
+    levels = np.arange(512 * 512, dtype=np.int64).reshape(512, 512) % 256
+    face0 = np.stack([levels, (levels * 7 + 3) % 256, 255 - levels], axis=-1)
+    face1 = np.stack([(levels * 13 + 100) % 256, levels[::-1], (levels + 128) % 256], axis=-1)
+    return np.stack([face0, face1]).astype(np.uint8)
+
+
+def test_crops_to_tensor_is_the_spec_recipe_bit_for_bit() -> None:
+    crops = all_levels_crops()
+    tensor = crops_to_tensor(crops, CPU)
+    assert tensor.dtype == torch.float32 and tensor.shape == (2, 3, 512, 512)
+    expected = np.stack([spec_crop_to_input(crop) for crop in crops])
+    np.testing.assert_array_equal(tensor.numpy(), expected)
+    assert tensor.min() == -1.0 and tensor.max() == 1.0
+
+
+def test_tensor_to_faces_is_the_spec_recipe_bit_for_bit() -> None:
+    generator = np.random.default_rng(0)
+    # every level's exact input value, values on the rounding half-way points, and out-of-range values
+    levels = (np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+    halfway = (np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(127.5) - np.float32(1.0)
+    samples = generator.uniform(-1.3, 1.3, size=2 * 3 * 512 * 512).astype(np.float32)
+    samples[: levels.size] = levels
+    samples[levels.size : levels.size + halfway.size] = halfway
+    out = samples.reshape(2, 3, 512, 512)
+    faces = tensor_to_faces(torch.from_numpy(out))
+    assert faces.dtype == np.uint8 and faces.shape == (2, 512, 512, 3)
+    np.testing.assert_array_equal(faces, np.stack([spec_output_to_face(face) for face in out]))
+
+
+def test_crop_round_trip_is_exact_for_every_level() -> None:
+    crops = all_levels_crops()
+    np.testing.assert_array_equal(tensor_to_faces(crops_to_tensor(crops, CPU)), crops)
+
+
+class RecordingNet:
+    """Stands in for CodeFormer: returns its input and records how it was called."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[dict[str, object]] = []
+
+    def __call__(self, x: torch.Tensor, w: float, adain: bool) -> tuple[torch.Tensor, None, None]:
+        self.calls.append(
+            {
+                "batch": x.shape[0],
+                "w": w,
+                "adain": adain,
+                "inference_mode": torch.is_inference_mode_enabled(),
+                "autocast": torch.is_autocast_enabled("cpu"),
+                "autocast_dtype": torch.get_autocast_dtype("cpu"),
+            }
+        )
+        if self.fail:
+            raise RuntimeError("out of memory")
+        out = x * 1.0  # in the real net's output dtype under autocast
+        return (out.to(torch.bfloat16) if torch.is_autocast_enabled("cpu") else out), None, None
+
+
+def test_restore_runs_chunks_in_order_under_inference_mode() -> None:
+    crops = np.random.default_rng(1).integers(0, 256, size=(5, 512, 512, 3), dtype=np.uint8)
+    net = RecordingNet()
+    faces = FaceRestorer(net, CPU, batch_size=2).restore(crops, fidelity=0.7)  # type: ignore[arg-type]
+    # an identity network gives back every crop, in order, bit for bit
+    np.testing.assert_array_equal(faces, crops)
+    assert [call["batch"] for call in net.calls] == [2, 2, 1]
+    assert all(call["w"] == 0.7 and call["adain"] is True for call in net.calls)
+    assert all(call["inference_mode"] and not call["autocast"] for call in net.calls)
+
+
+def test_restore_mixed_precision_uses_bfloat16_autocast_on_cpu() -> None:
+    crops = np.random.default_rng(2).integers(0, 256, size=(1, 512, 512, 3), dtype=np.uint8)
+    net = RecordingNet()
+    faces = FaceRestorer(net, CPU).restore(crops, fidelity=0.5, mixed_precision=True)  # type: ignore[arg-type]
+    assert net.calls[0]["autocast"] and net.calls[0]["autocast_dtype"] == torch.bfloat16
+    assert faces.dtype == np.uint8 and faces.shape == crops.shape
+    # bf16 keeps 8 bits of mantissa: a level can move by at most a few steps
+    assert np.abs(faces.astype(int) - crops).max() <= 2
+
+
+def test_restore_of_no_faces_returns_an_empty_batch_without_running_the_net() -> None:
+    net = RecordingNet()
+    faces = FaceRestorer(net, CPU).restore(np.empty((0, 512, 512, 3), np.uint8), 0.5)  # type: ignore[arg-type]
+    assert faces.shape == (0, 512, 512, 3) and faces.dtype == np.uint8
+    assert net.calls == []
+
+
+def test_restore_propagates_network_errors_instead_of_returning_the_input() -> None:
+    crops = np.zeros((1, 512, 512, 3), np.uint8)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        FaceRestorer(RecordingNet(fail=True), CPU).restore(crops, 0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("crops", "fidelity"),
+    [
+        (np.zeros((1, 256, 256, 3), np.uint8), 0.5),
+        (np.zeros((512, 512, 3), np.uint8), 0.5),
+        (np.zeros((1, 512, 512, 3), np.float32), 0.5),
+        (np.zeros((1, 512, 512, 3), np.uint8), 1.5),
+        (np.zeros((1, 512, 512, 3), np.uint8), float("nan")),
+    ],
+)
+def test_restore_rejects_bad_input_with_input_error(crops: np.ndarray, fidelity: float) -> None:
+    with pytest.raises(InputError):
+        FaceRestorer(RecordingNet(), CPU).restore(crops, fidelity)  # type: ignore[arg-type]
+
+
+# Golden parity: the official pipeline's restored face 0 of photo 01, under seed-0 random weights.
+
+
+@pytest.fixture(scope="module")
+def restorer() -> FaceRestorer:
+    net = CodeFormer().eval()
+    net.load_state_dict(random_weights.state_dict("codeformer.pth", seed=0), strict=True)
+    return FaceRestorer(net, CPU)
+
+
+def golden_crop(golden_dir: Path) -> np.ndarray:
+    crop = cv2.imread(str(golden_dir / "01" / "crop_0.png"), cv2.IMREAD_COLOR)
+    assert crop is not None and crop.shape == (512, 512, 3)
+    return crop[None]
+
+
+def assert_within_noise_floor(faces: np.ndarray, golden_png: Path) -> None:
+    """CodeFormer alone differs from itself by ~4e-5 across thread counts: a level here and there."""
+    expected = cv2.imread(str(golden_png), cv2.IMREAD_COLOR)
+    difference = np.abs(faces[0].astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 2, f"max difference {difference.max()} levels"
+    assert (difference > 0).mean() < 0.005, f"{(difference > 0).mean():.4%} of values differ"
+
+
+def test_golden_face_at_fidelity_half(restorer: FaceRestorer, golden_dir: Path) -> None:
+    x = crops_to_tensor(golden_crop(golden_dir), CPU)
+    with torch.inference_mode():
+        raw = restorer.net(x, w=0.5, adain=True)[0]
+    expected_raw = np.load(golden_dir / "01" / "restored_0_raw.npy")
+    assert raw.shape == expected_raw.shape
+    assert np.abs(raw.numpy() - expected_raw).max() < 1e-3
+    assert_within_noise_floor(tensor_to_faces(raw), golden_dir / "01" / "restored_0.png")
+
+
+@pytest.mark.parametrize(
+    ("fidelity", "golden_name"), [(0.0, "restored_0_w0.png"), (1.0, "restored_0_w1.png")]
+)
+def test_golden_face_at_fidelity_extremes(
+    restorer: FaceRestorer, golden_dir: Path, fidelity: float, golden_name: str
+) -> None:
+    faces = restorer.restore(golden_crop(golden_dir), fidelity)
+    assert_within_noise_floor(faces, golden_dir / "01" / golden_name)
