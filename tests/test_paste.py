@@ -175,6 +175,10 @@ def test_synthetic_case_covers_the_careful_points() -> None:
     assert w_edges[-1] == 0 and paste._face_region(inverse_affines[-1], CANVAS_HW).empty
     assert sum(clipped) >= 4
     assert max(w_edges) >= 8
+    footprints = [
+        cv2.warpAffine(np.ones((FACE, FACE), np.float32), ia, CANVAS_HW[::-1]) > 0 for ia in inverse_affines
+    ]
+    assert (footprints[0] & footprints[1]).any()  # later faces are blended over earlier ones
 
 
 @pytest.mark.parametrize("use_parse", [True, False], ids=["parse", "no_parse"])
@@ -242,6 +246,8 @@ def test_paste_rejects_malformed_inputs() -> None:
         paste_faces(image, faces.astype(np.float32), affine, None)
     with pytest.raises(InputError, match="parse_masks"):
         paste_faces(image, faces, affine, np.zeros((1, FACE, FACE), np.float32))
+    with pytest.raises(InputError, match="invertible"):
+        paste_faces(image, faces, np.zeros((1, 2, 3)), None)
     with pytest.raises(InputError, match="image"):
         paste_faces(image[..., 0], faces, affine, None)
 

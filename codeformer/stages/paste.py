@@ -31,6 +31,10 @@ Parity with the whole-canvas recipe is exact, not approximate:
 - w_edge comes from a float32 sum of the eroded mask; a region sum can differ from the
   canvas sum in the last bits, so when the area sits within 1e-4 of a w_edge step the sum
   is redone on a zero canvas laid out exactly as the official one (rare).
+- The official img turns floating point at the first face and is cast once at the end.
+  Outside the regions it holds the image's levels exactly, so only per-face floating-point
+  patches are kept (later faces read the earlier patches they overlap), and the output is
+  the image with each patch's truncated values written over it, in order.
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ class _Region:
     @property
     def slices(self) -> tuple[slice, slice]:
         return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+    def shifted(self, origin: _Region) -> _Region:
+        """This box in the coordinates of ``origin``'s top-left corner."""
+        return _Region(self.x0 - origin.x0, self.y0 - origin.y0, self.x1 - origin.x0, self.y1 - origin.y0)
 
 
 @dataclass(frozen=True)
@@ -269,15 +277,14 @@ def _face_region(inverse_affine: np.ndarray, canvas_hw: tuple[int, int]) -> _Reg
 
     Bilinear sampling with a zero border is non-zero only where the source point lies in
     (-1, 512) x (-1, 512); the image of that square's corners bounds the footprint (plus
-    slack for coordinate rounding). Eroding and blurring then need w_edge + 2 more pixels.
+    slack for coordinate rounding). Eroding and blurring need w_edge + 2 more pixels; we add
+    REGION_EXTRA_MARGIN_PX on top of the largest w_edge the box allows.
     """
     height, width = canvas_hw
     corners = np.array(
         [[-1.0, -1.0, 1.0], [FACE_SIZE, -1.0, 1.0], [-1.0, FACE_SIZE, 1.0], [FACE_SIZE, FACE_SIZE, 1.0]]
     )
     mapped = corners @ inverse_affine.T  # (4, 2) canvas coordinates
-    if not np.all(np.isfinite(mapped)):
-        raise InputError(f"inverse affine matrix is not finite: {inverse_affine.tolist()}")
     low = np.floor(mapped.min(axis=0)) - 2
     high = np.ceil(mapped.max(axis=0)) + 3
     # w_edge is at most int(sqrt(area)) // 20, and the area at most the box's pixels on the canvas
@@ -313,6 +320,32 @@ def _edge_width(eroded_mask: np.ndarray, region: _Region, canvas_hw: tuple[int, 
     return _w_edge(np.sum(canvas))
 
 
+@dataclass(frozen=True)
+class _Patch:
+    """The floating-point canvas values one face's blend left in its region."""
+
+    region: _Region
+    values: np.ndarray  # (h, w, 3) float32 or float64
+
+
+def _read_canvas(image: np.ndarray, patches: list[_Patch], region: _Region, dtype: np.dtype) -> np.ndarray:
+    """The region of the official img as it stands: image values, overwritten by the patches in order."""
+    values = image[region.slices].astype(dtype)  # exact: uint8 levels are exact in any float
+    for patch in patches:
+        overlap = _Region(
+            max(region.x0, patch.region.x0),
+            max(region.y0, patch.region.y0),
+            min(region.x1, patch.region.x1),
+            min(region.y1, patch.region.y1),
+        )
+        if overlap.empty:
+            continue
+        target = overlap.shifted(region)
+        source = overlap.shifted(patch.region)
+        values[target.slices] = patch.values[source.slices]
+    return values
+
+
 def _blend_dtype(mask_dtype: np.dtype, face_dtype: np.dtype, canvas_dtype: np.dtype) -> np.dtype:
     """The dtype of mask·face + (1 − mask)·canvas under NumPy's promotion rules."""
     mask, face, canvas = (np.zeros((0, 1, 1), d) for d in (mask_dtype, face_dtype, canvas_dtype))
@@ -333,6 +366,15 @@ def _check_paste_inputs(
     if inverse_affines.shape != (len(faces), 2, 3):
         raise InputError(
             f"inverse_affines must be ({len(faces)}, 2, 3), one per face, got {inverse_affines.shape}"
+        )
+    determinants = (
+        inverse_affines[:, 0, 0] * inverse_affines[:, 1, 1]
+        - inverse_affines[:, 0, 1] * inverse_affines[:, 1, 0]
+    )
+    if not np.all(np.isfinite(inverse_affines)) or np.any(np.abs(determinants) < 1e-12):
+        raise InputError(
+            "inverse_affines must be finite and invertible (a face of non-zero size), "
+            f"got determinants {determinants.tolist()}; re-run alignment"
         )
     if parse_masks is not None and (
         parse_masks.shape != (len(faces), FACE_SIZE, FACE_SIZE) or parse_masks.dtype != np.float64
@@ -360,7 +402,11 @@ def paste_faces(
     """
     _check_paste_inputs(image, faces, inverse_affines, parse_masks)
     canvas_hw = image.shape[:2]
-    canvas: np.ndarray = image  # becomes a floating-point copy at the first face, like the official img
+    # The official img is the whole canvas, turned floating point by the first face. Outside
+    # the face regions it keeps the image's values exactly, so we keep only what the faces
+    # wrote: one floating-point patch per face, in order, the later ones on top.
+    canvas_dtype = image.dtype
+    patches: list[_Patch] = []
     face_mask = np.ones((FACE_SIZE, FACE_SIZE), dtype=np.float32)
     for index in range(len(faces)):
         inverse_affine = np.asarray(inverse_affines[index], dtype=np.float64)
@@ -369,7 +415,7 @@ def paste_faces(
             # every intermediate is zero on the canvas; only the dtype of img changes
             mask_dtype = np.dtype(np.float32 if parse_masks is None else np.float64)
             face_dtype = np.result_type(np.float32, faces.dtype)
-            canvas = canvas.astype(_blend_dtype(mask_dtype, face_dtype, canvas.dtype), copy=False)
+            canvas_dtype = _blend_dtype(mask_dtype, face_dtype, canvas_dtype)
             continue
         warper = _RegionWarper(inverse_affine, region, canvas_hw[1])
         inv_restored = warper.warp(faces[index])  # (h, w, 3) uint8, or float64 for gray faces
@@ -387,19 +433,19 @@ def paste_faces(
             inv_parse_mask = warper.warp(parse_masks[index])[:, :, None]  # float64
             # the official (parse < soft) selection, i.e. the minimum, in float64
             inv_soft_mask = np.minimum(inv_parse_mask, inv_soft_mask)
-        region_slices = region.slices
-        blended = inv_soft_mask * pasted_face + (1 - inv_soft_mask) * canvas[region_slices]
-        if canvas.dtype != blended.dtype:
-            # the first face turns img floating point; no rounding between faces
-            canvas = canvas.astype(blended.dtype)
-        canvas[region_slices] = blended
-    if canvas is image:
-        return image.copy()
-    # Official finalisation truncates toward zero (astype), and switches to uint16 when the
-    # maximum exceeds 256. Colour faces never leave [0, 255] (a convex mix of values in
-    # [0, 255]), so clipping changes nothing there; gray faces re-coloured by AdaIN can,
-    # and our output is always uint8, so they are clipped first instead of wrapping.
-    return np.clip(canvas, 0, 255).astype(np.uint8)
+        current = _read_canvas(image, patches, region, canvas_dtype)  # (h, w, 3) as img holds it now
+        # float64 with parse masks, float32 without; no rounding between faces
+        blended = inv_soft_mask * pasted_face + (1 - inv_soft_mask) * current
+        canvas_dtype = blended.dtype
+        patches.append(_Patch(region, blended))
+    output = image.copy()
+    for patch in patches:
+        # Official finalisation truncates toward zero (astype) and switches to uint16 when the
+        # maximum exceeds 256. Colour faces never leave [0, 255] (a convex mix of values in
+        # [0, 255]), so clipping changes nothing there; gray faces re-coloured by AdaIN can,
+        # and our output is always uint8, so they are clipped first instead of wrapping.
+        output[patch.region.slices] = np.clip(patch.values, 0, 255).astype(np.uint8)
+    return output
 
 
 # ---------------------------------------------------------------------------------------
