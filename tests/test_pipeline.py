@@ -1,0 +1,120 @@
+"""The composed pipeline through ``Restorer``: sizes, zero faces, the face cap, batching, profiles.
+
+Random weights find faces wherever the detector's shaped head fires; a flat canvas gives
+none, textured noise gives two. The face cap (max_faces=1) keeps these tests to one
+CodeFormer forward per image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from codeformer.config import Limits
+from codeformer.errors import ConfigError, InputError
+from codeformer.pipeline import Restorer
+
+
+def _noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def one_face(restorer_seed0: Restorer) -> Restorer:
+    """The same nets, capped at one face per image."""
+    limits = Limits(max_pixels=40_000_000, max_faces=1, face_batch=4)
+    return Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, limits)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (512, 512), (700, 530)])
+def test_zero_faces_return_the_input_unchanged(restorer_seed0: Restorer, shape: tuple[int, int]) -> None:
+    canvas = np.full((*shape, 3), 127, np.uint8)
+    [result] = restorer_seed0.restore([canvas])
+    assert result.faces == [] and result.faces_dropped == 0
+    np.testing.assert_array_equal(result.image, canvas)
+    assert result.image is not canvas
+
+
+def test_cap_keeps_the_best_face_and_output_keeps_the_input_size(one_face: Restorer) -> None:
+    image = _noise(300, 400)  # small: processed at 512 x 683, returned at 300 x 400
+    [result] = one_face.restore([image], profile="max_speed")
+    assert result.working_size == (512, 683)
+    assert result.image.shape == image.shape and result.image.dtype == np.uint8
+    assert len(result.faces) == 1 and result.faces_dropped == 1
+    assert not np.array_equal(result.image, image)
+    face = result.faces[0]
+    assert 0.8 < face.score <= 1.0  # a probability again, not the official score / scale
+    assert face.landmarks.shape == (5, 2)
+    assert set(result.timings) >= {"prepare", "detect", "align", "restore", "paste", "resize"}
+
+
+def test_same_request_twice_gives_identical_bytes(one_face: Restorer) -> None:
+    image = _noise(300, 400, seed=1)
+    first = one_face.restore([image], fidelity=0.7, profile="max_speed")[0].image
+    second = one_face.restore([image], fidelity=0.7, profile="max_speed")[0].image
+    np.testing.assert_array_equal(first, second)
+
+
+def test_images_restored_together_equal_images_restored_alone(one_face: Restorer) -> None:
+    images = [_noise(300, 400, seed=2), _noise(520, 610, seed=3)]
+    together = one_face.restore(images)
+    alone = [one_face.restore([image])[0] for image in images]
+    for joint, single in zip(together, alone, strict=True):
+        assert len(joint.faces) == len(single.faces) == 1
+        diff = np.abs(joint.image.astype(int) - single.image.astype(int))
+        # batch 2 vs batch 1 changes float summation order only
+        assert diff.max() <= 2 and (diff <= 1).mean() >= 0.999
+
+
+def test_gray_photo_stays_gray(one_face: Restorer) -> None:
+    gray = _noise(300, 400, seed=4)[..., :1].repeat(3, axis=2)
+    [result] = one_face.restore([gray], profile="max_speed")
+    assert len(result.faces) == 1
+    np.testing.assert_array_equal(result.image[..., 0], result.image[..., 1])
+    np.testing.assert_array_equal(result.image[..., 1], result.image[..., 2])
+
+
+def test_profiles_share_geometry(one_face: Restorer) -> None:
+    image = _noise(300, 400, seed=5)
+    results = {p: one_face.restore([image], profile=p)[0] for p in ("baseline", "fast", "max_speed")}
+    boxes = {p: r.faces[0].box for p, r in results.items()}
+    assert boxes["baseline"] == boxes["fast"] == boxes["max_speed"]  # detection always runs in float32
+    # no parsing changes only the blend mask: outside the face's soft mask all agree
+    same = np.all(results["fast"].image == results["max_speed"].image, axis=-1)
+    assert same.mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"fidelity": 1.5}, InputError, "codeformer_fidelity"),
+        ({"profile": "turbo"}, InputError, "runtime_profile"),
+        ({"stability": "optimized", "compile_backend": "cudagraphs"}, ConfigError, "needs a CUDA GPU"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(restorer_seed0: Restorer, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        restorer_seed0.restore([np.zeros((8, 8, 3), np.uint8)], **kwargs)
+
+
+def test_non_image_arrays_are_refused(restorer_seed0: Restorer) -> None:
+    with pytest.raises(InputError, match=r"image 1: expected an \(H, W, 3\) uint8"):
+        restorer_seed0.restore([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)])
+
+
+def test_optimized_runtime_compiles_once_and_locks_its_backend(one_face: Restorer) -> None:
+    restorer = Restorer(one_face.runtime.safe_nets, one_face.device, one_face.limits)
+    image = _noise(300, 400, seed=6)
+    [first] = restorer.restore([image], profile="max_speed", stability="optimized", compile_backend="eager")
+    assert restorer.compile_backend == "eager"
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        [second] = restorer.restore(
+            [image], profile="max_speed", stability="optimized", compile_backend="eager"
+        )
+    np.testing.assert_array_equal(first.image, second.image)
+    assert first.image.shape == image.shape and len(first.faces) == 1
+    with pytest.raises(ConfigError, match="fixed to 'eager'"):
+        restorer.restore([image], stability="optimized", compile_backend="aot_eager")
+    # safe requests ignore compile_backend entirely
+    restorer.restore([np.full((64, 64, 3), 127, np.uint8)], stability="safe", compile_backend="aot_eager")
