@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.official_recipe import reference_canvas, reference_parse_mask, reference_paste
 from codeformer import random_weights
 from codeformer.errors import InputError
 from codeformer.nets.parsenet import ParseNet
+from codeformer.pipeline import to_gray_faces
 from codeformer.stages import paste
 from codeformer.stages.paste import FaceParser, face_pixels_to_masks, paste_faces
 from codeformer.stages.prepare import to_working_image
@@ -21,67 +23,6 @@ from codeformer.stages.prepare import to_working_image
 logger = logging.getLogger(__name__)
 
 FACE = 512
-MASK_COLORMAP = [0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 255, 0, 0, 0]
-
-
-# ---------------------------------------------------------------------------------------
-# The official recipe, written plainly from the spec: whole-canvas warps, one face at a time
-
-
-def reference_parse_mask(logits: np.ndarray) -> np.ndarray:
-    """(19, 512, 512) ParseNet logits -> (512, 512) float64 mask (spec §6.3 9 b–f)."""
-    labels = logits.argmax(axis=0)
-    parse_mask = np.zeros(labels.shape)
-    for index, color in enumerate(MASK_COLORMAP):
-        parse_mask[labels == index] = color
-    parse_mask = cv2.GaussianBlur(parse_mask, (101, 101), 11)
-    parse_mask = cv2.GaussianBlur(parse_mask, (101, 101), 11)
-    thres = 10
-    parse_mask[:thres, :] = 0
-    parse_mask[-thres:, :] = 0
-    parse_mask[:, :thres] = 0
-    parse_mask[:, -thres:] = 0
-    return parse_mask / 255.0
-
-
-def reference_canvas(
-    image: np.ndarray, faces: np.ndarray, inverse_affines: np.ndarray, parse_masks: np.ndarray | None
-) -> np.ndarray:
-    """Spec §6.2–§6.3 (§6.4 without parse masks) over the whole canvas, before the final cast."""
-    h_up, w_up = image.shape[:2]
-    img = image
-    for index, restored_face in enumerate(faces):
-        inverse_affine = inverse_affines[index]
-        inv_restored = cv2.warpAffine(restored_face, inverse_affine, (w_up, h_up))
-        mask = np.ones((FACE, FACE), dtype=np.float32)
-        inv_mask = cv2.warpAffine(mask, inverse_affine, (w_up, h_up))
-        inv_mask_erosion = cv2.erode(inv_mask, np.ones((2, 2), np.uint8))
-        pasted_face = inv_mask_erosion[:, :, None] * inv_restored
-        total_face_area = np.sum(inv_mask_erosion)
-        w_edge = int(total_face_area**0.5) // 20
-        erosion_radius = w_edge * 2
-        inv_mask_center = cv2.erode(inv_mask_erosion, np.ones((erosion_radius, erosion_radius), np.uint8))
-        blur_size = w_edge * 2
-        inv_soft_mask = cv2.GaussianBlur(inv_mask_center, (blur_size + 1, blur_size + 1), 0)
-        inv_soft_mask = inv_soft_mask[:, :, None]
-        if parse_masks is not None:
-            parse_mask = parse_masks[index]
-            inv_soft_parse_mask = cv2.warpAffine(parse_mask, inverse_affine, (w_up, h_up), flags=3)
-            inv_soft_parse_mask = inv_soft_parse_mask[:, :, None]
-            fuse_mask = (inv_soft_parse_mask < inv_soft_mask).astype("int")
-            inv_soft_mask = inv_soft_parse_mask * fuse_mask + inv_soft_mask * (1 - fuse_mask)
-        img = inv_soft_mask * pasted_face + (1 - inv_soft_mask) * img
-    return img
-
-
-def reference_paste(
-    image: np.ndarray, faces: np.ndarray, inverse_affines: np.ndarray, parse_masks: np.ndarray | None
-) -> np.ndarray:
-    """The full-canvas recipe with the official §6.5 cast: uint8 by truncation, uint16 if max > 256."""
-    img = reference_canvas(image, faces, inverse_affines, parse_masks)
-    if np.max(img) > 256:
-        return img.astype(np.uint16)
-    return img.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,12 +46,6 @@ def random_masks(rng: np.random.Generator, count: int) -> np.ndarray:
     """(count, 512, 512) parse masks from random blobs, through the official post-processing."""
     face_pixels = np.stack([smooth_noise(rng, (FACE, FACE), 6) > 0.45 for _ in range(count)])
     return face_pixels_to_masks(face_pixels)
-
-
-def to_gray_faces(faces: np.ndarray) -> np.ndarray:
-    """The spec §5.5 gray face of the demos: 0.2989 R + 0.5870 G + 0.1140 B, float64, 3 channels."""
-    gray = 0.2989 * faces[..., 2] + 0.5870 * faces[..., 1] + 0.1140 * faces[..., 0]
-    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 CANVAS_HW = (700, 900)
