@@ -1,0 +1,139 @@
+"""Per-stage timings of every profile x stability mode, next to the official recipe, in one run.
+
+    python -m benchmarks.bench_stages [--images data/1.jpg ...] [--repeats 1] [--backend none]
+        [--max-faces 20] [--output benchmarks/results/bench_stages.json]
+
+Random weights (seed 0) in the official formats; CPU unless CUDA is present. Each
+configuration gets one untimed warm-up pass over the images (compilation, allocator,
+prior caches), then ``--repeats`` timed passes. Ratios compare the per-photo median of the
+timed passes against the official recipe and against baseline/safe; they are only
+meaningful within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import official_recipe
+from codeformer import random_weights
+from codeformer.config import PROFILES, Limits
+from codeformer.imageio import decode_image
+from codeformer.pipeline import Restorer
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "reference" / "golden"
+
+
+def default_images() -> list[Path]:
+    """The golden photos when present (the official recipe's own inputs), else data/*.jpg."""
+    if GOLDEN_DIR.is_dir():
+        return sorted(p for p in GOLDEN_DIR.glob("*/*") if p.stem == p.parent.name)
+    return sorted((PROJECT_ROOT / "data").glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
+
+
+def timed_passes(run, repeats: int) -> tuple[list[float], dict[str, float]]:
+    """One untimed warm-up call, then ``repeats`` timed ones: (seconds per pass, stage ms of the last)."""
+    run()
+    seconds, stages = [], {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        stages = run()
+        seconds.append(time.perf_counter() - start)
+    return seconds, stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=Path, nargs="*", default=None)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--backend", default="none", help="compile_backend for the optimized mode")
+    parser.add_argument("--max-faces", type=int, default=20)
+    parser.add_argument("--fidelity", type=float, default=0.5)
+    parser.add_argument("--skip-official", action="store_true", help="do not time the official recipe")
+    parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "benchmarks/results/bench_stages.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    paths = args.images or default_images()
+    images = [decode_image(p.read_bytes(), p.name, 40_000_000) for p in paths]
+    with tempfile.TemporaryDirectory() as weights:
+        random_weights.write(Path(weights), seed=0)
+        limits = Limits(max_pixels=40_000_000, max_faces=args.max_faces, face_batch=4)
+        restorer = Restorer.load(weights, None, limits)
+    threads = torch.get_num_threads()
+    print(f"{len(images)} photos on {restorer.device}, torch {torch.__version__}, {threads} threads")
+
+    rows: list[dict] = []
+
+    def record(name: str, seconds: list[float], stages: dict[str, float], faces: int) -> None:
+        photo_s = statistics.median(seconds) / len(images)
+        row = {"config": name, "photo_s": photo_s, "faces": faces, "stages_ms": stages}
+        rows.append(row)
+        stage_text = " ".join(f"{k}={v:.0f}" for k, v in stages.items())
+        print(f"{name:28s} {row['photo_s']:7.2f} s/photo  faces={faces:3d}  {stage_text}", flush=True)
+
+    if not args.skip_official:
+        nets = restorer.runtime.safe_nets
+
+        def official_pass() -> dict[str, float]:
+            totals: dict[str, float] = {}
+            for image in images:
+                _, stages = official_recipe.run(nets, image, args.fidelity)
+                for stage, ms in stages.items():
+                    totals[stage] = totals.get(stage, 0.0) + ms
+            return totals
+
+        seconds, stages = timed_passes(official_pass, args.repeats)
+        record("official", seconds, stages, -1)
+
+    for stability in ("safe", "optimized"):
+        for profile in PROFILES:
+            results: list = []
+
+            def our_pass(profile=profile, stability=stability, results=results) -> dict[str, float]:
+                results[:] = restorer.restore(images, args.fidelity, profile, stability, args.backend)
+                totals: dict[str, float] = {}
+                for result in results:
+                    for stage, ms in result.timings.items():
+                        totals[stage] = totals.get(stage, 0.0) + ms
+                return totals
+
+            seconds, stages = timed_passes(our_pass, args.repeats)
+            record(f"{profile}/{stability}", seconds, stages, sum(len(r.faces) for r in results))
+
+    by_name = {row["config"]: row["photo_s"] for row in rows}
+    print("\nspeed-up (higher is faster)")
+    for row in rows:
+        row["vs_baseline_safe"] = by_name["baseline/safe"] / row["photo_s"]
+        if "official" in by_name:
+            row["vs_official"] = by_name["official"] / row["photo_s"]
+        ratios = "  ".join(f"{k}={v:.2f}x" for k, v in row.items() if k.startswith("vs_"))
+        print(f"{row['config']:28s} {ratios}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "images": [str(p) for p in paths],
+        "device": str(restorer.device),
+        "threads": threads,
+        "repeats": args.repeats,
+        "compile_backend": args.backend,
+        "rows": rows,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+    }
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
