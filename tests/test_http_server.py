@@ -1,0 +1,260 @@
+"""The real Cog HTTP server (coglet, via ``python -m codeformer.serve``) on 127.0.0.1.
+
+One server runs for the module. Its weights are downloaded at setup from a local mirror
+(``CODEFORMER_WEIGHTS_URL``) into an empty folder, as in a fresh container; at most one
+face per image is restored (``CODEFORMER_MAX_FACES=1``) to bound the CPU time. Photos
+where the pipeline matters are crops of a portrait; requests that only need to go
+through the plumbing use a flat grey canvas, on which the random detector finds no face.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from cog_server import CogServer
+from PIL import Image
+from weights_server import FileServer
+
+from codeformer.client import CogClient, PredictionResult, data_uri
+from codeformer.serve import check_port_free
+from codeformer.weights import WEIGHT_FILES
+
+pytestmark = pytest.mark.slow
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CHEAP = {"runtime_profile": "max_speed"}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def face_photo(width: int, height: int) -> np.ndarray:
+    """A crop of the astronaut portrait (scikit-image, public domain), (height, width, 3) RGB."""
+    from skimage import data as skdata
+
+    portrait = skdata.astronaut()[:300, 100:400]
+    return np.asarray(Image.fromarray(portrait).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def flat_canvas(width: int = 64, height: int = 64) -> np.ndarray:
+    return np.full((height, width, 3), 127, np.uint8)
+
+
+def jpeg_sizes(result: PredictionResult) -> list[tuple[int, int]]:
+    sizes = []
+    for data in result.output_bytes():
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "JPEG"
+            sizes.append(image.size)
+    return sizes
+
+
+@dataclass
+class Running:
+    server: CogServer
+    client: CogClient
+    images: FileServer  # serves ``image_dir`` over http
+    image_dir: Path
+    weights: FileServer
+
+
+@pytest.fixture(scope="module")
+def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    image_dir = tmp_path_factory.mktemp("served-images")
+    (image_dir / "face.png").write_bytes(png_bytes(face_photo(256, 192)))
+    (image_dir / "canvas.jpg").write_bytes(jpeg_bytes(flat_canvas(80, 48)))
+    (image_dir / "corrupt.jpg").write_bytes(b"this is not an image")
+    empty_weights = tmp_path_factory.mktemp("server-weights")
+    log_path = tmp_path_factory.mktemp("server-log") / "cog-server.log"
+    with FileServer(weights_dir) as weights, FileServer(image_dir) as images:
+        env = {
+            "CODEFORMER_WEIGHTS_DIR": str(empty_weights),
+            "CODEFORMER_WEIGHTS_URL": weights.url,
+            "CODEFORMER_MAX_FACES": "1",
+        }
+        with CogServer(env=env, log_path=log_path) as server:
+            assert server.client is not None
+            yield Running(server, server.client, images, image_dir, weights)
+
+
+def good_request() -> dict:
+    return {"images": [data_uri(png_bytes(flat_canvas()), name="ok.png")], **CHEAP}
+
+
+def assert_good_request_succeeds(client: CogClient) -> None:
+    result = client.predict(good_request())
+    assert result.status == "succeeded", result.error
+    assert jpeg_sizes(result) == [(64, 64)]
+
+
+# -- start-up ------------------------------------------------------------------------------
+def test_health_check_is_ready_after_setup_with_downloaded_weights(running: Running) -> None:
+    health = running.client.health()
+    assert health["status"] == "READY"
+    setup_logs = health["setup"]["logs"]
+    assert "setup: device=cpu dtype=float32" in setup_logs or "setup: device=cuda" in setup_logs
+    for weight in WEIGHT_FILES.values():
+        assert running.weights.completed_count(weight.name) == 1, weight.name
+
+
+def test_the_served_schema_bounds_the_image_count(running: Running) -> None:
+    schema = requests.get(f"{running.server.url}/openapi.json", timeout=10).json()
+    images = schema["components"]["schemas"]["Input"]["properties"]["images"]
+    assert (images["minItems"], images["maxItems"]) == (1, 4)
+
+
+def test_a_taken_port_is_reported_before_starting(running: Running) -> None:
+    from codeformer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"port {running.server.port} .* already in use"):
+        check_port_free("127.0.0.1", running.server.port)
+
+
+# -- success -------------------------------------------------------------------------------
+def test_data_uri_and_http_url_inputs_give_jpgs_in_order_at_input_size(running: Running) -> None:
+    inputs = {
+        "images": [
+            data_uri(jpeg_bytes(face_photo(200, 260)), name="tall.jpg"),
+            running.images.url_for("face.png"),
+        ],
+        **CHEAP,
+    }
+    result = running.client.predict(inputs)
+    assert result.http_status == 200
+    assert result.status == "succeeded", result.error
+    assert jpeg_sizes(result) == [(200, 260), (256, 192)]
+    # one log line per image, naming it, with faces and per-stage milliseconds; coglet
+    # fetches an all-URL list itself and names a data URI's download "file.jpg"
+    assert "images[0] (file.jpg): 200x260, faces found=" in result.logs
+    assert "images[1] (face.png): 256x192, faces found=" in result.logs
+    assert "kept=1" in result.logs and "restore=" in result.logs
+
+
+def test_a_local_path_inside_the_project_is_read_alongside_a_url(running: Running) -> None:
+    # a mixed list: coglet passes the URL unfetched (cog.URLPath) and the path as a string
+    folder = Path(tempfile.mkdtemp(prefix=".test-inputs-", dir=PROJECT_ROOT))
+    try:
+        (folder / "canvas.png").write_bytes(png_bytes(flat_canvas(72, 40)))
+        relative = str((folder / "canvas.png").relative_to(PROJECT_ROOT))
+        inputs = {"images": [relative, running.images.url_for("canvas.jpg")], **CHEAP}
+        result = running.client.predict(inputs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert result.status == "succeeded", result.error
+    assert jpeg_sizes(result) == [(72, 40), (80, 48)]
+
+
+# -- refused by the schema: 422 ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ({"images": []}, "images"),
+        ({"images": ["data:,x"] * 5}, "images"),
+        ({}, "images"),
+        ({"images": ["data:,x"], "codeformer_fidelity": 1.5}, "codeformer_fidelity"),
+        ({"images": ["data:,x"], "runtime_profile": "turbo"}, "runtime_profile"),
+        ({"images": ["data:,x"], "stability_mode": "reckless"}, "stability_mode"),
+        ({"images": ["data:,x"], "compile_backend": "tensorrt"}, "compile_backend"),
+    ],
+    ids=[
+        "0-images",
+        "5-images",
+        "no-images",
+        "fidelity-1.5",
+        "unknown-profile",
+        "unknown-mode",
+        "unknown-backend",
+    ],
+)
+def test_invalid_inputs_get_422_naming_the_field(running: Running, inputs: dict, field: str) -> None:
+    result = running.client.predict(inputs)
+    assert result.http_status == 422, result.body
+    [detail] = result.body["detail"]
+    assert detail["loc"] == ["body", "input", field]
+
+
+# -- failed predictions, and the server stays healthy --------------------------------------
+def test_a_corrupt_image_among_good_ones_fails_the_request(running: Running) -> None:
+    good = data_uri(png_bytes(flat_canvas()), name="good.png")
+    bad = running.images.url_for("corrupt.jpg")
+    result = running.client.predict({"images": [good, bad, good], **CHEAP})
+    assert result.http_status == 200
+    assert result.status == "failed"
+    assert "images[1] (corrupt.jpg): not a readable image" in result.error
+    assert result.output == []
+    assert_good_request_succeeds(running.client)
+
+
+def test_a_missing_url_fails_the_request(running: Running) -> None:
+    missing = running.images.url_for("missing.jpg")
+    result = running.client.predict({"images": [missing], **CHEAP})
+    assert result.status == "failed"
+    assert "404" in result.error and missing in result.error
+    assert result.output == []
+    assert_good_request_succeeds(running.client)
+
+
+def test_a_local_path_outside_the_project_is_refused(running: Running) -> None:
+    result = running.client.predict({"images": [str(running.image_dir / "canvas.jpg")], **CHEAP})
+    assert result.status == "failed"
+    assert "images[0] (canvas.jpg): local paths must point inside the project folder" in result.error
+    assert_good_request_succeeds(running.client)
+
+
+def test_compile_backend_is_locked_by_the_first_optimized_request(running: Running) -> None:
+    request = good_request()
+    first = running.client.predict({**request, "stability_mode": "optimized", "compile_backend": "none"})
+    assert first.status == "succeeded", first.error
+
+    other = running.client.predict({**request, "stability_mode": "optimized", "compile_backend": "eager"})
+    assert other.status == "failed"
+    assert "compile_backend is fixed to 'none'" in other.error
+    # safe requests ignore compile_backend
+    safe = running.client.predict({**request, "stability_mode": "safe", "compile_backend": "inductor"})
+    assert safe.status == "succeeded", safe.error
+
+
+# -- one prediction at a time: 409, and the client's retry ---------------------------------
+def test_a_request_while_one_runs_gets_409_and_the_client_retries(running: Running) -> None:
+    slow_inputs = {"images": [running.images.url_for("face.png")], "runtime_profile": "baseline"}
+    slow_result: list[PredictionResult] = []
+    slow = threading.Thread(
+        target=lambda: slow_result.append(CogClient(running.server.url).predict(slow_inputs)), daemon=True
+    )
+    slow.start()
+    try:
+        deadline = time.monotonic() + 60
+        while running.client.health()["status"] != "BUSY":
+            assert slow.is_alive() and time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.05)
+
+        refused = running.client.predict(good_request(), retry_busy=False)
+        assert refused.http_status == 409
+        assert refused.body == {"error": "At capacity - all prediction slots busy", "status": "failed"}
+
+        retried = CogClient(running.server.url, busy_pause_s=0.25).predict(good_request())
+        assert retried.status == "succeeded", retried.error
+        assert retried.retries >= 1
+    finally:
+        slow.join(timeout=600)
+    [first] = slow_result
+    assert first.status == "succeeded", first.error

@@ -1,0 +1,321 @@
+"""``predict.py`` in-process: the Cog interface, validation, failure semantics, inputs, logs.
+
+One ``Predictor`` is set up per module (random seed-0 weights, at most one face per
+image, so that a photo costs one CodeFormer pass). Tests that only need an image to go
+through the plumbing use a flat grey canvas, on which the random detector finds no face.
+The HTTP side of the same cases is in ``test_http_server.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cog import Path as CogPath
+from PIL import Image
+from weights_server import FileServer
+
+from codeformer.client import data_uri
+from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError
+from predict import PROJECT_ROOT, Predictor
+
+pytestmark = pytest.mark.slow
+
+# the interface table of the product README: names and defaults, exactly
+DEFAULTS = {
+    "codeformer_fidelity": 0.5,
+    "runtime_profile": "baseline",
+    "stability_mode": "safe",
+    "compile_backend": "eager",
+}
+CHEAP = {"runtime_profile": "max_speed"}  # no ParseNet pass where the profile does not matter
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 92) -> bytes:
+    """(H, W, 3) uint8 RGB -> JPG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def face_photo(width: int, height: int) -> np.ndarray:
+    """A crop of the astronaut portrait (scikit-image, public domain) resized to width x height."""
+    from skimage import data as skdata
+
+    portrait = skdata.astronaut()[:300, 100:400]  # (300, 300, 3) RGB around the face
+    return np.asarray(Image.fromarray(portrait).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def flat_canvas(width: int = 96, height: int = 64) -> np.ndarray:
+    return np.full((height, width, 3), 127, np.uint8)
+
+
+def decoded_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG"
+        return image.size
+
+
+def run(predictor: Predictor, images: list, **options: object) -> list[Path]:
+    """Call predict() as Cog would: every input given (in-process, the defaults are Input() objects)."""
+    return predictor.predict(images=images, **{**DEFAULTS, **options})
+
+
+@pytest.fixture(scope="module")
+def predictor_and_setup_log(weights_dir: Path) -> Iterator[tuple[Predictor, list[str]]]:
+    handler = _ListHandler()
+    logging.getLogger("codeformer").addHandler(handler)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CODEFORMER_WEIGHTS_DIR", str(weights_dir))
+        env.setenv("CODEFORMER_MAX_FACES", "1")
+        env.delenv("CODEFORMER_WEIGHTS_URL", raising=False)
+        predictor = Predictor()
+        predictor.setup()
+    logging.getLogger("codeformer").removeHandler(handler)
+    yield predictor, handler.messages
+
+
+@pytest.fixture(scope="module")
+def predictor(predictor_and_setup_log: tuple[Predictor, list[str]]) -> Predictor:
+    return predictor_and_setup_log[0]
+
+
+@pytest.fixture
+def project_tmp() -> Iterator[Path]:
+    """A temporary folder inside the project, where local-path inputs are allowed."""
+    folder = Path(tempfile.mkdtemp(prefix=".test-inputs-", dir=PROJECT_ROOT))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- interface -----------------------------------------------------------------------------
+def test_inputs_have_the_documented_names_and_defaults() -> None:
+    parameters = inspect.signature(Predictor.predict).parameters
+    assert list(parameters) == ["self", "images", *DEFAULTS]
+    for name, default in DEFAULTS.items():
+        assert parameters[name].default.default == default, name
+    assert parameters["images"].default.default is None  # required
+    assert parameters["codeformer_fidelity"].default.ge == 0.0
+    assert parameters["codeformer_fidelity"].default.le == 1.0
+    assert parameters["runtime_profile"].default.choices == ["baseline", "fast", "max_speed"]
+    assert parameters["stability_mode"].default.choices == ["safe", "optimized"]
+    assert parameters["compile_backend"].default.choices == [
+        "none",
+        "eager",
+        "aot_eager",
+        "inductor",
+        "cudagraphs",
+    ]
+
+
+def test_setup_logs_device_dtype_and_timings(predictor_and_setup_log: tuple[Predictor, list[str]]) -> None:
+    predictor, messages = predictor_and_setup_log
+    [line] = [m for m in messages if m.startswith("setup:")]
+    assert f"device={predictor.restorer.device}" in line
+    assert "dtype=float32" in line
+    assert "load=" in line and "warmup=" in line
+
+
+# -- success -------------------------------------------------------------------------------
+def test_outputs_are_jpgs_in_input_order_at_input_size(
+    predictor: Predictor, caplog: pytest.LogCaptureFixture
+) -> None:
+    sizes = [(200, 260), (256, 192)]
+    names = ["tall.jpg", "wide.png"]
+    images = [
+        data_uri(jpeg_bytes(face_photo(*sizes[0])), name=names[0]),
+        data_uri(png_bytes(face_photo(*sizes[1])), name=names[1]),
+    ]
+    with caplog.at_level(logging.INFO, logger="codeformer"):
+        outputs = run(predictor, images, **CHEAP)
+    assert [decoded_size(path.read_bytes()) for path in outputs] == sizes
+    # a face was restored: the output is not a plain re-encode of the input
+    with Image.open(outputs[1]) as first_output:
+        restored = np.asarray(first_output.convert("RGB")).astype(np.int16)
+    assert np.abs(restored - face_photo(*sizes[1]).astype(np.int16)).mean() > 2.0
+    assert all(path.suffix == ".jpg" for path in outputs)
+    for index, ((width, height), name) in enumerate(zip(sizes, names, strict=True)):
+        [line] = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith(f"images[{index}] ({name})")
+        ]
+        assert f"{width}x{height}" in line
+        assert "faces found=" in line and "kept=" in line and "total=" in line
+        assert "detect=" in line and "encode=" in line
+
+
+def test_the_same_request_twice_gives_identical_bytes(predictor: Predictor) -> None:
+    image = data_uri(jpeg_bytes(face_photo(180, 180)), name="face.jpg")
+    first = [path.read_bytes() for path in run(predictor, [image], **CHEAP)]
+    second = [path.read_bytes() for path in run(predictor, [image], **CHEAP)]
+    assert first == second
+
+
+# -- inputs: URLs, data URIs, local paths --------------------------------------------------
+def test_http_url_and_local_path_inside_the_project_are_read(
+    predictor: Predictor, project_tmp: Path, tmp_path: Path
+) -> None:
+    (project_tmp / "canvas.png").write_bytes(png_bytes(flat_canvas(96, 64)))
+    (tmp_path / "served.jpg").write_bytes(jpeg_bytes(flat_canvas(80, 48)))
+    relative = str((project_tmp / "canvas.png").relative_to(PROJECT_ROOT))
+    with FileServer(tmp_path) as server:
+        outputs = run(
+            predictor, [server.url_for("served.jpg"), relative, project_tmp / "canvas.png"], **CHEAP
+        )
+    assert [decoded_size(path.read_bytes()) for path in outputs] == [(80, 48), (96, 64), (96, 64)]
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_local_paths_outside_the_project_are_refused(
+    predictor: Predictor, project_tmp: Path, tmp_path: Path, where: str
+) -> None:
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png_bytes(flat_canvas()))
+    if where == "absolute":
+        item: str = str(outside)
+    elif where == "dotdot":
+        item = os.path.relpath(outside, PROJECT_ROOT)  # "../../tmp/.../secret.png"
+        assert item.startswith("..")
+    else:
+        (project_tmp / "link.png").symlink_to(outside)
+        item = str(project_tmp / "link.png")
+    with pytest.raises(InputError) as error:
+        run(predictor, [item])
+    assert str(error.value).startswith("images[0] (")
+    assert "inside the project folder" in str(error.value)
+
+
+def test_cog_downloads_in_the_temp_folder_are_read_and_named_by_their_url_file_name(
+    predictor: Predictor,
+) -> None:
+    # what coglet passes for an all-URL list: cog.Path files from URLPath.convert()
+    with tempfile.NamedTemporaryFile(suffix="corrupt.jpg") as download:
+        download.write(b"not an image")
+        download.flush()
+        with pytest.raises(InputError, match=r"^images\[0\] \(corrupt\.jpg\): not a readable image"):
+            run(predictor, [CogPath(download.name)])
+        # the same file named by a request string is a local path outside the project
+        with pytest.raises(InputError, match="inside the project folder"):
+            run(predictor, [download.name])
+
+
+def test_missing_local_file_is_named(predictor: Predictor) -> None:
+    with pytest.raises(InputError, match=r"^images\[0\] \(nope\.jpg\): no such file"):
+        run(predictor, ["data/nope.jpg"])
+
+
+def test_unreachable_url_fails_naming_the_input(predictor: Predictor, tmp_path: Path) -> None:
+    good = data_uri(png_bytes(flat_canvas()), name="good.png")
+    with FileServer(tmp_path) as server, pytest.raises(InputError) as error:
+        run(predictor, [good, server.url_for("missing.jpg")])
+    assert str(error.value).startswith("images[1] (missing.jpg): cannot read the file")
+    assert "404" in str(error.value)
+
+
+# -- validation ------------------------------------------------------------------------------
+@pytest.mark.parametrize("count", [0, 5])
+def test_image_count_outside_1_to_4_is_refused(predictor: Predictor, count: int) -> None:
+    images = [data_uri(png_bytes(flat_canvas()), name="x.png")] * count
+    with pytest.raises(InputError, match=rf"images: send 1 to 4 images, got {count}"):
+        run(predictor, images)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"codeformer_fidelity": 1.5}, "codeformer_fidelity"),
+        ({"codeformer_fidelity": -0.01}, "codeformer_fidelity"),
+        ({"runtime_profile": "turbo"}, "runtime_profile"),
+        ({"stability_mode": "reckless"}, "stability_mode"),
+        ({"compile_backend": "tensorrt"}, "compile_backend"),
+    ],
+)
+def test_bad_options_are_refused_before_any_input_is_read(
+    predictor: Predictor, options: dict, named: str
+) -> None:
+    # the image would fail too (no such file): the option error must come first
+    with pytest.raises(InputError, match=named):
+        run(predictor, ["data/does-not-exist.jpg"], **options)
+
+
+def test_a_corrupt_image_among_good_ones_fails_before_any_restore(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    restore_calls: list[int] = []
+    real_restore = predictor.restorer.restore
+
+    def counting_restore(*args: object, **kwargs: object) -> object:
+        restore_calls.append(1)
+        return real_restore(*args, **kwargs)
+
+    monkeypatch.setattr(predictor.restorer, "restore", counting_restore)
+    good = data_uri(png_bytes(flat_canvas()), name="good.png")
+    whole = jpeg_bytes(face_photo(128, 128))
+    truncated = whole[: len(whole) * 2 // 3]  # header intact, pixels cut
+    for bad, reason in [(b"this is not an image", "not a readable image"), (truncated, "cannot decode")]:
+        with pytest.raises(InputError) as error:
+            run(predictor, [good, data_uri(bad, name="corrupt.jpg"), good])
+        assert str(error.value).startswith("images[1] (corrupt.jpg): ")
+        assert reason in str(error.value)
+    assert restore_calls == []
+
+
+def test_a_processing_failure_names_the_image(predictor: Predictor, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_restore(*args: object, **kwargs: object) -> object:
+        raise ImageFailedError(1, "the detector found a NaN")
+
+    monkeypatch.setattr(predictor.restorer, "restore", failing_restore)
+    images = [data_uri(png_bytes(flat_canvas()), name=name) for name in ("a.png", "b.png")]
+    with pytest.raises(CodeFormerError, match=r"^images\[1\] \(b\.png\): the detector found a NaN$"):
+        run(predictor, images)
+
+
+def test_a_failed_request_leaves_the_predictor_healthy(predictor: Predictor) -> None:
+    image = data_uri(png_bytes(flat_canvas(64, 64)), name="ok.png")
+    [first] = run(predictor, [image])
+    assert first.exists()
+    with pytest.raises(InputError):
+        run(predictor, [data_uri(b"garbage", name="bad.jpg")])
+    assert not first.exists()  # each request removes the previous request's outputs
+    [output] = run(predictor, [image])
+    assert decoded_size(output.read_bytes()) == (64, 64)
+
+
+# -- compile_backend lock --------------------------------------------------------------------
+def test_compile_backend_is_locked_by_the_first_optimized_request(predictor: Predictor) -> None:
+    if predictor.restorer.compile_backend not in (None, "none"):
+        pytest.fail(
+            f"another test initialised the optimized runtime with {predictor.restorer.compile_backend}"
+        )
+    image = data_uri(png_bytes(flat_canvas(64, 64)), name="ok.png")
+    [output] = run(predictor, [image], stability_mode="optimized", compile_backend="none", **CHEAP)
+    assert decoded_size(output.read_bytes()) == (64, 64)
+    assert predictor.restorer.compile_backend == "none"
+
+    with pytest.raises(ConfigError, match="fixed to 'none'"):
+        run(predictor, [image], stability_mode="optimized", compile_backend="eager")
+    # safe requests ignore compile_backend, whatever it says
+    run(predictor, [image], stability_mode="safe", compile_backend="inductor", **CHEAP)
+    run(predictor, [image], stability_mode="optimized", compile_backend="none", **CHEAP)
