@@ -1,0 +1,360 @@
+"""The HTTP benchmarks: summary maths, planning, the port guard, clean stops, and one real run.
+
+The end-to-end run starts the real Cog server with seed-0 random weights and sends two
+small requests (the cold one and one timed), at most one face each, so that it stays near a
+minute on a CPU. No test looks at how long anything took.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import stats
+from benchmarks.bench_single_image import Combination, plan_combinations, winners
+from benchmarks.run_bench import (
+    RequestSample,
+    batches,
+    discover_images,
+    parse_faces,
+    profile_report,
+    split_names,
+)
+from codeformer.config import PROFILES
+from codeformer.errors import ConfigError
+from codeformer.serve import check_port_free
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
+BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"
+SUMMARY_FIELDS = {"count", "avg", "min", "max", "p50", "p95", "p99"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    try:
+        check_port_free("127.0.0.1", port)
+    except ConfigError:
+        return False
+    return True
+
+
+# -- percentile and summary maths -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("q", "expected"),
+    [
+        (0, 1.0),
+        (25, 1.75),  # rank 0.75: 1 + 0.75 * (2 - 1)
+        (50, 2.5),  # rank 1.5: halfway between 2 and 3
+        (95, 3.85),  # rank 2.85: 3 + 0.85 * (4 - 3)
+        (99, 3.97),  # rank 2.97
+        (100, 4.0),
+    ],
+)
+def test_percentile_interpolates_linearly_between_ranks(q: float, expected: float) -> None:
+    assert stats.percentile([4.0, 1.0, 3.0, 2.0], q) == pytest.approx(expected)
+
+
+def test_percentile_of_uneven_gaps() -> None:
+    # sorted [0, 10, 100]; p90 sits at rank 1.8: 10 + 0.8 * 90 = 82; p50 is the middle sample
+    assert stats.percentile([100, 0, 10], 90) == pytest.approx(82.0)
+    assert stats.percentile([100, 0, 10], 50) == 10.0
+
+
+def test_percentile_matches_numpy_linear_method() -> None:
+    samples = np.random.default_rng(0).lognormal(size=37).tolist()
+    for q in (1, 33.3, 50, 95, 99):
+        assert stats.percentile(samples, q) == pytest.approx(float(np.percentile(samples, q)))
+
+
+def test_percentile_of_one_sample_is_that_sample() -> None:
+    assert stats.percentile([7.5], 99) == 7.5
+
+
+@pytest.mark.parametrize(("values", "q"), [([], 50), ([1.0], -1), ([1.0], 100.5), ([1.0, math.nan], 50)])
+def test_percentile_refuses_what_has_no_answer(values: list[float], q: float) -> None:
+    with pytest.raises(ValueError):
+        stats.percentile(values, q)
+
+
+def test_summarize_hand_computed() -> None:
+    summary = stats.summarize([4.0, 1.0, 3.0, 2.0])
+    assert summary == pytest.approx(
+        {"count": 4, "avg": 2.5, "min": 1.0, "max": 4.0, "p50": 2.5, "p95": 3.85, "p99": 3.97}
+    )
+
+
+def test_summarize_skewed_samples() -> None:
+    # one slow request among nine fast ones: the mean moves, the median does not
+    summary = stats.summarize([1.0] * 9 + [11.0])
+    assert summary["avg"] == pytest.approx(2.0)
+    assert summary["p50"] == 1.0
+    assert summary["p95"] == pytest.approx(6.5)  # rank 8.55: 1 + 0.55 * 10
+    assert summary["p99"] == pytest.approx(10.1)  # rank 8.91
+    assert (summary["min"], summary["max"], summary["count"]) == (1.0, 11.0, 10)
+
+
+def test_summarize_of_no_samples_has_count_zero_and_no_figures() -> None:
+    summary = stats.summarize([])
+    assert summary["count"] == 0
+    assert set(summary) == SUMMARY_FIELDS
+    assert all(summary[key] is None for key in SUMMARY_FIELDS - {"count"})
+
+
+def test_throughput_and_cdf() -> None:
+    assert stats.throughput(10, 4.0) == 2.5
+    assert stats.throughput(3, 0.0) is None
+    assert stats.cdf_points([3.0, 1.0, 2.0, 2.0]) == ([1.0, 2.0, 2.0, 3.0], [0.25, 0.5, 0.75, 1.0])
+
+
+# -- inputs, log parsing, reports --------------------------------------------------------------
+def test_discover_images_orders_numerically_and_takes_a_count(tmp_path: Path) -> None:
+    for name in ("10.jpg", "2.jpg", "1.jpg", "notes.txt", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in discover_images(tmp_path)] == ["1.jpg", "2.jpg", "10.jpg", "b.png"]
+    assert [p.name for p in discover_images(tmp_path, ["2"])] == ["1.jpg", "2.jpg"]
+    assert [p.name for p in discover_images(tmp_path, ["10.jpg", "1.jpg"])] == ["10.jpg", "1.jpg"]
+    with pytest.raises(ConfigError, match="has only 4 images"):
+        discover_images(tmp_path, ["5"])
+    with pytest.raises(ConfigError, match="no such file missing.jpg"):
+        discover_images(tmp_path, ["missing.jpg"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="make_samples"):
+        discover_images(empty)
+
+
+def test_batches_keep_order_and_a_short_last_batch() -> None:
+    paths = [Path(f"{i}.jpg") for i in range(5)]
+    assert batches(paths, 2) == [paths[0:2], paths[2:4], paths[4:5]]
+
+
+def test_split_names_accepts_commas_and_spaces_and_rejects_unknown() -> None:
+    assert split_names(["max_speed,baseline", "fast", "baseline"], list(PROFILES), "--profiles") == [
+        "max_speed",
+        "baseline",
+        "fast",
+    ]
+    with pytest.raises(ConfigError, match="--profiles: unknown 'turbo'"):
+        split_names(["turbo"], list(PROFILES), "--profiles")
+
+
+def test_parse_faces_reads_the_predictors_per_image_lines() -> None:
+    logs = (
+        "WARNING codeformer.pipeline: image 0: kept the 1 highest-scoring faces, dropped 2\n"
+        "INFO codeformer.predict: images[1] (b (1).jpg): 64x64, faces found=0 kept=0, detect=5ms\n"
+        "INFO codeformer.predict: images[0] (file.jpg): 470x192, faces found=3 kept=1, detect=9ms\n"
+    )
+    assert parse_faces(logs, 3) == ([3, 0, None], [1, 0, None])
+
+
+def _sample(
+    phase: str, round_index: int | None, latency: float, ok: bool = True, images: int = 2
+) -> RequestSample:
+    return RequestSample(
+        phase=phase,
+        round=round_index,
+        images=[f"{i}.jpg" for i in range(images)],
+        latency_s=latency,
+        http_status=200,
+        status="succeeded" if ok else "failed",
+        retries=1 if phase == "warmup" else 0,
+        predict_time_s=latency - 0.5,
+        faces_found=[2] * images,
+        faces_kept=[1] * images,
+        error=None if ok else "HTTP 200 failed: images[0] (0.jpg): broken",
+    )
+
+
+def test_profile_report_separates_timed_from_warmup_and_failures() -> None:
+    samples = [
+        _sample("cold", None, 30.0),
+        _sample("warmup", None, 9.0),
+        _sample("timed", 0, 4.0),
+        _sample("timed", 0, 6.0, ok=False),
+        _sample("timed", 1, 8.0),
+    ]
+    report = profile_report(samples, [10.0, 8.0], {"runtime_profile": "fast"})
+    assert report["requests"] == 3 and report["images"] == 6 and report["warmup_requests"] == 2
+    assert report["per_request"]["count"] == 2 and report["per_request"]["avg"] == pytest.approx(6.0)
+    # each image of a 2-image request is charged half the request's latency
+    assert report["per_image"]["count"] == 4 and report["per_image"]["max"] == pytest.approx(4.0)
+    assert report["round_totals"]["values"] == [10.0, 8.0] and report["round_totals"]["avg"] == 9.0
+    assert report["throughput_images_per_s"] == pytest.approx(4 / 18.0)  # succeeded images only
+    assert report["client_overhead"]["p50"] == pytest.approx(0.5)
+    assert report["faces"]["found"] == 4 and report["faces"]["kept"] == 2  # round 0, succeeded only
+    assert report["errors"] == 1 and report["error_messages"] == [
+        "HTTP 200 failed: images[0] (0.jpg): broken"
+    ]
+    assert report["retries"] == 1
+
+
+# -- bench_single_image planning -------------------------------------------------------------
+def test_plan_runs_safe_once_per_profile_and_skips_cudagraphs_without_cuda() -> None:
+    plan, skipped = plan_combinations(["max_speed"], ["safe", "optimized"], ["none", "cudagraphs"], False)
+    assert [c.label for c in plan] == ["max_speed/safe", "max_speed/optimized/none"]
+    reasons = {(s["profile"], s["compile_backend"]): s["reason"] for s in skipped}
+    assert "needs CUDA" in reasons[("max_speed", "cudagraphs")]
+    assert reasons[("max_speed", "eager")] == "excluded by --backends"
+    assert reasons[("baseline", None)] == "excluded by --profiles"
+    assert len(plan) + len(skipped) == len(PROFILES) * 6  # safe + five backends per profile
+
+
+def test_plan_keeps_cudagraphs_with_cuda() -> None:
+    plan, _ = plan_combinations(["fast"], ["optimized"], ["cudagraphs"], True)
+    assert plan == [Combination("fast", "optimized", "cudagraphs")]
+
+
+def test_winners_pick_the_lowest_warm_p50_and_cold_figures() -> None:
+    def result(label: str, p50: float, first: float, start: float, ok: bool = True) -> dict:
+        profile, mode, *backend = label.split("/")
+        return {
+            "label": label,
+            "profile": profile,
+            "stability_mode": mode,
+            "compile_backend": backend[0] if backend else None,
+            "warm": {"p50": p50, "avg": p50 + 1},
+            "cold": {"first_request_s": first, "start_to_first_response_s": start, "first_request_ok": ok},
+        }
+
+    results = [
+        result("baseline/safe", 9.0, 12.0, 60.0),
+        result("max_speed/optimized/eager", 5.0, 30.0, 75.0),
+        result("max_speed/safe", 6.0, 8.0, 55.0),
+        result("fast/safe", 1.0, 1.0, 1.0, ok=False) | {"warm": {"p50": None, "avg": None}},
+        {"label": "fast/optimized/inductor", "error": "setup failed"},
+    ]
+    best_warm, best_cold = winners(results)
+    assert best_warm is not None
+    assert best_warm["label"] == "max_speed/optimized/eager" and best_warm["warm_avg_s"] == 6.0
+    assert best_cold["first_request"]["label"] == "max_speed/safe"
+    assert best_cold["start_to_first_response"]["start_to_first_response_s"] == 55.0
+
+
+# -- the port guard and clean stops -----------------------------------------------------------
+@pytest.mark.parametrize("script", [RUN_BENCH, BENCH_SINGLE_IMAGE], ids=lambda p: p.name)
+def test_a_taken_port_fails_fast_with_a_clear_message(script: Path, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        completed = subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                "--port",
+                str(port),
+                "--random-weights",
+                "--output",
+                str(tmp_path / "r.json"),
+            ],
+            cwd=tmp_path,  # also checks that the scripts run as files from anywhere
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert completed.returncode == 2, completed.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in completed.stderr
+    assert "--port" in completed.stderr  # the fix
+    assert not (tmp_path / "r.json").exists()
+    assert "random weights" not in completed.stderr  # refused before writing 570 MB of weights
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_for_the_server_stops_it(tmp_path: Path) -> None:
+    port = free_port()
+    output = tmp_path / "interrupted.json"
+    command = [
+        sys.executable,
+        str(RUN_BENCH),
+        "--port",
+        str(port),
+        "--random-weights",
+        "--output",
+        str(output),
+    ]
+    bench = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while port_is_free(port):  # coglet listens (health STARTING) long before setup ends
+            assert bench.poll() is None, bench.communicate()
+            assert time.monotonic() < deadline, "the server never started listening"
+            time.sleep(0.2)
+        bench.send_signal(signal.SIGINT)
+        _, stderr = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert port_is_free(port), "the server outlived the benchmark"
+    report = json.loads(output.read_text())
+    assert report["aborted"].startswith("KeyboardInterrupt")
+    assert report["weights"] is None or report["weights"]["random"] is True
+
+
+# -- a real run --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_end_to_end_run_writes_every_reported_figure(tmp_path: Path) -> None:
+    port = free_port()
+    output, plot = tmp_path / "run.json", tmp_path / "cdf.png"
+    command = [
+        sys.executable, str(RUN_BENCH),
+        "--image-dir", str(PROJECT_ROOT / "data"), "--images", "2.jpg",
+        "--profiles", "max_speed", "--warmup", "0", "--repeats", "1",
+        "--random-weights", "--server-env", "CODEFORMER_MAX_FACES=1",
+        "--port", str(port), "--output", str(output), "--plot", str(plot),
+    ]  # fmt: skip
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-6000:]
+    assert port_is_free(port), "the server outlived the benchmark"
+
+    report = json.loads(output.read_text())
+    assert report["weights"]["random"] is True
+    assert "RANDOM weights" in report["weights"]["label"] and "RANDOM weights" in completed.stdout
+    assert report["config"]["server_env"] == {"CODEFORMER_MAX_FACES": "1"}
+
+    cold = report["cold"]
+    assert cold["first_request_ok"] is True
+    assert cold["device"] in ("cpu", "cuda")
+    assert 0 < cold["start_to_ready_s"] < cold["start_to_first_response_s"]
+    assert cold["first_request_s"] > 0
+
+    profile = report["profiles"]["max_speed"]
+    assert profile["options"]["runtime_profile"] == "max_speed"
+    for figure in ("round_totals", "per_request", "per_image", "predict_time", "client_overhead"):
+        assert set(profile[figure]) >= SUMMARY_FIELDS, figure
+        assert profile[figure]["count"] == 1, figure
+    assert len(profile["round_totals"]["values"]) == 1  # one sample per repeat
+    assert profile["per_request"]["p99"] == profile["per_request"]["min"]  # a single request
+    assert (
+        profile["predict_time"]["avg"] <= profile["per_request"]["avg"]
+    )  # server time is inside the client's
+    assert profile["throughput_images_per_s"] > 0
+    assert profile["faces"]["found"] >= profile["faces"]["kept"] and profile["faces"]["kept"] <= 1
+    assert profile["faces"]["per_image"]["2.jpg"]["kept"] == profile["faces"]["kept"]
+    assert profile["errors"] == 0 and isinstance(profile["retries"], int)
+    assert [s["phase"] for s in profile["samples"]] == ["cold", "timed"]
+
+    assert "max_speed" in completed.stdout and "img/s" in completed.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run.server.log").is_file()
+    assert os.path.getsize(tmp_path / "run.server.log") > 0
