@@ -20,7 +20,7 @@ from torch import nn
 
 from codeformer import random_weights
 from codeformer.config import FACE_SIZE
-from codeformer.nets.retinaface import RetinaFace, checkpoint_filter_fn
+from codeformer.nets.retinaface import RetinaFace
 from codeformer.stages.align import (
     CROP_BORDER_BGR,
     FFHQ_TEMPLATE_512,
@@ -39,6 +39,7 @@ from codeformer.stages.detect import (
     prior_boxes,
 )
 from codeformer.stages.prepare import to_working_image
+from codeformer.weights import WEIGHT_FILES, checkpoint_filter_fn
 
 CPU = torch.device("cpu")
 logger = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ def test_template_is_the_spec_constant() -> None:
 def seed0_detector() -> FaceDetector:
     net = RetinaFace()
     official = random_weights.file_object("detection_Resnet50_Final.pth", seed=0)
-    net.load_state_dict(checkpoint_filter_fn(official), strict=True)
+    net.load_state_dict(checkpoint_filter_fn(official, WEIGHT_FILES["retinaface"]), strict=True)
     return FaceDetector(net, CPU)
 
 

@@ -11,13 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from codeformer import random_weights
-from codeformer.errors import WeightsError
 from codeformer.nets.codeformer import (
     Codebook,
     CodeFormer,
     SelfAttention,
     adaptive_instance_normalization,
-    checkpoint_filter_fn,
 )
 from codeformer.nets.vqgan import AttnBlock, Downsample, ResBlock, Upsample
 
@@ -74,23 +72,6 @@ def test_random_release_weights_load_strictly(seed: int) -> None:
     assert torch.equal(
         model.ft_layers[8].self_attn.in_proj_weight, state["ft_layers.8.self_attn.in_proj_weight"]
     )
-
-
-def test_checkpoint_filter_unwraps_container_and_strips_prefixes() -> None:
-    model = CodeFormer()
-    state = random_weights.state_dict("codeformer.pth", seed=0)
-    container = {"params_ema": {f"module._orig_mod.{key}": value for key, value in state.items()}}
-    filtered = checkpoint_filter_fn(container, model)
-    assert list(filtered) == list(state)
-    model.load_state_dict(filtered, strict=True)
-
-
-def test_checkpoint_filter_names_the_key_with_a_wrong_shape() -> None:
-    model = CodeFormer()
-    state = random_weights.state_dict("codeformer.pth", seed=0)
-    state["feat_emb.weight"] = torch.zeros(512, 128)
-    with pytest.raises(WeightsError, match="feat_emb.weight"):
-        checkpoint_filter_fn({"params_ema": state}, model)
 
 
 def test_self_attention_matches_pytorch_multihead_attention() -> None:

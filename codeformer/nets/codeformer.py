@@ -11,13 +11,12 @@ Order: transformer layer, fuse block, codebook, the model, the checkpoint filter
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codeformer.errors import WeightsError
 from codeformer.nets.vqgan import Encoder, Generator, ResBlock
 
 LAYER_NORM_EPS = 1e-5
@@ -244,29 +243,3 @@ def _memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
     if tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
-
-
-def checkpoint_filter_fn(checkpoint: Mapping[str, object], model: CodeFormer) -> dict[str, torch.Tensor]:
-    """The bare state dict of ``model`` from a loaded ``codeformer.pth`` object.
-
-    Accepts the official container (``{"params_ema": state_dict, ...}``, only that entry is
-    read) or a bare state dict, strips ``module.`` (DataParallel) and ``_orig_mod.``
-    (torch.compile) prefixes, and checks every shape so a wrong file fails with the key named.
-    """
-    state_dict = checkpoint.get("params_ema", checkpoint)
-    if not isinstance(state_dict, Mapping):
-        raise WeightsError("codeformer.pth: 'params_ema' is not a state dict; re-download the file")
-    expected = model.state_dict()
-    filtered: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"codeformer.pth: entry {key!r} is not a tensor; re-download the file")
-        if key in expected and expected[key].shape != value.shape:
-            raise WeightsError(
-                f"codeformer.pth: {key} has shape {tuple(value.shape)}, expected "
-                f"{tuple(expected[key].shape)}; the file is not the official CodeFormer release"
-            )
-        filtered[key] = value
-    return filtered

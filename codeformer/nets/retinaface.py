@@ -3,7 +3,7 @@
 Provenance: the ``cfg_re50`` configuration of ``facelib/detection/retinaface`` in
 sczhou/CodeFormer (itself from biubug6/Pytorch_Retinaface), written here from the
 specification. State-dict keys and shapes match ``detection_Resnet50_Final.pth`` once its
-``nn.DataParallel`` prefix is stripped (``checkpoint_filter_fn``); the key manifest is
+``nn.DataParallel`` prefix is stripped (``codeformer.weights.checkpoint_filter_fn``); the key manifest is
 ``codeformer/manifests/state_dict_keys_retinaface.txt``.
 
 Order: ResNet-50 body, FPN, SSH, heads, model, checkpoint filter.
@@ -215,17 +215,3 @@ class RetinaFace(nn.Module):
         logits = torch.cat([head(f) for head, f in zip(self.ClassHead, features, strict=True)], dim=1)
         landms = torch.cat([head(f) for head, f in zip(self.LandmarkHead, features, strict=True)], dim=1)
         return loc, F.softmax(logits, dim=-1), landms
-
-
-# --- Checkpoint filter -------------------------------------------------------------------------
-
-
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip the ``module.`` prefix of the official file (an ``nn.DataParallel`` save).
-
-    Keys without the prefix are kept as they are, as the official loader does.
-    """
-    prefix = "module."
-    return {
-        (key[len(prefix) :] if key.startswith(prefix) else key): value for key, value in state_dict.items()
-    }

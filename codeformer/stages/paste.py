@@ -50,6 +50,7 @@ import torch
 from codeformer.config import FACE_SIZE
 from codeformer.errors import InputError
 from codeformer.nets.parsenet import ParseNet
+from codeformer.runtime import autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -490,7 +491,7 @@ class FaceParser:
 
     def labels(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8/float64 BGR faces -> (F, 512, 512) bool, True on face classes."""
-        autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        precision = autocast_dtype(self.device)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         chunks = []
         with torch.inference_mode():
@@ -502,7 +503,7 @@ class FaceParser:
                 faces_in = ((unit.flip(-1).permute(0, 3, 1, 2) - 0.5) / 0.5).contiguous(
                     memory_format=memory_format
                 )  # (B, 3, 512, 512) float in [-1, 1]
-                with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=mixed_precision):
+                with torch.autocast(self.device.type, dtype=precision, enabled=mixed_precision):
                     logits = self.net(faces_in)[0]  # (B, 19, 512, 512)
                 labels = logits.argmax(dim=1)  # first maximum wins, as NumPy's argmax
                 chunks.append(self._face_classes[labels])

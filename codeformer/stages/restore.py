@@ -15,6 +15,7 @@ import torch
 from codeformer.config import FACE_SIZE
 from codeformer.errors import InputError
 from codeformer.nets.codeformer import CodeFormer
+from codeformer.runtime import autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,13 @@ class FaceRestorer:
         if len(crops) == 0:
             return np.empty((0, *expected_shape), dtype=np.uint8)
 
-        autocast_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        precision = autocast_dtype(self.device)
         outputs = []
         with torch.inference_mode():
             faces_in = crops_to_tensor(crops, self.device)  # (F, 3, 512, 512) float in [-1, 1]
             for start in range(0, len(faces_in), self.batch_size):
                 chunk = faces_in[start : start + self.batch_size]
-                with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=mixed_precision):
+                with torch.autocast(self.device.type, dtype=precision, enabled=mixed_precision):
                     restored = self.net(chunk, w=float(fidelity), adain=True)[0]
                 outputs.append(restored.to(torch.float32))
             faces_out = tensor_to_faces(torch.cat(outputs))
