@@ -91,7 +91,7 @@ class Restorer:
         self.device = device
         self.limits = limits or Limits.from_env()
         self.runtime = Runtime(nets, device)
-        self._stages: dict[tuple[str, str], _Stages] = {}
+        self._stages: dict[tuple[str, str, bool], _Stages] = {}
 
     @classmethod
     def load(
@@ -124,9 +124,15 @@ class Restorer:
         return options
 
     def _stages_for(self, options: RequestOptions) -> _Stages:
-        key = (options.stability.name, options.compile_backend if options.stability.compiled else "")
+        compiled = options.stability.compiled
+        mixed_precision = options.profile.mixed_precision
+        key = (
+            options.stability.name,
+            options.compile_backend if compiled else "",
+            compiled and mixed_precision,
+        )
         if key not in self._stages:
-            nets = self.runtime.nets_for(options.stability, options.compile_backend)
+            nets = self.runtime.nets_for(options.stability, options.compile_backend, mixed_precision)
             self._stages[key] = _Stages(
                 detector=FaceDetector(nets.retinaface, self.device),
                 restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.limits.face_batch),

@@ -2,9 +2,11 @@
 
 A ``Runtime`` owns the three loaded nets and hands the pipeline the variant a request
 asks for: the nets as loaded (``safe``), or channels_last copies compiled with one backend
-(``optimized``). The optimized variant is built once per process, on first use, and its
-backend is then fixed: switching backends would recompile every graph and double the
-memory held, so a later request that asks for another backend is refused.
+(``optimized``). Optimized requests in mixed precision get their own copies whose
+convolution weights are stored in the autocast dtype, so that no forward re-casts them.
+Each optimized variant is built once per process, on first use, and the backend is then
+fixed: switching backends would recompile every graph and multiply the memory held, so a
+later request that asks for another backend is refused.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Runtime:
     def __init__(self, nets: Nets, device: torch.device) -> None:
         self.device = device
         self.safe_nets = nets
-        self._optimized: Nets | None = None
+        self._optimized: dict[bool, Nets] = {}  # mixed precision -> optimized nets
         self._backend: str | None = None
         self._lock = threading.Lock()
         if device.type == "cuda":
@@ -74,25 +76,31 @@ class Runtime:
                 f"request); got {backend!r}. Send compile_backend={self._backend!r} or restart the server"
             )
 
-    def nets_for(self, stability: Stability, backend: str) -> Nets:
+    def nets_for(self, stability: Stability, backend: str, mixed_precision: bool = False) -> Nets:
         """The nets a request with these settings runs on."""
         if not stability.compiled:
             return self.safe_nets
         self.check_backend(backend)
         with self._lock:
             self.check_backend(backend)  # another thread may have initialised it meanwhile
-            if self._optimized is None:
-                self._optimized = self._build_optimized(backend)
+            if mixed_precision not in self._optimized:
+                self._optimized[mixed_precision] = self._build_optimized(backend, mixed_precision)
                 self._backend = backend
-        return self._optimized
+        return self._optimized[mixed_precision]
 
-    def _build_optimized(self, backend: str) -> Nets:
-        log.info("initialising the optimized runtime: channels_last, compile_backend=%s", backend)
+    def _build_optimized(self, backend: str, mixed_precision: bool) -> Nets:
+        conv_dtype = autocast_dtype(self.device) if mixed_precision else torch.float32
+        log.info(
+            "initialising the optimized runtime: channels_last, convolutions in %s, compile_backend=%s",
+            str(conv_dtype).removeprefix("torch."),
+            backend,
+        )
+        safe = self.safe_nets
         nets = Nets(
-            *(
-                self._channels_last_copy(net)
-                for net in (self.safe_nets.codeformer, self.safe_nets.retinaface, self.safe_nets.parsenet)
-            )
+            codeformer=self._optimized_copy(safe.codeformer, conv_dtype),
+            # the detector always runs in float32: the same faces in every profile
+            retinaface=self._optimized_copy(safe.retinaface, torch.float32),
+            parsenet=self._optimized_copy(safe.parsenet, conv_dtype),
         )
         if backend == "none":
             return nets
@@ -105,6 +113,15 @@ class Runtime:
         )
 
     @staticmethod
-    def _channels_last_copy(net: nn.Module) -> nn.Module:
-        # a copy, so that safe requests keep the default memory format and its numerics
-        return copy.deepcopy(net).to(memory_format=torch.channels_last)
+    def _optimized_copy(net: nn.Module, conv_dtype: torch.dtype) -> nn.Module:
+        """A channels_last copy (safe requests keep the nets as loaded), convolutions in ``conv_dtype``.
+
+        Autocast casts convolution weights to its dtype on every forward; storing them in
+        that dtype gives the same numbers without the copies. Everything else (norms, the
+        transformer, the codebook) keeps float32 parameters, as under autocast.
+        """
+        optimized = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        for module in optimized.modules():
+            if isinstance(module, nn.Conv2d):
+                module.to(conv_dtype)
+        return optimized

@@ -96,3 +96,18 @@ def test_cuda_only_backend_is_refused_on_cpu() -> None:
     with pytest.raises(ConfigError, match="cudagraphs.*needs a CUDA GPU"):
         runtime.nets_for(STABILITY_MODES["optimized"], "cudagraphs")
     assert runtime.compile_backend is None  # a refused request initialises nothing
+
+
+def test_mixed_precision_variant_stores_convolutions_in_the_autocast_dtype() -> None:
+    nets = _tiny_nets()
+    runtime = Runtime(nets, torch.device("cpu"))
+    full = runtime.nets_for(STABILITY_MODES["optimized"], "none", mixed_precision=False)
+    mixed = runtime.nets_for(STABILITY_MODES["optimized"], "none", mixed_precision=True)
+    assert mixed is not full and runtime.compile_backend == "none"
+    assert mixed.codeformer[0].weight.dtype == torch.bfloat16
+    assert full.codeformer[0].weight.dtype == torch.float32
+    assert nets.codeformer[0].weight.dtype == torch.float32  # the safe nets are untouched
+    x = torch.randn(1, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # autocast would cast the float32 weights to bfloat16 on every call: same numbers
+        torch.testing.assert_close(mixed.codeformer(x), nets.codeformer(x), rtol=0, atol=0)
