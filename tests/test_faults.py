@@ -1,0 +1,293 @@
+"""Faults at the pipeline and server level: damaged weights, cut downloads, cancellation, memory guard.
+
+test_weights.py covers the weights manager alone (retries, locks, refetch of one file).
+Here the same faults meet the real consumers: the Cog server's setup (through
+``Predictor.setup`` -> ``Restorer.load``), two pipeline loaders racing on an empty folder,
+a prediction cancelled through ``POST /predictions/{id}/cancel``, and a request with more
+faces than ``CODEFORMER_FACE_BATCH``.
+
+How coglet 0.23 cancels (read from its worker bridge): a sync ``predict()`` runs in a
+Python thread of the worker; cancel injects ``coglet.CancelationException`` (a
+``BaseException``) into that thread with ``PyThreadState_SetAsyncExc``, so it is raised
+at the next Python bytecode after the running torch op returns, unwinds predict(), and
+the same worker serves the next request. The prediction's id can be given by the client
+(``{"id": ..., "input": ...}`` on a sync ``POST /predictions``) or read from the 202
+answer of a ``Prefer: respond-async`` request; the test uses the first, so that it can
+also read the canceled prediction's final answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from cog_server import CogServer
+from PIL import Image
+from weights_server import FileServer
+
+from benchmarks.soak import find_worker_pid
+from codeformer.client import READY, CogClient, PredictionResult, ServerError, data_uri
+from codeformer.config import Limits
+from codeformer.pipeline import Restorer
+from codeformer.weights import WEIGHT_FILES
+
+pytestmark = pytest.mark.slow
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CODEFORMER = WEIGHT_FILES["codeformer"].name
+RETINAFACE = WEIGHT_FILES["retinaface"].name
+PARSENET = WEIGHT_FILES["parsenet"].name
+FAST_RETRIES = {
+    "CODEFORMER_DOWNLOAD_ATTEMPTS": "3",
+    "CODEFORMER_DOWNLOAD_BACKOFF": "0.01",
+    "CODEFORMER_DOWNLOAD_TIMEOUT": "30",
+}
+FACE_BATCH = 1
+MAX_FACES = 3
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Uniform noise: the seed-0 random detector finds 2 faces at 300x400 and 3 at 600x800."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def good_request() -> dict:
+    canvas = np.full((48, 64, 3), 127, np.uint8)  # no face: only the detector runs
+    return {"images": [data_uri(png_bytes(canvas), name="ok.png")], "runtime_profile": "max_speed"}
+
+
+def assert_good_request_succeeds(client: CogClient) -> None:
+    result = client.predict(good_request())
+    assert result.status == "succeeded", result.error
+    assert len(result.output) == 1
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.part"))
+
+
+# -- one server: started on a damaged cache, with a mirror that cuts a download ------------
+@dataclass
+class Running:
+    server: CogServer
+    client: CogClient
+    mirror: FileServer
+    cache: Path
+
+
+@pytest.fixture(scope="module")
+def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """The server after a setup that met a truncated file, a corrupt file and a cut download."""
+    cache = tmp_path_factory.mktemp("damaged-cache")
+    whole = (weights_dir / CODEFORMER).read_bytes()
+    (cache / CODEFORMER).write_bytes(whole[: len(whole) // 2])  # truncated
+    (cache / RETINAFACE).write_bytes(np.random.default_rng(3).bytes(4096))  # not a checkpoint
+    # PARSENET missing: its first download is cut halfway (RST)
+    log_path = tmp_path_factory.mktemp("faults-server") / "cog-server.log"
+    with FileServer(weights_dir) as mirror:
+        mirror.fail(PARSENET, "cut", times=1)
+        env = {
+            "CODEFORMER_WEIGHTS_DIR": str(cache),
+            "CODEFORMER_WEIGHTS_URL": mirror.url,
+            "CODEFORMER_MAX_FACES": str(MAX_FACES),
+            "CODEFORMER_FACE_BATCH": str(FACE_BATCH),
+            **FAST_RETRIES,
+        }
+        with CogServer(env=env, log_path=log_path) as server:
+            assert server.client is not None
+            yield Running(server, server.client, mirror, cache)
+
+
+def test_setup_recovers_a_truncated_a_corrupt_and_a_cut_weight_file(
+    running: Running, weights_dir: Path
+) -> None:
+    assert running.client.health()["status"] == READY
+    for name in (CODEFORMER, RETINAFACE, PARSENET):
+        assert sha256(running.cache / name) == sha256(weights_dir / name), name
+        assert running.mirror.completed_count(name) == 1, name
+    assert running.mirror.request_count(PARSENET) == 2  # the cut attempt, then the good one
+    assert leftovers(running.cache) == []
+    setup_logs = running.client.health()["setup"]["logs"]
+    assert f"{running.cache / CODEFORMER} does not load" in setup_logs
+    assert f"{running.cache / RETINAFACE} does not load" in setup_logs
+    assert_good_request_succeeds(running.client)
+
+
+def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(running: Running) -> None:
+    assert running.server.process is not None
+    worker_before = find_worker_pid(running.server.process.pid)
+    long_images = [data_uri(png_bytes(noise(300, 400, seed)), name=f"n{seed}.png") for seed in range(4)]
+    prediction_id = f"cancel-me-{os.getpid()}"
+    body = {"id": prediction_id, "input": {"images": long_images, "runtime_profile": "baseline"}}
+    answers: list[requests.Response] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(
+            requests.post(f"{running.server.url}/predictions", json=body, timeout=900)
+        ),
+        daemon=True,
+    )
+    worker.start()
+    deadline = time.monotonic() + 120
+    while running.client.health()["status"] != "BUSY":
+        assert worker.is_alive() and time.monotonic() < deadline, "the long prediction never started"
+        time.sleep(0.1)
+    time.sleep(2.0)  # let predict() get into the networks (detecting the first of 4 images)
+
+    assert running.client.cancel(prediction_id) == 200
+    worker.join(timeout=600)
+    [answer] = answers
+    canceled = PredictionResult(answer.status_code, answer.json(), 0, 0.0)
+    assert canceled.status == "canceled", canceled.body
+    assert canceled.output == []
+    assert "request: 4 image(s)" not in canceled.logs  # predict() did not run to its end
+
+    assert running.client.health()["status"] == READY
+    assert_good_request_succeeds(running.client)
+    assert find_worker_pid(running.server.process.pid) == worker_before  # the same worker, not a restart
+    assert running.client.cancel("no-such-prediction") == 404
+    # the cancelled request never finished in the background either
+    assert "request: 4 image(s)" not in running.server.log_text()
+
+
+def test_more_faces_than_the_face_batch_are_restored_in_chunks_over_http(running: Running) -> None:
+    image = data_uri(png_bytes(noise(600, 800)), name="crowd.png")
+    result = running.client.predict({"images": [image], "runtime_profile": "max_speed"})
+    assert result.status == "succeeded", result.error
+    assert f"faces found={MAX_FACES} kept={MAX_FACES}" in result.logs  # 3 faces > CODEFORMER_FACE_BATCH=1
+    [output] = result.output_bytes()
+    with Image.open(io.BytesIO(output)) as restored:
+        assert restored.size == (800, 600)
+
+
+# -- the face batch inside the pipeline: which batch sizes reach each network --------------
+@dataclass(frozen=True)
+class NetBatches:
+    codeformer: list[int]
+    parsenet: list[int]
+
+
+@pytest.fixture(scope="module")
+def net_batches(restorer_seed0: Restorer) -> NetBatches:
+    """Restore 2 faces with face_batch=1 (profile fast: ParseNet runs) and record each net's batch sizes."""
+    limits = Limits(max_pixels=40_000_000, max_faces=2, face_batch=1)
+    nets = restorer_seed0.runtime.safe_nets
+    restorer = Restorer(nets, restorer_seed0.device, limits)
+    seen: dict[str, list[int]] = {"codeformer": [], "parsenet": []}
+    hooks = [
+        net.register_forward_pre_hook(
+            lambda module, args, name=name: seen[name].append(int(args[0].shape[0]))
+        )
+        for name, net in (("codeformer", nets.codeformer), ("parsenet", nets.parsenet))
+    ]
+    try:
+        [result] = restorer.restore([noise(300, 400)], profile="fast")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(result.faces) == 2
+    return NetBatches(seen["codeformer"], seen["parsenet"])
+
+
+def test_codeformer_runs_one_chunk_per_face_batch(net_batches: NetBatches) -> None:
+    assert net_batches.codeformer == [1, 1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: Restorer._stages_for builds FaceParser without batch_size=limits.face_batch, "
+    "so ParseNet runs up to 4 faces at once whatever CODEFORMER_FACE_BATCH says",
+)
+def test_parsenet_runs_one_chunk_per_face_batch(net_batches: NetBatches) -> None:
+    assert net_batches.parsenet == [1, 1]
+
+
+# -- weights faults that must end in a clear error or a complete file ----------------------
+def closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def test_unreachable_weight_source_ends_in_setup_failed_with_the_fix(tmp_path: Path) -> None:
+    unreachable = closed_port_url()
+    env = {
+        "CODEFORMER_WEIGHTS_DIR": str(tmp_path / "empty"),
+        "CODEFORMER_WEIGHTS_URL": unreachable,
+        **FAST_RETRIES,
+    }
+    server = CogServer(env=env, ready_timeout_s=300, log_path=tmp_path / "server.log")
+    with pytest.raises(ServerError) as raised:
+        server.start()  # stops the server itself when it fails
+    message = str(raised.value)
+    assert "server health is SETUP_FAILED" in message, message  # not a hang, not a crash loop
+    assert f"{unreachable}{CODEFORMER}" in message
+    assert "CODEFORMER_WEIGHTS_URL" in message and "python -m codeformer.weights fetch" in message
+    assert leftovers(tmp_path / "empty") == []
+    assert not (tmp_path / "empty" / CODEFORMER).exists()
+
+
+def test_two_pipelines_loading_at_once_into_an_empty_folder_both_get_whole_files(
+    weights_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "shared-cache"
+    script = textwrap.dedent(
+        f"""
+        from codeformer.config import Limits
+        from codeformer.pipeline import Restorer
+        Restorer.load({str(cache)!r}, "cpu", Limits(40_000_000, 1, 1))
+        print("loaded")
+        """
+    )
+    with FileServer(weights_dir) as mirror:
+        # ParseNet trickles in (64 KiB chunks, 2 ms apart) so the second loader arrives mid-download
+        mirror.fail(PARSENET, "slow", delay=0.002)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(PROJECT_ROOT),
+            "CODEFORMER_WEIGHTS_URL": mirror.url,
+            **FAST_RETRIES,
+        }
+        loaders = [
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        results = [loader.communicate(timeout=600) for loader in loaders]
+        for loader, (stdout, stderr) in zip(loaders, results, strict=True):
+            assert loader.returncode == 0, stderr[-3000:]
+            assert stdout.strip() == "loaded"
+        for name in (CODEFORMER, RETINAFACE, PARSENET):
+            assert sha256(cache / name) == sha256(weights_dir / name), name
+            # the lock makes the second loader wait and read the first one's file
+            assert mirror.request_count(name) == 1, name
+    assert leftovers(cache) == []

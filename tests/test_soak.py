@@ -1,0 +1,76 @@
+"""``benchmarks/soak.py``: the request plan, and a tiny bounded run whose JSON report is checked.
+
+The run starts its own server (seed-0 random weights from the ``weights_dir`` fixture) and
+sends 6 requests, half of them bad. No timing is asserted: only that every answer was the
+expected one and that the report carries the fields the reliability issue asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.soak import BAD_KINDS, plan
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plan_mixes_good_faces_and_every_bad_kind_in_turn() -> None:
+    kinds = plan(requests_total=40, face_every=3, bad_every=4)
+    assert len(kinds) == 40
+    bad = [kind for kind in kinds if kind not in ("flat", "faces")]
+    assert bad[: len(BAD_KINDS)] == [kind.name for kind in BAD_KINDS]
+    assert [index for index, kind in enumerate(kinds) if kind in bad] == list(range(3, 40, 4))
+    assert kinds[2] == "faces" and kinds[11] != "faces"  # 12 is a bad turn: bad wins
+    assert plan(5, face_every=0, bad_every=0) == ["flat"] * 5
+
+
+@pytest.mark.slow
+def test_a_tiny_soak_run_reports_outcomes_latency_and_worker_memory(
+    weights_dir: Path, tmp_path: Path
+) -> None:
+    report_path = tmp_path / "soak.json"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.soak",
+        "--requests=6",
+        "--bad-every=2",
+        "--face-every=0",
+        "--warmup=1",
+        "--sample-every=2",
+        f"--weights-dir={weights_dir}",
+        f"--output={report_path}",
+        f"--server-log={tmp_path / 'server.log'}",
+    ]
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(report_path.read_text())
+    assert json.loads(completed.stdout) == report
+
+    assert report["config"]["requests"] == 6
+    assert report["config"]["worker_pid"] is not None
+    assert report["failures"]["unexpected_count"] == 0, report["failures"]["unexpected"]
+    assert report["failures"]["expected_by_kind"] == {"random_bytes": 1, "truncated_jpeg": 1, "zero_bytes": 1}
+    assert report["successes_by_kind"] == {"flat": 3}
+    assert [entry["kind"] for entry in report["requests_log"]] == plan(6, face_every=0, bad_every=2)
+
+    latency = report["latency_s"]
+    assert latency["samples"] == 2  # the flat requests after the 1-request warm-up
+    for window in ("first_10pct", "last_10pct"):
+        assert latency[window]["count"] == 1
+        assert latency[window]["p50"] > 0 and latency[window]["p95"] >= latency[window]["p50"]
+    assert latency["last_over_first_p50"] > 0
+
+    resources = report["resources"]
+    for mark in ("start", "middle", "end"):
+        assert resources[mark]["worker_rss_mib"] > 100  # the worker holds three nets
+        assert resources[mark]["worker_open_fds"] > 0
+    assert [sample["after_request"] for sample in resources["samples"]] == [1, 3, 5]
+    assert report["worker_rss_growth_mib"] == pytest.approx(
+        resources["end"]["worker_rss_mib"] - resources["start"]["worker_rss_mib"]
+    )
