@@ -58,6 +58,7 @@ from benchmarks.run_bench import (  # noqa: E402
     parse_server_env,
     request_options,
     run_profile,
+    server_env_lines,
     sigterm_as_interrupt,
     split_names,
     start_local_server,
@@ -232,7 +233,9 @@ def render(report: dict[str, Any]) -> str:
                 _seconds(warm["p50"]),
                 _seconds(warm["p95"]),
                 _seconds(result["warm_predict_time"]["p50"]),
-                "-" if result["faces"]["kept"] is None else str(result["faces"]["kept"]),
+                "-"
+                if result["faces"]["kept"] is None
+                else f"{result['faces']['kept']}/{result['faces']['found']}",
                 str(result["errors"]),
                 str(result["retries"]),
             ]
@@ -241,9 +244,11 @@ def render(report: dict[str, Any]) -> str:
         f"bench_single_image: {report['image']} ({report['image_size']}), warm-up {report['warmup']}, "
         f"repeats {report['repeats']}, fidelity {report['fidelity']}, device {report['device'] or 'unknown'}",
         report["weights"]["label"],
+        *server_env_lines(report["server_env"]),
         "",
         format_table(headers, rows),
-        "(seconds; 1st req = first request after READY; warm = timed requests after the warm-ups)",
+        "(seconds; 1st req = first request after READY; warm = timed requests after the warm-ups; "
+        "faces = kept/found)",
         "",
     ]
     best_warm, best_cold = report["best_warm"], report["best_cold"]

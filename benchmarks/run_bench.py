@@ -470,13 +470,13 @@ def profiles_table(profiles: dict[str, dict[str, Any]]) -> str:
     rows = []
     for name, report in profiles.items():
         per_request, per_image = report["per_request"], report["per_image"]
-        faces = report["faces"]["kept"]
+        kept, found = report["faces"]["kept"], report["faces"]["found"]
         rows.append(
             [
                 name,
                 str(report["requests"]),
                 str(report["images"]),
-                "-" if faces is None else str(faces),
+                "-" if kept is None else f"{kept}/{found}",
                 _seconds(per_request["avg"]),
                 _seconds(per_request["p50"]),
                 _seconds(per_request["p95"]),
@@ -490,6 +490,12 @@ def profiles_table(profiles: dict[str, dict[str, Any]]) -> str:
             ]
         )
     return format_table(headers, rows)
+
+
+def server_env_lines(server_env: dict[str, str]) -> list[str]:
+    if not server_env:
+        return []
+    return ["server environment: " + " ".join(f"{key}={value}" for key, value in server_env.items())]
 
 
 def cold_lines(cold: dict[str, Any]) -> list[str]:
@@ -663,10 +669,12 @@ def render(report: dict[str, Any]) -> str:
         f"warm-up {config['warmup']}, repeats {config['repeats']}; stability_mode={config['stability_mode']} "
         f"compile_backend={config['compile_backend']} fidelity={config['fidelity']}",
         report["weights"]["label"],
+        *server_env_lines(config["server_env"]),
         *cold_lines(report["cold"]),
         "",
         profiles_table(report["profiles"]),
-        "(seconds; req = per request, img = per image, server = metrics.predict_time; faces kept in round 1)",
+        "(seconds; req = per request, img = per image, server = metrics.predict_time; "
+        "faces = kept/found over one round)",
     ]
     return "\n".join(lines)
 
