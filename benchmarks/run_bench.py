@@ -65,7 +65,7 @@ from codeformer.client import CogClient, ServerError, data_uri  # noqa: E402
 from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES  # noqa: E402
 from codeformer.errors import ConfigError  # noqa: E402
 from codeformer.schema import MAX_IMAGES, MIN_IMAGES  # noqa: E402
-from codeformer.serve import DEFAULT_HOST, check_port_free  # noqa: E402
+from codeformer.serve import DEFAULT_HOST, check_port_free, spawn_server, stop_server  # noqa: E402
 
 log = logging.getLogger("benchmarks.run_bench")
 
@@ -73,7 +73,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 RANDOM_WEIGHTS_LABEL = "RANDOM weights (seed 0): timings are real, the restored faces are noise"
-STOP_GRACE_S = 10.0
 READY_POLL_S = 0.1  # start-to-READY is read at this resolution
 MAX_ERROR_MESSAGES = 5
 EXIT_REQUEST_FAILED = 1
@@ -213,18 +212,9 @@ class LocalServer:
         """Start the server and wait for READY; returns the seconds from process start to READY."""
         check_port_free(DEFAULT_HOST, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "codeformer.serve", "--port", str(self.port)]
         with self.log_path.open("wb") as log_file:  # the child keeps its own handle
             self.started_at = time.monotonic()
-            self.process = subprocess.Popen(
-                command,
-                cwd=PROJECT_ROOT,
-                env={**os.environ, **self.extra_env},
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: stop() also ends coglet's worker
-            )
+            self.process = spawn_server(self.port, self.extra_env, log_file)
         try:
             self.client.wait_until_ready(self.ready_timeout_s, READY_POLL_S, process=self.process)
         except ServerError as exc:
@@ -242,14 +232,7 @@ class LocalServer:
             return
         process, self.process = self.process, None
         self.client.session.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_GRACE_S)
-        # coglet's worker may outlive its parent's SIGTERM; the group id is the server's pid
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=STOP_GRACE_S)
+        stop_server(process)
 
     def log_tail(self, characters: int = 4000) -> str:
         if not self.log_path.exists():

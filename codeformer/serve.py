@@ -13,13 +13,17 @@ pass through to the predictor. The API is the one of ``cog serve``: ``GET /healt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 from codeformer.errors import ConfigError
 from codeformer.schema import DEFAULT_PREDICTOR_REF, PROJECT_ROOT, write_schema
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
+STOP_GRACE_S = 10.0  # seconds a stopping server gets after SIGTERM before SIGKILL
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -67,6 +72,34 @@ def server_command(
     # predict.py imports the codeformer package from the project root
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     return [sys.executable, "-m", "cog.server.http", "--host", host], env
+
+
+def spawn_server(port: int, extra_env: Mapping[str, str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start ``python -m codeformer.serve --port PORT`` in its own process group, output to ``log_file``.
+
+    Benchmarks and tests run the server this way; ``stop_server`` ends it.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "codeformer.serve", "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **extra_env},
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopping it also ends coglet's worker
+    )
+
+
+def stop_server(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """End a server started by ``spawn_server``, worker included: SIGTERM, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    # coglet's worker may outlive its parent's SIGTERM; the group id is the server's pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=grace_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,21 +11,17 @@ whole group: coglet starts a worker process of its own, which must not outlive t
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from codeformer.client import CogClient, ServerError
+from codeformer.serve import spawn_server, stop_server
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PORT_ATTEMPTS = 3  # a free port can be taken between picking it and the server binding it
-STOP_GRACE_S = 10.0
 
 
 def free_port() -> int:
@@ -64,19 +60,10 @@ class CogServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self) -> CogServer:
-        env = {**os.environ, **self.extra_env}
         for attempt in range(PORT_ATTEMPTS):
             self.port = free_port()
-            command = [sys.executable, "-m", "codeformer.serve", "--port", str(self.port)]
             with self.log_path.open("ab") as log_file:  # the child keeps its own handle
-                self.process = subprocess.Popen(
-                    command,
-                    cwd=PROJECT_ROOT,
-                    env=env,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group: stop() ends the worker too
-                )
+                self.process = spawn_server(self.port, self.extra_env, log_file)
             self.client = CogClient(self.url)
             try:
                 self.health = self.client.wait_until_ready(self.ready_timeout_s, process=self.process)
@@ -97,14 +84,7 @@ class CogServer:
         process, self.process = self.process, None
         if self.client is not None:
             self.client.session.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_GRACE_S)
-        # the worker may survive its parent's SIGTERM; the group id is the server's pid
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=STOP_GRACE_S)
+        stop_server(process)
 
     def __enter__(self) -> CogServer:
         try:
