@@ -136,7 +136,7 @@ class Restorer:
             self._stages[key] = _Stages(
                 detector=FaceDetector(nets.retinaface, self.device),
                 restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.limits.face_batch),
-                parser=FaceParser(nets.parsenet, self.device),
+                parser=FaceParser(nets.parsenet, self.device, batch_size=self.limits.face_batch),
             )
         return self._stages[key]
 

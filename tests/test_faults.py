@@ -215,11 +215,6 @@ def test_codeformer_runs_one_chunk_per_face_batch(net_batches: NetBatches) -> No
     assert net_batches.codeformer == [1, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Restorer._stages_for builds FaceParser without batch_size=limits.face_batch, "
-    "so ParseNet runs up to 4 faces at once whatever CODEFORMER_FACE_BATCH says",
-)
 def test_parsenet_runs_one_chunk_per_face_batch(net_batches: NetBatches) -> None:
     assert net_batches.parsenet == [1, 1]
 
