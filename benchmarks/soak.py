@@ -16,6 +16,8 @@ bad input drawn in turn from ``BAD_KINDS`` (each must fail with its own message,
   connection error, a 5xx), with its message;
 - latency of the flat-canvas requests (the same work every time) after the warm-up, p50 and
   p95 of the first and of the last 10 %, and their ratio;
+- ``busy_retries_total``: 409 "at capacity" answers the client waited out (coglet frees
+  its slot a moment after it answers, so a strictly sequential client sometimes meets one);
 - the worker's resident memory (VmRSS of the coglet worker, a child of the server),
   its open file descriptors and the predictor's output folders left in the temp folder,
   at the start (after warm-up), the middle and the end, plus a sample every
@@ -212,6 +214,7 @@ class Outcome:
     latency_s: float
     verdict: str  # "expected" or "unexpected"
     message: str  # the error, or why the answer was unexpected
+    busy_retries: int = 0  # 409 "at capacity" answers the client waited out before this one
 
 
 def plan(requests_total: int, face_every: int, bad_every: int) -> list[str]:
@@ -272,6 +275,7 @@ def run_one(client: CogClient, index: int, kind: str, profile: str) -> Outcome:
         latency,
         "expected" if ok else "unexpected",
         message if ok else f"{why}; got: {message}",
+        result.retries,
     )
 
 
@@ -408,6 +412,7 @@ def soak(
             "unexpected_by_kind": dict(sorted(Counter(o["kind"] for o in unexpected).items())),
             "unexpected": unexpected,
         },
+        "busy_retries_total": sum(o.busy_retries for o in outcomes),
         "successes_by_kind": {
             kind: count for kind, count in sorted(expected_by_kind.items()) if kind in ("flat", "faces")
         },
