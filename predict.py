@@ -118,6 +118,9 @@ def read_input(item: object, label: str) -> bytes:
     try:
         if isinstance(item, str) and urllib.parse.urlparse(item).scheme in URL_SCHEMES:
             item = Path.validate(item)
+        elif isinstance(item, str) and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", item):
+            scheme = item.split(":", 1)[0]
+            raise InputError(f"{label}: {scheme}:// is not accepted; send http(s), a data URI or a path")
         if isinstance(item, URLPath):
             return _read_stream(item.fileobj, label)
         if isinstance(item, str | pathlib.Path):

@@ -36,10 +36,8 @@ import io
 import json
 import logging
 import os
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,13 +54,12 @@ from PIL import Image
 
 from benchmarks.stats import summarize
 from codeformer.client import CogClient, data_uri
+from codeformer.serve import spawn_server, stop_server
 
 log = logging.getLogger("benchmarks.soak")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKER_MARKER = b"_run_worker"  # coglet starts its worker as `python -c "...coglet.server._run_worker()"`
 OUTPUT_DIR_PREFIX = "codeformer-outputs-"  # predict.py's per-request output folders
-STOP_GRACE_S = 10.0
 
 
 # -- the server's worker process: pid, memory, descriptors ----------------------------------
@@ -290,27 +287,14 @@ def free_port() -> int:
 def local_server(env: dict[str, str], log_path: Path, ready_timeout_s: float) -> Iterator[tuple[str, int]]:
     """``python -m codeformer.serve`` in its own process group; yields (url, server pid)."""
     port = free_port()
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "codeformer.serve", "--port", str(port)],
-            cwd=PROJECT_ROOT,
-            env={**os.environ, **env},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group: stopping it also ends the coglet worker
-        )
+    with log_path.open("ab") as log_file:  # the child keeps its own handle
+        process = spawn_server(port, env, log_file)
     url = f"http://127.0.0.1:{port}"
     try:
         CogClient(url).wait_until_ready(ready_timeout_s, process=process)
         yield url, process.pid
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_GRACE_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=STOP_GRACE_S)
+        stop_server(process)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -432,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--face-every", type=int, default=10, help="every k-th request has faces (0: never)")
     parser.add_argument("--bad-every", type=int, default=4, help="every k-th request is bad (0: never)")
     parser.add_argument(
-        "--warmup", type=int, default=None, help="requests left out of the figures (default 5 %%)"
+        "--warmup",
+        type=int,
+        default=None,
+        help="requests left out of the figures (default: 5 %%, >= 3 face requests)",
     )
     parser.add_argument("--sample-every", type=int, default=10, help="resource sample period in requests")
     parser.add_argument("--max-faces", type=int, default=1, help="CODEFORMER_MAX_FACES of the server started")
@@ -449,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.requests < 1:
         parser.error("--requests must be at least 1")
-    warmup = args.warmup if args.warmup is not None else max(1, args.requests // 20)
+    # the warm-up must include face requests: the first ones grow the worker's allocator pools
+    warmup = args.warmup if args.warmup is not None else max(1, args.requests // 20, 3 * args.face_every)
 
     def run(url: str, server_pid: int | None) -> dict[str, Any]:
         client = CogClient(url)

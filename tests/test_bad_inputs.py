@@ -324,7 +324,7 @@ def test_in_process_file_url_is_not_read(predictor: Predictor) -> None:
     with pytest.raises(CodeFormerError) as error:
         predict_in_process(predictor, ["file:///etc/passwd"])
     message = str(error.value)
-    assert message.startswith("images[0] (passwd): "), message
+    assert message.startswith("images[0] (passwd): file:// is not accepted"), message
     assert "root:" not in message
     record("in-process", "file-url", "failed", message)
 
