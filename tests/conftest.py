@@ -35,3 +35,16 @@ def restorer_seed0(weights_dir: Path):
     from codeformer.pipeline import Restorer
 
     return Restorer.load(weights_dir, "cpu", Limits(max_pixels=40_000_000, max_faces=20, face_batch=4))
+
+
+def set_up_predictor(weights_dir: Path, max_faces: int = 1):
+    """A ``predict.Predictor`` after ``setup()``, on ``weights_dir``, capped at ``max_faces`` per image."""
+    from predict import Predictor
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CODEFORMER_WEIGHTS_DIR", str(weights_dir))
+        env.setenv("CODEFORMER_MAX_FACES", str(max_faces))
+        env.delenv("CODEFORMER_WEIGHTS_URL", raising=False)
+        predictor = Predictor()
+        predictor.setup()
+    return predictor

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cog_server import CogServer
+from conftest import set_up_predictor
 from PIL import Image
 from weights_server import FileServer
 
@@ -242,13 +243,7 @@ def record(path: str, case: str, outcome: str, message: str) -> None:
 # -- in-process ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def predictor(weights_dir: Path) -> Predictor:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CODEFORMER_WEIGHTS_DIR", str(weights_dir))
-        env.setenv("CODEFORMER_MAX_FACES", "1")
-        env.delenv("CODEFORMER_WEIGHTS_URL", raising=False)
-        predictor = Predictor()
-        predictor.setup()
-    return predictor
+    return set_up_predictor(weights_dir)
 
 
 @pytest.fixture(scope="module")

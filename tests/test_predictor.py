@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cog import Path as CogPath
+from conftest import set_up_predictor
 from PIL import Image
 from weights_server import FileServer
 
@@ -88,12 +89,7 @@ def run(predictor: Predictor, images: list, **options: object) -> list[Path]:
 def predictor_and_setup_log(weights_dir: Path) -> Iterator[tuple[Predictor, list[str]]]:
     handler = _ListHandler()
     logging.getLogger("codeformer").addHandler(handler)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CODEFORMER_WEIGHTS_DIR", str(weights_dir))
-        env.setenv("CODEFORMER_MAX_FACES", "1")
-        env.delenv("CODEFORMER_WEIGHTS_URL", raising=False)
-        predictor = Predictor()
-        predictor.setup()
+    predictor = set_up_predictor(weights_dir)
     logging.getLogger("codeformer").removeHandler(handler)
     yield predictor, handler.messages
 
