@@ -138,7 +138,25 @@ class Restorer:
                 restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.limits.face_batch),
                 parser=FaceParser(nets.parsenet, self.device, batch_size=self.limits.face_batch),
             )
+            if compiled and options.compile_backend != "none":
+                self._warm_compiled(self._stages[key], mixed_precision)
         return self._stages[key]
+
+    def _warm_compiled(self, stages: _Stages, mixed_precision: bool) -> None:
+        """Compile every graph a request can need now, so that no request recompiles.
+
+        torch.compile specialises on the first batch size and on CodeFormer's float ``w``,
+        and on ``w > 0`` (fusion on or off). A second batch size and a second fidelity make
+        both dynamic; fidelity 0 is its own graph. Batches beyond 2 reuse the dynamic graph.
+        """
+        start = time.perf_counter()
+        batches = sorted({1, min(2, self.limits.face_batch)})
+        crops = np.full((batches[-1], FACE_SIZE, FACE_SIZE, 3), 127, np.uint8)
+        for batch in batches:
+            for fidelity in (0.5, 0.7, 0.0):
+                stages.restorer.restore(crops[:batch], fidelity, mixed_precision)
+            stages.parser.masks(crops[:batch], mixed_precision)
+        log.info("compiled and warmed the optimized nets in %.0f ms", (time.perf_counter() - start) * 1000.0)
 
     def warmup(
         self, profile: str = "baseline", stability: str = "safe", compile_backend: str = "none"

@@ -108,10 +108,14 @@ def test_optimized_runtime_compiles_once_and_locks_its_backend(one_face: Restore
     image = _noise(300, 400, seed=6)
     [first] = restorer.restore([image], profile="max_speed", stability="optimized", compile_backend="eager")
     assert restorer.compile_backend == "eager"
+    optimized = {"profile": "max_speed", "stability": "optimized", "compile_backend": "eager"}
     with torch._dynamo.config.patch(error_on_recompile=True):
-        [second] = restorer.restore(
-            [image], profile="max_speed", stability="optimized", compile_backend="eager"
-        )
+        [second] = restorer.restore([image], **optimized)
+        # another fidelity, fidelity 0 (no fusion) and two faces in one batch: all warmed already
+        restorer.restore([image], fidelity=0.3, **optimized)
+        restorer.restore([image], fidelity=0.0, **optimized)
+        pair = restorer.restore([image, _noise(300, 400, seed=7)], fidelity=0.9, **optimized)
+    assert [len(result.faces) for result in pair] == [1, 1]
     np.testing.assert_array_equal(first.image, second.image)
     assert first.image.shape == image.shape and len(first.faces) == 1
     with pytest.raises(ConfigError, match="fixed to 'eager'"):
