@@ -13,6 +13,7 @@ meaningful within one run on one machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -25,7 +26,7 @@ import torch
 
 from benchmarks import official_recipe
 from codeformer import random_weights
-from codeformer.config import PROFILES, Limits
+from codeformer.config import PROFILES
 from codeformer.imageio import decode_image
 from codeformer.pipeline import Restorer
 
@@ -73,8 +74,8 @@ def main() -> None:
     images = [decode_image(p.read_bytes(), p.name, 40_000_000) for p in paths]
     with tempfile.TemporaryDirectory() as weights:
         random_weights.write(Path(weights), seed=0)
-        limits = Limits(max_pixels=40_000_000, max_faces=args.max_faces, face_batch=4)
-        restorer = Restorer.load(weights, None, limits)
+        restorer = Restorer.load(weights)
+        restorer.limits = dataclasses.replace(restorer.limits, max_faces=args.max_faces)
     threads = torch.get_num_threads()
     print(f"{len(images)} photos on {restorer.device}, torch {torch.__version__}, {threads} threads")
 

@@ -103,12 +103,18 @@ class Limits:
 
     max_pixels: int  # decoded images above this are refused from the header
     max_faces: int  # per image; the highest-scoring faces are kept
-    face_batch: int  # faces per CodeFormer forward; bounds peak memory
+    face_batch: int  # faces per CodeFormer/ParseNet forward; bounds peak memory
 
     @classmethod
-    def from_env(cls) -> Limits:
+    def from_env(cls, device_type: str = "cpu") -> Limits:
         return cls(
             max_pixels=env_int("CODEFORMER_MAX_PIXELS", 40_000_000),
             max_faces=env_int("CODEFORMER_MAX_FACES", 20),
-            face_batch=env_int("CODEFORMER_FACE_BATCH", 4),
+            face_batch=env_int("CODEFORMER_FACE_BATCH", DEFAULT_FACE_BATCH.get(device_type, 1)),
         )
+
+
+# On a GPU, batching faces fills the device; on a CPU the convolutions are already
+# parallel inside one face, and a batch of two runs about 15 % slower than two batches of
+# one (larger activations, worse cache use; measured with benchmarks/bench_stages.py).
+DEFAULT_FACE_BATCH = {"cuda": 4, "cpu": 1}

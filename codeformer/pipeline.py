@@ -89,7 +89,7 @@ class Restorer:
 
     def __init__(self, nets: Nets, device: torch.device, limits: Limits | None = None) -> None:
         self.device = device
-        self.limits = limits or Limits.from_env()
+        self.limits = limits or Limits.from_env(device.type)
         self.runtime = Runtime(nets, device)
         self._stages: dict[tuple[str, str, bool], _Stages] = {}
 
