@@ -65,6 +65,10 @@ def server_command(
     env = dict(os.environ if base_env is None else base_env)
     env["COG_PREDICT_TYPE_STUB"] = predictor_ref
     env["PORT"] = str(port)
+    # glibc gives each thread that contends for malloc an arena of its own and keeps their
+    # freed pages: a 300-request soak grew the worker by 190 MB with the default and by
+    # 48 MB with two arenas, at the same latency (benchmarks/soak.py)
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     # coglet starts its worker as plain `python` from PATH; put this interpreter's folder
     # first so the worker sees the same virtualenv (and finds coglet and torch)
     interpreter_dir = str(Path(sys.executable).parent)
