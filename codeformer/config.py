@@ -83,18 +83,23 @@ class RequestOptions:
         return cls(fidelity, PROFILES[profile], STABILITY_MODES[stability], compile_backend)
 
 
-def env_int(name: str, default: int) -> int:
-    """A positive integer from the environment, with a clear error when it is not one."""
+def env_int(name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """A positive integer (or one in [minimum, maximum]) from the environment, or a clear error."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
+    wanted = "a positive integer" if maximum is None else f"an integer from {minimum} to {maximum}"
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a positive integer, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
+        raise ConfigError(f"{name} must be {wanted}, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ConfigError(f"{name} must be {wanted}, got {raw!r}")
     return value
+
+
+# glibc takes the trim threshold as a C int: 2 GiB - 1 byte is the most it can hold
+MAX_RETAINED_MEMORY_MB = 2047
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,8 @@ class Limits:
     max_pixels: int  # decoded images above this are refused from the header
     max_faces: int  # per image; the highest-scoring faces are kept
     face_batch: int  # faces per CodeFormer/ParseNet forward; bounds peak memory
+    # freed host memory kept for reuse (codeformer.runtime.retain_freed_memory); 0: the C library's default
+    retained_memory_mb: int = MAX_RETAINED_MEMORY_MB
 
     @classmethod
     def from_env(cls, device_type: str = "cpu") -> Limits:
@@ -111,6 +118,9 @@ class Limits:
             max_pixels=env_int("CODEFORMER_MAX_PIXELS", 40_000_000),
             max_faces=env_int("CODEFORMER_MAX_FACES", 20),
             face_batch=env_int("CODEFORMER_FACE_BATCH", DEFAULT_FACE_BATCH.get(device_type, 1)),
+            retained_memory_mb=env_int(
+                "CODEFORMER_RETAINED_MEMORY_MB", MAX_RETAINED_MEMORY_MB, 0, MAX_RETAINED_MEMORY_MB
+            ),
         )
 
 

@@ -21,7 +21,7 @@ import torch
 from codeformer import weights
 from codeformer.config import FACE_SIZE, Limits, RequestOptions
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
-from codeformer.runtime import Nets, Runtime, pick_device
+from codeformer.runtime import Nets, Runtime, pick_device, retain_freed_memory
 from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
 from codeformer.stages.paste import FaceParser, paste_faces
@@ -90,6 +90,7 @@ class Restorer:
     def __init__(self, nets: Nets, device: torch.device, limits: Limits | None = None) -> None:
         self.device = device
         self.limits = limits or Limits.from_env(device.type)
+        retain_freed_memory(self.limits.retained_memory_mb)
         self.runtime = Runtime(nets, device)
         self._stages: dict[tuple[str, str, bool], _Stages] = {}
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -51,6 +56,62 @@ def test_limits_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CODEFORMER_MAX_FACES", "zero")
     with pytest.raises(ConfigError, match="CODEFORMER_MAX_FACES must be a positive integer"):
         Limits.from_env()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, 2047), ("0", 0), ("512", 512), ("2048", None), ("-1", None)]
+)
+def test_retained_memory_from_environment(monkeypatch: pytest.MonkeyPatch, raw: str | None, expected) -> None:
+    monkeypatch.delenv("CODEFORMER_MAX_FACES", raising=False)
+    if raw is None:
+        monkeypatch.delenv("CODEFORMER_RETAINED_MEMORY_MB", raising=False)
+    else:
+        monkeypatch.setenv("CODEFORMER_RETAINED_MEMORY_MB", raw)
+    if expected is None:
+        with pytest.raises(
+            ConfigError, match="CODEFORMER_RETAINED_MEMORY_MB must be an integer from 0 to 2047"
+        ):
+            Limits.from_env()
+    else:
+        assert Limits.from_env().retained_memory_mb == expected
+
+
+# Allocates and frees a 64 MB tensor in a fresh interpreter, after retain_freed_memory(argv[1]);
+# prints whether it applied and the page faults per cycle once the heap has settled.
+_FAULTS_PER_CYCLE = """
+import resource, sys, torch
+from codeformer.runtime import retain_freed_memory
+applied = retain_freed_memory(int(sys.argv[1]))
+def cycle():
+    torch.ones(16 << 20).sum()
+cycle()
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    cycle()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
+def test_retained_memory_stops_big_blocks_being_faulted_in_again() -> None:
+    def faults_per_cycle(megabytes: int) -> tuple[str, int]:
+        completed = subprocess.run(
+            [sys.executable, "-c", _FAULTS_PER_CYCLE, str(megabytes)],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        applied, faults = completed.stdout.split()
+        return applied, int(faults)
+
+    pages = (64 << 20) // 4096
+    # glibc's default: the 64 MB block is a fresh mmap each time, every page faults again
+    assert faults_per_cycle(0) == ("False", pytest.approx(pages, rel=0.1))
+    applied, faults = faults_per_cycle(2047)
+    assert applied == "True" and faults < pages // 100
 
 
 def _tiny_nets() -> Nets:
