@@ -46,6 +46,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 
 
 def retain_freed_memory(megabytes: int) -> bool:
@@ -55,20 +56,23 @@ def retain_freed_memory(megabytes: int) -> bool:
     them 32-64 MB. glibc serves every block over 32 MB with a fresh ``mmap`` and unmaps it on
     ``free``, so each forward page-faults (and the kernel zeroes) all of that memory again:
     1.8 million minor faults and about a third of the forward's time on the 2-core CPU
-    machines. Serving every block from the heap and returning its free top to the kernel
-    only above ``megabytes`` removes the faults. The kernels and their order are unchanged,
-    so every profile computes the same numbers. The setting is process-wide: it also
-    applies to everything else that allocates in this process.
+    machines. Serving every block from the main heap and returning its free top to the
+    kernel only above ``megabytes`` removes the faults. The kernels and their order are
+    unchanged, so every profile computes the same numbers.
+
+    The setting is process-wide. Threads that have no arena yet get the main one: a
+    thread's own arena still maps its big blocks afresh. Threads that already had one keep
+    it, so a server should also start with ``MALLOC_ARENA_MAX=1`` (``codeformer.serve`` does).
     """
     if megabytes <= 0 or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
-    applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, megabytes << 20) == 1
-    if applied:
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, megabytes << 20), (_M_ARENA_MAX, 1))
+    if all(libc.mallopt(parameter, value) == 1 for parameter, value in settings):
         log.info("host allocator: freed blocks stay in the heap, up to %d MB kept for reuse", megabytes)
-    else:
-        log.warning("host allocator: glibc refused mallopt; freed activations will be page-faulted anew")
-    return applied
+        return True
+    log.warning("host allocator: glibc refused mallopt; freed activations will be page-faulted anew")
+    return False
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
