@@ -143,6 +143,8 @@ class Predictor(BasePredictor):
         """Load the three nets once (CUDA when present) and warm the default path."""
         # torch, OpenCV and the pipeline are imported here, not at module level, so that the
         # schema writer (python -m codeformer.schema) can read predict()'s signature cheaply
+        import torch
+
         from codeformer import Restorer
         from codeformer.runtime import autocast_dtype
 
@@ -163,11 +165,12 @@ class Predictor(BasePredictor):
                 "arenas map the forwards' big activations afresh (CPU forwards about 1.4x slower); "
                 "start the server with MALLOC_ARENA_MAX=1 (codeformer.serve does)"
             )
+        mixed = self.restorer.runtime.mixed_precision  # measured here on a CPU, not in a request
         log.info(
-            "setup: device=%s dtype=float32 (fast/max_speed autocast to %s) load=%.0fms warmup=%.0fms "
+            "setup: device=%s baseline=float32 fast/max_speed=%s load=%.0fms warmup=%.0fms "
             "max_pixels=%d max_faces=%d face_batch=%d",
             self.restorer.device,
-            str(autocast_dtype(self.restorer.device)).removeprefix("torch."),
+            str(autocast_dtype(self.restorer.device) if mixed else torch.float32).removeprefix("torch."),
             load_ms,
             warmup_ms,
             self.restorer.limits.max_pixels,

@@ -93,6 +93,12 @@ def status_kib(pid: int, field: str) -> int:
     raise KeyError(f"{field} not in /proc/{pid}/status")
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of ``pid`` so far (field 10 of /proc/<pid>/stat)."""
+    after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(after_name[7])  # fields from the 3rd on: state, ppid, pgrp, session, tty, tpgid, flags, minflt
+
+
 def reset_peak_rss(pid: int) -> bool:
     """Reset the process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
     try:

@@ -98,6 +98,19 @@ def env_int(name: str, default: int, minimum: int = 1, maximum: int | None = Non
     return value
 
 
+MIXED_PRECISION_CHOICES = ("auto", "on", "off")
+
+
+def mixed_precision_from_env() -> str:
+    """``CODEFORMER_MIXED_PRECISION``: whether fast/max_speed use reduced precision (auto: where it pays)."""
+    value = os.environ.get("CODEFORMER_MIXED_PRECISION", "") or "auto"
+    if value not in MIXED_PRECISION_CHOICES:
+        raise ConfigError(
+            f"CODEFORMER_MIXED_PRECISION must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {value!r}"
+        )
+    return value
+
+
 # glibc takes the trim threshold as a C int: 2 GiB - 1 byte is the most it can hold
 MAX_RETAINED_MEMORY_MB = 2047
 
@@ -125,6 +138,7 @@ class Limits:
 
 
 # On a GPU, batching faces fills the device; on a CPU the convolutions are already
-# parallel inside one face, and a batch of two runs about 15 % slower than two batches of
-# one (larger activations, worse cache use; measured with benchmarks/bench_stages.py).
+# parallel inside one face: with the retained heap, 4 faces took 12.1-13.2 s in batches of
+# one and 12.8 s in batches of two (CodeFormer), 7.3-7.7 s against 8.2 s (ParseNet), and a
+# batch of one holds half the activations.
 DEFAULT_FACE_BATCH = {"cuda": 4, "cpu": 1}

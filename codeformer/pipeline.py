@@ -124,9 +124,13 @@ class Restorer:
             self.runtime.check_backend(options.compile_backend)
         return options
 
+    def _mixed_precision(self, options: RequestOptions) -> bool:
+        """The profile asks for mixed precision and it pays on this device (``Runtime.mixed_precision``)."""
+        return options.profile.mixed_precision and self.runtime.mixed_precision
+
     def _stages_for(self, options: RequestOptions) -> _Stages:
         compiled = options.stability.compiled
-        mixed_precision = options.profile.mixed_precision
+        mixed_precision = self._mixed_precision(options)
         key = (
             options.stability.name,
             options.compile_backend if compiled else "",
@@ -169,9 +173,9 @@ class Restorer:
         # the detector rarely fires on a flat canvas: run restore and parse on a face-sized crop too
         options = self.check_options(0.5, profile, stability, compile_backend)
         stages = self._stages_for(options)
-        restored = stages.restorer.restore(canvas[None], 0.5, options.profile.mixed_precision)
+        restored = stages.restorer.restore(canvas[None], 0.5, self._mixed_precision(options))
         if options.profile.use_parse:
-            stages.parser.masks(restored, options.profile.mixed_precision)
+            stages.parser.masks(restored, self._mixed_precision(options))
         return (time.perf_counter() - start) * 1000.0
 
     def restore(
@@ -238,7 +242,7 @@ class Restorer:
             return [item.crops for item in work]
         start = time.perf_counter()
         restored = stages.restorer.restore(
-            np.concatenate([item.crops for item in work]), options.fidelity, options.profile.mixed_precision
+            np.concatenate([item.crops for item in work]), options.fidelity, self._mixed_precision(options)
         )
         per_face_ms = (time.perf_counter() - start) * 1000.0 / total
         bounds = np.cumsum([0, *counts])
@@ -272,16 +276,15 @@ class Restorer:
             timings=timings,
         )
 
-    @staticmethod
     def _paste(
-        image: np.ndarray, item: _ImageWork, faces: np.ndarray, stages: _Stages, options: RequestOptions
+        self, image: np.ndarray, item: _ImageWork, faces: np.ndarray, stages: _Stages, options: RequestOptions
     ) -> np.ndarray:
         timings = item.timings
         faces = to_gray_faces(faces) if item.gray else faces
         masks = None
         if options.profile.use_parse:
             with _timed(timings, "parse"):
-                masks = stages.parser.masks(faces, options.profile.mixed_precision)
+                masks = stages.parser.masks(faces, self._mixed_precision(options))
         with _timed(timings, "paste"):
             output = paste_faces(item.working, faces, item.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:

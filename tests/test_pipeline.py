@@ -122,3 +122,23 @@ def test_optimized_runtime_compiles_once_and_locks_its_backend(one_face: Restore
         restorer.restore([image], stability="optimized", compile_backend="aot_eager")
     # safe requests ignore compile_backend entirely
     restorer.restore([np.full((64, 64, 3), 127, np.uint8)], stability="safe", compile_backend="aot_eager")
+
+
+def test_fast_runs_in_float32_where_mixed_precision_does_not_pay(
+    restorer_seed0: Restorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With mixed precision off (what ``auto`` picks on a CPU whose bf16 is slower), ``fast``
+    is ``baseline`` numerics on the same nets: identical pixels."""
+    monkeypatch.setenv("CODEFORMER_MIXED_PRECISION", "off")
+    limits = Limits(max_pixels=40_000_000, max_faces=1, face_batch=1)
+    restorer = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, limits)
+    image = _noise(300, 400, seed=4)
+    [baseline] = restorer.restore([image], profile="baseline")
+    [fast] = restorer.restore([image], profile="fast")
+    assert len(fast.faces) == 1
+    np.testing.assert_array_equal(fast.image, baseline.image)
+    monkeypatch.setenv("CODEFORMER_MIXED_PRECISION", "on")
+    [mixed] = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, limits).restore(
+        [image], profile="fast"
+    )
+    assert not np.array_equal(mixed.image, baseline.image)  # bf16 does change the numbers
