@@ -108,30 +108,11 @@ def assert_good_request_succeeds(client: CogClient) -> None:
 
 
 # -- start-up ------------------------------------------------------------------------------
-def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> None:
-    """coglet runs predictions on threads of its own. With one malloc arena (codeformer.serve's
-    default) and the retained heap, the second request's activations reuse the first one's
-    memory; a thread arena of its own maps every block over 64 MB afresh (~4.5 M page faults
-    for a 2-face photo at baseline, measured through the server)."""
-    assert running.server.process is not None
-    worker = find_worker_pid(running.server.process.pid)
-    assert worker is not None
-    request = {"images": [data_uri(png_bytes(face_photo(256, 192)), name="face.png")], **CHEAP}
-    first = running.client.predict(request)
-    assert first.status == "succeeded", first.error
-    assert "kept=1" in first.logs  # a face went through CodeFormer: the test is not vacuous
-    before = minor_faults(worker)
-    second = running.client.predict(request)
-    assert second.status == "succeeded", second.error
-    # one 512x512 forward touches ~1.8 M pages of activations; reused memory faults none of them
-    assert minor_faults(worker) - before < 50_000
-
-
 def test_health_check_is_ready_after_setup_with_downloaded_weights(running: Running) -> None:
     health = running.client.health()
     assert health["status"] == "READY"
     setup_logs = health["setup"]["logs"]
-    assert "setup: device=cpu dtype=float32" in setup_logs or "setup: device=cuda" in setup_logs
+    assert "setup: device=cpu baseline=float32" in setup_logs or "setup: device=cuda" in setup_logs
     for weight in WEIGHT_FILES.values():
         assert running.weights.completed_count(weight.name) == 1, weight.name
 
@@ -278,3 +259,23 @@ def test_a_request_while_one_runs_gets_409_and_the_client_retries(running: Runni
         slow.join(timeout=600)
     [first] = slow_result
     assert first.status == "succeeded", first.error
+
+
+# -- memory --------------------------------------------------------------------------------
+def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> None:
+    """coglet runs predictions on threads of its own. With one malloc arena (codeformer.serve's
+    default) and the retained heap, the second request's activations reuse the first one's
+    memory; a thread arena of its own maps every block over 64 MB afresh (~4.5 M page faults
+    for a 2-face photo at baseline, measured through the server)."""
+    assert running.server.process is not None
+    worker = find_worker_pid(running.server.process.pid)
+    assert worker is not None
+    request = {"images": [data_uri(png_bytes(face_photo(256, 192)), name="face.png")], **CHEAP}
+    first = running.client.predict(request)
+    assert first.status == "succeeded", first.error
+    assert "kept=1" in first.logs  # a face went through CodeFormer: the test is not vacuous
+    before = minor_faults(worker)
+    second = running.client.predict(request)
+    assert second.status == "succeeded", second.error
+    # one 512x512 forward touches ~1.8 M pages of activations; reused memory faults none of them
+    assert minor_faults(worker) - before < 50_000
