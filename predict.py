@@ -21,7 +21,6 @@ callers, not from request JSON; they may also be Cog's downloads in the temp fol
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import re
 import shutil
@@ -146,6 +145,7 @@ class Predictor(BasePredictor):
         import torch
 
         from codeformer import Restorer
+        from codeformer.compute_thread import ComputeThread
         from codeformer.runtime import autocast_dtype
 
         if not logging.getLogger().handlers:
@@ -159,12 +159,9 @@ class Predictor(BasePredictor):
         load_ms = (time.perf_counter() - start) * 1000.0
         warmup_ms = self.restorer.warmup(profile="baseline", stability="safe", compile_backend="none")
         self._previous_output_dir: pathlib.Path | None = None
-        if self.restorer.device.type == "cpu" and os.environ.get("MALLOC_ARENA_MAX") != "1":
-            log.warning(
-                "MALLOC_ARENA_MAX is not 1: Cog runs predictions on threads of its own, whose malloc "
-                "arenas map the forwards' big activations afresh (CPU forwards about 1.4x slower); "
-                "start the server with MALLOC_ARENA_MAX=1 (codeformer.serve does)"
-            )
+        # coglet calls predict() on threads whose malloc arenas would page-fault every CPU
+        # forward's activations anew: run the pipeline on a thread of the main arena instead
+        self._compute = ComputeThread() if self.restorer.device.type == "cpu" else None
         mixed = self.restorer.runtime.mixed_precision  # measured here on a CPU, not in a request
         log.info(
             "setup: device=%s baseline=float32 fast/max_speed=%s load=%.0fms warmup=%.0fms "
@@ -230,9 +227,11 @@ class Predictor(BasePredictor):
             decode_ms.append((time.perf_counter() - start) * 1000.0)
 
         try:
-            results = self.restorer.restore(
-                decoded, codeformer_fidelity, runtime_profile, stability_mode, compile_backend
-            )
+            arguments = (decoded, codeformer_fidelity, runtime_profile, stability_mode, compile_backend)
+            if self._compute is None:
+                results = self.restorer.restore(*arguments)
+            else:
+                results = self._compute.call(self.restorer.restore, *arguments)
         except ImageFailedError as exc:
             raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
 
