@@ -255,16 +255,21 @@ class LocalServer:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, so that ``finally`` blocks stop the server."""
+    """SIGTERM and SIGINT raise KeyboardInterrupt, so that ``finally`` blocks stop the server.
+
+    SIGINT too: a process started from a non-interactive shell's background job inherits
+    SIGINT ignored, and Python then installs no handler for it, so ``kill -INT`` would be lost.
+    """
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 # -- requests --------------------------------------------------------------------------------
