@@ -142,8 +142,6 @@ class Predictor(BasePredictor):
         """Load the three nets once (CUDA when present) and warm the default path."""
         # torch, OpenCV and the pipeline are imported here, not at module level, so that the
         # schema writer (python -m codeformer.schema) can read predict()'s signature cheaply
-        import torch
-
         from codeformer import Restorer
         from codeformer.compute_thread import ComputeThread
         from codeformer.runtime import autocast_dtype
@@ -162,12 +160,17 @@ class Predictor(BasePredictor):
         # coglet calls predict() on threads whose malloc arenas would page-fault every CPU
         # forward's activations anew: run the pipeline on a thread of the main arena instead
         self._compute = ComputeThread() if self.restorer.device.type == "cpu" else None
-        mixed = self.restorer.runtime.mixed_precision  # measured here on a CPU, not in a request
+        # measured here on a CPU, not in a request
+        fast_dtype = (
+            str(autocast_dtype(self.restorer.device)).removeprefix("torch.")
+            if self.restorer.runtime.mixed_precision
+            else "float32"
+        )
         log.info(
             "setup: device=%s baseline=float32 fast/max_speed=%s load=%.0fms warmup=%.0fms "
             "max_pixels=%d max_faces=%d face_batch=%d",
             self.restorer.device,
-            str(autocast_dtype(self.restorer.device) if mixed else torch.float32).removeprefix("torch."),
+            fast_dtype,
             load_ms,
             warmup_ms,
             self.restorer.limits.max_pixels,
