@@ -18,21 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+from faulting_cycles import FAULTING_CYCLES
 
 from codeformer.compute_thread import ComputeThread
 
-_COGLET_LIKE = """
-import concurrent.futures, resource, torch
+_COGLET_LIKE = f"""{FAULTING_CYCLES}
+import concurrent.futures
 from codeformer.compute_thread import ComputeThread
 from codeformer.runtime import retain_freed_memory
-
-def faulting_cycles():
-    faulting = 0
-    for _ in range(20):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(16 << 20).sum()  # 64 MB
-        faulting += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before > 8192
-    return faulting
 
 request_thread = concurrent.futures.ThreadPoolExecutor(1)
 request_thread.submit(lambda: torch.ones(1 << 20).sum()).result()  # its arena exists now

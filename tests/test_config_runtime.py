@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faulting_cycles import FAULTING_CYCLES
 from torch import nn
 
 from codeformer.config import PROFILES, STABILITY_MODES, Limits, RequestOptions, mixed_precision_from_env
@@ -79,18 +80,11 @@ def test_retained_memory_from_environment(monkeypatch: pytest.MonkeyPatch, raw: 
 # Allocates and frees a 64 MB tensor 20 times in a fresh interpreter, after
 # retain_freed_memory(argv[1]); prints whether it applied and how many cycles page-faulted
 # the block's memory in again (more than half of its pages).
-_FAULTING_CYCLES = """
-import resource, sys, torch
+_RETAINED_CYCLES = f"""{FAULTING_CYCLES}
+import sys
 from codeformer.runtime import retain_freed_memory
 applied = retain_freed_memory(int(sys.argv[1]))
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-faulting = 0
-for _ in range(20):
-    before = faults()
-    torch.ones(16 << 20).sum()
-    faulting += faults() - before > (64 << 20) // 4096 // 2
-print(applied, faulting)
+print(applied, faulting_cycles())
 """
 
 
@@ -98,7 +92,7 @@ print(applied, faulting)
 def test_retained_memory_stops_big_blocks_being_faulted_in_again() -> None:
     def faulting_cycles(megabytes: int) -> tuple[str, int]:
         completed = subprocess.run(
-            [sys.executable, "-c", _FAULTING_CYCLES, str(megabytes)],
+            [sys.executable, "-c", _RETAINED_CYCLES, str(megabytes)],
             cwd=Path(__file__).resolve().parents[1],
             capture_output=True,
             text=True,
