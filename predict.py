@@ -4,38 +4,33 @@ All image work happens in ``codeformer``; this file only turns Cog inputs into a
 arrays into files. A request either returns one JPG per input, in input order, or fails
 as a whole with a message naming the input (``images[i] (file name)``) and the reason.
 
-What ``predict()`` receives for each image depends on the request (as coglet 0.23 does it):
-- a list of URLs and data URIs only: coglet downloads them all first (a 404 fails the
-  request before ``predict()``) and passes ``cog.Path`` files in the temp folder, named
-  ``tmpXXXXXXXX`` + the URL's file name (``file.jpg`` for a data URI);
-- a list that mixes URLs with local paths: ``cog.URLPath`` objects not yet fetched (read
-  here from their stream), and the local paths as plain strings;
-- in-process calls: whatever the caller passes; URL and data URI strings are fetched here.
-
-A local path string (``cog predict --json '{"images": ["data/1.jpg"]}'``) is accepted only
-when it resolves to a file inside the project folder, so that a request cannot read other
-files of the server. ``pathlib.Path`` objects come from Cog's own downloads or from Python
-callers, not from request JSON; they may also be Cog's downloads in the temp folder.
+Each image arrives as a string (``codeformer.fetch.defer_cog_fetching``, applied when
+this module is imported, stops coglet from downloading URLs itself):
+- an http(s) URL or a data URI: fetched by ``codeformer.fetch`` under one deadline for the
+  request, with a size cap and checked redirects;
+- a local path (``cog predict --json '{"images": ["data/1.jpg"]}'``): accepted only when it
+  resolves to a file inside the project folder, so that a request cannot read other files
+  of the server. Python callers may pass ``pathlib.Path`` objects under the same rule.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import pathlib
 import re
 import shutil
-import tempfile
 import time
 import urllib.parse
 from typing import TYPE_CHECKING
 
 import numpy as np
-import requests
-import urllib3
-from cog import BasePredictor, Input, Path, URLPath
+from cog import BasePredictor, Input, Path
 
 from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
+from codeformer.fetch import MAX_INPUT_BYTES, Deadline, defer_cog_fetching, fetch, is_remote
+from codeformer.outputs import new_output_dir, remove_orphaned_output_dirs
 from codeformer.schema import MAX_IMAGES, MIN_IMAGES
 
 if TYPE_CHECKING:
@@ -44,13 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("codeformer.predict")
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent
-# An upload this large is refused before decoding; a 40-megapixel PNG (the default
-# CODEFORMER_MAX_PIXELS) is about 120 MB, so honest inputs stay far below it.
-MAX_INPUT_BYTES = 256 * 1024 * 1024
-URL_SCHEMES = ("http", "https", "data")
-# cog.URLPath.convert() downloads into NamedTemporaryFile(suffix=<URL file name>) in the temp folder
-DOWNLOAD_DIR = pathlib.Path(tempfile.gettempdir()).resolve()
-COG_DOWNLOAD_NAME = re.compile(r"tmp[a-z0-9_]{8}(?P<name>.+)")
+URL_LIKE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+# coglet imports this module in its worker before it normalises any request input
+defer_cog_fetching()
 
 
 def describe(index: int, name: str) -> str:
@@ -70,67 +62,45 @@ def _data_uri_name(uri: str) -> str:
 
 
 def _input_name(item: object) -> str:
-    if isinstance(item, URLPath):
-        return _data_uri_name(item.source) if item.source.startswith("data:") else item.filename
-    if isinstance(item, str) and item.startswith("data:"):
-        return _data_uri_name(item)
-    if isinstance(item, str) and urllib.parse.urlparse(item).scheme in URL_SCHEMES:
-        return pathlib.PurePosixPath(urllib.parse.urlparse(item).path).name or item
-    if isinstance(item, pathlib.Path) and pathlib.Path(item).parent == DOWNLOAD_DIR:
-        downloaded = COG_DOWNLOAD_NAME.fullmatch(item.name)
-        if downloaded:
-            return downloaded.group("name")
-    return pathlib.PurePath(str(item)).name or str(item)
+    text = str(item)
+    if text.startswith("data:"):
+        return _data_uri_name(text)
+    if URL_LIKE.match(text):
+        return pathlib.PurePosixPath(urllib.parse.urlsplit(text).path).name or text
+    return pathlib.PurePath(text).name or text
 
 
-def _read_stream(stream: object, label: str) -> bytes:
-    data = stream.read(MAX_INPUT_BYTES + 1)  # type: ignore[attr-defined]
-    if len(data) > MAX_INPUT_BYTES:
-        raise InputError(f"{label}: the file is over {MAX_INPUT_BYTES >> 20} MB; send a smaller image")
-    return data
-
-
-def _read_local(item: str | pathlib.Path, label: str) -> bytes:
+def _read_local(item: str | pathlib.Path) -> bytes:
     candidate = pathlib.Path(item).expanduser()
     if not candidate.is_absolute():
         candidate = PROJECT_ROOT / candidate
     resolved = candidate.resolve()
-    # request strings may only name project files; Path objects may also be Cog's downloads
-    cog_download = (
-        isinstance(item, pathlib.Path)
-        and resolved.parent == DOWNLOAD_DIR
-        and COG_DOWNLOAD_NAME.fullmatch(resolved.name) is not None
-    )
-    if not (resolved.is_relative_to(PROJECT_ROOT) or cog_download):
+    # the messages name no server folder: the client sent the path, the label names the file
+    if not resolved.is_relative_to(PROJECT_ROOT):
         raise InputError(
-            f"{label}: local paths must point inside the project folder {PROJECT_ROOT}; "
+            "local paths must point inside the project folder (e.g. data/1.jpg); "
             "send other files as an http(s) URL or a data URI"
         )
     if not resolved.is_file():
-        raise InputError(f"{label}: no such file {resolved}")
+        raise InputError("no such file in the project folder")
     if resolved.stat().st_size > MAX_INPUT_BYTES:
-        raise InputError(f"{label}: the file is over {MAX_INPUT_BYTES >> 20} MB; send a smaller image")
+        raise InputError(f"the file is over {MAX_INPUT_BYTES >> 20} MB; send a smaller image")
     return resolved.read_bytes()
 
 
-def read_input(item: object, label: str) -> bytes:
+def read_input(item: object, label: str, deadline: Deadline) -> bytes:
     """The bytes of one request input (URL, data URI or local path); ``InputError`` names ``label``."""
     try:
-        if isinstance(item, str) and urllib.parse.urlparse(item).scheme in URL_SCHEMES:
-            item = Path.validate(item)
-        elif isinstance(item, str) and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", item):
+        if isinstance(item, str) and is_remote(item):
+            return fetch(item, deadline)
+        if isinstance(item, str) and URL_LIKE.match(item):
             scheme = item.split(":", 1)[0]
-            raise InputError(f"{label}: {scheme}:// is not accepted; send http(s), a data URI or a path")
-        if isinstance(item, URLPath):
-            return _read_stream(item.fileobj, label)
+            raise InputError(f"{scheme}:// is not accepted; send http(s), a data URI or a path")
         if isinstance(item, str | pathlib.Path):
-            return _read_local(item, label)
-    except InputError:
-        raise
-    # OSError covers requests' and urllib's errors; urllib3 raises its own when a body is cut
-    except (OSError, ValueError, requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-        raise InputError(f"{label}: cannot read the file: {exc}") from exc
-    raise InputError(f"{label}: expected a URL, a data URI or a path, got {type(item).__name__}")
+            return _read_local(item)
+        raise InputError(f"expected a URL, a data URI or a path, got {type(item).__name__}")
+    except InputError as exc:
+        raise InputError(f"{label}: {exc}") from None
 
 
 def _stage_summary(timings: dict[str, float]) -> str:
@@ -157,6 +127,10 @@ class Predictor(BasePredictor):
         load_ms = (time.perf_counter() - start) * 1000.0
         warmup_ms = self.restorer.warmup(profile="baseline", stability="safe", compile_backend="none")
         self._previous_output_dir: pathlib.Path | None = None
+        # the last request's files are removed when the worker exits (coglet ends it normally
+        # on SIGTERM and SIGINT); folders of workers that were killed are removed here
+        atexit.register(self._discard_previous_outputs)
+        stale_output_dirs = remove_orphaned_output_dirs()
         # coglet calls predict() on threads whose malloc arenas would page-fault every CPU
         # forward's activations anew: run the pipeline on a thread of the main arena instead
         self._compute = ComputeThread() if self.restorer.device.type == "cpu" else None
@@ -168,7 +142,7 @@ class Predictor(BasePredictor):
         )
         log.info(
             "setup: device=%s baseline=float32 fast/max_speed=%s load=%.0fms warmup=%.0fms "
-            "max_pixels=%d max_faces=%d face_batch=%d",
+            "max_pixels=%d max_faces=%d face_batch=%d fetch_timeout=%gs stale_output_dirs_removed=%d",
             self.restorer.device,
             fast_dtype,
             load_ms,
@@ -176,6 +150,8 @@ class Predictor(BasePredictor):
             self.restorer.limits.max_pixels,
             self.restorer.limits.max_faces,
             self.restorer.limits.face_batch,
+            self.restorer.limits.fetch_timeout_s,
+            stale_output_dirs,
         )
 
     def predict(
@@ -221,11 +197,12 @@ class Predictor(BasePredictor):
         self.restorer.check_options(codeformer_fidelity, runtime_profile, stability_mode, compile_backend)
 
         labels = [describe(index, _input_name(item)) for index, item in enumerate(images)]
+        deadline = Deadline.after(self.restorer.limits.fetch_timeout_s)
         decoded: list[np.ndarray] = []
         decode_ms: list[float] = []
         for item, label in zip(images, labels, strict=True):
             start = time.perf_counter()
-            data = read_input(item, label)
+            data = read_input(item, label, deadline)
             decoded.append(decode_image(data, label, self.restorer.limits.max_pixels))
             decode_ms.append((time.perf_counter() - start) * 1000.0)
 
@@ -238,7 +215,7 @@ class Predictor(BasePredictor):
         except ImageFailedError as exc:
             raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
 
-        output_dir = pathlib.Path(tempfile.mkdtemp(prefix="codeformer-outputs-"))
+        output_dir = new_output_dir()
         self._previous_output_dir = output_dir
         outputs: list[Path] = []
         for index, (result, label) in enumerate(zip(results, labels, strict=True)):

@@ -124,6 +124,8 @@ class Limits:
     face_batch: int  # faces per CodeFormer/ParseNet forward; bounds peak memory
     # freed host memory kept for reuse (codeformer.runtime.retain_freed_memory); 0: the C library's default
     retained_memory_mb: int = MAX_RETAINED_MEMORY_MB
+    # one deadline for fetching all of a request's URL inputs (codeformer.fetch)
+    fetch_timeout_s: float = 60.0
 
     @classmethod
     def from_env(cls, device_type: str = "cpu") -> Limits:
@@ -134,6 +136,7 @@ class Limits:
             retained_memory_mb=env_int(
                 "CODEFORMER_RETAINED_MEMORY_MB", MAX_RETAINED_MEMORY_MB, 0, MAX_RETAINED_MEMORY_MB
             ),
+            fetch_timeout_s=env_int("CODEFORMER_FETCH_TIMEOUT_S", 60, 1, 3600),
         )
 
 

@@ -4,11 +4,13 @@ Decoding goes through Pillow, which lets us read the header (and refuse a huge i
 before any pixel is decoded, and handle every mode explicitly. For ordinary 8-bit RGB
 files Pillow and ``cv2.imread`` (what the official pipeline uses) give identical pixels.
 
-What each kind of file becomes:
+What each kind of file becomes (``PIXEL_RULES`` below; the README has the same table):
 - EXIF orientation is applied, so the array is upright (and of the upright size).
-- Grayscale, palette, CMYK and YCbCr become 3-channel BGR.
-- 16-bit samples keep their high byte, as ``cv2.imread(IMREAD_COLOR)`` does.
-- Alpha (RGBA, LA, palette transparency) is composited over white.
+- Every Pillow mode has one written rule: converted to 8-bit RGB, or refused with a
+  message naming the input and the mode. Nothing is guessed from the pixel values except
+  the range checks that refuse data the rule does not cover.
+- Transparency (an alpha band, premultiplied or not, or a PNG tRNS entry) is composited
+  over white.
 - Animated files (GIF, WebP, APNG) and multi-page TIFFs: the first frame is used.
 """
 
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from codeformer.errors import InputError
+from codeformer.stages.prepare import check_image_size
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
 JPEG_QUALITY = 95
@@ -30,25 +34,120 @@ JPEG_QUALITY = 95
 # warn (or raise at twice its default limit) and says nothing about which input it was.
 Image.MAX_IMAGE_PIXELS = None
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# sRGB (IEC 61966-2-1) from CIE XYZ, and the D65 white point, for L*a*b* input
+SRGB_FROM_XYZ = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
+D65_WHITE_XYZ = np.array([0.95047, 1.0, 1.08883])
 
-def _to_rgb8(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from any Pillow mode, alpha composited over white."""
-    mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # high-precision single band: scale to 8 bits like OpenCV's 16->8 reduction (>> 8)
-        samples = np.asarray(image)
-        if mode == "F":
-            gray = np.clip(samples, 0.0, 255.0).astype(np.uint8)
-        else:
-            gray = (np.clip(samples, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        image = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image)
+
+def _over_white(color: np.ndarray, alpha: np.ndarray, premultiplied: bool) -> np.ndarray:
+    """Composite (H, W, C) uint8 colour with (H, W) uint8 alpha over white, rounded to uint8.
+
+    Straight alpha: c * a / 255 + 255 * (1 - a / 255); premultiplied: c + 255 - a.
+    """
+    color = color.astype(np.int32)
+    alpha = alpha.astype(np.int32)[..., None]
+    if premultiplied:
+        return np.clip(color + 255 - alpha, 0, 255).astype(np.uint8)
+    return ((color * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _straight_alpha(image: Image.Image) -> np.ndarray:
+    # Pillow's RGBA conversion also turns a PNG tRNS entry (a gray value, an RGB triple or a
+    # palette alpha table) into alpha
+    pixels = np.asarray(image.convert("RGBA"))
+    return _over_white(pixels[..., :3], pixels[..., 3], premultiplied=False)
+
+
+def _premultiplied_alpha(image: Image.Image) -> np.ndarray:
+    pixels = np.asarray(image)  # La: (H, W, 2), RGBa: (H, W, 4)
+    color = pixels[..., :-1]
+    if color.shape[-1] == 1:
+        color = _gray_to_rgb(color[..., 0])
+    return _over_white(color, pixels[..., -1], premultiplied=True)
+
+
+def _sixteen_bit(image: Image.Image) -> np.ndarray:
+    # keep the high byte, as cv2.imread(IMREAD_COLOR) reduces 16-bit files
+    samples = np.asarray(image).astype(np.uint16)
+    gray = _gray_to_rgb((samples >> 8).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        gray[samples == transparent] = 255
+    return gray
+
+
+def _thirty_two_bit_integer(image: Image.Image) -> np.ndarray:
+    samples = np.asarray(image)
+    low, high = int(samples.min()), int(samples.max())
+    if low < 0 or high > 65535:
+        raise InputError(
+            f"32-bit integer samples range {low}..{high}; only 0..65535 (16-bit values) is supported: "
+            "save the image with 8 or 16 bits per sample"
+        )
+    return _gray_to_rgb((samples.astype(np.uint32) >> 8).astype(np.uint8))
+
+
+def _float(image: Image.Image) -> np.ndarray:
+    samples = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(samples).all():
+        raise InputError("32-bit float samples include NaN or infinity; save the image with 8 or 16 bits")
+    low, high = float(samples.min()), float(samples.max())
+    if low < 0.0 or high > 1.0:
+        raise InputError(
+            f"32-bit float samples range {low:g}..{high:g}; only 0..1 is supported: "
+            "save the image with 8 or 16 bits per sample"
+        )
+    return _gray_to_rgb(np.rint(samples * 255.0).astype(np.uint8))
+
+
+def _cie_lab(image: Image.Image) -> np.ndarray:
+    """Pillow's LAB (L* x 255/100, a* + 128, b* + 128) to sRGB through XYZ under D65."""
+    pixels = np.asarray(image).astype(np.float64)
+    lightness = pixels[..., 0] * (100.0 / 255.0)
+    fy = (lightness + 16.0) / 116.0
+    f = np.stack([fy + (pixels[..., 1] - 128.0) / 500.0, fy, fy - (pixels[..., 2] - 128.0) / 200.0], -1)
+    delta = 6.0 / 29.0
+    xyz = np.where(f > delta, f**3, 3.0 * delta**2 * (f - 4.0 / 29.0)) * D65_WHITE_XYZ
+    linear = np.clip(xyz @ SRGB_FROM_XYZ.T, 0.0, 1.0)
+    encoded = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1.0 / 2.4) - 0.055)
+    return np.rint(encoded * 255.0).astype(np.uint8)
+
+
+def _pillow_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
+
+
+# mode -> (H, W, 3) uint8 RGB. Pillow's own conversions where its rule is the standard one:
+# 1 (0/255), L, P (palette lookup), RGBX (padding dropped), CMYK (R = (255-C)(255-K)/255,
+# no ICC profile), YCbCr (JPEG's full-range BT.601), HSV.
+PIXEL_RULES: dict[str, Callable[[Image.Image], np.ndarray]] = {
+    **dict.fromkeys(("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV"), _pillow_rgb),
+    **dict.fromkeys(("LA", "PA", "RGBA"), _straight_alpha),
+    **dict.fromkeys(("La", "RGBa"), _premultiplied_alpha),
+    **dict.fromkeys(SIXTEEN_BIT_MODES, _sixteen_bit),
+    "I": _thirty_two_bit_integer,
+    "F": _float,
+    "LAB": _cie_lab,
+}
+# modes whose "transparency" info (PNG tRNS) marks a colour, or palette entries, as transparent
+TRNS_MODES = frozenset({"1", "L", "P", "RGB"})
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a Pillow image by ``PIXEL_RULES``; ``InputError`` for other modes."""
+    rule = PIXEL_RULES.get(image.mode)
+    if rule is None:
+        raise InputError(
+            f"pixel mode {image.mode} is not supported; save the image as 8-bit RGB, gray or palette"
+        )
+    if image.mode in TRNS_MODES and "transparency" in image.info:
+        rule = _straight_alpha
+    return rule(image)
 
 
 def read_size(data: bytes, name: str) -> tuple[Image.Image, int, int]:
@@ -77,21 +176,20 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """Decode file bytes to an upright (H, W, 3) uint8 BGR array.
 
     Raises ``InputError`` naming ``name`` for empty, unreadable, truncated or oversized
-    files. The pixel limit is checked from the header, before pixels are decoded.
+    files and for pixel modes without a rule. Sizes (the image's and those of the copies
+    the pipeline will make of it) are checked from the header, before pixels are decoded.
     """
     image, width, height = read_size(data, name)
-    if width < 1 or height < 1:
-        raise InputError(f"{name}: the image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise InputError(
-            f"{name}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of "
-            f"{max_pixels / 1e6:.1f} (CODEFORMER_MAX_PIXELS); send a smaller image"
-        )
+    try:
+        check_image_size(height, width, max_pixels)
+    except InputError as exc:
+        raise InputError(f"{name}: {exc}") from None
     try:
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image)
-        rgb = _to_rgb8(image)
+        rgb = to_rgb8(ImageOps.exif_transpose(image))
+    except InputError as exc:
+        raise InputError(f"{name}: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {exc}") from None
     return np.ascontiguousarray(rgb[..., ::-1])

@@ -25,7 +25,7 @@ from codeformer.runtime import Nets, Runtime, pick_device, retain_freed_memory
 from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
 from codeformer.stages.paste import FaceParser, paste_faces
-from codeformer.stages.prepare import is_gray, to_working_image
+from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
 from codeformer.stages.restore import FaceRestorer
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ class Restorer:
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "prepare"):
+                check_image_size(*image.shape[:2], self.limits.max_pixels)  # before the working copy
                 gray = is_gray(image)
                 working, factor = to_working_image(image)
             with _timed(timings, "detect"):

@@ -2,9 +2,11 @@
 
     python -m codeformer.serve --port 5000 [--host 127.0.0.1]
 
-Writes ``.cog/openapi_schema.json`` (so that the server validates inputs), then replaces
-this process with ``python -m cog.server.http`` (coglet) running ``predict.py:Predictor``
-from the project root, in the foreground: Ctrl-C or SIGTERM stops it. Environment
+Writes ``.cog/openapi_schema.json`` (so that the server validates inputs), then runs
+``python -m cog.server.http`` (coglet) with ``predict.py:Predictor`` from the project root
+on a private loopback port, behind ``codeformer.front`` on the public one (which refuses
+unknown input keys and strips coglet's error prefixes), in the foreground: Ctrl-C or
+SIGTERM stops both, lets the worker remove its output folder, and removes any left. Environment
 variables (``CODEFORMER_WEIGHTS_DIR``, ``CODEFORMER_WEIGHTS_URL``, ``CODEFORMER_MAX_*``)
 pass through to the predictor. The API is the one of ``cog serve``: ``GET /health-check``,
 ``POST /predictions``, ``POST /predictions/{id}/cancel``, ``GET /openapi.json``.
@@ -14,25 +16,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 from codeformer.errors import ConfigError
+from codeformer.front import BACKEND_HOST, Front
+from codeformer.outputs import remove_orphaned_output_dirs
 from codeformer.schema import DEFAULT_PREDICTOR_REF, PROJECT_ROOT, write_schema
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
-STOP_GRACE_S = 10.0  # seconds a stopping server gets after SIGTERM before SIGKILL
+# seconds coglet gets after SIGTERM to finish and stop its worker (it kills the worker
+# after 10 s itself), and a server started by spawn_server to stop coglet and itself
+BACKEND_STOP_GRACE_S = 15.0
+STOP_GRACE_S = BACKEND_STOP_GRACE_S + 5.0
+PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -93,20 +104,70 @@ def spawn_server(port: int, extra_env: Mapping[str, str], log_file: IO[bytes]) -
         stdin=subprocess.DEVNULL,
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stopping it also ends coglet's worker
+        start_new_session=True,  # its own process group, apart from the test's or benchmark's
     )
 
 
 def stop_server(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-    """End a server started by ``spawn_server``, worker included: SIGTERM, then SIGKILL."""
+    """End a server started by ``spawn_server``: SIGTERM (it stops coglet and the worker), then SIGKILL.
+
+    coglet has a process group of its own and a parent-death signal: a front killed
+    before it could stop coglet still ends it.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)
-    # coglet's worker may outlive its parent's SIGTERM; the group id is the server's pid
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=grace_s)
+
+
+def _end_with_parent() -> None:
+    """In the coglet child before exec: SIGTERM when the front dies, however it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_backend(backend: subprocess.Popen[bytes], grace_s: float = BACKEND_STOP_GRACE_S) -> None:
+    """SIGTERM to coglet alone (it stops its worker, whose exit handlers run), then SIGKILL the rest."""
+    with contextlib.suppress(ProcessLookupError):
+        backend.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        backend.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(backend.pid, signal.SIGKILL)
+    backend.wait()
+
+
+def run_front(front: Front, backend: subprocess.Popen[bytes]) -> int:
+    """Serve until SIGTERM/SIGINT or until coglet exits; then stop coglet and clean up.
+
+    Returns 0 after a requested stop, else coglet's exit code (1 if it was 0).
+    """
+    stopping = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stopping.set()
+        threading.Thread(target=front.shutdown, daemon=True).start()
+
+    def watch_backend() -> None:
+        code = backend.wait()
+        if not stopping.is_set():
+            logger.error("the Cog server exited with code %s; stopping", code)
+            front.shutdown()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    threading.Thread(target=watch_backend, name="backend-watch", daemon=True).start()
+    try:
+        front.serve_forever()
+    finally:
+        front.server_close()
+        stop_backend(backend)
+        removed = remove_orphaned_output_dirs()
+        logger.info("stopped; removed %d output folder(s) the worker left", removed)
+    return 0 if stopping.is_set() else (backend.returncode or 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,17 +179,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_port_free(args.host, args.port)
-        write_schema(args.predictor)
-    except ConfigError as exc:
+        schema = json.loads(write_schema(args.predictor).read_text())
+        front = Front((args.host, args.port), schema)
+    except (ConfigError, OSError) as exc:
         logger.error("%s", exc)
         return 2
-    command, env = server_command(args.port, args.host, args.predictor)
+    command, env = server_command(front.backend_port, BACKEND_HOST, args.predictor)
     logger.info("starting the Cog server for %s on http://%s:%d", args.predictor, args.host, args.port)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.chdir(PROJECT_ROOT)  # coglet reads .cog/openapi_schema.json and predict.py from its working folder
-    os.execve(command[0], command, env)
-    return 0  # not reached: execve replaces this process
+    # coglet reads .cog/openapi_schema.json and predict.py from its working folder; it gets a
+    # process group of its own, so that our signals reach it only through stop_backend
+    backend = subprocess.Popen(
+        command, env=env, cwd=PROJECT_ROOT, start_new_session=True, preexec_fn=_end_with_parent
+    )
+    return run_front(front, backend)
 
 
 if __name__ == "__main__":

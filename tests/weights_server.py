@@ -16,6 +16,13 @@ every request until ``clear_failures()``):
 - ``"cut"``: headers with the full Content-Length, half the body, then a reset (RST).
 - ``"truncated"``: headers with the full Content-Length, half the body, then a clean close.
 - ``"slow"``: the whole body, but with ``delay`` seconds of silence before each chunk.
+- ``"drip"``: the headers, then one byte of the body every ``delay`` seconds.
+- ``"endless"``: no Content-Length, then zeros until the client hangs up.
+- ``"huge_length"``: a Content-Length of 1 TB, then the file.
+
+``redirect(path, location)`` answers ``302 Found`` with that Location (any scheme, relative
+or absolute; two paths that redirect to each other make a loop), and ``content_type(path,
+value)`` changes the Content-Type a file is served with (default application/octet-stream).
 
 Every GET and HEAD is counted in ``request_count``; only bodies sent in full count in
 ``completed_count``. The server runs in a daemon thread and uses HTTP/1.0 (one request per
@@ -34,8 +41,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Literal
 
-FailureMode = Literal["not_found", "server_error", "cut", "truncated", "slow"]
-FAILURE_MODES: tuple[str, ...] = ("not_found", "server_error", "cut", "truncated", "slow")
+FailureMode = Literal[
+    "not_found", "server_error", "cut", "truncated", "slow", "drip", "endless", "huge_length"
+]
+FAILURE_MODES: tuple[str, ...] = (
+    "not_found",
+    "server_error",
+    "cut",
+    "truncated",
+    "slow",
+    "drip",
+    "endless",
+    "huge_length",
+)
 CHUNK_BYTES = 64 * 1024
 
 
@@ -55,6 +73,8 @@ class FileServer:
         self._requests: Counter[str] = Counter()
         self._completed: Counter[str] = Counter()
         self._failures: dict[str, _Failure] = {}
+        self._redirects: dict[str, str] = {}
+        self._content_types: dict[str, str] = {}
         self._requested_port = port
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -109,6 +129,15 @@ class FileServer:
         with self._lock:
             self._failures.clear()
 
+    def redirect(self, path: str, location: str) -> None:
+        """Answer requests for ``path`` with ``302 Found`` to ``location``."""
+        with self._lock:
+            self._redirects[path.lstrip("/")] = location
+
+    def content_type(self, path: str, value: str) -> None:
+        with self._lock:
+            self._content_types[path.lstrip("/")] = value
+
     # -- counters --------------------------------------------------------------------------
     def request_count(self, path: str) -> int:
         """GET/HEAD requests seen for ``path``, whatever their outcome."""
@@ -161,6 +190,13 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0].lstrip("/")
             failure = server._record_request(path)
             file = (server.root / path).resolve()
+            location = server._redirects.get(path)
+            if location is not None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if failure is not None and failure.mode == "not_found":
                 self.send_error(404, "Not Found (injected)")
                 return
@@ -171,11 +207,18 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_error(404, "Not Found")
                 return
             body = file.read_bytes()
+            mode = failure.mode if failure is not None else None
             self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", server._content_types.get(path, "application/octet-stream"))
+            if mode == "huge_length":
+                self.send_header("Content-Length", str(10**12))
+            elif mode != "endless":
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if not send_body:
+                return
+            if failure is not None and failure.mode in ("drip", "endless"):
+                self._trickle(body, failure)
                 return
             if failure is not None and failure.mode in ("cut", "truncated"):
                 self.wfile.write(body[: len(body) // 2])
@@ -196,5 +239,21 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 return  # the client gave up (e.g. its read timeout fired)
             server._record_completed(path)
+
+        def _trickle(self, body: bytes, failure: _Failure) -> None:
+            """``drip``: the body a byte at a time; ``endless``: zeros until the client hangs up."""
+            zeros = bytes(CHUNK_BYTES)
+            sent = 0
+            try:
+                while failure.mode == "endless" or sent < len(body):
+                    if failure.mode == "drip":
+                        time.sleep(failure.delay)
+                        self.wfile.write(body[sent : sent + 1])
+                        sent += 1
+                    else:
+                        self.wfile.write(zeros)
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return
 
     return Handler
