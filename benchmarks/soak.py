@@ -203,6 +203,25 @@ BAD_KINDS: tuple[BadKind, ...] = (
         422,
         "",
     ),
+    # extreme sizes: refused from the header, before any of the pipeline's copies exists
+    BadKind("strip_30000x1", _one_file(png_header_claiming(30_000, 1), "strip.png"), 200, "too elongated"),
+    BadKind("column_1x30000", _one_file(png_header_claiming(1, 30_000), "column.png"), 200, "too elongated"),
+    BadKind(
+        "misspelled_key",
+        lambda profile: {
+            "images": [data_uri(flat_canvas_png(), name="ok.png")],
+            "runtime_profile": profile,
+            "codeformer_fidelty": 0.9,
+        },
+        422,
+        "",
+    ),
+    BadKind(
+        "bad_base64",
+        lambda profile: {"images": ["data:image/png;name=pad.png;base64,AAA"], "runtime_profile": profile},
+        200,
+        "base64 payload is invalid",
+    ),
 )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import socket
 import time
 import urllib.parse
@@ -102,7 +103,9 @@ def _read_body(response: requests.Response, deadline: Deadline) -> bytes:
         # each read1 returns what one recv() gives, and that recv waits at most the time left
         left = deadline.remaining_s()
         if sock is not None:
-            sock.settimeout(left)
+            # closed once http.client has buffered the whole body: nothing left to wait for
+            with contextlib.suppress(OSError):
+                sock.settimeout(left)
         chunk = raw.read1(CHUNK_BYTES, decode_content=True)
         if not chunk:
             if raw.length_remaining:  # the connection closed before Content-Length bytes came

@@ -106,11 +106,15 @@ def _float(image: Image.Image) -> np.ndarray:
 
 
 def _cie_lab(image: Image.Image) -> np.ndarray:
-    """Pillow's LAB (L* x 255/100, a* + 128, b* + 128) to sRGB through XYZ under D65."""
-    pixels = np.asarray(image).astype(np.float64)
-    lightness = pixels[..., 0] * (100.0 / 255.0)
+    """CIE L*a*b* to sRGB through XYZ under D65.
+
+    Pillow holds LAB as TIFF stores it: L* x 255/100, then a* and b* as signed bytes.
+    """
+    pixels = np.ascontiguousarray(np.asarray(image))
+    lightness = pixels[..., 0].astype(np.float64) * (100.0 / 255.0)
+    a_star, b_star = (pixels[..., channel].view(np.int8).astype(np.float64) for channel in (1, 2))
     fy = (lightness + 16.0) / 116.0
-    f = np.stack([fy + (pixels[..., 1] - 128.0) / 500.0, fy, fy - (pixels[..., 2] - 128.0) / 200.0], -1)
+    f = np.stack([fy + a_star / 500.0, fy, fy - b_star / 200.0], axis=-1)
     delta = 6.0 / 29.0
     xyz = np.where(f > delta, f**3, 3.0 * delta**2 * (f - 4.0 / 29.0)) * D65_WHITE_XYZ
     linear = np.clip(xyz @ SRGB_FROM_XYZ.T, 0.0, 1.0)

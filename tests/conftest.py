@@ -27,6 +27,26 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def faceless_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seed-0 weights with a detector whose face logits never fire: every output is its input.
+
+    For tests of what reaches the pipeline (decoding, fetching): the seed-0 detector finds
+    "faces" on most pictures that are not mid-grey, and each costs a CodeFormer pass.
+    """
+    import torch
+
+    from codeformer import random_weights
+
+    detector = "detection_Resnet50_Final.pth"
+    out = tmp_path_factory.mktemp("weights-faceless")
+    for file in random_weights.FILES:
+        if file != detector:
+            (out / file).symlink_to(weights_dir / file)
+    torch.save(random_weights.file_object(detector, seed=0, face_bias=-1000.0), out / detector)
+    return out
+
+
+@pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN_DIR.is_dir():
         pytest.skip(f"golden reference outputs not found at {GOLDEN_DIR} (shared/ is not beside the project)")

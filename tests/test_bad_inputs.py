@@ -1,24 +1,19 @@
-"""The bad-input matrix, in-process through ``Predictor`` and through the real Cog HTTP server.
+"""The input-boundary matrix: every case through the in-process ``Predictor`` and the real HTTP server.
 
-Every case is generated here (Pillow/NumPy). Each either succeeds with the right output
-or fails with a message naming the input (``images[0] (name)``) and the problem; after
-every failure a good request succeeds. Inputs that decode are kept free of faces (mid-grey
-pictures, on which the random detector finds none), so the output must show the
-decoded input itself: that checks the decoding rule end to end at little cost.
+Each case builds one request (files generated here with Pillow/NumPy, served by a local
+``FileServer`` that can misbehave on cue) and states its outcome:
+- ``Picture``: the request succeeds and its JPG shows a known answer (pixel values worked
+  out from the decoding rule, within JPEG's re-encoding error);
+- ``Fails``: the prediction fails as a whole, and its message starts with
+  ``images[i] (name): `` and says what went wrong, with no server folder in it;
+- ``Invalid``: a bad option or an unknown key: 422 naming the field over HTTP (the local
+  server's front refuses unknown keys), an error naming it in-process.
+After every case that does not succeed, a good request succeeds on the same predictor.
 
-Cases already asserted elsewhere the same way are not repeated here:
-- 0 and 5 images, unknown profile / mode / backend: test_predictor.py
-  (test_image_count_outside_1_to_4_is_refused, test_bad_options_are_refused_before_any_input_is_read)
-  and test_http_server.py (test_invalid_inputs_get_422_naming_the_field);
-- fidelity out of range in-process: test_predictor.py (1.5 and -0.01); over HTTP only 1.5
-  was covered, so -0.1 and 1.1 are here for HTTP;
-- a backend change after the optimized runtime is initialised: both files'
-  test_compile_backend_is_locked_by_the_first_optimized_request;
-- a 404 URL and a local path outside the project: test_predictor.py and test_http_server.py;
-- truncated JPEG and a text file in-process: test_predictor.py
-  (test_a_corrupt_image_among_good_ones_fails_before_any_restore); here over HTTP.
-
-Set ``BAD_INPUT_MATRIX_OUT=<file>`` to write the outcome of every case as JSON lines.
+Both transports run on weights whose detector never fires (``faceless_weights_dir``), so
+that a ``Picture``'s output is the decoded input itself, compared with a known answer worked
+out by hand. What the pipeline does with faces is tested elsewhere.
+Set ``BAD_INPUT_MATRIX_OUT=<file>`` to write every outcome as JSON lines.
 """
 
 from __future__ import annotations
@@ -26,10 +21,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,9 +37,9 @@ from PIL import Image
 from weights_server import FileServer
 
 from benchmarks.soak import find_worker_pid, png_header_claiming, reset_peak_rss, status_kib
-from codeformer.client import CogClient, PredictionResult, data_uri
+from codeformer.client import data_uri
 from codeformer.errors import CodeFormerError
-from predict import Predictor
+from predict import PROJECT_ROOT, Predictor
 
 pytestmark = pytest.mark.slow
 
@@ -51,98 +49,201 @@ DEFAULTS = {
     "stability_mode": "safe",
     "compile_backend": "eager",
 }
+FETCH_TIMEOUT_S = 3  # CODEFORMER_FETCH_TIMEOUT_S for both transports: the drip case waits this long
+TRANSPORT_ENV = {"CODEFORMER_FETCH_TIMEOUT_S": str(FETCH_TIMEOUT_S)}
 PIXEL_BOMB_MAX_GROWTH_KIB = 64 * 1024  # decoding 100000x100000 RGB would need 30 GB
 MATRIX_OUT_ENV = "BAD_INPUT_MATRIX_OUT"
+JPEG_TOLERANCE = 3.0  # mean absolute level difference that JPEG re-encoding of these pictures stays under
 
 
-# -- generated inputs ----------------------------------------------------------------------
-def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+# -- pictures with known answers -------------------------------------------------------------
+def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
     return buffer.getvalue()
 
 
 def stepped(width: int = 64, height: int = 48, step: int = 30) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: mid grey with a darker left quarter (asymmetric, so a rotation shows).
-
-    The random detector finds no face on near-127 grey with low-contrast steps and ramps
-    (it does on many other flat colours), so the output is the decoded input itself.
-    """
+    """(H, W, 3) uint8 RGB: mid grey with a darker left quarter (asymmetric, so a rotation shows)."""
     image = np.full((height, width, 3), 127, np.uint8)
     image[:, : width // 4] = 127 - step
     return image
+
+
+def gray3(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def noise(width: int, height: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def face_photo(width: int, height: int) -> np.ndarray:
-    """A crop of the astronaut portrait (scikit-image, public domain), (height, width, 3) RGB."""
-    from skimage import data as skdata
-
-    portrait = skdata.astronaut()[:300, 100:400]
-    return np.asarray(Image.fromarray(portrait).resize((width, height), Image.Resampling.BICUBIC))
+def png(rgb: np.ndarray) -> bytes:
+    return encode(Image.fromarray(rgb), "PNG")
 
 
-def sixteen_bit() -> tuple[bytes, np.ndarray]:
-    # high byte a ramp 112..143, low byte 0x55: keeping the low byte would give a flat 85
-    high = np.repeat((112 + np.arange(64) // 2).astype(np.uint16)[None, :], 48, axis=0)
-    samples = (high << 8) | 0x55
-    rgb = np.repeat(high.astype(np.uint8)[..., None], 3, axis=2)
-    return encode(Image.fromarray(samples), "PNG"), rgb
+Made = tuple[bytes, np.ndarray]  # file bytes, the RGB picture they must decode to
 
 
-def rgba() -> tuple[bytes, np.ndarray]:
-    # black at alpha 128 over white is grey 127; ignoring alpha, or compositing over black, is 0
-    pixels = np.zeros((48, 64, 4), np.uint8)
-    pixels[..., 3] = 128
-    expected = np.full((48, 64, 3), round(255 * (1 - 128 / 255)), np.uint8)
-    return encode(Image.fromarray(pixels, "RGBA"), "PNG"), expected
+def bilevel() -> Made:
+    bits = np.zeros((48, 64), bool)
+    bits[:, 16:] = True  # black left quarter, white rest
+    return encode(Image.fromarray(bits), "PNG"), gray3(np.where(bits, 255, 0).astype(np.uint8))
 
 
-def palette() -> tuple[bytes, np.ndarray]:
+def gray_alpha() -> Made:
+    # gray 0 at alpha 128 over white: 255 * (1 - 128/255) = 127
+    pixels = np.zeros((48, 64, 2), np.uint8)
+    pixels[..., 1] = 128
+    return encode(Image.fromarray(pixels, "LA"), "PNG"), np.full((48, 64, 3), 127, np.uint8)
+
+
+def palette() -> Made:
     image = Image.fromarray(stepped(step=15)).quantize(colors=8)
-    assert image.mode == "P"
     return encode(image, "PNG"), np.asarray(image.convert("RGB"))
 
 
-def gray_jpeg() -> tuple[bytes, np.ndarray]:
+def palette_trns() -> Made:
+    # index 0 (black) is transparent: it must come out white, not black
+    image = Image.new("P", (64, 48), 1)
+    image.putpalette([0, 0, 0, 127, 127, 127] + [0] * 762)
+    image.paste(0, (0, 0, 16, 48))
+    expected = np.full((48, 64, 3), 127, np.uint8)
+    expected[:, :16] = 255
+    return encode(image, "PNG", transparency=0), expected
+
+
+def palette_alpha_tiff() -> Made:
+    image = Image.new("P", (64, 48), 1)
+    image.putpalette([0, 0, 0, 127, 127, 127] + [0] * 762)
+    alpha = np.full((48, 64), 255, np.uint8)
+    alpha[:, :16] = 0
+    with_alpha = image.convert("PA")
+    with_alpha.putalpha(Image.fromarray(alpha))
+    expected = np.full((48, 64, 3), 127, np.uint8)
+    expected[:, :16] = 255
+    return encode(with_alpha, "TIFF"), expected
+
+
+def rgba() -> Made:
+    pixels = np.zeros((48, 64, 4), np.uint8)
+    pixels[..., 3] = 128
+    return encode(Image.fromarray(pixels, "RGBA"), "PNG"), np.full((48, 64, 3), 127, np.uint8)
+
+
+def rgb_trns() -> Made:
+    picture = stepped()
+    expected = picture.copy()
+    expected[:, :16] = 255  # the darker quarter is the transparent colour
+    return encode(Image.fromarray(picture), "PNG", transparency=(97, 97, 97)), expected
+
+
+def gray_trns() -> Made:
     gray = stepped()[..., 0]
-    return encode(Image.fromarray(gray), "JPEG", quality=95), np.repeat(gray[..., None], 3, axis=2)
+    expected = gray3(np.where(gray == 97, 255, gray).astype(np.uint8))
+    return encode(Image.fromarray(gray), "PNG", transparency=97), expected
 
 
-def cmyk_jpeg() -> tuple[bytes, np.ndarray]:
+def cmyk_tiff() -> Made:
+    # R = (255 - C)(255 - K) / 255: C = M = Y = 0, K = 128 gives 127; K = 158 gives 97
+    cmyk = np.zeros((48, 64, 4), np.uint8)
+    cmyk[..., 3] = 128
+    cmyk[:, :16, 3] = 158
+    expected = np.full((48, 64, 3), 127, np.uint8)
+    expected[:, :16] = 97
+    return encode(Image.fromarray(cmyk, "CMYK"), "TIFF"), expected
+
+
+def cmyk_jpeg() -> Made:
     return encode(Image.fromarray(stepped()).convert("CMYK"), "JPEG", quality=95), stepped()
 
 
-def exif_rotated() -> tuple[bytes, np.ndarray]:
-    stored = stepped(96, 64)  # landscape as stored; orientation 6: rotate 90 degrees clockwise to show
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif), np.rot90(stored, k=-1)
+def ycbcr_tiff() -> Made:
+    # neutral chroma (Cb = Cr = 128): R = G = B = Y
+    ycc = np.full((48, 64, 3), 128, np.uint8)
+    ycc[..., 0] = 127
+    ycc[:, :16, 0] = 97
+    return encode(Image.fromarray(ycc, "YCbCr"), "TIFF"), stepped()
 
 
-def animated_gif() -> tuple[bytes, np.ndarray]:
+def lab_tiff() -> Made:
+    from skimage.color import lab2rgb
+
+    # L* 53.3 (sRGB ~127) with a muted purple left quarter; TIFF stores a*, b* as signed bytes
+    cie = np.zeros((48, 64, 3))
+    cie[..., 0] = 136 * 100 / 255
+    cie[:, :16] = (110 * 100 / 255, 22.0, -28.0)
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[..., 0] = np.rint(cie[..., 0] * 255 / 100)
+    stored[..., 1:] = cie[..., 1:].astype(np.int8).view(np.uint8)
+    expected = np.rint(lab2rgb(cie, illuminant="D65") * 255).astype(np.uint8)
+    return encode(Image.fromarray(stored, "LAB"), "TIFF"), expected
+
+
+def sixteen_bit_png() -> Made:
+    # high byte a ramp 112..143, low byte 0x55: keeping the low byte would give a flat 85
+    high = np.repeat((112 + np.arange(64) // 2).astype(np.uint16)[None, :], 48, axis=0)
+    return encode(Image.fromarray((high << 8) | 0x55), "PNG"), gray3(high.astype(np.uint8))
+
+
+def sixteen_bit_big_endian_tiff() -> Made:
+    high = np.repeat((112 + np.arange(64) // 2).astype(np.uint16)[None, :], 48, axis=0)
+    samples = ((high << 8) | 0xAA).astype(">u2")
+    image = Image.frombytes("I;16B", (64, 48), samples.tobytes())
+    return encode(image, "TIFF"), gray3(high.astype(np.uint8))
+
+
+def int32_tiff() -> Made:
+    high = np.repeat((112 + np.arange(64) // 2).astype(np.int32)[None, :], 48, axis=0)
+    return encode(Image.fromarray((high << 8) | 0x7F, "I"), "TIFF"), gray3(high.astype(np.uint8))
+
+
+def float_tiff() -> Made:
+    values = stepped()[..., 0].astype(np.float32) / 255.0
+    return encode(Image.fromarray(values, "F"), "TIFF"), stepped()
+
+
+def float_tiff_of(values: np.ndarray) -> bytes:
+    return encode(Image.fromarray(values.astype(np.float32), "F"), "TIFF")
+
+
+def exif_rotated(orientation: int, turns: int) -> Callable[[], Made]:
+    def make() -> Made:
+        stored = stepped(96, 64)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        return encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif), np.rot90(stored, k=turns)
+
+    return make
+
+
+def animated_gif() -> Made:
     frames = [np.full((40, 56, 3), value, np.uint8) for value in (127, 40)]
     images = [Image.fromarray(frame) for frame in frames]
-    data = encode(images[0], "GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
-    return data, frames[0]
+    return encode(images[0], "GIF", save_all=True, append_images=images[1:], duration=100), frames[0]
 
 
-def multipage_tiff() -> tuple[bytes, np.ndarray]:
+def multipage_tiff() -> Made:
     pages = [stepped(), np.full((48, 64, 3), 90, np.uint8)]
     images = [Image.fromarray(page) for page in pages]
     return encode(images[0], "TIFF", save_all=True, append_images=images[1:]), pages[0]
 
 
-def webp() -> tuple[bytes, np.ndarray]:
-    return encode(Image.fromarray(stepped(step=15)), "WEBP", lossless=True), stepped(step=15)
+def webp_alpha() -> Made:
+    pixels = np.zeros((48, 64, 4), np.uint8)
+    pixels[..., 3] = 128
+    return encode(Image.fromarray(pixels, "RGBA"), "WEBP", lossless=True), np.full((48, 64, 3), 127, np.uint8)
 
 
-def one_pixel() -> tuple[bytes, np.ndarray]:
-    pixel = np.full((1, 1, 3), 127, np.uint8)
-    return encode(Image.fromarray(pixel), "PNG"), pixel
+def plain(fmt: str, **params: Any) -> Callable[[], Made]:
+    return lambda: (encode(Image.fromarray(stepped(step=15)), fmt, **params), stepped(step=15))
+
+
+def sized(width: int, height: int) -> Callable[[], Made]:
+    return lambda: (
+        png(np.full((height, width, 3), 127, np.uint8)),
+        np.full((height, width, 3), 127, np.uint8),
+    )
 
 
 def truncated(fmt: str) -> bytes:
@@ -150,74 +251,408 @@ def truncated(fmt: str) -> bytes:
     return whole[: len(whole) // 2]
 
 
+# -- the request side ------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What a case may use to build its request: a misbehaving file server, a project folder."""
+
+    files: FileServer
+    folder: Path  # served by ``files``
+    project_folder: Path  # inside the project: local paths there are allowed
+
+    def url(self, name: str, data: bytes, *, fail: str | None = None, content_type: str | None = None) -> str:
+        (self.folder / name).write_bytes(data)
+        self.files.clear_failure(name)
+        if fail is not None:
+            self.files.fail(name, fail, delay=1.0)  # type: ignore[arg-type]
+        if content_type is not None:
+            self.files.content_type(name, content_type)
+        return self.files.url_for(name)
+
+    def redirect(self, name: str, location: str) -> str:
+        self.files.redirect(name, location)
+        return self.files.url_for(name)
+
+    def project_path(self, name: str, data: bytes) -> str:
+        (self.project_folder / name).write_bytes(data)
+        return str((self.project_folder / name).relative_to(PROJECT_ROOT))
+
+
+@dataclass(frozen=True)
+class Picture:
+    """Success: one JPG per image; image ``index`` shows ``expected`` (RGB)."""
+
+    expected: np.ndarray
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Fails:
+    """The prediction fails; the message starts ``images[index] (name): `` and contains ``reason``."""
+
+    index: int
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """An option or key is refused: 422 naming ``field`` over HTTP; an error naming it in-process."""
+
+    field: str
+
+
+Outcome = Picture | Fails | Invalid
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    build: Callable[[Context], tuple[list[str], dict[str, Any], Outcome]]
+
+
+def decodes(case_id: str, name: str, make: Callable[[], Made], as_url: bool = False) -> Case:
+    def build(context: Context) -> tuple[list[str], dict[str, Any], Outcome]:
+        data, expected = make()
+        item = context.url(name, data) if as_url else data_uri(data, name=name)
+        return [item], {}, Picture(expected)
+
+    return Case(case_id, build)
+
+
+def refused(case_id: str, name: str, make: Callable[[], bytes], reason: str, as_url: bool = False) -> Case:
+    def build(context: Context) -> tuple[list[str], dict[str, Any], Outcome]:
+        data = make()
+        item = context.url(name, data) if as_url else data_uri(data, name=name)
+        return [item], {}, Fails(0, name, reason)
+
+    return Case(case_id, build)
+
+
+def served(case_id: str, name: str, reason: str | None, **behaviour: Any) -> Case:
+    """A good picture behind a URL that misbehaves (``fail=``, ``content_type=``)."""
+
+    def build(context: Context) -> tuple[list[str], dict[str, Any], Outcome]:
+        picture = stepped()
+        url = context.url(name, png(picture), **behaviour)
+        return [url], {}, Picture(picture) if reason is None else Fails(0, name, reason)
+
+    return Case(case_id, build)
+
+
+def request(case_id: str, images: Callable[[Context], list[str]], outcome: Outcome, **options: Any) -> Case:
+    return Case(case_id, lambda context: (images(context), options, outcome))
+
+
+def fixed(case_id: str, item: str, outcome: Outcome) -> Case:
+    """A request of one fixed string (a URL, data URI or path)."""
+    return request(case_id, lambda context: [item], outcome)
+
+
+def option(case_id: str, field: str, **options: Any) -> Case:
+    """A good image with an option or key that must be refused, naming ``field``."""
+    return request(case_id, lambda context: [good_image()], Invalid(field), **options)
+
+
 def closed_port_url(name: str) -> str:
-    """A URL on 127.0.0.1 where nothing listens: the connection is refused."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}/{name}"
 
 
-@dataclass(frozen=True)
-class Decodes:
-    """A file that must decode: the output (no face) is ``expected`` (RGB) within ``tolerance``."""
-
-    id: str
-    name: str
-    make: Callable[[], tuple[bytes, np.ndarray]]
-    tolerance: float = 4.0  # mean absolute difference per channel level, from JPEG re-encoding
+def good_image() -> str:
+    return data_uri(png(np.full((48, 64, 3), 127, np.uint8)), name="ok.png")
 
 
-@dataclass(frozen=True)
-class Refused:
-    """A file that must fail naming ``images[0] (name)`` with ``reason`` in the message."""
-
-    id: str
-    name: str
-    make: Callable[[], bytes]
-    reason: str
-    served_at_url: bool = False  # sent as an http URL (in both paths) instead of a data URI
+def redirect_chain(context: Context) -> list[str]:
+    target = context.url("target.png", png(stepped()))
+    middle = context.redirect("middle.png", target)
+    return [context.redirect("start.png", middle.removeprefix(context.files.url.rstrip("/")))]
 
 
-DECODES = [
-    Decodes("16-bit-png", "deep.png", sixteen_bit),
-    Decodes("rgba-png", "alpha.png", rgba),
-    Decodes("palette-png", "palette.png", palette),
-    Decodes("gray-jpeg", "gray.jpg", gray_jpeg),
-    Decodes("cmyk-jpeg", "cmyk.jpg", cmyk_jpeg, tolerance=12.0),  # CMYK round trip is lossy
-    Decodes("exif-orientation-6", "rotated.jpg", exif_rotated),
-    Decodes("animated-gif-first-frame", "anim.gif", animated_gif),
-    Decodes("multipage-tiff-first-page", "pages.tiff", multipage_tiff),
-    Decodes("webp", "photo.webp", webp),
-    Decodes("1x1", "dot.png", one_pixel),
-]
+def redirect_loop(context: Context) -> list[str]:
+    context.redirect("ping.png", context.files.url_for("pong.png"))
+    return [context.redirect("pong.png", "/ping.png")]
 
-REFUSED = [
-    Refused("zero-bytes", "empty.jpg", lambda: b"", "the file is empty (0 bytes)"),
-    Refused("truncated-png", "cut.png", lambda: truncated("PNG"), "cannot decode the image"),
-    Refused("truncated-jpeg", "cut.jpg", lambda: truncated("JPEG"), "cannot decode the image"),
-    Refused("random-bytes-jpg", "noise.jpg", lambda: noise(64, 64).tobytes(), "not a readable image"),
-    Refused("text-file", "notes.txt", lambda: b"shopping list:\n- milk\n", "not a readable image"),
-    Refused(
-        "html-at-image-url",
-        "photo.jpg",
-        lambda: b"<!doctype html><html><head><title>Not Found</title></head><body>404</body></html>",
-        "not a readable image",
-        served_at_url=True,
+
+def third_of_three_is_bad(context: Context) -> list[str]:
+    return [good_image(), good_image(), data_uri(b"GIF89a but not really", name="fake.gif")]
+
+
+CASES = [
+    # formats and pixel modes: the right picture, by the README's rules
+    decodes("mode-1-png", "bits.png", bilevel),
+    decodes("mode-L-png", "gray.png", lambda: (png(stepped()[..., 0]), stepped())),
+    decodes("mode-LA-png", "gray-alpha.png", gray_alpha),
+    decodes("mode-P-png", "palette.png", palette),
+    decodes("mode-P-tRNS-png", "palette-trns.png", palette_trns),
+    decodes("mode-PA-tiff", "palette-alpha.tiff", palette_alpha_tiff),
+    decodes("mode-RGB-png", "rgb.png", plain("PNG")),
+    decodes("mode-RGBA-png", "alpha.png", rgba),
+    decodes("mode-RGB-tRNS-png", "rgb-trns.png", rgb_trns),
+    decodes("mode-L-tRNS-png", "gray-trns.png", gray_trns),
+    decodes("mode-CMYK-tiff", "cmyk.tiff", cmyk_tiff),
+    decodes("mode-CMYK-jpeg", "cmyk.jpg", cmyk_jpeg),
+    decodes("mode-YCbCr-tiff", "ycbcr.tiff", ycbcr_tiff),
+    decodes("mode-LAB-tiff", "lab.tiff", lab_tiff),
+    decodes("mode-I16-png", "deep.png", sixteen_bit_png),
+    decodes("mode-I16B-tiff", "deep-be.tiff", sixteen_bit_big_endian_tiff),
+    decodes("mode-I-tiff-16-bit-range", "int32.tiff", int32_tiff),
+    decodes("mode-F-tiff-0-to-1", "float.tiff", float_tiff),
+    refused(
+        "mode-I-tiff-over-16-bit",
+        "int32-big.tiff",
+        lambda: encode(Image.fromarray(np.full((8, 8), 1 << 20, np.int32), "I"), "TIFF"),
+        "32-bit integer samples range 1048576..1048576",
     ),
-    Refused(
+    refused(
+        "mode-F-tiff-0-to-255",
+        "float255.tiff",
+        lambda: float_tiff_of(stepped()[..., 0].astype(np.float32)),
+        "32-bit float samples range 97..127; only 0..1 is supported",
+    ),
+    refused(
+        "mode-F-tiff-nan",
+        "float-nan.tiff",
+        lambda: float_tiff_of(np.full((8, 8), np.nan)),
+        "NaN or infinity",
+    ),
+    decodes("jpeg-gray", "gray.jpg", lambda: (encode(Image.fromarray(stepped()[..., 0]), "JPEG"), stepped())),
+    decodes("exif-orientation-6", "rotated6.jpg", exif_rotated(6, -1)),
+    decodes("exif-orientation-8", "rotated8.jpg", exif_rotated(8, 1)),
+    decodes("exif-orientation-3", "rotated3.jpg", exif_rotated(3, 2)),
+    decodes("animated-gif-first-frame", "anim.gif", animated_gif),
+    decodes("multipage-tiff-first-page", "pages.tiff", multipage_tiff),
+    decodes("webp-lossless", "photo.webp", plain("WEBP", lossless=True)),
+    decodes("webp-alpha", "alpha.webp", webp_alpha),
+    decodes("bmp", "photo.bmp", plain("BMP")),
+    # sizes and aspect ratios
+    decodes("1x1", "dot.png", sized(1, 1)),
+    decodes("aspect-16-to-1", "wide.png", sized(1024, 64)),
+    decodes("aspect-1-to-16", "tall.png", sized(64, 1024)),
+    refused(
+        "aspect-17-to-1", "wider.png", lambda: png(np.full((64, 1088, 3), 127, np.uint8)), "too elongated"
+    ),
+    refused(
+        "30000x1", "strip.png", lambda: png(np.full((1, 30000, 3), 127, np.uint8)), "30000x1 is too elongated"
+    ),
+    refused(
+        "1x30000",
+        "column.png",
+        lambda: png(np.full((30000, 1, 3), 127, np.uint8)),
+        "1x30000 is too elongated",
+    ),
+    refused(
         "pixel-bomb-header",
         "bomb.png",
         lambda: png_header_claiming(100_000, 100_000),
         "100000x100000 is 10000.0 megapixels, over the limit",
     ),
+    # unreadable files
+    refused("zero-bytes", "empty.jpg", lambda: b"", "the file is empty (0 bytes)"),
+    refused("truncated-png", "cut.png", lambda: truncated("PNG"), "cannot decode the image"),
+    refused("truncated-jpeg", "cut.jpg", lambda: truncated("JPEG"), "cannot decode the image"),
+    refused("random-bytes", "noise.jpg", lambda: noise(64, 64).tobytes(), "not a readable image"),
+    refused("text-file", "notes.txt", lambda: b"shopping list:\n- milk\n", "not a readable image"),
+    refused(
+        "unsupported-format-ico",
+        "icon.ico",
+        lambda: encode(Image.fromarray(stepped(32, 32)), "ICO"),
+        "unsupported image format ICO",
+    ),
+    request("bad-third-of-three", third_of_three_is_bad, Fails(2, "fake.gif", "not a readable image")),
+    # URLs
+    decodes("url-png", "photo.png", plain("PNG"), as_url=True),
+    served("url-wrong-content-type", "typed.png", None, content_type="text/plain"),
+    request("url-two-redirects", redirect_chain, Picture(stepped())),
+    served("url-404", "gone.png", "the server answered 404", fail="not_found"),
+    served("url-500", "broken.png", "the server answered 500", fail="server_error"),
+    refused(
+        "url-html-page",
+        "page.jpg",
+        lambda: b"<!doctype html><html><head><title>Not Found</title></head><body>404</body></html>",
+        "not a readable image",
+        as_url=True,
+    ),
+    refused("url-empty-body", "nothing.jpg", lambda: b"", "the file is empty (0 bytes)", as_url=True),
+    served("url-cut-mid-body", "reset.png", "the connection broke before the whole file arrived", fail="cut"),
+    served(
+        "url-closed-mid-body",
+        "short.png",
+        "the connection broke before the whole file arrived",
+        fail="truncated",
+    ),
+    served("url-one-byte-a-second", "drip.png", f"did not finish within {FETCH_TIMEOUT_S} s", fail="drip"),
+    served("url-endless-body", "endless.png", "the file is over 256 MB", fail="endless"),
+    served("url-declares-1-tb", "huge.png", "the file is over 256 MB", fail="huge_length"),
+    request(
+        "url-redirect-to-file",
+        lambda context: [context.redirect("escape.png", "file:///etc/passwd")],
+        Fails(0, "escape.png", "redirects to file://; only http(s) redirects are followed"),
+    ),
+    request(
+        "url-redirect-loop",
+        redirect_loop,
+        Fails(0, "pong.png", "redirects more than 5 times"),
+    ),
+    request(
+        "url-connection-refused",
+        lambda context: [closed_port_url("gone.jpg")],
+        Fails(0, "gone.jpg", "could not connect: Connection refused"),
+    ),
+    fixed("url-ftp-scheme", "ftp://127.0.0.1/photo.jpg", Fails(0, "photo.jpg", "ftp:// is not accepted")),
+    fixed("url-file-scheme", "file:///etc/passwd", Fails(0, "passwd", "file:// is not accepted")),
+    # data URIs
+    fixed(
+        "data-uri-bad-base64",
+        "data:image/png;name=pad.png;base64,AAA",
+        Fails(0, "pad.png", "the data URI's base64 payload is invalid"),
+    ),
+    fixed(
+        "data-uri-not-base64-alphabet",
+        "data:image/png;name=junk.png;base64,@@@@",
+        Fails(0, "junk.png", "the data URI's base64 payload is invalid"),
+    ),
+    request(
+        "data-uri-percent-encoded",
+        lambda context: ["data:image/png;name=plain.png," + "".join(f"%{b:02x}" for b in png(stepped()))],
+        Picture(stepped()),
+    ),
+    fixed(
+        "data-uri-empty",
+        "data:image/jpeg;name=none.jpg;base64,",
+        Fails(0, "none.jpg", "the file is empty (0 bytes)"),
+    ),
+    request(
+        "data-uri-unnamed",
+        lambda context: [data_uri(b"not an image", media_type="image/png")],
+        Fails(0, "data URI, image/png", "not a readable image"),
+    ),
+    # local paths
+    request(
+        "path-inside-project",
+        lambda context: [context.project_path("canvas.png", png(stepped()))],
+        Picture(stepped()),
+    ),
+    fixed(
+        "path-outside-project",
+        "/etc/hostname",
+        Fails(0, "hostname", "local paths must point inside the project folder"),
+    ),
+    fixed(
+        "path-dotdot",
+        "data/../../../etc/hostname",
+        Fails(0, "hostname", "local paths must point inside the project folder"),
+    ),
+    fixed(
+        "path-missing",
+        "data/no-such-photo.jpg",
+        Fails(0, "no-such-photo.jpg", "no such file in the project folder"),
+    ),
+    # options and keys
+    option("fidelity-below-0", "codeformer_fidelity", codeformer_fidelity=-0.1),
+    option("fidelity-above-1", "codeformer_fidelity", codeformer_fidelity=1.1),
+    option("fidelity-text", "codeformer_fidelity", codeformer_fidelity="high"),
+    request(
+        "profile-unknown", lambda context: [good_image()], Invalid("runtime_profile"), runtime_profile="turbo"
+    ),
+    request(
+        "mode-unknown", lambda context: [good_image()], Invalid("stability_mode"), stability_mode="reckless"
+    ),
+    request(
+        "backend-unknown", lambda context: [good_image()], Invalid("compile_backend"), compile_backend="trt"
+    ),
+    option("misspelled-key", "codeformer_fidelty", codeformer_fidelty=0.9),
+    request("unknown-key", lambda context: [good_image()], Invalid("upscale"), upscale=2),
+    request("no-images", lambda context: [], Invalid("images")),
+    request("five-images", lambda context: [good_image()] * 5, Invalid("images")),
 ]
-# already covered in-process by test_predictor.py (see the module docstring)
-IN_PROCESS_COVERED = {"truncated-jpeg", "text-file"}
 
 
-def good_image() -> str:
-    return data_uri(encode(Image.fromarray(np.full((48, 64, 3), 127, np.uint8)), "PNG"), name="ok.png")
+# -- the two transports ------------------------------------------------------------------------
+@dataclass
+class Answer:
+    """What a transport made of a request, in one shape for the assertions."""
+
+    outputs: list[bytes] = field(default_factory=list)
+    error: str | None = None  # a failed prediction's message
+    invalid: str | None = None  # the refused field's name and message (422 / error before running)
+
+
+class Transport:
+    name: str
+
+    def send(self, images: list[str], options: dict[str, Any]) -> Answer:
+        raise NotImplementedError
+
+
+class InProcess(Transport):
+    name = "in-process"
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    def send(self, images: list[str], options: dict[str, Any]) -> Answer:
+        try:
+            paths = self.predictor.predict(images=images, **{**DEFAULTS, **options})
+        except TypeError as exc:  # an unknown keyword: Python names it
+            return Answer(invalid=str(exc))
+        except CodeFormerError as exc:
+            message = str(exc)
+            return Answer(error=message) if message.startswith("images[") else Answer(invalid=message)
+        return Answer(outputs=[path.read_bytes() for path in paths])
+
+
+class OverHttp(Transport):
+    name = "http"
+
+    def __init__(self, server: CogServer) -> None:
+        assert server.client is not None
+        self.server = server
+        self.client = server.client
+
+    def send(self, images: list[str], options: dict[str, Any]) -> Answer:
+        result = self.client.predict({"images": images, **{**DEFAULTS, **options}})
+        if result.http_status == 422:
+            return Answer(invalid=json.dumps(result.body["detail"]))
+        assert result.http_status == 200, result.body
+        if result.status == "succeeded":
+            return Answer(outputs=result.output_bytes())
+        assert result.status == "failed" and result.output == [], result.body
+        return Answer(error=result.error)
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Context]:
+    folder = tmp_path_factory.mktemp("served-inputs")
+    project_folder = Path(tempfile.mkdtemp(prefix=".test-inputs-", dir=PROJECT_ROOT))
+    try:
+        with FileServer(folder) as files:
+            yield Context(files, folder, project_folder)
+    finally:
+        shutil.rmtree(project_folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def in_process(faceless_weights_dir: Path) -> InProcess:
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in TRANSPORT_ENV.items():
+            env.setenv(name, value)
+        return InProcess(set_up_predictor(faceless_weights_dir))
+
+
+@pytest.fixture(scope="module")
+def over_http(faceless_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OverHttp]:
+    log_path = tmp_path_factory.mktemp("matrix-server") / "cog-server.log"
+    env = {"CODEFORMER_WEIGHTS_DIR": str(faceless_weights_dir), **TRANSPORT_ENV}
+    with CogServer(env=env, log_path=log_path) as server:
+        yield OverHttp(server)
+
+
+@pytest.fixture(params=["in-process", "http"])
+def transport(request: pytest.FixtureRequest) -> Transport:
+    return request.getfixturevalue("in_process" if request.param == "in-process" else "over_http")
 
 
 def output_rgb(data: bytes) -> np.ndarray:
@@ -226,246 +661,74 @@ def output_rgb(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def assert_shows(output: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
-    assert output.shape == expected.shape, f"output {output.shape}, expected {expected.shape}"
-    difference = np.abs(output.astype(np.int16) - expected.astype(np.int16)).mean()
-    assert difference <= tolerance, f"mean difference {difference:.1f} > {tolerance}"
-
-
-def record(path: str, case: str, outcome: str, message: str) -> None:
-    """Append the case's outcome to $BAD_INPUT_MATRIX_OUT (for the issue's matrix), if set."""
+def record(transport: str, case: str, outcome: str, message: str) -> None:
     target = os.environ.get(MATRIX_OUT_ENV)
     if target:
         with open(target, "a") as out:
-            out.write(json.dumps({"path": path, "case": case, "outcome": outcome, "message": message}) + "\n")
+            out.write(
+                json.dumps({"transport": transport, "case": case, "outcome": outcome, "message": message})
+            )
+            out.write("\n")
 
 
-# -- in-process ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def predictor(weights_dir: Path) -> Predictor:
-    return set_up_predictor(weights_dir)
+def check(answer: Answer, outcome: Outcome, image_count: int) -> str:
+    """Assert the answer matches the stated outcome; returns a line for the record."""
+    if isinstance(outcome, Picture):
+        assert answer.error is None and answer.invalid is None, answer
+        assert len(answer.outputs) == image_count
+        expected = outcome.expected
+        shown = output_rgb(answer.outputs[outcome.index])
+        assert shown.shape == expected.shape, f"output {shown.shape}, expected {expected.shape}"
+        difference = np.abs(shown.astype(np.int16) - expected.astype(np.int16)).mean()
+        assert difference <= JPEG_TOLERANCE, f"mean difference {difference:.1f} from the known answer"
+        return f"{shown.shape[1]}x{shown.shape[0]} JPG, mean difference {difference:.2f}"
+    if isinstance(outcome, Fails):
+        assert answer.error is not None, f"expected a failure naming images[{outcome.index}], got {answer}"
+        assert answer.error.startswith(f"images[{outcome.index}] ({outcome.name}): "), answer.error
+        assert outcome.reason in answer.error, answer.error
+        assert str(PROJECT_ROOT) not in answer.error and "/tmp/" not in answer.error, answer.error
+        return answer.error
+    assert answer.invalid is not None, f"expected {outcome.field} to be refused, got {answer}"
+    assert outcome.field in answer.invalid, answer.invalid
+    return answer.invalid
 
 
-@pytest.fixture(scope="module")
-def image_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FileServer, Path]]:
-    folder = tmp_path_factory.mktemp("bad-input-files")
-    with FileServer(folder) as server:
-        yield server, folder
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_input_case_gives_its_stated_outcome(transport: Transport, context: Context, case: Case) -> None:
+    images, options, outcome = case.build(context)
+    answer = transport.send(images, options)
+    line = check(answer, outcome, len(images))
+    record(transport.name, case.id, type(outcome).__name__, line)
+    if not isinstance(outcome, Picture):
+        good = transport.send([good_image()], {})
+        assert good.error is None and good.invalid is None and len(good.outputs) == 1, good
 
 
-def predict_in_process(predictor: Predictor, images: list[str], **options: object) -> list[bytes]:
-    return [path.read_bytes() for path in predictor.predict(images=images, **{**DEFAULTS, **options})]
+def test_the_matrix_is_at_least_60_cases_per_transport() -> None:
+    assert len({case.id for case in CASES}) == len(CASES) >= 60
 
 
-def assert_in_process_good_request(predictor: Predictor) -> None:
-    [output] = predict_in_process(predictor, [good_image()])
-    assert output_rgb(output).shape == (48, 64, 3)
+# -- memory: a pixel bomb allocates nothing ----------------------------------------------------
+def peak_growth_kib(pid: int, send: Callable[[], Answer]) -> tuple[Answer, int]:
+    if not reset_peak_rss(pid):
+        pytest.skip(f"/proc/{pid}/clear_refs is not writable here: cannot reset the peak RSS")
+    before_kib = status_kib(pid, "VmRSS")
+    answer = send()
+    return answer, status_kib(pid, "VmHWM") - before_kib
 
 
-def in_process_input(case: Refused, data: bytes, image_server: tuple[FileServer, Path]) -> str:
-    if case.served_at_url:
-        server, folder = image_server
-        (folder / case.name).write_bytes(data)
-        return server.url_for(case.name)
-    return data_uri(data, name=case.name)
-
-
-@pytest.mark.parametrize("case", DECODES, ids=lambda case: case.id)
-def test_in_process_file_decodes_to_the_right_picture(predictor: Predictor, case: Decodes) -> None:
-    data, expected = case.make()
-    [output] = predict_in_process(predictor, [data_uri(data, name=case.name)])
-    assert_shows(output_rgb(output), expected, case.tolerance)
-    record("in-process", case.id, "succeeded", f"{expected.shape[1]}x{expected.shape[0]} JPG, as decoded")
-
-
-@pytest.mark.parametrize(
-    "case", [c for c in REFUSED if c.id not in IN_PROCESS_COVERED], ids=lambda case: case.id
-)
-def test_in_process_bad_file_fails_naming_it_then_a_good_request_succeeds(
-    predictor: Predictor, case: Refused, image_server: tuple[FileServer, Path]
+@pytest.mark.parametrize("claimed", [(100_000, 100_000), (30_000, 1)], ids=["bomb", "strip"])
+def test_oversized_images_leave_the_worker_memory_flat(
+    transport: Transport, claimed: tuple[int, int]
 ) -> None:
-    item = in_process_input(case, case.make(), image_server)
-    with pytest.raises(CodeFormerError) as error:
-        predict_in_process(predictor, [item])
-    message = str(error.value)
-    assert message.startswith(f"images[0] ({case.name}): "), message
-    assert case.reason in message
-    record("in-process", case.id, "failed", message)
-    assert_in_process_good_request(predictor)
-
-
-def test_in_process_pixel_bomb_leaves_memory_flat(predictor: Predictor) -> None:
-    if not reset_peak_rss(os.getpid()):
-        pytest.skip("/proc/self/clear_refs is not writable here: cannot reset the peak RSS")
-    before_kib = status_kib(os.getpid(), "VmRSS")
-    with pytest.raises(CodeFormerError, match="over the limit"):
-        predict_in_process(predictor, [data_uri(png_header_claiming(100_000, 100_000), name="bomb.png")])
-    peak_growth_kib = status_kib(os.getpid(), "VmHWM") - before_kib
-    record("in-process", "pixel-bomb-memory", "flat", f"peak RSS growth {peak_growth_kib} KiB")
-    assert peak_growth_kib < PIXEL_BOMB_MAX_GROWTH_KIB
-
-
-def test_in_process_unreachable_url_fails_naming_it(predictor: Predictor) -> None:
-    url = closed_port_url("gone.jpg")
-    with pytest.raises(CodeFormerError) as error:
-        predict_in_process(predictor, [url])
-    message = str(error.value)
-    assert message.startswith("images[0] (gone.jpg): cannot read the file"), message
-    record("in-process", "unreachable-url", "failed", message)
-    assert_in_process_good_request(predictor)
-
-
-def test_in_process_file_url_is_not_read(predictor: Predictor) -> None:
-    with pytest.raises(CodeFormerError) as error:
-        predict_in_process(predictor, ["file:///etc/passwd"])
-    message = str(error.value)
-    assert message.startswith("images[0] (passwd): file:// is not accepted"), message
-    assert "root:" not in message
-    record("in-process", "file-url", "failed", message)
-
-
-def test_in_process_64x64_face_photo_keeps_its_size(predictor: Predictor) -> None:
-    # tiny faces go through the enlargement to the working size and back (spec §4.1)
-    [output] = predict_in_process(predictor, [data_uri(encode(Image.fromarray(face_photo(64, 64)), "PNG"))])
-    assert output_rgb(output).shape == (64, 64, 3)
-    record("in-process", "64x64-face", "succeeded", "64x64 JPG")
-
-
-def test_in_process_same_image_four_times_gives_four_identical_outputs(predictor: Predictor) -> None:
-    photo = data_uri(encode(Image.fromarray(face_photo(160, 160)), "JPEG", quality=92), name="face.jpg")
-    outputs = predict_in_process(predictor, [photo] * 4)
-    assert len(outputs) == 4 and all(output == outputs[0] for output in outputs)
-    # a face was restored in each (a re-encode of the input would not prove batch independence)
-    difference = np.abs(output_rgb(outputs[0]).astype(np.int16) - face_photo(160, 160)).mean()
-    assert difference > 2.0
-    record("in-process", "same-image-4x", "succeeded", "4 identical JPGs")
-
-
-# -- HTTP ----------------------------------------------------------------------------------
-@dataclass
-class Running:
-    server: CogServer
-    client: CogClient
-    files: FileServer
-    folder: Path
-
-
-@pytest.fixture(scope="module")
-def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    folder = tmp_path_factory.mktemp("served-bad-inputs")
-    log_path = tmp_path_factory.mktemp("bad-inputs-server") / "cog-server.log"
-    env = {"CODEFORMER_WEIGHTS_DIR": str(weights_dir), "CODEFORMER_MAX_FACES": "1"}
-    with FileServer(folder) as files, CogServer(env=env, log_path=log_path) as server:
-        assert server.client is not None
-        yield Running(server, server.client, files, folder)
-
-
-def http_predict(running: Running, images: list[str], **options: object) -> PredictionResult:
-    return running.client.predict({"images": images, **{**DEFAULTS, **options}})
-
-
-def assert_http_good_request(running: Running) -> None:
-    result = http_predict(running, [good_image()])
-    assert result.status == "succeeded", result.error
-    assert output_rgb(result.output_bytes()[0]).shape == (48, 64, 3)
-
-
-def serve(running: Running, name: str, data: bytes) -> str:
-    (running.folder / name).write_bytes(data)
-    return running.files.url_for(name)
-
-
-def assert_http_failed(result: PredictionResult, prefix: str, reason: str) -> None:
-    assert result.http_status == 200, result.body
-    assert result.status == "failed", result.body
-    assert result.output == []
-    assert prefix in result.error, result.error
-    assert reason in result.error, result.error
-
-
-@pytest.mark.parametrize("case", DECODES, ids=lambda case: case.id)
-def test_http_file_decodes_to_the_right_picture(running: Running, case: Decodes) -> None:
-    # sent as URLs: coglet downloads them and the predictor names them by their file name
-    data, expected = case.make()
-    result = http_predict(running, [serve(running, case.name, data)])
-    assert result.status == "succeeded", result.error
-    assert_shows(output_rgb(result.output_bytes()[0]), expected, case.tolerance)
-    record("http", case.id, "succeeded", f"{expected.shape[1]}x{expected.shape[0]} JPG, as decoded")
-
-
-@pytest.mark.parametrize("case", REFUSED, ids=lambda case: case.id)
-def test_http_bad_file_fails_naming_it_then_a_good_request_succeeds(running: Running, case: Refused) -> None:
-    result = http_predict(running, [serve(running, case.name, case.make())])
-    assert_http_failed(result, f"images[0] ({case.name}): ", case.reason)
-    record("http", case.id, "failed", result.error)
-    assert_http_good_request(running)
-
-
-def test_http_empty_data_uri_fails_naming_it(running: Running) -> None:
-    # a data URI is downloaded by coglet too; an empty one must still reach our check
-    result = http_predict(running, [data_uri(b"", name="empty.jpg", media_type="image/jpeg")])
-    assert_http_failed(result, "images[0] (", "the file is empty (0 bytes)")
-    record("http", "zero-bytes-data-uri", "failed", result.error)
-    assert_http_good_request(running)
-
-
-def test_http_pixel_bomb_leaves_the_worker_memory_flat(running: Running) -> None:
-    assert running.server.process is not None
-    worker = find_worker_pid(running.server.process.pid)
-    assert worker is not None, "no coglet worker among the server's children"
-    if not reset_peak_rss(worker):
-        pytest.skip(f"/proc/{worker}/clear_refs is not writable here: cannot reset the peak RSS")
-    before_kib = status_kib(worker, "VmRSS")
-    result = http_predict(running, [serve(running, "bomb.png", png_header_claiming(100_000, 100_000))])
-    assert_http_failed(result, "images[0] (bomb.png): ", "over the limit")
-    peak_growth_kib = status_kib(worker, "VmHWM") - before_kib
-    record("http", "pixel-bomb-memory", "flat", f"worker peak RSS growth {peak_growth_kib} KiB")
-    assert peak_growth_kib < PIXEL_BOMB_MAX_GROWTH_KIB
-
-
-@pytest.mark.parametrize("fidelity", [-0.1, 1.1])
-def test_http_fidelity_out_of_range_gets_422(running: Running, fidelity: float) -> None:
-    result = http_predict(running, [good_image()], codeformer_fidelity=fidelity)
-    assert result.http_status == 422, result.body
-    [detail] = result.body["detail"]
-    assert detail["loc"] == ["body", "input", "codeformer_fidelity"]
-    record("http", f"fidelity-{fidelity}", "422", json.dumps(detail))
-
-
-def test_http_unreachable_url_fails_naming_it(running: Running) -> None:
-    url = closed_port_url("gone.jpg")
-    result = http_predict(running, [url])
-    assert result.http_status == 200 and result.status == "failed", result.body
-    # coglet fetches an all-URL list itself, before predict(): its message names the host, port and path
-    port = url.split(":")[2].split("/")[0]
-    assert "/gone.jpg" in result.error and port in result.error, result.error
-    assert "Connection refused" in result.error, result.error
-    record("http", "unreachable-url", "failed", result.error)
-    assert_http_good_request(running)
-
-
-def test_http_file_url_is_not_read(running: Running) -> None:
-    result = http_predict(running, ["file:///etc/passwd"])
-    assert result.status != "succeeded", result.body
-    assert "root:" not in json.dumps(result.body)
-    record(
-        "http", "file-url", f"{result.http_status} {result.status}", result.error or json.dumps(result.body)
-    )
-    assert_http_good_request(running)
-
-
-def test_http_64x64_face_photo_keeps_its_size(running: Running) -> None:
-    result = http_predict(running, [data_uri(encode(Image.fromarray(face_photo(64, 64)), "PNG"))])
-    assert result.status == "succeeded", result.error
-    assert output_rgb(result.output_bytes()[0]).shape == (64, 64, 3)
-    record("http", "64x64-face", "succeeded", "64x64 JPG")
-
-
-def test_http_same_image_four_times_gives_four_identical_outputs(running: Running) -> None:
-    photo = data_uri(encode(Image.fromarray(face_photo(160, 160)), "JPEG", quality=92), name="face.jpg")
-    result = http_predict(running, [photo] * 4)
-    assert result.status == "succeeded", result.error
-    outputs = result.output_bytes()
-    assert len(outputs) == 4 and all(output == outputs[0] for output in outputs)
-    assert result.logs.count("kept=1") == 4  # each copy had its face restored
-    record("http", "same-image-4x", "succeeded", "4 identical JPGs")
+    if isinstance(transport, OverHttp):
+        assert transport.server.process is not None
+        pid = find_worker_pid(transport.server.process.pid)
+        assert pid is not None, "no coglet worker among the server's children"
+    else:
+        pid = os.getpid()
+    data = png_header_claiming(*claimed)
+    answer, growth_kib = peak_growth_kib(pid, lambda: transport.send([data_uri(data, name="big.png")], {}))
+    assert answer.error is not None and answer.error.startswith("images[0] (big.png): "), answer
+    record(transport.name, f"memory-{claimed[0]}x{claimed[1]}", "flat", f"peak RSS growth {growth_kib} KiB")
+    assert growth_kib < PIXEL_BOMB_MAX_GROWTH_KIB

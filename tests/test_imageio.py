@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 
 from codeformer.errors import InputError
-from codeformer.imageio import decode_image, encode_jpeg
+from codeformer.imageio import decode_image, encode_jpeg, to_rgb8
+from codeformer.stages.prepare import check_image_size, to_working_image, working_size
 
 LIMIT = 40_000_000
 
@@ -148,10 +150,11 @@ def test_huge_header_is_refused_before_decoding() -> None:
 
 
 def test_pixel_limit_is_configurable() -> None:
-    data = _encode(Image.fromarray(_gradient(64, 48)), "PNG")
-    decode_image(data, "ok.png", 64 * 48)
+    # short side over 640: the pipeline's copies are no larger than the image
+    data = _encode(Image.fromarray(_gradient(800, 700)), "PNG")
+    decode_image(data, "ok.png", 800 * 700)
     with pytest.raises(InputError, match="over the limit"):
-        decode_image(data, "ok.png", 64 * 48 - 1)
+        decode_image(data, "ok.png", 800 * 700 - 1)
 
 
 def test_tiny_images_decode() -> None:
@@ -166,3 +169,94 @@ def test_encode_jpeg_round_trips_size_and_colour() -> None:
     decoded = decode_image(data, "out.jpg", LIMIT)
     assert decoded.shape == bgr.shape
     assert np.abs(decoded.astype(int) - bgr).mean() < 3
+
+
+# -- one rule per Pillow mode (to_rgb8), on pictures whose conversion is known ------------------
+def _pixels(mode: str, values: list, size: tuple[int, int] = (2, 1)) -> Image.Image:
+    image = Image.new(mode, size)
+    image.putdata(values)
+    return image
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (_pixels("1", [0, 255]), [[0, 0, 0], [255, 255, 255]]),
+        (_pixels("L", [0, 200]), [[0, 0, 0], [200, 200, 200]]),
+        # straight alpha over white: c * a / 255 + 255 - a, rounded
+        (_pixels("LA", [(0, 128), (200, 255)]), [[127, 127, 127], [200, 200, 200]]),
+        (_pixels("RGBA", [(255, 0, 0, 0), (10, 20, 30, 255)]), [[255, 255, 255], [10, 20, 30]]),
+        # premultiplied alpha over white: c + 255 - a
+        (_pixels("La", [(0, 128), (100, 100)]), [[127, 127, 127], [255, 255, 255]]),
+        (_pixels("RGBa", [(50, 60, 70, 128), (0, 0, 0, 0)]), [[177, 187, 197], [255, 255, 255]]),
+        (_pixels("RGBX", [(10, 20, 30, 99), (40, 50, 60, 0)]), [[10, 20, 30], [40, 50, 60]]),
+        # CMYK: (255 - C)(255 - K) / 255
+        (_pixels("CMYK", [(0, 0, 0, 128), (255, 0, 0, 0)]), [[127, 127, 127], [0, 255, 255]]),
+        (_pixels("YCbCr", [(128, 128, 128), (200, 128, 128)]), [[128, 128, 128], [200, 200, 200]]),
+        (_pixels("HSV", [(0, 255, 255), (0, 0, 128)]), [[255, 0, 0], [128, 128, 128]]),
+        (_pixels("I;16", [0x1234, 0xFFFF]), [[0x12] * 3, [0xFF] * 3]),
+        (_pixels("I;16B", [0x8001, 0x00FF]), [[0x80] * 3, [0] * 3]),
+        (_pixels("I", [0x4000, 65535]), [[0x40] * 3, [255] * 3]),
+        (_pixels("F", [0.0, 1.0]), [[0] * 3, [255] * 3]),
+        # L* 100 and 0 with a* = b* = 0 are sRGB white and black (Pillow's API offsets a*, b* by 128)
+        (_pixels("LAB", [(255, 128, 128), (0, 128, 128)]), [[255, 255, 255], [0, 0, 0]]),
+    ],
+    ids=lambda value: value.mode if isinstance(value, Image.Image) else "",
+)
+def test_every_mode_converts_by_its_rule(image: Image.Image, expected: list) -> None:
+    np.testing.assert_array_equal(to_rgb8(image), np.array([expected], np.uint8))
+
+
+def test_palette_transparency_entry_is_white_not_the_palette_colour() -> None:
+    image = _pixels("P", [0, 1])
+    image.putpalette([0, 0, 0, 90, 90, 90] + [0] * 762)
+    image.info["transparency"] = 0
+    np.testing.assert_array_equal(to_rgb8(image), np.array([[[255] * 3, [90] * 3]], np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("image", "reason"),
+    [
+        (_pixels("F", [0.0, 255.0]), "range 0..255; only 0..1"),
+        (_pixels("F", [-0.5, 0.5]), "range -0.5..0.5"),
+        (_pixels("F", [float("nan"), 0.5]), "NaN or infinity"),
+        (_pixels("I", [-1, 10]), "range -1..10"),
+        (_pixels("I", [0, 1 << 20]), "range 0..1048576"),
+    ],
+    ids=["float-255", "float-negative", "float-nan", "int-negative", "int-over-16-bit"],
+)
+def test_samples_outside_the_rule_are_refused(image: Image.Image, reason: str) -> None:
+    with pytest.raises(InputError, match=re.escape(reason)):
+        to_rgb8(image)
+
+
+def test_a_mode_without_a_rule_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from codeformer import imageio
+
+    monkeypatch.delitem(imageio.PIXEL_RULES, "HSV")
+    with pytest.raises(InputError, match="pixel mode HSV is not supported"):
+        to_rgb8(_pixels("HSV", [(0, 0, 0), (0, 0, 0)]))
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "reason"),
+    [
+        (30000, 1, "30000x1 is too elongated (aspect ratio 30000.0:1, at most 16:1)"),
+        (1, 30000, "1x30000 is too elongated"),
+        (1089, 68, "too elongated"),
+        (9000, 9000, "81.0 megapixels, over the limit of 40.0"),
+        (0, 5, "no pixels"),
+    ],
+)
+def test_sizes_are_checked_before_any_copy_is_made(width: int, height: int, reason: str) -> None:
+    with pytest.raises(InputError, match=re.escape(reason)):
+        check_image_size(height, width, LIMIT)
+
+
+def test_the_copies_the_pipeline_makes_count_against_the_limit() -> None:
+    # 100x100 itself is 0.01 MP; the pipeline's detector copy of it is 640x640 = 0.41 MP
+    check_image_size(100, 100, 640 * 640)
+    with pytest.raises(InputError, match=r"face detector's copy of this 100x100 image is 640x640"):
+        check_image_size(100, 100, 640 * 640 - 1)
+    # working_size computes what the resize makes, without making it
+    assert working_size(100, 150) == to_working_image(np.zeros((100, 150, 3), np.uint8))[0].shape[:2]

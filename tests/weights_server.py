@@ -129,6 +129,10 @@ class FileServer:
         with self._lock:
             self._failures.clear()
 
+    def clear_failure(self, path: str) -> None:
+        with self._lock:
+            self._failures.pop(path.lstrip("/"), None)
+
     def redirect(self, path: str, location: str) -> None:
         """Answer requests for ``path`` with ``302 Found`` to ``location``."""
         with self._lock:
