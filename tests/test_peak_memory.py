@@ -1,0 +1,29 @@
+"""``benchmarks/peak_memory.py``: four images at the pixel limit stay within the README's bound.
+
+The most elongated accepted shape (16:1) is the worst case: its detector copy is the
+largest the pipeline makes. Run in a fresh process, so that the peak is this request's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# README, "How pixels are read": measured 2.4 GB above the warm worker on the CPU
+DOCUMENTED_PEAK_GROWTH_MIB = 3 * 1024
+
+
+@pytest.mark.slow
+def test_four_images_at_the_limit_stay_within_the_documented_peak(faceless_weights_dir: Path) -> None:
+    command = [sys.executable, "-m", "benchmarks.peak_memory", f"--weights-dir={faceless_weights_dir}"]
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["images"] == 4 and report["image_size"] == [25296, 1581]
+    assert report["image_size"][0] * report["image_size"][1] <= report["max_pixels"]
+    assert 0 < report["peak_growth_mib"] < DOCUMENTED_PEAK_GROWTH_MIB, report
