@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# README, "How pixels are read": measured 2.4 GB above the warm worker on the CPU
-DOCUMENTED_PEAK_GROWTH_MIB = 3 * 1024
+# README, "How pixels are read": measured +2.4 to +3.2 GB above the warm worker on the CPU
+# (how much of it glibc's retained heap already holds varies from run to run)
+DOCUMENTED_PEAK_GROWTH_MIB = 4 * 1024
 
 
 @pytest.mark.slow

@@ -20,11 +20,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_plan_mixes_good_faces_and_every_bad_kind_in_turn() -> None:
-    kinds = plan(requests_total=40, face_every=3, bad_every=4)
-    assert len(kinds) == 40
+    kinds = plan(requests_total=48, face_every=3, bad_every=4)
+    assert len(kinds) == 48 and len(BAD_KINDS) <= 48 // 4
     bad = [kind for kind in kinds if kind not in ("flat", "faces")]
     assert bad[: len(BAD_KINDS)] == [kind.name for kind in BAD_KINDS]
-    assert [index for index, kind in enumerate(kinds) if kind in bad] == list(range(3, 40, 4))
+    assert [index for index, kind in enumerate(kinds) if kind in bad] == list(range(3, 48, 4))
     assert kinds[2] == "faces" and kinds[11] != "faces"  # 12 is a bad turn: bad wins
     assert plan(5, face_every=0, bad_every=0) == ["flat"] * 5
 
