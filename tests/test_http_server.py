@@ -111,8 +111,12 @@ def assert_good_request_succeeds(client: CogClient) -> None:
 def test_health_check_is_ready_after_setup_with_downloaded_weights(running: Running) -> None:
     health = running.client.health()
     assert health["status"] == "READY"
-    setup_logs = health["setup"]["logs"]
-    assert "setup: device=cpu baseline=float32" in setup_logs or "setup: device=cuda" in setup_logs
+    assert "[coglet] Server ready" in health["setup"]["logs"]
+    # coglet forwards the worker's stderr on its own schedule: the lines setup() logs last
+    # sometimes reach it after setup is marked done, and are then filed as user logs, not
+    # setup logs (seen under load). The server's own output has them either way.
+    server_log = running.server.log_text()
+    assert "setup: device=cpu baseline=float32" in server_log or "setup: device=cuda" in server_log
     for weight in WEIGHT_FILES.values():
         assert running.weights.completed_count(weight.name) == 1, weight.name
 
