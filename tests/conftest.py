@@ -1,4 +1,4 @@
-"""Shared fixtures: random weights in the official formats, and the golden reference folder."""
+"""Shared fixtures: random weights in the official formats, and the pipeline and predictor on them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from codeformer.runtime import cpu_has_bf16_kernels
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The suite runs the bf16 path of fast/max_speed wherever oneDNN has bf16 kernels (AVX-512
 # BF16, AMX), also where they are slower than float32 and "auto" would turn them off; the
 # auto decision has tests of its own. On a CPU without them (AVX2 only) bf16 convolutions
@@ -17,8 +16,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # convolution at 256x256), and "auto" picks float32 there as it would in production.
 # Servers the tests start inherit the setting.
 os.environ.setdefault("CODEFORMER_MIXED_PRECISION", "on" if cpu_has_bf16_kernels() else "auto")
-# shared/ sits beside the project root; absent on a machine that only has the project
-GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "reference" / "golden"
 
 
 @pytest.fixture(scope="session")
@@ -49,13 +46,6 @@ def faceless_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFac
             (out / file).symlink_to(weights_dir / file)
     torch.save(random_weights.file_object(detector, seed=0, face_bias=-1000.0), out / detector)
     return out
-
-
-@pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    if not GOLDEN_DIR.is_dir():
-        pytest.skip(f"golden reference outputs not found at {GOLDEN_DIR} (shared/ is not beside the project)")
-    return GOLDEN_DIR
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import GOLDEN_PHOTOS
 from torch import nn
 
 from codeformer import random_weights
@@ -43,7 +44,6 @@ from codeformer.weights import WEIGHT_FILES, checkpoint_filter_fn
 
 CPU = torch.device("cpu")
 logger = logging.getLogger(__name__)
-GOLDEN_PHOTOS = ["00", "01", "02", "03", "04", "05", "06"]
 
 
 # --- priors ------------------------------------------------------------------------------------
@@ -374,8 +374,8 @@ AFFINE_TOLERANCE = 2e-3
 
 
 @pytest.mark.parametrize("photo", GOLDEN_PHOTOS)
-def test_golden_parity(golden_dir: Path, seed0_detector: FaceDetector, photo: str) -> None:
-    folder = golden_dir / photo
+def test_golden_parity(seed0_detector: FaceDetector, photo: str) -> None:
+    folder = GOLDEN_PHOTOS[photo]
     reference = json.loads((folder / "detections.json").read_text())
     working, _ = to_working_image(read_golden_input(folder))
     assert list(working.shape[:2]) == reference["work_hw"]

@@ -1,7 +1,8 @@
 """End-to-end parity with the official pipeline: same weights, same photos, same output.
 
-The golden folder holds the official pipeline's outputs for seven photos under the seed-0
-random weights (its README describes each file). The official output keeps the enlarged
+The golden folders hold the official pipeline's outputs under the seed-0 random weights:
+two photos in tests/golden, all seven where shared/ is beside the project (the READMEs there
+describe each file). The official output keeps the enlarged
 working size for small photos; ours is resized back to the input size with INTER_AREA, so
 the official output is resized the same way before comparing (issue: parity targets).
 """
@@ -15,11 +16,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import GOLDEN_PHOTOS
 
 from codeformer.imageio import decode_image
 from codeformer.stages.prepare import WORKING_MIN_SIDE
 
-PHOTOS = [f"{i:02d}" for i in range(7)]
 MAX_PIXELS = 40_000_000
 
 
@@ -56,18 +57,17 @@ def assert_close_to_official(ours: np.ndarray, official: np.ndarray, what: str) 
 
 
 @pytest.fixture(scope="module")
-def golden_inputs(golden_dir: Path) -> dict[str, tuple[np.ndarray, dict]]:
+def golden_inputs() -> dict[str, tuple[np.ndarray, dict]]:
     cases = {}
-    for photo in PHOTOS:
-        folder = golden_dir / photo
+    for photo, folder in GOLDEN_PHOTOS.items():
         path = _input_of(folder)
         image = decode_image(path.read_bytes(), path.name, MAX_PIXELS)
         cases[photo] = (image, json.loads((folder / "detections.json").read_text()))
     return cases
 
 
-@pytest.mark.parametrize("photo", PHOTOS)
-def test_baseline_matches_the_official_output(photo, restorer_seed0, golden_dir, golden_inputs) -> None:
+@pytest.mark.parametrize("photo", GOLDEN_PHOTOS)
+def test_baseline_matches_the_official_output(photo, restorer_seed0, golden_inputs) -> None:
     image, meta = golden_inputs[photo]
     [result] = restorer_seed0.restore([image], fidelity=0.5, profile="baseline", stability="safe")
     assert list(result.working_size) == meta["work_hw"]
@@ -78,7 +78,7 @@ def test_baseline_matches_the_official_output(photo, restorer_seed0, golden_dir,
         # ours are in input pixels; the official ones in working-image pixels
         np.testing.assert_allclose(np.asarray(face.landmarks) * factor, official["landmarks_5"], atol=0.02)
         np.testing.assert_allclose(np.asarray(face.box) * factor, official["bbox"], atol=0.05)
-    official = cv2.imread(str(golden_dir / photo / "output.png"), cv2.IMREAD_COLOR)
+    official = cv2.imread(str(GOLDEN_PHOTOS[photo] / "output.png"), cv2.IMREAD_COLOR)
     assert_close_to_official(result.image, _official_at_input_size(official, meta["input_hw"]), photo)
 
 
@@ -87,9 +87,9 @@ def test_baseline_matches_the_official_output(photo, restorer_seed0, golden_dir,
     [(0.0, "baseline", "output_w0.png"), (1.0, "baseline", "output_w1.png")],
 )
 def test_fidelity_extremes_match_the_official_output(
-    fidelity, profile, golden_file, restorer_seed0, golden_dir, golden_inputs
+    fidelity, profile, golden_file, restorer_seed0, golden_inputs
 ) -> None:
     image, meta = golden_inputs["01"]
     [result] = restorer_seed0.restore([image], fidelity=fidelity, profile=profile, stability="safe")
-    official = cv2.imread(str(golden_dir / "01" / golden_file), cv2.IMREAD_COLOR)
+    official = cv2.imread(str(GOLDEN_PHOTOS["01"] / golden_file), cv2.IMREAD_COLOR)
     assert_close_to_official(result.image, _official_at_input_size(official, meta["input_hw"]), golden_file)

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import GOLDEN_PHOTOS
 
 from benchmarks.official_recipe import reference_canvas, reference_parse_mask, reference_paste
 from codeformer import random_weights
@@ -359,7 +360,7 @@ def read_case(folder: Path, suffix: str = "") -> tuple[np.ndarray, np.ndarray, n
     return image, faces, inverse_affines
 
 
-GOLDEN_CASES = [(f"{n:02d}", "", "output.png", True) for n in range(7)] + [
+GOLDEN_CASES = [(photo, "", "output.png", True) for photo in GOLDEN_PHOTOS] + [
     ("01", "", "output_noparse.png", False),
     ("01", "_w0", "output_w0.png", True),
     ("01", "_w1", "output_w1.png", True),
@@ -373,9 +374,9 @@ GOLDEN_CASES = [(f"{n:02d}", "", "output.png", True) for n in range(7)] + [
     ids=[f"{c[0]}-{c[2]}" for c in GOLDEN_CASES],
 )
 def test_golden_paste_parity(
-    golden_dir: Path, parse_net: ParseNet, photo: str, suffix: str, expected_name: str, use_parse: bool
+    parse_net: ParseNet, photo: str, suffix: str, expected_name: str, use_parse: bool
 ) -> None:
-    folder = golden_dir / photo
+    folder = GOLDEN_PHOTOS[photo]
     image, faces, inverse_affines = read_case(folder, suffix)
     masks = FaceParser(parse_net, torch.device("cpu")).masks(faces) if use_parse else None
     ours = paste_faces(image, faces, inverse_affines, masks)

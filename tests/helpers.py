@@ -1,0 +1,97 @@
+"""What several test files share: pictures to send, the golden reference folders, waiting on a server.
+
+Server and port helpers (``CogServer``, free ports) live with the benchmarks' harness; this
+module holds no fixtures (those are in ``conftest.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# -- pictures --------------------------------------------------------------------------------
+
+
+def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    """A Pillow image -> file bytes in ``fmt`` ("PNG", "JPEG", "TIFF", ...) with Pillow's ``params``."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 RGB, (H, W) gray or 16-bit -> PNG bytes."""
+    return encode(Image.fromarray(image), "PNG")
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 92) -> bytes:
+    """(H, W, 3) uint8 RGB -> JPG bytes."""
+    return encode(Image.fromarray(image), "JPEG", quality=quality)
+
+
+def flat_canvas(width: int = 64, height: int = 64) -> np.ndarray:
+    """(H, W, 3) uint8 mid grey: the seed-0 random detector finds no face on it, so only the detector runs."""
+    return np.full((height, width, 3), 127, np.uint8)
+
+
+def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 uniform noise: the seed-0 random detector finds 2 faces at 300x400, 3 at 600x800."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def face_photo(width: int, height: int) -> np.ndarray:
+    """A crop of the astronaut portrait (scikit-image, public domain) resized to (height, width, 3) RGB."""
+    from skimage import data as skdata
+
+    portrait = skdata.astronaut()[:300, 100:400]  # (300, 300, 3) RGB around the face
+    return np.asarray(Image.fromarray(portrait).resize((width, height), Image.Resampling.BICUBIC))
+
+
+# -- golden reference outputs ------------------------------------------------------------------
+
+# The official pipeline's outputs for two photos ship with the tests (golden/README.md says how
+# they were made); the full reference set of seven, in shared/ beside the project where it is
+# present, adds the other five. The subset's photos are always read from the project.
+GOLDEN_SUBSET_DIR = Path(__file__).resolve().parent / "golden"
+GOLDEN_FULL_DIR = PROJECT_ROOT.parent / "shared" / "reference" / "golden"
+
+
+def golden_photos() -> dict[str, Path]:
+    """Photo name ("01") -> its folder of official outputs, in name order."""
+    folders = {folder.name: folder for folder in GOLDEN_SUBSET_DIR.iterdir() if folder.is_dir()}
+    if GOLDEN_FULL_DIR.is_dir():
+        for folder in GOLDEN_FULL_DIR.iterdir():
+            if folder.is_dir():
+                folders.setdefault(folder.name, folder)
+    return dict(sorted(folders.items()))
+
+
+GOLDEN_PHOTOS = golden_photos()
+
+# -- waiting on a server -----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def wait_for(read: Callable[[], T], accept: Callable[[T], bool], what: str, timeout_s: float = 60.0) -> T:
+    """Call ``read`` until ``accept`` takes its value, and return that value; fail after ``timeout_s``.
+
+    A server's state settles a moment after the answer that changed it (coglet marks the slot
+    free, and forwards the worker's log lines, on channels of its own): a test that reads
+    ``/health-check`` or the log right after a response races with it, so it polls.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if accept(value):
+            return value
+        assert time.monotonic() < deadline, f"{what}: not seen within {timeout_s:.0f} s, last {value!r:.500}"
+        time.sleep(0.05)
