@@ -1,4 +1,4 @@
-"""What several test files share: pictures to send, the golden reference folders, waiting on a server.
+"""What several test files share: pictures to send, golden reference folders, waiting, racing processes.
 
 Server and port helpers (``CogServer``, free ports) live with the benchmarks' harness; this
 module holds no fixtures (those are in ``conftest.py``).
@@ -7,8 +7,12 @@ module holds no fixtures (those are in ``conftest.py``).
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,3 +99,29 @@ def wait_for(read: Callable[[], T], accept: Callable[[T], bool], what: str, time
             return value
         assert time.monotonic() < deadline, f"{what}: not seen within {timeout_s:.0f} s, last {value!r:.500}"
         time.sleep(0.05)
+
+
+# -- processes racing on one folder ---------------------------------------------------------
+
+
+def run_python_together(
+    script: str, env: Mapping[str, str] | None = None, copies: int = 2, timeout_s: float = 600.0
+) -> list[subprocess.CompletedProcess[str]]:
+    """Start ``copies`` Python processes on ``script`` (dedented) at once, in the project, and wait for all.
+
+    For the locks around a shared weights folder: the processes start together so that the
+    second one arrives while the first is still at work. ``env`` is added to this process's.
+    """
+    full_env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})}
+    command = [sys.executable, "-c", textwrap.dedent(script)]
+    processes = [
+        subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(copies)
+    ]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+        results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return results

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from cog import Path as CogPath
 from conftest import set_up_predictor
+from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes
 from PIL import Image
 from weights_server import FileServer
 
@@ -50,31 +51,6 @@ class _ListHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-def jpeg_bytes(image: np.ndarray, quality: int = 92) -> bytes:
-    """(H, W, 3) uint8 RGB -> JPG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def face_photo(width: int, height: int) -> np.ndarray:
-    """A crop of the astronaut portrait (scikit-image, public domain) resized to width x height."""
-    from skimage import data as skdata
-
-    portrait = skdata.astronaut()[:300, 100:400]  # (300, 300, 3) RGB around the face
-    return np.asarray(Image.fromarray(portrait).resize((width, height), Image.Resampling.BICUBIC))
-
-
-def flat_canvas(width: int = 96, height: int = 64) -> np.ndarray:
-    return np.full((height, width, 3), 127, np.uint8)
 
 
 def decoded_size(data: bytes) -> tuple[int, int]:

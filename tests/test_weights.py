@@ -8,13 +8,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_python_together
 from weights_server import FileServer
 
 from codeformer import random_weights, weights
@@ -211,31 +211,16 @@ def test_two_processes_fetch_one_file(server: FileServer, served: Path, cache: P
     (served / PARSENET).write_bytes(payload)
     # slow enough (24 chunks x 0.05 s) that the second process arrives while the first downloads
     server.fail(PARSENET, "slow", delay=0.05)
-    script = textwrap.dedent(
-        f"""
+    script = f"""
         import hashlib
         from codeformer.weights import ensure_file
         path = ensure_file("parsenet", {str(cache)!r})
         print(hashlib.sha256(path.read_bytes()).hexdigest())
         """
-    )
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", script],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for _ in range(2)
-    ]
-    results = [process.communicate(timeout=120) for process in processes]
-
     expected_digest = hashlib.sha256(payload).hexdigest()
-    for process, (stdout, stderr) in zip(processes, results, strict=True):
-        assert process.returncode == 0, stderr.decode()
-        assert stdout.decode().strip() == expected_digest  # each process saw the complete file
+    for process in run_python_together(script, timeout_s=120):
+        assert process.returncode == 0, process.stderr
+        assert process.stdout.strip() == expected_digest  # each process saw the complete file
     assert (cache / PARSENET).read_bytes() == payload
     assert server.request_count(PARSENET) in (1, 2)
     assert server.completed_count(PARSENET) == server.request_count(PARSENET)
