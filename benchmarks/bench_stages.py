@@ -1,6 +1,6 @@
 """Per-stage timings of every profile x stability mode, next to the official recipe, in one run.
 
-    python -m benchmarks.bench_stages [--images data/1.jpg ...] [--repeats 1] [--backend none]
+    python benchmarks/bench_stages.py [--images data/1.jpg ...] [--repeats 1] [--backend none]
         [--max-faces 20] [--output benchmarks/results/bench_stages.json]
 
 Random weights (seed 0) in the official formats; CPU unless CUDA is present. Each
@@ -19,26 +19,27 @@ that setting alone is worth, the rest is the pipeline's own work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import multiprocessing
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
-from benchmarks import official_recipe
-from codeformer import random_weights, weights
+from codeformer import weights
 from codeformer.config import PROFILES
 from codeformer.imageio import decode_image
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
+from tests import official_recipe  # the tests' oracle, timed here as the "official" row
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = harness.PROJECT_ROOT
 GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "reference" / "golden"
 
 
@@ -111,9 +112,9 @@ def main() -> None:
 
     paths = args.images or default_images()
     images = [decode_image(p.read_bytes(), p.name, 40_000_000) for p in paths]
-    weights_dir = tempfile.TemporaryDirectory()
-    random_weights.write(Path(weights_dir.name), seed=0)
-    restorer = Restorer.load(weights_dir.name)
+    scratch = contextlib.ExitStack()  # the random weights live until the official rows are done
+    weights_dir = str(scratch.enter_context(harness.random_weights_folder()))
+    restorer = Restorer.load(weights_dir)
     restorer.limits = dataclasses.replace(restorer.limits, max_faces=args.max_faces)
     threads = torch.get_num_threads()
     print(f"{len(images)} photos on {restorer.device}, torch {torch.__version__}, {threads} threads")
@@ -128,12 +129,12 @@ def main() -> None:
         print(f"{name:28s} {row['photo_s']:7.2f} s/photo  faces={faces:3d}  {stage_text}", flush=True)
 
     if not args.skip_official:
-        seconds, stages = official_in_own_process(weights_dir.name, images, args.fidelity, args.repeats)
+        seconds, stages = official_in_own_process(weights_dir, images, args.fidelity, args.repeats)
         record("official", seconds, stages, -1)
         nets = restorer.runtime.safe_nets
         seconds, stages = official_passes(nets, images, args.fidelity, args.repeats)
         record("official/our-process", seconds, stages, -1)
-    weights_dir.cleanup()
+    scratch.close()
 
     for stability in ("safe", "optimized"):
         for profile in PROFILES:

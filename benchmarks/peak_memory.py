@@ -1,6 +1,6 @@
 """Peak host memory of one request of four images at the pixel limit, in a fresh process.
 
-    .venv/bin/python -m benchmarks.peak_memory --weights-dir /tmp/random-weights [--shape wide]
+    python benchmarks/peak_memory.py --weights-dir /tmp/random-weights [--shape wide]
 
 Sets up the ``Predictor`` (weights from ``--weights-dir``), runs one warm-up request, then
 one request of four flat-grey PNGs of ``CODEFORMER_MAX_PIXELS`` pixels each (sent as data
@@ -16,7 +16,6 @@ is the memory of the images and of detection; faces add one CodeFormer/ParseNet 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -24,15 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import harness
+from generated_inputs import flat_canvas_png
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_ROOT))
-
-from benchmarks.soak import reset_peak_rss, status_kib  # noqa: E402
-from codeformer.client import data_uri  # noqa: E402
-from codeformer.stages.prepare import MAX_ASPECT_RATIO  # noqa: E402
+from codeformer.client import data_uri
+from codeformer.stages.prepare import MAX_ASPECT_RATIO
 
 DEFAULT_MAX_PIXELS = 40_000_000
 IMAGES = 4
@@ -45,12 +40,6 @@ def shape_for(kind: str, max_pixels: int) -> tuple[int, int]:
         return side, side
     height = math.isqrt(int(max_pixels / MAX_ASPECT_RATIO))
     return int(height * MAX_ASPECT_RATIO), height
-
-
-def flat_png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((height, width, 3), 127, np.uint8)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
 
 
 def measure(weights_dir: Path, kind: str) -> dict[str, object]:
@@ -66,17 +55,17 @@ def measure(weights_dir: Path, kind: str) -> dict[str, object]:
         "stability_mode": "safe",
         "compile_backend": "none",
     }
-    predictor.predict(images=[data_uri(flat_png(640, 640), name="warm.png")], **options)
+    predictor.predict(images=[data_uri(flat_canvas_png(640, 640), name="warm.png")], **options)
     width, height = shape_for(kind, max_pixels)
-    image = data_uri(flat_png(width, height), name=f"{kind}.png")
+    image = data_uri(flat_canvas_png(width, height, compress_level=1), name=f"{kind}.png")
     pid = os.getpid()
-    if not reset_peak_rss(pid):
+    if not harness.reset_peak_rss(pid):
         raise SystemExit("/proc/self/clear_refs is not writable: cannot reset the peak RSS")
-    before_kib = status_kib(pid, "VmRSS")
+    before_kib = harness.status_kib(pid, "VmRSS")
     start = time.perf_counter()
     outputs = predictor.predict(images=[image] * IMAGES, **options)
     seconds = time.perf_counter() - start
-    peak_kib = status_kib(pid, "VmHWM")
+    peak_kib = harness.status_kib(pid, "VmHWM")
     return {
         "shape": kind,
         "image_size": [width, height],

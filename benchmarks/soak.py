@@ -1,8 +1,9 @@
 """Sustained load: N requests through the local Cog server, good and bad inputs mixed.
 
-    python -m benchmarks.soak --random-weights [--requests 300] [--profile max_speed]
+    python benchmarks/soak.py --random-weights [--requests 300] [--profile max_speed]
         [--max-faces 1] [--face-every 10] [--bad-every 4] [--output soak.json]
-    python -m benchmarks.soak --url http://127.0.0.1:5000 [--server-pid PID]   # a running server
+    python benchmarks/soak.py --weights-dir DIR ...          # weights already on disk
+    python benchmarks/soak.py --url http://127.0.0.1:5000 [--server-pid PID]   # a running server
 
 Starts ``python -m codeformer.serve`` on a free 127.0.0.1 port (unless ``--url``), then
 sends the requests one after the other, each a tiny generated image: a flat canvas (no
@@ -32,197 +33,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
-import os
-import socket
-import struct
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import harness
 import requests
-from PIL import Image
+from generated_inputs import BAD_KINDS, flat_canvas_png, textured_png
+from stats import summarize
 
-from benchmarks.stats import summarize
 from codeformer.client import CogClient, data_uri
-from codeformer.serve import spawn_server, stop_server
+from codeformer.outputs import OUTPUT_DIR_PREFIX
 
 log = logging.getLogger("benchmarks.soak")
-
-WORKER_MARKER = b"_run_worker"  # coglet starts its worker as `python -c "...coglet.server._run_worker()"`
-OUTPUT_DIR_PREFIX = "codeformer-outputs-"  # predict.py's per-request output folders
-
-
-# -- the server's worker process: pid, memory, descriptors ----------------------------------
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc/<pid>/task/*/children)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            children.extend(int(child) for child in (task / "children").read_text().split())
-    return children
-
-
-def find_worker_pid(server_pid: int) -> int | None:
-    """The coglet worker (where predict() runs) among the server's descendants, if it is up."""
-    pending = [server_pid]
-    while pending:
-        pid = pending.pop()
-        for child in child_pids(pid):
-            with contextlib.suppress(OSError):
-                if WORKER_MARKER in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return child
-            pending.append(child)
-    return None
-
-
-def status_kib(pid: int, field: str) -> int:
-    """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM, ...) in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise KeyError(f"{field} not in /proc/{pid}/status")
-
-
-def minor_faults(pid: int) -> int:
-    """Minor page faults of ``pid`` so far (field 10 of /proc/<pid>/stat)."""
-    after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(after_name[7])  # fields from the 3rd on: state, ppid, pgrp, session, tty, tpgid, flags, minflt
-
-
-def reset_peak_rss(pid: int) -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def open_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
 
 
 def output_dirs_in_temp() -> int:
     """The predictor's output folders in the temp folder (it keeps only the last request's)."""
     return sum(1 for _ in Path(tempfile.gettempdir()).glob(f"{OUTPUT_DIR_PREFIX}*"))
-
-
-# -- inputs ----------------------------------------------------------------------------------
-def _encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
-def flat_canvas_png(width: int = 64, height: int = 64) -> bytes:
-    """A flat grey canvas: the random detector finds no face on it."""
-    return _encode(Image.fromarray(np.full((height, width, 3), 127, np.uint8)), "PNG")
-
-
-def textured_png(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
-    """Uniform noise: the random (seed-0) detector finds faces on it, so CodeFormer runs."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return _encode(Image.fromarray(pixels), "PNG")
-
-
-def png_header_claiming(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height, with a tiny (wrong) IDAT: a pixel-bomb header."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + payload))
-        return struct.pack(">I", len(payload)) + kind + payload + crc
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
-
-
-def truncated_jpeg() -> bytes:
-    pixels = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
-    whole = _encode(Image.fromarray(pixels), "JPEG", quality=90)
-    return whole[: len(whole) // 2]
-
-
-@dataclass(frozen=True)
-class BadKind:
-    """A bad request and how it must be answered: 422 from the schema, or a failed prediction."""
-
-    name: str
-    make_inputs: Callable[[str], dict[str, Any]]  # profile -> request inputs
-    http_status: int  # 200 (a failed prediction) or 422 (refused by the schema)
-    error_contains: str  # in the failed prediction's error (ignored for 422)
-
-
-def _one_file(payload: bytes, file_name: str) -> Callable[[str], dict[str, Any]]:
-    return lambda profile: {"images": [data_uri(payload, name=file_name)], "runtime_profile": profile}
-
-
-BAD_KINDS: tuple[BadKind, ...] = (
-    BadKind("zero_bytes", _one_file(b"", "empty.jpg"), 200, "the file is empty"),
-    BadKind(
-        "random_bytes",
-        _one_file(np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "noise.jpg"),
-        200,
-        "not a readable image",
-    ),
-    BadKind("truncated_jpeg", _one_file(truncated_jpeg(), "cut.jpg"), 200, "cannot decode"),
-    BadKind("text", _one_file(b"just some text\n", "notes.txt"), 200, "not a readable image"),
-    BadKind(
-        "pixel_bomb", _one_file(png_header_claiming(100_000, 100_000), "bomb.png"), 200, "over the limit"
-    ),
-    BadKind(
-        "fidelity_out_of_range",
-        lambda profile: {
-            "images": [data_uri(flat_canvas_png(), name="ok.png")],
-            "runtime_profile": profile,
-            "codeformer_fidelity": 1.1,
-        },
-        422,
-        "",
-    ),
-    BadKind(
-        "unknown_profile",
-        lambda profile: {"images": [data_uri(flat_canvas_png(), name="ok.png")], "runtime_profile": "turbo"},
-        422,
-        "",
-    ),
-    # extreme sizes: refused from the header, before any of the pipeline's copies exists
-    BadKind("strip_30000x1", _one_file(png_header_claiming(30_000, 1), "strip.png"), 200, "too elongated"),
-    BadKind("column_1x30000", _one_file(png_header_claiming(1, 30_000), "column.png"), 200, "too elongated"),
-    BadKind(
-        "misspelled_key",
-        lambda profile: {
-            "images": [data_uri(flat_canvas_png(), name="ok.png")],
-            "runtime_profile": profile,
-            "codeformer_fidelty": 0.9,
-        },
-        422,
-        "",
-    ),
-    BadKind(
-        "bad_base64",
-        lambda profile: {"images": ["data:image/png;name=pad.png;base64,AAA"], "runtime_profile": profile},
-        200,
-        "base64 payload is invalid",
-    ),
-)
 
 
 # -- one request -----------------------------------------------------------------------------
@@ -301,34 +136,13 @@ def run_one(client: CogClient, index: int, kind: str, profile: str) -> Outcome:
     )
 
 
-# -- the server ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_server(env: dict[str, str], log_path: Path, ready_timeout_s: float) -> Iterator[tuple[str, int]]:
-    """``python -m codeformer.serve`` in its own process group; yields (url, server pid)."""
-    port = free_port()
-    with log_path.open("ab") as log_file:  # the child keeps its own handle
-        process = spawn_server(port, env, log_file)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        CogClient(url).wait_until_ready(ready_timeout_s, process=process)
-        yield url, process.pid
-    finally:
-        stop_server(process)
-
-
 # -- the run ---------------------------------------------------------------------------------
 def resource_sample(index: int, worker_pid: int | None) -> dict[str, Any]:
     sample: dict[str, Any] = {"after_request": index, "worker_rss_mib": None, "worker_open_fds": None}
     if worker_pid is not None:
         with contextlib.suppress(OSError, KeyError):
-            sample["worker_rss_mib"] = status_kib(worker_pid, "VmRSS") / 1024.0
-        sample["worker_open_fds"] = open_fds(worker_pid)
+            sample["worker_rss_mib"] = harness.status_kib(worker_pid, "VmRSS") / 1024.0
+        sample["worker_open_fds"] = harness.open_fds(worker_pid)
     sample["output_dirs_in_temp"] = output_dirs_in_temp()
     return sample
 
@@ -367,7 +181,7 @@ def soak(
     sample_every: int,
 ) -> dict[str, Any]:
     """Send the planned requests; returns the report (see the module docstring)."""
-    worker_pid = find_worker_pid(server_pid) if server_pid is not None else None
+    worker_pid = harness.find_worker_pid(server_pid) if server_pid is not None else None
     kinds = plan(requests_total, face_every, bad_every)
     warmup = min(warmup, max(0, requests_total - 1))
     middle = warmup + (requests_total - warmup) // 2
@@ -395,7 +209,10 @@ def soak(
     marks["end"] = resource_sample(requests_total - 1, worker_pid)
     wall_s = time.perf_counter() - wall_start
 
-    expected_by_kind = Counter(o.kind for o in outcomes if o.verdict == "expected")
+    def counts(kinds: Iterable[str]) -> dict[str, int]:
+        return dict(sorted(Counter(kinds).items()))
+
+    expected = [o for o in outcomes if o.verdict == "expected"]
     unexpected = [asdict(o) for o in outcomes if o.verdict == "unexpected"]
     rss = {name: mark["worker_rss_mib"] for name, mark in marks.items()}
     growth = rss["end"] - rss["start"] if None not in (rss.get("start"), rss.get("end")) else None
@@ -410,21 +227,13 @@ def soak(
         },
         "wall_s": wall_s,
         "failures": {
-            "expected_by_kind": dict(
-                sorted(
-                    Counter(
-                        o.kind for o in outcomes if o.verdict == "expected" and o.expected == "failed"
-                    ).items()
-                )
-            ),
+            "expected_by_kind": counts(o.kind for o in expected if o.expected == "failed"),
             "unexpected_count": len(unexpected),
-            "unexpected_by_kind": dict(sorted(Counter(o["kind"] for o in unexpected).items())),
+            "unexpected_by_kind": counts(o["kind"] for o in unexpected),
             "unexpected": unexpected,
         },
         "busy_retries_total": sum(o.busy_retries for o in outcomes),
-        "successes_by_kind": {
-            kind: count for kind, count in sorted(expected_by_kind.items()) if kind in ("flat", "faces")
-        },
+        "successes_by_kind": counts(o.kind for o in expected if o.expected == "succeeded"),
         "latency_s": latency_report(outcomes, warmup),
         "resources": {**marks, "samples": samples},
         "worker_rss_growth_mib": growth,
@@ -440,18 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="max_speed", help="runtime_profile of the good requests")
     parser.add_argument("--face-every", type=int, default=10, help="every k-th request has faces (0: never)")
     parser.add_argument("--bad-every", type=int, default=4, help="every k-th request is bad (0: never)")
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=None,
-        help="requests left out of the figures (default: 5 %%, >= 3 face requests)",
-    )
+    warmup_help = "requests left out of the figures (default: 5 %%, >= 3 face requests)"
+    parser.add_argument("--warmup", type=int, default=None, help=warmup_help)
     parser.add_argument("--sample-every", type=int, default=10, help="resource sample period in requests")
     parser.add_argument("--max-faces", type=int, default=1, help="CODEFORMER_MAX_FACES of the server started")
-    parser.add_argument(
-        "--random-weights", action="store_true", help="seed-0 random weights in a temp folder"
-    )
-    parser.add_argument("--weights-dir", type=Path, default=None, help="CODEFORMER_WEIGHTS_DIR of the server")
+    harness.add_weights_arguments(parser)
     parser.add_argument("--url", default=None, help="use this running server instead of starting one")
     parser.add_argument("--server-pid", type=int, default=None, help="with --url: its pid, for worker RSS")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
@@ -464,10 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     # the warm-up must include face requests: the first ones grow the worker's allocator pools
     warmup = args.warmup if args.warmup is not None else max(1, args.requests // 20, 3 * args.face_every)
 
-    def run(url: str, server_pid: int | None) -> dict[str, Any]:
-        client = CogClient(url)
-        client.wait_until_ready(args.ready_timeout)
-        return soak(
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            client, server_pid = CogClient(args.url), args.server_pid
+            client.wait_until_ready(args.ready_timeout)
+        else:
+            env = {"CODEFORMER_MAX_FACES": str(args.max_faces), **harness.choose_weights(args, stack).env}
+            server = harness.LocalServer(env, log_path=args.server_log, ready_timeout_s=args.ready_timeout)
+            log.info("starting the server (log: %s)", server.log_path)
+            client, server_pid = stack.enter_context(server).client, server.pid
+        report = soak(
             client,
             server_pid,
             args.requests,
@@ -477,28 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             warmup,
             args.sample_every,
         )
-
-    with tempfile.TemporaryDirectory(prefix="soak-") as scratch:
-        if args.url:
-            report = run(args.url, args.server_pid)
-        else:
-            env = {"CODEFORMER_MAX_FACES": str(args.max_faces)}
-            if args.random_weights:
-                from codeformer import random_weights
-
-                random_weights.write(Path(scratch) / "weights", seed=0)
-                env["CODEFORMER_WEIGHTS_DIR"] = str(Path(scratch) / "weights")
-            elif args.weights_dir is not None:
-                env["CODEFORMER_WEIGHTS_DIR"] = str(args.weights_dir)
-            log_path = args.server_log or Path(scratch) / "server.log"
-            log.info("starting the server (log: %s)", log_path)
-            with local_server(env, log_path, args.ready_timeout) as (url, server_pid):
-                report = run(url, server_pid)
-    text = json.dumps(report, indent=2)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    print(text)
+        harness.write_report(report, args.output)
+    print(json.dumps(report, indent=2))
     return 1 if report["failures"]["unexpected_count"] else 0
 
 

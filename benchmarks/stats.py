@@ -6,13 +6,15 @@
 Percentiles interpolate linearly between the two nearest ranks (``numpy.percentile``'s
 default "linear" method, Hyndman & Fan type 7): with the samples sorted ascending as
 ``x[0] .. x[n-1]``, the q-th percentile sits at rank ``(n - 1) * q / 100``. Plain Python, so
-that the soak and load scripts can use it without numpy.
+that the soak and load scripts can use it without numpy; ``plot_cdf`` imports matplotlib
+only when a plot is asked for.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 SUMMARY_PERCENTILES = (50, 95, 99)
 SUMMARY_KEYS = ("count", "avg", "min", "max", "p50", "p95", "p99")
@@ -71,3 +73,29 @@ def cdf_points(values: Sequence[float]) -> tuple[list[float], list[float]]:
     ordered = sorted(_checked(values))
     count = len(ordered)
     return ordered, [(index + 1) / count for index in range(count)]
+
+
+def plot_cdf(curves: dict[str, Sequence[float]], path: Path, xlabel: str, title: str) -> None:
+    """One step curve per name: the fraction of samples at or below x, as a PNG."""
+    import matplotlib  # only when a plot is asked for
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, values in curves.items():
+        if values:
+            xs, ys = cdf_points(values)
+            # start each curve at 0 so that a single sample still draws a visible step
+            axes.step([xs[0], *xs], [0.0, *ys], where="post", marker=".", label=f"{name} (n={len(xs)})")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("fraction of samples")
+    axes.set_xlim(left=0.0)
+    axes.set_ylim(0.0, 1.02)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

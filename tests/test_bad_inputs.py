@@ -22,7 +22,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cog_server import CogServer
 from conftest import set_up_predictor
+from generated_inputs import png_header_claiming
+from harness import LocalServer, closed_port_url, find_worker_pid, reset_peak_rss, status_kib
 from PIL import Image
 from weights_server import FileServer
 
-from benchmarks.soak import find_worker_pid, png_header_claiming, reset_peak_rss, status_kib
 from codeformer.client import data_uri
 from codeformer.errors import CodeFormerError
 from predict import PROJECT_ROOT, Predictor
@@ -354,13 +353,6 @@ def option(case_id: str, field: str, **options: Any) -> Case:
     return request(case_id, lambda context: [good_image()], Invalid(field), **options)
 
 
-def closed_port_url(name: str) -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{name}"
-
-
 def good_image() -> str:
     return data_uri(png(np.full((48, 64, 3), 127, np.uint8)), name="ok.png")
 
@@ -607,8 +599,7 @@ class InProcess(Transport):
 class OverHttp(Transport):
     name = "http"
 
-    def __init__(self, server: CogServer) -> None:
-        assert server.client is not None
+    def __init__(self, server: LocalServer) -> None:
         self.server = server
         self.client = server.client
 
@@ -646,7 +637,7 @@ def in_process(faceless_weights_dir: Path) -> InProcess:
 def over_http(faceless_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OverHttp]:
     log_path = tmp_path_factory.mktemp("matrix-server") / "cog-server.log"
     env = {"CODEFORMER_WEIGHTS_DIR": str(faceless_weights_dir), **TRANSPORT_ENV}
-    with CogServer(env=env, log_path=log_path) as server:
+    with LocalServer(env, log_path=log_path) as server:
         yield OverHttp(server)
 
 

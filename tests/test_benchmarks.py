@@ -19,17 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import stats
+from bench_single_image import Combination, plan_combinations, winners
+from harness import free_port
+from run_bench import batches, discover_images
+from timed_requests import RequestSample, parse_faces, profile_report, split_names
 
-from benchmarks import stats
-from benchmarks.bench_single_image import Combination, plan_combinations, winners
-from benchmarks.run_bench import (
-    RequestSample,
-    batches,
-    discover_images,
-    parse_faces,
-    profile_report,
-    split_names,
-)
 from codeformer.config import PROFILES
 from codeformer.errors import ConfigError
 from codeformer.serve import check_port_free
@@ -38,12 +33,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"
 SUMMARY_FIELDS = {"count", "avg", "min", "max", "p50", "p95", "p99"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:

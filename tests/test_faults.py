@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -34,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from cog_server import CogServer
+from harness import LocalServer, closed_port_url, find_worker_pid
 from PIL import Image
 from weights_server import FileServer
 
-from benchmarks.soak import find_worker_pid
 from codeformer.client import READY, CogClient, PredictionResult, ServerError, data_uri
 from codeformer.config import Limits
 from codeformer.pipeline import Restorer
@@ -92,7 +90,7 @@ def leftovers(folder: Path) -> list[str]:
 # -- one server: started on a damaged cache, with a mirror that cuts a download ------------
 @dataclass
 class Running:
-    server: CogServer
+    server: LocalServer
     client: CogClient
     mirror: FileServer
     cache: Path
@@ -116,8 +114,7 @@ def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "CODEFORMER_FACE_BATCH": str(FACE_BATCH),
             **FAST_RETRIES,
         }
-        with CogServer(env=env, log_path=log_path) as server:
-            assert server.client is not None
+        with LocalServer(env, log_path=log_path) as server:
             yield Running(server, server.client, mirror, cache)
 
 
@@ -220,13 +217,6 @@ def test_parsenet_runs_one_chunk_per_face_batch(net_batches: NetBatches) -> None
 
 
 # -- weights faults that must end in a clear error or a complete file ----------------------
-def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
-
-
 def test_unreachable_weight_source_ends_in_setup_failed_with_the_fix(tmp_path: Path) -> None:
     unreachable = closed_port_url()
     env = {
@@ -234,7 +224,7 @@ def test_unreachable_weight_source_ends_in_setup_failed_with_the_fix(tmp_path: P
         "CODEFORMER_WEIGHTS_URL": unreachable,
         **FAST_RETRIES,
     }
-    server = CogServer(env=env, ready_timeout_s=300, log_path=tmp_path / "server.log")
+    server = LocalServer(env, ready_timeout_s=300, log_path=tmp_path / "server.log")
     with pytest.raises(ServerError) as raised:
         server.start()  # stops the server itself when it fails
     message = str(raised.value)

@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from cog_server import CogServer
+from harness import LocalServer, find_worker_pid, minor_faults
 from PIL import Image
 from weights_server import FileServer
 
-from benchmarks.soak import find_worker_pid, minor_faults
 from codeformer.client import CogClient, PredictionResult, data_uri
 from codeformer.serve import check_port_free
 from codeformer.weights import WEIGHT_FILES
@@ -71,7 +70,7 @@ def jpeg_sizes(result: PredictionResult) -> list[tuple[int, int]]:
 
 @dataclass
 class Running:
-    server: CogServer
+    server: LocalServer
     client: CogClient
     images: FileServer  # serves ``image_dir`` over http
     image_dir: Path
@@ -92,8 +91,7 @@ def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "CODEFORMER_WEIGHTS_URL": weights.url,
             "CODEFORMER_MAX_FACES": "1",
         }
-        with CogServer(env=env, log_path=log_path) as server:
-            assert server.client is not None
+        with LocalServer(env, log_path=log_path) as server:
             yield Running(server, server.client, images, image_dir, weights)
 
 
@@ -333,8 +331,7 @@ def test_stopping_the_server_removes_the_workers_output_folders(weights_dir: Pat
     temp_dir = tmp_path / "temp"
     temp_dir.mkdir()
     env = {"CODEFORMER_WEIGHTS_DIR": str(weights_dir), "CODEFORMER_MAX_FACES": "1", "TMPDIR": str(temp_dir)}
-    with CogServer(env=env, log_path=tmp_path / "server.log") as server:
-        assert server.client is not None
+    with LocalServer(env, log_path=tmp_path / "server.log") as server:
         result = server.client.predict(good_request())
         assert result.status == "succeeded", result.error
         left = list(temp_dir.glob(f"{OUTPUT_DIR_PREFIX}*"))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import GOLDEN_PHOTOS
+from official_recipe import reference_canvas, reference_parse_mask, reference_paste
 
-from benchmarks.official_recipe import reference_canvas, reference_parse_mask, reference_paste
 from codeformer import random_weights
 from codeformer.errors import InputError
 from codeformer.nets.parsenet import ParseNet

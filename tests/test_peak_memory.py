@@ -21,7 +21,8 @@ DOCUMENTED_PEAK_GROWTH_MIB = 4 * 1024
 
 @pytest.mark.slow
 def test_four_images_at_the_limit_stay_within_the_documented_peak(faceless_weights_dir: Path) -> None:
-    command = [sys.executable, "-m", "benchmarks.peak_memory", f"--weights-dir={faceless_weights_dir}"]
+    script = PROJECT_ROOT / "benchmarks" / "peak_memory.py"
+    command = [sys.executable, str(script), f"--weights-dir={faceless_weights_dir}"]
     completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from benchmarks.soak import BAD_KINDS, plan
+from generated_inputs import BAD_KINDS
+from soak import plan
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,7 @@ def test_a_tiny_soak_run_reports_outcomes_latency_and_worker_memory(
     report_path = tmp_path / "soak.json"
     command = [
         sys.executable,
-        "-m",
-        "benchmarks.soak",
+        str(PROJECT_ROOT / "benchmarks" / "soak.py"),
         "--requests=6",
         "--bad-every=2",
         "--face-every=0",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import harness
 import pytest
 import torch
 from helpers import run_python_together
@@ -66,10 +66,7 @@ def cache(tmp_path: Path) -> Path:
 @pytest.fixture
 def closed_port_url() -> str:
     """A URL on 127.0.0.1 where nothing listens: connections are refused."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+    return harness.closed_port_url()
 
 
 def dummy_bytes(size: int, seed: int = 0) -> bytes:

@@ -1,10 +1,11 @@
-"""The official pipeline's way of computing, rebuilt on our nets: the yardstick for benchmarks.
+"""The official pipeline's way of computing, rebuilt on our nets: an oracle for tests, a yardstick for timing.
 
 Same numbers as our ``baseline`` (the parity tests prove that), computed the way the
 official helper does it (spec REFERENCE.md): priors rebuilt in Python for every photo,
 post-processing in NumPy, one face per CodeFormer and ParseNet forward, and paste-back by
-five whole-canvas OpenCV passes per face. ``tests/test_paste.py`` also uses
-``reference_canvas`` as the plain transcription that the region-local paste must equal.
+five whole-canvas OpenCV passes per face. ``test_paste.py`` uses ``reference_canvas`` as the
+plain transcription that the region-local paste must equal; ``benchmarks/bench_stages.py``
+times ``run`` as its "official" row (importing it as ``tests.official_recipe``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from codeformer.pipeline import to_gray_faces
 from codeformer.runtime import Nets
 from codeformer.stages import detect
 from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
-from codeformer.stages.paste import PARSE_FACE_CLASSES
+from codeformer.stages.parse import PARSE_FACE_CLASSES
 from codeformer.stages.prepare import is_gray, to_working_image
 from codeformer.stages.restore import crops_to_tensor, tensor_to_faces
 
