@@ -219,11 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = timed.parse_arguments(build_parser(), argv)
     try:
-        server_env = timed.check_run_arguments(args)
-        profiles = timed.split_names(args.profiles, list(PROFILES), "--profiles")
+        server_env, profiles = timed.check_run_arguments(args)
         modes = timed.split_names(args.stability_modes, list(STABILITY_MODES), "--stability-modes")
         backends = timed.split_names(args.backends, list(COMPILE_BACKENDS), "--backends")
         if not args.image.is_file():

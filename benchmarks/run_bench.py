@@ -159,13 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = timed.parse_arguments(build_parser(), argv)
     try:
-        server_env = timed.check_run_arguments(args)
-        profiles = timed.split_names(args.profiles, list(PROFILES), "--profiles")
-        if not profiles:
-            raise ConfigError("--profiles: name at least one profile")
+        server_env, profiles = timed.check_run_arguments(args)
         if not MIN_IMAGES <= args.batch_size <= MAX_IMAGES:
             raise ConfigError(
                 f"--batch-size must be between {MIN_IMAGES} and {MAX_IMAGES}, got {args.batch_size}"

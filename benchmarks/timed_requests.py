@@ -26,6 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from codeformer.client import CogClient, ServerError, data_uri
+from codeformer.config import PROFILES
 from codeformer.errors import ConfigError
 from codeformer.serve import DEFAULT_HOST, check_port_free
 
@@ -283,8 +284,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (default %(default)s)")
 
 
-def check_run_arguments(args: argparse.Namespace) -> dict[str, str]:
-    """Refuse contradictory flags and a taken ``--port``; returns the ``--server-env`` mapping."""
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The command line, and logging set up for the progress lines on stderr."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return args
+
+
+def check_run_arguments(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
+    """Refuse contradictory flags and a taken ``--port``; returns ``--server-env`` and ``--profiles``."""
+    profiles = split_names(args.profiles, list(PROFILES), "--profiles")
+    if not profiles:
+        raise ConfigError("--profiles: name at least one profile")
     if getattr(args, "server_url", None) is None:
         # before anything slow: a taken port must never let another server answer for this run
         check_port_free(DEFAULT_HOST, args.port)
@@ -300,7 +311,7 @@ def check_run_arguments(args: argparse.Namespace) -> dict[str, str]:
         if not sep or not key:
             raise ConfigError(f"--server-env expects KEY=VALUE, got {item!r}")
         env[key] = value
-    return env
+    return env, profiles
 
 
 def split_names(values: Sequence[str] | None, allowed: Sequence[str], flag: str) -> list[str]:
