@@ -252,9 +252,17 @@ def portable_path(path: str | Path) -> str:
     return f".../{resolved.name}"
 
 
-def command_line(argv: Sequence[str] = sys.argv) -> list[str]:
-    """The script's name and arguments, absolute paths made portable."""
-    return [Path(argv[0]).name, *(portable_path(arg) if arg.startswith("/") else arg for arg in argv[1:])]
+def command_line(argv: Sequence[str] | None = None) -> list[str]:
+    """The script's name and arguments (``sys.argv`` by default), absolute paths made portable."""
+
+    def portable(arg: str) -> str:
+        flag, equals, value = arg.partition("=")  # --output=/abs/path
+        if equals and value.startswith("/"):
+            return f"{flag}={portable_path(value)}"
+        return portable_path(arg) if arg.startswith("/") else arg
+
+    argv = sys.argv if argv is None else argv
+    return [Path(argv[0]).name, *(portable(arg) for arg in argv[1:])]
 
 
 def environment_info() -> dict[str, Any]:

@@ -55,11 +55,6 @@ from codeformer.outputs import OUTPUT_DIR_PREFIX
 log = logging.getLogger("benchmarks.soak")
 
 
-def output_dirs_in_temp() -> int:
-    """The predictor's output folders in the temp folder (it keeps only the last request's)."""
-    return sum(1 for _ in Path(tempfile.gettempdir()).glob(f"{OUTPUT_DIR_PREFIX}*"))
-
-
 # -- one request -----------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -137,6 +132,11 @@ def run_one(client: CogClient, index: int, kind: str, profile: str) -> Outcome:
 
 
 # -- the run ---------------------------------------------------------------------------------
+def output_dirs_in_temp() -> int:
+    """The predictor's output folders in the temp folder (it keeps only the last request's)."""
+    return sum(1 for _ in Path(tempfile.gettempdir()).glob(f"{OUTPUT_DIR_PREFIX}*"))
+
+
 def resource_sample(index: int, worker_pid: int | None) -> dict[str, Any]:
     sample: dict[str, Any] = {"after_request": index, "worker_rss_mib": None, "worker_open_fds": None}
     if worker_pid is not None:

@@ -1,9 +1,9 @@
 """Timed requests to a Cog server, as ``run_bench.py`` and ``bench_single_image.py`` send them.
 
 One request is a ``RequestSample`` (client latency, 409 retries, the server's
-``metrics.predict_time``, faces found and kept per image); ``run_profile`` sends the warm-up
-and timed rounds; ``cold_figures`` reads a fresh server's first request. Also the flags the
-two scripts share and their checks.
+``metrics.predict_time``, faces found and kept per image); ``send_cold`` times a fresh
+server's first request, ``run_profile`` the warm-up and timed rounds, ``profile_report``
+sums them up. Also the flags the two scripts share and their checks.
 """
 
 from __future__ import annotations
