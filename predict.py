@@ -22,12 +22,22 @@ import re
 import shutil
 import time
 import urllib.parse
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cog import BasePredictor, Input, Path
 
-from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES
+from codeformer.config import (
+    COMPILE_BACKENDS,
+    DEFAULT_COMPILE_BACKEND,
+    DEFAULT_FIDELITY,
+    DEFAULT_PROFILE,
+    DEFAULT_STABILITY,
+    PROFILES,
+    STABILITY_MODES,
+    RequestOptions,
+)
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
 from codeformer.fetch import MAX_INPUT_BYTES, Deadline, defer_cog_fetching, fetch, is_remote
 from codeformer.outputs import new_output_dir, remove_orphaned_output_dirs
@@ -103,6 +113,11 @@ def read_input(item: object, label: str, deadline: Deadline) -> bytes:
         raise InputError(f"{label}: {exc}") from None
 
 
+def _choice_input(default: str, choices: Iterable[str], description: str) -> Any:
+    """A Cog input restricted to ``choices``: the served schema lists them, coglet refuses others."""
+    return Input(default=default, choices=list(choices), description=description)
+
+
 def _stage_summary(timings: dict[str, float]) -> str:
     return " ".join(f"{stage}={ms:.0f}ms" for stage, ms in timings.items())
 
@@ -125,7 +140,7 @@ class Predictor(BasePredictor):
         start = time.perf_counter()
         self.restorer: Restorer = Restorer.load()
         load_ms = (time.perf_counter() - start) * 1000.0
-        warmup_ms = self.restorer.warmup(profile="baseline", stability="safe", compile_backend="none")
+        warmup_ms = self.restorer.warmup()  # the default options' path
         self._previous_output_dir: pathlib.Path | None = None
         # the last request's files are removed when the worker exits (coglet ends it normally
         # on SIGTERM and SIGINT); folders of workers that were killed are removed here
@@ -147,10 +162,10 @@ class Predictor(BasePredictor):
             fast_dtype,
             load_ms,
             warmup_ms,
-            self.restorer.limits.max_pixels,
-            self.restorer.limits.max_faces,
-            self.restorer.limits.face_batch,
-            self.restorer.limits.fetch_timeout_s,
+            self.restorer.settings.max_pixels,
+            self.restorer.settings.max_faces,
+            self.restorer.settings.face_batch,
+            self.restorer.settings.fetch_timeout_s,
             stale_output_dirs,
         )
 
@@ -162,29 +177,30 @@ class Predictor(BasePredictor):
             "One restored JPG is returned per photo, in the same order, at the same size."
         ),
         codeformer_fidelity: float = Input(
-            default=0.5,
+            default=DEFAULT_FIDELITY,
             ge=0.0,
             le=1.0,
             description="Balance between quality and fidelity: lower gives cleaner, more "
             "generated faces; higher stays closer to the input face.",
         ),
-        runtime_profile: str = Input(
-            default="baseline",
-            choices=list(PROFILES),
-            description="baseline: float32, the reference numerics. fast: mixed precision. "
+        runtime_profile: str = _choice_input(
+            DEFAULT_PROFILE,
+            PROFILES,
+            "baseline: float32, the reference numerics. fast: mixed precision. "
             "max_speed: mixed precision and a plain soft mask instead of face parsing at paste-back.",
         ),
-        stability_mode: str = Input(
-            default="safe",
-            choices=list(STABILITY_MODES),
-            description="safe: the nets as written. optimized: channels_last nets compiled with "
+        stability_mode: str = _choice_input(
+            DEFAULT_STABILITY,
+            STABILITY_MODES,
+            "safe: the nets as written. optimized: channels_last nets compiled with "
             "compile_backend (the first optimized request of a process fixes the backend).",
         ),
-        compile_backend: str = Input(
-            default="eager",
-            choices=list(COMPILE_BACKENDS),
-            description="torch.compile backend for stability_mode=optimized ('none': channels_last "
-            "without compiling; cudagraphs needs a GPU). Ignored when stability_mode=safe.",
+        compile_backend: str = _choice_input(
+            DEFAULT_COMPILE_BACKEND,
+            COMPILE_BACKENDS,
+            "torch.compile backend for stability_mode=optimized ('none', the default and fastest "
+            "measured on CPU: channels_last without compiling; cudagraphs needs a GPU). "
+            "Ignored when stability_mode=safe.",
         ),
     ) -> list[Path]:
         from codeformer.imageio import decode_image, encode_jpeg
@@ -193,21 +209,22 @@ class Predictor(BasePredictor):
         self._discard_previous_outputs()
         if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
             raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
-        # options first: a request that cannot run should not pay for downloads and decoding
-        self.restorer.check_options(codeformer_fidelity, runtime_profile, stability_mode, compile_backend)
+        # options first, parsed once: a request that cannot run should not pay for downloads
+        options = RequestOptions.parse(codeformer_fidelity, runtime_profile, stability_mode, compile_backend)
+        self.restorer.check_options(options)
 
         labels = [describe(index, _input_name(item)) for index, item in enumerate(images)]
-        deadline = Deadline.after(self.restorer.limits.fetch_timeout_s)
+        deadline = Deadline.after(self.restorer.settings.fetch_timeout_s)
         decoded: list[np.ndarray] = []
         decode_ms: list[float] = []
         for item, label in zip(images, labels, strict=True):
             start = time.perf_counter()
             data = read_input(item, label, deadline)
-            decoded.append(decode_image(data, label, self.restorer.limits.max_pixels))
+            decoded.append(decode_image(data, label, self.restorer.settings.max_pixels))
             decode_ms.append((time.perf_counter() - start) * 1000.0)
 
         try:
-            arguments = (decoded, codeformer_fidelity, runtime_profile, stability_mode, compile_backend)
+            arguments = (decoded, options)
             if self._compute is None:
                 results = self.restorer.restore(*arguments)
             else:
@@ -239,10 +256,10 @@ class Predictor(BasePredictor):
         log.info(
             "request: %d image(s), fidelity=%s profile=%s stability=%s%s, wall=%.0fms",
             len(images),
-            codeformer_fidelity,
-            runtime_profile,
-            stability_mode,
-            f" compile_backend={compile_backend}" if stability_mode != "safe" else "",
+            options.fidelity,
+            options.profile.name,
+            options.stability.name,
+            f" compile_backend={options.compile_backend}" if options.stability.compiled else "",
             (time.perf_counter() - request_start) * 1000.0,
         )
         return outputs

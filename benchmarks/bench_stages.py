@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from codeformer import weights
-from codeformer.config import PROFILES
+from codeformer.config import PROFILES, RequestOptions
 from codeformer.imageio import decode_image
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
@@ -115,7 +115,7 @@ def main() -> None:
     scratch = contextlib.ExitStack()  # the random weights live until the official rows are done
     weights_dir = str(scratch.enter_context(harness.random_weights_folder()))
     restorer = Restorer.load(weights_dir)
-    restorer.limits = dataclasses.replace(restorer.limits, max_faces=args.max_faces)
+    restorer.settings = dataclasses.replace(restorer.settings, max_faces=args.max_faces)
     threads = torch.get_num_threads()
     print(f"{len(images)} photos on {restorer.device}, torch {torch.__version__}, {threads} threads")
 
@@ -143,7 +143,8 @@ def main() -> None:
             results: list = []
 
             def our_pass(batch, profile=profile, stability=stability, results=results) -> dict[str, float]:
-                results[:] = restorer.restore(batch, args.fidelity, profile, stability, args.backend)
+                options = RequestOptions.parse(args.fidelity, profile, stability, args.backend)
+                results[:] = restorer.restore(batch, options)
                 totals: dict[str, float] = {}
                 for result in results:
                     for stage, ms in result.timings.items():

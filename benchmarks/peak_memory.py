@@ -27,9 +27,9 @@ import harness
 from generated_inputs import flat_canvas_png
 
 from codeformer.client import data_uri
+from codeformer.config import Settings
 from codeformer.stages.prepare import MAX_ASPECT_RATIO
 
-DEFAULT_MAX_PIXELS = 40_000_000
 IMAGES = 4
 
 
@@ -44,7 +44,7 @@ def shape_for(kind: str, max_pixels: int) -> tuple[int, int]:
 
 def measure(weights_dir: Path, kind: str) -> dict[str, object]:
     os.environ["CODEFORMER_WEIGHTS_DIR"] = str(weights_dir)
-    max_pixels = int(os.environ.get("CODEFORMER_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    max_pixels = Settings.from_env().max_pixels  # what the predictor will allow
     from predict import Predictor
 
     predictor = Predictor()

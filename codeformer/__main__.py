@@ -3,6 +3,8 @@
     python -m codeformer data/1.jpg [more images] [--output-dir out] [--fidelity 0.5]
         [--profile baseline|fast|max_speed] [--stability safe|optimized] [--compile-backend none]
 
+The options and their defaults are those of a Cog request (codeformer.config.RequestOptions);
+the CODEFORMER_* environment variables apply as in the server (codeformer.config.Settings).
 Weights are downloaded into weights/ on first use (see codeformer/weights.py).
 """
 
@@ -14,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES, Limits
+from codeformer import config
+from codeformer.config import RequestOptions, Settings
 from codeformer.errors import CodeFormerError
 from codeformer.imageio import decode_image, encode_jpeg
 
@@ -25,30 +28,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m codeformer", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--output-dir", type=Path, default=Path("out"))
-    parser.add_argument("--fidelity", type=float, default=0.5, help="0 = more quality, 1 = more fidelity")
-    parser.add_argument("--profile", choices=list(PROFILES), default="baseline")
-    parser.add_argument("--stability", choices=list(STABILITY_MODES), default="safe")
-    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="none")
+    # the defaults of a Cog request
+    parser.add_argument(
+        "--fidelity", type=float, default=config.DEFAULT_FIDELITY, help="0 = more quality, 1 = more fidelity"
+    )
+    parser.add_argument("--profile", choices=list(config.PROFILES), default=config.DEFAULT_PROFILE)
+    parser.add_argument("--stability", choices=list(config.STABILITY_MODES), default=config.DEFAULT_STABILITY)
+    parser.add_argument(
+        "--compile-backend", choices=config.COMPILE_BACKENDS, default=config.DEFAULT_COMPILE_BACKEND
+    )
     parser.add_argument("--weights-dir", type=Path, default=None)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from codeformer.pipeline import Restorer
+    from codeformer.runtime import pick_device
 
     try:
-        limits = Limits.from_env()
+        options = RequestOptions.parse(args.fidelity, args.profile, args.stability, args.compile_backend)
+        device = pick_device(args.device)
+        settings = Settings.from_env(device.type)
         images = []
         for path in args.images:
             try:
                 data = path.read_bytes()
             except OSError as exc:
                 raise CodeFormerError(f"{path}: cannot read the file: {exc.strerror}") from None
-            images.append(decode_image(data, str(path), limits.max_pixels))
+            images.append(decode_image(data, str(path), settings.max_pixels))
         start = time.perf_counter()
-        restorer = Restorer.load(args.weights_dir, args.device)
+        restorer = Restorer.load(args.weights_dir, device, settings)
         log.info("loaded the nets on %s in %.0f ms", restorer.device, (time.perf_counter() - start) * 1000)
-        results = restorer.restore(images, args.fidelity, args.profile, args.stability, args.compile_backend)
+        results = restorer.restore(images, options)
     except CodeFormerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,16 +1,25 @@
-"""Named, frozen settings: what a request may choose, and what each choice means.
+"""Named, frozen settings: what a request may choose, and how the process is configured.
 
-Profiles and stability modes are data, not code paths: the pipeline reads these fields
-and ``codeformer.runtime`` is the one place that turns them into torch settings.
+``RequestOptions`` holds a request's four options, parsed once (``RequestOptions.parse``)
+and passed through to the pipeline. ``Settings`` holds every ``CODEFORMER_*`` environment
+variable, read once at start (``Settings.from_env``). Profiles and stability modes are
+data, not code paths: the pipeline reads these fields and ``codeformer.runtime`` is the
+one place that turns them into torch settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 from codeformer.errors import ConfigError, InputError
 
+T = TypeVar("T")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FACE_SIZE = 512  # the aligned crop is FACE_SIZE x FACE_SIZE; CodeFormer's latent grid is hard-wired to it
 
 
@@ -46,22 +55,31 @@ COMPILE_BACKENDS = ("none", "eager", "aot_eager", "inductor", "cudagraphs")
 CUDA_ONLY_BACKENDS = frozenset({"cudagraphs"})
 
 
+# The one default of each request option: predict.py's inputs (and so the served schema),
+# the CLI and the library all take these. compile_backend "none" (channels_last, nothing
+# compiled) measured fastest on CPU and has no compile wait, so "optimized" alone is fast.
+DEFAULT_FIDELITY = 0.5
+DEFAULT_PROFILE = "baseline"
+DEFAULT_STABILITY = "safe"
+DEFAULT_COMPILE_BACKEND = "none"
+
+
 @dataclass(frozen=True)
 class RequestOptions:
-    """The per-request choices, validated."""
+    """The per-request choices, validated: parsed once per request, then passed through."""
 
-    fidelity: float = 0.5
-    profile: Profile = PROFILES["baseline"]
-    stability: Stability = STABILITY_MODES["safe"]
-    compile_backend: str = "none"
+    fidelity: float = DEFAULT_FIDELITY
+    profile: Profile = PROFILES[DEFAULT_PROFILE]
+    stability: Stability = STABILITY_MODES[DEFAULT_STABILITY]
+    compile_backend: str = DEFAULT_COMPILE_BACKEND
 
     @classmethod
     def parse(
         cls,
-        fidelity: float = 0.5,
-        profile: str = "baseline",
-        stability: str = "safe",
-        compile_backend: str = "none",
+        fidelity: float = DEFAULT_FIDELITY,
+        profile: str = DEFAULT_PROFILE,
+        stability: str = DEFAULT_STABILITY,
+        compile_backend: str = DEFAULT_COMPILE_BACKEND,
     ) -> RequestOptions:
         """Validate user-facing names and values; raises ``InputError`` naming the input."""
         try:
@@ -83,65 +101,97 @@ class RequestOptions:
         return cls(fidelity, PROFILES[profile], STABILITY_MODES[stability], compile_backend)
 
 
-def env_int(name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
-    """A positive integer (or one in [minimum, maximum]) from the environment, or a clear error."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    wanted = "a positive integer" if maximum is None else f"an integer from {minimum} to {maximum}"
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be {wanted}, got {raw!r}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        raise ConfigError(f"{name} must be {wanted}, got {raw!r}")
-    return value
-
-
+# -- process settings: the CODEFORMER_* environment variables ------------------------------
 MIXED_PRECISION_CHOICES = ("auto", "on", "off")
-
-
-def mixed_precision_from_env() -> str:
-    """``CODEFORMER_MIXED_PRECISION``: whether fast/max_speed use reduced precision (auto: where it pays)."""
-    value = os.environ.get("CODEFORMER_MIXED_PRECISION", "") or "auto"
-    if value not in MIXED_PRECISION_CHOICES:
-        raise ConfigError(
-            f"CODEFORMER_MIXED_PRECISION must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {value!r}"
-        )
-    return value
-
-
 # glibc takes the trim threshold as a C int: 2 GiB - 1 byte is the most it can hold
 MAX_RETAINED_MEMORY_MB = 2047
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Guards against pathological inputs; fixed at process start."""
-
-    max_pixels: int  # decoded images above this are refused from the header
-    max_faces: int  # per image; the highest-scoring faces are kept
-    face_batch: int  # faces per CodeFormer/ParseNet forward; bounds peak memory
-    # freed host memory kept for reuse (codeformer.runtime.retain_freed_memory); 0: the C library's default
-    retained_memory_mb: int = MAX_RETAINED_MEMORY_MB
-    # one deadline for fetching all of a request's URL inputs (codeformer.fetch)
-    fetch_timeout_s: float = 60.0
-
-    @classmethod
-    def from_env(cls, device_type: str = "cpu") -> Limits:
-        return cls(
-            max_pixels=env_int("CODEFORMER_MAX_PIXELS", 40_000_000),
-            max_faces=env_int("CODEFORMER_MAX_FACES", 20),
-            face_batch=env_int("CODEFORMER_FACE_BATCH", DEFAULT_FACE_BATCH.get(device_type, 1)),
-            retained_memory_mb=env_int(
-                "CODEFORMER_RETAINED_MEMORY_MB", MAX_RETAINED_MEMORY_MB, 0, MAX_RETAINED_MEMORY_MB
-            ),
-            fetch_timeout_s=env_int("CODEFORMER_FETCH_TIMEOUT_S", 60, 1, 3600),
-        )
-
-
 # On a GPU, batching faces fills the device; on a CPU the convolutions are already
 # parallel inside one face: with the retained heap, 4 faces took 12.1-13.2 s in batches of
 # one and 12.8 s in batches of two (CodeFormer), 7.3-7.7 s against 8.2 s (ParseNet), and a
 # batch of one holds half the activations.
 DEFAULT_FACE_BATCH = {"cuda": 4, "cpu": 1}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process is configured with, fixed at start; ``from_env`` reads it.
+
+    Each field is one ``CODEFORMER_*`` variable, named in its comment without the prefix
+    (README's "Configuration" table documents them); its default is what an unset variable means.
+    """
+
+    max_pixels: int = 40_000_000  # MAX_PIXELS: decoded images above this are refused from the header
+    max_faces: int = 20  # MAX_FACES: per image; the highest-scoring faces are kept
+    face_batch: int = DEFAULT_FACE_BATCH["cpu"]  # FACE_BATCH: faces per CodeFormer/ParseNet forward
+    # RETAINED_MEMORY_MB: freed host memory kept for reuse (codeformer.host_memory; CPU only)
+    retained_memory_mb: int = MAX_RETAINED_MEMORY_MB
+    fetch_timeout_s: float = 60.0  # FETCH_TIMEOUT_S: one deadline for all of a request's URL inputs
+    mixed_precision: str = "auto"  # MIXED_PRECISION: auto, on or off (codeformer.runtime)
+    weights_dir: Path = PROJECT_ROOT / "weights"  # WEIGHTS_DIR: where the weight files live
+    weights_url: str = ""  # WEIGHTS_URL: a mirror's base URL; empty: the official release URLs
+    download_timeout_s: float = 30.0  # DOWNLOAD_TIMEOUT: for the connect and for each read
+    download_attempts: int = 4  # DOWNLOAD_ATTEMPTS
+    download_backoff_s: float = 1.0  # DOWNLOAD_BACKOFF: before the 2nd attempt; doubles after each
+
+    @classmethod
+    def from_env(cls, device_type: str = "cpu", **overrides: Any) -> Settings:
+        """The settings from the environment; an unset or empty variable keeps the default above.
+
+        ``overrides`` fix some fields whatever the environment says (tests, benchmarks).
+        """
+        settings = cls(
+            max_pixels=_env_int("CODEFORMER_MAX_PIXELS", cls.max_pixels),
+            max_faces=_env_int("CODEFORMER_MAX_FACES", cls.max_faces),
+            face_batch=_env_int("CODEFORMER_FACE_BATCH", DEFAULT_FACE_BATCH.get(device_type, 1)),
+            retained_memory_mb=_env_int(
+                "CODEFORMER_RETAINED_MEMORY_MB", cls.retained_memory_mb, 0, MAX_RETAINED_MEMORY_MB
+            ),
+            fetch_timeout_s=_env_int("CODEFORMER_FETCH_TIMEOUT_S", int(cls.fetch_timeout_s), 1, 3600),
+            mixed_precision=_env(
+                "CODEFORMER_MIXED_PRECISION",
+                cls.mixed_precision,
+                lambda raw: raw if raw in MIXED_PRECISION_CHOICES else None,
+                f"one of {', '.join(MIXED_PRECISION_CHOICES)}",
+            ),
+            weights_dir=_env("CODEFORMER_WEIGHTS_DIR", cls.weights_dir, lambda raw: Path(raw).expanduser()),
+            weights_url=_env("CODEFORMER_WEIGHTS_URL", cls.weights_url, str),
+            download_timeout_s=_env_number("CODEFORMER_DOWNLOAD_TIMEOUT", cls.download_timeout_s, 0.001),
+            download_attempts=_env_int("CODEFORMER_DOWNLOAD_ATTEMPTS", cls.download_attempts),
+            download_backoff_s=_env_number("CODEFORMER_DOWNLOAD_BACKOFF", cls.download_backoff_s, 0.0),
+        )
+        return dataclasses.replace(settings, **overrides)
+
+
+def _env(name: str, default: T, parse: Callable[[str], T | None], allowed: str = "") -> T:
+    """``parse`` of variable ``name``, or ``default`` when it is unset or empty.
+
+    ``parse`` returns None (or raises ValueError) for a value outside ``allowed``: the
+    ConfigError then names the variable, the value, what it accepts and the default.
+    """
+    raw = os.environ.get(name, "")
+    if raw == "":  # `NAME= command` in a shell means "not set"
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = None
+    if value is None:
+        raise ConfigError(f"{name} must be {allowed}, got {raw!r} (unset it for the default, {default})")
+    return value
+
+
+def _env_int(name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
+    def parse(raw: str) -> int | None:
+        value = int(raw)
+        return value if value >= minimum and (maximum is None or value <= maximum) else None
+
+    allowed = "a positive integer" if maximum is None else f"an integer from {minimum} to {maximum}"
+    return _env(name, default, parse, allowed)
+
+
+def _env_number(name: str, default: float, minimum: float) -> float:
+    def parse(raw: str) -> float | None:
+        value = float(raw)
+        return value if value >= minimum else None  # NaN compares false: refused too
+
+    return _env(name, default, parse, f"a number >= {minimum:g}")

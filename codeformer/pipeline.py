@@ -2,7 +2,7 @@
 
 ``Restorer`` holds the models and nothing per request: every call gets its images and
 options as arguments, so one warm process serves any sequence of requests. The faces of
-all images in a call are restored together, in chunks of ``Limits.face_batch``.
+all images in a call are restored together, in chunks of ``Settings.face_batch``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from codeformer import weights
-from codeformer.config import FACE_SIZE, Limits, RequestOptions
+from codeformer.config import FACE_SIZE, RequestOptions, Settings
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
 from codeformer.runtime import Nets, Runtime, pick_device, retain_freed_memory
 from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
@@ -29,6 +29,8 @@ from codeformer.stages.prepare import check_image_size, is_gray, to_working_imag
 from codeformer.stages.restore import FaceRestorer
 
 log = logging.getLogger(__name__)
+
+DEFAULT_OPTIONS = RequestOptions()  # frozen: safe as a default argument
 
 GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])  # spec §5.5: 0.2989 R + 0.5870 G + 0.1140 B
 
@@ -46,7 +48,7 @@ class Face:
 class RestoreResult:
     image: np.ndarray  # (H, W, 3) uint8 BGR, the input's size
     faces: list[Face]
-    faces_dropped: int  # detections over Limits.max_faces, lowest scores first
+    faces_dropped: int  # detections over Settings.max_faces, lowest scores first
     working_size: tuple[int, int]  # (H, W) the pipeline ran at (spec §4.1)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
 
@@ -87,11 +89,11 @@ def to_gray_faces(faces: np.ndarray) -> np.ndarray:
 class Restorer:
     """The three nets on one device, and the stages that use them."""
 
-    def __init__(self, nets: Nets, device: torch.device, limits: Limits | None = None) -> None:
+    def __init__(self, nets: Nets, device: torch.device, settings: Settings | None = None) -> None:
         self.device = device
-        self.limits = limits or Limits.from_env(device.type)
-        retain_freed_memory(self.limits.retained_memory_mb)
-        self.runtime = Runtime(nets, device)
+        self.settings = settings or Settings.from_env(device.type)
+        retain_freed_memory(self.settings.retained_memory_mb)
+        self.runtime = Runtime(nets, device, self.settings.mixed_precision)
         self._stages: dict[tuple[str, str, bool], _Stages] = {}
 
     @classmethod
@@ -99,30 +101,29 @@ class Restorer:
         cls,
         weights_dir: str | Path | None = None,
         device: str | torch.device | None = None,
-        limits: Limits | None = None,
+        settings: Settings | None = None,
     ) -> Restorer:
-        """Load (downloading if missing) the three nets onto ``device`` (CUDA if present, else CPU)."""
+        """Load (downloading if missing) the three nets onto ``device`` (CUDA if present, else CPU).
+
+        ``settings`` default to the environment's (``Settings.from_env``), read here once.
+        """
         target = pick_device(device)
-        codeformer, retinaface, parsenet = weights.load_nets(weights_dir)
+        settings = settings or Settings.from_env(target.type)
+        codeformer, retinaface, parsenet = weights.load_nets(weights_dir, settings)
         nets = Nets(*(net.to(target).eval() for net in (codeformer, retinaface, parsenet)))
-        return cls(nets, target, limits)
+        return cls(nets, target, settings)
 
     @property
     def compile_backend(self) -> str | None:
         return self.runtime.compile_backend
 
-    def check_options(
-        self,
-        fidelity: float = 0.5,
-        profile: str = "baseline",
-        stability: str = "safe",
-        compile_backend: str = "none",
-    ) -> RequestOptions:
-        """Validate a request's options against this process; raises InputError or ConfigError."""
-        options = RequestOptions.parse(fidelity, profile, stability, compile_backend)
+    def check_options(self, options: RequestOptions) -> None:
+        """Raise ``ConfigError`` if this process cannot serve ``options`` (the compile-backend lock).
+
+        ``restore`` checks too; a caller that has work to do first (downloads) checks before it.
+        """
         if options.stability.compiled:
             self.runtime.check_backend(options.compile_backend)
-        return options
 
     def _mixed_precision(self, options: RequestOptions) -> bool:
         """The profile asks for mixed precision and it pays on this device (``Runtime.mixed_precision``)."""
@@ -140,8 +141,8 @@ class Restorer:
             nets = self.runtime.nets_for(options.stability, options.compile_backend, mixed_precision)
             self._stages[key] = _Stages(
                 detector=FaceDetector(nets.retinaface, self.device),
-                restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.limits.face_batch),
-                parser=FaceParser(nets.parsenet, self.device, batch_size=self.limits.face_batch),
+                restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.settings.face_batch),
+                parser=FaceParser(nets.parsenet, self.device, batch_size=self.settings.face_batch),
             )
             if compiled and options.compile_backend != "none":
                 self._warm_compiled(self._stages[key], mixed_precision)
@@ -155,7 +156,7 @@ class Restorer:
         both dynamic; fidelity 0 is its own graph. Batches beyond 2 reuse the dynamic graph.
         """
         start = time.perf_counter()
-        batches = sorted({1, min(2, self.limits.face_batch)})
+        batches = sorted({1, min(2, self.settings.face_batch)})
         crops = np.full((batches[-1], FACE_SIZE, FACE_SIZE, 3), 127, np.uint8)
         for batch in batches:
             for fidelity in (0.5, 0.7, 0.0):
@@ -163,35 +164,28 @@ class Restorer:
             stages.parser.masks(crops[:batch], mixed_precision)
         log.info("compiled and warmed the optimized nets in %.0f ms", (time.perf_counter() - start) * 1000.0)
 
-    def warmup(
-        self, profile: str = "baseline", stability: str = "safe", compile_backend: str = "none"
-    ) -> float:
-        """Run one synthetic image through a path so its first real request pays no set-up; returns ms."""
+    def warmup(self, options: RequestOptions = DEFAULT_OPTIONS) -> float:
+        """Run one synthetic image through ``options``' path so its first real request pays no set-up; ms."""
         start = time.perf_counter()
         canvas = np.full((FACE_SIZE, FACE_SIZE, 3), 127, np.uint8)
-        self.restore([canvas], 0.5, profile, stability, compile_backend)
+        self.restore([canvas], options)
         # the detector rarely fires on a flat canvas: run restore and parse on a face-sized crop too
-        options = self.check_options(0.5, profile, stability, compile_backend)
         stages = self._stages_for(options)
-        restored = stages.restorer.restore(canvas[None], 0.5, self._mixed_precision(options))
+        restored = stages.restorer.restore(canvas[None], options.fidelity, self._mixed_precision(options))
         if options.profile.use_parse:
             stages.parser.masks(restored, self._mixed_precision(options))
         return (time.perf_counter() - start) * 1000.0
 
     def restore(
-        self,
-        images: Sequence[np.ndarray],
-        fidelity: float = 0.5,
-        profile: str = "baseline",
-        stability: str = "safe",
-        compile_backend: str = "none",
+        self, images: Sequence[np.ndarray], options: RequestOptions = DEFAULT_OPTIONS
     ) -> list[RestoreResult]:
-        """Restore every face of every image; one result per image, in order.
+        """Restore every face of every image with ``options``; one result per image, in order.
 
-        Raises ``InputError``/``ConfigError`` for bad options and ``ImageFailedError`` (with
-        the image's index) when an image cannot be processed. Nothing is returned partially.
+        Raises ``InputError`` for arrays that are not images, ``ConfigError`` for options this
+        process cannot serve (``check_options``), and ``ImageFailedError`` (with the image's
+        index) when an image cannot be processed. Nothing is returned partially.
         """
-        options = self.check_options(fidelity, profile, stability, compile_backend)
+        self.check_options(options)
         for index, image in enumerate(images):
             if not (
                 isinstance(image, np.ndarray)
@@ -212,11 +206,11 @@ class Restorer:
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "prepare"):
-                check_image_size(*image.shape[:2], self.limits.max_pixels)  # before the working copy
+                check_image_size(*image.shape[:2], self.settings.max_pixels)  # before the working copy
                 gray = is_gray(image)
                 working, factor = to_working_image(image)
             with _timed(timings, "detect"):
-                detections = stages.detector.detect(working, max_faces=self.limits.max_faces)
+                detections = stages.detector.detect(working, max_faces=self.settings.max_faces)
             with _timed(timings, "align"):
                 affines = estimate_affines(detections.landmarks)
                 crops = warp_crops(working, affines)
@@ -229,7 +223,7 @@ class Restorer:
                 index,
                 len(detections.scores),
                 detections.dropped,
-                self.limits.max_faces,
+                self.settings.max_faces,
             )
         return _ImageWork(working, factor, gray, detections, crops, inverse_affines, timings)
 

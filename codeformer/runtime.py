@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from codeformer.config import CUDA_ONLY_BACKENDS, Stability, mixed_precision_from_env
+from codeformer.config import CUDA_ONLY_BACKENDS, Stability
 from codeformer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -151,13 +151,14 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 
 
 class Runtime:
-    def __init__(self, nets: Nets, device: torch.device) -> None:
+    def __init__(self, nets: Nets, device: torch.device, mixed_precision: str = "auto") -> None:
+        """``mixed_precision``: ``Settings.mixed_precision``, auto, on or off (``mixed_precision_pays``)."""
         self.device = device
         self.safe_nets = nets
         self._optimized: dict[bool, Nets] = {}  # mixed precision -> optimized nets
         self._backend: str | None = None
         self._lock = threading.Lock()
-        self._mixed_precision_setting = mixed_precision_from_env()
+        self._mixed_precision_setting = mixed_precision
         self._mixed_precision_pays: bool | None = None
         if device.type == "cuda":
             # safe mode promises the official numerics: no autotuned kernels, no TF32 (spec §9.17)

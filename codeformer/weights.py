@@ -1,12 +1,13 @@
 """The three weight files: where they come from, how they are fetched, how they load.
 
-Spec: REFERENCE.md §1. Each file is looked up in one folder (``weights/`` at the project
-root, or ``CODEFORMER_WEIGHTS_DIR``, or an explicit argument) and downloaded on first use
-from its official release URL, or from ``CODEFORMER_WEIGHTS_URL`` + file name when a mirror
-is set. A download goes to a unique temporary file in the same folder, is fsynced and
-checked against Content-Length, and is renamed into place only when complete, under an
-exclusive lock per file, so a partial file is never loaded and two processes can fetch at
-once. A file that does not load strictly is deleted and fetched again once.
+Spec: REFERENCE.md §1. Each file is looked up in one folder (an explicit argument, else
+``Settings.weights_dir``: ``CODEFORMER_WEIGHTS_DIR`` or ``weights/`` at the project root)
+and downloaded on first use from its official release URL, or from ``Settings.weights_url``
+(``CODEFORMER_WEIGHTS_URL``) + file name when a mirror is set. A download goes to a
+unique temporary file in the same folder, is fsynced and checked against Content-Length,
+and is renamed into place only when complete, under an exclusive lock per file, so a
+partial file is never loaded and two processes can fetch at once. A file that does not
+load strictly is deleted and fetched again once.
 
     python -m codeformer.weights fetch [--dir DIR]
 """
@@ -31,6 +32,7 @@ import requests
 import torch
 from tqdm import tqdm
 
+from codeformer.config import Settings
 from codeformer.errors import ConfigError, WeightsError
 
 if TYPE_CHECKING:
@@ -40,17 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("codeformer.weights")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS_DIR = PROJECT_ROOT / "weights"
 RELEASE_URL = "https://github.com/sczhou/CodeFormer/releases/download/v0.1.0"
 
-WEIGHTS_DIR_ENV = "CODEFORMER_WEIGHTS_DIR"
-WEIGHTS_URL_ENV = "CODEFORMER_WEIGHTS_URL"
-TIMEOUT_ENV = "CODEFORMER_DOWNLOAD_TIMEOUT"  # seconds, for the connect and for each read
-ATTEMPTS_ENV = "CODEFORMER_DOWNLOAD_ATTEMPTS"
-BACKOFF_ENV = "CODEFORMER_DOWNLOAD_BACKOFF"  # seconds before the 2nd attempt; doubles after each
-DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_ATTEMPTS = 4
-DEFAULT_BACKOFF_S = 1.0
 CHUNK_BYTES = 1 << 20
 FETCH_COMMAND = "python -m codeformer.weights fetch"
 # Prefixes that wrappers add to every key: nn.DataParallel / DistributedDataParallel save
@@ -97,14 +90,11 @@ class _RetryableDownloadError(Exception):
 
 
 # -- where ---------------------------------------------------------------------------------
-def weights_dir(override: str | Path | None = None) -> Path:
-    """The weights folder: ``override``, else ``$CODEFORMER_WEIGHTS_DIR``, else ``weights/``."""
+def weights_dir(override: str | Path | None = None, settings: Settings | None = None) -> Path:
+    """The weights folder: ``override``, else ``settings.weights_dir`` (default: the environment's)."""
     if override is not None and str(override) != "":
         return Path(override).expanduser()
-    from_env = os.environ.get(WEIGHTS_DIR_ENV, "")
-    if from_env:
-        return Path(from_env).expanduser()
-    return DEFAULT_WEIGHTS_DIR
+    return (settings or Settings.from_env()).weights_dir
 
 
 def weight_file(net: str) -> WeightFile:
@@ -114,39 +104,27 @@ def weight_file(net: str) -> WeightFile:
         raise WeightsError(f"unknown net {net!r}; the weight files are for {sorted(WEIGHT_FILES)}") from None
 
 
-def source_url(weight: WeightFile) -> str:
-    """Where ``weight`` is downloaded from: the mirror in ``$CODEFORMER_WEIGHTS_URL`` if set."""
-    mirror = os.environ.get(WEIGHTS_URL_ENV, "")
+def source_url(weight: WeightFile, settings: Settings | None = None) -> str:
+    """Where ``weight`` is downloaded from: the mirror in ``settings.weights_url`` if set."""
+    mirror = (settings or Settings.from_env()).weights_url
     if mirror:
         return mirror.rstrip("/") + "/" + weight.name
     return weight.url
 
 
-def _float_env(name: str, default: float, minimum: float) -> float:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a number >= {minimum}") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} is below {minimum}; unset it or give a number >= {minimum}")
-    return value
-
-
 # -- fetch ---------------------------------------------------------------------------------
-def ensure_file(net: str, directory: str | Path | None = None) -> Path:
+def ensure_file(net: str, directory: str | Path | None = None, settings: Settings | None = None) -> Path:
     """Path of the weight file of ``net`` in the weights folder, downloading it if missing."""
+    settings = settings or Settings.from_env()
     weight = weight_file(net)
-    folder = weights_dir(directory)
+    folder = weights_dir(directory, settings)
     path = folder / weight.name
     if path.is_file():
         return path
     with _file_lock(path):
         # another process may have finished the download while we waited for the lock
         if not path.is_file():
-            _download(source_url(weight), path)
+            _download(source_url(weight, settings), path, settings)
     return path
 
 
@@ -160,7 +138,7 @@ def _file_lock(path: Path) -> Iterator[None]:
     except OSError as error:
         raise WeightsError(
             f"cannot create the weights folder or lock file {lock_path}: {error}. "
-            f"Make the folder writable, or point {WEIGHTS_DIR_ENV} at a writable folder."
+            f"Make the folder writable, or point CODEFORMER_WEIGHTS_DIR at a writable folder."
         ) from error
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -173,11 +151,11 @@ def _file_lock(path: Path) -> Iterator[None]:
         os.close(lock_fd)  # releases the flock
 
 
-def _download(url: str, destination: Path) -> None:
+def _download(url: str, destination: Path, settings: Settings) -> None:
     """Download ``url`` to ``destination`` atomically, retrying transient failures."""
-    timeout = _float_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, minimum=0.001)
-    attempts = int(_float_env(ATTEMPTS_ENV, DEFAULT_ATTEMPTS, minimum=1))
-    backoff = _float_env(BACKOFF_ENV, DEFAULT_BACKOFF_S, minimum=0.0)
+    timeout = settings.download_timeout_s
+    attempts = settings.download_attempts
+    backoff = settings.download_backoff_s
     for attempt in range(1, attempts + 1):
         try:
             _download_once(url, destination, timeout)
@@ -200,7 +178,7 @@ def _download(url: str, destination: Path) -> None:
         except OSError as error:  # the folder side: disk full, read-only, permissions
             raise WeightsError(
                 f"cannot write {destination.name} into {destination.parent}: {error}. Fix: free disk space "
-                f"or make the folder writable, or set {WEIGHTS_DIR_ENV} to another folder."
+                f"or make the folder writable, or set CODEFORMER_WEIGHTS_DIR to another folder."
             ) from error
 
 
@@ -208,7 +186,7 @@ def _unreachable_message(destination: Path, url: str, reason: str) -> str:
     return (
         f"weight file {destination.name} is not in {destination.parent} and could not be downloaded "
         f"from {url}: {reason}. Fix: put {destination.name} into {destination.parent}, or set "
-        f"{WEIGHTS_DIR_ENV} to a folder that holds it, or set {WEIGHTS_URL_ENV} to a base URL that "
+        "CODEFORMER_WEIGHTS_DIR to a folder that holds it, or set CODEFORMER_WEIGHTS_URL to a base URL that "
         f"serves it, or run `{FETCH_COMMAND}` where the network is reachable."
     )
 
@@ -406,16 +384,22 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else "no message"
 
 
-def load_into(net_name: str, model: torch.nn.Module, directory: str | Path | None = None) -> torch.nn.Module:
+def load_into(
+    net_name: str,
+    model: torch.nn.Module,
+    directory: str | Path | None = None,
+    settings: Settings | None = None,
+) -> torch.nn.Module:
     """Fill ``model`` with its release file (strict); a file that fails is fetched again once."""
+    settings = settings or Settings.from_env()
     weight = weight_file(net_name)
-    path = ensure_file(net_name, directory)
+    path = ensure_file(net_name, directory, settings)
     try:
         _load_strict(path, weight, model)
         return model
     except WeightsError as first_error:
         failed_file = _identity(path)
-        url = source_url(weight)
+        url = source_url(weight, settings)
         logger.warning("%s; deleting it and downloading it again from %s", first_error, url)
         try:
             with _file_lock(path):
@@ -424,7 +408,7 @@ def load_into(net_name: str, model: torch.nn.Module, directory: str | Path | Non
                 if _identity(path) == failed_file:
                     path.unlink(missing_ok=True)
                 if not path.is_file():
-                    _download(url, path)
+                    _download(url, path, settings)
         except (WeightsError, OSError) as refetch_error:
             raise WeightsError(f"{first_error}. Fetching it again failed: {refetch_error}") from refetch_error
     try:
@@ -432,7 +416,7 @@ def load_into(net_name: str, model: torch.nn.Module, directory: str | Path | Non
     except WeightsError as second_error:
         raise WeightsError(
             f"{second_error}. The file was downloaded again from {url} and still does not load: "
-            f"the source serves a wrong file; replace it, or set {WEIGHTS_URL_ENV} to a correct mirror."
+            "the source serves a wrong file; replace it, or set CODEFORMER_WEIGHTS_URL to a correct mirror."
         ) from second_error
     return model
 
@@ -445,24 +429,27 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
-def load_nets(directory: str | Path | None = None) -> tuple[CodeFormer, RetinaFace, ParseNet]:
+def load_nets(
+    directory: str | Path | None = None, settings: Settings | None = None
+) -> tuple[CodeFormer, RetinaFace, ParseNet]:
     """The three nets with their release weights, in eval mode, on the CPU."""
     from codeformer.nets import CodeFormer, ParseNet, RetinaFace
 
-    codeformer = load_into("codeformer", CodeFormer(), directory).eval()
-    retinaface = load_into("retinaface", RetinaFace(), directory).eval()
-    parsenet = load_into("parsenet", ParseNet(), directory).eval()
+    settings = settings or Settings.from_env()
+    codeformer = load_into("codeformer", CodeFormer(), directory, settings).eval()
+    retinaface = load_into("retinaface", RetinaFace(), directory, settings).eval()
+    parsenet = load_into("parsenet", ParseNet(), directory, settings).eval()
     return codeformer, retinaface, parsenet
 
 
 # -- command line --------------------------------------------------------------------------
-def _verify(net: str, directory: str | Path | None) -> Path:
+def _verify(net: str, directory: str | Path | None, settings: Settings) -> Path:
     from codeformer import nets
 
     weight = WEIGHT_FILES[net]
     model = getattr(nets, weight.net_class)()
-    load_into(net, model, directory)
-    return weights_dir(directory) / weight.name
+    load_into(net, model, directory, settings)
+    return weights_dir(directory, settings) / weight.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,16 +463,21 @@ def main(argv: list[str] | None = None) -> int:
         "--dir",
         type=Path,
         default=None,
-        help=f"weights folder (default: ${WEIGHTS_DIR_ENV} or {DEFAULT_WEIGHTS_DIR})",
+        help=f"weights folder (default: $CODEFORMER_WEIGHTS_DIR or {Settings.weights_dir})",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     failures = 0
     for net in WEIGHT_FILES:
         # go on after a failure: the report should name every file that is not usable
         try:
-            path = _verify(net, args.dir)
-        except (WeightsError, ConfigError) as error:
+            path = _verify(net, args.dir, settings)
+        except WeightsError as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             failures += 1
             continue

@@ -51,10 +51,10 @@ def faceless_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def restorer_seed0(weights_dir: Path):
     """The pipeline on CPU with the seed-0 random weights, shared by the end-to-end tests."""
-    from codeformer.config import Limits
+    from codeformer.config import Settings
     from codeformer.pipeline import Restorer
 
-    return Restorer.load(weights_dir, "cpu", Limits(max_pixels=40_000_000, max_faces=20, face_batch=4))
+    return Restorer.load(weights_dir, "cpu", Settings.from_env(max_faces=20, face_batch=4))
 
 
 def set_up_predictor(weights_dir: Path, max_faces: int = 1):

@@ -1,8 +1,9 @@
-"""Request option validation, limits from the environment, and the optimized-runtime backend lock."""
+"""Request option validation, settings from the environment, and the optimized-runtime backend lock."""
 
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +13,20 @@ import torch
 from faulting_cycles import FAULTING_CYCLES
 from torch import nn
 
-from codeformer.config import PROFILES, STABILITY_MODES, Limits, RequestOptions, mixed_precision_from_env
+from codeformer.config import PROFILES, STABILITY_MODES, RequestOptions, Settings
 from codeformer.errors import ConfigError, InputError
 from codeformer.runtime import Nets, Runtime, mixed_precision_pays
 
 
 def test_defaults_are_the_official_recipe() -> None:
     options = RequestOptions.parse()
+    assert options == RequestOptions()  # one set of defaults, whichever way the options are made
     assert options.fidelity == 0.5
     assert options.profile == PROFILES["baseline"]
     assert not options.profile.mixed_precision and options.profile.use_parse
     assert options.stability == STABILITY_MODES["safe"] and not options.stability.compiled
+    # optimized alone means channels_last without compiling: the fastest measured on CPU
+    assert options.compile_backend == "none"
 
 
 @pytest.mark.parametrize("fidelity", [0.0, 0.5, 1.0, "0.25"])
@@ -49,14 +53,44 @@ def test_unknown_names_are_refused_with_the_choices(field: str, kwargs: dict) ->
         RequestOptions.parse(**kwargs)
 
 
-def test_limits_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CODEFORMER_MAX_FACES", "3")
-    monkeypatch.delenv("CODEFORMER_MAX_PIXELS", raising=False)
-    limits = Limits.from_env()
-    assert limits.max_faces == 3 and limits.max_pixels == 40_000_000
+    monkeypatch.setenv("CODEFORMER_MAX_PIXELS", "")  # empty counts as unset
+    monkeypatch.setenv("CODEFORMER_WEIGHTS_DIR", "~/w")
+    monkeypatch.setenv("CODEFORMER_DOWNLOAD_BACKOFF", "0")
+    monkeypatch.delenv("CODEFORMER_FACE_BATCH", raising=False)
+    settings = Settings.from_env()
+    assert settings.max_faces == 3 and settings.max_pixels == 40_000_000
+    assert settings.weights_dir == Path("~/w").expanduser() and settings.download_backoff_s == 0.0
+    assert (settings.face_batch, Settings.from_env("cuda").face_batch) == (1, 4)
     monkeypatch.setenv("CODEFORMER_MAX_FACES", "zero")
-    with pytest.raises(ConfigError, match="CODEFORMER_MAX_FACES must be a positive integer"):
-        Limits.from_env()
+    with pytest.raises(ConfigError, match="CODEFORMER_MAX_FACES must be a positive integer, got 'zero'"):
+        Settings.from_env()
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "allowed"),
+    [
+        ("CODEFORMER_FETCH_TIMEOUT_S", "0", "an integer from 1 to 3600"),
+        ("CODEFORMER_DOWNLOAD_TIMEOUT", "soon", "a number >= 0.001"),
+        ("CODEFORMER_DOWNLOAD_BACKOFF", "-1", "a number >= 0"),
+        ("CODEFORMER_DOWNLOAD_ATTEMPTS", "0", "a positive integer"),
+        ("CODEFORMER_MIXED_PRECISION", "bf16", "one of auto, on, off"),
+    ],
+)
+def test_a_bad_variable_is_one_error_naming_it_and_what_it_accepts(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str, allowed: str
+) -> None:
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ConfigError, match=f"^{name} must be {allowed}, got '{raw}'"):
+        Settings.from_env()
+
+
+def test_readme_documents_every_variable_the_settings_read() -> None:
+    project = Path(__file__).resolve().parents[1]
+    read = set(re.findall(r'"(CODEFORMER_[A-Z_]+)"', (project / "codeformer" / "config.py").read_text()))
+    documented = set(re.findall(r"^\| `(CODEFORMER_[A-Z_]+)` \|", (project / "README.md").read_text(), re.M))
+    assert read == documented
 
 
 @pytest.mark.parametrize(
@@ -72,9 +106,9 @@ def test_retained_memory_from_environment(monkeypatch: pytest.MonkeyPatch, raw: 
         with pytest.raises(
             ConfigError, match="CODEFORMER_RETAINED_MEMORY_MB must be an integer from 0 to 2047"
         ):
-            Limits.from_env()
+            Settings.from_env()
     else:
-        assert Limits.from_env().retained_memory_mb == expected
+        assert Settings.from_env().retained_memory_mb == expected
 
 
 # Allocates and frees a 64 MB tensor 20 times in a fresh interpreter, after
@@ -220,12 +254,13 @@ def test_the_calibration_convolution_runs_in_both_dtypes() -> None:
 
 def test_mixed_precision_setting_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CODEFORMER_MIXED_PRECISION", raising=False)
-    assert mixed_precision_from_env() == "auto"
+    assert Settings.from_env().mixed_precision == "auto"
     monkeypatch.setenv("CODEFORMER_MIXED_PRECISION", "off")
-    assert mixed_precision_from_env() == "off"
-    assert Runtime(_tiny_nets(), torch.device("cpu")).mixed_precision is False
+    settings = Settings.from_env()
+    assert settings.mixed_precision == "off"
+    assert Runtime(_tiny_nets(), torch.device("cpu"), settings.mixed_precision).mixed_precision is False
     monkeypatch.setenv("CODEFORMER_MIXED_PRECISION", "bf16")
     with pytest.raises(
         ConfigError, match="CODEFORMER_MIXED_PRECISION must be one of auto, on, off, got 'bf16'"
     ):
-        mixed_precision_from_env()
+        Settings.from_env()

@@ -38,7 +38,7 @@ from PIL import Image
 from weights_server import FileServer
 
 from codeformer.client import READY, CogClient, PredictionResult, ServerError, data_uri
-from codeformer.config import Limits
+from codeformer.config import RequestOptions, Settings
 from codeformer.pipeline import Restorer
 from codeformer.weights import WEIGHT_FILES
 
@@ -189,9 +189,9 @@ class NetBatches:
 @pytest.fixture(scope="module")
 def net_batches(restorer_seed0: Restorer) -> NetBatches:
     """Restore 2 faces with face_batch=1 (profile fast: ParseNet runs) and record each net's batch sizes."""
-    limits = Limits(max_pixels=40_000_000, max_faces=2, face_batch=1)
+    settings = Settings.from_env(max_faces=2, face_batch=1)
     nets = restorer_seed0.runtime.safe_nets
-    restorer = Restorer(nets, restorer_seed0.device, limits)
+    restorer = Restorer(nets, restorer_seed0.device, settings)
     seen: dict[str, list[int]] = {"codeformer": [], "parsenet": []}
     hooks = [
         net.register_forward_pre_hook(
@@ -200,7 +200,7 @@ def net_batches(restorer_seed0: Restorer) -> NetBatches:
         for name, net in (("codeformer", nets.codeformer), ("parsenet", nets.parsenet))
     ]
     try:
-        [result] = restorer.restore([noise(300, 400)], profile="fast")
+        [result] = restorer.restore([noise(300, 400)], RequestOptions.parse(profile="fast"))
     finally:
         for hook in hooks:
             hook.remove()
@@ -241,9 +241,9 @@ def test_two_pipelines_loading_at_once_into_an_empty_folder_both_get_whole_files
     cache = tmp_path / "shared-cache"
     script = textwrap.dedent(
         f"""
-        from codeformer.config import Limits
+        from codeformer.config import Settings
         from codeformer.pipeline import Restorer
-        Restorer.load({str(cache)!r}, "cpu", Limits(40_000_000, 1, 1))
+        Restorer.load({str(cache)!r}, "cpu", Settings.from_env(max_faces=1, face_batch=1))
         print("loaded")
         """
     )

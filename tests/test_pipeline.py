@@ -7,25 +7,26 @@ CodeFormer forward per image.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from helpers import noise
 
-from codeformer.config import Limits
+from codeformer.config import RequestOptions, Settings
 from codeformer.errors import ConfigError, InputError
 from codeformer.pipeline import Restorer
 from codeformer.runtime import cpu_has_bf16_kernels
 
-
-def _noise(height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+MAX_SPEED = RequestOptions.parse(profile="max_speed")
 
 
 @pytest.fixture(scope="module")
 def one_face(restorer_seed0: Restorer) -> Restorer:
     """The same nets, capped at one face per image."""
-    limits = Limits(max_pixels=40_000_000, max_faces=1, face_batch=4)
-    return Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, limits)
+    settings = Settings.from_env(max_faces=1, face_batch=4)
+    return Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, settings)
 
 
 @pytest.mark.parametrize("shape", [(300, 200), (512, 512), (700, 530)])
@@ -38,8 +39,8 @@ def test_zero_faces_return_the_input_unchanged(restorer_seed0: Restorer, shape: 
 
 
 def test_cap_keeps_the_best_face_and_output_keeps_the_input_size(one_face: Restorer) -> None:
-    image = _noise(300, 400)  # small: processed at 512 x 683, returned at 300 x 400
-    [result] = one_face.restore([image], profile="max_speed")
+    image = noise(300, 400)  # small: processed at 512 x 683, returned at 300 x 400
+    [result] = one_face.restore([image], MAX_SPEED)
     assert result.working_size == (512, 683)
     assert result.image.shape == image.shape and result.image.dtype == np.uint8
     assert len(result.faces) == 1 and result.faces_dropped == 1
@@ -51,14 +52,15 @@ def test_cap_keeps_the_best_face_and_output_keeps_the_input_size(one_face: Resto
 
 
 def test_same_request_twice_gives_identical_bytes(one_face: Restorer) -> None:
-    image = _noise(300, 400, seed=1)
-    first = one_face.restore([image], fidelity=0.7, profile="max_speed")[0].image
-    second = one_face.restore([image], fidelity=0.7, profile="max_speed")[0].image
+    image = noise(300, 400, seed=1)
+    options = RequestOptions.parse(fidelity=0.7, profile="max_speed")
+    first = one_face.restore([image], options)[0].image
+    second = one_face.restore([image], options)[0].image
     np.testing.assert_array_equal(first, second)
 
 
 def test_images_restored_together_equal_images_restored_alone(one_face: Restorer) -> None:
-    images = [_noise(300, 400, seed=2), _noise(520, 610, seed=3)]
+    images = [noise(300, 400, seed=2), noise(520, 610, seed=3)]
     together = one_face.restore(images)
     alone = [one_face.restore([image])[0] for image in images]
     for joint, single in zip(together, alone, strict=True):
@@ -69,16 +71,19 @@ def test_images_restored_together_equal_images_restored_alone(one_face: Restorer
 
 
 def test_gray_photo_stays_gray(one_face: Restorer) -> None:
-    gray = _noise(300, 400, seed=4)[..., :1].repeat(3, axis=2)
-    [result] = one_face.restore([gray], profile="max_speed")
+    gray = noise(300, 400, seed=4)[..., :1].repeat(3, axis=2)
+    [result] = one_face.restore([gray], MAX_SPEED)
     assert len(result.faces) == 1
     np.testing.assert_array_equal(result.image[..., 0], result.image[..., 1])
     np.testing.assert_array_equal(result.image[..., 1], result.image[..., 2])
 
 
 def test_profiles_share_geometry(one_face: Restorer) -> None:
-    image = _noise(300, 400, seed=5)
-    results = {p: one_face.restore([image], profile=p)[0] for p in ("baseline", "fast", "max_speed")}
+    image = noise(300, 400, seed=5)
+    results = {
+        p: one_face.restore([image], RequestOptions.parse(profile=p))[0]
+        for p in ("baseline", "fast", "max_speed")
+    }
     boxes = {p: r.faces[0].box for p, r in results.items()}
     assert boxes["baseline"] == boxes["fast"] == boxes["max_speed"]  # detection always runs in float32
     # no parsing changes only the blend mask: outside the face's soft mask all agree
@@ -96,7 +101,7 @@ def test_profiles_share_geometry(one_face: Restorer) -> None:
 )
 def test_bad_options_are_refused_before_any_work(restorer_seed0: Restorer, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
-        restorer_seed0.restore([np.zeros((8, 8, 3), np.uint8)], **kwargs)
+        restorer_seed0.restore([np.zeros((8, 8, 3), np.uint8)], RequestOptions.parse(**kwargs))
 
 
 def test_non_image_arrays_are_refused(restorer_seed0: Restorer) -> None:
@@ -105,43 +110,45 @@ def test_non_image_arrays_are_refused(restorer_seed0: Restorer) -> None:
 
 
 def test_optimized_runtime_compiles_once_and_locks_its_backend(one_face: Restorer) -> None:
-    restorer = Restorer(one_face.runtime.safe_nets, one_face.device, one_face.limits)
-    image = _noise(300, 400, seed=6)
-    [first] = restorer.restore([image], profile="max_speed", stability="optimized", compile_backend="eager")
+    restorer = Restorer(one_face.runtime.safe_nets, one_face.device, one_face.settings)
+    image = noise(300, 400, seed=6)
+
+    def optimized(fidelity: float = 0.5) -> RequestOptions:
+        return RequestOptions.parse(fidelity, "max_speed", "optimized", "eager")
+
+    [first] = restorer.restore([image], optimized())
     assert restorer.compile_backend == "eager"
-    optimized = {"profile": "max_speed", "stability": "optimized", "compile_backend": "eager"}
     with torch._dynamo.config.patch(error_on_recompile=True):
-        [second] = restorer.restore([image], **optimized)
+        [second] = restorer.restore([image], optimized())
         # another fidelity, fidelity 0 (no fusion) and two faces in one batch: all warmed already
-        restorer.restore([image], fidelity=0.3, **optimized)
-        restorer.restore([image], fidelity=0.0, **optimized)
-        pair = restorer.restore([image, _noise(300, 400, seed=7)], fidelity=0.9, **optimized)
+        restorer.restore([image], optimized(0.3))
+        restorer.restore([image], optimized(0.0))
+        pair = restorer.restore([image, noise(300, 400, seed=7)], optimized(0.9))
     assert [len(result.faces) for result in pair] == [1, 1]
     np.testing.assert_array_equal(first.image, second.image)
     assert first.image.shape == image.shape and len(first.faces) == 1
     with pytest.raises(ConfigError, match="fixed to 'eager'"):
-        restorer.restore([image], stability="optimized", compile_backend="aot_eager")
+        restorer.restore([image], RequestOptions.parse(stability="optimized", compile_backend="aot_eager"))
     # safe requests ignore compile_backend entirely
-    restorer.restore([np.full((64, 64, 3), 127, np.uint8)], stability="safe", compile_backend="aot_eager")
+    safe = RequestOptions.parse(stability="safe", compile_backend="aot_eager")
+    restorer.restore([np.full((64, 64, 3), 127, np.uint8)], safe)
 
 
-def test_fast_runs_in_float32_where_mixed_precision_does_not_pay(
-    restorer_seed0: Restorer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fast_runs_in_float32_where_mixed_precision_does_not_pay(restorer_seed0: Restorer) -> None:
     """With mixed precision off (what ``auto`` picks on a CPU whose bf16 is slower), ``fast``
     is ``baseline`` numerics on the same nets: identical pixels."""
-    monkeypatch.setenv("CODEFORMER_MIXED_PRECISION", "off")
-    limits = Limits(max_pixels=40_000_000, max_faces=1, face_batch=1)
-    restorer = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, limits)
-    image = _noise(300, 400, seed=4)
-    [baseline] = restorer.restore([image], profile="baseline")
-    [fast] = restorer.restore([image], profile="fast")
+    settings = Settings(max_faces=1, face_batch=1, mixed_precision="off")
+    restorer = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, settings)
+    image = noise(300, 400, seed=4)
+    fast_options = RequestOptions.parse(profile="fast")
+    [baseline] = restorer.restore([image])
+    [fast] = restorer.restore([image], fast_options)
     assert len(fast.faces) == 1
     np.testing.assert_array_equal(fast.image, baseline.image)
     if not cpu_has_bf16_kernels():
         return  # emulated bf16 takes many minutes per face here; the product never runs it on such a CPU
-    monkeypatch.setenv("CODEFORMER_MIXED_PRECISION", "on")
-    [mixed] = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, limits).restore(
-        [image], profile="fast"
+    mixed_settings = dataclasses.replace(settings, mixed_precision="on")
+    [mixed] = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, mixed_settings).restore(
+        [image], fast_options
     )
     assert not np.array_equal(mixed.image, baseline.image)  # bf16 does change the numbers

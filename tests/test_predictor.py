@@ -28,6 +28,7 @@ from PIL import Image
 from weights_server import FileServer
 
 from codeformer.client import data_uri
+from codeformer.config import RequestOptions
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError
 from codeformer.runtime import cpu_has_bf16_kernels
 from predict import PROJECT_ROOT, Predictor
@@ -39,7 +40,7 @@ DEFAULTS = {
     "codeformer_fidelity": 0.5,
     "runtime_profile": "baseline",
     "stability_mode": "safe",
-    "compile_backend": "eager",
+    "compile_backend": "none",
 }
 CHEAP = {"runtime_profile": "max_speed"}  # no ParseNet pass where the profile does not matter
 
@@ -90,8 +91,12 @@ def project_tmp() -> Iterator[Path]:
 def test_inputs_have_the_documented_names_and_defaults() -> None:
     parameters = inspect.signature(Predictor.predict).parameters
     assert list(parameters) == ["self", "images", *DEFAULTS]
+    readme = (PROJECT_ROOT / "README.md").read_text()
     for name, default in DEFAULTS.items():
         assert parameters[name].default.default == default, name
+        assert f"| `{name}` | `{default}` |" in readme, name
+    # one default per option: the library's (and the CLI's) are the same
+    assert RequestOptions.parse(*DEFAULTS.values()) == RequestOptions()
     assert parameters["images"].default.default is None  # required
     assert parameters["codeformer_fidelity"].default.ge == 0.0
     assert parameters["codeformer_fidelity"].default.le == 1.0

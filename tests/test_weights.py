@@ -24,13 +24,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARSENET = weights.WEIGHT_FILES["parsenet"].name
 RETINAFACE = weights.WEIGHT_FILES["retinaface"].name
 CODEFORMER = weights.WEIGHT_FILES["codeformer"].name
-ENV_VARS = (
-    weights.WEIGHTS_DIR_ENV,
-    weights.WEIGHTS_URL_ENV,
-    weights.TIMEOUT_ENV,
-    weights.ATTEMPTS_ENV,
-    weights.BACKOFF_ENV,
-)
+# the variables codeformer.config.Settings reads for the weights
+WEIGHTS_DIR_ENV = "CODEFORMER_WEIGHTS_DIR"
+WEIGHTS_URL_ENV = "CODEFORMER_WEIGHTS_URL"
+TIMEOUT_ENV = "CODEFORMER_DOWNLOAD_TIMEOUT"
+ATTEMPTS_ENV = "CODEFORMER_DOWNLOAD_ATTEMPTS"
+BACKOFF_ENV = "CODEFORMER_DOWNLOAD_BACKOFF"
+ENV_VARS = (WEIGHTS_DIR_ENV, WEIGHTS_URL_ENV, TIMEOUT_ENV, ATTEMPTS_ENV, BACKOFF_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +38,9 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """No inherited settings; retries without the production backoff so failures are quick."""
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(weights.ATTEMPTS_ENV, "3")
-    monkeypatch.setenv(weights.BACKOFF_ENV, "0.01")
-    monkeypatch.setenv(weights.TIMEOUT_ENV, "10")
+    monkeypatch.setenv(ATTEMPTS_ENV, "3")
+    monkeypatch.setenv(BACKOFF_ENV, "0.01")
+    monkeypatch.setenv(TIMEOUT_ENV, "10")
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def served(tmp_path: Path) -> Path:
 @pytest.fixture
 def server(served: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
     with FileServer(served) as running:
-        monkeypatch.setenv(weights.WEIGHTS_URL_ENV, running.url)
+        monkeypatch.setenv(WEIGHTS_URL_ENV, running.url)
         yield running
 
 
@@ -84,7 +84,7 @@ def leftovers(folder: Path) -> list[str]:
 # -- where ---------------------------------------------------------------------------------
 def test_weights_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert weights.weights_dir() == PROJECT_ROOT / "weights"
-    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path / "from-env"))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "from-env"))
     assert weights.weights_dir() == tmp_path / "from-env"
     assert weights.weights_dir(tmp_path / "argument") == tmp_path / "argument"
     assert weights.weights_dir(str(tmp_path / "argument")) == tmp_path / "argument"
@@ -100,7 +100,7 @@ def test_table_names_official_release(monkeypatch: pytest.MonkeyPatch) -> None:
         RETINAFACE: "module.",
         PARSENET: "flat",
     }
-    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, "http://mirror.example/weights/")
+    monkeypatch.setenv(WEIGHTS_URL_ENV, "http://mirror.example/weights/")
     assert weights.source_url(weights.WEIGHT_FILES["parsenet"]) == f"http://mirror.example/weights/{PARSENET}"
 
 
@@ -121,7 +121,7 @@ def test_first_use_downloads_then_reads_cache(server: FileServer, served: Path, 
 
 def test_directory_from_environment(server: FileServer, served: Path, cache: Path, monkeypatch) -> None:
     (served / RETINAFACE).write_bytes(dummy_bytes(1000))
-    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(cache))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(cache))
     assert weights.ensure_file("retinaface") == cache / RETINAFACE
     assert (cache / RETINAFACE).read_bytes() == (served / RETINAFACE).read_bytes()
 
@@ -133,7 +133,7 @@ def test_failed_attempt_is_retried(
     payload = dummy_bytes(1_000_000, seed=1)
     (served / PARSENET).write_bytes(payload)
     if mode == "slow":
-        monkeypatch.setenv(weights.TIMEOUT_ENV, "0.2")  # the server stays silent for 2 s: a read timeout
+        monkeypatch.setenv(TIMEOUT_ENV, "0.2")  # the server stays silent for 2 s: a read timeout
     server.fail(PARSENET, mode, times=1, delay=2.0)
 
     path = weights.ensure_file("parsenet", cache)
@@ -185,7 +185,7 @@ def test_404_is_final_and_named(server: FileServer, cache: Path) -> None:
 def test_unreachable_server_names_folder_and_fixes(
     closed_port_url: str, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)
+    monkeypatch.setenv(WEIGHTS_URL_ENV, closed_port_url)
 
     with pytest.raises(WeightsError) as raised:
         weights.ensure_file("retinaface", cache)
@@ -247,7 +247,7 @@ def assert_holds(model: torch.nn.Module, expected: OrderedDict) -> None:
 def test_load_nets_strict_for_random_files(
     seed: int, weights_dir: Path, tmp_path: Path, closed_port_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)  # any download attempt would fail
+    monkeypatch.setenv(WEIGHTS_URL_ENV, closed_port_url)  # any download attempt would fail
     folder = weights_dir
     if seed != 0:
         folder = tmp_path / f"seed{seed}"
@@ -315,7 +315,7 @@ def test_shape_mismatch_is_named(server: FileServer, served: Path, cache: Path) 
 def test_bad_cache_and_unreachable_source_names_both(
     cache: Path, closed_port_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)
+    monkeypatch.setenv(WEIGHTS_URL_ENV, closed_port_url)
     cache.mkdir()
     (cache / PARSENET).write_bytes(b"not a checkpoint")
 
@@ -340,7 +340,7 @@ def test_checkpoint_filter_fn_unwraps_and_strips() -> None:
 
 def test_missing_batchnorm_counters_are_tolerated(tmp_path: Path, closed_port_url: str, monkeypatch) -> None:
     """Spec §1 caveat: the official detector load tolerates files saved without num_batches_tracked."""
-    monkeypatch.setenv(weights.WEIGHTS_URL_ENV, closed_port_url)
+    monkeypatch.setenv(WEIGHTS_URL_ENV, closed_port_url)
     state = random_weights.state_dict(PARSENET, seed=0)
     counters = [k for k in state if k.endswith("num_batches_tracked")]
     assert counters  # ParseNet has BatchNorm layers
@@ -376,7 +376,7 @@ def test_cli_fetch_downloads_missing_and_verifies(
     except OSError:
         shutil.copyfile(weights_dir / CODEFORMER, cache / CODEFORMER)
 
-    result = run_cli("fetch", "--dir", str(cache), env_updates={weights.WEIGHTS_URL_ENV: server.url})
+    result = run_cli("fetch", "--dir", str(cache), env_updates={WEIGHTS_URL_ENV: server.url})
 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -389,7 +389,7 @@ def test_cli_fetch_downloads_missing_and_verifies(
 
 
 def test_cli_fetch_unreachable_exits_with_message(cache: Path, closed_port_url: str) -> None:
-    result = run_cli("fetch", "--dir", str(cache), env_updates={weights.WEIGHTS_URL_ENV: closed_port_url})
+    result = run_cli("fetch", "--dir", str(cache), env_updates={WEIGHTS_URL_ENV: closed_port_url})
 
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -399,3 +399,12 @@ def test_cli_fetch_unreachable_exits_with_message(cache: Path, closed_port_url: 
         assert closed_port_url + name in result.stderr
     assert "CODEFORMER_WEIGHTS_URL" in result.stderr and "CODEFORMER_WEIGHTS_DIR" in result.stderr
     assert result.stdout == ""
+
+
+def test_cli_fetch_with_a_bad_setting_exits_naming_the_variable(cache: Path) -> None:
+    result = run_cli("fetch", "--dir", str(cache), env_updates={ATTEMPTS_ENV: "none"})
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("error: ") == 1  # read once, reported once
+    assert "CODEFORMER_DOWNLOAD_ATTEMPTS must be a positive integer, got 'none'" in result.stderr
+    assert not cache.exists()
