@@ -128,7 +128,6 @@ class Predictor(BasePredictor):
         # torch, OpenCV and the pipeline are imported here, not at module level, so that the
         # schema writer (python -m codeformer.schema) can read predict()'s signature cheaply
         from codeformer import Restorer
-        from codeformer.compute_thread import ComputeThread
         from codeformer.runtime import autocast_dtype
 
         if not logging.getLogger().handlers:
@@ -146,9 +145,6 @@ class Predictor(BasePredictor):
         # on SIGTERM and SIGINT); folders of workers that were killed are removed here
         atexit.register(self._discard_previous_outputs)
         stale_output_dirs = remove_orphaned_output_dirs()
-        # coglet calls predict() on threads whose malloc arenas would page-fault every CPU
-        # forward's activations anew: run the pipeline on a thread of the main arena instead
-        self._compute = ComputeThread() if self.restorer.device.type == "cpu" else None
         # measured here on a CPU, not in a request
         fast_dtype = (
             str(autocast_dtype(self.restorer.device)).removeprefix("torch.")
@@ -224,11 +220,8 @@ class Predictor(BasePredictor):
             decode_ms.append((time.perf_counter() - start) * 1000.0)
 
         try:
-            arguments = (decoded, options)
-            if self._compute is None:
-                results = self.restorer.restore(*arguments)
-            else:
-                results = self._compute.call(self.restorer.restore, *arguments)
+            # on a CPU this runs on the Restorer's compute thread (codeformer.host_memory)
+            results = self.restorer.restore(decoded, options)
         except ImageFailedError as exc:
             raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
 

@@ -12,7 +12,7 @@ meaningful within one run on one machine.
 The ``official`` row runs the official recipe in a fresh interpreter with the C library's
 default allocator, as the official script runs. ``official/our-process`` runs it once more
 inside this process, after ``Restorer`` has set the host allocator up
-(``codeformer.runtime.retain_freed_memory``): the difference between the two rows is what
+(``codeformer.host_memory``): the difference between the two rows is what
 that setting alone is worth, the rest is the pipeline's own work.
 """
 

@@ -21,7 +21,8 @@ import torch
 from codeformer import weights
 from codeformer.config import FACE_SIZE, RequestOptions, Settings
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
-from codeformer.runtime import Nets, Runtime, pick_device, retain_freed_memory
+from codeformer.host_memory import on_compute_thread, start_compute_thread
+from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
 from codeformer.stages.paste import FaceParser, paste_faces
@@ -92,7 +93,8 @@ class Restorer:
     def __init__(self, nets: Nets, device: torch.device, settings: Settings | None = None) -> None:
         self.device = device
         self.settings = settings or Settings.from_env(device.type)
-        retain_freed_memory(self.settings.retained_memory_mb)
+        # CPU with glibc: restore and warmup run on glibc's main malloc arena (codeformer.host_memory)
+        self.compute_thread = start_compute_thread(self, device, self.settings.retained_memory_mb)
         self.runtime = Runtime(nets, device, self.settings.mixed_precision)
         self._stages: dict[tuple[str, str, bool], _Stages] = {}
 
@@ -164,6 +166,7 @@ class Restorer:
             stages.parser.masks(crops[:batch], mixed_precision)
         log.info("compiled and warmed the optimized nets in %.0f ms", (time.perf_counter() - start) * 1000.0)
 
+    @on_compute_thread
     def warmup(self, options: RequestOptions = DEFAULT_OPTIONS) -> float:
         """Run one synthetic image through ``options``' path so its first real request pays no set-up; ms."""
         start = time.perf_counter()
@@ -176,6 +179,7 @@ class Restorer:
             stages.parser.masks(restored, self._mixed_precision(options))
         return (time.perf_counter() - start) * 1000.0
 
+    @on_compute_thread
     def restore(
         self, images: Sequence[np.ndarray], options: RequestOptions = DEFAULT_OPTIONS
     ) -> list[RestoreResult]:

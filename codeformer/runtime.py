@@ -12,9 +12,7 @@ later request that asks for another backend is refused.
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
-import platform
 import threading
 import time
 from collections.abc import Callable
@@ -43,38 +41,6 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
-
-
-def retain_freed_memory(megabytes: int) -> bool:
-    """Have glibc keep up to ``megabytes`` of freed memory for reuse; False where that is not possible.
-
-    A CodeFormer forward at 512x512 allocates and frees gigabytes of activations, many of
-    them 32-64 MB. glibc serves every block over 32 MB with a fresh ``mmap`` and unmaps it on
-    ``free``, so each forward page-faults (and the kernel zeroes) all of that memory again:
-    1.8 million minor faults and about a third of the forward's time on the 2-core CPU
-    machines. Serving every block from the main heap and returning its free top to the
-    kernel only above ``megabytes`` removes the faults. The kernels and their order are
-    unchanged, so every profile computes the same numbers.
-
-    The setting is process-wide. Threads that have no arena yet get the main one: a
-    thread's own arena still maps its big blocks afresh. Threads that already had one keep
-    it, so a server should also start with ``MALLOC_ARENA_MAX=1`` (``codeformer.serve`` does).
-    """
-    if megabytes <= 0 or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, megabytes << 20), (_M_ARENA_MAX, 1))
-    if all(libc.mallopt(parameter, value) == 1 for parameter, value in settings):
-        log.info("host allocator: freed blocks stay in the heap, up to %d MB kept for reuse", megabytes)
-        return True
-    log.warning("host allocator: glibc refused mallopt; freed activations will be page-faulted anew")
-    return False
 
 
 # bf16 must beat float32 by this factor on the calibration convolution to be used

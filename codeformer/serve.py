@@ -76,13 +76,6 @@ def server_command(
     env = dict(os.environ if base_env is None else base_env)
     env["COG_PREDICT_TYPE_STUB"] = predictor_ref
     env["PORT"] = str(port)
-    # glibc gives each thread that contends for malloc an arena of its own: their freed
-    # pages pile up (a 300-request soak grew the worker by 190 MB with the default, by 48 MB
-    # with two arenas), and a thread's own arena maps every block over 64 MB afresh, so the
-    # predictions, which run on coglet's threads, page-faulted their activations anew on
-    # each forward. One arena serves them all from the main heap that
-    # codeformer.runtime.retain_freed_memory keeps.
-    env.setdefault("MALLOC_ARENA_MAX", "1")
     # coglet starts its worker as plain `python` from PATH; put this interpreter's folder
     # first so the worker sees the same virtualenv (and finds coglet and torch)
     interpreter_dir = str(Path(sys.executable).parent)

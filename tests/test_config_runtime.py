@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import platform
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from faulting_cycles import FAULTING_CYCLES
 from torch import nn
 
 from codeformer.config import PROFILES, STABILITY_MODES, RequestOptions, Settings
@@ -109,39 +105,6 @@ def test_retained_memory_from_environment(monkeypatch: pytest.MonkeyPatch, raw: 
             Settings.from_env()
     else:
         assert Settings.from_env().retained_memory_mb == expected
-
-
-# Allocates and frees a 64 MB tensor 20 times in a fresh interpreter, after
-# retain_freed_memory(argv[1]); prints whether it applied and how many cycles page-faulted
-# the block's memory in again (more than half of its pages).
-_RETAINED_CYCLES = f"""{FAULTING_CYCLES}
-import sys
-from codeformer.runtime import retain_freed_memory
-applied = retain_freed_memory(int(sys.argv[1]))
-print(applied, faulting_cycles())
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator setting is glibc's")
-def test_retained_memory_stops_big_blocks_being_faulted_in_again() -> None:
-    def faulting_cycles(megabytes: int) -> tuple[str, int]:
-        completed = subprocess.run(
-            [sys.executable, "-c", _RETAINED_CYCLES, str(megabytes)],
-            cwd=Path(__file__).resolve().parents[1],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        applied, cycles = completed.stdout.split()
-        return applied, int(cycles)
-
-    # glibc's default: the 64 MB block is a fresh mmap each time, every cycle faults it in
-    assert faulting_cycles(0) == ("False", 20)
-    # retained: the heap settles within a few cycles (measured: 2-3 of 20 fault, up to 7 when
-    # the kernel's page reclaimer takes idle heap pages back meanwhile)
-    applied, cycles = faulting_cycles(2047)
-    assert applied == "True" and cycles <= 10
 
 
 def _tiny_nets() -> Nets:

@@ -265,10 +265,10 @@ def test_a_request_while_one_runs_gets_409_and_the_client_retries(running: Runni
 
 # -- memory --------------------------------------------------------------------------------
 def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> None:
-    """coglet runs predictions on threads of its own. With one malloc arena (codeformer.serve's
-    default) and the retained heap, the second request's activations reuse the first one's
-    memory; a thread arena of its own maps every block over 64 MB afresh (~4.5 M page faults
-    for a 2-face photo at baseline, measured through the server)."""
+    """coglet runs predictions on threads of its own, whose malloc arenas map every block over
+    64 MB afresh (~4.5 M page faults for a 2-face photo at baseline, measured through the
+    server). The pipeline runs on the Restorer's thread of glibc's main arena instead
+    (codeformer.host_memory), so the second request's activations reuse the first one's memory."""
     assert running.server.process is not None
     worker = find_worker_pid(running.server.process.pid)
     assert worker is not None
