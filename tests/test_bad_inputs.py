@@ -33,6 +33,7 @@ import pytest
 from conftest import set_up_predictor
 from generated_inputs import png_header_claiming
 from harness import LocalServer, closed_port_url, find_worker_pid, reset_peak_rss, status_kib
+from helpers import encode, flat_canvas, noise, png_bytes
 from PIL import Image
 from weights_server import FileServer
 
@@ -53,15 +54,10 @@ TRANSPORT_ENV = {"CODEFORMER_FETCH_TIMEOUT_S": str(FETCH_TIMEOUT_S)}
 PIXEL_BOMB_MAX_GROWTH_KIB = 64 * 1024  # decoding 100000x100000 RGB would need 30 GB
 MATRIX_OUT_ENV = "BAD_INPUT_MATRIX_OUT"
 JPEG_TOLERANCE = 3.0  # mean absolute level difference that JPEG re-encoding of these pictures stays under
+BAD_BASE64 = "the data URI's base64 payload is invalid"
 
 
 # -- pictures with known answers -------------------------------------------------------------
-def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
 def stepped(width: int = 64, height: int = 48, step: int = 30) -> np.ndarray:
     """(H, W, 3) uint8 RGB: mid grey with a darker left quarter (asymmetric, so a rotation shows)."""
     image = np.full((height, width, 3), 127, np.uint8)
@@ -71,14 +67,6 @@ def stepped(width: int = 64, height: int = 48, step: int = 30) -> np.ndarray:
 
 def gray3(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
-
-
-def noise(width: int, height: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def png(rgb: np.ndarray) -> bytes:
-    return encode(Image.fromarray(rgb), "PNG")
 
 
 Made = tuple[bytes, np.ndarray]  # file bytes, the RGB picture they must decode to
@@ -240,13 +228,13 @@ def plain(fmt: str, **params: Any) -> Callable[[], Made]:
 
 def sized(width: int, height: int) -> Callable[[], Made]:
     return lambda: (
-        png(np.full((height, width, 3), 127, np.uint8)),
+        png_bytes(flat_canvas(width, height)),
         np.full((height, width, 3), 127, np.uint8),
     )
 
 
 def truncated(fmt: str) -> bytes:
-    whole = encode(Image.fromarray(noise(128, 128)), fmt)
+    whole = encode(Image.fromarray(noise(128, 128, seed=1)), fmt)
     return whole[: len(whole) // 2]
 
 
@@ -333,7 +321,7 @@ def served(case_id: str, name: str, reason: str | None, **behaviour: Any) -> Cas
 
     def build(context: Context) -> tuple[list[str], dict[str, Any], Outcome]:
         picture = stepped()
-        url = context.url(name, png(picture), **behaviour)
+        url = context.url(name, png_bytes(picture), **behaviour)
         return [url], {}, Picture(picture) if reason is None else Fails(0, name, reason)
 
     return Case(case_id, build)
@@ -354,11 +342,11 @@ def option(case_id: str, field: str, **options: Any) -> Case:
 
 
 def good_image() -> str:
-    return data_uri(png(np.full((48, 64, 3), 127, np.uint8)), name="ok.png")
+    return data_uri(png_bytes(flat_canvas(64, 48)), name="ok.png")
 
 
 def redirect_chain(context: Context) -> list[str]:
-    target = context.url("target.png", png(stepped()))
+    target = context.url("target.png", png_bytes(stepped()))
     middle = context.redirect("middle.png", target)
     return [context.redirect("start.png", middle.removeprefix(context.files.url.rstrip("/")))]
 
@@ -375,7 +363,7 @@ def third_of_three_is_bad(context: Context) -> list[str]:
 CASES = [
     # formats and pixel modes: the right picture, by the README's rules
     decodes("mode-1-png", "bits.png", bilevel),
-    decodes("mode-L-png", "gray.png", lambda: (png(stepped()[..., 0]), stepped())),
+    decodes("mode-L-png", "gray.png", lambda: (png_bytes(stepped()[..., 0]), stepped())),
     decodes("mode-LA-png", "gray-alpha.png", gray_alpha),
     decodes("mode-P-png", "palette.png", palette),
     decodes("mode-P-tRNS-png", "palette-trns.png", palette_trns),
@@ -423,16 +411,12 @@ CASES = [
     decodes("1x1", "dot.png", sized(1, 1)),
     decodes("aspect-16-to-1", "wide.png", sized(1024, 64)),
     decodes("aspect-1-to-16", "tall.png", sized(64, 1024)),
-    refused(
-        "aspect-17-to-1", "wider.png", lambda: png(np.full((64, 1088, 3), 127, np.uint8)), "too elongated"
-    ),
-    refused(
-        "30000x1", "strip.png", lambda: png(np.full((1, 30000, 3), 127, np.uint8)), "30000x1 is too elongated"
-    ),
+    refused("aspect-17-to-1", "wider.png", lambda: png_bytes(flat_canvas(1088, 64)), "too elongated"),
+    refused("30000x1", "strip.png", lambda: png_bytes(flat_canvas(30000, 1)), "30000x1 is too elongated"),
     refused(
         "1x30000",
         "column.png",
-        lambda: png(np.full((30000, 1, 3), 127, np.uint8)),
+        lambda: png_bytes(flat_canvas(1, 30000)),
         "1x30000 is too elongated",
     ),
     refused(
@@ -445,7 +429,7 @@ CASES = [
     refused("zero-bytes", "empty.jpg", lambda: b"", "the file is empty (0 bytes)"),
     refused("truncated-png", "cut.png", lambda: truncated("PNG"), "cannot decode the image"),
     refused("truncated-jpeg", "cut.jpg", lambda: truncated("JPEG"), "cannot decode the image"),
-    refused("random-bytes", "noise.jpg", lambda: noise(64, 64).tobytes(), "not a readable image"),
+    refused("random-bytes", "noise.jpg", lambda: noise(64, 64, seed=1).tobytes(), "not a readable image"),
     refused("text-file", "notes.txt", lambda: b"shopping list:\n- milk\n", "not a readable image"),
     refused(
         "unsupported-format-ico",
@@ -496,19 +480,18 @@ CASES = [
     fixed("url-ftp-scheme", "ftp://127.0.0.1/photo.jpg", Fails(0, "photo.jpg", "ftp:// is not accepted")),
     fixed("url-file-scheme", "file:///etc/passwd", Fails(0, "passwd", "file:// is not accepted")),
     # data URIs
-    fixed(
-        "data-uri-bad-base64",
-        "data:image/png;name=pad.png;base64,AAA",
-        Fails(0, "pad.png", "the data URI's base64 payload is invalid"),
-    ),
-    fixed(
-        "data-uri-not-base64-alphabet",
-        "data:image/png;name=junk.png;base64,@@@@",
-        Fails(0, "junk.png", "the data URI's base64 payload is invalid"),
-    ),
+    *[
+        fixed(f"data-uri-{what}", f"data:image/png;name={name};base64,{payload}", Fails(0, name, BAD_BASE64))
+        for what, name, payload in [
+            ("bad-base64", "pad.png", "AAA"),
+            ("not-base64-alphabet", "junk.png", "@@@@"),
+        ]
+    ],
     request(
         "data-uri-percent-encoded",
-        lambda context: ["data:image/png;name=plain.png," + "".join(f"%{b:02x}" for b in png(stepped()))],
+        lambda context: [
+            "data:image/png;name=plain.png," + "".join(f"%{b:02x}" for b in png_bytes(stepped()))
+        ],
         Picture(stepped()),
     ),
     fixed(
@@ -524,19 +507,13 @@ CASES = [
     # local paths
     request(
         "path-inside-project",
-        lambda context: [context.project_path("canvas.png", png(stepped()))],
+        lambda context: [context.project_path("canvas.png", png_bytes(stepped()))],
         Picture(stepped()),
     ),
-    fixed(
-        "path-outside-project",
-        "/etc/hostname",
-        Fails(0, "hostname", "local paths must point inside the project folder"),
-    ),
-    fixed(
-        "path-dotdot",
-        "data/../../../etc/hostname",
-        Fails(0, "hostname", "local paths must point inside the project folder"),
-    ),
+    *[
+        fixed(f"path-{what}", path, Fails(0, "hostname", "local paths must point inside the project folder"))
+        for what, path in [("outside-project", "/etc/hostname"), ("dotdot", "data/../../../etc/hostname")]
+    ],
     fixed(
         "path-missing",
         "data/no-such-photo.jpg",

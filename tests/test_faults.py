@@ -21,9 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -34,17 +31,17 @@ import numpy as np
 import pytest
 import requests
 from harness import LocalServer, closed_port_url, find_worker_pid
+from helpers import flat_canvas, noise, png_bytes, run_python_together, wait_for
 from PIL import Image
 from weights_server import FileServer
 
-from codeformer.client import READY, CogClient, PredictionResult, ServerError, data_uri
+from codeformer.client import BUSY, READY, CogClient, PredictionResult, ServerError, data_uri
 from codeformer.config import RequestOptions, Settings
 from codeformer.pipeline import Restorer
 from codeformer.weights import WEIGHT_FILES
 
 pytestmark = pytest.mark.slow
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CODEFORMER = WEIGHT_FILES["codeformer"].name
 RETINAFACE = WEIGHT_FILES["retinaface"].name
 PARSENET = WEIGHT_FILES["parsenet"].name
@@ -57,19 +54,8 @@ FACE_BATCH = 1
 MAX_FACES = 3
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """Uniform noise: the seed-0 random detector finds 2 faces at 300x400 and 3 at 600x800."""
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
 def good_request() -> dict:
-    canvas = np.full((48, 64, 3), 127, np.uint8)  # no face: only the detector runs
+    canvas = flat_canvas(64, 48)  # no face: only the detector runs
     return {"images": [data_uri(png_bytes(canvas), name="ok.png")], "runtime_profile": "max_speed"}
 
 
@@ -121,7 +107,7 @@ def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def test_setup_recovers_a_truncated_a_corrupt_and_a_cut_weight_file(
     running: Running, weights_dir: Path
 ) -> None:
-    assert running.client.health()["status"] == READY
+    wait_for(running.client.health, lambda health: health["status"] == READY, "health READY after setup")
     for name in (CODEFORMER, RETINAFACE, PARSENET):
         assert sha256(running.cache / name) == sha256(weights_dir / name), name
         assert running.mirror.completed_count(name) == 1, name
@@ -147,10 +133,13 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
         daemon=True,
     )
     worker.start()
-    deadline = time.monotonic() + 120
-    while running.client.health()["status"] != "BUSY":
-        assert worker.is_alive() and time.monotonic() < deadline, "the long prediction never started"
-        time.sleep(0.1)
+    wait_for(
+        running.client.health,
+        lambda health: health["status"] == BUSY or not worker.is_alive(),
+        "the long prediction running (health BUSY)",
+        timeout_s=120,
+    )
+    assert worker.is_alive(), "the long prediction ended before it was seen running"
     time.sleep(2.0)  # let predict() get into the networks (detecting the first of 4 images)
 
     assert running.client.cancel(prediction_id) == 200
@@ -161,7 +150,8 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
     assert canceled.output == []
     assert "request: 4 image(s)" not in canceled.logs  # predict() did not run to its end
 
-    assert running.client.health()["status"] == READY
+    # the slot is freed a moment after the canceled answer (coglet's Idle message comes later)
+    wait_for(running.client.health, lambda health: health["status"] == READY, "health READY after the cancel")
     assert_good_request_succeeds(running.client)
     assert find_worker_pid(running.server.process.pid) == worker_before  # the same worker, not a restart
     assert running.client.cancel("no-such-prediction") == 404
@@ -239,38 +229,18 @@ def test_two_pipelines_loading_at_once_into_an_empty_folder_both_get_whole_files
     weights_dir: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "shared-cache"
-    script = textwrap.dedent(
-        f"""
+    script = f"""
         from codeformer.config import Settings
         from codeformer.pipeline import Restorer
         Restorer.load({str(cache)!r}, "cpu", Settings.from_env(max_faces=1, face_batch=1))
         print("loaded")
         """
-    )
     with FileServer(weights_dir) as mirror:
         # ParseNet trickles in (64 KiB chunks, 2 ms apart) so the second loader arrives mid-download
         mirror.fail(PARSENET, "slow", delay=0.002)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(PROJECT_ROOT),
-            "CODEFORMER_WEIGHTS_URL": mirror.url,
-            **FAST_RETRIES,
-        }
-        loaders = [
-            subprocess.Popen(
-                [sys.executable, "-c", script],
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        results = [loader.communicate(timeout=600) for loader in loaders]
-        for loader, (stdout, stderr) in zip(loaders, results, strict=True):
-            assert loader.returncode == 0, stderr[-3000:]
-            assert stdout.strip() == "loaded"
+        for loader in run_python_together(script, {"CODEFORMER_WEIGHTS_URL": mirror.url, **FAST_RETRIES}):
+            assert loader.returncode == 0, loader.stderr[-3000:]
+            assert loader.stdout.strip() == "loaded"
         for name in (CODEFORMER, RETINAFACE, PARSENET):
             assert sha256(cache / name) == sha256(weights_dir / name), name
             # the lock makes the second loader wait and read the first one's file

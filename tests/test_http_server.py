@@ -13,19 +13,18 @@ import io
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 from harness import LocalServer, find_worker_pid, minor_faults
+from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes, wait_for
 from PIL import Image
 from weights_server import FileServer
 
-from codeformer.client import CogClient, PredictionResult, data_uri
+from codeformer.client import BUSY, READY, CogClient, PredictionResult, data_uri
 from codeformer.serve import check_port_free
 from codeformer.weights import WEIGHT_FILES
 
@@ -33,30 +32,6 @@ pytestmark = pytest.mark.slow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHEAP = {"runtime_profile": "max_speed"}
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def jpeg_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
-
-
-def face_photo(width: int, height: int) -> np.ndarray:
-    """A crop of the astronaut portrait (scikit-image, public domain), (height, width, 3) RGB."""
-    from skimage import data as skdata
-
-    portrait = skdata.astronaut()[:300, 100:400]
-    return np.asarray(Image.fromarray(portrait).resize((width, height), Image.Resampling.BICUBIC))
-
-
-def flat_canvas(width: int = 64, height: int = 64) -> np.ndarray:
-    return np.full((height, width, 3), 127, np.uint8)
 
 
 def jpeg_sizes(result: PredictionResult) -> list[tuple[int, int]]:
@@ -107,14 +82,16 @@ def assert_good_request_succeeds(client: CogClient) -> None:
 
 # -- start-up ------------------------------------------------------------------------------
 def test_health_check_is_ready_after_setup_with_downloaded_weights(running: Running) -> None:
-    health = running.client.health()
-    assert health["status"] == "READY"
+    health = wait_for(running.client.health, lambda health: health["status"] == READY, "health READY")
     assert "[coglet] Server ready" in health["setup"]["logs"]
     # coglet forwards the worker's stderr on its own schedule: the lines setup() logs last
     # sometimes reach it after setup is marked done, and are then filed as user logs, not
     # setup logs (seen under load). The server's own output has them either way.
-    server_log = running.server.log_text()
-    assert "setup: device=cpu baseline=float32" in server_log or "setup: device=cuda" in server_log
+    wait_for(
+        running.server.log_text,
+        lambda log: "setup: device=cpu baseline=float32" in log or "setup: device=cuda" in log,
+        "the setup line in the server's output",
+    )
     for weight in WEIGHT_FILES.values():
         assert running.weights.completed_count(weight.name) == 1, weight.name
 
@@ -245,10 +222,12 @@ def test_a_request_while_one_runs_gets_409_and_the_client_retries(running: Runni
     )
     slow.start()
     try:
-        deadline = time.monotonic() + 60
-        while running.client.health()["status"] != "BUSY":
-            assert slow.is_alive() and time.monotonic() < deadline, "the first request never started"
-            time.sleep(0.05)
+        wait_for(
+            running.client.health,
+            lambda health: health["status"] == BUSY or not slow.is_alive(),
+            "the first request running (health BUSY)",
+        )
+        assert slow.is_alive(), "the first request ended before it was seen running"
 
         refused = running.client.predict(good_request(), retry_busy=False)
         assert refused.http_status == 409

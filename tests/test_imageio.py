@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import re
-import struct
-import zlib
 
 import cv2
 import numpy as np
 import pytest
+from generated_inputs import png_header_claiming
+from helpers import encode
 from PIL import Image
 
 from codeformer.errors import InputError
@@ -19,53 +18,30 @@ from codeformer.stages.prepare import check_image_size, to_working_image, workin
 LIMIT = 40_000_000
 
 
-def _encode(image: Image.Image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return buffer.getvalue()
-
-
 def _gradient(width: int = 64, height: int = 48) -> np.ndarray:
     """(H, W, 3) uint8 RGB with distinct values per channel, so channel swaps show."""
     ys, xs = np.mgrid[0:height, 0:width]
     return np.stack([xs * 255 // width, ys * 255 // height, (xs + ys) % 256], axis=-1).astype(np.uint8)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height, followed by a tiny (wrong) IDAT."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
 def test_lossless_formats_decode_to_the_same_bgr_pixels(fmt: str) -> None:
     rgb = _gradient()
     params = {"lossless": True} if fmt == "WEBP" else {}
-    decoded = decode_image(_encode(Image.fromarray(rgb), fmt, **params), f"x.{fmt.lower()}", LIMIT)
+    decoded = decode_image(encode(Image.fromarray(rgb), fmt, **params), f"x.{fmt.lower()}", LIMIT)
     assert decoded.dtype == np.uint8 and decoded.shape == (48, 64, 3)
     np.testing.assert_array_equal(decoded, rgb[..., ::-1])
 
 
 def test_jpeg_decodes_like_opencv() -> None:
-    data = _encode(Image.fromarray(_gradient(200, 120)), "JPEG", quality=80)
+    data = encode(Image.fromarray(_gradient(200, 120)), "JPEG", quality=80)
     expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     np.testing.assert_array_equal(decode_image(data, "a.jpg", LIMIT), expected)
 
 
 def test_grayscale_becomes_three_equal_channels() -> None:
     gray = _gradient()[..., 0]
-    decoded = decode_image(_encode(Image.fromarray(gray), "JPEG", quality=95), "g.jpg", LIMIT)
+    decoded = decode_image(encode(Image.fromarray(gray), "JPEG", quality=95), "g.jpg", LIMIT)
     assert decoded.shape == (48, 64, 3)
     assert np.array_equal(decoded[..., 0], decoded[..., 1]) and np.array_equal(
         decoded[..., 1], decoded[..., 2]
@@ -74,7 +50,7 @@ def test_grayscale_becomes_three_equal_channels() -> None:
 
 def test_sixteen_bit_png_keeps_the_high_byte() -> None:
     samples = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
-    decoded = decode_image(_encode(Image.fromarray(samples), "PNG"), "deep.png", LIMIT)
+    decoded = decode_image(encode(Image.fromarray(samples), "PNG"), "deep.png", LIMIT)
     np.testing.assert_array_equal(decoded[..., 0], (samples >> 8).astype(np.uint8))
 
 
@@ -83,7 +59,7 @@ def test_alpha_is_composited_over_white() -> None:
     rgba[..., 0] = 200  # red
     rgba[:4, ..., 3] = 0  # top half fully transparent
     rgba[4:, ..., 3] = 255
-    decoded = decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"), "a.png", LIMIT)
+    decoded = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), "a.png", LIMIT)
     np.testing.assert_array_equal(decoded[:4], np.full((4, 8, 3), 255, np.uint8))
     np.testing.assert_array_equal(decoded[4:], np.broadcast_to(np.array([0, 0, 200], np.uint8), (4, 8, 3)))
 
@@ -91,13 +67,13 @@ def test_alpha_is_composited_over_white() -> None:
 def test_palette_png() -> None:
     rgb = _gradient()
     palette_image = Image.fromarray(rgb).quantize(colors=16)
-    decoded = decode_image(_encode(palette_image, "PNG"), "p.png", LIMIT)
+    decoded = decode_image(encode(palette_image, "PNG"), "p.png", LIMIT)
     np.testing.assert_array_equal(decoded, np.asarray(palette_image.convert("RGB"))[..., ::-1])
 
 
 def test_cmyk_jpeg_becomes_bgr() -> None:
     cmyk = Image.fromarray(_gradient()).convert("CMYK")
-    decoded = decode_image(_encode(cmyk, "JPEG", quality=95), "c.jpg", LIMIT)
+    decoded = decode_image(encode(cmyk, "JPEG", quality=95), "c.jpg", LIMIT)
     assert decoded.shape == (48, 64, 3)
     assert np.abs(decoded.astype(int) - _gradient()[..., ::-1]).mean() < 12
 
@@ -106,18 +82,17 @@ def test_exif_orientation_6_is_applied() -> None:
     rgb = _gradient(60, 30)  # landscape as stored
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    data = _encode(Image.fromarray(rgb), "JPEG", quality=95, exif=exif)
+    data = encode(Image.fromarray(rgb), "JPEG", quality=95, exif=exif)
     decoded = decode_image(data, "rot.jpg", LIMIT)
     assert decoded.shape == (60, 30, 3)  # upright: portrait
-    stored = decode_image(_encode(Image.fromarray(rgb), "JPEG", quality=95), "plain.jpg", LIMIT)
+    stored = decode_image(encode(Image.fromarray(rgb), "JPEG", quality=95), "plain.jpg", LIMIT)
     np.testing.assert_array_equal(decoded, np.rot90(stored, k=-1))
 
 
 def test_animated_gif_uses_the_first_frame() -> None:
     frames = [Image.fromarray(np.full((16, 16, 3), value, np.uint8)) for value in (10, 250)]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
-    decoded = decode_image(buffer.getvalue(), "anim.gif", LIMIT)
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_image(data, "anim.gif", LIMIT)
     assert decoded.shape == (16, 16, 3) and int(decoded.mean()) < 50
 
 
@@ -139,26 +114,26 @@ def test_unreadable_data_is_refused_naming_the_input(data: bytes, expected: str)
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_files_are_refused(fmt: str) -> None:
     rng = np.random.default_rng(1)
-    data = _encode(Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)), fmt)
+    data = encode(Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)), fmt)
     with pytest.raises(InputError, match=r"cut\.img: cannot decode"):
         decode_image(data[: len(data) // 2], "cut.img", LIMIT)
 
 
 def test_huge_header_is_refused_before_decoding() -> None:
     with pytest.raises(InputError, match=r"bomb\.png: 100000x100000 .*over the limit"):
-        decode_image(_png_header_only(100_000, 100_000), "bomb.png", LIMIT)
+        decode_image(png_header_claiming(100_000, 100_000), "bomb.png", LIMIT)
 
 
 def test_pixel_limit_is_configurable() -> None:
     # short side over 640: the pipeline's copies are no larger than the image
-    data = _encode(Image.fromarray(_gradient(800, 700)), "PNG")
-    decode_image(data, "ok.png", 800 * 700)
+    data = encode(Image.fromarray(_gradient(800, 700)), "PNG")
+    assert decode_image(data, "ok.png", 800 * 700).shape == (700, 800, 3)
     with pytest.raises(InputError, match="over the limit"):
         decode_image(data, "ok.png", 800 * 700 - 1)
 
 
 def test_tiny_images_decode() -> None:
-    one = decode_image(_encode(Image.fromarray(np.array([[[1, 2, 3]]], np.uint8)), "PNG"), "1x1.png", LIMIT)
+    one = decode_image(encode(Image.fromarray(np.array([[[1, 2, 3]]], np.uint8)), "PNG"), "1x1.png", LIMIT)
     np.testing.assert_array_equal(one, np.array([[[3, 2, 1]]], np.uint8))
 
 

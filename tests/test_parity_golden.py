@@ -18,8 +18,11 @@ import pytest
 import torch
 from helpers import GOLDEN_PHOTOS
 
+from codeformer.config import RequestOptions
 from codeformer.imageio import decode_image
 from codeformer.stages.prepare import WORKING_MIN_SIDE
+
+pytestmark = pytest.mark.slow  # the whole pipeline at full size, per photo
 
 MAX_PIXELS = 40_000_000
 
@@ -69,7 +72,7 @@ def golden_inputs() -> dict[str, tuple[np.ndarray, dict]]:
 @pytest.mark.parametrize("photo", GOLDEN_PHOTOS)
 def test_baseline_matches_the_official_output(photo, restorer_seed0, golden_inputs) -> None:
     image, meta = golden_inputs[photo]
-    [result] = restorer_seed0.restore([image], fidelity=0.5, profile="baseline", stability="safe")
+    [result] = restorer_seed0.restore([image], RequestOptions.parse(fidelity=0.5, profile="baseline"))
     assert list(result.working_size) == meta["work_hw"]
     assert len(result.faces) == meta["num_faces"]
     # the enlargement factor of spec §4.1 (512 / short side), not the ratio of the rounded sizes
@@ -90,6 +93,6 @@ def test_fidelity_extremes_match_the_official_output(
     fidelity, profile, golden_file, restorer_seed0, golden_inputs
 ) -> None:
     image, meta = golden_inputs["01"]
-    [result] = restorer_seed0.restore([image], fidelity=fidelity, profile=profile, stability="safe")
+    [result] = restorer_seed0.restore([image], RequestOptions.parse(fidelity=fidelity, profile=profile))
     official = cv2.imread(str(GOLDEN_PHOTOS["01"] / golden_file), cv2.IMREAD_COLOR)
     assert_close_to_official(result.image, _official_at_input_size(official, meta["input_hw"]), golden_file)

@@ -19,6 +19,8 @@ from codeformer.errors import ConfigError, InputError
 from codeformer.pipeline import Restorer
 from codeformer.runtime import cpu_has_bf16_kernels
 
+pytestmark = pytest.mark.slow  # every test runs the full-size networks (restorer_seed0)
+
 MAX_SPEED = RequestOptions.parse(profile="max_speed")
 
 
