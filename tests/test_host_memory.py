@@ -67,6 +67,7 @@ def _coglet_like(device: str, retained_memory_mb: int) -> tuple[bool, int, int]:
 # glibc's default: every cycle maps the 64 MB block afresh. With the compute thread and
 # retained memory, the main heap settles within a few cycles (measured: 2-3 of 20 fault, up to
 # 7 when the kernel's page reclaimer takes idle heap pages back meanwhile).
+@pytest.mark.slow  # a fresh interpreter that imports the pipeline: ~10 s
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_a_cpu_restorer_keeps_freed_memory_for_calls_from_a_thread_with_its_own_arena() -> None:
     started, handed_over, main_thread = _coglet_like("cpu", 2047)
@@ -80,6 +81,7 @@ def test_a_cpu_restorer_keeps_freed_memory_for_calls_from_a_thread_with_its_own_
     [("meta", 2047), ("cpu", 0)],  # meta: no GPU here, but it takes the same (non-CPU) path as cuda
     ids=["non-cpu-device", "retention-off"],
 )
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_elsewhere_a_restorer_leaves_malloc_alone(device: str, retained_memory_mb: int) -> None:
     assert _coglet_like(device, retained_memory_mb) == (False, 20, 20)
