@@ -18,6 +18,10 @@ class WeightsError(CodeFormerError):
     """A weight file is missing, cannot be downloaded, or does not load."""
 
 
+class InternalError(CodeFormerError):
+    """A stage got data of the wrong shape or type from another of our stages: a bug, not bad input."""
+
+
 class ConfigError(CodeFormerError):
     """A runtime setting is unknown or conflicts with the running process."""
 

@@ -1,4 +1,4 @@
-"""The restoration pipeline: prepare -> detect -> align -> restore -> paste back -> resize.
+"""The restoration pipeline: prepare -> detect -> align -> restore -> parse -> paste back -> resize.
 
 ``Restorer`` holds the models and nothing per request: every call gets its images and
 options as arguments, so one warm process serves any sequence of requests. The faces of
@@ -23,9 +23,10 @@ from codeformer.config import FACE_SIZE, RequestOptions, Settings
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
 from codeformer.host_memory import on_compute_thread, start_compute_thread
 from codeformer.runtime import Nets, Runtime, pick_device
-from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
+from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
-from codeformer.stages.paste import FaceParser, paste_faces
+from codeformer.stages.parse import FaceParser
+from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
 from codeformer.stages.restore import FaceRestorer
 
@@ -69,8 +70,7 @@ class _ImageWork:
     factor: float
     gray: bool
     detections: Detections
-    crops: np.ndarray  # (F, 512, 512, 3) uint8
-    inverse_affines: np.ndarray  # (F, 2, 3)
+    aligned: AlignedFaces  # the (F, 512, 512, 3) uint8 crops and the transforms back
     timings: dict[str, float]
 
 
@@ -216,9 +216,7 @@ class Restorer:
             with _timed(timings, "detect"):
                 detections = stages.detector.detect(working, max_faces=self.settings.max_faces)
             with _timed(timings, "align"):
-                affines = estimate_affines(detections.landmarks)
-                crops = warp_crops(working, affines)
-                inverse_affines = invert_affines(affines)
+                aligned = align_faces(working, detections)
         except CodeFormerError as exc:
             raise ImageFailedError(index, str(exc)) from exc
         if detections.dropped:
@@ -229,20 +227,19 @@ class Restorer:
                 detections.dropped,
                 self.settings.max_faces,
             )
-        return _ImageWork(working, factor, gray, detections, crops, inverse_affines, timings)
+        return _ImageWork(working, factor, gray, detections, aligned, timings)
 
     def _restore_faces(
         self, work: list[_ImageWork], stages: _Stages, options: RequestOptions
     ) -> list[np.ndarray]:
         """Run CodeFormer over the faces of all images at once; returns per-image face arrays."""
-        counts = [len(item.crops) for item in work]
+        counts = [len(item.aligned) for item in work]
         total = sum(counts)
         if total == 0:
-            return [item.crops for item in work]
+            return [item.aligned.crops for item in work]
         start = time.perf_counter()
-        restored = stages.restorer.restore(
-            np.concatenate([item.crops for item in work]), options.fidelity, self._mixed_precision(options)
-        )
+        crops = np.concatenate([item.aligned.crops for item in work])
+        restored = stages.restorer.restore(crops, options.fidelity, self._mixed_precision(options))
         per_face_ms = (time.perf_counter() - start) * 1000.0 / total
         bounds = np.cumsum([0, *counts])
         for item, count in zip(work, counts, strict=True):
@@ -285,7 +282,7 @@ class Restorer:
             with _timed(timings, "parse"):
                 masks = stages.parser.masks(faces, self._mixed_precision(options))
         with _timed(timings, "paste"):
-            output = paste_faces(item.working, faces, item.inverse_affines, masks)
+            output = paste_faces(item.working, faces, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:
             with _timed(timings, "resize"):
                 output = cv2.resize(output, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)

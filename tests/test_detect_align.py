@@ -268,9 +268,9 @@ def test_no_faces_gives_empty_arrays() -> None:
     ids=["gray", "bgra", "float"],
 )
 def test_rejects_images_that_are_not_uint8_bgr(image: np.ndarray) -> None:
-    from codeformer.errors import InputError
+    from codeformer.errors import InternalError
 
-    with pytest.raises(InputError, match="uint8 BGR"):
+    with pytest.raises(InternalError, match="uint8 BGR"):
         FaceDetector(ScriptedNet({}), CPU).detect(image)
 
 

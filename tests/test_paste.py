@@ -14,12 +14,14 @@ from helpers import GOLDEN_PHOTOS
 from official_recipe import reference_canvas, reference_parse_mask, reference_paste
 
 from codeformer import random_weights
-from codeformer.errors import InputError
+from codeformer.errors import InternalError
 from codeformer.nets.parsenet import ParseNet
 from codeformer.pipeline import to_gray_faces
 from codeformer.stages import paste
-from codeformer.stages.paste import FaceParser, face_pixels_to_masks, paste_faces
+from codeformer.stages.parse import FaceParser, face_pixels_to_masks
+from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import to_working_image
+from codeformer.stages.warp import Region, warp_into_region
 
 logger = logging.getLogger(__name__)
 
@@ -176,15 +178,15 @@ def test_paste_rejects_malformed_inputs() -> None:
     image = np.zeros((64, 64, 3), np.uint8)
     faces = np.zeros((1, FACE, FACE, 3), np.uint8)
     affine = similarity(0.1, 0.0, 5.0, 5.0)[None]
-    with pytest.raises(InputError, match="inverse_affines"):
+    with pytest.raises(InternalError, match="inverse_affines"):
         paste_faces(image, faces, np.zeros((2, 2, 3)), None)
-    with pytest.raises(InputError, match="faces"):
+    with pytest.raises(InternalError, match="faces"):
         paste_faces(image, faces.astype(np.float32), affine, None)
-    with pytest.raises(InputError, match="parse_masks"):
+    with pytest.raises(InternalError, match="parse_masks"):
         paste_faces(image, faces, affine, np.zeros((1, FACE, FACE), np.float32))
-    with pytest.raises(InputError, match="invertible"):
+    with pytest.raises(InternalError, match="invertible"):
         paste_faces(image, faces, np.zeros((1, 2, 3)), None)
-    with pytest.raises(InputError, match="image"):
+    with pytest.raises(InternalError, match="image"):
         paste_faces(image[..., 0], faces, affine, None)
 
 
@@ -198,7 +200,7 @@ def test_edge_width_near_a_step_uses_the_canvas_sum(side: int) -> None:
     # a few fractional pixels nudge the sum around the step by float32 rounding amounts
     eroded[17, 23 : 23 + side] = rng.choice([1.0, 1.0 - 2**-20, 1.0 + 2**-20], size=side).astype(np.float32)
     expected = int(np.sum(eroded) ** 0.5) // 20
-    region = paste._Region(10, 12, 10 + side + 20, 12 + side + 20)
+    region = Region(10, 12, 10 + side + 20, 12 + side + 20)
     assert paste._edge_width(eroded[region.slices], region, canvas_hw) == expected
 
 
@@ -221,9 +223,9 @@ def test_region_warp_equals_full_canvas_warp(dtype: str) -> None:
         inverse_affine = similarity(scale, angle, rng.uniform(-200, width), rng.uniform(-200, height))
         x0, y0 = int(rng.integers(0, width - 5)), int(rng.integers(0, height - 5))
         x1, y1 = int(rng.integers(x0 + 1, width + 1)), int(rng.integers(y0 + 1, height + 1))
-        region = paste._Region(x0, y0, x1, y1)
+        region = Region(x0, y0, x1, y1)
         full = cv2.warpAffine(source, inverse_affine, (width, height))
-        got = paste._RegionWarper(inverse_affine, region, width).warp(source)
+        (got,) = warp_into_region([source], inverse_affine, region, width)
         assert np.array_equal(got, full[region.slices]), f"trial {trial}"
 
 
@@ -338,7 +340,7 @@ def test_face_parser_matches_the_plain_recipe(parse_net: ParseNet) -> None:
 
 def test_face_parser_rejects_bad_faces(parse_net: ParseNet) -> None:
     parser = FaceParser(parse_net, torch.device("cpu"))
-    with pytest.raises(InputError, match="faces"):
+    with pytest.raises(InternalError, match="faces"):
         parser.masks(np.zeros((1, 256, 256, 3), np.uint8))
     assert parser.masks(np.zeros((0, FACE, FACE, 3), np.uint8)).shape == (0, FACE, FACE)
 

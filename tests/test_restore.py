@@ -11,7 +11,7 @@ import torch
 from helpers import GOLDEN_SUBSET_DIR
 
 from codeformer import random_weights
-from codeformer.errors import InputError
+from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.stages.restore import FaceRestorer, crops_to_tensor, tensor_to_faces
 
@@ -48,6 +48,21 @@ def test_crops_to_tensor_is_the_spec_recipe_bit_for_bit() -> None:
     expected = np.stack([spec_crop_to_input(crop) for crop in crops])
     np.testing.assert_array_equal(tensor.numpy(), expected)
     assert tensor.min() == -1.0 and tensor.max() == 1.0
+
+
+def spec_parse_input(face: np.ndarray) -> np.ndarray:
+    """Spec §6.3 step 9a in NumPy: float32 cast, / 255 in float32, BGR->RGB, CHW, (v - 0.5) / 0.5."""
+    unit = face.astype(np.float32) / np.float32(255.0)
+    return (unit[..., ::-1].transpose(2, 0, 1) - np.float32(0.5)) / np.float32(0.5)
+
+
+def test_crops_to_tensor_is_also_the_parser_recipe_for_uint8_and_gray_float64_faces() -> None:
+    """FaceParser reuses crops_to_tensor: ParseNet's official normalisation, bit for bit."""
+    crops = all_levels_crops()
+    gray = np.repeat((crops.astype(np.float64) @ [0.1140, 0.5870, 0.2989])[..., None], 3, axis=-1)
+    for faces in (crops, gray):
+        expected = np.stack([spec_parse_input(face) for face in faces])
+        np.testing.assert_array_equal(crops_to_tensor(faces, CPU).numpy(), expected)
 
 
 def test_tensor_to_faces_is_the_spec_recipe_bit_for_bit() -> None:
@@ -137,8 +152,8 @@ def test_restore_propagates_network_errors_instead_of_returning_the_input() -> N
         (np.zeros((1, 512, 512, 3), np.uint8), float("nan")),
     ],
 )
-def test_restore_rejects_bad_input_with_input_error(crops: np.ndarray, fidelity: float) -> None:
-    with pytest.raises(InputError):
+def test_restore_rejects_malformed_crops_as_internal_errors(crops: np.ndarray, fidelity: float) -> None:
+    with pytest.raises(InternalError):
         FaceRestorer(RecordingNet(), CPU).restore(crops, fidelity)  # type: ignore[arg-type]
 
 

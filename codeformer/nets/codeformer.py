@@ -6,7 +6,9 @@ state-dict keys (515 entries, 94,112,707 parameters, no buffers) so that the ``p
 entry of ``codeformer.pth`` loads strictly. Inference only: no dropout, no training-only
 branches, no nearest-neighbour quantisation (the codes come from the transformer's logits).
 
-Order: transformer layer, fuse block, codebook, the model, the checkpoint filter.
+Order: attention, transformer layer, fuse block, codebook, AdaIN, the model. The
+checkpoint filter (unwrapping ``params_ema``) is ``codeformer.weights.checkpoint_filter_fn``,
+shared by the three nets.
 """
 
 from __future__ import annotations

@@ -23,6 +23,16 @@ Scale = Literal["none", "up", "down"]
 
 LEAKY_SLOPE = 0.2  # relu_type "LeakyReLU" in the official ParseNet
 BN_EPS = 1e-5
+# The official build, ParseNet(in_size=512, out_size=512, parsing_ch=19) with the class's
+# other defaults: 512 -> 32 px in four stride-2 residual blocks and back, channels from 64
+# doubling up to a cap of 256 (a floor of 32 that these numbers never reach).
+PARSE_SIZE = 512
+MIN_FEATURE_SIZE = 32
+BASE_CHANNELS = 64
+MAX_CHANNELS = 256
+MIN_CHANNELS = 32
+RESIDUAL_DEPTH = 10
+PARSE_CLASSES = 19  # CelebAMask-HQ labels, background included
 
 
 class _BatchNorm(nn.Module):
@@ -106,39 +116,29 @@ class ResidualBlock(nn.Module):
 class ParseNet(nn.Module):
     """Encoder (4 downs) → 10 residual blocks with a long skip → decoder (4 ups) → two heads.
 
-    Input (N, 3, in_size, in_size) RGB in [-1, 1]; returns ``(out_mask, out_img)`` with
-    out_mask (N, parsing_ch, out_size, out_size) class logits and out_img (N, 3, out_size, out_size).
-    The defaults are the official configuration; the others exist only to describe it.
+    Input (N, 3, 512, 512) RGB in [-1, 1]; returns ``(out_mask, out_img)`` with out_mask
+    (N, 19, 512, 512) class logits and out_img (N, 3, 512, 512).
     """
 
-    def __init__(
-        self,
-        in_size: int = 512,
-        out_size: int = 512,
-        min_feat_size: int = 32,
-        base_ch: int = 64,
-        parsing_ch: int = 19,
-        res_depth: int = 10,
-        max_ch: int = 256,
-        min_ch: int = 32,
-    ) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        down_steps = int(math.log2(in_size // min_feat_size))
-        up_steps = int(math.log2(out_size // min_feat_size))
+        down_steps = up_steps = int(math.log2(PARSE_SIZE // MIN_FEATURE_SIZE))  # 4
 
         def width(channels: int) -> int:
-            return max(min_ch, min(channels, max_ch))
+            return max(MIN_CHANNELS, min(channels, MAX_CHANNELS))
 
         # encoder.0 is a plain biased conv: no norm, no activation
-        encoder: list[nn.Module] = [ConvLayer(3, base_ch, 3, batch_norm=False, activation=False)]
-        head_ch = base_ch
+        encoder: list[nn.Module] = [ConvLayer(3, BASE_CHANNELS, 3, batch_norm=False, activation=False)]
+        head_ch = BASE_CHANNELS
         for _ in range(down_steps):
             cin, cout = width(head_ch), width(head_ch * 2)
             encoder.append(ResidualBlock(cin, cout, "down"))
             head_ch *= 2
         self.encoder = nn.Sequential(*encoder)
 
-        self.body = nn.Sequential(*[ResidualBlock(width(head_ch), width(head_ch)) for _ in range(res_depth)])
+        self.body = nn.Sequential(
+            *[ResidualBlock(width(head_ch), width(head_ch)) for _ in range(RESIDUAL_DEPTH)]
+        )
 
         decoder: list[nn.Module] = []
         for _ in range(up_steps):
@@ -148,7 +148,7 @@ class ParseNet(nn.Module):
         self.decoder = nn.Sequential(*decoder)
 
         self.out_img_conv = ConvLayer(width(head_ch), 3, batch_norm=False, activation=False)
-        self.out_mask_conv = ConvLayer(width(head_ch), parsing_ch, batch_norm=False, activation=False)
+        self.out_mask_conv = ConvLayer(width(head_ch), PARSE_CLASSES, batch_norm=False, activation=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(x)  # (N, 256, 32, 32)

@@ -6,7 +6,7 @@ specification. State-dict keys and shapes match ``detection_Resnet50_Final.pth``
 ``nn.DataParallel`` prefix is stripped (``codeformer.weights.checkpoint_filter_fn``); the key manifest is
 ``codeformer/manifests/state_dict_keys_retinaface.txt``.
 
-Order: ResNet-50 body, FPN, SSH, heads, model, checkpoint filter.
+Order: ResNet-50 body, FPN, SSH, heads, model.
 """
 
 from __future__ import annotations

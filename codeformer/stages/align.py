@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from codeformer.config import FACE_SIZE
-from codeformer.errors import CodeFormerError
+from codeformer.errors import CodeFormerError, InternalError
 from codeformer.stages.detect import Detections
 
 # Where the five landmarks of an FFHQ-aligned 512 x 512 face sit (x, y): image-left eye,
@@ -59,7 +59,9 @@ def estimate_affines(landmarks: np.ndarray) -> np.ndarray:
     """
     landmarks = np.asarray(landmarks, dtype=np.float32)
     if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
-        raise ValueError(f"landmarks must have shape (F, 5, 2), got {landmarks.shape}")
+        raise InternalError(
+            f"landmarks must have shape (F, 5, 2) (Detections.landmarks), got {landmarks.shape}"
+        )
     affines = np.zeros((landmarks.shape[0], 2, 3), dtype=np.float64)
     for index, points in enumerate(landmarks):
         affine, _inliers = cv2.estimateAffinePartial2D(points, FFHQ_TEMPLATE_512, method=cv2.LMEDS)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torchvision
 
-from codeformer.errors import InputError
+from codeformer.errors import InternalError
 from codeformer.nets.retinaface import RetinaFace
 
 logger = logging.getLogger(__name__)
@@ -154,12 +154,12 @@ class FaceDetector:
         says how many were not.
         """
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise InputError(
+            raise InternalError(
                 f"the detector needs a uint8 BGR image of shape (h, w, 3), got {image.dtype} "
                 f"{image.shape}; decode the input with codeformer's image reader first"
             )
         if max_faces is not None and max_faces < 1:
-            raise InputError(f"max_faces must be a positive number of faces or None, got {max_faces}")
+            raise InternalError(f"max_faces must be a positive number of faces or None, got {max_faces}")
 
         resized, scale = resize_for_detector(image)
         if not (resized.flags.writeable and resized.flags.c_contiguous):

@@ -8,27 +8,46 @@ failing network call is not replaced by the input face: the error propagates.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from codeformer.config import FACE_SIZE
-from codeformer.errors import InputError
+from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.runtime import autocast_dtype
 
 logger = logging.getLogger(__name__)
 
+# Restored faces are uint8, or float64 once a gray input's faces are made gray (spec §5.5)
+RESTORED_FACE_DTYPES = (np.uint8, np.float64)
+
+
+def check_face_batch(
+    faces: np.ndarray, name: str = "faces", dtypes: tuple[type, ...] = RESTORED_FACE_DTYPES
+) -> None:
+    """Raise ``InternalError`` unless ``faces`` is an (F, 512, 512, 3) array of one of ``dtypes``."""
+    if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype not in dtypes:
+        kinds = " or ".join(np.dtype(dtype).name for dtype in dtypes)
+        raise InternalError(
+            f"{name} must be an (F, {FACE_SIZE}, {FACE_SIZE}, 3) {kinds} array (aligned crops are uint8, "
+            f"restored faces uint8 or, for gray inputs, float64), got {faces.dtype} {faces.shape}"
+        )
+
 
 def crops_to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(F, 512, 512, 3) uint8 BGR -> (F, 3, 512, 512) float32 RGB in [-1, 1] on ``device``.
+    """(F, 512, 512, 3) uint8 (or float64) BGR -> (F, 3, 512, 512) float32 RGB in [-1, 1] on ``device``.
 
-    Bit-identical to the official recipe (u / 255 in float64, cast to float32, then
-    (v - 0.5) / 0.5): for uint8 u, float32 u / 255 equals the float64 quotient rounded to
-    float32 (spec Appendix C; tests check all 256 levels).
+    The input normalisation of both CodeFormer (§5 step 1) and ParseNet (§6.3 step 9a),
+    bit for bit. CodeFormer's official recipe divides uint8 u by 255 in float64 and casts
+    to float32; ParseNet's casts to float32 and divides in float32. For uint8 u the two
+    are equal (spec Appendix C; tests check all 256 levels), so one cast-then-divide serves
+    both, and it is ParseNet's recipe exactly for the float64 gray faces it also receives.
     """
     crops_bgr = torch.from_numpy(np.ascontiguousarray(crops)).to(device)  # the one host->device copy
-    crops_rgb = crops_bgr.flip(-1).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8 RGB
+    crops_rgb = crops_bgr.flip(-1).permute(0, 3, 1, 2)  # (F, 3, H, W) RGB
     unit = crops_rgb.to(torch.float32) / 255.0  # [0, 1]
     return ((unit - 0.5) / 0.5).contiguous()
 
@@ -45,15 +64,37 @@ def tensor_to_faces(out: torch.Tensor) -> np.ndarray:
     return faces_bgr.contiguous().cpu().numpy()  # the one device->host copy
 
 
-class FaceRestorer:
-    """Runs a loaded CodeFormer over aligned crops; holds no per-request state."""
+class FaceBatchNet:
+    """A loaded net on ``device``, run over normalised faces ``batch_size`` at a time.
 
-    def __init__(self, net: CodeFormer, device: torch.device, batch_size: int = 4) -> None:
+    What the restorer and the parser share: the input normalisation (``crops_to_tensor``),
+    the chunking that bounds activation memory, and autocast when mixed precision is asked.
+    """
+
+    def __init__(self, net: nn.Module, device: torch.device, batch_size: int = 4) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.net = net
         self.device = device
         self.batch_size = batch_size
+
+    def _run(
+        self, faces: np.ndarray, mixed_precision: bool, forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """``forward`` over (F, 512, 512, 3) BGR faces in chunks; its outputs concatenated."""
+        precision = autocast_dtype(self.device)
+        faces_in = crops_to_tensor(faces, self.device)  # (F, 3, 512, 512) float in [-1, 1]
+        outputs = []
+        for chunk in faces_in.split(self.batch_size):
+            with torch.autocast(self.device.type, dtype=precision, enabled=mixed_precision):
+                outputs.append(forward(chunk))
+        return torch.cat(outputs)
+
+
+class FaceRestorer(FaceBatchNet):
+    """Runs a loaded CodeFormer over aligned crops; holds no per-request state."""
+
+    net: CodeFormer
 
     def restore(self, crops: np.ndarray, fidelity: float, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8 BGR crops -> (F, 512, 512, 3) uint8 BGR restored faces.
@@ -61,26 +102,19 @@ class FaceRestorer:
         ``fidelity`` is CodeFormer's w in [0, 1]; ``mixed_precision`` runs the network under
         autocast (bfloat16 on CPU, float16 on CUDA).
         """
-        expected_shape = (FACE_SIZE, FACE_SIZE, 3)
-        if crops.ndim != 4 or crops.shape[1:] != expected_shape or crops.dtype != np.uint8:
-            raise InputError(
-                f"face crops must be a (F, {FACE_SIZE}, {FACE_SIZE}, 3) uint8 array, "
-                f"got {crops.dtype} {crops.shape}; align the faces to {FACE_SIZE}x{FACE_SIZE} first"
-            )
+        check_face_batch(crops, "crops", (np.uint8,))
         if not 0.0 <= fidelity <= 1.0:  # also rejects NaN
-            raise InputError(f"codeformer_fidelity must be between 0 and 1, got {fidelity}")
+            raise InternalError(
+                f"fidelity must be between 0 and 1, got {fidelity}; validate the request's "
+                "codeformer_fidelity with RequestOptions.parse first"
+            )
         if len(crops) == 0:
-            return np.empty((0, *expected_shape), dtype=np.uint8)
+            return np.empty((0, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
 
-        precision = autocast_dtype(self.device)
-        outputs = []
+        def forward(chunk: torch.Tensor) -> torch.Tensor:
+            return self.net(chunk, w=float(fidelity), adain=True)[0].to(torch.float32)
+
         with torch.inference_mode():
-            faces_in = crops_to_tensor(crops, self.device)  # (F, 3, 512, 512) float in [-1, 1]
-            for start in range(0, len(faces_in), self.batch_size):
-                chunk = faces_in[start : start + self.batch_size]
-                with torch.autocast(self.device.type, dtype=precision, enabled=mixed_precision):
-                    restored = self.net(chunk, w=float(fidelity), adain=True)[0]
-                outputs.append(restored.to(torch.float32))
-            faces_out = tensor_to_faces(torch.cat(outputs))
+            faces_out = tensor_to_faces(self._run(crops, mixed_precision, forward))
         logger.debug("restored %d faces (w=%.3f, mixed_precision=%s)", len(crops), fidelity, mixed_precision)
         return faces_out
