@@ -203,6 +203,7 @@ def test_unreachable_server_names_folder_and_fixes(
     assert leftovers(cache) == []
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch
 def test_two_processes_fetch_one_file(server: FileServer, served: Path, cache: Path) -> None:
     payload = dummy_bytes(1_500_000, seed=2)
     (served / PARSENET).write_bytes(payload)
@@ -243,6 +244,7 @@ def assert_holds(model: torch.nn.Module, expected: OrderedDict) -> None:
         assert torch.equal(loaded[key], tensor), key
 
 
+@pytest.mark.slow  # the three full-size nets, built and loaded
 @pytest.mark.parametrize("seed", [0, 1])
 def test_load_nets_strict_for_random_files(
     seed: int, weights_dir: Path, tmp_path: Path, closed_port_url: str, monkeypatch: pytest.MonkeyPatch
