@@ -1,7 +1,7 @@
 """What several test files share: pictures to send, golden reference folders, waiting, racing processes.
 
-Server and port helpers (``CogServer``, free ports) live with the benchmarks' harness; this
-module holds no fixtures (those are in ``conftest.py``).
+Server and port helpers (``LocalServer``, ports, worker memory) are in ``benchmarks/harness.py``;
+this module holds no fixtures (those are in ``conftest.py``).
 """
 
 from __future__ import annotations
