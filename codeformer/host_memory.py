@@ -60,6 +60,8 @@ import torch
 log = logging.getLogger(__name__)
 
 WAIT_SLICE_S = 0.05  # the waiting thread wakes this often, so that an injected cancel is raised
+# how long stopping (at exit, or when the Restorer goes) waits for a computation still running
+STOP_WAIT_S = 10.0
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -148,8 +150,15 @@ class ComputeThread:
                 job.done.set()
 
     def stop(self) -> None:
-        """End the thread after the calls already handed over."""
+        """End the thread after the calls already handed over, and wait for it to end.
+
+        Waiting matters at interpreter exit: a thread that ran torch or OpenCV work and is still
+        alive while the C++ runtime tears down aborts the process ("terminate called without an
+        active exception", exit status 134).
+        """
         self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(STOP_WAIT_S)
 
     def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)`` on the compute thread; its result, or its exception raised here."""

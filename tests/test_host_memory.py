@@ -11,6 +11,7 @@ thread, which shows whether malloc's settings changed.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import flat_canvas, png_bytes
+from PIL import Image
 
 from codeformer.host_memory import ComputeThread, pays_on
 
@@ -154,3 +157,25 @@ def test_a_cancel_raised_in_the_waiting_thread_stops_the_computation() -> None:
     assert len(steps) == stopped_at  # and nothing runs on
     assert compute.call(lambda: "next") == "next"  # the compute thread serves the next request
     compute.stop()
+
+
+@pytest.mark.slow  # loads the three nets in a fresh interpreter
+def test_a_process_that_ran_the_pipeline_on_the_compute_thread_exits_cleanly(
+    weights_dir: Path, tmp_path: Path
+) -> None:
+    # the compute thread must have ended before the C++ runtime tears down: the CLI aborted at
+    # exit ("terminate called without an active exception", status 134) after writing its output
+    photo = tmp_path / "flat.png"
+    photo.write_bytes(png_bytes(flat_canvas(width=48, height=64)))
+    completed = subprocess.run(
+        [sys.executable, "-m", "codeformer", str(photo), "--output-dir", str(tmp_path / "out")],
+        env={**os.environ, "CODEFORMER_WEIGHTS_DIR": str(weights_dir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "terminate called" not in completed.stderr
+    assert "host memory: the pipeline runs on glibc's main arena" in completed.stderr
+    with Image.open(tmp_path / "out" / "flat.jpg") as restored:
+        assert restored.size == (48, 64)
