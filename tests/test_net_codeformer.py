@@ -64,6 +64,7 @@ def test_parameter_count_and_no_buffers() -> None:
     assert list(model.buffers()) == []
 
 
+@pytest.mark.slow  # the full-size net built and loaded twice: 5-6 s each
 @pytest.mark.parametrize("seed", [0, 7])
 def test_random_release_weights_load_strictly(seed: int) -> None:
     model = CodeFormer()

@@ -366,6 +366,7 @@ def run_cli(*args: str, env_updates: dict[str, str]) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.slow  # each CLI test starts a fresh interpreter that imports torch (3-10 s)
 def test_cli_fetch_downloads_missing_and_verifies(
     weights_dir: Path, server: FileServer, served: Path, cache: Path
 ) -> None:
@@ -390,6 +391,7 @@ def test_cli_fetch_downloads_missing_and_verifies(
         assert (cache / name).read_bytes() == (weights_dir / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_fetch_unreachable_exits_with_message(cache: Path, closed_port_url: str) -> None:
     result = run_cli("fetch", "--dir", str(cache), env_updates={WEIGHTS_URL_ENV: closed_port_url})
 
@@ -403,6 +405,7 @@ def test_cli_fetch_unreachable_exits_with_message(cache: Path, closed_port_url: 
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_fetch_with_a_bad_setting_exits_naming_the_variable(cache: Path) -> None:
     result = run_cli("fetch", "--dir", str(cache), env_updates={ATTEMPTS_ENV: "none"})
 
