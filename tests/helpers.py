@@ -6,13 +6,16 @@ this module holds no fixtures (those are in ``conftest.py``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +23,20 @@ import numpy as np
 from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def project_folder() -> Iterator[Path]:
+    """A temporary folder inside the project (where local-path inputs are accepted), removed after.
+
+    Its name is git-ignored (``.test-inputs-*``), so a killed run leaves the tree clean for git.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=".test-inputs-", dir=PROJECT_ROOT))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 # -- pictures --------------------------------------------------------------------------------
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ import pytest
 from conftest import set_up_predictor
 from generated_inputs import png_header_claiming
 from harness import LocalServer, closed_port_url, find_worker_pid, reset_peak_rss, status_kib
-from helpers import encode, flat_canvas, noise, png_bytes
+from helpers import encode, flat_canvas, noise, png_bytes, project_folder
 from PIL import Image
 from weights_server import FileServer
 
@@ -594,12 +592,8 @@ class OverHttp(Transport):
 @pytest.fixture(scope="module")
 def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Context]:
     folder = tmp_path_factory.mktemp("served-inputs")
-    project_folder = Path(tempfile.mkdtemp(prefix=".test-inputs-", dir=PROJECT_ROOT))
-    try:
-        with FileServer(folder) as files:
-            yield Context(files, folder, project_folder)
-    finally:
-        shutil.rmtree(project_folder, ignore_errors=True)
+    with project_folder() as inside_project, FileServer(folder) as files:
+        yield Context(files, folder, inside_project)
 
 
 @pytest.fixture(scope="module")

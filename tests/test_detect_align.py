@@ -23,7 +23,6 @@ from codeformer import random_weights
 from codeformer.config import FACE_SIZE
 from codeformer.nets.retinaface import RetinaFace
 from codeformer.stages.align import (
-    CROP_BORDER_BGR,
     FFHQ_TEMPLATE_512,
     AlignedFaces,
     AlignmentError,
@@ -334,7 +333,8 @@ def test_outside_the_image_is_filled_with_the_border_colour() -> None:
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     far_away = similarity(1.0, 0.0, 5000.0, 5000.0)[None]
     (crop,) = warp_crops(image, far_away)
-    assert (crop == np.array(CROP_BORDER_BGR, dtype=np.uint8)).all()
+    # the official crop's constant border, BGR (REFERENCE.md: borderValue=(135, 133, 132))
+    assert (crop == np.array([135, 133, 132], dtype=np.uint8)).all()
 
 
 def test_degenerate_landmarks_raise_alignment_error() -> None:
@@ -342,13 +342,6 @@ def test_degenerate_landmarks_raise_alignment_error() -> None:
     landmarks[0] = FFHQ_TEMPLATE_512 / 2  # a valid face first: the error names face 1
     with pytest.raises(AlignmentError, match="face 1"):
         estimate_affines(landmarks)
-
-
-def test_template_is_the_spec_constant() -> None:
-    assert FFHQ_TEMPLATE_512.shape == (5, 2)
-    assert FFHQ_TEMPLATE_512[0].tolist() == [192.98138, 239.94708]
-    assert FFHQ_TEMPLATE_512[4].tolist() == [313.08905, 371.15118]
-    assert CROP_BORDER_BGR == (135, 133, 132)
 
 
 # --- golden parity -----------------------------------------------------------------------------

@@ -10,8 +10,6 @@ through the plumbing use a flat grey canvas, on which the random detector finds 
 from __future__ import annotations
 
 import io
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from harness import LocalServer, find_worker_pid, minor_faults
-from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes, wait_for
+from helpers import PROJECT_ROOT, face_photo, flat_canvas, jpeg_bytes, png_bytes, project_folder, wait_for
 from PIL import Image
 from weights_server import FileServer
 
@@ -30,7 +28,6 @@ from codeformer.weights import WEIGHT_FILES
 
 pytestmark = pytest.mark.slow
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHEAP = {"runtime_profile": "max_speed"}
 
 
@@ -131,14 +128,11 @@ def test_data_uri_and_http_url_inputs_give_jpgs_in_order_at_input_size(running: 
 
 def test_a_local_path_inside_the_project_is_read_alongside_a_url(running: Running) -> None:
     # a mixed list: both reach predict() as strings; the URL is fetched by codeformer.fetch
-    folder = Path(tempfile.mkdtemp(prefix=".test-inputs-", dir=PROJECT_ROOT))
-    try:
+    with project_folder() as folder:
         (folder / "canvas.png").write_bytes(png_bytes(flat_canvas(72, 40)))
         relative = str((folder / "canvas.png").relative_to(PROJECT_ROOT))
         inputs = {"images": [relative, running.images.url_for("canvas.jpg")], **CHEAP}
         result = running.client.predict(inputs)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     assert result.status == "succeeded", result.error
     assert jpeg_sizes(result) == [(72, 40), (80, 48)]
 

@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import pathlib
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from cog import Path as CogPath
 from conftest import set_up_predictor
-from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes
+from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes, project_folder
 from PIL import Image
 from weights_server import FileServer
 
@@ -82,9 +81,8 @@ def predictor(predictor_and_setup_log: tuple[Predictor, list[str]]) -> Predictor
 @pytest.fixture
 def project_tmp() -> Iterator[Path]:
     """A temporary folder inside the project, where local-path inputs are allowed."""
-    folder = Path(tempfile.mkdtemp(prefix=".test-inputs-", dir=PROJECT_ROOT))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    with project_folder() as folder:
+        yield folder
 
 
 # -- interface -----------------------------------------------------------------------------
