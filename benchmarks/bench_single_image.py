@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import run_flags
 import timed_requests as timed
 from PIL import Image
 
@@ -213,17 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backends", nargs="+", default=list(COMPILE_BACKENDS), help="for optimized mode (default: all)"
     )
-    timed.add_run_arguments(parser)
+    run_flags.add_run_arguments(parser)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="default: %(default)s")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = timed.parse_arguments(build_parser(), argv)
+    args = run_flags.parse_arguments(build_parser(), argv)
     try:
-        server_env, profiles = timed.check_run_arguments(args)
-        modes = timed.split_names(args.stability_modes, list(STABILITY_MODES), "--stability-modes")
-        backends = timed.split_names(args.backends, list(COMPILE_BACKENDS), "--backends")
+        server_env, profiles = run_flags.check_run_arguments(args)
+        modes = run_flags.split_names(args.stability_modes, list(STABILITY_MODES), "--stability-modes")
+        backends = run_flags.split_names(args.backends, list(COMPILE_BACKENDS), "--backends")
         if not args.image.is_file():
             raise ConfigError(f"--image: no such file {args.image}")
         with Image.open(args.image) as image:

@@ -1,4 +1,4 @@
-"""What the benchmark scripts and the tests share: ports, the local Cog server, weights, reports, memory.
+"""What the benchmark scripts and the tests share: ports, the local Cog server, weights, reports.
 
 Every script runs by path, from any folder: ``python benchmarks/run_bench.py --help``. Python
 then puts ``benchmarks/`` on ``sys.path`` (so ``import harness`` works) but not the project
@@ -43,7 +43,6 @@ PORT_ATTEMPTS = 3  # a free port can be taken between picking it and the server 
 READY_POLL_S = 0.1  # start-to-READY is read at this resolution
 RANDOM_WEIGHTS_FOLDER = "random-weights-seed0"
 RANDOM_WEIGHTS_LABEL = "RANDOM weights (seed 0): timings are real, the restored faces are noise"
-WORKER_MARKER = b"_run_worker"  # coglet starts its worker as `python -c "...coglet.server._run_worker()"`
 
 
 # -- ports -----------------------------------------------------------------------------------
@@ -295,56 +294,3 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     ]
     header = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
     return "\n".join([header, "-" * len(header), *lines])
-
-
-# -- process memory (Linux /proc) --------------------------------------------------------------
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc/<pid>/task/*/children)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            children.extend(int(child) for child in (task / "children").read_text().split())
-    return children
-
-
-def find_worker_pid(server_pid: int) -> int | None:
-    """The coglet worker (where predict() runs) among the server's descendants, if it is up."""
-    pending = [server_pid]
-    while pending:
-        pid = pending.pop()
-        for child in child_pids(pid):
-            with contextlib.suppress(OSError):
-                if WORKER_MARKER in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return child
-            pending.append(child)
-    return None
-
-
-def status_kib(pid: int, field: str) -> int:
-    """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM, ...) in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise KeyError(f"{field} not in /proc/{pid}/status")
-
-
-def minor_faults(pid: int) -> int:
-    """Minor page faults of ``pid`` so far (field 10 of /proc/<pid>/stat)."""
-    after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(after_name[7])  # fields from the 3rd on: state, ppid, pgrp, session, tty, tpgid, flags, minflt
-
-
-def reset_peak_rss(pid: int) -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def open_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import run_flags
 import stats
 import timed_requests as timed
 from timed_requests import RequestSample
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stability-mode", default="safe", choices=list(STABILITY_MODES))
     parser.add_argument("--compile-backend", default="none", choices=list(COMPILE_BACKENDS))
-    timed.add_run_arguments(parser)
+    run_flags.add_run_arguments(parser)
     parser.add_argument(
         "--server-url", help="use this running server instead of starting one (no cold start)"
     )
@@ -159,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = timed.parse_arguments(build_parser(), argv)
+    args = run_flags.parse_arguments(build_parser(), argv)
     try:
-        server_env, profiles = timed.check_run_arguments(args)
+        server_env, profiles = run_flags.check_run_arguments(args)
         if not MIN_IMAGES <= args.batch_size <= MAX_IMAGES:
             raise ConfigError(
                 f"--batch-size must be between {MIN_IMAGES} and {MAX_IMAGES}, got {args.batch_size}"

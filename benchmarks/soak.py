@@ -46,6 +46,7 @@ from typing import Any
 
 import harness
 import requests
+import worker_memory
 from generated_inputs import BAD_KINDS, flat_canvas_png, textured_png
 from stats import summarize
 
@@ -141,8 +142,8 @@ def resource_sample(index: int, worker_pid: int | None) -> dict[str, Any]:
     sample: dict[str, Any] = {"after_request": index, "worker_rss_mib": None, "worker_open_fds": None}
     if worker_pid is not None:
         with contextlib.suppress(OSError, KeyError):
-            sample["worker_rss_mib"] = harness.status_kib(worker_pid, "VmRSS") / 1024.0
-        sample["worker_open_fds"] = harness.open_fds(worker_pid)
+            sample["worker_rss_mib"] = worker_memory.status_kib(worker_pid, "VmRSS") / 1024.0
+        sample["worker_open_fds"] = worker_memory.open_fds(worker_pid)
     sample["output_dirs_in_temp"] = output_dirs_in_temp()
     return sample
 
@@ -181,7 +182,7 @@ def soak(
     sample_every: int,
 ) -> dict[str, Any]:
     """Send the planned requests; returns the report (see the module docstring)."""
-    worker_pid = harness.find_worker_pid(server_pid) if server_pid is not None else None
+    worker_pid = worker_memory.find_worker_pid(server_pid) if server_pid is not None else None
     kinds = plan(requests_total, face_every, bad_every)
     warmup = min(warmup, max(0, requests_total - 1))
     middle = warmup + (requests_total - warmup) // 2

@@ -30,10 +30,11 @@ import numpy as np
 import pytest
 from conftest import set_up_predictor
 from generated_inputs import png_header_claiming
-from harness import LocalServer, closed_port_url, find_worker_pid, reset_peak_rss, status_kib
+from harness import LocalServer, closed_port_url
 from helpers import encode, flat_canvas, noise, png_bytes, project_folder
 from PIL import Image
 from weights_server import FileServer
+from worker_memory import find_worker_pid, reset_peak_rss, status_kib
 
 from codeformer.client import data_uri
 from codeformer.errors import CodeFormerError

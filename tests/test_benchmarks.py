@@ -23,7 +23,8 @@ import stats
 from bench_single_image import Combination, plan_combinations, winners
 from harness import PROJECT_ROOT, command_line, free_port, portable_path
 from run_bench import batches, discover_images
-from timed_requests import RequestSample, parse_faces, profile_report, split_names
+from run_flags import split_names
+from timed_requests import RequestSample, parse_faces, profile_report
 
 from codeformer.config import PROFILES
 from codeformer.errors import ConfigError
@@ -371,3 +372,28 @@ def test_end_to_end_run_writes_every_reported_figure(tmp_path: Path) -> None:
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "run.server.log").is_file()
     assert os.path.getsize(tmp_path / "run.server.log") > 0
+
+
+SCRIPTS = sorted(
+    path
+    for path in (PROJECT_ROOT / "benchmarks").glob("*.py")
+    if 'if __name__ == "__main__"' in path.read_text()
+)
+
+
+@pytest.mark.slow  # a fresh interpreter per script, each importing torch
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_every_script_runs_by_path_from_another_folder(script: Path, tmp_path: Path) -> None:
+    # a script imports harness (which puts the project root on sys.path) before any project module
+    completed = subprocess.run(
+        [sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.startswith("usage: ")
+
+
+def test_the_scripts_are_found_and_each_is_under_300_lines() -> None:
+    names = {path.name for path in SCRIPTS}
+    assert {"run_bench.py", "bench_single_image.py", "bench_stages.py", "soak.py", "peak_memory.py"} <= names
+    for path in (PROJECT_ROOT / "benchmarks").glob("*.py"):
+        assert len(path.read_text().splitlines()) < 300, path.name

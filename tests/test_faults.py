@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from harness import LocalServer, closed_port_url, find_worker_pid
+from harness import LocalServer, closed_port_url
 from helpers import flat_canvas, noise, png_bytes, run_python_together, wait_for
 from PIL import Image
 from weights_server import FileServer
+from worker_memory import find_worker_pid
 
 from codeformer.client import BUSY, READY, CogClient, PredictionResult, ServerError, data_uri
 from codeformer.config import RequestOptions, Settings

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import LocalServer, find_worker_pid, minor_faults
+from harness import LocalServer
 from helpers import PROJECT_ROOT, face_photo, flat_canvas, jpeg_bytes, png_bytes, project_folder, wait_for
 from PIL import Image
 from weights_server import FileServer
+from worker_memory import find_worker_pid, minor_faults
 
 from codeformer.client import BUSY, READY, CogClient, PredictionResult, data_uri
 from codeformer.serve import check_port_free
