@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections import OrderedDict
@@ -327,6 +328,73 @@ def test_bad_cache_and_unreachable_source_names_both(
     message = str(raised.value)
     assert str(cache / PARSENET) in message and "cannot read it" in message
     assert "Fetching it again failed" in message and "CODEFORMER_WEIGHTS_URL" in message
+
+
+# -- present files: no network (the Cog image's cold start) --------------------------------
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every address this process connects a socket to from now on, by any library."""
+    made: list[object] = []
+    real_connect = socket.socket.connect
+
+    def recording_connect(sock: socket.socket, address: object) -> None:
+        made.append(address)
+        real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", recording_connect)
+    return made
+
+
+def serve_copies(weights_dir: Path, served: Path, names: tuple[str, ...]) -> None:
+    """The mirror serves the very files: a download would succeed silently, only the counts show it."""
+    for name in names:
+        (served / name).symlink_to(weights_dir / name)
+
+
+def test_present_file_is_verified_and_loaded_without_any_request(
+    weights_dir: Path, server: FileServer, served: Path, connections: list[object]
+) -> None:
+    serve_copies(weights_dir, served, (PARSENET,))
+
+    with weights.record_load_times() as times:
+        model = weights.load_into("parsenet", parsenet_model(), weights_dir)
+
+    assert server.request_count(PARSENET) == 0
+    assert connections == []
+    assert times.files == [PARSENET]
+    assert times.load_ms == times.read_ms + times.assign_ms
+    assert_holds(model, random_weights.state_dict(PARSENET, seed=0))
+
+
+@pytest.mark.slow  # the three full-size nets, built, loaded and set up
+def test_restorer_load_with_the_files_present_makes_no_request(
+    weights_dir: Path, server: FileServer, served: Path, connections: list[object]
+) -> None:
+    from codeformer.pipeline import Restorer
+
+    names = (CODEFORMER, RETINAFACE, PARSENET)
+    serve_copies(weights_dir, served, names)
+
+    with weights.record_load_times() as times:
+        Restorer.load(weights_dir, "cpu")
+
+    assert [server.request_count(name) for name in names] == [0, 0, 0]
+    assert connections == []
+    assert times.files == list(names)  # each file read and verified once, none fetched again
+
+
+def test_load_times_are_collected_only_inside_the_block(
+    weights_dir: Path, closed_port_url: str, monkeypatch
+) -> None:
+    monkeypatch.setenv(WEIGHTS_URL_ENV, closed_port_url)
+    with weights.record_load_times() as outer:
+        with weights.record_load_times() as inner:
+            weights.load_into("parsenet", parsenet_model(), weights_dir)
+        weights.load_into("parsenet", parsenet_model(), weights_dir)
+    weights.load_into("parsenet", parsenet_model(), weights_dir)  # no block: nothing is recorded
+
+    assert inner.files == [PARSENET]
+    assert outer.files == [PARSENET]  # the inner block's load went to the inner collector only
 
 
 def test_checkpoint_filter_fn_unwraps_and_strips() -> None:
