@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -419,6 +420,43 @@ def test_missing_batchnorm_counters_are_tolerated(tmp_path: Path, closed_port_ur
     model = weights.load_into("parsenet", parsenet_model(), tmp_path)
 
     assert torch.equal(model.state_dict()["encoder.0.conv2d.weight"], state["encoder.0.conv2d.weight"])
+
+
+# -- the Cog image -------------------------------------------------------------------------
+def dockerignore_excludes(path: str) -> bool:
+    """Whether .dockerignore leaves ``path`` out of the build context `cog build` copies to /src.
+
+    Docker's rules: patterns are anchored at the project folder, ``*`` and ``?`` stay within
+    one path segment, ``**`` spans any number, a pattern that matches a folder leaves out
+    everything in it, ``!`` puts a path back, and the last matching line wins.
+    """
+    excluded = False
+    for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        regex = (
+            re.escape(pattern.removeprefix("!").strip("/"))
+            .replace(r"\*\*/", "(.*/)?")
+            .replace(r"\*\*", ".*")
+            .replace(r"\*", "[^/]*")
+            .replace(r"\?", "[^/]")
+        )
+        if re.fullmatch(f"{regex}(/.*)?", path):
+            excluded = not negated
+    return excluded
+
+
+def test_the_cog_image_gets_the_fetched_weight_files_but_not_fetch_leftovers() -> None:
+    for name in (CODEFORMER, RETINAFACE, PARSENET):
+        assert not dockerignore_excludes(f"weights/{name}"), name
+    assert dockerignore_excludes(f"weights/.{CODEFORMER}.k2x9q_0a.part")  # mkstemp's name
+    assert dockerignore_excludes(f"weights/.{CODEFORMER}.lock")
+    # the matcher itself: what the file leaves out and what it keeps
+    assert dockerignore_excludes("tests/test_weights.py")
+    assert dockerignore_excludes("codeformer/nets/__pycache__/vqgan.cpython-311.pyc")
+    assert not dockerignore_excludes("predict.py") and not dockerignore_excludes("codeformer/weights.py")
 
 
 # -- command line --------------------------------------------------------------------------
