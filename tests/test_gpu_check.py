@@ -1,0 +1,73 @@
+"""benchmarks/gpu_check.py: it refuses a machine without CUDA at once, and runs its checks on the CPU.
+
+No test looks at how long anything took.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gpu_check import EXIT_NO_CUDA, plan
+from harness import PROJECT_ROOT
+
+GPU_CHECK = PROJECT_ROOT / "benchmarks" / "gpu_check.py"
+
+
+def run_by_path(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(GPU_CHECK), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_without_cuda_it_says_so_in_one_line_and_exits_with_its_own_code(tmp_path: Path) -> None:
+    output = tmp_path / "report.json"
+    completed = run_by_path("--output", str(output), cwd=tmp_path)
+    assert completed.returncode == EXIT_NO_CUDA, completed.stderr[-2000:]
+    assert completed.stderr.count("\n") == 1 and "no CUDA device" in completed.stderr
+    assert completed.stdout == ""
+    assert not output.exists()  # nothing was checked, so nothing is reported
+
+
+def test_the_plan_has_every_configuration_once_and_cudagraphs_only_on_cuda() -> None:
+    names = [config.name for config in plan("cpu", None)]
+    assert names[0] == "baseline/safe"  # the others' reference runs first
+    assert len(names) == len(set(names)) == 3 + 3 * 4
+    assert not any(name.endswith("/cudagraphs") for name in names)
+    assert sum(name.endswith("/cudagraphs") for name in (c.name for c in plan("cuda", None))) == 3
+    assert [c.name for c in plan("cpu", ["fast/optimized/eager", "baseline/safe"])] == [
+        "baseline/safe",
+        "fast/optimized/eager",
+    ]
+    with pytest.raises(SystemExit, match="unknown"):
+        plan("cpu", ["baseline/optimized/cudagraphs"])
+
+
+@pytest.mark.slow  # a fresh interpreter restoring one face with the full-size nets
+def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path) -> None:
+    output = tmp_path / "report.json"
+    completed = run_by_path(
+        *("--device", "cpu", "--configs", "baseline/safe", "fast/safe", "--budget-s", "120"),
+        *("--images", str(PROJECT_ROOT / "tests/golden/04/04.jpg"), "--max-faces", "1"),
+        *("--warmup", "0", "--repeats", "1", "--output", str(output)),
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["images"] == ["tests/golden/04/04.jpg"]
+    configs = {config["name"]: config for config in report["configs"]}
+    baseline = configs["baseline/safe"]
+    assert baseline["verdict"] == "PASS" and baseline["compiles_after_warmup"] == 0
+    assert baseline["agreement"]["within_one"] == 1.0  # on the CPU, its own reference
+    assert set(baseline["stages_ms"]) >= {"decode", "detect", "restore", "paste", "encode", "request"}
+    assert baseline["host_ms"]["count"] == baseline["device_ms"]["count"] == 1
+    assert "peak_gpu_mb" not in baseline
+    assert completed.stdout.splitlines()[0].startswith("PASS baseline/safe")
+    # fast/safe ran if the budget had room for it, else it is named as not run
+    assert configs["fast/safe"]["verdict"] in {"PASS", "SKIP"}
+    assert (configs["fast/safe"]["verdict"] == "SKIP") == ("fast/safe" in report["not_run"])
