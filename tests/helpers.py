@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,23 @@ def project_folder() -> Iterator[Path]:
 
 
 # -- pictures --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def recording_connections() -> Iterator[list[object]]:
+    """Every address a socket of this process (any thread, any library) connects to in the block."""
+    made: list[object] = []
+    real_connect = socket.socket.connect
+
+    def recording_connect(sock: socket.socket, address: object) -> None:
+        made.append(address)
+        real_connect(sock, address)
+
+    socket.socket.connect = recording_connect  # type: ignore[method-assign]
+    try:
+        yield made
+    finally:
+        socket.socket.connect = real_connect  # type: ignore[method-assign]
 
 
 def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:

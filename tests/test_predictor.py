@@ -18,12 +18,13 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 from cog import Path as CogPath
 from conftest import set_up_predictor
-from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes, project_folder
+from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes, project_folder, recording_connections
 from PIL import Image
 from timed_requests import setup_info
 from weights_server import FileServer
@@ -66,18 +67,25 @@ def run(predictor: Predictor, images: list, **options: object) -> list[Path]:
     return predictor.predict(images=images, **{**DEFAULTS, **options})
 
 
+class SetupRecord(NamedTuple):
+    predictor: Predictor
+    messages: list[str]  # what setup() logged
+    connections: list[object]  # addresses setup() connected a socket to
+
+
 @pytest.fixture(scope="module")
-def predictor_and_setup_log(weights_dir: Path) -> Iterator[tuple[Predictor, list[str]]]:
+def predictor_and_setup_log(weights_dir: Path) -> Iterator[SetupRecord]:
     handler = _ListHandler()
     logging.getLogger("codeformer").addHandler(handler)
-    predictor = set_up_predictor(weights_dir)
+    with recording_connections() as connections:
+        predictor = set_up_predictor(weights_dir)
     logging.getLogger("codeformer").removeHandler(handler)
-    yield predictor, handler.messages
+    yield SetupRecord(predictor, handler.messages, connections)
 
 
 @pytest.fixture(scope="module")
-def predictor(predictor_and_setup_log: tuple[Predictor, list[str]]) -> Predictor:
-    return predictor_and_setup_log[0]
+def predictor(predictor_and_setup_log: SetupRecord) -> Predictor:
+    return predictor_and_setup_log.predictor
 
 
 @pytest.fixture
@@ -111,8 +119,13 @@ def test_inputs_have_the_documented_names_and_defaults() -> None:
     ]
 
 
-def test_setup_logs_device_dtype_and_timings(predictor_and_setup_log: tuple[Predictor, list[str]]) -> None:
-    predictor, messages = predictor_and_setup_log
+def test_setup_with_the_weight_files_present_connects_nowhere(predictor_and_setup_log: SetupRecord) -> None:
+    # loading, the runtime's set-up and the warm-up: not one socket (the weights are in weights_dir)
+    assert predictor_and_setup_log.connections == []
+
+
+def test_setup_logs_device_dtype_and_timings(predictor_and_setup_log: SetupRecord) -> None:
+    predictor, messages, _ = predictor_and_setup_log
     [line] = [m for m in messages if m.startswith("setup:")]
     assert f"device={predictor.restorer.device}" in line
     # the suite sets CODEFORMER_MIXED_PRECISION=on where the CPU has bf16 kernels, auto

@@ -6,7 +6,6 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections import OrderedDict
@@ -16,7 +15,7 @@ from pathlib import Path
 import harness
 import pytest
 import torch
-from helpers import run_python_together
+from helpers import recording_connections, run_python_together
 from weights_server import FileServer
 
 from codeformer import random_weights, weights
@@ -333,17 +332,10 @@ def test_bad_cache_and_unreachable_source_names_both(
 
 # -- present files: no network (the Cog image's cold start) --------------------------------
 @pytest.fixture
-def connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every address this process connects a socket to from now on, by any library."""
-    made: list[object] = []
-    real_connect = socket.socket.connect
-
-    def recording_connect(sock: socket.socket, address: object) -> None:
-        made.append(address)
-        real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", recording_connect)
-    return made
+def connections() -> Iterator[list[object]]:
+    """Every address this process connects a socket to during the test, by any library."""
+    with recording_connections() as made:
+        yield made
 
 
 def serve_copies(weights_dir: Path, served: Path, names: tuple[str, ...]) -> None:
