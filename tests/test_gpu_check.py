@@ -10,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from gpu_check import EXIT_NO_CUDA, plan
+from gpu_check import EXIT_NO_CUDA, MAX_MEAN_ABS, Config, Outcome, agreement, judge, plan
 from harness import PROJECT_ROOT
 
 GPU_CHECK = PROJECT_ROOT / "benchmarks" / "gpu_check.py"
@@ -46,6 +47,24 @@ def test_the_plan_has_every_configuration_once_and_cudagraphs_only_on_cuda() -> 
     ]
     with pytest.raises(SystemExit, match="unknown"):
         plan("cpu", ["baseline/optimized/cudagraphs"])
+
+
+def test_baseline_safe_is_held_to_the_parity_tolerance_and_the_others_to_the_mean_bound() -> None:
+    reference = np.zeros((10, 10, 3), np.uint8)
+    two_percent_off = reference.copy()
+    two_percent_off.reshape(-1)[:6] = 4  # 6 of 300 values beyond 3 levels: over the 1.5% allowed
+    figures = agreement([two_percent_off], [reference], "baseline/safe on cpu")
+    assert figures["over_three"] == pytest.approx(0.02) and figures["mean_abs"] == pytest.approx(0.08)
+    baseline = Outcome(Config("baseline", "safe", "none"))
+    judge(baseline, figures)
+    assert baseline.verdict == "FAIL" and "beyond 3" in baseline.reasons[0]
+    optimized = Outcome(Config("baseline", "optimized", "none"), timed_passes=1)
+    judge(optimized, figures)  # the same difference is well inside the mean bound
+    assert optimized.verdict == "PASS" and optimized.figures["agreement"] == figures
+    far_off = agreement([reference + np.uint8(MAX_MEAN_ABS + 1)], [reference], "baseline/safe")
+    fast = Outcome(Config("fast", "safe", "none"), timed_passes=1)
+    judge(fast, far_off)
+    assert fast.verdict == "FAIL" and "mean abs" in fast.reasons[0]
 
 
 @pytest.mark.slow  # a fresh interpreter restoring one face with the full-size nets
