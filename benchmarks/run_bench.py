@@ -6,6 +6,7 @@
         [--port 5000 | --server-url http://host:port]
         [--weights-dir DIR | --weights-url URL | --random-weights] [--server-env KEY=VALUE ...]
         [--output benchmarks/results/run_bench_<time>.json] [--plot cdf.png]
+        [--concurrency 1 2 4 N [--duration-s 30 | --requests 20]]
 
 Starts ``python -m codeformer.serve`` on ``--port`` in its own process group (refusing a
 port that is already taken, so that a stale server can never answer for this run), waits
@@ -27,6 +28,16 @@ stderr, everything to ``--output`` as JSON; ``--plot`` draws the per-request lat
 each profile. Exit code: 0, 1 when a request failed, 2 for a bad setting (taken port), 130
 when interrupted.
 
+Concurrency (``--concurrency K ..``): per profile, after the cold and warm-up requests, each
+K in turn: K clients (threads) each send their next request as soon as the last is answered,
+for ``--duration-s`` (default 30) or until ``--requests`` answers other than 409; ``N`` is
+cog.yaml's ``concurrency.max`` (1 when absent). A 409 is not retried: it is counted
+(``rejected_409``), the client pauses 0.1 s and sends its next request. JSON ``concurrency``:
+``levels``, ``cog_yaml_max``, ``stop``, ``profiles`` {profile: {options, levels {K: requests,
+succeeded, rejected_409, errors, images, wall_s, throughput_images_per_s (succeeded images /
+wall), per_request, predict_time, succeeded_per_client, samples}}}; ``--repeats`` is unused.
+409s are no failure of the run (exit 0); other errors are (exit 1).
+
 ``--random-weights`` writes seed-0 random weights in the official formats to a temporary
 folder for the server: the timings are real, the restored faces are noise; the JSON and the
 table say so.
@@ -39,10 +50,10 @@ import contextlib
 import datetime
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import concurrent_load
 import harness
 import run_flags
 import stats
@@ -55,40 +66,6 @@ from codeformer.errors import ConfigError
 from codeformer.schema import MAX_IMAGES, MIN_IMAGES
 
 log = logging.getLogger("benchmarks.run_bench")
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def discover_images(image_dir: Path, selection: Sequence[str] | None = None) -> list[Path]:
-    """The photos to send: ``selection`` is None (all of ``image_dir``), one count N (the first N
-    in numeric order), or file names/paths (as given, else inside ``image_dir``)."""
-    if selection and not (len(selection) == 1 and selection[0].isdigit()):
-        paths = [Path(item) if Path(item).is_file() else image_dir / item for item in selection]
-        for item, path in zip(selection, paths, strict=True):
-            if not path.is_file():
-                raise ConfigError(f"--images: no such file {item} (nor {image_dir / item})")
-        return paths
-    if not image_dir.is_dir():
-        raise ConfigError(f"--image-dir: {image_dir} is not a folder")
-    found = sorted(
-        (p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-        key=lambda p: (0, int(p.stem)) if p.stem.isdigit() else (1, p.name),  # 2.jpg before 10.jpg
-    )
-    if not found:
-        raise ConfigError(
-            f"--image-dir: no {'/'.join(IMAGE_SUFFIXES)} files in {image_dir}; "
-            "build samples with python data/make_samples.py"
-        )
-    count = int(selection[0]) if selection else len(found)
-    if count < 1:
-        raise ConfigError("--images: the count must be at least 1")
-    if count > len(found):
-        raise ConfigError(f"--images {count}: {image_dir} has only {len(found)} images")
-    return found[:count]
-
-
-def batches(paths: Sequence[Path], batch_size: int) -> list[list[Path]]:
-    return [list(paths[start : start + batch_size]) for start in range(0, len(paths), batch_size)]
 
 
 def render(report: dict[str, Any]) -> str:
@@ -117,6 +94,11 @@ def render(report: dict[str, Any]) -> str:
             f"{'' if cold['first_request_ok'] else ' (FAILED)'}; "
             f"process start -> first response {sec(cold['start_to_first_response_s'], 1)} s",
         ]
+    if "concurrency" in report:  # the sweep replaced the timed rounds
+        swept = concurrent_load.render(
+            concurrent_load.swept_levels(report), report["concurrency"]["cog_yaml_max"]
+        )
+        return "\n".join([*lines, "", swept])
     headers = [
         "profile", "req", "img", "faces", "req avg", "req p50", "req p95", "req p99",
         "img p50", "round avg", "img/s", "server p50", "errors", "retries",
@@ -155,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", type=Path, help="JSON report (default benchmarks/results/run_bench_<time>.json)"
     )
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="latency CDF per profile")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="latency CDF per profile (and K)")
+    concurrent_load.add_arguments(parser)
     return parser
 
 
@@ -167,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"--batch-size must be between {MIN_IMAGES} and {MAX_IMAGES}, got {args.batch_size}"
             )
-        images = discover_images(args.image_dir, args.images)
+        images = run_flags.discover_images(args.image_dir, args.images)
+        load = concurrent_load.check_arguments(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return timed.EXIT_BAD_SETTING
@@ -175,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or harness.RESULTS_DIR / f"run_bench_{stamp}.json"
     try:
         with harness.sigterm_as_interrupt():
-            report = run(args, profiles, images, server_env, output)
+            report = run(args, profiles, images, server_env, output, load)
     except KeyboardInterrupt:
         log.error("interrupted; the server was stopped")
         return timed.EXIT_INTERRUPTED
@@ -187,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         return timed.EXIT_REQUEST_FAILED
     print(render(report))
     print(f"\nJSON: {output}" + (f"\nplot: {args.plot}" if args.plot else ""))
-    failed = sum(p["errors"] for p in report["profiles"].values())
+    swept = concurrent_load.swept_levels(report).values()
+    failed = sum(p["errors"] for p in report["profiles"].values()) + sum(
+        level["errors"] for levels in swept for level in levels.values()
+    )
     return timed.EXIT_REQUEST_FAILED if failed else 0
 
 
@@ -197,9 +184,10 @@ def run(
     images: list[Path],
     server_env: dict[str, str],
     output: Path,
+    load: concurrent_load.LoadPlan | None = None,
 ) -> dict[str, Any]:
     """Measure every profile; writes the JSON report (also a partial one when the run aborts)."""
-    image_batches = batches(images, args.batch_size)
+    image_batches = run_flags.batches(images, args.batch_size)
     config = {
         key: getattr(args, key)
         for key in ("batch_size", "stability_mode", "compile_backend", "fidelity", "warmup", "repeats")
@@ -222,6 +210,8 @@ def run(
         "cold": None,
         "profiles": {},
     }
+    if load is not None:
+        report["concurrency"] = {**load.as_report(), "profiles": {}}
     try:
         with contextlib.ExitStack() as stack:
             server: harness.LocalServer | None = None
@@ -237,9 +227,8 @@ def run(
             report["weights"] = weights.as_report()
             # the cold request counts as the first profile's first warm-up request
             total = max(args.warmup, 1) + (len(profiles) - 1) * args.warmup
-            progress, on_request = timed.progress_bar(
-                stack, total + len(profiles) * args.repeats * len(image_batches)
-            )
+            total += 0 if load else len(profiles) * args.repeats * len(image_batches)
+            progress, on_request = timed.progress_bar(stack, None if load else total)
             for index, profile in enumerate(profiles):
                 progress.set_description(profile)
                 options = timed.request_options(
@@ -251,10 +240,19 @@ def run(
                     first, report["cold"] = timed.send_cold(
                         requester, image_batches[0], server, profile, on_request
                     )
+                repeats = 0 if load else args.repeats  # a sweep replaces the timed rounds
                 samples, round_seconds = timed.run_profile(
-                    requester, image_batches, args.warmup, args.repeats, on_request, first
+                    requester, image_batches, args.warmup, repeats, on_request, first
                 )
-                report["profiles"][profile] = timed.profile_report(samples, round_seconds, options)
+                if load is None:
+                    report["profiles"][profile] = timed.profile_report(samples, round_seconds, options)
+                else:
+                    swept = report["concurrency"]["profiles"][profile] = {
+                        "options": options,
+                        "warmup_requests": len(samples),
+                        "warmup_errors": sum(not s.ok for s in samples),
+                    }
+                    swept["levels"] = concurrent_load.sweep(requester, image_batches, load, on_request)
     except (KeyboardInterrupt, ServerError) as exc:
         report["aborted"] = f"{type(exc).__name__}: {exc}"[:4000]
         harness.write_report(report, output)
@@ -272,6 +270,8 @@ def run(
             name: [s["latency_s"] for s in profile["samples"] if s["phase"] == "timed" and s["error"] is None]
             for name, profile in report["profiles"].items()
         }
+        if load is not None:
+            latencies = concurrent_load.latency_curves(concurrent_load.swept_levels(report))
         stats.plot_cdf(latencies, args.plot, "request latency (s)", title)
     return report
 

@@ -1,10 +1,11 @@
-"""The command-line flags ``run_bench.py`` and ``bench_single_image.py`` share, and their checks."""
+"""The command-line flags ``run_bench.py`` and ``bench_single_image.py`` share, their checks, the photos."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import harness
 
@@ -72,3 +73,38 @@ def split_names(values: Sequence[str] | None, allowed: Sequence[str], flag: str)
         if name and name not in names:
             names.append(name)
     return names
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def discover_images(image_dir: Path, selection: Sequence[str] | None = None) -> list[Path]:
+    """The photos to send: ``selection`` is None (all of ``image_dir``), one count N (the first N
+    in numeric order), or file names/paths (as given, else inside ``image_dir``)."""
+    if selection and not (len(selection) == 1 and selection[0].isdigit()):
+        paths = [Path(item) if Path(item).is_file() else image_dir / item for item in selection]
+        for item, path in zip(selection, paths, strict=True):
+            if not path.is_file():
+                raise ConfigError(f"--images: no such file {item} (nor {image_dir / item})")
+        return paths
+    if not image_dir.is_dir():
+        raise ConfigError(f"--image-dir: {image_dir} is not a folder")
+    found = sorted(
+        (p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        key=lambda p: (0, int(p.stem)) if p.stem.isdigit() else (1, p.name),  # 2.jpg before 10.jpg
+    )
+    if not found:
+        raise ConfigError(
+            f"--image-dir: no {'/'.join(IMAGE_SUFFIXES)} files in {image_dir}; "
+            "build samples with python data/make_samples.py"
+        )
+    count = int(selection[0]) if selection else len(found)
+    if count < 1:
+        raise ConfigError("--images: the count must be at least 1")
+    if count > len(found):
+        raise ConfigError(f"--images {count}: {image_dir} has only {len(found)} images")
+    return found[:count]
+
+
+def batches(paths: Sequence[Path], batch_size: int) -> list[list[Path]]:
+    return [list(paths[start : start + batch_size]) for start in range(0, len(paths), batch_size)]

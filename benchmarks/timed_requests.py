@@ -1,16 +1,16 @@
 """Timed requests to a Cog server, as ``run_bench.py`` and ``bench_single_image.py`` send them.
 
 One request is a ``RequestSample`` (client latency, 409 retries, the server's
-``metrics.predict_time``, faces found and kept per image); ``send_cold`` times a fresh
-server's first request, ``run_profile`` the warm-up and timed rounds, ``profile_report``
-sums them up. Also the flags the two scripts share and their checks.
+``metrics.predict_time``, faces found and kept per image, read from the server's log by
+``server_log``); ``send_cold`` times a fresh server's first request, ``run_profile`` the
+warm-up and timed rounds, ``profile_report`` sums them up. ``concurrent_load`` sends the same
+requests from several threads at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +21,11 @@ from typing import Any
 import harness
 import requests
 import stats
+from server_log import parse_faces, setup_info
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from codeformer.client import CogClient, ServerError, data_uri
+from codeformer.client import CogClient, PredictionResult, ServerError, data_uri
 
 log = logging.getLogger("benchmarks")
 
@@ -32,15 +33,6 @@ EXIT_REQUEST_FAILED = 1
 EXIT_BAD_SETTING = 2
 EXIT_INTERRUPTED = 130
 MAX_ERROR_MESSAGES = 5
-# The client reads two of predict.py's log lines (the only place these figures are reported):
-# one per image: "images[0] (file.jpg): 470x192, faces found=3 kept=1, ..."
-FACES_LINE = re.compile(
-    r"images\[(?P<index>\d+)\] \(.*?\): \d+x\d+, faces found=(?P<found>\d+) kept=(?P<kept>\d+)"
-)
-# and one at the end of setup: "setup: device=cpu dtype=float32 (...) load=2792ms warmup=45546ms ..."
-SETUP_LINE = re.compile(
-    r"setup: device=(?P<device>\S+) .*?load=(?P<load_ms>\d+)ms warmup=(?P<warmup_ms>\d+)ms"
-)
 
 
 @dataclass
@@ -58,33 +50,12 @@ class RequestSample:
     faces_found: list[int | None] = field(default_factory=list)
     faces_kept: list[int | None] = field(default_factory=list)
     error: str | None = None
+    client: int | None = None  # which concurrent client sent it (run_level), None when sent alone
+    sent_at_s: float | None = None  # seconds from the start of its concurrency level
 
     @property
     def ok(self) -> bool:
         return self.http_status == 200 and self.status == "succeeded"
-
-
-def parse_faces(logs: str, count: int) -> tuple[list[int | None], list[int | None]]:
-    """Faces found and kept per image of a request, from predict.py's per-image log lines."""
-    found: list[int | None] = [None] * count
-    kept: list[int | None] = [None] * count
-    for match in FACES_LINE.finditer(logs):
-        index = int(match["index"])
-        if index < count:
-            found[index], kept[index] = int(match["found"]), int(match["kept"])
-    return found, kept
-
-
-def setup_info(server_log: str) -> dict[str, Any]:
-    """Device and setup seconds from the predictor's setup log line, when present."""
-    match = SETUP_LINE.search(server_log)
-    if match is None:
-        return {}
-    return {
-        "device": match["device"],
-        "setup_load_s": int(match["load_ms"]) / 1000.0,
-        "setup_warmup_s": int(match["warmup_ms"]) / 1000.0,
-    }
 
 
 def request_options(
@@ -101,22 +72,51 @@ def request_options(
 
 
 class Requester:
-    """Sends batches of photos with fixed options; data URIs are encoded once, before timing."""
+    """Sends batches of photos with fixed options; data URIs are encoded once, before timing.
+
+    ``retry_busy``: a 409 is retried after the client's pause (and counted in ``retries``);
+    False returns it as the request's answer (concurrent_load counts it as a rejection).
+    """
 
     def __init__(
-        self, client: CogClient, options: dict[str, Any], server: harness.LocalServer | None = None
+        self,
+        client: CogClient,
+        options: dict[str, Any],
+        server: harness.LocalServer | None = None,
+        *,
+        retry_busy: bool = True,
     ) -> None:
         self.client = client
         self.options = options
         self.server = server  # the server we started, if any: its log explains a dropped connection
+        self.retry_busy = retry_busy
         self._uris: dict[Path, str] = {}
 
-    def send(self, batch: Sequence[Path], phase: str, round_index: int | None = None) -> RequestSample:
-        for path in batch:
+    def encode(self, paths: Sequence[Path]) -> None:
+        """Encode ``paths`` now (before any clock starts; clones share the encoded photos)."""
+        for path in paths:
             if path not in self._uris:
                 self._uris[path] = data_uri(path)
+
+    def clone(self, *, retry_busy: bool) -> Requester:
+        """The same options and encoded photos on a client of its own: a session serves one thread."""
+        client = CogClient(self.client.base_url, request_timeout_s=self.client.request_timeout_s)
+        twin = Requester(client, self.options, self.server, retry_busy=retry_busy)
+        twin._uris = self._uris
+        return twin
+
+    def send(self, batch: Sequence[Path], phase: str, round_index: int | None = None) -> RequestSample:
+        return self.send_result(batch, phase, round_index)[0]
+
+    def send_result(
+        self, batch: Sequence[Path], phase: str, round_index: int | None = None
+    ) -> tuple[RequestSample, PredictionResult]:
+        """The sample and the server's whole answer (its output files: gpu_check compares them)."""
+        self.encode(batch)
         try:
-            result = self.client.predict({"images": [self._uris[path] for path in batch], **self.options})
+            result = self.client.predict(
+                {"images": [self._uris[path] for path in batch], **self.options}, retry_busy=self.retry_busy
+            )
         except requests.RequestException as exc:
             # no answer at all: the server is gone or hung; later requests would only fail the same way
             log_tail = f"\n--- server log, last lines ---\n{self.server.log_tail()}" if self.server else ""
@@ -127,7 +127,7 @@ class Requester:
         if not (result.http_status == 200 and result.status == "succeeded"):
             detail = result.error or result.body.get("detail") or result.body
             error = f"HTTP {result.http_status} {result.status or ''}: {str(detail)[:500]}".strip()
-        return RequestSample(
+        sample = RequestSample(
             phase=phase,
             round=round_index,
             images=[path.name for path in batch],
@@ -140,6 +140,7 @@ class Requester:
             faces_kept=kept,
             error=error,
         )
+        return sample, result
 
 
 def run_profile(
@@ -247,8 +248,13 @@ def start_server(
     return server
 
 
-def progress_bar(stack: contextlib.ExitStack, total: int) -> tuple[tqdm, Callable[[RequestSample], None]]:
-    """A progress bar on stderr (closed with ``stack``) and the callback that advances it."""
+def progress_bar(
+    stack: contextlib.ExitStack, total: int | None
+) -> tuple[tqdm, Callable[[RequestSample], None]]:
+    """A progress bar on stderr (closed with ``stack``) and the callback that advances it.
+
+    ``total`` None: a count only (a concurrency level runs for a time, not a number of requests).
+    """
     progress = stack.enter_context(tqdm(total=total, unit="req", file=sys.stderr))
     stack.enter_context(logging_redirect_tqdm())
 

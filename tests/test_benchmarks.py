@@ -22,9 +22,9 @@ import pytest
 import stats
 from bench_single_image import Combination, plan_combinations, winners
 from harness import PROJECT_ROOT, command_line, free_port, portable_path
-from run_bench import batches, discover_images
-from run_flags import split_names
-from timed_requests import RequestSample, parse_faces, profile_report
+from run_flags import batches, discover_images, split_names
+from server_log import parse_faces, parse_stage_ms
+from timed_requests import RequestSample, profile_report
 
 from codeformer.config import PROFILES
 from codeformer.errors import ConfigError
@@ -150,6 +150,19 @@ def test_parse_faces_reads_the_predictors_per_image_lines() -> None:
         "INFO codeformer.predict: images[0] (file.jpg): 470x192, faces found=3 kept=1, detect=9ms\n"
     )
     assert parse_faces(logs, 3) == ([3, 0, None], [1, 0, None])
+
+
+def test_parse_stage_ms_reads_each_images_stages_and_leaves_out_the_total() -> None:
+    logs = (
+        "INFO codeformer.predict: images[1] (b.jpg): 64x64, faces found=0 kept=0, "
+        "read_decode=3ms detect=5ms encode=1ms, total=9ms\n"
+        "INFO codeformer.predict: images[0] (a.jpg): 470x192, faces found=3 kept=1, "
+        "read_decode=12ms detect=40ms restore=300ms paste=20ms encode=4ms, total=376ms\n"
+    )
+    stages = parse_stage_ms(logs, 3)
+    assert stages[0] == {"read_decode": 12, "detect": 40, "restore": 300, "paste": 20, "encode": 4}
+    assert stages[1] == {"read_decode": 3, "detect": 5, "encode": 1}
+    assert stages[2] == {}  # not logged: no figures rather than zeros
 
 
 def _sample(
