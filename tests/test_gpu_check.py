@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gpu_check import EXIT_NO_CUDA, MAX_MEAN_ABS, Config, Outcome, agreement, judge, plan
+from gpu_check import EXIT_NO_CUDA
+from gpu_check import main as gpu_check_main
+from gpu_check_verdicts import MAX_MEAN_ABS, Config, Outcome, agreement, judge, plan
 from harness import PROJECT_ROOT
 
 GPU_CHECK = PROJECT_ROOT / "benchmarks" / "gpu_check.py"
@@ -90,3 +92,53 @@ def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path)
     # fast/safe ran if the budget had room for it, else it is named as not run
     assert configs["fast/safe"]["verdict"] in {"PASS", "SKIP"}
     assert (configs["fast/safe"]["verdict"] == "SKIP") == ("fast/safe" in report["not_run"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--concurrency", "1", "2"], "--concurrency needs --server"),
+        (["--server", "--concurrency", "1", "0"], "'0' is not a client count"),
+        (["--server", "--requests", "2"], "apply to --concurrency only"),
+    ],
+)
+def test_bad_concurrency_flags_exit_2_naming_the_fix(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        gpu_check_main(["--device", "cpu", *flags])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two real servers' worth of set-up: the check's, and the sweep's requests
+def test_through_the_server_on_the_cpu_it_checks_and_sweeps(tmp_path: Path) -> None:
+    output = tmp_path / "report.json"
+    completed = run_by_path(
+        *("--server", "--device", "cpu", "--configs", "baseline/safe", "--budget-s", "400"),
+        *("--images", str(PROJECT_ROOT / "tests/golden/04/04.jpg"), "--max-faces", "1"),
+        *("--warmup", "0", "--repeats", "1", "--output", str(output)),
+        *("--concurrency", "1", "2", "--requests", "1"),
+        cwd=tmp_path,
+    )
+    report = json.loads(output.read_text())
+    assert report["through"] == "server"
+    [baseline] = report["configs"]
+    assert baseline["verdict"] == "PASS", completed.stdout + completed.stderr[-2000:]
+    assert baseline["observed_through"] == "server"
+    assert baseline["peak_gpu_mb"] is None and baseline["compiles_after_warmup"] is None
+    # the server's JPGs against this process's baseline/safe, encoded and decoded the same way
+    assert baseline["agreement"]["reference"].startswith("baseline/safe in process on cpu")
+    assert set(baseline["stages_ms"]) >= {"decode", "detect", "restore", "paste", "encode", "request"}
+    assert baseline["host_ms"]["count"] == baseline["device_ms"]["count"] == 1
+    assert baseline["stages_ms"]["request"]["p50"] >= baseline["stages_ms"]["restore"]["p50"]
+    sweep = report["concurrency"]
+    assert sweep["config"] == "baseline/safe" and sweep["not_run"] == []
+    assert sweep["levels"] == [1, 2] and set(sweep["results"]) == {"1", "2"}
+    for level in sweep["results"].values():
+        assert level["succeeded"] == 1
+        assert level["requests"] == level["succeeded"] + level["rejected_409"] + level["errors"]
+    # a 409 at K <= cog.yaml's concurrency.max, or any failed request, fails the run, and only that
+    assert all("409" in reason for reason in sweep["reasons"])
+    assert completed.returncode == (1 if sweep["reasons"] else 0), completed.stderr[-2000:]
+    assert completed.stdout.splitlines()[0].startswith("PASS baseline/safe")
