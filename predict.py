@@ -4,6 +4,13 @@ All image work happens in ``codeformer``; this file only turns Cog inputs into a
 arrays into files. A request either returns one JPG per input, in input order, or fails
 as a whole with a message naming the input (``images[i] (file name)``) and the reason.
 
+``predict`` is async so that Cog can run several predictions at once (``concurrency: max``
+in cog.yaml): each request's blocking work (fetch, decode, pipeline, encode) runs on a
+thread of its own, the device work of all of them through the Restorer's one scheduler
+(``codeformer.scheduler``), and a request is admitted to decoding only while the pixels
+in flight stay under ``CODEFORMER_MAX_PIXELS_IN_FLIGHT``. A cancel stops its own request
+at its next device call and touches no other.
+
 Each image arrives as a string (``codeformer.fetch.defer_cog_fetching``, applied when
 this module is imported, stops coglet from downloading URLs itself):
 - an http(s) URL or a data URI: fetched by ``codeformer.fetch`` under one deadline for the
@@ -15,11 +22,13 @@ this module is imported, stops coglet from downloading URLs itself):
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import pathlib
 import re
 import shutil
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterable
@@ -40,7 +49,7 @@ from codeformer.config import (
 )
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
 from codeformer.fetch import MAX_INPUT_BYTES, Deadline, defer_cog_fetching, fetch, is_remote
-from codeformer.outputs import new_output_dir, remove_orphaned_output_dirs
+from codeformer.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
 from codeformer.schema import MAX_IMAGES, MIN_IMAGES
 
 if TYPE_CHECKING:
@@ -144,10 +153,10 @@ class Predictor(BasePredictor):
         # device, the runtime's set-up (and any download, which an image with weights never has)
         build_ms = (time.perf_counter() - start) * 1000.0 - load_times.load_ms - load_times.verify_ms
         warmup_ms = self.restorer.warmup()  # the default options' path
-        self._previous_output_dir: pathlib.Path | None = None
-        # the last request's files are removed when the worker exits (coglet ends it normally
+        self.output_folders = OutputFolders()
+        # the last requests' files are removed when the worker exits (coglet ends it normally
         # on SIGTERM and SIGINT); folders of workers that were killed are removed here
-        atexit.register(self._discard_previous_outputs)
+        atexit.register(self.output_folders.discard_all)
         stale_output_dirs = remove_orphaned_output_dirs()
         # measured here on a CPU, not in a request
         fast_dtype = (
@@ -158,8 +167,8 @@ class Predictor(BasePredictor):
         log.info(
             # load=...ms warmup=...ms stay adjacent: benchmarks/timed_requests.py SETUP_LINE reads them
             "setup: device=%s baseline=float32 fast/max_speed=%s build=%.0fms verify=%.0fms load=%.0fms "
-            "warmup=%.0fms max_pixels=%d max_faces=%d face_batch=%d fetch_timeout=%gs "
-            "stale_output_dirs_removed=%d",
+            "warmup=%.0fms max_pixels=%d max_pixels_in_flight=%d max_faces=%d face_batch=%d "
+            "batch_wait=%gms fetch_timeout=%gs stale_output_dirs_removed=%d",
             self.restorer.device,
             fast_dtype,
             build_ms,
@@ -167,13 +176,15 @@ class Predictor(BasePredictor):
             load_times.load_ms,
             warmup_ms,
             self.restorer.settings.max_pixels,
+            self.restorer.settings.max_pixels_in_flight,
             self.restorer.settings.max_faces,
             self.restorer.settings.face_batch,
+            self.restorer.settings.batch_wait_ms,
             self.restorer.settings.fetch_timeout_s,
             stale_output_dirs,
         )
 
-    def predict(
+    async def predict(
         self,
         # Cog reads inputs from Input() defaults; ruff's B008 only objects for the list annotation
         images: list[Path] = Input(  # noqa: B008
@@ -207,67 +218,107 @@ class Predictor(BasePredictor):
             "Ignored when stability_mode=safe.",
         ),
     ) -> list[Path]:
-        from codeformer.imageio import decode_image, encode_jpeg
-
         request_start = time.perf_counter()
-        self._discard_previous_outputs()
         if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
             raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
         # options first, parsed once: a request that cannot run should not pay for downloads
         options = RequestOptions.parse(codeformer_fidelity, runtime_profile, stability_mode, compile_backend)
         self.restorer.check_options(options)
+        cancel = threading.Event()
+        work = asyncio.get_running_loop().run_in_executor(
+            None, self.serve_request, list(images), options, cancel, request_start
+        )
+        try:
+            return await work
+        except asyncio.CancelledError:
+            # the thread stops at its next device call, holds no output, and frees its pixels
+            cancel.set()
+            raise
 
+    def serve_request(
+        self,
+        images: list[Any],
+        options: RequestOptions,
+        cancel: threading.Event | None = None,
+        request_start: float | None = None,
+    ) -> list[Path]:
+        """The blocking part of ``predict``: fetch, admit, decode, restore, encode, on the calling thread."""
+        from codeformer.imageio import decode_image, encode_jpeg, read_size
+        from codeformer.scheduler import check_cancel
+
+        request_start = time.perf_counter() if request_start is None else request_start
+        self.output_folders.discard_expired()
         labels = [describe(index, _input_name(item)) for index, item in enumerate(images)]
         deadline = Deadline.after(self.restorer.settings.fetch_timeout_s)
-        decoded: list[np.ndarray] = []
-        decode_ms: list[float] = []
-        for item, label in zip(images, labels, strict=True):
+        stage_ms: list[dict[str, float]] = [{} for _ in images]
+        files: list[bytes] = []
+        for item, label, timings in zip(images, labels, stage_ms, strict=True):
+            check_cancel(cancel)
             start = time.perf_counter()
-            data = read_input(item, label, deadline)
-            decoded.append(decode_image(data, label, self.restorer.settings.max_pixels))
-            decode_ms.append((time.perf_counter() - start) * 1000.0)
+            files.append(read_input(item, label, deadline))
+            timings["read_decode"] = (time.perf_counter() - start) * 1000.0
+        # each header once more (decode_image reads it too): the pixels this request will hold
+        pixels = 0
+        for data, label in zip(files, labels, strict=True):
+            _, width, height = read_size(data, label)
+            pixels += width * height
 
-        try:
-            # on a CPU this runs on the Restorer's compute thread (codeformer.host_memory)
-            results = self.restorer.restore(decoded, options)
-        except ImageFailedError as exc:
-            raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
-
-        output_dir = new_output_dir()
-        self._previous_output_dir = output_dir
-        outputs: list[Path] = []
-        for index, (result, label) in enumerate(zip(results, labels, strict=True)):
-            start = time.perf_counter()
-            output_path = output_dir / f"restored_{index}.jpg"
-            output_path.write_bytes(encode_jpeg(result.image))
-            outputs.append(Path(output_path))
-            timings = {"read_decode": decode_ms[index], **result.timings}
-            timings["encode"] = (time.perf_counter() - start) * 1000.0
-            height, width = result.image.shape[:2]
+        with self.restorer.admission.hold(pixels, cancel) as admission_ms:
+            # progress for the operator (and the tests): the request is past its downloads
             log.info(
-                "%s: %dx%d, faces found=%d kept=%d, %s, total=%.0fms",
-                label,
-                width,
-                height,
-                len(result.faces) + result.faces_dropped,
-                len(result.faces),
-                _stage_summary(timings),
-                sum(timings.values()),
+                "request: admitted, %d image(s), %.1f MP, %.1f MP in flight after a %.0f ms wait",
+                len(images),
+                pixels / 1e6,
+                self.restorer.admission.in_flight / 1e6,
+                admission_ms,
             )
+            decoded: list[np.ndarray] = []
+            for data, label, timings in zip(files, labels, stage_ms, strict=True):
+                start = time.perf_counter()
+                decoded.append(decode_image(data, label, self.restorer.settings.max_pixels))
+                timings["read_decode"] += (time.perf_counter() - start) * 1000.0
+            del files
+            try:
+                results = self.restorer.restore(decoded, options, cancel)
+            except ImageFailedError as exc:
+                raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
+            del decoded
+
+            output_dir = new_output_dir()
+            outputs: list[Path] = []
+            try:
+                for index, (result, label) in enumerate(zip(results, labels, strict=True)):
+                    start = time.perf_counter()
+                    output_path = output_dir / f"restored_{index}.jpg"
+                    output_path.write_bytes(encode_jpeg(result.image))
+                    outputs.append(Path(output_path))
+                    timings = {**stage_ms[index], **result.timings}
+                    timings["encode"] = (time.perf_counter() - start) * 1000.0
+                    height, width = result.image.shape[:2]
+                    log.info(
+                        "%s: %dx%d, faces found=%d kept=%d, %s, total=%.0fms",
+                        label,
+                        width,
+                        height,
+                        len(result.faces) + result.faces_dropped,
+                        len(result.faces),
+                        _stage_summary(timings),
+                        sum(timings.values()),
+                    )
+                check_cancel(cancel)  # nobody will read the files of a cancelled request
+            finally:
+                if cancel is not None and cancel.is_set():
+                    shutil.rmtree(output_dir, ignore_errors=True)
+                else:
+                    self.output_folders.returned(output_dir)
         log.info(
-            "request: %d image(s), fidelity=%s profile=%s stability=%s%s, wall=%.0fms",
+            "request: %d image(s), fidelity=%s profile=%s stability=%s%s, admission_wait=%.0fms, wall=%.0fms",
             len(images),
             options.fidelity,
             options.profile.name,
             options.stability.name,
             f" compile_backend={options.compile_backend}" if options.stability.compiled else "",
+            admission_ms,
             (time.perf_counter() - request_start) * 1000.0,
         )
         return outputs
-
-    def _discard_previous_outputs(self) -> None:
-        # Cog has read the previous request's files by the time the next one starts (one
-        # prediction at a time), so each request removes the last one's instead of leaking them.
-        if self._previous_output_dir is not None:
-            shutil.rmtree(self._previous_output_dir, ignore_errors=True)
-            self._previous_output_dir = None

@@ -123,6 +123,11 @@ class Settings:
     max_pixels: int = 40_000_000  # MAX_PIXELS: decoded images above this are refused from the header
     max_faces: int = 20  # MAX_FACES: per image; the highest-scoring faces are kept
     face_batch: int = DEFAULT_FACE_BATCH["cpu"]  # FACE_BATCH: faces per CodeFormer/ParseNet forward
+    # MAX_PIXELS_IN_FLIGHT: concurrent requests wait while their images' pixels would pass this
+    # (codeformer.scheduler.PixelBudget); the default admits one request of four images at the limit
+    max_pixels_in_flight: int = 4 * 40_000_000
+    # BATCH_WAIT_MS: how long a part-filled face batch waits for faces of other requests in flight
+    batch_wait_ms: float = 5.0
     # RETAINED_MEMORY_MB: freed host memory kept for reuse (codeformer.host_memory; CPU only)
     retained_memory_mb: int = MAX_RETAINED_MEMORY_MB
     fetch_timeout_s: float = 60.0  # FETCH_TIMEOUT_S: one deadline for all of a request's URL inputs
@@ -143,6 +148,8 @@ class Settings:
             max_pixels=_env_int("CODEFORMER_MAX_PIXELS", cls.max_pixels),
             max_faces=_env_int("CODEFORMER_MAX_FACES", cls.max_faces),
             face_batch=_env_int("CODEFORMER_FACE_BATCH", DEFAULT_FACE_BATCH.get(device_type, 1)),
+            max_pixels_in_flight=_env_int("CODEFORMER_MAX_PIXELS_IN_FLIGHT", cls.max_pixels_in_flight),
+            batch_wait_ms=_env_number("CODEFORMER_BATCH_WAIT_MS", cls.batch_wait_ms, 0.0),
             retained_memory_mb=_env_int(
                 "CODEFORMER_RETAINED_MEMORY_MB", cls.retained_memory_mb, 0, MAX_RETAINED_MEMORY_MB
             ),

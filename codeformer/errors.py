@@ -33,3 +33,7 @@ class ImageFailedError(CodeFormerError):
         super().__init__(f"image {index}: {reason}")
         self.index = index
         self.reason = reason
+
+
+class RequestCancelled(CodeFormerError):
+    """The request was cancelled (its cancel flag was set) before its work finished."""

@@ -1,11 +1,12 @@
-"""CPU forwards on glibc: the pipeline runs on a thread of the main malloc arena, which keeps freed memory.
+"""CPU forwards on glibc: device calls run on a thread of the main malloc arena, which keeps freed memory.
 
 What: on a CPU device under glibc, a ``Restorer`` starts one ``ComputeThread`` that glibc put on
 its main arena, tells glibc to serve every block from that arena's heap and to keep up to
 ``Settings.retained_memory_mb`` of freed memory there (``mallopt``: ``M_ARENA_MAX=1``,
-``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``), and runs ``restore``/``warmup`` on that thread whoever
-calls them. Elsewhere (a GPU, whose activations live in CUDA memory; musl; a setting of 0)
-nothing starts and malloc keeps its defaults.
+``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``), and its ``DeviceScheduler`` runs every device call
+(the forwards and their tensors) on that thread, whoever asks (``codeformer.scheduler``).
+Elsewhere (a GPU, whose activations live in CUDA memory; musl; a setting of 0) nothing
+starts, malloc keeps its defaults, and the scheduler runs device calls on its own thread.
 
 Why: a CodeFormer forward at 512x512 allocates and frees gigabytes of activations, many of
 them 32-64 MB or more. By default glibc maps each block over 32 MB afresh and unmaps it on
@@ -37,15 +38,15 @@ main heap flat at 2.2 GB (0.06 MB with ``MALLOC_ARENA_MAX=1``).
 The cost: the process stays at its peak heap (about +600 MB after the first face), at most
 ``retained_memory_mb`` above what is in use.
 
-A cancel raised in the waiting caller (coglet raises one in ``predict()``'s thread) is passed
-on to the compute thread, which stops at its next Python bytecode, as the call would have had
-it run on the caller's thread.
+An exception raised asynchronously in the waiting caller (as coglet does to a sync
+``predict()``'s thread on cancel) is passed on to the compute thread, which stops at its next
+Python bytecode, as the call would have had it run on the caller's thread. The server's
+cancels take the scheduler's route instead (a flag read before each device call).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import platform
@@ -53,7 +54,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import torch
 
@@ -162,7 +163,7 @@ class ComputeThread:
 
     def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)`` on the compute thread; its result, or its exception raised here."""
-        # inline on the thread itself (warmup calls restore) and once it has ended (a forked child has none)
+        # inline on the thread itself and once it has ended (a forked child has none)
         if threading.current_thread() is self._thread or not self._thread.is_alive():
             return function(*args, **kwargs)
         job = _Job(function, args, kwargs)
@@ -226,22 +227,3 @@ def start_compute_thread(
             retained_memory_mb,
         )
     return found
-
-
-class _HasComputeThread(Protocol):
-    compute_thread: ComputeThread | None
-
-
-Method = TypeVar("Method", bound=Callable[..., Any])
-
-
-def on_compute_thread(method: Method) -> Method:
-    """Decorates a method of an object with ``compute_thread``: the method runs there, if it has one."""
-
-    @functools.wraps(method)
-    def run(self: _HasComputeThread, *args: Any, **kwargs: Any) -> Any:
-        if self.compute_thread is None:
-            return method(self, *args, **kwargs)
-        return self.compute_thread.call(method, self, *args, **kwargs)
-
-    return run  # type: ignore[return-value]

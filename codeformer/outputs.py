@@ -1,8 +1,10 @@
 """Where ``predict()`` writes its JPGs: one temp folder per request, named after the process.
 
-Cog reads a request's files after ``predict()`` returns, so each request removes the folder
-of the one before, the worker removes its last one when it exits, and a folder whose
-process is gone (killed, out of memory) is removed by the next server or worker to start.
+Cog reads a request's files right after ``predict()`` returns. With concurrent predictions a
+new request says nothing about when another slot's files were read, so ``OutputFolders``
+keeps each folder ``OUTPUT_RETENTION_S`` after its request returned and removes it when a
+later request starts; the worker removes the rest when it exits, and a folder whose process
+is gone (killed, out of memory) is removed by the next server or worker to start.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 OUTPUT_DIR_PREFIX = "codeformer-outputs-"
+# seconds a request's folder outlives its answer: Cog reads the files within milliseconds
+OUTPUT_RETENTION_S = 60.0
 
 
 def new_output_dir() -> Path:
@@ -39,3 +45,33 @@ def remove_orphaned_output_dirs(temp_dir: Path | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed
+
+
+class OutputFolders:
+    """The output folders of this process's requests, removed once Cog has surely read them."""
+
+    def __init__(self, retention_s: float = OUTPUT_RETENTION_S) -> None:
+        self.retention_s = retention_s
+        self._returned: list[tuple[float, Path]] = []  # (monotonic time the request returned, folder)
+        self._lock = threading.Lock()
+
+    def returned(self, folder: Path) -> None:
+        """``folder``'s request has returned its files to Cog."""
+        with self._lock:
+            self._returned.append((time.monotonic(), folder))
+
+    def discard_expired(self) -> None:
+        """Remove the folders of requests that returned at least ``retention_s`` ago."""
+        cutoff = time.monotonic() - self.retention_s
+        with self._lock:
+            expired = [folder for returned_at, folder in self._returned if returned_at <= cutoff]
+            self._returned = [entry for entry in self._returned if entry[1] not in expired]
+        for folder in expired:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def discard_all(self) -> None:
+        with self._lock:
+            folders = [folder for _, folder in self._returned]
+            self._returned.clear()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,18 +1,24 @@
 """The restoration pipeline: prepare -> detect -> align -> restore -> parse -> paste back -> resize.
 
 ``Restorer`` holds the models and nothing per request: every call gets its images and
-options as arguments, so one warm process serves any sequence of requests. The faces of
-all images in a call are restored together, in chunks of ``Settings.face_batch``.
+options as arguments, so one warm process serves any sequence of requests, and several at
+once: ``restore`` may be called from many threads. Host stages (prepare, align, paste-back,
+resize) run on the caller's thread; every torch call goes through the Restorer's
+``DeviceScheduler`` (``codeformer.scheduler``), one at a time, with faces of different calls
+sharing CodeFormer/ParseNet forwards of up to ``Settings.face_batch`` faces.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -20,9 +26,10 @@ import torch
 
 from codeformer import weights
 from codeformer.config import FACE_SIZE, RequestOptions, Settings
-from codeformer.errors import CodeFormerError, ImageFailedError, InputError
-from codeformer.host_memory import on_compute_thread, start_compute_thread
+from codeformer.errors import CodeFormerError, ImageFailedError, InputError, RequestCancelled
+from codeformer.host_memory import start_compute_thread
 from codeformer.runtime import Nets, Runtime, pick_device
+from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
 from codeformer.stages.parse import FaceParser
@@ -33,6 +40,8 @@ from codeformer.stages.restore import FaceRestorer
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = RequestOptions()  # frozen: safe as a default argument
+
+T = TypeVar("T")
 
 GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])  # spec §5.5: 0.2989 R + 0.5870 G + 0.1140 B
 
@@ -81,6 +90,10 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
 
 
+def _call(function: Callable[[], T]) -> T:
+    return function()
+
+
 def to_gray_faces(faces: np.ndarray) -> np.ndarray:
     """(F, 512, 512, 3) uint8 BGR -> float64 gray replicated to 3 channels (spec §5.5, no AdaIN)."""
     gray = faces.astype(np.float64) @ GRAY_WEIGHTS_BGR
@@ -93,8 +106,13 @@ class Restorer:
     def __init__(self, nets: Nets, device: torch.device, settings: Settings | None = None) -> None:
         self.device = device
         self.settings = settings or Settings.from_env(device.type)
-        # CPU with glibc: restore and warmup run on glibc's main malloc arena (codeformer.host_memory)
+        # CPU with glibc: the device work runs on glibc's main malloc arena (codeformer.host_memory)
         self.compute_thread = start_compute_thread(self, device, self.settings.retained_memory_mb)
+        execute = self.compute_thread.call if self.compute_thread is not None else _call
+        batch_wait_s = self.settings.batch_wait_ms / 1000.0
+        self.scheduler = DeviceScheduler(execute, self.settings.face_batch, batch_wait_s)
+        # the server's admission control (predict.py); the library's own callers bring their own arrays
+        self.admission = PixelBudget(self.settings.max_pixels_in_flight)
         self.runtime = Runtime(nets, device, self.settings.mixed_precision)
         self._stages: dict[tuple[str, str, bool], _Stages] = {}
 
@@ -132,6 +150,8 @@ class Restorer:
         return options.profile.mixed_precision and self.runtime.mixed_precision
 
     def _stages_for(self, options: RequestOptions) -> _Stages:
+        """The stages of ``options``' nets, built (and compiled) on first use; runs on the device thread."""
+        self.check_options(options)  # again here: another request may have fixed the backend meanwhile
         compiled = options.stability.compiled
         mixed_precision = self._mixed_precision(options)
         key = (
@@ -141,13 +161,14 @@ class Restorer:
         )
         if key not in self._stages:
             nets = self.runtime.nets_for(options.stability, options.compile_backend, mixed_precision)
-            self._stages[key] = _Stages(
+            stages = _Stages(
                 detector=FaceDetector(nets.retinaface, self.device),
                 restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.settings.face_batch),
                 parser=FaceParser(nets.parsenet, self.device, batch_size=self.settings.face_batch),
             )
             if compiled and options.compile_backend != "none":
-                self._warm_compiled(self._stages[key], mixed_precision)
+                self._warm_compiled(stages, mixed_precision)
+            self._stages[key] = stages  # only once warm: no request sees a half-compiled set
         return self._stages[key]
 
     def _warm_compiled(self, stages: _Stages, mixed_precision: bool) -> None:
@@ -166,28 +187,32 @@ class Restorer:
             stages.parser.masks(crops[:batch], mixed_precision)
         log.info("compiled and warmed the optimized nets in %.0f ms", (time.perf_counter() - start) * 1000.0)
 
-    @on_compute_thread
     def warmup(self, options: RequestOptions = DEFAULT_OPTIONS) -> float:
         """Run one synthetic image through ``options``' path so its first real request pays no set-up; ms."""
         start = time.perf_counter()
         canvas = np.full((FACE_SIZE, FACE_SIZE, 3), 127, np.uint8)
         self.restore([canvas], options)
         # the detector rarely fires on a flat canvas: run restore and parse on a face-sized crop too
-        stages = self._stages_for(options)
-        restored = stages.restorer.restore(canvas[None], options.fidelity, self._mixed_precision(options))
+        stages = self.scheduler.call(self._stages_for, options)
+        mixed_precision = self._mixed_precision(options)
+        restore = stages.restorer.restore
+        restored = self.scheduler.call(restore, canvas[None], options.fidelity, mixed_precision)
         if options.profile.use_parse:
-            stages.parser.masks(restored, self._mixed_precision(options))
+            self.scheduler.call(stages.parser.masks, restored, mixed_precision)
         return (time.perf_counter() - start) * 1000.0
 
-    @on_compute_thread
     def restore(
-        self, images: Sequence[np.ndarray], options: RequestOptions = DEFAULT_OPTIONS
+        self,
+        images: Sequence[np.ndarray],
+        options: RequestOptions = DEFAULT_OPTIONS,
+        cancel: threading.Event | None = None,
     ) -> list[RestoreResult]:
         """Restore every face of every image with ``options``; one result per image, in order.
 
         Raises ``InputError`` for arrays that are not images, ``ConfigError`` for options this
-        process cannot serve (``check_options``), and ``ImageFailedError`` (with the image's
-        index) when an image cannot be processed. Nothing is returned partially.
+        process cannot serve (``check_options``), ``ImageFailedError`` (with the image's
+        index) when an image cannot be processed, and ``RequestCancelled`` once ``cancel`` is
+        set (checked before each device call). Nothing is returned partially.
         """
         self.check_options(options)
         for index, image in enumerate(images):
@@ -198,15 +223,18 @@ class Restorer:
                 and image.dtype == np.uint8
             ):
                 raise InputError(f"image {index}: expected an (H, W, 3) uint8 BGR array")
-        stages = self._stages_for(options)
-        work = [self._locate_faces(index, image, stages) for index, image in enumerate(images)]
-        restored = self._restore_faces(work, stages, options)
-        return [
-            self._finish(index, image, item, faces, stages, options)
-            for index, (image, item, faces) in enumerate(zip(images, work, restored, strict=True))
-        ]
+        with self.scheduler.caller():
+            stages = self.scheduler.call(self._stages_for, options, cancel=cancel)
+            work = [self._locate_faces(index, image, stages, cancel) for index, image in enumerate(images)]
+            restored = self._restore_faces(work, stages, options, cancel)
+            return [
+                self._finish(index, image, item, faces, stages, options, cancel)
+                for index, (image, item, faces) in enumerate(zip(images, work, restored, strict=True))
+            ]
 
-    def _locate_faces(self, index: int, image: np.ndarray, stages: _Stages) -> _ImageWork:
+    def _locate_faces(
+        self, index: int, image: np.ndarray, stages: _Stages, cancel: threading.Event | None
+    ) -> _ImageWork:
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "prepare"):
@@ -214,11 +242,14 @@ class Restorer:
                 gray = is_gray(image)
                 working, factor = to_working_image(image)
             with _timed(timings, "detect"):
-                detections = stages.detector.detect(working, max_faces=self.settings.max_faces)
+                detect = functools.partial(stages.detector.detect, max_faces=self.settings.max_faces)
+                detections = self.scheduler.call(detect, working, cancel=cancel)
             with _timed(timings, "align"):
                 aligned = align_faces(working, detections)
         except CodeFormerError as exc:
-            raise ImageFailedError(index, str(exc)) from exc
+            if not isinstance(exc, RequestCancelled):
+                raise ImageFailedError(index, str(exc)) from exc
+            raise
         if detections.dropped:
             log.warning(
                 "image %d: kept the %d highest-scoring faces, dropped %d (CODEFORMER_MAX_FACES=%d)",
@@ -230,7 +261,7 @@ class Restorer:
         return _ImageWork(working, factor, gray, detections, aligned, timings)
 
     def _restore_faces(
-        self, work: list[_ImageWork], stages: _Stages, options: RequestOptions
+        self, work: list[_ImageWork], stages: _Stages, options: RequestOptions, cancel: threading.Event | None
     ) -> list[np.ndarray]:
         """Run CodeFormer over the faces of all images at once; returns per-image face arrays."""
         counts = [len(item.aligned) for item in work]
@@ -239,7 +270,14 @@ class Restorer:
             return [item.aligned.crops for item in work]
         start = time.perf_counter()
         crops = np.concatenate([item.aligned.crops for item in work])
-        restored = stages.restorer.restore(crops, options.fidelity, self._mixed_precision(options))
+        mixed_precision = self._mixed_precision(options)
+
+        def restore(batch: np.ndarray) -> np.ndarray:
+            return stages.restorer.restore(batch, options.fidelity, mixed_precision)
+
+        # requests with the same nets, fidelity and precision may share the forward
+        key = ("restore", id(stages.restorer), options.fidelity, mixed_precision)
+        restored = self.scheduler.batched(key, restore, crops, cancel)
         per_face_ms = (time.perf_counter() - start) * 1000.0 / total
         bounds = np.cumsum([0, *counts])
         for item, count in zip(work, counts, strict=True):
@@ -254,6 +292,7 @@ class Restorer:
         faces: np.ndarray,
         stages: _Stages,
         options: RequestOptions,
+        cancel: threading.Event | None,
     ) -> RestoreResult:
         timings = item.timings
         if len(faces) == 0:
@@ -261,8 +300,10 @@ class Restorer:
             output = image.copy()
         else:
             try:
-                output = self._paste(image, item, faces, stages, options)
+                output = self._paste(image, item, faces, stages, options, cancel)
             except CodeFormerError as exc:
+                if isinstance(exc, RequestCancelled):
+                    raise
                 raise ImageFailedError(index, str(exc)) from exc
         return RestoreResult(
             image=output,
@@ -273,14 +314,26 @@ class Restorer:
         )
 
     def _paste(
-        self, image: np.ndarray, item: _ImageWork, faces: np.ndarray, stages: _Stages, options: RequestOptions
+        self,
+        image: np.ndarray,
+        item: _ImageWork,
+        faces: np.ndarray,
+        stages: _Stages,
+        options: RequestOptions,
+        cancel: threading.Event | None,
     ) -> np.ndarray:
         timings = item.timings
         faces = to_gray_faces(faces) if item.gray else faces
         masks = None
         if options.profile.use_parse:
+            mixed_precision = self._mixed_precision(options)
+
+            def parse(batch: np.ndarray) -> np.ndarray:
+                return stages.parser.masks(batch, mixed_precision)
+
             with _timed(timings, "parse"):
-                masks = stages.parser.masks(faces, self._mixed_precision(options))
+                key = ("parse", id(stages.parser), mixed_precision, faces.dtype.str)
+                masks = self.scheduler.batched(key, parse, faces, cancel)
         with _timed(timings, "paste"):
             output = paste_faces(item.working, faces, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:

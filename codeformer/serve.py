@@ -44,6 +44,22 @@ DEFAULT_PORT = 5000
 BACKEND_STOP_GRACE_S = 15.0
 STOP_GRACE_S = BACKEND_STOP_GRACE_S + 5.0
 PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies
+COG_YAML = PROJECT_ROOT / "cog.yaml"
+
+
+def cog_yaml_concurrency(cog_yaml: Path = COG_YAML) -> int:
+    """``concurrency.max`` of cog.yaml (1 without it): the predictions one worker runs at once.
+
+    ``cog build`` turns it into ``COG_MAX_CONCURRENCY`` in the image; ``server_command`` does
+    the same for the local server.
+    """
+    import yaml  # cog's own dependency; imported here, the only place that reads cog.yaml
+
+    document = yaml.safe_load(cog_yaml.read_text()) or {}
+    value = (document.get("concurrency") or {}).get("max", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{cog_yaml.name}: concurrency.max must be a positive integer, got {value!r}")
+    return value
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -76,6 +92,7 @@ def server_command(
     env = dict(os.environ if base_env is None else base_env)
     env["COG_PREDICT_TYPE_STUB"] = predictor_ref
     env["PORT"] = str(port)
+    env.setdefault("COG_MAX_CONCURRENCY", str(cog_yaml_concurrency()))
     # coglet starts its worker as plain `python` from PATH; put this interpreter's folder
     # first so the worker sees the same virtualenv (and finds coglet and torch)
     interpreter_dir = str(Path(sys.executable).parent)

@@ -160,3 +160,11 @@ def run_python_together(
         stdout, stderr = process.communicate(timeout=timeout_s)
         results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
     return results
+
+
+def requests_admitted(server_log: str) -> int:
+    """How many requests the server's log shows past admission (predict.py's progress line).
+
+    With free slots a running prediction leaves the server's health READY: this says it runs.
+    """
+    return server_log.count("request: admitted")

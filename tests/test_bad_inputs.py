@@ -18,6 +18,7 @@ Set ``BAD_INPUT_MATRIX_OUT=<file>`` to write every outcome as JSON lines.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -563,7 +564,7 @@ class InProcess(Transport):
 
     def send(self, images: list[str], options: dict[str, Any]) -> Answer:
         try:
-            paths = self.predictor.predict(images=images, **{**DEFAULTS, **options})
+            paths = asyncio.run(self.predictor.predict(images=images, **{**DEFAULTS, **options}))
         except TypeError as exc:  # an unknown keyword: Python names it
             return Answer(invalid=str(exc))
         except CodeFormerError as exc:

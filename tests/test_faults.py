@@ -6,14 +6,13 @@ Here the same faults meet the real consumers: the Cog server's setup (through
 a prediction cancelled through ``POST /predictions/{id}/cancel``, and a request with more
 faces than ``CODEFORMER_FACE_BATCH``.
 
-How coglet 0.23 cancels (read from its worker bridge): a sync ``predict()`` runs in a
-Python thread of the worker; cancel injects ``coglet.CancelationException`` (a
-``BaseException``) into that thread with ``PyThreadState_SetAsyncExc``, so it is raised
-at the next Python bytecode after the running torch op returns, unwinds predict(), and
-the same worker serves the next request. The prediction's id can be given by the client
-(``{"id": ..., "input": ...}`` on a sync ``POST /predictions``) or read from the 202
-answer of a ``Prefer: respond-async`` request; the test uses the first, so that it can
-also read the canceled prediction's final answer.
+How coglet 0.23 cancels an async ``predict()`` (read from its worker bridge): it cancels the
+prediction's asyncio task, so ``CancelledError`` is raised where predict() awaits its
+request thread; predict() sets the request's cancel flag, which the thread reads before
+each device call (``codeformer.scheduler``), and the same worker serves the next request.
+The prediction's id can be given by the client (``{"id": ..., "input": ...}`` on a sync
+``POST /predictions``) or read from the 202 answer of a ``Prefer: respond-async`` request;
+the test uses the first, so that it can also read the canceled prediction's final answer.
 """
 
 from __future__ import annotations
@@ -31,12 +30,12 @@ import numpy as np
 import pytest
 import requests
 from harness import LocalServer, closed_port_url
-from helpers import flat_canvas, noise, png_bytes, run_python_together, wait_for
+from helpers import flat_canvas, noise, png_bytes, requests_admitted, run_python_together, wait_for
 from PIL import Image
 from weights_server import FileServer
 from worker_memory import find_worker_pid
 
-from codeformer.client import BUSY, READY, CogClient, PredictionResult, ServerError, data_uri
+from codeformer.client import READY, CogClient, PredictionResult, ServerError, data_uri
 from codeformer.config import RequestOptions, Settings
 from codeformer.pipeline import Restorer
 from codeformer.weights import WEIGHT_FILES
@@ -125,6 +124,7 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
     worker_before = find_worker_pid(running.server.process.pid)
     long_images = [data_uri(png_bytes(noise(300, 400, seed)), name=f"n{seed}.png") for seed in range(4)]
     prediction_id = f"cancel-me-{os.getpid()}"
+    admitted_before = requests_admitted(running.server.log_text())
     body = {"id": prediction_id, "input": {"images": long_images, "runtime_profile": "baseline"}}
     answers: list[requests.Response] = []
     worker = threading.Thread(
@@ -135,9 +135,11 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
     )
     worker.start()
     wait_for(
-        running.client.health,
-        lambda health: health["status"] == BUSY or not worker.is_alive(),
-        "the long prediction running (health BUSY)",
+        lambda: (
+            running.server.log_text().count("request: admitted") > admitted_before or not worker.is_alive()
+        ),
+        bool,
+        "the long prediction running (admitted)",
         timeout_s=120,
     )
     assert worker.is_alive(), "the long prediction ended before it was seen running"

@@ -4,7 +4,8 @@ The subprocess test rebuilds a coglet worker in a fresh interpreter: a long-live
 thread that allocated before the ``Restorer`` was built (so it has a malloc arena of its
 own), then a ``Restorer`` on a CPU or another device. It counts how many of 20 cycles that
 allocate and free a 64 MB tensor page-fault the block in again (more than half of its pages):
-on the request thread's own arena, after a hand-over to the compute thread, and on the main
+on the request thread's own arena, after a hand-over to the device scheduler (which runs it on
+the compute thread when there is one), and on the main
 thread, which shows whether malloc's settings changed.
 """
 
@@ -31,7 +32,6 @@ import concurrent.futures, resource, sys
 import torch
 from torch import nn
 from codeformer.config import Settings
-from codeformer.host_memory import on_compute_thread
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 
@@ -48,7 +48,7 @@ request_thread.submit(lambda: torch.ones(1 << 20).sum()).result()  # its arena e
 device, retained_memory_mb = torch.device(sys.argv[1]), int(sys.argv[2])
 nets = Nets(*(nn.Identity().to(device) for _ in range(3)))
 restorer = Restorer(nets, device, Settings(retained_memory_mb=retained_memory_mb))
-handed_over = request_thread.submit(on_compute_thread(faulting_cycles), restorer).result()
+handed_over = request_thread.submit(restorer.scheduler.call, faulting_cycles).result()
 print(restorer.compute_thread is not None, handed_over, faulting_cycles())
 """
 

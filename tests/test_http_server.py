@@ -10,7 +10,6 @@ through the plumbing use a flat grey canvas, on which the random detector finds 
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from PIL import Image
 from weights_server import FileServer
 from worker_memory import find_worker_pid, minor_faults
 
-from codeformer.client import BUSY, READY, CogClient, PredictionResult, data_uri
+from codeformer.client import READY, CogClient, PredictionResult, data_uri
 from codeformer.serve import check_port_free
 from codeformer.weights import WEIGHT_FILES
 
@@ -208,35 +207,6 @@ def test_compile_backend_is_locked_by_the_first_optimized_request(running: Runni
     assert safe.status == "succeeded", safe.error
 
 
-# -- one prediction at a time: 409, and the client's retry ---------------------------------
-def test_a_request_while_one_runs_gets_409_and_the_client_retries(running: Running) -> None:
-    slow_inputs = {"images": [running.images.url_for("face.png")], "runtime_profile": "baseline"}
-    slow_result: list[PredictionResult] = []
-    slow = threading.Thread(
-        target=lambda: slow_result.append(CogClient(running.server.url).predict(slow_inputs)), daemon=True
-    )
-    slow.start()
-    try:
-        wait_for(
-            running.client.health,
-            lambda health: health["status"] == BUSY or not slow.is_alive(),
-            "the first request running (health BUSY)",
-        )
-        assert slow.is_alive(), "the first request ended before it was seen running"
-
-        refused = running.client.predict(good_request(), retry_busy=False)
-        assert refused.http_status == 409
-        assert refused.body == {"error": "At capacity - all prediction slots busy", "status": "failed"}
-
-        retried = CogClient(running.server.url, busy_pause_s=0.25).predict(good_request())
-        assert retried.status == "succeeded", retried.error
-        assert retried.retries >= 1
-    finally:
-        slow.join(timeout=600)
-    [first] = slow_result
-    assert first.status == "succeeded", first.error
-
-
 # -- memory --------------------------------------------------------------------------------
 def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> None:
     """coglet runs predictions on threads of its own, whose malloc arenas map every block over
@@ -255,29 +225,6 @@ def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> 
     assert second.status == "succeeded", second.error
     # one 512x512 forward touches ~1.8 M pages of activations; reused memory faults none of them
     assert minor_faults(worker) - before < 50_000
-
-
-# -- coglet's 409 right after an answer ------------------------------------------------------
-BACK_TO_BACK_REQUESTS = 12
-
-
-def test_409_right_after_an_answer_is_coglets_and_the_client_retry_absorbs_it(running: Running) -> None:
-    """coglet answers a prediction when the worker says Done, and frees the slot only when a
-    second message (Idle) arrives on another channel: a request sent in that gap of about a
-    millisecond gets 409 although nothing runs. The predictor cannot close the gap; clients
-    retry (CogClient does). This measures how often it happens to a client that sends the
-    next request as soon as the last answer arrives, and checks that a retry always gets in."""
-    request = good_request()
-    refused_at_once = 0
-    for _ in range(BACK_TO_BACK_REQUESTS):
-        result = running.client.predict(request, retry_busy=False)
-        if result.http_status == 409:
-            refused_at_once += 1
-            result = CogClient(running.server.url, busy_pause_s=0.05, max_busy_wait_s=30).predict(request)
-        assert result.status == "succeeded", result.body
-    print(f"409 right after the previous answer: {refused_at_once} of {BACK_TO_BACK_REQUESTS} requests")
-    # a race, not a queue: most requests get in at once
-    assert refused_at_once < BACK_TO_BACK_REQUESTS / 2
 
 
 # -- what a client reads when a request fails ------------------------------------------------

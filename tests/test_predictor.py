@@ -8,6 +8,7 @@ The HTTP side of the same cases is in ``test_http_server.py``.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import io
 import logging
@@ -64,7 +65,7 @@ def decoded_size(data: bytes) -> tuple[int, int]:
 
 def run(predictor: Predictor, images: list, **options: object) -> list[Path]:
     """Call predict() as Cog would: every input given (in-process, the defaults are Input() objects)."""
-    return predictor.predict(images=images, **{**DEFAULTS, **options})
+    return asyncio.run(predictor.predict(images=images, **{**DEFAULTS, **options}))
 
 
 class SetupRecord(NamedTuple):
@@ -307,9 +308,22 @@ def test_a_failed_request_leaves_the_predictor_healthy(predictor: Predictor) -> 
     assert first.exists()
     with pytest.raises(InputError):
         run(predictor, [data_uri(b"garbage", name="bad.jpg")])
-    assert not first.exists()  # each request removes the previous request's outputs
     [output] = run(predictor, [image])
     assert decoded_size(output.read_bytes()) == (64, 64)
+
+
+def test_output_folders_outlive_their_request_by_the_retention_then_go(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = data_uri(png_bytes(flat_canvas(64, 64)), name="ok.png")
+    [first] = run(predictor, [image])
+    [second] = run(predictor, [image])
+    # with concurrent slots, Cog may still be reading another request's files: they stay a while
+    assert first.exists() and second.exists()
+    monkeypatch.setattr(predictor.output_folders, "retention_s", 0.0)
+    [third] = run(predictor, [image])  # the next request removes the expired folders
+    assert not first.parent.exists() and not second.parent.exists()
+    assert third.exists()
 
 
 # -- compile_backend lock --------------------------------------------------------------------

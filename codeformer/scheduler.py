@@ -1,0 +1,265 @@
+"""One owner for the device: requests overlap, the nets run one batch at a time.
+
+Several requests may be in ``Restorer.restore`` at once (Cog's concurrent predictions, each
+on a thread of its own). Their host work (prepare, align, paste-back) runs on their own
+threads; every torch call goes through the process's ``DeviceScheduler``, which runs them
+one at a time on its thread, so that the device never holds two requests' activations and
+a request's host work overlaps another's forward.
+
+Faces batch across requests: CodeFormer and ParseNet calls that wait at the same stage with
+the same settings (fidelity, precision, input type) go into one forward, up to
+``Settings.face_batch`` faces. When a batch is not full and other requests are still doing
+host work (so may bring faces soon), the scheduler waits up to ``Settings.batch_wait_ms``
+for them; a lone request never waits. On a CPU the face batch is 1 (batching does not pay
+there, see ``config.DEFAULT_FACE_BATCH``), so no wait ever happens.
+
+A batch that fails is run again one request at a time, so that one request's bad input
+cannot fail another's. A cancelled request's jobs are dropped before they run; a job
+already running finishes (at most one forward), and its result is discarded.
+
+``PixelBudget`` is the admission side: a request holds its pixels (the sum of its images'
+sizes, read from the headers) from decode to encode, and waits, in arrival order, while
+the pixels in flight would go over ``Settings.max_pixels_in_flight``. One request alone is
+always admitted. This bounds host memory whatever the number of concurrent requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from codeformer.errors import RequestCancelled
+
+log = logging.getLogger(__name__)
+
+WAIT_SLICE_S = 0.05  # how often a waiting request looks at its cancel flag
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    """Raise ``RequestCancelled`` when the request's cancel flag is set."""
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelled("the prediction was cancelled")
+
+
+class _Job:
+    """A call waiting for the device; ``key`` is set when it may share a forward with others."""
+
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        payload: Any,
+        key: Hashable | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.function, self.payload, self.key, self.cancel = function, payload, key, cancel
+        self.size = len(payload) if key is not None else 1
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class DeviceScheduler:
+    """Runs device calls one at a time on its own thread, batching faces across callers.
+
+    ``execute(function)`` runs a zero-argument callable where the device work belongs and
+    returns its result (``ComputeThread.call`` on a CPU under glibc, a plain call elsewhere).
+    """
+
+    def __init__(
+        self,
+        execute: Callable[[Callable[[], Any]], Any],
+        batch_size: int,
+        batch_wait_s: float,
+    ) -> None:
+        self._execute = execute
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
+        self._queue: list[_Job] = []
+        self._condition = threading.Condition()
+        self._callers = 0  # requests inside a ``caller()`` block
+        self._stopping = False
+        self.batches_run = 0  # forwards of batchable calls, and the jobs they served (for tests, logs)
+        self.jobs_batched = 0
+        self._thread = threading.Thread(target=self._serve, name="codeformer-device", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def caller(self) -> Iterator[None]:
+        """Marks a request in progress: while it does host work, batches may wait for its faces."""
+        with self._condition:
+            self._callers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._callers -= 1
+                self._condition.notify_all()
+
+    def call(self, function: Callable[..., Any], *args: Any, cancel: threading.Event | None = None) -> Any:
+        """``function(*args)`` on the device, after the calls queued before it; its result."""
+        return self._submit(_Job(lambda: function(*args), None, None, cancel))
+
+    def batched(
+        self,
+        key: Hashable,
+        function: Callable[[np.ndarray], np.ndarray],
+        items: np.ndarray,
+        cancel: threading.Event | None = None,
+    ) -> np.ndarray:
+        """``function(items)``, maybe run on ``items`` joined with other callers' items of the same ``key``.
+
+        ``function`` maps N items to N results, each result depending on its own item only
+        (up to floating-point batching effects); callers with equal keys pass equal functions.
+        """
+        if len(items) == 0:
+            return function(items)
+        return self._submit(_Job(function, items, key, cancel))
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+
+    def _submit(self, job: _Job) -> Any:
+        check_cancel(job.cancel)
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a device call made from the device thread would wait for itself")
+        with self._condition:
+            self._queue.append(job)
+            self._condition.notify_all()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    # -- the device thread ---------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            with self._condition:
+                group = self._next_group()
+                if group is None:
+                    return
+            self._run(group)
+
+    def _next_group(self) -> list[_Job] | None:
+        """The next jobs to run together (called holding the condition); None when stopping."""
+        while True:
+            self._drop_cancelled()
+            if self._queue:
+                break
+            if self._stopping:
+                return None
+            self._condition.wait()
+        first = self._queue[0]
+        if first.key is None:
+            self._queue.pop(0)
+            return [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while True:
+            group = self._gather(first.key)
+            # requests not queued here are doing host work and may bring faces to this stage
+            others_busy = self._callers > len(self._queue)
+            left = deadline - time.monotonic()
+            if sum(job.size for job in group) >= self.batch_size or not others_busy or left <= 0:
+                break
+            self._condition.wait(left)
+            self._drop_cancelled()
+            if first not in self._queue:  # cancelled while waiting
+                return self._next_group()
+        for job in group:
+            self._queue.remove(job)
+        return group
+
+    def _gather(self, key: Hashable) -> list[_Job]:
+        """Queued jobs with ``key``, oldest first, up to the batch size (the first always)."""
+        group: list[_Job] = []
+        faces = 0
+        for job in self._queue:
+            if job.key == key and (not group or faces + job.size <= self.batch_size):
+                group.append(job)
+                faces += job.size
+        return group
+
+    def _drop_cancelled(self) -> None:
+        for job in [job for job in self._queue if job.cancel is not None and job.cancel.is_set()]:
+            self._queue.remove(job)
+            job.finish(error=RequestCancelled("the prediction was cancelled"))
+
+    def _run(self, group: list[_Job]) -> None:
+        if len(group) == 1:
+            self._run_alone(group[0])
+            return
+        sizes = [job.size for job in group]
+        try:
+            results = self._execute(lambda: group[0].function(np.concatenate([job.payload for job in group])))
+        except Exception:  # noqa: BLE001 - retried alone below: the failure stays with its request
+            log.warning("a batch of %d requests failed; running them one at a time", len(group))
+            for job in group:
+                self._run_alone(job)
+            return
+        self.batches_run += 1
+        self.jobs_batched += len(group)
+        log.info("%d requests shared a forward of %d faces", len(group), sum(sizes))
+        bounds = np.cumsum([0, *sizes])
+        for job, start, end in zip(group, bounds[:-1], bounds[1:], strict=True):
+            job.finish(results[start:end])
+
+    def _run_alone(self, job: _Job) -> None:
+        if job.cancel is not None and job.cancel.is_set():
+            job.finish(error=RequestCancelled("the prediction was cancelled"))
+            return
+        try:
+            if job.key is None:
+                job.finish(self._execute(job.function))
+            else:
+                job.finish(self._execute(lambda: job.function(job.payload)))
+                self.batches_run += 1
+                self.jobs_batched += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request, which re-raises it
+            job.finish(error=exc)
+
+
+class PixelBudget:
+    """Admission by pixels in flight: requests wait, in arrival order, while they would not fit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._waiting: collections.deque[object] = collections.deque()
+        self._condition = threading.Condition()
+
+    def _fits(self, pixels: int) -> bool:
+        return self.in_flight == 0 or self.in_flight + pixels <= self.limit
+
+    @contextmanager
+    def hold(self, pixels: int, cancel: threading.Event | None = None) -> Iterator[float]:
+        """Hold ``pixels`` for the block; yields the ms spent waiting for admission."""
+        start = time.perf_counter()
+        ticket = object()
+        with self._condition:
+            self._waiting.append(ticket)
+            try:
+                while not (self._waiting[0] is ticket and self._fits(pixels)):
+                    check_cancel(cancel)
+                    self._condition.wait(WAIT_SLICE_S)
+            finally:
+                self._waiting.remove(ticket)
+                self._condition.notify_all()
+            self.in_flight += pixels
+        try:
+            yield (time.perf_counter() - start) * 1000.0
+        finally:
+            with self._condition:
+                self.in_flight -= pixels
+                self._condition.notify_all()

@@ -1,0 +1,271 @@
+"""``codeformer.scheduler``: one device thread, faces batched across callers, failures and
+cancels kept to their request, admission by pixels in flight.
+
+Callers are plain threads; the "device" functions record what they were given. Thread
+joins carry a generous deadline only to turn a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from codeformer.errors import RequestCancelled
+from codeformer.scheduler import DeviceScheduler, PixelBudget
+
+HANG_S = 30.0  # a join that takes this long means the scheduler hangs
+
+
+def _direct(function: Callable[[], Any]) -> Any:
+    return function()
+
+
+class Recorder:
+    """A batchable device function: doubles its items, notes each batch and the thread it ran on."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+        self.threads: set[int] = set()
+        self.running = 0
+        self.most_running = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, items: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            if (items < 0).any():
+                raise ValueError("negative item")
+            self.batches.append(items.tolist())
+            self.threads.add(threading.get_ident())
+            return items * 2
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def run_callers(scheduler: DeviceScheduler, work: list[Callable[[], Any]]) -> list[tuple[str, Any]]:
+    """Each item of ``work`` on its own thread inside ``scheduler.caller()``, all started together.
+
+    Returns ("ok", result) or ("error", exception) per item, in order.
+    """
+    outcomes: list[tuple[str, Any]] = [("missing", None)] * len(work)
+    inside = threading.Barrier(len(work))
+
+    def caller(index: int) -> None:
+        with scheduler.caller():
+            inside.wait()  # every caller counts as in flight before any submits
+            try:
+                outcomes[index] = ("ok", work[index]())
+            except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
+                outcomes[index] = ("error", exc)
+
+    threads = [threading.Thread(target=caller, args=(index,)) for index in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(HANG_S)
+        assert not thread.is_alive(), "a caller hung"
+    return outcomes
+
+
+def test_faces_of_callers_in_flight_share_one_forward_and_each_gets_its_own_results() -> None:
+    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S)
+    device = Recorder()
+    items = [np.array([1.0]), np.array([2.0, 3.0]), np.array([4.0])]
+    outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
+    # the first waits for the others (they are in flight), then one forward serves all three
+    assert len(device.batches) == 1
+    assert sorted(device.batches[0]) == [1.0, 2.0, 3.0, 4.0]
+    for (status, result), sent in zip(outcomes, items, strict=True):
+        assert status == "ok"
+        np.testing.assert_array_equal(result, sent * 2)
+    assert (scheduler.batches_run, scheduler.jobs_batched) == (1, 3)
+    scheduler.stop()
+
+
+def test_a_batch_holds_at_most_the_batch_size_and_keys_never_mix() -> None:
+    scheduler = DeviceScheduler(_direct, batch_size=2, batch_wait_s=HANG_S)
+    device = Recorder()
+    jobs = [("a", 1.0), ("a", 2.0), ("a", 3.0), ("b", 10.0)]
+    outcomes = run_callers(
+        scheduler, [lambda k=k, v=v: scheduler.batched(k, device, np.array([v])) for k, v in jobs]
+    )
+    assert all(status == "ok" for status, _ in outcomes)
+    assert all(len(batch) <= 2 for batch in device.batches)
+    assert sorted(value for batch in device.batches for value in batch) == [1.0, 2.0, 3.0, 10.0]
+    for batch in device.batches:  # "b" (another fidelity, precision, ...) always alone
+        assert batch == [10.0] or 10.0 not in batch
+    scheduler.stop()
+
+
+def test_a_lone_caller_does_not_wait_for_a_batch_to_fill() -> None:
+    # a wait of an hour: the call returning at all shows nothing waited for it
+    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=3600.0)
+    device = Recorder()
+    [(status, result)] = run_callers(scheduler, [lambda: scheduler.batched("k", device, np.array([5.0]))])
+    assert status == "ok"
+    np.testing.assert_array_equal(result, [10.0])
+    scheduler.stop()
+
+
+def test_device_calls_run_one_at_a_time_on_one_thread() -> None:
+    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    device = Recorder()
+    work: list[Callable[[], Any]] = [
+        lambda v=v: scheduler.call(device, np.array([v])) for v in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    ]
+    outcomes = run_callers(scheduler, work)
+    assert [result.tolist() for _, result in outcomes] == [[2.0], [4.0], [6.0], [8.0], [10.0], [12.0]]
+    assert device.most_running == 1
+    assert device.threads == {scheduler._thread.ident}
+    scheduler.stop()
+
+
+def test_a_failing_batch_is_retried_alone_so_only_the_bad_request_fails() -> None:
+    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S)
+    device = Recorder()
+    items = [np.array([1.0]), np.array([-1.0]), np.array([3.0])]
+    outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
+    assert outcomes[0][0] == outcomes[2][0] == "ok"
+    np.testing.assert_array_equal(outcomes[0][1], [2.0])
+    np.testing.assert_array_equal(outcomes[2][1], [6.0])
+    status, error = outcomes[1]
+    assert status == "error" and isinstance(error, ValueError)
+    # and the device serves the next request
+    assert run_callers(scheduler, [lambda: scheduler.call(lambda: "next")]) == [("ok", "next")]
+    scheduler.stop()
+
+
+def test_a_cancelled_request_is_dropped_from_the_queue_and_the_others_run() -> None:
+    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    release = threading.Event()
+    started = threading.Event()
+    ran: list[str] = []
+
+    def blocking() -> str:
+        started.set()
+        release.wait(HANG_S)
+        return "first"
+
+    def queued(name: str) -> Callable[[], str]:
+        def record() -> str:
+            ran.append(name)
+            return name
+
+        return record
+
+    cancel = threading.Event()
+    outcomes: dict[str, tuple[str, Any]] = {}
+
+    def submit(name: str, function: Callable[[], str], flag: threading.Event | None) -> None:
+        try:
+            outcomes[name] = ("ok", scheduler.call(function, cancel=flag))
+        except RequestCancelled as exc:
+            outcomes[name] = ("cancelled", exc)
+
+    threads = [threading.Thread(target=submit, args=("first", blocking, None))]
+    threads[0].start()
+    assert started.wait(HANG_S)
+    # two jobs wait behind the running one; one of them is cancelled before its turn
+    for name, flag in (("cancelled", cancel), ("other", None)):
+        threads.append(threading.Thread(target=submit, args=(name, queued(name), flag)))
+        threads[-1].start()
+    while len(scheduler._queue) < 2:
+        threading.Event().wait(0.01)
+    cancel.set()
+    release.set()
+    for thread in threads:
+        thread.join(HANG_S)
+    assert outcomes["first"] == ("ok", "first")
+    assert outcomes["other"] == ("ok", "other")
+    assert outcomes["cancelled"][0] == "cancelled"
+    assert ran == ["other"]  # the cancelled job never ran
+    with pytest.raises(RequestCancelled):  # a request cancelled before it asks is refused at once
+        scheduler.call(queued("late"), cancel=cancel)
+    scheduler.stop()
+
+
+def test_a_device_call_from_the_device_thread_is_refused_not_deadlocked() -> None:
+    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    with pytest.raises(RuntimeError, match="wait for itself"):
+        scheduler.call(lambda: scheduler.call(lambda: None))
+    scheduler.stop()
+
+
+# -- admission ---------------------------------------------------------------------------------
+def test_requests_over_the_pixel_budget_wait_in_arrival_order() -> None:
+    budget = PixelBudget(limit=100)
+    order: list[str] = []
+    first_in = threading.Event()
+    release_first = threading.Event()
+
+    def first() -> None:
+        with budget.hold(80):
+            order.append("first in")
+            first_in.set()
+            release_first.wait(HANG_S)
+        order.append("first out")
+
+    def later(name: str, pixels: int, queued: threading.Event) -> None:
+        queued.set()
+        with budget.hold(pixels):
+            order.append(f"{name} in")
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    assert first_in.wait(HANG_S)
+    big_queued, small_queued = threading.Event(), threading.Event()
+    # the big one (over the budget alongside the first) arrives before a small one that would fit
+    threads.append(threading.Thread(target=later, args=("big", 90, big_queued)))
+    threads[-1].start()
+    big_queued.wait(HANG_S)
+    while len(budget._waiting) < 1:
+        threading.Event().wait(0.01)
+    threads.append(threading.Thread(target=later, args=("small", 10, small_queued)))
+    threads[-1].start()
+    while len(budget._waiting) < 2:
+        threading.Event().wait(0.01)
+    assert order == ["first in"]  # the small one does not overtake the big one
+    release_first.set()
+    for thread in threads:
+        thread.join(HANG_S)
+    assert order == ["first in", "first out", "big in", "small in"]
+    assert budget.in_flight == 0
+
+
+def test_a_request_alone_is_admitted_whatever_its_size() -> None:
+    budget = PixelBudget(limit=10)
+    with budget.hold(1000) as waited_ms:
+        assert budget.in_flight == 1000
+        assert waited_ms >= 0
+    assert budget.in_flight == 0
+
+
+def test_a_request_cancelled_while_it_waits_for_admission_leaves_without_pixels() -> None:
+    budget = PixelBudget(limit=100)
+    cancel = threading.Event()
+    outcome: list[str] = []
+
+    def waiting() -> None:
+        try:
+            with budget.hold(50, cancel):
+                outcome.append("admitted")
+        except RequestCancelled:
+            outcome.append("cancelled")
+
+    with budget.hold(80):
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        while not budget._waiting:
+            threading.Event().wait(0.01)
+        cancel.set()
+        thread.join(HANG_S)
+        assert outcome == ["cancelled"]
+        assert budget.in_flight == 80 and not budget._waiting
+    assert budget.in_flight == 0
