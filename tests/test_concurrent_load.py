@@ -197,7 +197,5 @@ def test_run_bench_concurrency_through_the_real_server(tmp_path: Path) -> None:
         assert level["requests"] == level["succeeded"] + level["rejected_409"]
         assert level["throughput_images_per_s"] == pytest.approx(2 / level["wall_s"])
         assert level["per_request"]["count"] == 2
-        succeeded = [s for s in level["samples"] if s["status"] == "succeeded"]
-        assert all(s["faces_kept"][0] is not None for s in succeeded)  # read from the server's log
     assert {s["client"] for s in levels["2"]["samples"]} == {0, 1}
     assert " 409 " in completed.stdout and "concurrency.max N = " in completed.stdout
