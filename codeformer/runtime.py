@@ -113,6 +113,17 @@ def mixed_precision_pays(
     return pays
 
 
+def divide_exactly(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
+    """``numerator / denominator``, correctly rounded on every device, as NumPy and the CPU divide.
+
+    CUDA turns a division by a host number into a multiply by its reciprocal, which can
+    differ in the last bit; a one-element tensor on ``numerator``'s device (filled there,
+    nothing uploaded) keeps it a true division.
+    """
+    divisor = torch.full((1,), denominator, dtype=numerator.dtype, device=numerator.device)
+    return numerator / divisor
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """Mixed-precision dtype: fp16 on CUDA (tensor cores), bf16 on CPU (AVX-512 BF16 / AMX)."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -202,8 +213,33 @@ class Runtime:
         that dtype gives the same numbers without the copies. Everything else (norms, the
         transformer, the codebook) keeps float32 parameters, as under autocast.
         """
-        optimized = copy.deepcopy(net).to(memory_format=torch.channels_last)
-        for module in optimized.modules():
-            if isinstance(module, nn.Conv2d):
-                module.to(conv_dtype)
-        return optimized
+
+        def optimized_tensor(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+            if isinstance(module, nn.Conv2d) and tensor.is_floating_point():
+                tensor = tensor.to(conv_dtype)
+            # what Module.to(memory_format=...) converts: 4-D tensors only
+            return tensor.to(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+        return replace_tensors(copy.deepcopy(net), optimized_tensor)
+
+
+def replace_tensors(net: nn.Module, convert: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> nn.Module:
+    """Replace each parameter and buffer ``t`` of ``net``'s modules by ``convert(module, t)``, in place.
+
+    ``Module.to`` cannot convert tensor subclasses such as the fake CUDA tensors the
+    device-placement tests run on (it swaps them, which their weak references forbid);
+    setting the converted tensors works for every kind. A tensor shared by several modules
+    is converted once and stays shared.
+    """
+    converted: dict[int, torch.Tensor] = {}
+    for module in net.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in converted:
+                with torch.no_grad():
+                    converted[id(param)] = nn.Parameter(convert(module, param), param.requires_grad)
+            setattr(module, name, converted[id(param)])
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if id(buffer) not in converted:
+                converted[id(buffer)] = convert(module, buffer)
+            setattr(module, name, converted[id(buffer)])
+    return net

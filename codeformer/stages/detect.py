@@ -3,7 +3,9 @@
 Every step follows the official ``get_face_landmarks_5`` with resize 640 and eye-distance
 threshold 5, quirks included: the result rows are divided by the nominal scale (score
 column too), and the eye-distance filter reads the wrong columns. Tensors stay on the
-detector's device until the final (F, 15) rows, which are copied to the host once.
+detector's device until the final (F, 15) rows, which are copied to the host once: the
+device part (``FaceDetector.detect_rows``) takes and returns host tensors and makes exactly
+those two copies, so that it runs on fake CUDA tensors in the tests.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torchvision
 
 from codeformer.errors import InternalError
 from codeformer.nets.retinaface import RetinaFace
+from codeformer.runtime import divide_exactly
 
 logger = logging.getLogger(__name__)
 
@@ -80,24 +83,28 @@ def resize_for_detector(image: np.ndarray) -> tuple[np.ndarray, float]:
     return cv2.resize(image, (new_width, new_height), interpolation=interpolation), scale
 
 
-def prior_boxes(height: int, width: int) -> torch.Tensor:
+def prior_boxes(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(P, 4) float32 anchors (cx, cy, w, h), normalised by the input size (§3 step 4).
 
     Order: level (stride 8, 16, 32), then row, column, min size, matching the heads'
-    concatenation. Computed in float64 on the CPU (not every device has float64), then
-    stored as float32 like the official list-to-Tensor conversion.
+    concatenation. Computed in float64 (only +, * and / of exact small integers, correctly
+    rounded on every device that has float64), then stored as float32 like the official
+    list-to-Tensor conversion. Built on ``device``: nothing to upload.
     """
     levels = []
     for step, min_sizes in zip(PRIOR_STEPS, PRIOR_MIN_SIZES, strict=True):
         rows, cols = math.ceil(height / step), math.ceil(width / step)
-        centre_x = (torch.arange(cols, dtype=torch.float64) + 0.5) * step / width  # (cols,)
-        centre_y = (torch.arange(rows, dtype=torch.float64) + 0.5) * step / height  # (rows,)
-        sizes = torch.tensor(min_sizes, dtype=torch.float64)
+        centres = torch.arange(max(rows, cols), dtype=torch.float64, device=device) + 0.5
+        centre_x = divide_exactly(centres[:cols] * step, width)  # (cols,)
+        centre_y = divide_exactly(centres[:rows] * step, height)  # (rows,)
+        # the two min sizes as arange(2) * (second - first) + first: made on the device
+        first, second = min_sizes
+        sizes = torch.arange(2, dtype=torch.float64, device=device) * (second - first) + first
         grid = torch.broadcast_tensors(
             centre_x[None, :, None],
             centre_y[:, None, None],
-            (sizes / width)[None, None, :],
-            (sizes / height)[None, None, :],
+            divide_exactly(sizes, width)[None, None, :],
+            divide_exactly(sizes, height)[None, None, :],
         )
         levels.append(torch.stack(grid, dim=-1).reshape(-1, 4))  # (rows * cols * 2, 4)
     return torch.cat(levels).to(torch.float32)
@@ -116,6 +123,16 @@ def decode_landmarks(landms: torch.Tensor, priors: torch.Tensor) -> torch.Tensor
     offsets = landms.reshape(-1, 5, 2)
     points = priors[:, None, :2] + offsets * VARIANCES[0] * priors[:, None, 2:]
     return points.reshape(-1, 10)
+
+
+def to_pixels(coords: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(K, 2n) normalised x, y pairs -> (K, 2n) pixels: x times ``width``, y times ``height``.
+
+    Python-number factors: float32 products equal to the official multiply by a float32
+    [w, h, ...] tensor, without building that tensor on the host and uploading it.
+    """
+    pairs = coords.unflatten(1, (-1, 2))  # (K, n, 2)
+    return torch.stack((pairs[..., 0] * width, pairs[..., 1] * height), dim=-1).flatten(1)
 
 
 class FaceDetector:
@@ -140,12 +157,49 @@ class FaceDetector:
             if key in self._priors:
                 self._priors.move_to_end(key)
                 return self._priors[key]
-        priors = prior_boxes(height, width).to(self.device)
+        priors = prior_boxes(height, width, self.device)
         with self._priors_lock:
             self._priors[key] = priors
             while len(self._priors) > PRIOR_CACHE_SIZE:
                 self._priors.popitem(last=False)
         return priors
+
+    def detect_rows(self, pixels: torch.Tensor, scale: float) -> torch.Tensor:
+        """(h', w', 3) uint8 BGR detector input on the host -> (F, 15) float32 rows on the host.
+
+        Each row: box x1, y1, x2, y2, score, then the five (x, y) landmarks, all divided by
+        the nominal ``scale`` (official quirk); descending score. One upload of ``pixels``,
+        one download of the rows; everything between stays on the detector's device.
+        """
+        height, width = pixels.shape[:2]
+        with torch.inference_mode():
+            # HWC -> (1, 3, h', w') float32, BGR minus mean. The permuted view keeps the
+            # channels-last strides the official numpy-transpose input had; on CPU that also
+            # selects the faster channels-last convolutions (about 4x here).
+            pixels = pixels.to(self.device).permute(2, 0, 1).unsqueeze(0)
+            net_input = pixels.to(torch.float32) - self._mean
+            loc, conf, landms = self.net(net_input)  # (1, P, 4), (1, P, 2), (1, P, 10)
+            face_scores = conf[0, :, 1]  # (P,)
+
+            keep = torch.nonzero(face_scores > CONFIDENCE_THRESHOLD).squeeze(1)
+            scores = face_scores[keep]
+            order = torch.argsort(scores, descending=True, stable=True)
+            keep, scores = keep[order], scores[order]
+
+            priors = self.priors(height, width)[keep]
+            boxes = to_pixels(decode_boxes(loc[0, keep], priors), width, height)  # (K, 4) input pixels
+            points = to_pixels(decode_landmarks(landms[0, keep], priors), width, height)  # (K, 10)
+
+            kept = torchvision.ops.nms(boxes, scores, NMS_IOU_THRESHOLD)  # descending score order
+            rows = torch.cat([boxes[kept], scores[kept, None], points[kept]], dim=1)  # (F, 15)
+            # The whole row, score included, is divided by the nominal scale (a float32
+            # divide, as NumPy does it).
+            rows = divide_exactly(rows, scale)
+
+            # Official off-by-one: columns 6..9 are (le_y, re_x, re_y, nose_x), so this is
+            # sqrt((le_y - re_y)^2 + (re_x - nose_x)^2), not the eye distance.
+            eye_distance = torch.sqrt((rows[:, 6] - rows[:, 8]) ** 2 + (rows[:, 7] - rows[:, 9]) ** 2)
+            return rows[~(eye_distance < EYE_DISTANCE_THRESHOLD)].cpu()
 
     def detect(self, image: np.ndarray, max_faces: int | None = None) -> Detections:
         """Faces of one uint8 BGR working image (h, w, 3), at most ``max_faces`` of them.
@@ -164,45 +218,11 @@ class FaceDetector:
         resized, scale = resize_for_detector(image)
         if not (resized.flags.writeable and resized.flags.c_contiguous):
             resized = resized.copy()  # torch.from_numpy needs a writable array with positive strides
-        height, width = resized.shape[:2]
-        with torch.inference_mode():
-            # HWC -> (1, 3, h', w') float32, BGR minus mean. The permuted view keeps the
-            # channels-last strides the official numpy-transpose input had; on CPU that also
-            # selects the faster channels-last convolutions (about 4x here).
-            pixels = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).unsqueeze(0)
-            net_input = pixels.to(torch.float32) - self._mean
-            loc, conf, landms = self.net(net_input)  # (1, P, 4), (1, P, 2), (1, P, 10)
-            face_scores = conf[0, :, 1]  # (P,)
-
-            keep = torch.nonzero(face_scores > CONFIDENCE_THRESHOLD).squeeze(1)
-            scores = face_scores[keep]
-            order = torch.argsort(scores, descending=True, stable=True)
-            keep, scores = keep[order], scores[order]
-
-            priors = self.priors(height, width)[keep]
-            box_scale = torch.tensor([width, height] * 2, dtype=torch.float32, device=self.device)
-            point_scale = torch.tensor([width, height] * 5, dtype=torch.float32, device=self.device)
-            boxes = decode_boxes(loc[0, keep], priors) * box_scale  # (K, 4) detector-input pixels
-            points = decode_landmarks(landms[0, keep], priors) * point_scale  # (K, 10)
-
-            kept = torchvision.ops.nms(boxes, scores, NMS_IOU_THRESHOLD)  # descending score order
-            rows = torch.cat([boxes[kept], scores[kept, None], points[kept]], dim=1)  # (F, 15)
-            # The whole row, score included, is divided by the nominal scale (a float32
-            # divide, as NumPy does it); a 1-element tensor so no device turns it into a
-            # multiply by the reciprocal.
-            rows = rows / torch.tensor([scale], dtype=torch.float32, device=self.device)
-
-            # Official off-by-one: columns 6..9 are (le_y, re_x, re_y, nose_x), so this is
-            # sqrt((le_y - re_y)^2 + (re_x - nose_x)^2), not the eye distance.
-            eye_distance = torch.sqrt((rows[:, 6] - rows[:, 8]) ** 2 + (rows[:, 7] - rows[:, 9]) ** 2)
-            rows = rows[~(eye_distance < EYE_DISTANCE_THRESHOLD)]
-
-            dropped = 0
-            if max_faces is not None and rows.shape[0] > max_faces:
-                dropped = rows.shape[0] - max_faces
-                rows = rows[:max_faces]  # already in descending score order
-            result = rows.cpu().numpy()
-
+        result = self.detect_rows(torch.from_numpy(resized), scale).numpy()  # (F, 15), descending score
+        dropped = 0
+        if max_faces is not None and len(result) > max_faces:
+            dropped = len(result) - max_faces
+            result = result[:max_faces]
         if dropped:
             logger.info(
                 "kept the %d highest-scoring faces of %d; raise max_faces to keep more",

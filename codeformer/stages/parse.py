@@ -67,13 +67,17 @@ class FaceParser(FaceBatchNet):
         """
         if len(faces) == 0:
             return np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=bool)
+        return self.labels_tensor(torch.from_numpy(np.ascontiguousarray(faces)), mixed_precision).numpy()
+
+    def labels_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
+        """``labels``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) bool, both on the host."""
 
         def forward(chunk: torch.Tensor) -> torch.Tensor:
             logits = self.net(chunk)[0]  # (B, 19, 512, 512)
             return self._face_classes[logits.argmax(dim=1)]  # first maximum wins, as NumPy's argmax
 
         with torch.inference_mode():
-            return self._run(faces, mixed_precision, forward).cpu().numpy()
+            return self._run(faces, mixed_precision, forward).cpu()  # the one device->host copy
 
     def masks(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8 BGR (or float64 gray) faces -> (F, 512, 512) float64 masks in [0, 1].

@@ -1,8 +1,10 @@
 """Restore each aligned 512x512 crop with CodeFormer (spec §5).
 
 uint8 BGR crops go to the device once, are normalised there, run through the network in
-chunks, and come back to the CPU once as uint8 BGR faces. Unlike the official helper, a
-failing network call is not replaced by the input face: the error propagates.
+chunks, and come back to the CPU once as uint8 BGR faces. The device part
+(``FaceRestorer.restore_tensor``) takes and returns host tensors, so that it runs on fake
+CUDA tensors in the tests. Unlike the official helper, a failing network call is not
+replaced by the input face: the error propagates.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 from codeformer.config import FACE_SIZE
 from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
-from codeformer.runtime import autocast_dtype
+from codeformer.runtime import autocast_dtype, divide_exactly
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def check_face_batch(
         )
 
 
-def crops_to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
+def crops_to_tensor(crops: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """(F, 512, 512, 3) uint8 (or float64) BGR -> (F, 3, 512, 512) float32 RGB in [-1, 1] on ``device``.
 
     The input normalisation of both CodeFormer (§5 step 1) and ParseNet (§6.3 step 9a),
@@ -46,14 +48,16 @@ def crops_to_tensor(crops: np.ndarray, device: torch.device) -> torch.Tensor:
     are equal (spec Appendix C; tests check all 256 levels), so one cast-then-divide serves
     both, and it is ParseNet's recipe exactly for the float64 gray faces it also receives.
     """
-    crops_bgr = torch.from_numpy(np.ascontiguousarray(crops)).to(device)  # the one host->device copy
+    if isinstance(crops, np.ndarray):
+        crops = torch.from_numpy(np.ascontiguousarray(crops))
+    crops_bgr = crops.to(device)  # the one host->device copy
     crops_rgb = crops_bgr.flip(-1).permute(0, 3, 1, 2)  # (F, 3, H, W) RGB
-    unit = crops_rgb.to(torch.float32) / 255.0  # [0, 1]
+    unit = divide_exactly(crops_rgb.to(torch.float32), 255.0)  # [0, 1]
     return ((unit - 0.5) / 0.5).contiguous()
 
 
-def tensor_to_faces(out: torch.Tensor) -> np.ndarray:
-    """(F, 3, 512, 512) network output -> (F, 512, 512, 3) uint8 BGR (spec §5.3).
+def output_to_faces(out: torch.Tensor) -> torch.Tensor:
+    """(F, 3, 512, 512) network output -> (F, 512, 512, 3) uint8 BGR on the host (spec §5.3).
 
     Clamp to [-1, 1], (t + 1) / 2, x 255 in float32, round half to even, uint8: the
     official ``tensor2img`` step by step, computed on the tensor's device.
@@ -61,7 +65,12 @@ def tensor_to_faces(out: torch.Tensor) -> np.ndarray:
     unit = (out.to(torch.float32).clamp(-1.0, 1.0) + 1.0) / 2.0
     levels = (unit * 255.0).round()  # torch.round is half-to-even, like NumPy's
     faces_bgr = levels.to(torch.uint8).flip(1).permute(0, 2, 3, 1)  # (F, H, W, 3) BGR
-    return faces_bgr.contiguous().cpu().numpy()  # the one device->host copy
+    return faces_bgr.contiguous().cpu()  # the one device->host copy
+
+
+def tensor_to_faces(out: torch.Tensor) -> np.ndarray:
+    """``output_to_faces`` as a NumPy array."""
+    return output_to_faces(out).numpy()
 
 
 class FaceBatchNet:
@@ -79,9 +88,9 @@ class FaceBatchNet:
         self.batch_size = batch_size
 
     def _run(
-        self, faces: np.ndarray, mixed_precision: bool, forward: Callable[[torch.Tensor], torch.Tensor]
+        self, faces: torch.Tensor, mixed_precision: bool, forward: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """``forward`` over (F, 512, 512, 3) BGR faces in chunks; its outputs concatenated."""
+        """``forward`` over (F, 512, 512, 3) host BGR faces in chunks; outputs joined on the device."""
         precision = autocast_dtype(self.device)
         faces_in = crops_to_tensor(faces, self.device)  # (F, 3, 512, 512) float in [-1, 1]
         outputs = []
@@ -111,10 +120,17 @@ class FaceRestorer(FaceBatchNet):
         if len(crops) == 0:
             return np.empty((0, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
 
+        faces_out = self.restore_tensor(
+            torch.from_numpy(np.ascontiguousarray(crops)), fidelity, mixed_precision
+        )
+        logger.debug("restored %d faces (w=%.3f, mixed_precision=%s)", len(crops), fidelity, mixed_precision)
+        return faces_out.numpy()
+
+    def restore_tensor(self, crops: torch.Tensor, fidelity: float, mixed_precision: bool) -> torch.Tensor:
+        """``restore``'s device part: (F, 512, 512, 3) uint8 BGR crops -> restored faces, both on the host."""
+
         def forward(chunk: torch.Tensor) -> torch.Tensor:
             return self.net(chunk, w=float(fidelity), adain=True)[0].to(torch.float32)
 
         with torch.inference_mode():
-            faces_out = tensor_to_faces(self._run(crops, mixed_precision, forward))
-        logger.debug("restored %d faces (w=%.3f, mixed_precision=%s)", len(crops), fidelity, mixed_precision)
-        return faces_out
+            return output_to_faces(self._run(crops, mixed_precision, forward))

@@ -1,0 +1,112 @@
+"""Fake CUDA tensors for the device-placement tests: nets on a GPU this machine does not have.
+
+``torch._subclasses.fake_tensor.FakeTensorMode`` propagates shapes, dtypes and devices
+without computing anything, and refuses a CPU tensor meeting a CUDA one
+(``FakeTensorDeviceMismatchError``). Two steps make CUDA work without a GPU: parameters and
+buffers are converted one by one (``Module.to`` cannot move fake tensors), and
+``torch.autocast("cuda")`` is built while ``torch.cuda.is_available()`` reports True
+(otherwise it warns and disables itself). ``DeviceLog`` records what crosses between host
+and device while the code under test runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from codeformer.runtime import replace_tensors
+
+CUDA = torch.device("cuda", 0)
+
+
+def fake_cuda_mode() -> FakeTensorMode:
+    """A fake-tensor mode for stage code.
+
+    Real tensors made inside (``torch.from_numpy``) are accepted and become fake CPU
+    tensors; the shape environment lets data-dependent sizes (nonzero, boolean masks, NMS)
+    stay symbolic.
+    """
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+
+
+def to_fake_cuda(net: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """``net`` with each parameter and buffer replaced by a fake copy on CUDA, in place.
+
+    Static shapes: the mode's shape environment would give them symbolic sizes, which
+    ``copy.deepcopy`` (the runtime's optimized copies) cannot handle.
+    """
+
+    def fake_cuda_copy(_module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        return mode.from_tensor(tensor, static_shapes=True).to(CUDA)
+
+    with mode:
+        return replace_tensors(net, fake_cuda_copy)
+
+
+@contextlib.contextmanager
+def cuda_reported_available() -> Iterator[None]:
+    """``torch.cuda.is_available()`` is True in the block, so that ``torch.autocast("cuda")`` engages."""
+    with mock.patch.object(torch.cuda, "is_available", return_value=True):
+        yield
+
+
+# Under inference mode composite ops reach the dispatch mode undecomposed: ``Tensor.to``
+# as aten.to (aten._to_copy outside it), ``F.conv2d`` as aten.conv2d (aten.convolution)
+COPY_OPS = ("aten.to", "aten._to_copy", "aten.copy_")
+CONVOLUTION_OPS = ("aten.conv2d", "aten.convolution")
+
+
+def _devices(tree: object) -> list[str]:
+    return [leaf.device.type for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+@dataclass
+class DeviceLog(TorchDispatchMode):
+    """Every aten op run in the block, sorted into what matters for device placement.
+
+    ``uploads``/``downloads``: copies host->device and device->host (``_to_copy``, ``copy_``);
+    ``host_ops``: every other op with a CPU tensor among its inputs or outputs (a tensor
+    made or computed on the host); ``dtype_clashes``: convolutions whose input and weight
+    dtypes differ, which CUDA refuses but fake tensors let through.
+    """
+
+    uploads: list[str] = field(default_factory=list)
+    downloads: list[str] = field(default_factory=list)
+    host_ops: list[str] = field(default_factory=list)
+    dtype_clashes: list[str] = field(default_factory=list)
+    convolution_dtypes: list[torch.dtype] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: tuple[type, ...],
+        args: tuple[object, ...] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func.overloadpacket)
+        inputs, outputs = _devices((args, kwargs)), _devices(out)
+        if name in COPY_OPS and set(inputs) != set(outputs):
+            source = inputs[-1] if name == "aten.copy_" else inputs[0]  # copy_(destination, source)
+            (self.uploads if source == "cpu" else self.downloads).append(name)
+        elif "cpu" in inputs + outputs and name != "prim.device":
+            self.host_ops.append(name)
+        if name in CONVOLUTION_OPS:
+            data, weight = args[0], args[1]
+            self.convolution_dtypes.append(data.dtype)
+            if data.dtype != weight.dtype:
+                self.dtype_clashes.append(f"input {data.dtype}, weight {weight.dtype}")
+        return out

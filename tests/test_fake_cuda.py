@@ -1,0 +1,239 @@
+"""Device placement on CUDA, proved on a CPU with fake tensors (``tests/fake_cuda.py``).
+
+Every torch path a CUDA request takes runs here on fake CUDA tensors: the three nets as the
+runtime hands them to each profile and stability mode (float32; fp16 autocast with the
+optimized copies' fp16 convolution weights; channels_last), and each stage's device part
+from its one upload to its one download. Nothing is computed, so each case takes about a
+second; what is checked is where tensors live, their dtypes, and what crosses the bus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+import torch
+from fake_cuda import CUDA, DeviceLog, cuda_reported_available, fake_cuda_mode, to_fake_cuda
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+
+from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES
+from codeformer.nets.codeformer import CodeFormer
+from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
+from codeformer.nets.retinaface import RetinaFace
+from codeformer.runtime import Nets, Runtime
+from codeformer.stages.detect import FaceDetector, prior_boxes
+from codeformer.stages.parse import FaceParser
+from codeformer.stages.restore import FaceRestorer
+
+pytestmark = [
+    # torchvision's NMS shape rule and deepcopy of fake parameters warn about torch internals
+    pytest.mark.filterwarnings("ignore:`create_unbacked_symint` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor:UserWarning"),
+]
+
+T = TypeVar("T")
+FACE_BATCH = 4  # Settings.face_batch's default: 5 faces make two chunks
+FACES = 5
+
+
+def device_variants(use_parse_only: bool = False) -> list[object]:
+    """(mixed_precision, stability) of every profile x stability mode a request can ask for on CUDA.
+
+    Profiles that share a precision (fast, max_speed) run the same nets: one case, named
+    after all of them. On CUDA mixed precision always pays (``mixed_precision_pays``).
+    """
+    profiles: dict[bool, list[str]] = {}
+    for name, profile in PROFILES.items():
+        if profile.use_parse or not use_parse_only:
+            profiles.setdefault(profile.mixed_precision, []).append(name)
+    return [
+        pytest.param(mixed_precision, stability, id=f"{'+'.join(names)}-{stability}")
+        for mixed_precision, names in profiles.items()
+        for stability in STABILITY_MODES
+    ]
+
+
+@pytest.fixture(scope="module")
+def mode() -> FakeTensorMode:
+    return fake_cuda_mode()
+
+
+@pytest.fixture(scope="module")
+def runtime(mode: FakeTensorMode) -> Iterator[Runtime]:
+    """A runtime on fake CUDA nets with the official configurations and random initial weights."""
+    nets = Nets(*(to_fake_cuda(net.eval(), mode) for net in (CodeFormer(), RetinaFace(), ParseNet())))
+    # Runtime sets CUDA's numerics flags for safe mode: restored when this module's tests end
+    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32")]
+    flags.append((torch.backends.cuda.matmul, "allow_tf32"))
+    saved = [(module, flag, getattr(module, flag)) for module, flag in flags]
+    runtime = Runtime(nets, CUDA)
+    assert runtime.mixed_precision, "on CUDA the fast profiles always get fp16"
+    yield runtime
+    for module, flag, value in saved:
+        setattr(module, flag, value)
+
+
+def nets_for(runtime: Runtime, mode: FakeTensorMode, mixed_precision: bool, stability: str) -> Nets:
+    """The nets the pipeline runs a request with these settings on."""
+    with mode:  # the optimized copies are made from the fake nets
+        return runtime.nets_for(STABILITY_MODES[stability], "none", mixed_precision)
+
+
+def host_tensor(mode: FakeTensorMode, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A fake host tensor standing for ``torch.from_numpy`` of a decoded image or crop batch."""
+    with mode:
+        return torch.empty(shape, dtype=dtype)
+
+
+def run_logged(mode: FakeTensorMode, function: Callable[..., T], *args: object) -> tuple[T, DeviceLog]:
+    """``function(*args)`` on fake tensors, with autocast("cuda") able to engage; its result and log."""
+    with mode, cuda_reported_available(), DeviceLog() as log:
+        result = function(*args)
+    return result, log
+
+
+def assert_one_copy_each_way(log: DeviceLog) -> None:
+    assert len(log.uploads) == 1, "one host->device copy: the stage's input"
+    assert len(log.downloads) == 1, "one device->host copy: the stage's result"
+    assert log.host_ops == [], "no tensor made or computed on the host inside the CUDA path"
+    assert log.dtype_clashes == [], "a convolution CUDA would refuse"
+
+
+@pytest.mark.parametrize(("mixed_precision", "stability"), device_variants())
+def test_runtime_hands_each_request_cuda_nets_in_its_precision_and_memory_format(
+    runtime: Runtime, mode: FakeTensorMode, mixed_precision: bool, stability: str
+) -> None:
+    """Safe: the nets as loaded; optimized: channels_last, fp16 convolutions when mixed (detector fp32)."""
+    nets = nets_for(runtime, mode, mixed_precision, stability)
+    optimized = STABILITY_MODES[stability].compiled
+    memory_format = torch.channels_last if optimized else torch.contiguous_format
+    for name, net in vars(nets).items():
+        reduced = optimized and mixed_precision and name != "retinaface"
+        weights = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert {t.device for t in [*net.parameters(), *net.buffers()]} == {CUDA}, name
+        assert {w.dtype for w in weights} == {torch.float16 if reduced else torch.float32}, name
+        assert all(w.is_contiguous(memory_format=memory_format) for w in weights), name
+
+
+@pytest.mark.parametrize(("mixed_precision", "stability"), device_variants())
+def test_nets_run_on_cuda_in_every_profile(
+    runtime: Runtime, mode: FakeTensorMode, mixed_precision: bool, stability: str
+) -> None:
+    """Each net's forward as its stage calls it: outputs on CUDA, in the autocast dtype when mixed."""
+    nets = nets_for(runtime, mode, mixed_precision, stability)
+    autocast_dtype = torch.float16 if mixed_precision else torch.float32
+    with mode:
+        faces = torch.empty((2, 3, FACE_SIZE, FACE_SIZE), device=CUDA)  # normalised crops
+        detector_input = torch.empty((1, 3, 640, 480), device=CUDA)
+
+    def forwards() -> dict[str, tuple[torch.Tensor, ...]]:
+        with torch.inference_mode():
+            detector_out = nets.retinaface(detector_input)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=mixed_precision):
+                return {
+                    "codeformer": nets.codeformer(faces, w=0.5, adain=True),
+                    "parsenet": nets.parsenet(faces),
+                    "retinaface": detector_out,
+                }
+
+    outputs, log = run_logged(mode, forwards)
+    assert (log.uploads, log.downloads, log.host_ops, log.dtype_clashes) == ([], [], [], [])
+    assert set(log.convolution_dtypes) == ({torch.float32, autocast_dtype})
+    restored, logits, quantised = outputs["codeformer"]
+    assert (restored.device, restored.dtype, restored.shape) == (
+        CUDA,
+        autocast_dtype,
+        (2, 3, FACE_SIZE, FACE_SIZE),
+    )
+    assert (logits.device, logits.dtype) == (CUDA, torch.float32)  # the transformer's code logits
+    assert quantised.device == CUDA
+    parse_logits = outputs["parsenet"][0]
+    assert (parse_logits.device, parse_logits.dtype, parse_logits.shape) == (
+        CUDA,
+        autocast_dtype,
+        (2, PARSE_CLASSES, FACE_SIZE, FACE_SIZE),
+    )
+    anchors = prior_boxes(640, 480).shape[0]
+    loc, conf, landms = outputs["retinaface"]  # the detector always runs in float32
+    assert [(t.device, t.dtype, tuple(t.shape)) for t in (loc, conf, landms)] == [
+        (CUDA, torch.float32, (1, anchors, size)) for size in (4, 2, 10)
+    ]
+
+
+@pytest.mark.parametrize("stability", list(STABILITY_MODES))
+@pytest.mark.parametrize(("height", "width"), [(640, 853)])
+def test_detector_uploads_the_image_and_downloads_the_rows_only(
+    runtime: Runtime, mode: FakeTensorMode, stability: str, height: int, width: int
+) -> None:
+    """Pre-processing, RetinaFace, priors, decoding, NMS, the scale and eye-distance filters all on CUDA."""
+    nets = nets_for(runtime, mode, False, stability)
+    with mode:
+        detector = FaceDetector(nets.retinaface, CUDA)
+    pixels = host_tensor(mode, (height, width, 3), torch.uint8)
+    for _ in range(2):  # the second call finds its priors in the cache
+        rows, log = run_logged(mode, detector.detect_rows, pixels, 640 / min(height, width))
+        assert_one_copy_each_way(log)
+        assert (rows.device.type, rows.dtype, rows.shape[1]) == ("cpu", torch.float32, 15)
+        assert set(log.convolution_dtypes) == {torch.float32}
+    assert detector.priors(height, width).device == CUDA
+
+
+@pytest.mark.parametrize(("mixed_precision", "stability"), device_variants())
+def test_restorer_uploads_the_crops_and_downloads_the_faces_only(
+    runtime: Runtime, mode: FakeTensorMode, mixed_precision: bool, stability: str
+) -> None:
+    """uint8 crops -> normalised RGB -> CodeFormer in two chunks -> uint8 BGR faces, on CUDA."""
+    nets = nets_for(runtime, mode, mixed_precision, stability)
+    with mode:
+        restorer = FaceRestorer(nets.codeformer, CUDA, batch_size=FACE_BATCH)
+    crops = host_tensor(mode, (FACES, FACE_SIZE, FACE_SIZE, 3), torch.uint8)
+    faces, log = run_logged(mode, restorer.restore_tensor, crops, 0.5, mixed_precision)
+    assert_one_copy_each_way(log)
+    assert (faces.device.type, faces.dtype, faces.shape) == ("cpu", torch.uint8, crops.shape)
+    assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
+
+
+@pytest.mark.parametrize(("mixed_precision", "stability"), device_variants(use_parse_only=True))
+@pytest.mark.parametrize("face_dtype", [torch.uint8, torch.float64])  # restored faces; gray inputs' float64
+def test_parser_uploads_the_faces_and_downloads_the_labels_only(
+    runtime: Runtime, mode: FakeTensorMode, mixed_precision: bool, stability: str, face_dtype: torch.dtype
+) -> None:
+    """Normalisation, ParseNet in two chunks, argmax and the face-class lookup, on CUDA."""
+    nets = nets_for(runtime, mode, mixed_precision, stability)
+    with mode:
+        parser = FaceParser(nets.parsenet, CUDA, batch_size=FACE_BATCH)
+    faces = host_tensor(mode, (FACES, FACE_SIZE, FACE_SIZE, 3), face_dtype)
+    labels, log = run_logged(mode, parser.labels_tensor, faces, mixed_precision)
+    assert_one_copy_each_way(log)
+    assert (labels.device.type, labels.dtype, labels.shape) == ("cpu", torch.bool, faces.shape[:3])
+    assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
+
+
+def test_device_log_sees_what_the_stage_tests_forbid(mode: FakeTensorMode) -> None:
+    """The instrument itself: stray copies, host-made tensors and dtype clashes are all recorded."""
+    with mode:
+        image = torch.empty((1, 3, 8, 8), device=CUDA)
+        weight = torch.empty((4, 3, 3, 3), device=CUDA)
+    with mode, DeviceLog() as log:
+        shifted = image - torch.tensor([1.0, 2.0, 3.0], device=CUDA).view(1, 3, 1, 1)  # built on the host
+        torch.nn.functional.conv2d(shifted, weight.half())
+        shifted.cpu()
+    assert log.uploads == ["aten._to_copy"] and log.downloads == ["aten._to_copy"]
+    assert log.host_ops and log.dtype_clashes == ["input torch.float32, weight torch.float16"]
+    with mode, pytest.raises(FakeTensorDeviceMismatchError):
+        image + torch.ones(3, 8, 8)  # a CPU tensor meeting a CUDA one
+
+
+def test_autocast_on_fake_cuda_needs_cuda_reported_available(mode: FakeTensorMode) -> None:
+    """Why the stage tests patch ``torch.cuda.is_available``: otherwise autocast("cuda") is off."""
+    with mode:
+        image, weight = torch.empty((1, 3, 8, 8), device=CUDA), torch.empty((4, 3, 3, 3), device=CUDA)
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        disabled = torch.autocast("cuda", dtype=torch.float16)
+    with mode, disabled:
+        assert torch.nn.functional.conv2d(image, weight).dtype == torch.float32
+    with cuda_reported_available():
+        enabled = torch.autocast("cuda", dtype=torch.float16)
+    with mode, enabled:
+        assert torch.nn.functional.conv2d(image, weight).dtype == torch.float16
