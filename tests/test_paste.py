@@ -17,7 +17,7 @@ from codeformer import random_weights
 from codeformer.errors import InternalError
 from codeformer.nets.parsenet import ParseNet
 from codeformer.pipeline import to_gray_faces
-from codeformer.stages import paste
+from codeformer.stages import paste, warp
 from codeformer.stages.parse import FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import to_working_image
@@ -227,6 +227,27 @@ def test_region_warp_equals_full_canvas_warp(dtype: str) -> None:
         full = cv2.warpAffine(source, inverse_affine, (width, height))
         (got,) = warp_into_region([source], inverse_affine, region, width)
         assert np.array_equal(got, full[region.slices]), f"trial {trial}"
+
+
+def test_fused_coordinates_fast_path_equals_the_exact_fma() -> None:
+    """The float64 shortcut of the maps' fused multiply-add, on rows chosen to defeat it.
+
+    Rows near zero (down to subnormals) make the float64 sum inexact: those rows must take
+    the exact path; a row cancelling a column's product, zero rows and m_x = 0 are edges.
+    """
+    rng = np.random.default_rng(11)
+    for trial in range(400):
+        m_x = np.float32(rng.choice([-1.0, 1.0]) * 10 ** rng.uniform(-8, 3)) if trial % 40 else np.float32(0)
+        start = int(rng.integers(0, 30000))
+        xs = np.arange(start, start + int(rng.integers(0, 48)), dtype=np.float32)
+        rows = (rng.choice([-1.0, 1.0], 32) * 10 ** rng.uniform(-45, 5, 32)).astype(np.float32)
+        rows[:2] = 0.0
+        if len(xs):
+            rows[2] = np.float32(-np.float64(m_x) * xs[len(xs) // 2])
+        got = np.empty((len(rows), len(xs)), np.float32)
+        warp._fma32_grid(m_x, xs, rows, got)
+        expected = warp._fma32(np.broadcast_to(m_x, xs.shape)[None, :], xs[None, :], rows[:, None])
+        assert np.array_equal(got, expected), f"trial {trial}"
 
 
 def test_translated_matrix_warp_differs_which_is_why_maps_are_used() -> None:

@@ -118,6 +118,28 @@ def _read_canvas(image: np.ndarray, patches: list[_Patch], region: Region, dtype
     return values
 
 
+def _three_channels(mask: np.ndarray) -> np.ndarray:
+    """(h, w) mask -> (h, w, 3): NumPy multiplies equal shapes ~5x faster than an (h, w, 1) broadcast."""
+    return cv2.merge([mask, mask, mask])
+
+
+def _product(values: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """values · factor in NumPy's result dtype, rounded as ``values * factor`` is; reuses ``values``.
+
+    ``values`` must be an array the caller owns and no longer needs. Widening it first (uint8
+    or float32 into float32/float64) is exact, as NumPy's own promotion is.
+    """
+    values = values.astype(np.result_type(values, factor), copy=False)
+    return np.multiply(values, factor, out=values)
+
+
+def _sum(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """first + second as NumPy computes it, written into whichever operand has the result dtype."""
+    dtype = np.result_type(first, second)
+    out = first if first.dtype == dtype else second if second.dtype == dtype else None
+    return np.add(first, second, out=out)
+
+
 def _blend_dtype(mask_dtype: np.dtype, face_dtype: np.dtype, canvas_dtype: np.dtype) -> np.dtype:
     """The dtype of mask·face + (1 − mask)·canvas under NumPy's promotion rules."""
     mask, face, canvas = (np.zeros((0, 1, 1), d) for d in (mask_dtype, face_dtype, canvas_dtype))
@@ -194,19 +216,24 @@ def paste_faces(
         )
         # 2x2 kernel, anchor (1, 1): min over the pixel and its up/left/up-left neighbours
         inv_mask_erosion = cv2.erode(inv_mask, MASK_EROSION_KERNEL)
-        pasted_face = inv_mask_erosion[:, :, None] * inv_restored  # float32 (float64 for gray)
+        pasted_face = _product(inv_restored, _three_channels(inv_mask_erosion))  # float32 (float64 for gray)
         w_edge = _edge_width(inv_mask_erosion, region, canvas_hw)
         erosion_radius = 2 * w_edge
         # an empty kernel (w_edge 0) makes OpenCV erode with a 3x3 square, as officially
         inv_mask_center = cv2.erode(inv_mask_erosion, np.ones((erosion_radius, erosion_radius), np.uint8))
         blur_size = 2 * w_edge
-        inv_soft_mask = cv2.GaussianBlur(inv_mask_center, (blur_size + 1, blur_size + 1), 0)[:, :, None]
+        inv_soft_mask = cv2.GaussianBlur(inv_mask_center, (blur_size + 1, blur_size + 1), 0)
         if inv_parse_mask:
             # the official (parse < soft) selection, i.e. the minimum, in float64
-            inv_soft_mask = np.minimum(inv_parse_mask[0][:, :, None], inv_soft_mask)
-        current = _read_canvas(image, patches, region, canvas_dtype)  # (h, w, 3) as img holds it now
-        # float64 with parse masks, float32 without; no rounding between faces
-        blended = inv_soft_mask * pasted_face + (1 - inv_soft_mask) * current
+            inv_soft_mask = np.minimum(inv_parse_mask[0], inv_soft_mask)
+        # the official blend, soft·pasted + (1 − soft)·img: float64 with parse masks, float32
+        # without; no rounding between faces
+        soft_mask = _three_channels(inv_soft_mask)
+        weighted_face = _product(pasted_face, soft_mask)
+        keep = np.subtract(1, soft_mask, out=soft_mask)  # 1 − soft, in the soft mask's dtype
+        # the region of img as it stands, in the dtype NumPy would promote it to for the product
+        current = _read_canvas(image, patches, region, np.result_type(keep, canvas_dtype))
+        blended = _sum(weighted_face, _product(current, keep))
         canvas_dtype = blended.dtype
         patches.append(_Patch(region, blended))
     output = image.copy()
@@ -215,5 +242,6 @@ def paste_faces(
         # maximum exceeds 256. Colour faces never leave [0, 255] (a convex mix of values in
         # [0, 255]), so clipping changes nothing there; gray faces re-coloured by AdaIN can,
         # and our output is always uint8, so they are clipped first instead of wrapping.
-        output[patch.region.slices] = np.clip(patch.values, 0, 255).astype(np.uint8)
+        # (assigning float values to uint8 truncates as astype does)
+        output[patch.region.slices] = np.clip(patch.values, 0, 255, out=patch.values)
     return output

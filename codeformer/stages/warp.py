@@ -123,9 +123,34 @@ def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     )
     ambiguous = halfway & (error != 0.0)
     if np.any(ambiguous):
-        nudged = np.nextafter(total, total + np.sign(error) * np.inf)
+        nudged = np.nextafter(total, np.where(error > 0, np.inf, -np.inf))
         rounded = np.where(ambiguous, nudged.astype(np.float32), rounded)
     return rounded
+
+
+def _fma32_grid(m_x: np.float32, xs: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[i, j] = float32 fma(m_x, xs[j], rows[i]): float32 (w,) columns, (h,) rows, (h, w) out.
+
+    Fast path, exact: m_x·x is exact in float64, and so is its float64 sum with a row
+    value whenever both terms are multiples of some power of two q (the smaller of their
+    float32 ulps) and the sum's magnitude is under q·2^53; that sum rounded once to float32
+    is the fused multiply-add's result. Warp coordinates meet the bound by ~10 bits; a row
+    that cannot be shown to meet it (a row value very near zero) goes through ``_fma32``.
+    """
+    products = np.float64(m_x) * xs.astype(np.float64)  # (w,) exact
+    rows64 = rows.astype(np.float64)
+    # float64 sum, rounded to float32 on the way into out (NumPy's cast: round to nearest even)
+    np.add(rows64[:, None], products[None, :], out=out, dtype=np.float64, casting="same_kind")
+
+    def ulp(values: np.ndarray) -> np.ndarray:
+        # a float32 value is a multiple of its ulp; zero is a multiple of every power of two
+        return np.where(values == 0, np.inf, np.spacing(np.abs(values)).astype(np.float64))
+
+    quantum = np.minimum(ulp(np.asarray(m_x)), ulp(rows))  # (h,)
+    bound = np.abs(products).max(initial=0.0) + np.abs(rows64)
+    unproven = bound >= quantum * 2.0**53
+    if np.any(unproven):
+        out[unproven] = _fma32(np.broadcast_to(m_x, xs.shape)[None, :], xs[None, :], rows[unproven][:, None])
 
 
 def _float_maps(
@@ -140,23 +165,26 @@ def _float_maps(
     columns of the canvas) evaluates fma(x, M0, f32(y·M1)) + M2.
     """
     matrix = cv2.invertAffineTransform(inverse_affine).astype(np.float32)  # canvas -> face
-    xs = np.arange(region.x0, region.x1, dtype=np.float32)[None, :]  # (1, w)
-    ys = np.arange(region.y0, region.y1, dtype=np.float32)[:, None]  # (h, 1)
+    xs = np.arange(region.x0, region.x1, dtype=np.float32)  # (w,)
+    ys = np.arange(region.y0, region.y1, dtype=np.float32)  # (h,)
     assert recipe.float_lanes is not None
     tail_start = canvas_width - canvas_width % recipe.float_lanes if recipe.float_lanes else 0
-    in_tail = xs >= tail_start  # (1, w)
+    body_end = int(np.clip(tail_start - region.x0, 0, len(xs)))  # region columns before the tail
+    body_xs, tail_xs = xs[:body_end], xs[body_end:]
     maps = []
-    for m_x, m_y, m_const in (matrix[0], matrix[1]):
-        m_x, m_y, m_const = np.float32(m_x), np.float32(m_y), np.float32(m_const)
-        row_scaled = ys * m_y  # (h, 1) float32
+    for m_x, m_y, m_const in matrix:
+        row_scaled = ys * m_y  # (h,) float32
         row_const = row_scaled + m_const
+        coordinates = np.empty((len(ys), len(xs)), dtype=np.float32)
+        body, tail = coordinates[:, :body_end], coordinates[:, body_end:]
         if recipe.float_fused:
-            body = _fma32(np.broadcast_to(m_x, xs.shape), xs, row_const)
-            tail = _fma32(xs, np.broadcast_to(m_x, xs.shape), row_scaled) + m_const
+            _fma32_grid(m_x, body_xs, row_const, body)
+            _fma32_grid(m_x, tail_xs, row_scaled, tail)
+            tail += m_const
         else:
-            body = xs * m_x + row_const
-            tail = (xs * m_x + row_scaled) + m_const
-        maps.append(np.ascontiguousarray(np.where(in_tail, tail, body), dtype=np.float32))
+            body[...] = body_xs[None, :] * m_x + row_const[:, None]
+            tail[...] = (tail_xs[None, :] * m_x + row_scaled[:, None]) + m_const
+        maps.append(coordinates)
     return maps[0], maps[1]
 
 
