@@ -12,6 +12,7 @@ and device while the code under test runs.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from unittest import mock
@@ -65,6 +66,21 @@ COPY_OPS = ("aten.to", "aten._to_copy", "aten.copy_")
 CONVOLUTION_OPS = ("aten.conv2d", "aten.convolution")
 
 
+DIVISION_OPS = ("aten.div", "aten.div_")
+
+
+def _inexact_on_cuda(numerator: torch.Tensor, divisor: object) -> bool:
+    """Whether CUDA's multiply by ``1 / divisor`` can differ from the true division.
+
+    So it can for a float tensor on CUDA and a host number that is not a power of two
+    (whose reciprocal is inexact).
+    """
+    if not isinstance(divisor, float | int) or divisor == 0:
+        return False
+    exact_reciprocal = math.frexp(divisor)[0] in (0.5, -0.5)
+    return numerator.device.type == "cuda" and numerator.is_floating_point() and not exact_reciprocal
+
+
 def _devices(tree: object) -> list[str]:
     return [leaf.device.type for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
@@ -76,7 +92,9 @@ class DeviceLog(TorchDispatchMode):
     ``uploads``/``downloads``: copies host->device and device->host (``_to_copy``, ``copy_``);
     ``host_ops``: every other op with a CPU tensor among its inputs or outputs (a tensor
     made or computed on the host); ``dtype_clashes``: convolutions whose input and weight
-    dtypes differ, which CUDA refuses but fake tensors let through.
+    dtypes differ, which CUDA refuses but fake tensors let through; ``inexact_divisions``:
+    CUDA float tensors divided by a host number that is not a power of two, which CUDA
+    computes as a multiply by the reciprocal and so can differ from the CPU in the last bit.
     """
 
     uploads: list[str] = field(default_factory=list)
@@ -84,6 +102,7 @@ class DeviceLog(TorchDispatchMode):
     host_ops: list[str] = field(default_factory=list)
     dtype_clashes: list[str] = field(default_factory=list)
     convolution_dtypes: list[torch.dtype] = field(default_factory=list)
+    inexact_divisions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -104,6 +123,8 @@ class DeviceLog(TorchDispatchMode):
             (self.uploads if source == "cpu" else self.downloads).append(name)
         elif "cpu" in inputs + outputs and name != "prim.device":
             self.host_ops.append(name)
+        if name in DIVISION_OPS and _inexact_on_cuda(*args[:2]):
+            self.inexact_divisions.append(f"{name} by {args[1]}")
         if name in CONVOLUTION_OPS:
             data, weight = args[0], args[1]
             self.convolution_dtypes.append(data.dtype)

@@ -98,6 +98,7 @@ def assert_one_copy_each_way(log: DeviceLog) -> None:
     assert len(log.downloads) == 1, "one device->host copy: the stage's result"
     assert log.host_ops == [], "no tensor made or computed on the host inside the CUDA path"
     assert log.dtype_clashes == [], "a convolution CUDA would refuse"
+    assert log.inexact_divisions == [], "use divide_exactly: CUDA would multiply by the reciprocal"
 
 
 @pytest.mark.parametrize(("mixed_precision", "stability"), device_variants())
@@ -138,7 +139,8 @@ def test_nets_run_on_cuda_in_every_profile(
                 }
 
     outputs, log = run_logged(mode, forwards)
-    assert (log.uploads, log.downloads, log.host_ops, log.dtype_clashes) == ([], [], [], [])
+    assert (log.uploads, log.downloads, log.host_ops) == ([], [], [])
+    assert (log.dtype_clashes, log.inexact_divisions) == ([], [])
     assert set(log.convolution_dtypes) == ({torch.float32, autocast_dtype})
     restored, logits, quantised = outputs["codeformer"]
     assert (restored.device, restored.dtype, restored.shape) == (
@@ -219,8 +221,10 @@ def test_device_log_sees_what_the_stage_tests_forbid(mode: FakeTensorMode) -> No
         shifted = image - torch.tensor([1.0, 2.0, 3.0], device=CUDA).view(1, 3, 1, 1)  # built on the host
         torch.nn.functional.conv2d(shifted, weight.half())
         shifted.cpu()
+        (shifted / 2.0, shifted / 255.0)  # 1 / 2 is exact, 1 / 255 is not
     assert log.uploads == ["aten._to_copy"] and log.downloads == ["aten._to_copy"]
     assert log.host_ops and log.dtype_clashes == ["input torch.float32, weight torch.float16"]
+    assert log.inexact_divisions == ["aten.div by 255.0"]
     with mode, pytest.raises(FakeTensorDeviceMismatchError):
         image + torch.ones(3, 8, 8)  # a CPU tensor meeting a CUDA one
 
