@@ -165,7 +165,7 @@ class Predictor(BasePredictor):
             else "float32"
         )
         log.info(
-            # load=...ms warmup=...ms stay adjacent: benchmarks/timed_requests.py SETUP_LINE reads them
+            # load=...ms warmup=...ms stay adjacent: benchmarks/server_log.py reads them
             "setup: device=%s baseline=float32 fast/max_speed=%s build=%.0fms verify=%.0fms load=%.0fms "
             "warmup=%.0fms max_pixels=%d max_pixels_in_flight=%d max_faces=%d face_batch=%d "
             "batch_wait=%gms fetch_timeout=%gs stale_output_dirs_removed=%d",
@@ -225,9 +225,8 @@ class Predictor(BasePredictor):
         options = RequestOptions.parse(codeformer_fidelity, runtime_profile, stability_mode, compile_backend)
         self.restorer.check_options(options)
         cancel = threading.Event()
-        work = asyncio.get_running_loop().run_in_executor(
-            None, self.serve_request, list(images), options, cancel, request_start
-        )
+        # to_thread copies the context: coglet routes the thread's log lines to this prediction
+        work = asyncio.to_thread(self.serve_request, list(images), options, cancel, request_start)
         try:
             return await work
         except asyncio.CancelledError:

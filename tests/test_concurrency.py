@@ -1,0 +1,203 @@
+"""Concurrent predictions through the real Cog server: ``concurrency.max`` of cog.yaml requests at once.
+
+One server for the module, on the seed-0 weights, at most one face per image, and a face
+batch of 2 with a long batch wait (``CODEFORMER_FACE_BATCH=2``, ``CODEFORMER_BATCH_WAIT_MS``),
+so that on this CPU too the faces of requests in flight share CodeFormer/ParseNet forwards.
+Each request's answer must equal its answer alone (within the golden parity tolerance), a
+failing or cancelled request must leave the others alone, and no request below capacity
+may get 409.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from harness import LocalServer
+from helpers import face_photo, flat_canvas, noise, png_bytes, requests_admitted, wait_for
+from PIL import Image
+
+from codeformer.client import CogClient, PredictionResult, data_uri
+from codeformer.serve import cog_yaml_concurrency
+
+pytestmark = pytest.mark.slow
+
+SLOTS = cog_yaml_concurrency()
+BASELINE = {"runtime_profile": "baseline", "stability_mode": "safe"}
+# tests/test_parity_golden.py's tolerance where its stricter AVX-512 figures do not apply
+MIN_WITHIN_ONE, MAX_OVER_THREE = 0.97, 0.015
+
+
+@pytest.fixture(scope="module")
+def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    env = {
+        "CODEFORMER_WEIGHTS_DIR": str(weights_dir),
+        "CODEFORMER_MAX_FACES": "1",
+        "CODEFORMER_FACE_BATCH": "2",
+        "CODEFORMER_BATCH_WAIT_MS": "3000",
+    }
+    with LocalServer(env, log_path=tmp_path_factory.mktemp("server-log") / "cog-server.log") as running:
+        yield running
+
+
+def request(*images: np.ndarray, **options: str) -> dict[str, Any]:
+    named = [data_uri(png_bytes(image), name=f"{index}.png") for index, image in enumerate(images)]
+    return {"images": named, **BASELINE, **options}
+
+
+# different sizes and face counts: a portrait crop (1 face), another size of it, a flat canvas
+# (no face), and two images in one request
+REQUESTS = {
+    "face": request(face_photo(256, 192)),
+    "larger face": request(face_photo(300, 360)),
+    "canvas": request(flat_canvas(80, 48)),
+    "two images": request(face_photo(200, 200), flat_canvas(64, 96)),
+}
+
+
+def decoded(result: PredictionResult) -> list[np.ndarray]:
+    assert result.status == "succeeded", result.body
+    arrays = []
+    for data in result.output_bytes():
+        with Image.open(io.BytesIO(data)) as image:
+            arrays.append(np.asarray(image.convert("RGB")).astype(np.int16))
+    return arrays
+
+
+def assert_same_answer(together: PredictionResult, alone: PredictionResult) -> None:
+    for mine, reference in zip(decoded(together), decoded(alone), strict=True):
+        assert mine.shape == reference.shape
+        difference = np.abs(mine - reference)
+        assert (difference <= 1).mean() >= MIN_WITHIN_ONE
+        assert (difference > 3).mean() <= MAX_OVER_THREE
+
+
+def together(server: LocalServer, work: list[Callable[[CogClient], Any]]) -> list[Any]:
+    """Each callable on its own thread with its own client, started at once; their results in order."""
+    results: list[Any] = [None] * len(work)
+    start = threading.Barrier(len(work))
+
+    def run(index: int) -> None:
+        client = CogClient(server.url)
+        start.wait()
+        results[index] = work[index](client)
+
+    threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(900)
+        assert not thread.is_alive(), "a request hung"
+    return results
+
+
+@pytest.fixture(scope="module")
+def alone(server: LocalServer) -> dict[str, PredictionResult]:
+    """Each request's answer when it runs by itself."""
+    return {name: server.client.predict(inputs) for name, inputs in REQUESTS.items()}
+
+
+def admitted(server: LocalServer) -> int:
+    return requests_admitted(server.log_text())
+
+
+def test_interleaved_requests_answer_as_they_would_alone_and_share_forwards(
+    server: LocalServer, alone: dict[str, PredictionResult]
+) -> None:
+    assert len(REQUESTS) <= SLOTS
+    results = together(
+        server,
+        [
+            lambda client, inputs=inputs: client.predict(inputs, retry_busy=False)
+            for inputs in REQUESTS.values()
+        ],
+    )
+    for name, result in zip(REQUESTS, results, strict=True):
+        assert result.http_status == 200, (name, result.body)
+        assert_same_answer(result, alone[name])
+    # the canvas came back as sent, and the faces went through the nets: the comparison is not vacuous
+    assert "kept=1" in alone["face"].logs
+    assert "faces found=0 kept=0" in alone["canvas"].logs
+    # faces of different requests met in one forward (three faces in flight, batches of two)
+    assert "shared a forward" in server.log_text()
+
+
+def test_a_bad_input_fails_only_its_own_request(
+    server: LocalServer, alone: dict[str, PredictionResult]
+) -> None:
+    bad = {"images": [data_uri(b"not an image at all", name="broken.jpg")], **BASELINE}
+    good, failed, canvas = together(
+        server,
+        [
+            lambda client: client.predict(REQUESTS["face"], retry_busy=False),
+            lambda client: client.predict(bad, retry_busy=False),
+            lambda client: client.predict(REQUESTS["canvas"], retry_busy=False),
+        ],
+    )
+    assert failed.status == "failed"
+    assert failed.error.startswith("images[0] (broken.jpg): not a readable image")
+    assert_same_answer(good, alone["face"])
+    assert_same_answer(canvas, alone["canvas"])
+
+
+def test_a_cancel_stops_only_its_own_request(server: LocalServer, alone: dict[str, PredictionResult]) -> None:
+    long_images = [data_uri(png_bytes(noise(300, 400, seed)), name=f"n{seed}.png") for seed in range(4)]
+    prediction_id = f"cancel-me-{os.getpid()}"
+    body = {"id": prediction_id, "input": {"images": long_images, **BASELINE}}
+    admitted_before = admitted(server)
+
+    def long_request(_: CogClient) -> requests.Response:
+        return requests.post(f"{server.url}/predictions", json=body, timeout=900)
+
+    def cancel_when_running(client: CogClient) -> PredictionResult:
+        wait_for(lambda: admitted(server), lambda count: count > admitted_before, "the long request admitted")
+        assert client.cancel(prediction_id) == 200
+        return client.predict(REQUESTS["larger face"], retry_busy=False)
+
+    answer, other = together(server, [long_request, cancel_when_running])
+    canceled = PredictionResult(answer.status_code, answer.json(), 0, 0.0)
+    assert canceled.status == "canceled", canceled.body
+    assert_same_answer(other, alone["larger face"])
+    # the cancelled request did not finish in the background, and the server serves on
+    assert "request: 4 image(s)" not in server.log_text()
+    assert_same_answer(server.client.predict(REQUESTS["face"], retry_busy=False), alone["face"])
+
+
+def test_requests_below_capacity_never_get_409(server: LocalServer) -> None:
+    """Clients below ``concurrency.max`` sending back to back: no 409, even right after an answer."""
+    cheap = request(flat_canvas(64, 64), runtime_profile="max_speed")
+    clients, per_client = SLOTS - 1, 6
+
+    def back_to_back(client: CogClient) -> list[int]:
+        return [client.predict(cheap, retry_busy=False).http_status for _ in range(per_client)]
+
+    statuses = together(server, [back_to_back] * clients)
+    assert statuses == [[200] * per_client] * clients
+
+
+def test_a_request_beyond_capacity_gets_409_and_the_others_finish(server: LocalServer) -> None:
+    slow = REQUESTS["face"]
+    admitted_before = admitted(server)
+    results: list[PredictionResult] = []
+
+    def fill_slots(_: CogClient) -> None:
+        results.extend(together(server, [lambda client: client.predict(slow, retry_busy=False)] * SLOTS))
+
+    filler = threading.Thread(target=fill_slots, args=(server.client,), daemon=True)
+    filler.start()
+    wait_for(lambda: admitted(server), lambda count: count >= admitted_before + SLOTS, "every slot running")
+    refused = CogClient(server.url).predict(slow, retry_busy=False)
+    retried = CogClient(server.url, busy_pause_s=0.25).predict(slow)  # the client waits for a slot
+    filler.join(900)
+    assert refused.http_status == 409
+    assert refused.body == {"error": "At capacity - all prediction slots busy", "status": "failed"}
+    assert retried.status == "succeeded", retried.error
+    assert retried.retries >= 1
+    assert [result.status for result in results] == ["succeeded"] * SLOTS
