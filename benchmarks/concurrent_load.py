@@ -1,6 +1,6 @@
 """K clients at once against a Cog server, each sending its next request as soon as one is answered.
 
-    levels = parse_levels(["1", "2", "4", "N"], cog_yaml_max())  # "N": cog.yaml's concurrency.max
+    levels = parse_levels(["1", "2", "4", "N"], cog_yaml_concurrency())  # "N": cog.yaml's concurrency.max
     report = run_level(requester, image_batches, clients=2, rule=StopRule(duration_s=30.0))
 
 ``run_bench.py --concurrency`` and ``gpu_check.py --server --concurrency`` measure with it.
@@ -31,16 +31,15 @@ from typing import Any
 
 import harness
 import stats
-import yaml
 from timed_requests import MAX_ERROR_MESSAGES, Requester, RequestSample
 
 from codeformer.client import ServerError
 from codeformer.errors import ConfigError
+from codeformer.serve import cog_yaml_concurrency
 
 BUSY_BACKOFF_S = 0.1  # short next to any prediction (>= 10 ms on a GPU), long next to a 409's ~1 ms
 MAX_CLIENTS = 64  # one thread each; far above any slot count this server declares
 DEFAULT_DURATION_S = 30.0
-COG_YAML = harness.PROJECT_ROOT / "cog.yaml"
 OnRequest = Callable[[RequestSample], None]  # called from the client threads
 
 
@@ -53,18 +52,6 @@ class StopRule:
 
     def as_report(self) -> dict[str, Any]:
         return asdict(self) | {"busy_backoff_s": BUSY_BACKOFF_S}
-
-
-def cog_yaml_max(path: Path = COG_YAML) -> int:
-    """``concurrency.max`` of cog.yaml: the predictions the server runs at once (1 when absent)."""
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read concurrency.max ({exc}); fix the file") from exc
-    value = (config.get("concurrency") or {}).get("max", 1)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{path}: concurrency.max must be a whole number >= 1, got {value!r}")
-    return value
 
 
 def parse_levels(values: Sequence[str], server_max: int) -> list[int]:
@@ -123,7 +110,7 @@ def check_arguments(args: argparse.Namespace) -> LoadPlan | None:
         raise ConfigError(f"--requests must be at least 1, got {args.requests}")
     if args.duration_s is not None and not args.duration_s > 0:
         raise ConfigError(f"--duration-s must be more than 0, got {args.duration_s}")
-    server_max = cog_yaml_max()
+    server_max = cog_yaml_concurrency()
     if args.requests is not None:
         rule = StopRule(requests=args.requests)
     else:

@@ -71,6 +71,16 @@ class _Stages:
     parser: FaceParser
 
 
+@dataclass(frozen=True)
+class _Call:
+    """What one ``restore`` call carries to every stage."""
+
+    stages: _Stages
+    options: RequestOptions
+    mixed_precision: bool
+    cancel: threading.Event | None
+
+
 @dataclass
 class _ImageWork:
     """What one image carries between stages within a call."""
@@ -225,16 +235,15 @@ class Restorer:
                 raise InputError(f"image {index}: expected an (H, W, 3) uint8 BGR array")
         with self.scheduler.caller():
             stages = self.scheduler.call(self._stages_for, options, cancel=cancel)
-            work = [self._locate_faces(index, image, stages, cancel) for index, image in enumerate(images)]
-            restored = self._restore_faces(work, stages, options, cancel)
+            call = _Call(stages, options, self._mixed_precision(options), cancel)
+            work = [self._locate_faces(index, image, call) for index, image in enumerate(images)]
+            restored = self._restore_faces(work, call)
             return [
-                self._finish(index, image, item, faces, stages, options, cancel)
+                self._finish(index, image, item, faces, call)
                 for index, (image, item, faces) in enumerate(zip(images, work, restored, strict=True))
             ]
 
-    def _locate_faces(
-        self, index: int, image: np.ndarray, stages: _Stages, cancel: threading.Event | None
-    ) -> _ImageWork:
+    def _locate_faces(self, index: int, image: np.ndarray, call: _Call) -> _ImageWork:
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "prepare"):
@@ -242,14 +251,14 @@ class Restorer:
                 gray = is_gray(image)
                 working, factor = to_working_image(image)
             with _timed(timings, "detect"):
-                detect = functools.partial(stages.detector.detect, max_faces=self.settings.max_faces)
-                detections = self.scheduler.call(detect, working, cancel=cancel)
+                detect = functools.partial(call.stages.detector.detect, max_faces=self.settings.max_faces)
+                detections = self.scheduler.call(detect, working, cancel=call.cancel)
             with _timed(timings, "align"):
                 aligned = align_faces(working, detections)
-        except CodeFormerError as exc:
-            if not isinstance(exc, RequestCancelled):
-                raise ImageFailedError(index, str(exc)) from exc
+        except RequestCancelled:
             raise
+        except CodeFormerError as exc:
+            raise ImageFailedError(index, str(exc)) from exc
         if detections.dropped:
             log.warning(
                 "image %d: kept the %d highest-scoring faces, dropped %d (CODEFORMER_MAX_FACES=%d)",
@@ -260,9 +269,7 @@ class Restorer:
             )
         return _ImageWork(working, factor, gray, detections, aligned, timings)
 
-    def _restore_faces(
-        self, work: list[_ImageWork], stages: _Stages, options: RequestOptions, cancel: threading.Event | None
-    ) -> list[np.ndarray]:
+    def _restore_faces(self, work: list[_ImageWork], call: _Call) -> list[np.ndarray]:
         """Run CodeFormer over the faces of all images at once; returns per-image face arrays."""
         counts = [len(item.aligned) for item in work]
         total = sum(counts)
@@ -270,14 +277,14 @@ class Restorer:
             return [item.aligned.crops for item in work]
         start = time.perf_counter()
         crops = np.concatenate([item.aligned.crops for item in work])
-        mixed_precision = self._mixed_precision(options)
+        fidelity = call.options.fidelity
 
         def restore(batch: np.ndarray) -> np.ndarray:
-            return stages.restorer.restore(batch, options.fidelity, mixed_precision)
+            return call.stages.restorer.restore(batch, fidelity, call.mixed_precision)
 
         # requests with the same nets, fidelity and precision may share the forward
-        key = ("restore", id(stages.restorer), options.fidelity, mixed_precision)
-        restored = self.scheduler.batched(key, restore, crops, cancel)
+        key = ("restore", id(call.stages.restorer), fidelity, call.mixed_precision)
+        restored = self.scheduler.batched(key, restore, crops, call.cancel)
         per_face_ms = (time.perf_counter() - start) * 1000.0 / total
         bounds = np.cumsum([0, *counts])
         for item, count in zip(work, counts, strict=True):
@@ -285,14 +292,7 @@ class Restorer:
         return [restored[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _finish(
-        self,
-        index: int,
-        image: np.ndarray,
-        item: _ImageWork,
-        faces: np.ndarray,
-        stages: _Stages,
-        options: RequestOptions,
-        cancel: threading.Event | None,
+        self, index: int, image: np.ndarray, item: _ImageWork, faces: np.ndarray, call: _Call
     ) -> RestoreResult:
         timings = item.timings
         if len(faces) == 0:
@@ -300,10 +300,10 @@ class Restorer:
             output = image.copy()
         else:
             try:
-                output = self._paste(image, item, faces, stages, options, cancel)
+                output = self._paste(image, item, faces, call)
+            except RequestCancelled:
+                raise
             except CodeFormerError as exc:
-                if isinstance(exc, RequestCancelled):
-                    raise
                 raise ImageFailedError(index, str(exc)) from exc
         return RestoreResult(
             image=output,
@@ -313,27 +313,19 @@ class Restorer:
             timings=timings,
         )
 
-    def _paste(
-        self,
-        image: np.ndarray,
-        item: _ImageWork,
-        faces: np.ndarray,
-        stages: _Stages,
-        options: RequestOptions,
-        cancel: threading.Event | None,
-    ) -> np.ndarray:
+    def _paste(self, image: np.ndarray, item: _ImageWork, faces: np.ndarray, call: _Call) -> np.ndarray:
         timings = item.timings
         faces = to_gray_faces(faces) if item.gray else faces
         masks = None
-        if options.profile.use_parse:
-            mixed_precision = self._mixed_precision(options)
+        if call.options.profile.use_parse:
 
             def parse(batch: np.ndarray) -> np.ndarray:
-                return stages.parser.masks(batch, mixed_precision)
+                return call.stages.parser.masks(batch, call.mixed_precision)
 
             with _timed(timings, "parse"):
-                key = ("parse", id(stages.parser), mixed_precision, faces.dtype.str)
-                masks = self.scheduler.batched(key, parse, faces, cancel)
+                # gray faces arrive as float64: they batch with gray faces only
+                key = ("parse", id(call.stages.parser), call.mixed_precision, faces.dtype.str)
+                masks = self.scheduler.batched(key, parse, faces, call.cancel)
         with _timed(timings, "paste"):
             output = paste_faces(item.working, faces, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:

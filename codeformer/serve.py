@@ -55,10 +55,13 @@ def cog_yaml_concurrency(cog_yaml: Path = COG_YAML) -> int:
     """
     import yaml  # cog's own dependency; imported here, the only place that reads cog.yaml
 
-    document = yaml.safe_load(cog_yaml.read_text()) or {}
+    try:
+        document = yaml.safe_load(cog_yaml.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{cog_yaml}: cannot read concurrency.max ({exc}); fix the file") from exc
     value = (document.get("concurrency") or {}).get("max", 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{cog_yaml.name}: concurrency.max must be a positive integer, got {value!r}")
+        raise ConfigError(f"{cog_yaml}: concurrency.max must be a whole number >= 1, got {value!r}")
     return value
 
 

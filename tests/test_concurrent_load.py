@@ -17,12 +17,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from concurrent_load import StopRule, cog_yaml_max, level_report, parse_levels, run_level
+from concurrent_load import StopRule, level_report, parse_levels, run_level
 from harness import PROJECT_ROOT, free_port
 from timed_requests import Requester
 
 from codeformer.client import CogClient
 from codeformer.errors import ConfigError
+from codeformer.serve import cog_yaml_concurrency
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 PHOTO = PROJECT_ROOT / "data" / "2.jpg"
@@ -43,13 +44,13 @@ def test_a_level_that_is_no_client_count_is_refused_with_the_fix(bad: str) -> No
 def test_n_is_cog_yamls_concurrency_max_and_1_without_it(tmp_path: Path) -> None:
     cog_yaml = tmp_path / "cog.yaml"
     cog_yaml.write_text('predict: "predict.py:Predictor"\n')
-    assert cog_yaml_max(cog_yaml) == 1
+    assert cog_yaml_concurrency(cog_yaml) == 1
     cog_yaml.write_text('predict: "predict.py:Predictor"\nconcurrency:\n  max: 4\n')
-    assert cog_yaml_max(cog_yaml) == 4
+    assert cog_yaml_concurrency(cog_yaml) == 4
     cog_yaml.write_text("concurrency:\n  max: many\n")
     with pytest.raises(ConfigError, match="concurrency.max must be a whole number"):
-        cog_yaml_max(cog_yaml)
-    assert cog_yaml_max() >= 1  # the project's own cog.yaml reads
+        cog_yaml_concurrency(cog_yaml)
+    assert cog_yaml_concurrency() >= 1  # the project's own cog.yaml reads
 
 
 @pytest.mark.parametrize(
@@ -187,7 +188,7 @@ def test_run_bench_concurrency_through_the_real_server(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-6000:]
     report = json.loads(output.read_text())
     section = report["concurrency"]
-    assert section["levels"] == [1, 2] and section["cog_yaml_max"] == cog_yaml_max()
+    assert section["levels"] == [1, 2] and section["cog_yaml_max"] == cog_yaml_concurrency()
     assert section["stop"] == {"duration_s": None, "requests": 2, "busy_backoff_s": 0.1}
     assert report["profiles"] == {}  # the sweep replaces the timed rounds
     levels = section["profiles"]["max_speed"]["levels"]
