@@ -14,6 +14,12 @@ default allocator, as the official script runs. ``official/our-process`` runs it
 inside this process, after ``Restorer`` has set the host allocator up
 (``codeformer.host_memory``): the difference between the two rows is what
 that setting alone is worth, the rest is the pipeline's own work.
+
+Our rows also time decoding each file (``decode_image``) and encoding the result
+(``encode_jpeg``), and report the host part of a request (decode, prepare, align, paste,
+resize, encode: all but detect, restore and parse, the nets' stages, which a GPU runs) per
+photo, per face and per megapixel of input (their s/photo includes these ~10 ms a megapixel,
+the official row's does not). Stage figures are medians over the timed passes.
 """
 
 from __future__ import annotations
@@ -34,13 +40,14 @@ import torch
 
 from codeformer import weights
 from codeformer.config import PROFILES, RequestOptions
-from codeformer.imageio import decode_image
+from codeformer.imageio import decode_image, encode_jpeg
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 from tests import official_recipe  # the tests' oracle, timed here as the "official" row
 
 PROJECT_ROOT = harness.PROJECT_ROOT
 GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "reference" / "golden"
+HOST_STAGES = ("decode", "prepare", "align", "paste", "resize", "encode")  # not detect/restore/parse
 
 
 def default_images() -> list[Path]:
@@ -50,16 +57,26 @@ def default_images() -> list[Path]:
     return sorted((PROJECT_ROOT / "data").glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
 
 
-def timed_passes(run, images: list[np.ndarray], repeats: int) -> tuple[list[float], dict[str, float]]:
+def timed_passes(run, images: list, repeats: int) -> tuple[list[float], dict[str, float]]:
     """``run(images[:1])`` untimed (compilation, allocator, first-call costs), then ``repeats``
-    timed ``run(images)``: (seconds per pass, stage ms of the last)."""
+    timed ``run(images)``: (seconds per pass, each stage's median ms over the passes)."""
     run(images[:1])
-    seconds, stages = [], {}
+    seconds, passes = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        stages = run(images)
+        passes.append(run(images))
         seconds.append(time.perf_counter() - start)
-    return seconds, stages
+    return seconds, {stage: statistics.median(p.get(stage, 0.0) for p in passes) for stage in passes[-1]}
+
+
+def host_figures(stages_ms: dict[str, float], faces: int, megapixels: float) -> dict[str, float | None]:
+    """The host stages' total ms for a pass, per face (None without faces) and per input megapixel."""
+    host_ms = sum(stages_ms.get(stage, 0.0) for stage in HOST_STAGES)
+    return {
+        "host_ms": host_ms,
+        "host_ms_per_face": host_ms / faces if faces > 0 else None,
+        "host_ms_per_megapixel": host_ms / megapixels,
+    }
 
 
 def official_passes(
@@ -111,7 +128,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     paths = args.images or default_images()
-    images = [decode_image(p.read_bytes(), p.name, 40_000_000) for p in paths]
+    files = [(p.name, p.read_bytes()) for p in paths]
+    images = [decode_image(data, name, 40_000_000) for name, data in files]
+    megapixels = sum(image.shape[0] * image.shape[1] for image in images) / 1e6
     scratch = contextlib.ExitStack()  # the random weights live until the official rows are done
     weights_dir = str(scratch.enter_context(harness.random_weights_folder()))
     restorer = Restorer.load(weights_dir)
@@ -144,16 +163,35 @@ def main() -> None:
 
             def our_pass(batch, profile=profile, stability=stability, results=results) -> dict[str, float]:
                 options = RequestOptions.parse(args.fidelity, profile, stability, args.backend)
-                results[:] = restorer.restore(batch, options)
-                totals: dict[str, float] = {}
+                totals: dict[str, float] = {"decode": 0.0, "encode": 0.0}
+                decoded = []
+                for name, data in batch:
+                    start = time.perf_counter()
+                    decoded.append(decode_image(data, name, restorer.settings.max_pixels))
+                    totals["decode"] += (time.perf_counter() - start) * 1000.0
+                results[:] = restorer.restore(decoded, options)
                 for result in results:
+                    start = time.perf_counter()
+                    encode_jpeg(result.image)
+                    totals["encode"] += (time.perf_counter() - start) * 1000.0
                     for stage, ms in result.timings.items():
                         totals[stage] = totals.get(stage, 0.0) + ms
                 return totals
 
-            seconds, stages = timed_passes(our_pass, images, args.repeats)
-            record(f"{profile}/{stability}", seconds, stages, sum(len(r.faces) for r in results))
+            seconds, stages = timed_passes(our_pass, files, args.repeats)
+            faces = sum(len(r.faces) for r in results)
+            record(f"{profile}/{stability}", seconds, stages, faces)
+            rows[-1].update(host_figures(stages, faces, megapixels))
 
+    print(f"\nhost part ({'+'.join(HOST_STAGES)}) of a pass over {megapixels:.2f} megapixels")
+    for row in rows:
+        if "host_ms" in row:
+            per_face = row["host_ms_per_face"]
+            per_face_text = f"{per_face:7.1f} ms/face" if per_face is not None else "     no faces"
+            print(
+                f"{row['config']:28s} {row['host_ms']:7.1f} ms  {per_face_text}  "
+                f"{row['host_ms_per_megapixel']:7.1f} ms/megapixel"
+            )
     by_name = {row["config"]: row["photo_s"] for row in rows}
     print("\nspeed-up (higher is faster)")
     for row in rows:
@@ -166,6 +204,7 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "images": [str(p) for p in paths],
+        "megapixels": megapixels,
         "device": str(restorer.device),
         "threads": threads,
         "repeats": args.repeats,

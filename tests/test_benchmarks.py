@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import stats
 from bench_single_image import Combination, plan_combinations, winners
+from bench_stages import host_figures
 from harness import PROJECT_ROOT, command_line, free_port, portable_path
 from run_flags import batches, discover_images, split_names
 from server_log import parse_faces, parse_stage_ms
@@ -32,6 +33,7 @@ from codeformer.serve import check_port_free
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"
+BENCH_HOST = PROJECT_ROOT / "benchmarks" / "bench_host.py"
 SUMMARY_FIELDS = {"count", "avg", "min", "max", "p50", "p95", "p99"}
 
 
@@ -181,6 +183,28 @@ def _sample(
         faces_kept=[1] * images,
         error=None if ok else "HTTP 200 failed: images[0] (0.jpg): broken",
     )
+
+
+def test_bench_stages_host_figures_count_only_the_host_stages() -> None:
+    stages = {"decode": 5.0, "prepare": 1.0, "detect": 900.0, "align": 2.0, "restore": 4000.0}
+    stages |= {"parse": 700.0, "paste": 8.0, "resize": 3.0, "encode": 1.0}
+    figures = host_figures(stages, faces=4, megapixels=2.0)
+    assert figures == {"host_ms": 20.0, "host_ms_per_face": 5.0, "host_ms_per_megapixel": 10.0}
+    assert host_figures({"decode": 4.0}, faces=0, megapixels=0.5)["host_ms_per_face"] is None
+
+
+@pytest.mark.slow  # a subprocess that imports torch and runs five passes
+def test_bench_host_reports_every_host_stage(tmp_path: Path) -> None:
+    output = tmp_path / "host.json"
+    arguments = ["--side", "400", "--face-px", "300", "--parse", "--repeats", "2", "--output", str(output)]
+    completed = subprocess.run(
+        [sys.executable, str(BENCH_HOST), *arguments], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(output.read_text())
+    # a 400-px photo is enlarged to a 512-px working image, so the resize back is timed too
+    assert set(report["stages"]) == {"decode", "prepare", "align", "paste", "resize", "encode", "host"}
+    assert report["side"] == 400 and report["parse"] is True and report["repeats"] == 2
 
 
 def test_profile_report_separates_timed_from_warmup_and_failures() -> None:
