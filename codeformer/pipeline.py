@@ -10,6 +10,7 @@ sharing CodeFormer/ParseNet forwards of up to ``Settings.face_batch`` faces.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -31,10 +32,10 @@ from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
-from codeformer.stages.parse import FaceParser, face_pixels_to_masks
+from codeformer.stages.parse import FaceParser
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
-from codeformer.stages.restore import FaceRestorer, check_face_batch
+from codeformer.stages.restore import FaceRestorer
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +251,8 @@ class Restorer:
                 gray = is_gray(image)
                 working, factor = to_working_image(image)
             with _timed(timings, "detect"):
-                # only the net's part on the device thread: resizing and the cap stay on this one
-                detector = call.stages.detector
-                pixels, scale = detector.input_for(working)
-                rows = self.scheduler.call(detector.detect_rows, pixels, scale, cancel=call.cancel)
-                detections = detector.detections(rows, self.settings.max_faces)
+                detect = functools.partial(call.stages.detector.detect, max_faces=self.settings.max_faces)
+                detections = self.scheduler.call(detect, working, cancel=call.cancel)
             with _timed(timings, "align"):
                 aligned = align_faces(working, detections)
         except RequestCancelled:
@@ -321,15 +319,13 @@ class Restorer:
         masks = None
         if call.options.profile.use_parse:
 
-            def labels(batch: np.ndarray) -> np.ndarray:
-                return call.stages.parser.labels(batch, call.mixed_precision)
+            def parse(batch: np.ndarray) -> np.ndarray:
+                return call.stages.parser.masks(batch, call.mixed_precision)
 
             with _timed(timings, "parse"):
-                # FaceParser.masks, split: ParseNet's labels on the device thread (gray faces
-                # arrive as float64 and batch with gray faces only), the mask blurs on this one
-                check_face_batch(faces)
+                # gray faces arrive as float64: they batch with gray faces only
                 key = ("parse", id(call.stages.parser), call.mixed_precision, faces.dtype.str)
-                masks = face_pixels_to_masks(self.scheduler.batched(key, labels, faces, call.cancel))
+                masks = self.scheduler.batched(key, parse, faces, call.cancel)
         with _timed(timings, "paste"):
             output = paste_faces(item.working, faces, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:
