@@ -4,10 +4,10 @@ All image work happens in ``codeformer``; this file only turns Cog inputs into a
 arrays into files. A request either returns one JPG per input, in input order, or fails
 as a whole with a message naming the input (``images[i] (file name)``) and the reason.
 
-``predict`` is async so that Cog can run several predictions at once (``concurrency: max``
-in cog.yaml): each request's blocking work (fetch, decode, pipeline, encode) runs on a
-thread of its own, the device work of all of them through the Restorer's one scheduler
-(``codeformer.scheduler``), and a request is admitted to decoding only while the pixels
+``run`` is async so that Cog can run several predictions at once (``@cog.concurrent``):
+each request's blocking work (fetch, decode, pipeline, encode) runs on a thread of its own,
+the device work of all of them through the Restorer's one scheduler (``codeformer.scheduler``),
+and a request is admitted to decoding only while the pixels
 in flight stay under ``CODEFORMER_MAX_PIXELS_IN_FLIGHT``. A cancel stops its own request
 at its next device call and touches no other.
 
@@ -15,7 +15,7 @@ Each image arrives as a string (``codeformer.fetch.defer_cog_fetching``, applied
 this module is imported, stops coglet from downloading URLs itself):
 - an http(s) URL or a data URI: fetched by ``codeformer.fetch`` under one deadline for the
   request, with a size cap and checked redirects;
-- a local path (``cog predict --json '{"images": ["data/1.jpg"]}'``): accepted only when it
+- a local path (``cog run --json '{"images": ["data/1.jpg"]}'``): accepted only when it
   resolves to a file inside the project folder, so that a request cannot read other files
   of the server. Python callers may pass ``pathlib.Path`` objects under the same rule.
 """
@@ -34,8 +34,9 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import cog
 import numpy as np
-from cog import BasePredictor, Input, Path
+from cog import BaseRunner, Input, Path
 
 from codeformer.config import (
     COMPILE_BACKENDS,
@@ -47,8 +48,8 @@ from codeformer.config import (
     STABILITY_MODES,
     RequestOptions,
 )
-from codeformer.errors import CodeFormerError, ImageFailedError, InputError
-from codeformer.fetch import MAX_INPUT_BYTES, Deadline, defer_cog_fetching, fetch, is_remote
+from codeformer.errors import CodeFormerError, ImageFailedError, InputError, reported_as_failure
+from codeformer.fetch import MAX_INPUT_BYTES, Deadline, Dialer, defer_cog_fetching, fetch, is_remote
 from codeformer.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
 from codeformer.schema import MAX_IMAGES, MIN_IMAGES
 
@@ -59,6 +60,12 @@ log = logging.getLogger("codeformer.predict")
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent
 URL_LIKE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+# Predictions one worker runs at once (Cog reads it from @cog.concurrent on run()): while one
+# request is in the nets, others download, decode, paste back and encode, and faces of
+# different requests share a forward on a GPU (codeformer/scheduler.py). Memory stays bounded
+# by pixels in flight (CODEFORMER_MAX_PIXELS_IN_FLIGHT), not by this number. 4 covers a face
+# batch of 4 one-face requests; more slots only queue longer on a device that is already busy.
+MAX_CONCURRENT_REQUESTS = 4
 
 # coglet imports this module in its worker before it normalises any request input
 defer_cog_fetching()
@@ -107,11 +114,11 @@ def _read_local(item: str | pathlib.Path) -> bytes:
     return resolved.read_bytes()
 
 
-def read_input(item: object, label: str, deadline: Deadline) -> bytes:
+def read_input(item: object, label: str, deadline: Deadline, dialer: Dialer) -> bytes:
     """The bytes of one request input (URL, data URI or local path); ``InputError`` names ``label``."""
     try:
         if isinstance(item, str) and is_remote(item):
-            return fetch(item, deadline)
+            return fetch(item, deadline, dialer)
         if isinstance(item, str) and URL_LIKE.match(item):
             scheme = item.split(":", 1)[0]
             raise InputError(f"{scheme}:// is not accepted; send http(s), a data URI or a path")
@@ -131,11 +138,11 @@ def _stage_summary(timings: dict[str, float]) -> str:
     return " ".join(f"{stage}={ms:.0f}ms" for stage, ms in timings.items())
 
 
-class Predictor(BasePredictor):
+class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load the three nets once (CUDA when present) and warm the default path."""
         # torch, OpenCV and the pipeline are imported here, not at module level, so that the
-        # schema writer (python -m codeformer.schema) can read predict()'s signature cheaply
+        # schema writer (python -m codeformer.schema) can read run()'s signature cheaply
         from codeformer import Restorer, weights
         from codeformer.runtime import autocast_dtype
 
@@ -184,7 +191,8 @@ class Predictor(BasePredictor):
             stale_output_dirs,
         )
 
-    async def predict(
+    @cog.concurrent(max=MAX_CONCURRENT_REQUESTS)
+    async def run(
         self,
         # Cog reads inputs from Input() defaults; ruff's B008 only objects for the list annotation
         images: list[Path] = Input(  # noqa: B008
@@ -219,20 +227,24 @@ class Predictor(BasePredictor):
         ),
     ) -> list[Path]:
         request_start = time.perf_counter()
-        if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
-            raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
-        # options first, parsed once: a request that cannot run should not pay for downloads
-        options = RequestOptions.parse(codeformer_fidelity, runtime_profile, stability_mode, compile_backend)
-        self.restorer.check_options(options)
         cancel = threading.Event()
-        # to_thread copies the context: coglet routes the thread's log lines to this prediction
-        work = asyncio.to_thread(self.serve_request, list(images), options, cancel, request_start)
         try:
-            return await work
+            if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
+                raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
+            # options first, parsed once: a request that cannot run should not pay for downloads
+            options = RequestOptions.parse(
+                codeformer_fidelity, runtime_profile, stability_mode, compile_backend
+            )
+            self.restorer.check_options(options)
+            # to_thread copies the context: coglet routes the thread's log lines to this prediction
+            return await asyncio.to_thread(self.serve_request, list(images), options, cancel, request_start)
         except asyncio.CancelledError:
-            # the thread stops at its next device call, holds no output, and frees its pixels
+            # a real cancel: the thread stops at its next device call, holds no output, and
+            # frees its pixels
             cancel.set()
             raise
+        except Exception as exc:
+            raise reported_as_failure(exc) from exc
 
     def serve_request(
         self,
@@ -241,7 +253,7 @@ class Predictor(BasePredictor):
         cancel: threading.Event | None = None,
         request_start: float | None = None,
     ) -> list[Path]:
-        """The blocking part of ``predict``: fetch, admit, decode, restore, encode, on the calling thread."""
+        """The blocking part of ``run``: fetch, admit, decode, restore, encode, on the calling thread."""
         from codeformer.imageio import decode_image, encode_jpeg, read_size
         from codeformer.scheduler import check_cancel
 
@@ -249,12 +261,13 @@ class Predictor(BasePredictor):
         self.output_folders.discard_expired()
         labels = [describe(index, _input_name(item)) for index, item in enumerate(images)]
         deadline = Deadline.after(self.restorer.settings.fetch_timeout_s)
+        dialer = Dialer(allow_private=self.restorer.settings.allow_private_urls)
         stage_ms: list[dict[str, float]] = [{} for _ in images]
         files: list[bytes] = []
         for item, label, timings in zip(images, labels, stage_ms, strict=True):
             check_cancel(cancel)
             start = time.perf_counter()
-            files.append(read_input(item, label, deadline))
+            files.append(read_input(item, label, deadline, dialer))
             timings["read_decode"] = (time.perf_counter() - start) * 1000.0
         # each header once more (decode_image reads it too): the pixels this request will hold
         pixels = 0

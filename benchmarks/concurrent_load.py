@@ -1,6 +1,6 @@
 """K clients at once against a Cog server, each sending its next request as soon as one is answered.
 
-    levels = parse_levels(["1", "2", "4", "N"], cog_yaml_concurrency())  # "N": cog.yaml's concurrency.max
+    levels = parse_levels(["1", "2", "4", "N"], runner_concurrency())  # "N": the predictor's concurrency max
     report = run_level(requester, image_batches, clients=2, rule=StopRule(duration_s=30.0))
 
 ``run_bench.py --concurrency`` and ``gpu_check.py --server --concurrency`` measure with it.
@@ -35,7 +35,7 @@ from timed_requests import MAX_ERROR_MESSAGES, Requester, RequestSample
 
 from codeformer.client import ServerError
 from codeformer.errors import ConfigError
-from codeformer.serve import cog_yaml_concurrency
+from codeformer.serve import runner_concurrency
 
 BUSY_BACKOFF_S = 0.1  # short next to any prediction (>= 10 ms on a GPU), long next to a 409's ~1 ms
 MAX_CLIENTS = 64  # one thread each; far above any slot count this server declares
@@ -62,7 +62,7 @@ def parse_levels(values: Sequence[str], server_max: int) -> list[int]:
         if not 1 <= level <= MAX_CLIENTS:
             raise ConfigError(
                 f"--concurrency: {item!r} is not a client count; give whole numbers 1-{MAX_CLIENTS} "
-                f"or N (cog.yaml's concurrency.max, here {server_max}), e.g. --concurrency 1 2 4 N"
+                f"or N (the predictor's concurrency max, here {server_max}), e.g. --concurrency 1 2 4 N"
             )
         if level not in levels:
             levels.append(level)
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="K",
         help="measure K clients sending back to back, for each K given (whole numbers or N = "
-        "cog.yaml's concurrency.max), e.g. 1 2 4 N; a 409 is counted, the client pauses "
+        "the predictor's concurrency max), e.g. 1 2 4 N; a 409 is counted, the client pauses "
         f"{BUSY_BACKOFF_S} s and sends its next request",
     )
     stop = parser.add_mutually_exclusive_group()
@@ -94,10 +94,10 @@ class LoadPlan:
 
     levels: list[int]
     rule: StopRule
-    server_max: int  # cog.yaml's concurrency.max (of this checkout, also with --server-url)
+    server_max: int  # the predictor's concurrency max (of this checkout, also with --server-url)
 
     def as_report(self) -> dict[str, Any]:
-        return {"levels": self.levels, "cog_yaml_max": self.server_max, "stop": self.rule.as_report()}
+        return {"levels": self.levels, "concurrency_max": self.server_max, "stop": self.rule.as_report()}
 
 
 def check_arguments(args: argparse.Namespace) -> LoadPlan | None:
@@ -110,7 +110,7 @@ def check_arguments(args: argparse.Namespace) -> LoadPlan | None:
         raise ConfigError(f"--requests must be at least 1, got {args.requests}")
     if args.duration_s is not None and not args.duration_s > 0:
         raise ConfigError(f"--duration-s must be more than 0, got {args.duration_s}")
-    server_max = cog_yaml_concurrency()
+    server_max = runner_concurrency()
     if args.requests is not None:
         rule = StopRule(requests=args.requests)
     else:
@@ -255,7 +255,7 @@ def render(levels: dict[str, dict[str, dict[str, Any]]], server_max: int) -> str
         for name, by_level in levels.items()
         for k, r in by_level.items()
     ]
-    legend = f"(K clients back to back; seconds; cog.yaml concurrency.max N = {server_max})"
+    legend = f"(K clients back to back; seconds; @cog.concurrent max N = {server_max})"
     return harness.format_table(headers, rows) + "\n" + legend
 
 

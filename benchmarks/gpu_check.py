@@ -22,8 +22,8 @@ per compile backend; per-request latency, the server's logged stage ms; agreemen
 decoded JPGs), with ``peak_gpu_mb`` and ``compiles_after_warmup`` null: the server does not
 show them. ``--concurrency K ..`` (with --server) then sweeps ``--sweep-config`` (default
 baseline/safe) with K clients sending back to back, as ``run_bench.py --concurrency`` does
-(N = cog.yaml's concurrency.max; 409s counted, not retried): JSON ``concurrency`` {levels,
-cog_yaml_max, stop, config, results {K: throughput_images_per_s, per_request, rejected_409,
+(N = the predictor's concurrency max; 409s counted, not retried): JSON ``concurrency`` {levels,
+concurrency_max, stop, config, results {K: throughput_images_per_s, per_request, rejected_409,
 errors, ..}, not_run, reasons}; a 409 at K <= N or a failed request fails the run.
 
 ``--budget-s``: a pass that would end past the budget (judged by the one before) is not

@@ -129,7 +129,7 @@ class ServerChecker:
         batches = [[path] for path in self.paths]
         levels = concurrent_load.sweep(self.requester(config), batches, plan, deadline=self.local.deadline)
         reasons = [
-            f"K={k}: {level['rejected_409']} answer(s) 409 at or below cog.yaml's concurrency.max"
+            f"K={k}: {level['rejected_409']} answer(s) 409 at or below the predictor's concurrency max"
             for k, level in levels.items()
             if level["rejected_409"] and int(k) <= plan.server_max
         ] + [f"K={k}: {level['errors']} failed request(s)" for k, level in levels.items() if level["errors"]]

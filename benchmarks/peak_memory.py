@@ -57,7 +57,7 @@ def measure(weights_dir: Path, kind: str) -> dict[str, object]:
         "stability_mode": "safe",
         "compile_backend": "none",
     }
-    asyncio.run(predictor.predict(images=[data_uri(flat_canvas_png(640, 640), name="warm.png")], **options))
+    asyncio.run(predictor.run(images=[data_uri(flat_canvas_png(640, 640), name="warm.png")], **options))
     width, height = shape_for(kind, max_pixels)
     image = data_uri(flat_canvas_png(width, height, compress_level=1), name=f"{kind}.png")
     pid = os.getpid()
@@ -65,7 +65,7 @@ def measure(weights_dir: Path, kind: str) -> dict[str, object]:
         raise SystemExit("/proc/self/clear_refs is not writable: cannot reset the peak RSS")
     before_kib = worker_memory.status_kib(pid, "VmRSS")
     start = time.perf_counter()
-    outputs = asyncio.run(predictor.predict(images=[image] * IMAGES, **options))
+    outputs = asyncio.run(predictor.run(images=[image] * IMAGES, **options))
     seconds = time.perf_counter() - start
     peak_kib = worker_memory.status_kib(pid, "VmHWM")
     return {

@@ -31,9 +31,9 @@ when interrupted.
 Concurrency (``--concurrency K ..``): per profile, after the cold and warm-up requests, each
 K in turn: K clients (threads) each send their next request as soon as the last is answered,
 for ``--duration-s`` (default 30) or until ``--requests`` answers other than 409; ``N`` is
-cog.yaml's ``concurrency.max`` (1 when absent). A 409 is not retried: it is counted
+``@cog.concurrent(max=...)`` on ``Predictor.run`` (1 when absent). A 409 is not retried: it is counted
 (``rejected_409``), the client pauses 0.1 s and sends its next request. JSON ``concurrency``:
-``levels``, ``cog_yaml_max``, ``stop``, ``profiles`` {profile: {options, levels {K: requests,
+``levels``, ``concurrency_max``, ``stop``, ``profiles`` {profile: {options, levels {K: requests,
 succeeded, rejected_409, errors, images, wall_s, throughput_images_per_s (succeeded images /
 wall), per_request, predict_time, succeeded_per_client, samples}}}; ``--repeats`` is unused.
 409s are no failure of the run (exit 0); other errors are (exit 1).
@@ -96,7 +96,7 @@ def render(report: dict[str, Any]) -> str:
         ]
     if "concurrency" in report:  # the sweep replaced the timed rounds
         swept = concurrent_load.render(
-            concurrent_load.swept_levels(report), report["concurrency"]["cog_yaml_max"]
+            concurrent_load.swept_levels(report), report["concurrency"]["concurrency_max"]
         )
         return "\n".join([*lines, "", swept])
     headers = [

@@ -103,6 +103,7 @@ class RequestOptions:
 
 # -- process settings: the CODEFORMER_* environment variables ------------------------------
 MIXED_PRECISION_CHOICES = ("auto", "on", "off")
+SWITCHES = {"0": False, "1": True}
 # glibc takes the trim threshold as a C int: 2 GiB - 1 byte is the most it can hold
 MAX_RETAINED_MEMORY_MB = 2047
 # On a GPU, batching faces fills the device; on a CPU the convolutions are already
@@ -131,6 +132,9 @@ class Settings:
     # RETAINED_MEMORY_MB: freed host memory kept for reuse (codeformer.host_memory; CPU only)
     retained_memory_mb: int = MAX_RETAINED_MEMORY_MB
     fetch_timeout_s: float = 60.0  # FETCH_TIMEOUT_S: one deadline for all of a request's URL inputs
+    # ALLOW_PRIVATE_URLS: 1 also fetches URLs whose host is not a public address (loopback,
+    # private, link-local, ...: codeformer.fetch); for local development and the tests
+    allow_private_urls: bool = False
     mixed_precision: str = "auto"  # MIXED_PRECISION: auto, on or off (codeformer.runtime)
     weights_dir: Path = PROJECT_ROOT / "weights"  # WEIGHTS_DIR: where the weight files live
     weights_url: str = ""  # WEIGHTS_URL: a mirror's base URL; empty: the official release URLs
@@ -154,6 +158,9 @@ class Settings:
                 "CODEFORMER_RETAINED_MEMORY_MB", cls.retained_memory_mb, 0, MAX_RETAINED_MEMORY_MB
             ),
             fetch_timeout_s=_env_int("CODEFORMER_FETCH_TIMEOUT_S", int(cls.fetch_timeout_s), 1, 3600),
+            allow_private_urls=_env(
+                "CODEFORMER_ALLOW_PRIVATE_URLS", cls.allow_private_urls, SWITCHES.get, "0 or 1"
+            ),
             mixed_precision=_env(
                 "CODEFORMER_MIXED_PRECISION",
                 cls.mixed_precision,

@@ -5,6 +5,8 @@ Every message names what failed (an input, a file, a setting) and how to fix it.
 
 from __future__ import annotations
 
+import re
+
 
 class CodeFormerError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -37,3 +39,28 @@ class ImageFailedError(CodeFormerError):
 
 class RequestCancelled(CodeFormerError):
     """The request was cancelled (its cancel flag was set) before its work finished."""
+
+
+# coglet 0.23 reports an async prediction as *canceled*, not failed, when the text of its
+# exception contains "cancelled" or "CancelledError" (case-sensitive: coglet-python's
+# worker_bridge.rs). Our messages quote what users chose (file names, URL paths, data URI
+# names), so such text can come from a user. The "l" that completes either word is written
+# "%6C" (its percent-encoding) in a failure's text: the name stays recognisable.
+_COG_CANCEL_WORD = re.compile(r"(?<=[Cc]ancel)l(?=ed)")
+
+
+def reported_as_failure(exc: Exception) -> Exception:
+    """``exc``, or a copy of it whose text Cog cannot mistake for a cancel.
+
+    The copy has the same class and attributes; only its message differs, and only where
+    ``cancelled``/``Cancelled`` stood. A real cancel never reaches this: it is an
+    ``asyncio.CancelledError``, which is not an ``Exception``.
+    """
+    text = str(exc)
+    safe = _COG_CANCEL_WORD.sub("%6C", text)
+    if safe == text:
+        return exc
+    copy = Exception.__new__(type(exc))
+    copy.__dict__.update(exc.__dict__)
+    copy.args = (safe,)
+    return copy

@@ -1,10 +1,17 @@
 """Fetch request inputs given as http(s) URLs or data URIs, within fixed limits.
 
-Every remote input of a request goes through ``fetch``, whoever calls ``predict()``:
+Every remote input of a request goes through ``fetch``, whoever calls ``run()``:
 - only ``http``/``https`` (and ``data:``), on every hop: a redirect to ``file://`` or any other
   scheme is refused, and at most ``MAX_REDIRECTS`` redirects are followed;
-- a connect timeout, and one deadline for all of a request's fetches (a server that
-  sends one byte a second is cut off when it passes, not when the client gives up);
+- only public addresses, on every hop: each connection resolves its host once (within the
+  request's deadline), refuses the host when any of its addresses is not globally routable
+  (loopback, private, link-local, ...: ``address_kind``), and connects to a vetted address,
+  so a name cannot resolve to a public address when checked and to 127.0.0.1 when connected
+  (DNS rebinding). The request keeps the host name for Host, TLS SNI and the certificate
+  check. ``Dialer(allow_private=True)`` (``CODEFORMER_ALLOW_PRIVATE_URLS=1``) lifts the rule;
+- a connect timeout, and one deadline for all of a request's fetches, name resolution
+  included (a server that sends one byte a second is cut off when it passes, not when the
+  client gives up);
 - at most ``MAX_INPUT_BYTES`` per input, enforced while the body streams in, before a
   declared ``Content-Length`` is even read;
 - failures raise ``InputError`` saying what happened, for the caller to prefix with the input.
@@ -18,14 +25,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
 import contextlib
+import ipaddress
 import socket
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 import urllib3
+import urllib3.connection
+import urllib3.connectionpool
+import urllib3.util.connection
 
 from codeformer.errors import InputError
 
@@ -37,6 +51,10 @@ MAX_REDIRECTS = 5
 CONNECT_TIMEOUT_S = 10.0
 CHUNK_BYTES = 1 << 16
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# name lookups run here so that the request's deadline bounds them (getaddrinfo has no
+# timeout of its own); a lookup that outlives its deadline finishes in the background
+RESOLVER_THREADS = 8
+_resolver_pool = concurrent.futures.ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="resolve")
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,187 @@ class Deadline:
                 "send a smaller file or a faster URL"
             )
         return left
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# ranges ipaddress has no predicate for, with how a refusal names them
+CARRIER_GRADE_NAT = ipaddress.ip_network("100.64.0.0/10")
+DOCUMENTATION = tuple(
+    ipaddress.ip_network(block)
+    for block in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32", "3fff::/20")
+)
+PRIVATE = tuple(
+    ipaddress.ip_network(block) for block in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fec0::/10")
+)  # RFC 1918, and IPv6's deprecated site-local block
+UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
+# not globally reachable as a block (RFC 6890), though ipaddress calls most of it global
+IETF_PROTOCOL_ASSIGNMENTS = ipaddress.ip_network("192.0.0.0/24")
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are an IPv4 address
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, compatible, 6to4, NAT64), if any."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    packed = address.packed
+    if address in NAT64 or (packed[:12] == bytes(12) and int(address) > 1):  # ::a.b.c.d
+        return ipaddress.IPv4Address(packed[12:])
+    return None
+
+
+def address_kind(address: IPAddress) -> str | None:
+    """Why ``address`` is not fetched from (``loopback``, ``private``, ...), or None when public."""
+    inner = embedded_ipv4(address)
+    if inner is not None:
+        return address_kind(inner)
+    checks = (
+        (address.is_unspecified, "unspecified"),
+        (address.is_loopback, "loopback"),
+        (address.is_link_local, "link-local"),
+        (address.is_multicast, "multicast"),
+        (address in CARRIER_GRADE_NAT, "carrier-grade NAT"),
+        (address == ipaddress.IPv4Address("255.255.255.255"), "broadcast"),
+        (any(address in block for block in DOCUMENTATION), "documentation"),
+        (address in UNIQUE_LOCAL, "unique-local"),
+        (any(address in block for block in PRIVATE), "private"),
+        (not address.is_global or address in IETF_PROTOCOL_ASSIGNMENTS, "reserved"),
+    )
+    return next((kind for matched, kind in checks if matched), None)
+
+
+Resolver = Callable[[str, int], Sequence[str]]  # (host, port) -> its addresses, as text
+Connector = Callable[[tuple[str, int], "float | None"], socket.socket]  # (address, port), timeout
+
+
+def system_resolve(host: str, port: int) -> list[str]:
+    """The addresses ``getaddrinfo`` gives for ``host`` (what a connection would try), in order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def system_connect(address: tuple[str, int], timeout: float | None) -> socket.socket:
+    """A TCP connection to a numeric ``address`` (no name lookup), with urllib3's socket options."""
+    return urllib3.util.connection.create_connection(
+        address, timeout, socket_options=urllib3.connection.HTTPConnection.default_socket_options
+    )
+
+
+@dataclass(frozen=True)
+class Dialer:
+    """How fetches reach a host: which addresses are allowed, how names resolve, how to connect.
+
+    Tests pass their own ``resolve`` and ``connect`` to show a refusal before any packet is sent.
+    """
+
+    allow_private: bool = False
+    resolve: Resolver = system_resolve
+    connect: Connector = system_connect
+
+    def open(self, host: str, port: int, timeout: float | None, deadline: Deadline) -> socket.socket:
+        """A socket connected to a vetted address of ``host``; ``InputError`` when refused."""
+        lookup = _resolver_pool.submit(self.resolve, host, port)
+        try:
+            addresses = lookup.result(timeout=deadline.remaining_s())
+        except concurrent.futures.TimeoutError:
+            deadline.remaining_s()  # raises: the deadline is what ran out
+            raise
+        vetted = [ipaddress.ip_address(address.split("%", 1)[0]) for address in addresses]
+        if not vetted:
+            raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
+        if not self.allow_private:
+            for address in vetted:
+                kind = address_kind(address)
+                if kind is not None:
+                    article = "an" if kind[0] in "aeiou" else "a"
+                    raise InputError(
+                        f"{_shown(host, address)} is {article} {kind} address; only public addresses "
+                        "are fetched (CODEFORMER_ALLOW_PRIVATE_URLS=1 allows them)"
+                    )
+        error: OSError | None = None
+        for address in vetted:
+            try:
+                return self.connect((str(address), port), timeout)
+            except OSError as exc:  # the next address, as create_connection does
+                error = exc
+        assert error is not None
+        raise error
+
+
+def _shown(host: str, address: IPAddress) -> str:
+    """``host`` as the URL wrote it, with the address it stands for when that reads differently."""
+    try:
+        same = ipaddress.ip_address(host.strip("[]")) == address
+    except ValueError:
+        same = False
+    return host if same else f"{host} ({address})"
+
+
+class _VettedConnectionMixin:
+    """urllib3 connections that dial through a ``Dialer`` instead of resolving the host themselves."""
+
+    host: str
+    port: int
+    timeout: float | None
+
+    def __init__(self, *args: Any, dialer: Dialer, deadline: Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dialer = dialer
+        self.deadline = deadline
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            return self.dialer.open(self.host, self.port, self.timeout, self.deadline)
+        except TimeoutError as exc:
+            raise urllib3.exceptions.ConnectTimeoutError(
+                self, f"connecting to {self.host} timed out"
+            ) from exc
+        except OSError as exc:
+            raise urllib3.exceptions.NewConnectionError(
+                self, f"Failed to establish a new connection: {exc}"
+            ) from exc
+
+
+class _VettedHTTPConnection(_VettedConnectionMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _VettedHTTPSConnection(_VettedConnectionMixin, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _VettedPoolManager(urllib3.PoolManager):
+    """Pools whose connections dial through ``dialer`` within ``deadline``."""
+
+    def __init__(self, dialer: Dialer, deadline: Deadline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dialer = dialer
+        self.deadline = deadline
+
+    def _new_pool(
+        self, scheme: str, host: str, port: int, request_context: dict[str, Any] | None = None
+    ) -> urllib3.connectionpool.HTTPConnectionPool:
+        pool = super()._new_pool(scheme, host, port, request_context)
+        pool.ConnectionCls = _VettedHTTPSConnection if scheme == "https" else _VettedHTTPConnection
+        pool.conn_kw = {**pool.conn_kw, "dialer": self.dialer, "deadline": self.deadline}
+        return pool
+
+
+class _VettedAdapter(requests.adapters.HTTPAdapter):
+    def __init__(self, dialer: Dialer, deadline: Deadline) -> None:
+        self.dialer = dialer
+        self.deadline = deadline
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        self.poolmanager = _VettedPoolManager(
+            self.dialer, self.deadline, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+        )
 
 
 def is_remote(item: str) -> bool:
@@ -130,8 +329,13 @@ def _socket_of(raw: urllib3.HTTPResponse) -> socket.socket | None:
     return getattr(socket_io, "_sock", None)
 
 
-def _fetch_http(url: str, deadline: Deadline) -> bytes:
+def _fetch_http(url: str, deadline: Deadline, dialer: Dialer) -> bytes:
     with requests.Session() as session:
+        # no proxies or .netrc from the environment: the dialer decides where a fetch connects
+        session.trust_env = False
+        adapter = _VettedAdapter(dialer, deadline)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         for _ in range(MAX_REDIRECTS + 1):
             read_timeout = deadline.remaining_s()
             response = session.get(
@@ -156,12 +360,15 @@ def _fetch_http(url: str, deadline: Deadline) -> bytes:
     raise InputError(f"the URL redirects more than {MAX_REDIRECTS} times")
 
 
-def fetch(item: str, deadline: Deadline) -> bytes:
-    """The bytes behind an http(s) URL or data URI; ``InputError`` saying what went wrong."""
+def fetch(item: str, deadline: Deadline, dialer: Dialer | None = None) -> bytes:
+    """The bytes behind an http(s) URL or data URI; ``InputError`` saying what went wrong.
+
+    ``dialer`` decides which addresses a URL may reach (default: public ones only).
+    """
     if item.startswith("data:"):
         return decode_data_uri(item)
     try:
-        return _fetch_http(item, deadline)
+        return _fetch_http(item, deadline, dialer or Dialer())
     except requests.ConnectTimeout:
         raise InputError(f"could not connect within {CONNECT_TIMEOUT_S:g} s") from None
     except (requests.ReadTimeout, TimeoutError, urllib3.exceptions.ReadTimeoutError):

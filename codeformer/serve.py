@@ -1,37 +1,35 @@
-"""Run the real Cog prediction server locally, as ``cog serve`` would inside the image.
+"""Run the real Cog prediction server locally, exactly as the Cog image runs it.
 
     python -m codeformer.serve --port 5000 [--host 127.0.0.1]
 
-Writes ``.cog/openapi_schema.json`` (so that the server validates inputs), then runs
-``python -m cog.server.http`` (coglet) with ``predict.py:Predictor`` from the project root
-on a private loopback port, behind ``codeformer.front`` on the public one (which refuses
-unknown input keys and strips coglet's error prefixes), in the foreground: Ctrl-C or
-SIGTERM stops both, lets the worker remove its output folder, and removes any left. Environment
-variables (``CODEFORMER_WEIGHTS_DIR``, ``CODEFORMER_WEIGHTS_URL``, ``CODEFORMER_MAX_*``)
-pass through to the predictor. The API is the one of ``cog serve``: ``GET /health-check``,
-``POST /predictions``, ``POST /predictions/{id}/cancel``, ``GET /openapi.json``.
+Writes ``.cog/openapi_schema.json`` (so that the server validates inputs as in the image),
+sets what ``cog build`` would bake into the image (``COG_PREDICT_TYPE_STUB``,
+``COG_MAX_CONCURRENCY`` from ``@cog.concurrent`` on ``Predictor.run``), then runs Cog's
+server (coglet) in this process, in the foreground: one process and one port, with coglet's
+worker as its child, as in the image. coglet stops on SIGTERM or Ctrl-C and lets the
+worker remove its output folders; any folder of a worker that was killed is removed when
+the server returns. Environment variables (``CODEFORMER_*``) pass through to the predictor.
+The API is Cog's: ``GET /health-check``, ``POST /predictions``,
+``POST /predictions/{id}/cancel``, ``GET /openapi.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
-import json
+import importlib.util
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 from codeformer.errors import ConfigError
-from codeformer.front import BACKEND_HOST, Front
 from codeformer.outputs import remove_orphaned_output_dirs
 from codeformer.schema import DEFAULT_PREDICTOR_REF, PROJECT_ROOT, write_schema
 
@@ -39,30 +37,25 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
-# seconds coglet gets after SIGTERM to finish and stop its worker (it kills the worker
-# after 10 s itself), and a server started by spawn_server to stop coglet and itself
-BACKEND_STOP_GRACE_S = 15.0
-STOP_GRACE_S = BACKEND_STOP_GRACE_S + 5.0
-PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies
-COG_YAML = PROJECT_ROOT / "cog.yaml"
+# seconds a server started by spawn_server gets after SIGTERM: coglet gives its worker 10 s
+STOP_GRACE_S = 20.0
 
 
-def cog_yaml_concurrency(cog_yaml: Path = COG_YAML) -> int:
-    """``concurrency.max`` of cog.yaml (1 without it): the predictions one worker runs at once.
+def runner_concurrency(predictor_ref: str = DEFAULT_PREDICTOR_REF) -> int:
+    """``max`` of ``@cog.concurrent`` on the predictor's ``run`` (1 without it).
 
-    ``cog build`` turns it into ``COG_MAX_CONCURRENCY`` in the image; ``server_command`` does
-    the same for the local server.
+    That is where Cog reads a model's concurrency: the build turns it into
+    ``COG_MAX_CONCURRENCY`` for coglet, and ``main`` does the same for the local server.
     """
-    import yaml  # cog's own dependency; imported here, the only place that reads cog.yaml
-
-    try:
-        document = yaml.safe_load(cog_yaml.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{cog_yaml}: cannot read concurrency.max ({exc}); fix the file") from exc
-    value = (document.get("concurrency") or {}).get("max", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{cog_yaml}: concurrency.max must be a whole number >= 1, got {value!r}")
-    return value
+    file_name, _, class_name = predictor_ref.partition(":")
+    path = PROJECT_ROOT / file_name
+    spec = importlib.util.spec_from_file_location(Path(file_name).stem, path)
+    if spec is None or spec.loader is None or not class_name:
+        raise ConfigError(f"predictor reference {predictor_ref!r}: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = getattr(module, class_name).run
+    return int(getattr(run, "__cog_concurrent_max__", 1))
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -85,24 +78,18 @@ def check_port_free(host: str, port: int) -> None:
         probe.close()
 
 
-def server_command(
-    port: int,
-    host: str = DEFAULT_HOST,
-    predictor_ref: str = DEFAULT_PREDICTOR_REF,
-    base_env: Mapping[str, str] | None = None,
-) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that run coglet for ``predictor_ref`` (run it from the project root)."""
-    env = dict(os.environ if base_env is None else base_env)
+def image_environment(predictor_ref: str, base_env: Mapping[str, str]) -> dict[str, str]:
+    """``base_env`` plus what the Cog image sets for coglet and its worker."""
+    env = dict(base_env)
     env["COG_PREDICT_TYPE_STUB"] = predictor_ref
-    env["PORT"] = str(port)
-    env.setdefault("COG_MAX_CONCURRENCY", str(cog_yaml_concurrency()))
+    env.setdefault("COG_MAX_CONCURRENCY", str(runner_concurrency(predictor_ref)))
     # coglet starts its worker as plain `python` from PATH; put this interpreter's folder
     # first so the worker sees the same virtualenv (and finds coglet and torch)
     interpreter_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([interpreter_dir, env.get("PATH", "")]).rstrip(os.pathsep)
     # predict.py imports the codeformer package from the project root
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    return [sys.executable, "-m", "cog.server.http", "--host", host], env
+    return env
 
 
 def spawn_server(port: int, extra_env: Mapping[str, str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -122,13 +109,13 @@ def spawn_server(port: int, extra_env: Mapping[str, str], log_file: IO[bytes]) -
 
 
 def stop_server(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-    """End a server started by ``spawn_server``: SIGTERM (it stops coglet and the worker), then SIGKILL.
+    """End a server started by ``spawn_server``: SIGTERM to coglet, then SIGKILL to its group.
 
-    coglet has a process group of its own and a parent-death signal: a front killed
-    before it could stop coglet still ends it.
+    The SIGTERM goes to coglet alone, as an orchestrator sends it: coglet stops its worker,
+    whose exit handlers remove its output folders. Whatever is left after ``grace_s`` is killed.
     """
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)
     with contextlib.suppress(ProcessLookupError):
@@ -136,51 +123,14 @@ def stop_server(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S)
     process.wait(timeout=grace_s)
 
 
-def _end_with_parent() -> None:
-    """In the coglet child before exec: SIGTERM when the front dies, however it dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def serve(host: str, port: int, predictor_ref: str) -> None:
+    """Run coglet for ``predictor_ref`` on ``host:port`` until it stops (SIGTERM, SIGINT)."""
+    import coglet
 
-
-def stop_backend(backend: subprocess.Popen[bytes], grace_s: float = BACKEND_STOP_GRACE_S) -> None:
-    """SIGTERM to coglet alone (it stops its worker, whose exit handlers run), then SIGKILL the rest."""
-    with contextlib.suppress(ProcessLookupError):
-        backend.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        backend.wait(timeout=grace_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(backend.pid, signal.SIGKILL)
-    backend.wait()
-
-
-def run_front(front: Front, backend: subprocess.Popen[bytes]) -> int:
-    """Serve until SIGTERM/SIGINT or until coglet exits; then stop coglet and clean up.
-
-    Returns 0 after a requested stop, else coglet's exit code (1 if it was 0).
-    """
-    stopping = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stopping.set()
-        threading.Thread(target=front.shutdown, daemon=True).start()
-
-    def watch_backend() -> None:
-        code = backend.wait()
-        if not stopping.is_set():
-            logger.error("the Cog server exited with code %s; stopping", code)
-            front.shutdown()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    threading.Thread(target=watch_backend, name="backend-watch", daemon=True).start()
-    try:
-        front.serve_forever()
-    finally:
-        front.server_close()
-        stop_backend(backend)
-        removed = remove_orphaned_output_dirs()
-        logger.info("stopped; removed %d output folder(s) the worker left", removed)
-    return 0 if stopping.is_set() else (backend.returncode or 1)
+    os.environ.update(image_environment(predictor_ref, os.environ))
+    os.environ["PORT"] = str(port)
+    os.chdir(PROJECT_ROOT)  # coglet reads .cog/openapi_schema.json and predict.py from here
+    coglet.server.serve(predictor_ref=predictor_ref, host=host, port=port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,21 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_port_free(args.host, args.port)
-        schema = json.loads(write_schema(args.predictor).read_text())
-        front = Front((args.host, args.port), schema)
+        write_schema(args.predictor)
     except (ConfigError, OSError) as exc:
         logger.error("%s", exc)
         return 2
-    command, env = server_command(front.backend_port, BACKEND_HOST, args.predictor)
     logger.info("starting the Cog server for %s on http://%s:%d", args.predictor, args.host, args.port)
     sys.stdout.flush()
     sys.stderr.flush()
-    # coglet reads .cog/openapi_schema.json and predict.py from its working folder; it gets a
-    # process group of its own, so that our signals reach it only through stop_backend
-    backend = subprocess.Popen(
-        command, env=env, cwd=PROJECT_ROOT, start_new_session=True, preexec_fn=_end_with_parent
-    )
-    return run_front(front, backend)
+    try:
+        serve(args.host, args.port, args.predictor)
+    finally:
+        removed = remove_orphaned_output_dirs()
+        logger.info("stopped; removed %d output folder(s) the worker left", removed)
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ from codeformer.runtime import cpu_has_bf16_kernels
 # convolution at 256x256), and "auto" picks float32 there as it would in production.
 # Servers the tests start inherit the setting.
 os.environ.setdefault("CODEFORMER_MIXED_PRECISION", "on" if cpu_has_bf16_kernels() else "auto")
+# The suite's files are served from 127.0.0.1, which production refuses to fetch from
+# (codeformer.fetch): the predictors and servers of the tests allow it, except in the tests
+# of that rule (tests/test_fetch_addresses.py), which turn it off.
+os.environ["CODEFORMER_ALLOW_PRIVATE_URLS"] = "1"
 
 
 @pytest.fixture(scope="session")

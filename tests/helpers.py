@@ -24,6 +24,20 @@ import numpy as np
 from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# what Cog (coglet 0.23) writes before the text of an exception that failed an async run()
+COG_FAILURE_PREFIX = "Prediction failed: Async prediction failed: "
+PROJECT_ERRORS = ("InputError", "CodeFormerError", "ConfigError")
+
+
+def project_sentence(error: str) -> str:
+    """A failed prediction's error without Cog's prefix and the project's class name.
+
+    Asserts the shape: ``Prediction failed: Async prediction failed: InputError: images[0] ...``.
+    """
+    assert error.startswith(COG_FAILURE_PREFIX), error
+    name, separator, sentence = error.removeprefix(COG_FAILURE_PREFIX).partition(": ")
+    assert separator and name in PROJECT_ERRORS, error
+    return sentence
 
 
 @contextlib.contextmanager

@@ -6,8 +6,9 @@ Each case builds one request (files generated here with Pillow/NumPy, served by 
   out from the decoding rule, within JPEG's re-encoding error);
 - ``Fails``: the prediction fails as a whole, and its message starts with
   ``images[i] (name): `` and says what went wrong, with no server folder in it;
-- ``Invalid``: a bad option or an unknown key: 422 naming the field over HTTP (the local
-  server's front refuses unknown keys), an error naming it in-process.
+- ``Invalid``: a bad option: 422 naming the field over HTTP, an error naming it in-process;
+- ``Dropped``: an unknown key: over HTTP Cog drops it, names it in its log and runs the
+  prediction with the rest; in-process Python refuses the keyword.
 After every case that does not succeed, a good request succeeds on the same predictor.
 
 Both transports run on weights whose detector never fires (``faceless_weights_dir``), so
@@ -32,7 +33,7 @@ import pytest
 from conftest import set_up_predictor
 from generated_inputs import png_header_claiming
 from harness import LocalServer, closed_port_url
-from helpers import encode, flat_canvas, noise, png_bytes, project_folder
+from helpers import encode, flat_canvas, noise, png_bytes, project_folder, project_sentence
 from PIL import Image
 from weights_server import FileServer
 from worker_memory import find_worker_pid, reset_peak_rss, status_kib
@@ -289,7 +290,14 @@ class Invalid:
     field: str
 
 
-Outcome = Picture | Fails | Invalid
+@dataclass(frozen=True)
+class Dropped:
+    """An unknown key: dropped and named in Cog's log over HTTP (the request runs); refused in-process."""
+
+    field: str
+
+
+Outcome = Picture | Fails | Invalid | Dropped
 
 
 @dataclass(frozen=True)
@@ -532,8 +540,13 @@ CASES = [
     request(
         "backend-unknown", lambda context: [good_image()], Invalid("compile_backend"), compile_backend="trt"
     ),
-    option("misspelled-key", "codeformer_fidelty", codeformer_fidelty=0.9),
-    request("unknown-key", lambda context: [good_image()], Invalid("upscale"), upscale=2),
+    request(
+        "misspelled-key",
+        lambda context: [good_image()],
+        Dropped("codeformer_fidelty"),
+        codeformer_fidelty=0.9,
+    ),
+    request("unknown-key", lambda context: [good_image()], Dropped("upscale"), upscale=2),
     request("no-images", lambda context: [], Invalid("images")),
     request("five-images", lambda context: [good_image()] * 5, Invalid("images")),
 ]
@@ -545,8 +558,9 @@ class Answer:
     """What a transport made of a request, in one shape for the assertions."""
 
     outputs: list[bytes] = field(default_factory=list)
-    error: str | None = None  # a failed prediction's message
+    error: str | None = None  # a failed prediction's message, without Cog's prefix
     invalid: str | None = None  # the refused field's name and message (422 / error before running)
+    log: str = ""  # over HTTP: what the server logged while it answered
 
 
 class Transport:
@@ -564,7 +578,7 @@ class InProcess(Transport):
 
     def send(self, images: list[str], options: dict[str, Any]) -> Answer:
         try:
-            paths = asyncio.run(self.predictor.predict(images=images, **{**DEFAULTS, **options}))
+            paths = asyncio.run(self.predictor.run(images=images, **{**DEFAULTS, **options}))
         except TypeError as exc:  # an unknown keyword: Python names it
             return Answer(invalid=str(exc))
         except CodeFormerError as exc:
@@ -581,14 +595,16 @@ class OverHttp(Transport):
         self.client = server.client
 
     def send(self, images: list[str], options: dict[str, Any]) -> Answer:
+        log_start = len(self.server.log_text())
         result = self.client.predict({"images": images, **{**DEFAULTS, **options}})
         if result.http_status == 422:
             return Answer(invalid=json.dumps(result.body["detail"]))
         assert result.http_status == 200, result.body
+        log = self.server.log_text()[log_start:]
         if result.status == "succeeded":
-            return Answer(outputs=result.output_bytes())
+            return Answer(outputs=result.output_bytes(), log=log)
         assert result.status == "failed" and result.output == [], result.body
-        return Answer(error=result.error)
+        return Answer(error=project_sentence(result.error), log=log)
 
 
 @pytest.fixture(scope="module")
@@ -652,6 +668,14 @@ def check(answer: Answer, outcome: Outcome, image_count: int) -> str:
         assert outcome.reason in answer.error, answer.error
         assert str(PROJECT_ROOT) not in answer.error and "/tmp/" not in answer.error, answer.error
         return answer.error
+    if isinstance(outcome, Dropped):
+        if answer.invalid is not None:  # in-process: Python names the unexpected keyword
+            assert outcome.field in answer.invalid, answer.invalid
+            return answer.invalid
+        assert answer.error is None and len(answer.outputs) == image_count, answer
+        [dropped] = [line for line in answer.log.splitlines() if "Stripped unknown input fields" in line]
+        assert outcome.field in dropped, dropped
+        return dropped
     assert answer.invalid is not None, f"expected {outcome.field} to be refused, got {answer}"
     assert outcome.field in answer.invalid, answer.invalid
     return answer.invalid

@@ -1,4 +1,4 @@
-"""Concurrent predictions through the real Cog server: ``concurrency.max`` of cog.yaml requests at once.
+"""Concurrent predictions through the real Cog server: ``@cog.concurrent(max=...)`` requests at once.
 
 One server for the module, on the seed-0 weights, at most one face per image, and a face
 batch of 2 with a long batch wait (``CODEFORMER_FACE_BATCH=2``, ``CODEFORMER_BATCH_WAIT_MS``),
@@ -21,15 +21,23 @@ import numpy as np
 import pytest
 import requests
 from harness import LocalServer
-from helpers import face_photo, flat_canvas, noise, png_bytes, requests_admitted, wait_for
+from helpers import (
+    face_photo,
+    flat_canvas,
+    noise,
+    png_bytes,
+    project_sentence,
+    requests_admitted,
+    wait_for,
+)
 from PIL import Image
 
 from codeformer.client import CogClient, PredictionResult, data_uri
-from codeformer.serve import cog_yaml_concurrency
+from codeformer.serve import runner_concurrency
 
 pytestmark = pytest.mark.slow
 
-SLOTS = cog_yaml_concurrency()
+SLOTS = runner_concurrency()
 BASELINE = {"runtime_profile": "baseline", "stability_mode": "safe"}
 # tests/test_parity_golden.py's tolerance where its stricter AVX-512 figures do not apply
 MIN_WITHIN_ONE, MAX_OVER_THREE = 0.97, 0.015
@@ -142,7 +150,7 @@ def test_a_bad_input_fails_only_its_own_request(
         ],
     )
     assert failed.status == "failed"
-    assert failed.error.startswith("images[0] (broken.jpg): not a readable image")
+    assert project_sentence(failed.error).startswith("images[0] (broken.jpg): not a readable image")
     assert_same_answer(good, alone["face"])
     assert_same_answer(canvas, alone["canvas"])
 
@@ -171,7 +179,7 @@ def test_a_cancel_stops_only_its_own_request(server: LocalServer, alone: dict[st
 
 
 def test_requests_below_capacity_never_get_409(server: LocalServer) -> None:
-    """Clients below ``concurrency.max`` sending back to back: no 409, even right after an answer."""
+    """Clients below the predictor's slot count sending back to back: no 409, even right after an answer."""
     cheap = request(flat_canvas(64, 64), runtime_profile="max_speed")
     clients, per_client = SLOTS - 1, 6
 

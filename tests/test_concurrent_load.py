@@ -23,13 +23,14 @@ from timed_requests import Requester
 
 from codeformer.client import CogClient
 from codeformer.errors import ConfigError
-from codeformer.serve import cog_yaml_concurrency
+from codeformer.serve import runner_concurrency
+from predict import MAX_CONCURRENT_REQUESTS
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 PHOTO = PROJECT_ROOT / "data" / "2.jpg"
 
 
-# -- levels and cog.yaml -----------------------------------------------------------------------
+# -- levels and the runner's concurrency -------------------------------------------------------
 def test_levels_take_numbers_commas_and_n_once_each_in_order() -> None:
     assert parse_levels(["1", "2,4", "N"], 3) == [1, 2, 4, 3]
     assert parse_levels(["1", "n", "2", "1"], 1) == [1, 2]  # N = 1 is already there
@@ -41,16 +42,15 @@ def test_a_level_that_is_no_client_count_is_refused_with_the_fix(bad: str) -> No
         parse_levels(["1", bad], 1)
 
 
-def test_n_is_cog_yamls_concurrency_max_and_1_without_it(tmp_path: Path) -> None:
-    cog_yaml = tmp_path / "cog.yaml"
-    cog_yaml.write_text('predict: "predict.py:Predictor"\n')
-    assert cog_yaml_concurrency(cog_yaml) == 1
-    cog_yaml.write_text('predict: "predict.py:Predictor"\nconcurrency:\n  max: 4\n')
-    assert cog_yaml_concurrency(cog_yaml) == 4
-    cog_yaml.write_text("concurrency:\n  max: many\n")
-    with pytest.raises(ConfigError, match="concurrency.max must be a whole number"):
-        cog_yaml_concurrency(cog_yaml)
-    assert cog_yaml_concurrency() >= 1  # the project's own cog.yaml reads
+def test_n_is_the_runners_concurrent_max_and_1_without_it(tmp_path: Path) -> None:
+    runner = tmp_path / "runner.py"
+    runner.write_text("class Plain:\n    def run(self): ...\n")
+    assert runner_concurrency(f"{runner}:Plain") == 1
+    runner.write_text("import cog\nclass Wide:\n    @cog.concurrent(max=3)\n    async def run(self): ...\n")
+    assert runner_concurrency(f"{runner}:Wide") == 3
+    with pytest.raises(ConfigError, match="cannot load"):
+        runner_concurrency(f"{runner}")
+    assert runner_concurrency() == MAX_CONCURRENT_REQUESTS  # the project's own predictor
 
 
 @pytest.mark.parametrize(
@@ -188,7 +188,7 @@ def test_run_bench_concurrency_through_the_real_server(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-6000:]
     report = json.loads(output.read_text())
     section = report["concurrency"]
-    assert section["levels"] == [1, 2] and section["cog_yaml_max"] == cog_yaml_concurrency()
+    assert section["levels"] == [1, 2] and section["concurrency_max"] == runner_concurrency()
     assert section["stop"] == {"duration_s": None, "requests": 2, "busy_backoff_s": 0.1}
     assert report["profiles"] == {}  # the sweep replaces the timed rounds
     levels = section["profiles"]["max_speed"]["levels"]
@@ -199,4 +199,4 @@ def test_run_bench_concurrency_through_the_real_server(tmp_path: Path) -> None:
         assert level["throughput_images_per_s"] == pytest.approx(2 / level["wall_s"])
         assert level["per_request"]["count"] == 2
     assert {s["client"] for s in levels["2"]["samples"]} == {0, 1}
-    assert " 409 " in completed.stdout and "concurrency.max N = " in completed.stdout
+    assert " 409 " in completed.stdout and "@cog.concurrent max N = " in completed.stdout

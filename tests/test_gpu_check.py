@@ -138,7 +138,7 @@ def test_through_the_server_on_the_cpu_it_checks_and_sweeps(tmp_path: Path) -> N
     for level in sweep["results"].values():
         assert level["succeeded"] == 1
         assert level["requests"] == level["succeeded"] + level["rejected_409"] + level["errors"]
-    # a 409 at K <= cog.yaml's concurrency.max, or any failed request, fails the run, and only that
+    # a 409 at K <= the predictor's concurrency max, or any failed request, fails the run, and only that
     assert all("409" in reason for reason in sweep["reasons"])
     assert completed.returncode == (1 if sweep["reasons"] else 0), completed.stderr[-2000:]
     assert completed.stdout.splitlines()[0].startswith("PASS baseline/safe")

@@ -65,7 +65,7 @@ def decoded_size(data: bytes) -> tuple[int, int]:
 
 def run(predictor: Predictor, images: list, **options: object) -> list[Path]:
     """Call predict() as Cog would: every input given (in-process, the defaults are Input() objects)."""
-    return asyncio.run(predictor.predict(images=images, **{**DEFAULTS, **options}))
+    return asyncio.run(predictor.run(images=images, **{**DEFAULTS, **options}))
 
 
 class SetupRecord(NamedTuple):
