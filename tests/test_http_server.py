@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 from harness import LocalServer
+from test_fetch_addresses import LOOPBACK_SPELLINGS
 from helpers import (
     PROJECT_ROOT,
     face_photo,
@@ -133,6 +134,17 @@ def test_data_uri_and_http_url_inputs_give_jpgs_in_order_at_input_size(running: 
     assert "images[0] (tall.jpg): 200x260, faces found=" in result.logs
     assert "images[1] (face.png): 256x192, faces found=" in result.logs
     assert "kept=1" in result.logs and "restore=" in result.logs
+
+
+def test_every_spelling_of_this_machine_is_fetched_when_private_urls_are_allowed(running: Running) -> None:
+    # the suite's servers run with CODEFORMER_ALLOW_PRIVATE_URLS=1 (conftest); production's
+    # refusal of the same URLs: tests/test_server_edges.py
+    spellings = [host for host in LOOPBACK_SPELLINGS if host != "[::1]"]  # the file server is IPv4
+    urls = [f"http://{host}:{running.images.port}/canvas.jpg" for host in spellings]
+    for start in range(0, len(urls), 4):
+        result = running.client.predict({"images": urls[start : start + 4], **CHEAP})
+        assert result.status == "succeeded", result.error
+        assert jpeg_sizes(result) == [(80, 48)] * len(urls[start : start + 4])
 
 
 def test_a_local_path_inside_the_project_is_read_alongside_a_url(running: Running) -> None:
