@@ -24,6 +24,19 @@ import numpy as np
 from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# host spellings that all mean this machine; what the URL tests send
+# (tests/test_fetch_addresses.py, tests/test_server_edges.py)
+LOOPBACK_SPELLINGS = [
+    "127.0.0.1",
+    "localhost",
+    "[::1]",
+    "0.0.0.0",
+    "2130706433",
+    "127.1",
+    "0x7f000001",
+    "0177.0.0.1",
+    "[::ffff:127.0.0.1]",
+]
 # what Cog (coglet 0.23) writes before the text of an exception that failed an async run()
 COG_FAILURE_PREFIX = "Prediction failed: Async prediction failed: "
 PROJECT_ERRORS = ("InputError", "CodeFormerError", "ConfigError")

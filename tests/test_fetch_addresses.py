@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from helpers import LOOPBACK_SPELLINGS
 from weights_server import FileServer
 
 from codeformer.config import Settings
@@ -24,18 +25,6 @@ from codeformer.fetch import Deadline, Dialer, address_kind, fetch, system_conne
 
 PUBLIC = "93.184.215.14"  # a globally routable address; never connected to here
 REFUSAL = "only public addresses are fetched (CODEFORMER_ALLOW_PRIVATE_URLS=1 allows them)"
-# host spellings that all mean this machine; getaddrinfo reads them as the system would
-LOOPBACK_SPELLINGS = [
-    "127.0.0.1",
-    "localhost",
-    "[::1]",
-    "0.0.0.0",
-    "2130706433",
-    "127.1",
-    "0x7f000001",
-    "0177.0.0.1",
-    "[::ffff:127.0.0.1]",
-]
 
 
 class Recorder:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 from harness import LocalServer
-from test_fetch_addresses import LOOPBACK_SPELLINGS
 from helpers import (
+    LOOPBACK_SPELLINGS,
     PROJECT_ROOT,
     face_photo,
     flat_canvas,

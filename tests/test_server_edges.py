@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from harness import LocalServer
-from helpers import flat_canvas, png_bytes, project_folder, project_sentence, wait_for
-from test_fetch_addresses import LOOPBACK_SPELLINGS
+from helpers import LOOPBACK_SPELLINGS, flat_canvas, png_bytes, project_folder, project_sentence, wait_for
 from weights_server import FileServer
 from worker_memory import status_kib
 
