@@ -257,18 +257,6 @@ def test_a_failure_reads_as_cogs_prefix_then_one_sentence_naming_the_input(runni
     assert str(PROJECT_ROOT) not in result.error
 
 
-def test_a_misspelled_option_is_dropped_and_named_in_the_log(running: Running) -> None:
-    log_start = len(running.server.log_text())
-    result = running.client.predict({**good_request(), "codeformer_fidelty": 0.9})
-    assert result.status == "succeeded", result.error  # Cog's rule: unknown keys are dropped
-    [dropped] = [
-        line
-        for line in running.server.log_text()[log_start:].splitlines()
-        if "Stripped unknown input fields" in line
-    ]
-    assert "codeformer_fidelty" in dropped
-
-
 # -- output folders do not outlive the server ------------------------------------------------
 def test_stopping_the_server_removes_the_workers_output_folders(weights_dir: Path, tmp_path: Path) -> None:
     from codeformer.outputs import OUTPUT_DIR_PREFIX

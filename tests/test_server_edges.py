@@ -12,7 +12,6 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,23 +35,22 @@ OVER_COGS_LIMIT_BYTES = 300 * 1024 * 1024  # coglet answers 413 past ~100 MB
 CANCEL_LIKE_NAMES = ["cancelled.png", "CancelledError.png", "job_was_cancelled.jpg"]
 
 
-@dataclass
-class Served:
-    server: LocalServer
-    client: CogClient
-    files: FileServer
-
-
 @pytest.fixture(scope="module")
-def served(faceless_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
+    """A file server on 127.0.0.1: production's rule must refuse every URL to it."""
     folder = tmp_path_factory.mktemp("edge-files")
     (folder / "photo.png").write_bytes(png_bytes(flat_canvas(64, 48)))
     for name in CANCEL_LIKE_NAMES:
         (folder / name).write_bytes(b"not an image")
+    with FileServer(folder) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(faceless_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     env = {"CODEFORMER_WEIGHTS_DIR": str(faceless_weights_dir), "CODEFORMER_ALLOW_PRIVATE_URLS": "0"}
-    log_path = tmp_path_factory.mktemp("edge-server") / "cog-server.log"
-    with FileServer(folder) as files, LocalServer(env, log_path=log_path) as server:
-        yield Served(server, server.client, files)
+    with LocalServer(env, log_path=tmp_path_factory.mktemp("edge-server") / "cog-server.log") as running:
+        yield running
 
 
 def good_request() -> dict:
@@ -71,28 +69,30 @@ def process_state(pid: int) -> tuple[int, int]:
 
 
 # -- URLs: public addresses only ---------------------------------------------------------------
-def test_every_spelling_of_this_machine_is_refused_without_a_request(served: Served) -> None:
-    spellings = [f"http://{host}:{served.files.port}/photo.png" for host in LOOPBACK_SPELLINGS]
+def test_every_spelling_of_this_machine_is_refused_without_a_request(
+    server: LocalServer, files: FileServer
+) -> None:
+    spellings = [f"http://{host}:{files.port}/photo.png" for host in LOOPBACK_SPELLINGS]
     for start in range(0, len(spellings), 4):  # up to four images a request
         batch = spellings[start : start + 4]
-        result = served.client.predict({"images": batch, **CHEAP})
+        result = server.client.predict({"images": batch, **CHEAP})
         assert result.status == "failed", result.body
         sentence = project_sentence(result.error)
         # the first URL fails the request: refused before any later one is fetched
         assert sentence.startswith("images[0] (photo.png): "), sentence
         assert "address; only public addresses are fetched (CODEFORMER_ALLOW_PRIVATE_URLS=1" in sentence
     for host in LOOPBACK_SPELLINGS:  # each alone, so that every spelling is the one refused
-        result = served.client.predict({"images": [f"http://{host}:{served.files.port}/photo.png"], **CHEAP})
+        result = server.client.predict({"images": [f"http://{host}:{files.port}/photo.png"], **CHEAP})
         assert result.status == "failed" and "only public addresses are fetched" in result.error, host
-    assert served.files.request_count("photo.png") == 0
-    assert_good_request_succeeds(served.client)
+    assert files.request_count("photo.png") == 0
+    assert_good_request_succeeds(server.client)
 
 
 # -- bodies: coglet's own limits ---------------------------------------------------------------
-def test_a_declared_20_gb_body_reserves_nothing_and_leaves_nothing_behind(served: Served) -> None:
-    pid = served.server.pid
+def test_a_declared_20_gb_body_reserves_nothing_and_leaves_nothing_behind(server: LocalServer) -> None:
+    pid = server.pid
     before_rss, before_state = status_kib(pid, "VmRSS"), process_state(pid)
-    with socket.create_connection(("127.0.0.1", served.server.port), timeout=30) as client:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
         client.sendall(
             b"POST /predictions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % DECLARED_BYTES
@@ -109,11 +109,11 @@ def test_a_declared_20_gb_body_reserves_nothing_and_leaves_nothing_behind(served
     # the client went away: its connection and anything the server started for it end
     wait_for(lambda: process_state(pid), lambda state: state == before_state, "threads and fds as before")
     assert status_kib(pid, "VmRSS") - before_rss < MAX_GROWTH_KIB
-    assert_good_request_succeeds(served.client)
+    assert_good_request_succeeds(server.client)
 
 
-def test_a_body_over_cogs_limit_gets_413(served: Served) -> None:
-    with socket.create_connection(("127.0.0.1", served.server.port), timeout=30) as client:
+def test_a_body_over_cogs_limit_gets_413(server: LocalServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
         client.sendall(
             b"POST /predictions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % OVER_COGS_LIMIT_BYTES
@@ -126,29 +126,29 @@ def test_a_body_over_cogs_limit_gets_413(served: Served) -> None:
             pass  # the server answered and closed before the body ended, as it should
         status_line = client.makefile("rb").readline()
     assert status_line.startswith(b"HTTP/1.1 413"), status_line
-    assert_good_request_succeeds(served.client)
+    assert_good_request_succeeds(server.client)
 
 
-def test_a_chunked_body_is_read(served: Served) -> None:
+def test_a_chunked_body_is_read(server: LocalServer) -> None:
     body = json.dumps({"input": good_request()}).encode()
     pieces = (body[start : start + 1000] for start in range(0, len(body), 1000))  # sent chunked
     response = requests.post(
-        f"{served.server.url}/predictions",
+        f"{server.url}/predictions",
         data=pieces,
         headers={"Content-Type": "application/json"},
         timeout=120,
     )
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "succeeded", response.json()
-    assert_good_request_succeeds(served.client)
+    assert_good_request_succeeds(server.client)
 
 
 # -- unknown keys: Cog drops them and says so --------------------------------------------------
-def test_a_misspelled_key_is_dropped_and_named_in_the_log(served: Served) -> None:
-    log_start = len(served.server.log_text())
-    result = served.client.predict({**good_request(), "codeformer_fidelty": 0.9})
+def test_a_misspelled_key_is_dropped_and_named_in_the_log(server: LocalServer) -> None:
+    log_start = len(server.log_text())
+    result = server.client.predict({**good_request(), "codeformer_fidelty": 0.9})
     assert result.status == "succeeded", result.error
-    log = served.server.log_text()[log_start:]
+    log = server.log_text()[log_start:]
     [dropped] = [line for line in log.splitlines() if "Stripped unknown input fields" in line]
     assert "codeformer_fidelty" in dropped
 
@@ -157,21 +157,21 @@ def test_a_misspelled_key_is_dropped_and_named_in_the_log(served: Served) -> Non
 @pytest.mark.parametrize("position", [0, 1, 2])
 @pytest.mark.parametrize("kind", ["data URI", "URL", "local path"])
 def test_a_failing_input_named_like_a_cancel_fails_as_failed(
-    served: Served, kind: str, position: int
+    server: LocalServer, kind: str, position: int
 ) -> None:
     name = CANCEL_LIKE_NAMES[position]
     with project_folder() as folder:
         (folder / name).write_bytes(b"not an image")
         bad = {
             "data URI": data_uri(b"not an image", name=name, media_type="image/png"),
-            "URL": served.files.url_for(name),  # refused: a loopback address
+            "URL": files.url_for(name),  # refused: a loopback address
             "local path": str((folder / name).relative_to(PROJECT_ROOT)),
         }[kind]
         images = [data_uri(png_bytes(flat_canvas(64, 48)), name="ok.png")] * 3
         images[position] = bad
-        result = served.client.predict({"images": images, **CHEAP})
+        result = server.client.predict({"images": images, **CHEAP})
     assert result.status == "failed", result.body
     sentence = project_sentence(result.error)
     shown = name.replace("cancelled", "cancel%6Ced").replace("Cancelled", "Cancel%6Ced")
     assert sentence.startswith(f"images[{position}] ({shown}): "), sentence
-    assert_good_request_succeeds(served.client)
+    assert_good_request_succeeds(server.client)
