@@ -60,7 +60,7 @@ def closed_port_url(name: str = "") -> str:
 
 # -- the local server ------------------------------------------------------------------------
 class LocalServer:
-    """``python -m codeformer.serve`` (front + coglet) in its own process group, with ``env`` added.
+    """``python -m codeformer.serve`` (coglet and its worker) in its own process group, with ``env`` added.
 
     ``port=None`` picks a free port (and another one if it is taken before the server binds
     it); a given port must be free, else ``start`` raises ``ConfigError``, so that a stale

@@ -6,10 +6,12 @@
     if result.status == "succeeded":
         jpgs = result.output_bytes()
 
-The server runs one prediction at a time and answers ``409 Conflict`` ("At capacity - all
-prediction slots busy") to a request that arrives while one runs; ``predict`` waits a
-short pause and sends it again, and reports how many times it had to (``retries``), so
-that load tests can tell queueing from failure.
+The server runs as many predictions at once as it has slots (``@cog.concurrent`` on
+``Predictor.run``) and answers ``409 Conflict`` ("At capacity - all prediction slots busy")
+to a request that arrives while all are taken; ``predict`` waits a short pause and sends it
+again, and reports how many times it had to (``retries``), so that load tests can tell
+queueing from failure. A failed prediction's ``error`` is Cog's text: its prefix, then the
+project's sentence naming the input.
 """
 
 from __future__ import annotations
