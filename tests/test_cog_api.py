@@ -1,0 +1,127 @@
+"""predict.py against Cog 0.23's current API: loaded as coglet loads it, failures never read as cancels.
+
+coglet 0.23 treats an async prediction whose exception text contains ``cancelled`` or
+``CancelledError`` as cancelled (coglet-python's worker_bridge.rs); ``run()`` must report
+every failure as a failure, whatever a user named the input, and a real cancel as a cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from codeformer.config import Settings
+from codeformer.errors import CodeFormerError, ImageFailedError, InputError, reported_as_failure
+from codeformer.outputs import OutputFolders
+from codeformer.serve import runner_concurrency
+from predict import MAX_CONCURRENT_REQUESTS, PROJECT_ROOT, Predictor
+
+COGLET_CANCEL_MARKERS = ("cancelled", "CancelledError")  # what coglet looks for, case-sensitive
+# called directly, run() sees Input() objects for options it is not given: pass them all
+OPTIONS = {
+    "codeformer_fidelity": 0.5,
+    "runtime_profile": "max_speed",
+    "stability_mode": "safe",
+    "compile_backend": "none",
+}
+
+
+def reads_as_cancel(exc: BaseException) -> bool:
+    """coglet's test on the text it gets for an exception (``ClassName: message``)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in COGLET_CANCEL_MARKERS)
+
+
+def test_coglet_loads_the_predictor_without_a_deprecation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cog.predictor import load_predictor_from_ref
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        predictor = load_predictor_from_ref("predict.py:Predictor")
+    assert type(predictor).__name__ == "Predictor"
+    config = yaml.safe_load((PROJECT_ROOT / "cog.yaml").read_text())
+    assert config["run"] == "predict.py:Predictor"
+    assert "predict" not in config and "concurrency" not in config  # both deprecated in Cog 0.23
+
+
+def test_the_local_server_reads_concurrency_where_cog_does() -> None:
+    assert Predictor.run.__cog_concurrent_max__ == MAX_CONCURRENT_REQUESTS  # type: ignore[attr-defined]
+    assert runner_concurrency() == MAX_CONCURRENT_REQUESTS
+    assert asyncio.iscoroutinefunction(Predictor.run)  # coglet needs async for more than one slot
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "images[0] (cancelled.png): not a readable image",
+        "images[2] (CancelledError.jpg): the server answered 404",
+        "images[1] (data URI, image/x-cancelled): the data URI's base64 payload is invalid",
+        "images[3] (a-cancelled-b-Cancelled-c.png): no such file in the project folder",
+    ],
+)
+def test_a_failure_quoting_a_cancel_word_does_not_read_as_a_cancel(message: str) -> None:
+    original = InputError(message)
+    reported = reported_as_failure(original)
+    assert not reads_as_cancel(reported)
+    assert type(reported) is InputError
+    assert str(reported).replace("%6C", "l") == message  # the same sentence, one letter encoded
+
+
+def test_a_failure_without_cancel_words_is_reported_as_it_is() -> None:
+    error = InputError("images[0] (holiday.png): not a readable image")
+    assert reported_as_failure(error) is error
+
+
+def test_the_reported_copy_keeps_the_errors_attributes() -> None:
+    reported = reported_as_failure(ImageFailedError(1, "cancelled.png is broken"))
+    assert isinstance(reported, ImageFailedError) and reported.index == 1 and not reads_as_cancel(reported)
+
+
+def stand_in_predictor() -> Predictor:
+    """A Predictor without nets: enough for requests that fail before any image is decoded."""
+    predictor = Predictor()
+    predictor.restorer = SimpleNamespace(check_options=lambda options: None, settings=Settings())  # type: ignore[assignment]
+    predictor.output_folders = OutputFolders()
+    return predictor
+
+
+@pytest.mark.parametrize("name", ["cancelled.png", "CancelledError.png"])
+def test_run_fails_an_input_named_like_a_cancel_as_a_failure(name: str) -> None:
+    predictor = stand_in_predictor()
+    image = f"data:image/png;name={name};base64,bm90IGFuIGltYWdl"  # "not an image"
+    with pytest.raises(CodeFormerError) as failed:
+        asyncio.run(predictor.run(images=[image], **OPTIONS))
+    assert not reads_as_cancel(failed.value)
+    assert str(failed.value).startswith(
+        f"images[0] ({name.replace('ancelled', 'ancel%6Ced')}): not a readable"
+    )
+
+
+def test_a_real_cancel_of_run_stays_a_cancel_and_stops_the_request() -> None:
+    predictor = stand_in_predictor()
+    entered, seen_cancel = threading.Event(), threading.Event()
+
+    def blocking_request(images, options, cancel, request_start):  # noqa: ANN001, ARG001
+        entered.set()
+        if cancel.wait(30):
+            seen_cancel.set()
+        return []
+
+    predictor.serve_request = blocking_request  # type: ignore[method-assign]
+
+    async def cancel_while_running() -> None:
+        task = asyncio.ensure_future(predictor.run(images=["data:image/png;base64,AAAA"], **OPTIONS))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await task
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(cancel_while_running())
+    assert seen_cancel.wait(30)  # the request's thread saw its cancel flag
