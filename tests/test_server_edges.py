@@ -157,7 +157,7 @@ def test_a_misspelled_key_is_dropped_and_named_in_the_log(server: LocalServer) -
 @pytest.mark.parametrize("position", [0, 1, 2])
 @pytest.mark.parametrize("kind", ["data URI", "URL", "local path"])
 def test_a_failing_input_named_like_a_cancel_fails_as_failed(
-    server: LocalServer, kind: str, position: int
+    server: LocalServer, files: FileServer, kind: str, position: int
 ) -> None:
     name = CANCEL_LIKE_NAMES[position]
     with project_folder() as folder:
