@@ -34,7 +34,6 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from cog import BasePredictor, Input, Path
 
 from codeformer.config import (
@@ -242,7 +241,7 @@ class Predictor(BasePredictor):
         request_start: float | None = None,
     ) -> list[Path]:
         """The blocking part of ``predict``: fetch, admit, decode, restore, encode, on the calling thread."""
-        from codeformer.imageio import decode_image, encode_jpeg, read_size
+        from codeformer.imageio import DecodedImage, decode_with_profile, encode_jpeg, read_size
         from codeformer.scheduler import check_cancel
 
         request_start = time.perf_counter() if request_start is None else request_start
@@ -271,16 +270,17 @@ class Predictor(BasePredictor):
                 self.restorer.admission.in_flight / 1e6,
                 admission_ms,
             )
-            decoded: list[np.ndarray] = []
+            decoded: list[DecodedImage] = []
             for data, label, timings in zip(files, labels, stage_ms, strict=True):
                 start = time.perf_counter()
-                decoded.append(decode_image(data, label, self.restorer.settings.max_pixels))
+                decoded.append(decode_with_profile(data, label, self.restorer.settings.max_pixels))
                 timings["read_decode"] += (time.perf_counter() - start) * 1000.0
             del files
             try:
-                results = self.restorer.restore(decoded, options, cancel)
+                results = self.restorer.restore([image.pixels for image in decoded], options, cancel)
             except ImageFailedError as exc:
                 raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
+            profiles = [image.icc_profile for image in decoded]  # the colour profile each output carries
             del decoded
 
             output_dir = new_output_dir()
@@ -289,7 +289,7 @@ class Predictor(BasePredictor):
                 for index, (result, label) in enumerate(zip(results, labels, strict=True)):
                     start = time.perf_counter()
                     output_path = output_dir / f"restored_{index}.jpg"
-                    output_path.write_bytes(encode_jpeg(result.image))
+                    output_path.write_bytes(encode_jpeg(result.image, icc_profile=profiles[index]))
                     outputs.append(Path(output_path))
                     timings = {**stage_ms[index], **result.timings}
                     timings["encode"] = (time.perf_counter() - start) * 1000.0
