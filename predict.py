@@ -35,7 +35,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import cog
-import numpy as np
 from cog import BaseRunner, Input, Path
 
 from codeformer.config import (
@@ -254,7 +253,7 @@ class Predictor(BaseRunner):
         request_start: float | None = None,
     ) -> list[Path]:
         """The blocking part of ``run``: fetch, admit, decode, restore, encode, on the calling thread."""
-        from codeformer.imageio import decode_image, encode_jpeg, read_size
+        from codeformer.imageio import DecodedImage, decode_with_profile, encode_jpeg, read_size
         from codeformer.scheduler import check_cancel
 
         request_start = time.perf_counter() if request_start is None else request_start
@@ -284,16 +283,17 @@ class Predictor(BaseRunner):
                 self.restorer.admission.in_flight / 1e6,
                 admission_ms,
             )
-            decoded: list[np.ndarray] = []
+            decoded: list[DecodedImage] = []
             for data, label, timings in zip(files, labels, stage_ms, strict=True):
                 start = time.perf_counter()
-                decoded.append(decode_image(data, label, self.restorer.settings.max_pixels))
+                decoded.append(decode_with_profile(data, label, self.restorer.settings.max_pixels))
                 timings["read_decode"] += (time.perf_counter() - start) * 1000.0
             del files
             try:
-                results = self.restorer.restore(decoded, options, cancel)
+                results = self.restorer.restore([image.pixels for image in decoded], options, cancel)
             except ImageFailedError as exc:
                 raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
+            profiles = [image.icc_profile for image in decoded]  # the colour profile each output carries
             del decoded
 
             output_dir = new_output_dir()
@@ -302,7 +302,7 @@ class Predictor(BaseRunner):
                 for index, (result, label) in enumerate(zip(results, labels, strict=True)):
                     start = time.perf_counter()
                     output_path = output_dir / f"restored_{index}.jpg"
-                    output_path.write_bytes(encode_jpeg(result.image))
+                    output_path.write_bytes(encode_jpeg(result.image, icc_profile=profiles[index]))
                     outputs.append(Path(output_path))
                     timings = {**stage_ms[index], **result.timings}
                     timings["encode"] = (time.perf_counter() - start) * 1000.0

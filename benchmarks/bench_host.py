@@ -1,10 +1,13 @@
 """Host stages of a one-face request, without the nets: what a GPU deployment's latency rests on.
 
     python benchmarks/bench_host.py [--side 1000] [--face-px 384] [--parse] [--repeats 30]
-        [--output benchmarks/results/bench_host.json]
+        [--mode rgb|gray|cmyk] [--icc] [--output benchmarks/results/bench_host.json]
 
 A square photo (``--image``, default data/3.jpg, centre-cropped and resized to ``--side``,
-stored as a quality-92 JPEG) with one face whose 512x512 crop covers ``--face-px`` pixels,
+stored as a quality-92 JPEG, gray or CMYK with ``--mode``; ``--icc`` embeds a profile of
+its kind, which decode and encode then handle by the README's colour rule: sRGB's for RGB
+(carried), a gamma-2.2 gray one (made into an RGB one), a generated CMYK one (the pixels
+converted through it)) with one face whose 512x512 crop covers ``--face-px`` pixels,
 placed by its five landmarks. Each repeat decodes the file, prepares the working image,
 aligns the face, pastes the aligned crop back in place of a restored face (max_speed's
 square soft mask; ``--parse`` adds a float64 parse mask as baseline does), resizes back if
@@ -16,6 +19,7 @@ Figures are per-stage medians and minima; on a shared CPU compare runs made toge
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import statistics
 import time
@@ -24,9 +28,11 @@ from pathlib import Path
 import cv2
 import harness
 import numpy as np
+from generated_inputs import cmyk_icc_profile, gray_icc_profile
+from PIL import Image, ImageCms
 
 from codeformer.config import FACE_SIZE
-from codeformer.imageio import decode_image, encode_jpeg
+from codeformer.imageio import decode_with_profile, encode_jpeg
 from codeformer.stages.align import FFHQ_TEMPLATE_512, align_faces
 from codeformer.stages.detect import Detections
 from codeformer.stages.paste import paste_faces
@@ -36,8 +42,12 @@ MAX_PIXELS = 40_000_000
 STAGES = ("decode", "prepare", "align", "paste", "resize", "encode")
 
 
-def square_photo(source: Path, side: int) -> bytes:
-    """The centre square of ``source`` resized to side x side, as JPEG bytes."""
+def square_photo(source: Path, side: int, mode: str = "rgb", icc: bool = False) -> bytes:
+    """The centre square of ``source`` resized to side x side, as JPEG bytes of ``mode``.
+
+    RGB is written by OpenCV (``encode_jpeg``) as before, with or without sRGB's profile;
+    gray and CMYK by Pillow (OpenCV writes no CMYK), with or without a profile of their kind.
+    """
     image = cv2.imread(str(source))
     if image is None:
         raise SystemExit(f"--image {source}: not a readable image; pass a JPEG or PNG photo")
@@ -47,7 +57,16 @@ def square_photo(source: Path, side: int) -> bytes:
     square = cv2.resize(
         image[top : top + crop, left : left + crop], (side, side), interpolation=cv2.INTER_AREA
     )
-    return encode_jpeg(square, quality=92)
+    if mode == "rgb":
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes() if icc else None
+        return encode_jpeg(square, quality=92, icc_profile=srgb)
+    picture = Image.fromarray(cv2.cvtColor(square, cv2.COLOR_BGR2RGB)).convert(
+        "L" if mode == "gray" else "CMYK"
+    )
+    profile = (gray_icc_profile(2.2) if mode == "gray" else cmyk_icc_profile()) if icc else None
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=92, **({"icc_profile": profile} if profile else {}))
+    return buffer.getvalue()
 
 
 def one_face(side: int, face_px: float, angle: float) -> Detections:
@@ -66,7 +85,8 @@ def one_face(side: int, face_px: float, angle: float) -> Detections:
 def host_pass(data: bytes, detections: Detections, parse_masks: np.ndarray | None) -> dict[str, float]:
     """One request's host stages, in the pipeline's order: stage -> ms."""
     marks = [("start", time.perf_counter())]
-    image = decode_image(data, "photo.jpg", MAX_PIXELS)
+    decoded = decode_with_profile(data, "photo.jpg", MAX_PIXELS)
+    image = decoded.pixels
     marks.append(("decode", time.perf_counter()))
     check_image_size(*image.shape[:2], MAX_PIXELS)
     is_gray(image)
@@ -79,7 +99,7 @@ def host_pass(data: bytes, detections: Detections, parse_masks: np.ndarray | Non
     if output.shape[:2] != image.shape[:2]:
         output = cv2.resize(output, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
     marks.append(("resize", time.perf_counter()))
-    encode_jpeg(output)
+    encode_jpeg(output, icc_profile=decoded.icc_profile)
     marks.append(("encode", time.perf_counter()))
     return {stage: (end - start) * 1000.0 for (_, start), (stage, end) in itertools.pairwise(marks)}
 
@@ -93,13 +113,15 @@ def main() -> None:
     parser.add_argument("--face-px", type=float, default=384.0, help="pixels the 512x512 face crop spans")
     parser.add_argument("--angle", type=float, default=0.12, help="face tilt in radians")
     parser.add_argument("--parse", action="store_true", help="paste with a parse mask, as baseline does")
+    parser.add_argument("--mode", choices=["rgb", "gray", "cmyk"], default="rgb", help="the photo's pixels")
+    parser.add_argument("--icc", action="store_true", help="store the photo with an ICC profile of its mode")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument(
         "--output", type=Path, default=harness.PROJECT_ROOT / "benchmarks/results/bench_host.json"
     )
     args = parser.parse_args()
 
-    data = square_photo(args.image, args.side)
+    data = square_photo(args.image, args.side, args.mode, args.icc)
     detections = one_face(args.side, args.face_px, args.angle)
     # a parse mask shaped like the official one: 1 inside, 0 on the 10-pixel band, float64
     parse_masks = None
@@ -116,8 +138,11 @@ def main() -> None:
         figures[stage] = {"median_ms": statistics.median(values), "min_ms": min(values)}
         rows.append([stage, f"{figures[stage]['median_ms']:.2f}", f"{figures[stage]['min_ms']:.2f}"])
     megapixels = args.side * args.side / 1e6
-    print(f"{args.side}x{args.side} photo, one {args.face_px:.0f}-px face, {args.repeats} repeats")
+    decode_encode = statistics.median(p["decode"] + p["encode"] for p in passes)
+    colour = f"{args.mode}, {'with' if args.icc else 'without'} an ICC profile"
+    print(f"{args.side}x{args.side} {colour}, one {args.face_px:.0f}-px face, {args.repeats} repeats")
     print(harness.format_table(["stage", "median ms", "min ms"], rows))
+    print(f"decode + encode: {decode_encode:.2f} ms (median)")
     print(f"host: {figures['host']['median_ms'] / megapixels:.1f} ms/megapixel (median, one face)")
     report = {
         "command": harness.command_line(),
@@ -126,7 +151,10 @@ def main() -> None:
         "side": args.side,
         "face_px": args.face_px,
         "parse": args.parse,
+        "mode": args.mode,
+        "icc": args.icc,
         "repeats": args.repeats,
+        "decode_encode_median_ms": decode_encode,
         "stages": figures,
         "host_ms_per_megapixel": figures["host"]["median_ms"] / megapixels,
     }

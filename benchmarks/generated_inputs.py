@@ -2,7 +2,9 @@
 
 Each bad input comes with how the server must answer it: 422 from the schema, or a failed
 prediction whose error names the image and says what is wrong. ``png_header_claiming``
-(a pixel-bomb header) is also sent by the tests of the input boundary.
+(a pixel-bomb header) is also sent by the tests of the input boundary. ``gray_icc_profile``
+and ``cmyk_icc_profile`` make the ICC profiles of those kinds that Pillow cannot (its
+``ImageCms.createProfile`` makes RGB, L*a*b* and XYZ ones only), for tests and bench_host.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import numpy as np
 from PIL import Image
 
 from codeformer.client import data_uri
+from codeformer.icc import write_profile, xyz_tag
+
+D50 = (0.9642, 1.0, 0.8249)  # the ICC connection space's white
 
 
 def _encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
@@ -52,6 +57,71 @@ def png_header_claiming(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 16))
         + chunk(b"IEND", b"")
     )
+
+
+def _icc_header(device_class: bytes, colour_space: bytes, connection_space: bytes) -> bytes:
+    """A version 2.4 ICC header (128 bytes); ``write_profile`` fills in the size."""
+    return (
+        bytes(4)  # size
+        + bytes(4)  # preferred CMM: any
+        + bytes((2, 0x40, 0, 0))  # version 2.4
+        + device_class
+        + colour_space
+        + connection_space
+        + struct.pack(">6H", 2024, 1, 1, 0, 0, 0)  # created: a fixed date, so the bytes are too
+        + b"acsp"
+        + bytes(4 + 4 + 4 + 4 + 8)  # platform, flags, manufacturer, model, attributes
+        + struct.pack(">I", 0)  # rendering intent: perceptual
+        + xyz_tag(D50)[8:]  # the connection space's illuminant, three s15Fixed16
+        + bytes(4 + 16 + 28)  # creator, profile ID, reserved
+    )
+
+
+def _text_tags(description: str) -> dict[bytes, bytes]:
+    """Version 2 ``desc`` (textDescriptionType, ASCII only) and ``cprt`` (textType) tags."""
+    ascii_text = description.encode("ascii") + b"\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(ascii_text)) + ascii_text + bytes(4 + 4 + 2 + 1 + 67)
+    return {b"desc": desc, b"cprt": b"text" + bytes(4) + b"No copyright, generated for tests\0"}
+
+
+def gray_icc_profile(gamma: float = 1.0) -> bytes:
+    """A display gray profile whose tone curve is a power ``gamma`` (1.0: linear, far from sRGB)."""
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256))  # u8Fixed8 exponent
+    tags = {**_text_tags(f"Gray gamma {gamma:g}"), b"wtpt": xyz_tag(D50), b"kTRC": curve}
+    return write_profile(_icc_header(b"mntr", b"GRAY", b"XYZ "), tags)
+
+
+# (C, M, Y, K) ink at 100% -> what it takes from L*, a*, b* of white paper (L* 100): cyan
+# (L* 55, a* -30, b* -45), magenta, yellow, black roughly as press inks look
+INK_LAB_SHIFTS = np.array(
+    [[-45.0, -30.0, -45.0], [-40.0, 60.0, -5.0], [-10.0, -5.0, 80.0], [-90.0, 0.0, 0.0]]
+)
+
+
+def cmyk_icc_profile() -> bytes:
+    """A printer CMYK profile (L*a*b* connection space) with an AToB0 table of 2 points an ink.
+
+    Each corner of the table adds the Lab shifts of its inks to paper white, clipped; between
+    corners LittleCMS interpolates. Far enough from the (255 - C)(255 - K) / 255 rule that a
+    test can tell which of the two made a picture.
+    """
+    corners = []
+    for inks in np.ndindex(2, 2, 2, 2):  # C varies slowest, as the table's order wants
+        lab = np.array([100.0, 0.0, 0.0]) + np.asarray(inks) @ INK_LAB_SHIFTS
+        lab = np.clip(lab, [0.0, -128.0, -128.0], [100.0, 127.0, 127.0])
+        corners.append([round(lab[0] * 255 / 100), round(lab[1]) + 128, round(lab[2]) + 128])
+    identity = bytes(range(256))
+    table = (
+        b"mft1"
+        + bytes(4)
+        + bytes((4, 3, 2, 0))  # 4 inputs, 3 outputs, 2 grid points, padding
+        + struct.pack(">9i", 65536, 0, 0, 0, 65536, 0, 0, 0, 65536)  # identity: used with XYZ only
+        + identity * 4
+        + np.asarray(corners, np.uint8).tobytes()
+        + identity * 3
+    )
+    tags = {**_text_tags("Generated CMYK"), b"wtpt": xyz_tag(D50), b"A2B0": table}
+    return write_profile(_icc_header(b"prtr", b"CMYK", b"Lab "), tags)
 
 
 def truncated_jpeg() -> bytes:

@@ -12,18 +12,25 @@ What each kind of file becomes (``PIXEL_RULES`` below; the README has the same t
 - Transparency (an alpha band, premultiplied or not, or a PNG tRNS entry) is composited
   over white.
 - Animated files (GIF, WebP, APNG) and multi-page TIFFs: the first frame is used.
+- An embedded ICC colour profile decides which profile the output JPG carries (``DecodedImage``,
+  ``output_colour``): an RGB image's own profile, an RGB twin of a gray image's profile, or
+  none; a CMYK image with a CMYK profile is converted by it to sRGB. No other metadata is
+  carried (``encode_jpeg`` writes none).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from codeformer import icc
 from codeformer.errors import InputError
 from codeformer.stages.prepare import check_image_size
 
@@ -129,7 +136,7 @@ def _pillow_rgb(image: Image.Image) -> np.ndarray:
 
 # mode -> (H, W, 3) uint8 RGB. Pillow's own conversions where its rule is the standard one:
 # 1 (0/255), L, P (palette lookup), RGBX (padding dropped), CMYK (R = (255-C)(255-K)/255,
-# no ICC profile), YCbCr (JPEG's full-range BT.601), HSV.
+# used when the file has no CMYK profile), YCbCr (JPEG's full-range BT.601), HSV.
 PIXEL_RULES: dict[str, Callable[[Image.Image], np.ndarray]] = {
     **dict.fromkeys(("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV"), _pillow_rgb),
     **dict.fromkeys(("LA", "PA", "RGBA"), _straight_alpha),
@@ -155,6 +162,91 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return rule(image)
 
 
+# Modes by the colour space their samples are in, to match an embedded ICC profile against.
+# The RGB rules keep RGB values (alpha over white keeps white, the profile's own white);
+# the gray rules repeat one sample three times. HSV and LAB never carry a profile here
+# (no file stores HSV; L*a*b* is converted to sRGB by formula).
+RGB_SOURCE_MODES = frozenset({"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "YCbCr"})
+GRAY_SOURCE_MODES = frozenset({"1", "L", "LA", "La", "I", "F", *SIXTEEN_BIT_MODES})
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An input's pixels and the colour profile that its output JPG must carry."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8 BGR, upright
+    icc_profile: bytes | None  # an RGB ICC profile describing ``pixels``; None: untagged, i.e. sRGB
+
+
+@functools.cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _cmyk_by_profile(image: Image.Image, profile: bytes) -> np.ndarray:
+    """(H, W, 3) uint8 sRGB from CMYK through its ICC profile (LittleCMS).
+
+    Relative colorimetric with black point compensation, the usual default for showing
+    print colours on a display: paper white becomes sRGB white, the inks' darkest black
+    becomes sRGB black (so the shadows keep their steps), and colours in between keep
+    their measured values where sRGB can show them.
+    """
+    try:
+        transform = ImageCms.buildTransform(
+            ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+            _srgb(),
+            "CMYK",
+            "RGB",
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            flags=ImageCms.Flags.BLACKPOINTCOMPENSATION,
+        )
+    except ImageCms.PyCMSError as exc:
+        raise InputError(
+            f"the embedded CMYK ICC profile cannot be used ({exc}); "
+            "save the image as RGB or without the profile"
+        ) from None
+    return np.asarray(ImageCms.applyTransform(image, transform))
+
+
+def output_colour(image: Image.Image, profile: bytes | None) -> tuple[np.ndarray, bytes | None]:
+    """(H, W, 3) uint8 RGB of ``image`` and the RGB ICC profile its output carries (None: sRGB).
+
+    ``profile`` is the file's embedded profile. By the colour space of the pixels and of
+    the profile (the README's table has the same rules):
+    - RGB pixels, RGB profile: pixels by ``PIXEL_RULES``, the same profile bytes;
+    - gray pixels, gray profile: pixels by ``PIXEL_RULES`` (R = G = B), an RGB profile that
+      shows (v, v, v) as the gray profile shows v (``icc.rgb_profile_for_gray``), or none
+      when the gray profile is a lookup table;
+    - CMYK pixels, CMYK profile: converted through the profile to sRGB, no profile;
+    - no profile, or one of another colour space than the pixels' (a broken file), and
+      L*a*b*: pixels by ``PIXEL_RULES``, no profile.
+    ``InputError`` for a gray or CMYK profile that cannot be read, and for a profile over
+    what a JPG can carry.
+    """
+    if profile is None:
+        return to_rgb8(image), None
+    space = icc.colour_space(profile)
+    if image.mode == "CMYK" and space == "CMYK":
+        return _cmyk_by_profile(image, profile), None
+    rgb = to_rgb8(image)
+    carried: bytes | None = None
+    if image.mode in RGB_SOURCE_MODES and space == "RGB":
+        carried = profile
+    elif image.mode in GRAY_SOURCE_MODES and space == "GRAY":
+        try:
+            carried = icc.rgb_profile_for_gray(profile)
+        except ValueError as exc:
+            raise InputError(
+                f"the embedded gray ICC profile cannot be read ({exc}); save the image without it"
+            ) from None
+    if carried is not None and len(carried) > icc.JPEG_ICC_MAX_BYTES:
+        raise InputError(
+            f"the embedded ICC profile is {len(carried) / 2**20:.1f} MB, over the "
+            f"{icc.JPEG_ICC_MAX_BYTES / 2**20:.1f} MB a JPG can carry; convert the image to sRGB"
+        )
+    return rgb, carried
+
+
 def read_size(data: bytes, name: str) -> tuple[Image.Image, int, int]:
     """Open the file lazily (header only); returns (image, width, height) before orientation."""
     if not data:
@@ -177,12 +269,13 @@ def read_size(data: bytes, name: str) -> tuple[Image.Image, int, int]:
     return image, width, height
 
 
-def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """Decode file bytes to an upright (H, W, 3) uint8 BGR array.
+def decode_with_profile(data: bytes, name: str, max_pixels: int) -> DecodedImage:
+    """Decode file bytes to upright (H, W, 3) uint8 BGR pixels and the profile their output carries.
 
     Raises ``InputError`` naming ``name`` for empty, unreadable, truncated or oversized
-    files and for pixel modes without a rule. Sizes (the image's and those of the copies
-    the pipeline will make of it) are checked from the header, before pixels are decoded.
+    files, for pixel modes without a rule and for profiles ``output_colour`` refuses. Sizes
+    (the image's and those of the copies the pipeline will make of it) are checked from the
+    header, before pixels are decoded.
     """
     image, width, height = read_size(data, name)
     try:
@@ -192,19 +285,32 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     try:
         image.seek(0)
         image.load()
+        # JPEG, PNG (iCCP), WebP and TIFF put an embedded profile here; an empty one is none
+        profile = image.info.get("icc_profile") or None
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright already
-        rgb = to_rgb8(image)
+        rgb, carried = output_colour(image, profile)
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {exc}") from None
     # OpenCV's channel swap: the same bytes as a reversed-view copy, ~50x faster (0.1 ms a megapixel)
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    return DecodedImage(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), carried)
 
 
-def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-    """JPG bytes of an (H, W, 3) uint8 BGR array."""
+def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """The pixels of ``decode_with_profile``: upright (H, W, 3) uint8 BGR, for callers that write no file."""
+    return decode_with_profile(data, name, max_pixels).pixels
+
+
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY, icc_profile: bytes | None = None) -> bytes:
+    """JPG bytes of an (H, W, 3) uint8 BGR array, carrying ``icc_profile`` when given.
+
+    OpenCV writes the image data (as the official pipeline does) and no metadata; the profile
+    goes in as APP2 segments, so the image data is the same with or without it.
+    """
     ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {image.shape} {image.dtype} array as JPG")
-    return buffer.tobytes()
+    if icc_profile is None:
+        return buffer.tobytes()
+    return icc.embed_in_jpeg(buffer.tobytes(), icc_profile)

@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
+from generated_inputs import cmyk_icc_profile, gray_icc_profile
+from PIL import Image, ImageCms
+
+from codeformer.icc import rgb_profile_for_gray
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # host spellings that all mean this machine; what the URL tests send
@@ -119,6 +122,54 @@ def face_photo(width: int, height: int) -> np.ndarray:
 
     portrait = skdata.astronaut()[:300, 100:400]  # (300, 300, 3) RGB around the face
     return np.asarray(Image.fromarray(portrait).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def srgb_profile() -> bytes:
+    """The sRGB ICC profile that LittleCMS builds (``ImageCms.createProfile``): an RGB profile to embed."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def cmyk_to_srgb(image: Image.Image, profile: bytes) -> np.ndarray:
+    """(H, W, 3) uint8: CMYK ``image`` through ``profile`` to sRGB by the README's rule."""
+    converted = ImageCms.profileToProfile(
+        image,
+        ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+        ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")),
+        renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+        outputMode="RGB",
+        flags=ImageCms.Flags.BLACKPOINTCOMPENSATION,
+    )
+    assert converted is not None
+    return np.asarray(converted)
+
+
+def colour_tagged_inputs() -> list[tuple[str, bytes, bytes | None, np.ndarray]]:
+    """One request's worth of inputs: (file name, bytes, the profile its output carries, its RGB).
+
+    Flat 64x48 pictures: a JPEG with the sRGB profile (kept byte for byte), a gray PNG with a
+    linear gray profile (an RGB profile with its tone curve, pixels unchanged), a CMYK JPEG of
+    half-strength cyan with a CMYK profile (converted by it to sRGB, no profile) and a PNG
+    without a profile (none).
+    """
+    size = (64, 48)
+    srgb, gray, cmyk = srgb_profile(), gray_icc_profile(1.0), cmyk_icc_profile()
+    cyan = Image.new("CMYK", size, (128, 0, 0, 0))
+    return [
+        (
+            "srgb.jpg",
+            encode(Image.new("RGB", size, (127,) * 3), "JPEG", quality=95, icc_profile=srgb),
+            srgb,
+            np.full((48, 64, 3), 127, np.uint8),
+        ),
+        (
+            "gray.png",
+            encode(Image.new("L", size, 127), "PNG", icc_profile=gray),
+            rgb_profile_for_gray(gray),
+            np.full((48, 64, 3), 127, np.uint8),
+        ),
+        ("cmyk.jpg", encode(cyan, "JPEG", quality=95, icc_profile=cmyk), None, cmyk_to_srgb(cyan, cmyk)),
+        ("plain.png", png_bytes(flat_canvas(64, 48)), None, flat_canvas(64, 48)),
+    ]
 
 
 # -- golden reference outputs ------------------------------------------------------------------

@@ -197,6 +197,7 @@ def test_bench_stages_host_figures_count_only_the_host_stages() -> None:
 def test_bench_host_reports_every_host_stage(tmp_path: Path) -> None:
     output = tmp_path / "host.json"
     arguments = ["--side", "400", "--face-px", "300", "--parse", "--repeats", "2", "--output", str(output)]
+    arguments += ["--mode", "cmyk", "--icc"]  # the photo converted through its CMYK profile
     completed = subprocess.run(
         [sys.executable, str(BENCH_HOST), *arguments], capture_output=True, text=True, timeout=120
     )
@@ -205,6 +206,7 @@ def test_bench_host_reports_every_host_stage(tmp_path: Path) -> None:
     # a 400-px photo is enlarged to a 512-px working image, so the resize back is timed too
     assert set(report["stages"]) == {"decode", "prepare", "align", "paste", "resize", "encode", "host"}
     assert report["side"] == 400 and report["parse"] is True and report["repeats"] == 2
+    assert report["mode"] == "cmyk" and report["icc"] is True and report["decode_encode_median_ms"] > 0
 
 
 def test_profile_report_separates_timed_from_warmup_and_failures() -> None:

@@ -20,6 +20,7 @@ from harness import LocalServer
 from helpers import (
     LOOPBACK_SPELLINGS,
     PROJECT_ROOT,
+    colour_tagged_inputs,
     face_photo,
     flat_canvas,
     jpeg_bytes,
@@ -156,6 +157,20 @@ def test_a_local_path_inside_the_project_is_read_alongside_a_url(running: Runnin
         result = running.client.predict(inputs)
     assert result.status == "succeeded", result.error
     assert jpeg_sizes(result) == [(72, 40), (80, 48)]
+
+
+def test_each_output_carries_the_colour_profile_its_input_kind_gets(running: Running) -> None:
+    # an sRGB-tagged JPEG, a gray-profiled PNG, a CMYK-profiled JPEG, an untagged PNG
+    inputs = colour_tagged_inputs()
+    result = running.client.predict(
+        {"images": [data_uri(data, name=name) for name, data, _, _ in inputs], **CHEAP}
+    )
+    assert result.status == "succeeded", result.error
+    for output, (name, _, carried, _) in zip(result.output_bytes(), inputs, strict=True):
+        with Image.open(io.BytesIO(output)) as image:
+            assert image.format == "JPEG"
+            assert image.info.get("icc_profile") == carried, name
+            assert "exif" not in image.info, name
 
 
 # -- refused by the schema: 422 ------------------------------------------------------------
