@@ -12,6 +12,7 @@ later request that asks for another backend is refused.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import threading
 import time
@@ -200,9 +201,9 @@ class Runtime:
         # CodeFormer and ParseNet always see 512x512 inputs: compile them. The detector sees
         # a new shape per photo size, and would recompile for each; it stays eager.
         return Nets(
-            codeformer=torch.compile(nets.codeformer, backend=backend),
+            codeformer=compile_net(nets.codeformer, backend),
             retinaface=nets.retinaface,
-            parsenet=torch.compile(nets.parsenet, backend=backend),
+            parsenet=compile_net(nets.parsenet, backend),
         )
 
     @staticmethod
@@ -221,6 +222,21 @@ class Runtime:
             return tensor.to(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
         return replace_tensors(copy.deepcopy(net), optimized_tensor)
+
+
+# torch.compile entries of one function share one cache and one recompile limit (8) by
+# default, and modules are guarded by type: the float32 and the mixed-precision copies of
+# CodeFormer count against one limit, and past it dynamo runs the rest eager with one
+# warning. torch 2.14 can give each compiled copy its own count; older versions cannot, and
+# there the copies fit only because FaceBatchNet keeps each to four graphs.
+ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def compile_net(net: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile(net, backend=backend)``, counting its recompiles apart where torch can."""
+    if ISOLATES_RECOMPILES:
+        return torch.compile(net, backend=backend, isolate_recompiles=True)
+    return torch.compile(net, backend=backend)
 
 
 def replace_tensors(net: nn.Module, convert: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> nn.Module:
