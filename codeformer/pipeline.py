@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from codeformer import weights
-from codeformer.config import FACE_SIZE, RequestOptions, Settings
+from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES, RequestOptions, Settings
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import start_compute_thread
 from codeformer.runtime import Nets, Runtime, pick_device
@@ -167,7 +167,7 @@ class Restorer:
         self.scheduler = DeviceScheduler(execute, self.settings.face_batch, batch_wait_s)
         # the server's admission control (predict.py); the library's own callers bring their own arrays
         self.admission = PixelBudget(self.settings.max_pixels_in_flight)
-        self.runtime = Runtime(nets, device, self.settings.mixed_precision)
+        self.runtime = Runtime(nets, device, self.settings.mixed_precision, self.settings.compile_backend)
         self._stages: dict[tuple[str, str, bool], _Stages] = {}
 
     @classmethod
@@ -232,6 +232,28 @@ class Restorer:
                 )
             self._stages[key] = stages  # only once warm: no request sees a half-compiled set
         return self._stages[key]
+
+    def prepare_optimized(self) -> float:
+        """With ``Settings.compile_backend`` set, build the optimized nets now; returns ms (0 unset).
+
+        Every profile's nets (one set per precision: fast and max_speed share theirs), compiled
+        with that backend and every graph a request can reach warmed (``warm_compiled``), so
+        that no request compiles or builds anything; ``none`` builds the channels_last copies.
+        Unset, the first optimized request does this, and every request waits for it.
+        """
+        backend = self.settings.compile_backend
+        if not backend:
+            return 0.0
+        start = time.perf_counter()
+        prepared: set[bool] = set()
+        for profile in PROFILES.values():
+            options = RequestOptions(
+                profile=profile, stability=STABILITY_MODES["optimized"], compile_backend=backend
+            )
+            if (mixed_precision := self._mixed_precision(options)) not in prepared:
+                prepared.add(mixed_precision)
+                self.scheduler.call(self._stages_for, options)
+        return (time.perf_counter() - start) * 1000.0
 
     def warmup(self, options: RequestOptions = DEFAULT_OPTIONS) -> float:
         """Run one synthetic image through ``options``' path so its first real request pays no set-up; ms."""

@@ -4,9 +4,10 @@ A ``Runtime`` owns the three loaded nets and hands the pipeline the variant a re
 asks for: the nets as loaded (``safe``), or channels_last copies compiled with one backend
 (``optimized``). Optimized requests in mixed precision get their own copies whose
 convolution weights are stored in the autocast dtype, so that no forward re-casts them.
-Each optimized variant is built once per process, on first use, and the backend is then
-fixed: switching backends would recompile every graph and multiply the memory held, so a
-later request that asks for another backend is refused.
+Each optimized variant is built once per process, at set-up when ``CODEFORMER_COMPILE_BACKEND``
+names the backend (``Restorer.prepare_optimized``), else on first use, and the backend is
+then fixed: switching backends would recompile every graph and multiply the memory held, so
+a request that asks for another backend is refused.
 """
 
 from __future__ import annotations
@@ -131,15 +132,32 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 
 
 class Runtime:
-    def __init__(self, nets: Nets, device: torch.device, mixed_precision: str = "auto") -> None:
-        """``mixed_precision``: ``Settings.mixed_precision``, auto, on or off (``mixed_precision_pays``)."""
+    def __init__(
+        self,
+        nets: Nets,
+        device: torch.device,
+        mixed_precision: str = "auto",
+        compile_backend: str = "",
+    ) -> None:
+        """``mixed_precision``: ``Settings.mixed_precision``, auto, on or off (``mixed_precision_pays``).
+
+        ``compile_backend``: ``Settings.compile_backend``; when set, the backend is fixed from the
+        start (``Restorer.prepare_optimized`` compiles it at set-up); empty: the first optimized
+        request fixes it. Raises ``ConfigError`` for a backend this device cannot run.
+        """
         self.device = device
         self.safe_nets = nets
         self._optimized: dict[bool, Nets] = {}  # mixed precision -> optimized nets
-        self._backend: str | None = None
+        self._backend: str | None = compile_backend or None
+        self._backend_setting = compile_backend
         self._lock = threading.Lock()
         self._mixed_precision_setting = mixed_precision
         self._mixed_precision_pays: bool | None = None
+        if compile_backend in CUDA_ONLY_BACKENDS and device.type != "cuda":
+            raise ConfigError(
+                f"CODEFORMER_COMPILE_BACKEND={compile_backend} needs a CUDA GPU; this process runs on "
+                f"{device}. Unset it or choose another backend"
+            )
         if device.type == "cuda":
             # safe mode promises the official numerics: no autotuned kernels, no TF32 (spec §9.17)
             torch.backends.cudnn.benchmark = False
@@ -165,9 +183,14 @@ class Runtime:
                 f"compile_backend={backend!r} needs a CUDA GPU; this process runs on {self.device}"
             )
         if self._backend is not None and backend != self._backend:
+            fixed_by = (
+                "by CODEFORMER_COMPILE_BACKEND"
+                if self._backend_setting
+                else "for this process (set by the first optimized request)"
+            )
             raise ConfigError(
-                f"compile_backend is fixed to {self._backend!r} for this process (set by the first optimized "
-                f"request); got {backend!r}. Send compile_backend={self._backend!r} or restart the server"
+                f"compile_backend is fixed to {self._backend!r} {fixed_by}; got {backend!r}. "
+                f"Send compile_backend={self._backend!r} or restart the server with another setting"
             )
 
     def nets_for(self, stability: Stability, backend: str, mixed_precision: bool = False) -> Nets:

@@ -6,26 +6,33 @@ of the work) with the dynamo backend ``eager`` (no code generation, same graphs 
   warm within dynamo's recompile limit at a face batch of 4, every fidelity and batch size;
 - compiled nets take fidelity as a float32 tensor on their device (as a host float64 scalar
   the cudagraphs backend skips the graph), and each chunk's output is copied out of the
-  graph's memory before the next chunk runs (cudagraphs replays into the same memory).
+  graph's memory before the next chunk runs (cudagraphs replays into the same memory);
+- with ``CODEFORMER_COMPILE_BACKEND`` set, the set-up compiles every graph and no request
+  compiles (the full-size seed-0 nets).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import cv2
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from codeformer.config import STABILITY_MODES
+from codeformer.config import STABILITY_MODES, RequestOptions, Settings
+from codeformer.errors import ConfigError
 from codeformer.nets import vqgan
 from codeformer.nets.codeformer import CodeFormer
+from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets, Runtime
 from codeformer.stages.restore import FaceRestorer
 
 CPU = torch.device("cpu")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 FACE_BATCH = 4  # the CUDA default, where two copies used to pass the limit
 TINY_FACE = 64  # the tiny CodeFormer's face side: a 2 x 2 token grid
 
@@ -124,3 +131,25 @@ def test_compiled_codeformer_gets_fidelity_as_a_device_tensor_and_keeps_each_chu
     [inputs] = graph_inputs  # one graph for every w > 0
     scalars = [value for value in inputs if value.dim() == 0]
     assert [(value.dtype, value.device) for value in scalars] == [(torch.float32, CPU)]
+
+
+@pytest.mark.slow  # the full-size nets, traced three times and run about ten times
+def test_with_a_compile_backend_set_up_no_request_compiles(weights_dir: Path) -> None:
+    settings = Settings.from_env(
+        "cpu", compile_backend="eager", face_batch=1, mixed_precision="off", max_faces=2
+    )
+    restorer = Restorer.load(weights_dir, "cpu", settings)
+    graphs_before = counters["stats"]["unique_graphs"]
+    assert restorer.prepare_optimized() > 0.0
+    # mixed precision off: one set of nets for every profile; CodeFormer with and without
+    # fusion and ParseNet, at a face batch of 1
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3
+    photo = cv2.imread(str(PROJECT_ROOT / "tests/golden/01/01.jpg"))
+    graphs_before = counters["stats"]["unique_graphs"]
+    for profile, fidelity in (("baseline", 0.3), ("fast", 0.0), ("max_speed", 1.0)):
+        options = RequestOptions.parse(fidelity, profile, "optimized", "eager")
+        [result] = restorer.restore([photo], options)
+        assert len(result.faces) == 2
+    assert counters["stats"]["unique_graphs"] == graphs_before  # nothing compiled in a request
+    with pytest.raises(ConfigError, match="by CODEFORMER_COMPILE_BACKEND; got 'aot_eager'"):
+        restorer.restore([photo], RequestOptions.parse(0.5, "baseline", "optimized", "aot_eager"))
