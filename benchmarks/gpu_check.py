@@ -15,7 +15,10 @@ first photo at three more detector input shapes; with ``--big-request``, one req
 folder by default (no network; timings are real, faces are noise: the JSON's ``faces`` says
 how many each request restored); ``--weights-dir`` for real ones. Checks:
 
-- it runs (an exception fails it; the others still run), and compiles no graph after warm-up;
+- it runs (an exception fails it; the others still run), and no request compiles: each
+  Restorer is set up as a server with ``CODEFORMER_COMPILE_BACKEND`` is (every optimized
+  graph compiled and warmed in ``prepare_optimized``), and a graph compiled after that, or
+  after the warm-up passes, fails the configuration;
 - it compiled what it claims: each compile backend starts fresh (``torch._dynamo.reset()``:
   as in a new process), a recompile limit hit (dynamo then runs the function eager) fails the
   configuration, and so does any graph the cudagraphs backend ran without CUDA graphs;
@@ -47,7 +50,9 @@ what it measured: ``finished``, ``environment``, ``device``, ``weights``, ``imag
 ``cases``, ``bounds``, ``not_run``, ``pending`` (not reached yet) and ``configs``: ``name``,
 ``verdict``, ``reasons``, ``timed_passes``, ``stages_ms`` {stage: {p50, p95, ..}; ``request``
 = the whole}, ``host_ms``, ``device_ms``, ``peak_gpu_mb``, ``compiles_after_warmup``,
-``graphs_compiled``, ``cudagraph_skips``, ``torch_warnings``, ``faces`` {case: per image},
+``graphs_compiled`` (set-up included), ``compiles_in_requests``, ``prepare_optimized_ms``
+(where the configuration set up a Restorer), ``cudagraph_skips``, ``torch_warnings``, ``faces``
+{case: per image},
 ``big_request``, ``agreement`` {reference, within_one, over_three, mean_abs}; with --server
 ``observed_through``.
 

@@ -90,18 +90,29 @@ class Checker:
         self.restorers: dict[str, Any] = {}
         self.backend: str | None = None  # the compile backend of this device's Restorers
         self.faces: dict[str, list[int]] = {}  # case name -> faces kept per image, in the last request
+        self.setup_ms: float | None = None  # the last Restorer's prepare_optimized
 
     def restorer(self, backend: str, device: Any = None) -> Any:
-        """A Restorer per backend and device: a process fixes its backend at its first optimized request."""
+        """A Restorer per backend and device, set up as the server is with CODEFORMER_COMPILE_BACKEND.
+
+        On the checked device its optimized nets are built, compiled and warmed at set-up
+        (``Restorer.prepare_optimized``), so that any graph a request then compiles is a
+        failure; the CPU reference (``device``) runs safe only and is set up without them.
+        """
         from codeformer.config import Settings
         from codeformer.pipeline import Restorer
 
         device = device or self.device
-        if device == self.device and backend != self.backend:
+        checked = device == self.device
+        if checked and backend != self.backend:
             self._fresh_compiler(backend)
         if f"{device}:{backend}" not in self.restorers:
-            settings = Settings.from_env(device.type, max_faces=self.args.max_faces)
-            self.restorers[f"{device}:{backend}"] = Restorer.load(self.weights_dir, device, settings)
+            settings = Settings.from_env(
+                device.type, max_faces=self.args.max_faces, compile_backend=backend if checked else ""
+            )
+            restorer = Restorer.load(self.weights_dir, device, settings)
+            self.setup_ms = restorer.prepare_optimized()
+            self.restorers[f"{device}:{backend}"] = restorer
         return self.restorers[f"{device}:{backend}"]
 
     def _fresh_compiler(self, backend: str) -> None:
@@ -157,13 +168,15 @@ class Checker:
         recompile limit hit or a skipped cudagraph, word for word); either fails the configuration.
         """
         outcome, cuda = Outcome(config), self.device.type == "cuda"
-        self.faces = {}
+        self.faces, self.setup_ms = {}, None
         if cuda:
             self.torch.cuda.reset_peak_memory_stats(self.device)
         with torch_warnings() as warnings:
-            before, after_warmup = compile_counts(), []
+            before = after_setup = compile_counts()
+            after_warmup: list[dict[str, int]] = []
             try:
                 restorer = self.restorer(config.backend)
+                after_setup = compile_counts()
                 run_passes(
                     outcome,
                     lambda: self.one_pass(restorer, config),
@@ -181,6 +194,13 @@ class Checker:
             end = compile_counts()
         outcome.figures["faces"] = dict(self.faces)  # per case: faces kept in each image
         outcome.figures["graphs_compiled"] = end["graphs"] - before["graphs"]
+        if self.setup_ms is not None:  # this configuration set up a new Restorer
+            outcome.figures["prepare_optimized_ms"] = self.setup_ms
+        if outcome.timed_passes or outcome.outputs:
+            in_requests = end["graphs"] - after_setup["graphs"]
+            outcome.figures["compiles_in_requests"] = in_requests
+            if in_requests:
+                outcome.reasons.append(f"{in_requests} graph(s) compiled inside requests, after set-up")
         outcome.figures["cudagraph_skips"] = end["cudagraph_skips"] - before["cudagraph_skips"]
         outcome.figures["torch_warnings"] = warnings
         if after_warmup:

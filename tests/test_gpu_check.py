@@ -236,7 +236,13 @@ def test_each_compile_backend_starts_with_none_of_the_previous_ones_graphs(
 
     from codeformer.pipeline import Restorer
 
-    monkeypatch.setattr(Restorer, "load", staticmethod(lambda *args, **kwargs: object()))
+    class SetUp:
+        """What the check asks of a Restorer before a request: its set-up time."""
+
+        def prepare_optimized(self) -> float:
+            return 1.0
+
+    monkeypatch.setattr(Restorer, "load", staticmethod(lambda *args, **kwargs: SetUp()))
     checker = Checker(checker_args(), Path("unused"), [PHOTO], deadline=float("inf"))
     double = torch.compile(lambda x: x * 2, backend="eager")
 
@@ -275,6 +281,9 @@ def test_a_recompile_limit_hit_or_a_graph_run_without_cuda_graphs_fails_the_conf
     assert any("hit config.recompile_limit" in line for line in warnings)
     assert any(reason.startswith("ran eager past dynamo's recompile limit") for reason in outcome.reasons)
     assert any("ran without CUDA graphs" in reason for reason in outcome.reasons)
+    # the Restorer was set up before the passes: what they compiled, requests compiled
+    assert outcome.figures["compiles_in_requests"] == outcome.figures["graphs_compiled"]
+    assert any("compiled inside requests" in reason for reason in outcome.reasons)
     # the same skip under another backend's configuration is reported, not judged
     torch._dynamo.reset()  # the lambdas compile again
     other = checker.run(Config("baseline", "optimized", "eager"))
