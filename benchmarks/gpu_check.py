@@ -92,7 +92,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, concurrent_l
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu, to try the checks here")
     parser.add_argument("--weights-dir", type=Path, help="real weights; default: seed-0 random ones")
     parser.add_argument("--images", type=Path, nargs="+", help="default: the photos in data/")
-    parser.add_argument("--configs", nargs="+", help="only these, e.g. baseline/safe fast/optimized/inductor")
+    parser.add_argument(
+        "--configs", nargs="+", help="only these, in this order, e.g. baseline/safe fast/optimized/inductor"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes; a compile after them fails")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per configuration")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop cleanly within this many s")

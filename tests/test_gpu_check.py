@@ -71,6 +71,9 @@ def test_the_plan_has_every_configuration_once_and_cudagraphs_only_on_cuda() -> 
         "baseline/safe",
         "fast/optimized/eager",
     ]
+    # --configs' order otherwise: a budget that runs out leaves out the last named
+    wanted = ["max_speed/safe", "fast/optimized/eager", "baseline/safe", "fast/optimized/none"]
+    assert [c.name for c in plan("cpu", wanted)] == [wanted[2], wanted[0], wanted[1], wanted[3]]
     with pytest.raises(SystemExit, match="unknown"):
         plan("cpu", ["baseline/optimized/cudagraphs"])
 
