@@ -1,8 +1,8 @@
 """gpu_check.py --server: the same checks through the Cog HTTP server, and a concurrency sweep.
 
-One ``harness.LocalServer`` at a time, per compile backend (a process fixes its backend at its
-first optimized request; the plan keeps each backend's configurations together), with the
-weights folder and ``--max-faces`` as environment, and ``CUDA_VISIBLE_DEVICES`` empty for
+One ``harness.LocalServer`` at a time, per compile backend (a process serves one backend; the
+plan keeps each backend's configurations together), with the weights folder, ``--max-faces``
+and ``CODEFORMER_COMPILE_BACKEND`` (compiled at set-up) as environment, and ``CUDA_VISIBLE_DEVICES`` empty for
 ``--device cpu`` (the server takes CUDA whenever it sees it). Each photo is its own request.
 
 What the client sees: the latency of each request (the ``request`` stage) and the server's
@@ -68,6 +68,8 @@ class ServerChecker:
             env = {
                 "CODEFORMER_WEIGHTS_DIR": str(self.weights_dir),
                 "CODEFORMER_MAX_FACES": str(self.args.max_faces),
+                # as in production: the optimized nets compiled at set-up, not in a request
+                "CODEFORMER_COMPILE_BACKEND": backend,
             }
             if self.device.type == "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = ""

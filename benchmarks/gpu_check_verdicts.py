@@ -55,7 +55,10 @@ class Outcome:
 
 
 def plan(device_type: str, wanted: list[str] | None) -> list[Config]:
-    """Every configuration this device can run, baseline/safe first (the others' reference)."""
+    """Every configuration this device can run, or those ``wanted`` in their order; baseline/safe first.
+
+    baseline/safe is the others' reference; a budget that ends early leaves out the last ones.
+    """
     from codeformer.config import COMPILE_BACKENDS, CUDA_ONLY_BACKENDS, PROFILES
 
     backends = [b for b in COMPILE_BACKENDS if device_type == "cuda" or b not in CUDA_ONLY_BACKENDS]
@@ -64,7 +67,9 @@ def plan(device_type: str, wanted: list[str] | None) -> list[Config]:
     unknown = sorted(set(wanted or ()) - {c.name for c in configs})
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown}; choose from {[c.name for c in configs]}")
-    return [c for c in configs if not wanted or c.name in wanted]
+    if wanted:
+        configs = sorted((c for c in configs if c.name in wanted), key=lambda c: wanted.index(c.name))
+    return sorted(configs, key=lambda c: c.name != "baseline/safe")
 
 
 def agreement(ours: list[np.ndarray], reference: list[np.ndarray], label: str) -> dict[str, Any]:

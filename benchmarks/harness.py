@@ -278,8 +278,14 @@ def now_iso() -> str:
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
+    """Write ``report`` as JSON to ``path`` atomically: a reader (or a killed run) sees a whole file.
+
+    Scripts that write after each step (gpu_check.py) leave a whole file behind whenever they stop.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def seconds(value: float | None, digits: int = 2) -> str:

@@ -136,6 +136,10 @@ class Settings:
     # private, link-local, ...: codeformer.fetch); for local development and the tests
     allow_private_urls: bool = False
     mixed_precision: str = "auto"  # MIXED_PRECISION: auto, on or off (codeformer.runtime)
+    # COMPILE_BACKEND: one of COMPILE_BACKENDS, or empty: the backend every optimized request
+    # runs, compiled and warmed at set-up (Restorer.prepare_optimized); empty: the first
+    # optimized request picks it and pays its compile
+    compile_backend: str = ""
     weights_dir: Path = PROJECT_ROOT / "weights"  # WEIGHTS_DIR: where the weight files live
     weights_url: str = ""  # WEIGHTS_URL: a mirror's base URL; empty: the official release URLs
     download_timeout_s: float = 30.0  # DOWNLOAD_TIMEOUT: for the connect and for each read
@@ -166,6 +170,12 @@ class Settings:
                 cls.mixed_precision,
                 lambda raw: raw if raw in MIXED_PRECISION_CHOICES else None,
                 f"one of {', '.join(MIXED_PRECISION_CHOICES)}",
+            ),
+            compile_backend=_env(
+                "CODEFORMER_COMPILE_BACKEND",
+                cls.compile_backend,
+                lambda raw: raw if raw in COMPILE_BACKENDS else None,
+                f"one of {', '.join(COMPILE_BACKENDS)}",
             ),
             weights_dir=_env("CODEFORMER_WEIGHTS_DIR", cls.weights_dir, lambda raw: Path(raw).expanduser()),
             weights_url=_env("CODEFORMER_WEIGHTS_URL", cls.weights_url, str),

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from codeformer import weights
-from codeformer.config import FACE_SIZE, RequestOptions, Settings
-from codeformer.errors import CodeFormerError, ImageFailedError, InputError, RequestCancelled
+from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES, RequestOptions, Settings
+from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import start_compute_thread
 from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
@@ -110,6 +110,50 @@ def to_gray_faces(faces: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
+# CodeFormer's two graphs per batch class: with fusion (every w > 0: w is a graph input) and
+# without (w = 0)
+WARM_FIDELITIES = (0.5, 0.0)
+
+
+def warm_compiled(
+    restorer: FaceRestorer,
+    parser: FaceParser,
+    mixed_precision: bool,
+    backend: str,
+    face_size: int = FACE_SIZE,
+) -> None:
+    """Run every graph a request can reach on the compiled ``restorer`` and ``parser`` once: compile them now.
+
+    A request's chunks hold 1 to ``batch_size`` faces: a batch of 1 is a graph of its own and
+    ``FaceBatchNet`` marks 2 and more dynamic, so batches 1 and 2 reach every graph; CodeFormer
+    has one graph with fusion and one without (``WARM_FIDELITIES``). Nothing may fall back
+    quietly: dynamo's recompile limit, and under ``cudagraphs`` a graph the backend would run
+    without CUDA graphs, raise ``ConfigError`` naming the backend.
+    """
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+    from torch._dynamo.utils import counters
+
+    skips_before = counters["inductor"]["cudagraph_skips"]
+    crops = torch.full((2, face_size, face_size, 3), 127, dtype=torch.uint8)  # (B, H, W, 3) BGR
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for batch in sorted({1, min(2, restorer.batch_size)}):
+                for fidelity in WARM_FIDELITIES:
+                    restorer.restore_tensor(crops[:batch], fidelity, mixed_precision)
+                parser.labels_tensor(crops[:batch], mixed_precision)
+    except FailOnRecompileLimitHit as exc:
+        raise ConfigError(
+            f"compile_backend={backend!r}: dynamo's recompile limit was reached while compiling the "
+            "optimized nets, so some would run eager; see the log's 'hit config.recompile_limit' line"
+        ) from exc
+    skipped = counters["inductor"]["cudagraph_skips"] - skips_before
+    if backend == "cudagraphs" and skipped:
+        raise ConfigError(
+            f"compile_backend='cudagraphs' would run {skipped} graph(s) without CUDA graphs here (the "
+            "log's 'skipping cudagraphs due to' lines say why); choose another backend"
+        )
+
+
 class Restorer:
     """The three nets on one device, and the stages that use them."""
 
@@ -123,7 +167,7 @@ class Restorer:
         self.scheduler = DeviceScheduler(execute, self.settings.face_batch, batch_wait_s)
         # the server's admission control (predict.py); the library's own callers bring their own arrays
         self.admission = PixelBudget(self.settings.max_pixels_in_flight)
-        self.runtime = Runtime(nets, device, self.settings.mixed_precision)
+        self.runtime = Runtime(nets, device, self.settings.mixed_precision, self.settings.compile_backend)
         self._stages: dict[tuple[str, str, bool], _Stages] = {}
 
     @classmethod
@@ -177,25 +221,39 @@ class Restorer:
                 parser=FaceParser(nets.parsenet, self.device, batch_size=self.settings.face_batch),
             )
             if compiled and options.compile_backend != "none":
-                self._warm_compiled(stages, mixed_precision)
+                start = time.perf_counter()
+                warm_compiled(stages.restorer, stages.parser, mixed_precision, options.compile_backend)
+                log.info(
+                    "compiled and warmed the optimized nets (compile_backend=%s, mixed precision %s): "
+                    "%.0f ms",
+                    options.compile_backend,
+                    "on" if mixed_precision else "off",
+                    (time.perf_counter() - start) * 1000.0,
+                )
             self._stages[key] = stages  # only once warm: no request sees a half-compiled set
         return self._stages[key]
 
-    def _warm_compiled(self, stages: _Stages, mixed_precision: bool) -> None:
-        """Compile every graph a request can need now, so that no request recompiles.
+    def prepare_optimized(self) -> float:
+        """With ``Settings.compile_backend`` set, build the optimized nets now; returns ms (0 unset).
 
-        torch.compile specialises on the first batch size and on CodeFormer's float ``w``,
-        and on ``w > 0`` (fusion on or off). A second batch size and a second fidelity make
-        both dynamic; fidelity 0 is its own graph. Batches beyond 2 reuse the dynamic graph.
+        Every profile's nets (one set per precision: fast and max_speed share theirs), compiled
+        with that backend and every graph a request can reach warmed (``warm_compiled``), so
+        that no request compiles or builds anything; ``none`` builds the channels_last copies.
+        Unset, the first optimized request does this, and every request waits for it.
         """
+        backend = self.settings.compile_backend
+        if not backend:
+            return 0.0
         start = time.perf_counter()
-        batches = sorted({1, min(2, self.settings.face_batch)})
-        crops = np.full((batches[-1], FACE_SIZE, FACE_SIZE, 3), 127, np.uint8)
-        for batch in batches:
-            for fidelity in (0.5, 0.7, 0.0):
-                stages.restorer.restore(crops[:batch], fidelity, mixed_precision)
-            stages.parser.masks(crops[:batch], mixed_precision)
-        log.info("compiled and warmed the optimized nets in %.0f ms", (time.perf_counter() - start) * 1000.0)
+        prepared: set[bool] = set()
+        for profile in PROFILES.values():
+            options = RequestOptions(
+                profile=profile, stability=STABILITY_MODES["optimized"], compile_backend=backend
+            )
+            if (mixed_precision := self._mixed_precision(options)) not in prepared:
+                prepared.add(mixed_precision)
+                self.scheduler.call(self._stages_for, options)
+        return (time.perf_counter() - start) * 1000.0
 
     def warmup(self, options: RequestOptions = DEFAULT_OPTIONS) -> float:
         """Run one synthetic image through ``options``' path so its first real request pays no set-up; ms."""

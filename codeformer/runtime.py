@@ -4,14 +4,16 @@ A ``Runtime`` owns the three loaded nets and hands the pipeline the variant a re
 asks for: the nets as loaded (``safe``), or channels_last copies compiled with one backend
 (``optimized``). Optimized requests in mixed precision get their own copies whose
 convolution weights are stored in the autocast dtype, so that no forward re-casts them.
-Each optimized variant is built once per process, on first use, and the backend is then
-fixed: switching backends would recompile every graph and multiply the memory held, so a
-later request that asks for another backend is refused.
+Each optimized variant is built once per process, at set-up when ``CODEFORMER_COMPILE_BACKEND``
+names the backend (``Restorer.prepare_optimized``), else on first use, and the backend is
+then fixed: switching backends would recompile every graph and multiply the memory held, so
+a request that asks for another backend is refused.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import threading
 import time
@@ -130,15 +132,32 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 
 
 class Runtime:
-    def __init__(self, nets: Nets, device: torch.device, mixed_precision: str = "auto") -> None:
-        """``mixed_precision``: ``Settings.mixed_precision``, auto, on or off (``mixed_precision_pays``)."""
+    def __init__(
+        self,
+        nets: Nets,
+        device: torch.device,
+        mixed_precision: str = "auto",
+        compile_backend: str = "",
+    ) -> None:
+        """``mixed_precision``: ``Settings.mixed_precision``, auto, on or off (``mixed_precision_pays``).
+
+        ``compile_backend``: ``Settings.compile_backend``; when set, the backend is fixed from the
+        start (``Restorer.prepare_optimized`` compiles it at set-up); empty: the first optimized
+        request fixes it. Raises ``ConfigError`` for a backend this device cannot run.
+        """
         self.device = device
         self.safe_nets = nets
         self._optimized: dict[bool, Nets] = {}  # mixed precision -> optimized nets
-        self._backend: str | None = None
+        self._backend: str | None = compile_backend or None
+        self._backend_setting = compile_backend
         self._lock = threading.Lock()
         self._mixed_precision_setting = mixed_precision
         self._mixed_precision_pays: bool | None = None
+        if compile_backend in CUDA_ONLY_BACKENDS and device.type != "cuda":
+            raise ConfigError(
+                f"CODEFORMER_COMPILE_BACKEND={compile_backend} needs a CUDA GPU; this process runs on "
+                f"{device}. Unset it or choose another backend"
+            )
         if device.type == "cuda":
             # safe mode promises the official numerics: no autotuned kernels, no TF32 (spec §9.17)
             torch.backends.cudnn.benchmark = False
@@ -164,9 +183,14 @@ class Runtime:
                 f"compile_backend={backend!r} needs a CUDA GPU; this process runs on {self.device}"
             )
         if self._backend is not None and backend != self._backend:
+            fixed_by = (
+                "by CODEFORMER_COMPILE_BACKEND"
+                if self._backend_setting
+                else "for this process (set by the first optimized request)"
+            )
             raise ConfigError(
-                f"compile_backend is fixed to {self._backend!r} for this process (set by the first optimized "
-                f"request); got {backend!r}. Send compile_backend={self._backend!r} or restart the server"
+                f"compile_backend is fixed to {self._backend!r} {fixed_by}; got {backend!r}. "
+                f"Send compile_backend={self._backend!r} or restart the server with another setting"
             )
 
     def nets_for(self, stability: Stability, backend: str, mixed_precision: bool = False) -> Nets:
@@ -200,9 +224,9 @@ class Runtime:
         # CodeFormer and ParseNet always see 512x512 inputs: compile them. The detector sees
         # a new shape per photo size, and would recompile for each; it stays eager.
         return Nets(
-            codeformer=torch.compile(nets.codeformer, backend=backend),
+            codeformer=compile_net(nets.codeformer, backend),
             retinaface=nets.retinaface,
-            parsenet=torch.compile(nets.parsenet, backend=backend),
+            parsenet=compile_net(nets.parsenet, backend),
         )
 
     @staticmethod
@@ -221,6 +245,21 @@ class Runtime:
             return tensor.to(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
         return replace_tensors(copy.deepcopy(net), optimized_tensor)
+
+
+# torch.compile entries of one function share one cache and one recompile limit (8) by
+# default, and modules are guarded by type: the float32 and the mixed-precision copies of
+# CodeFormer count against one limit, and past it dynamo runs the rest eager with one
+# warning. torch 2.14 can give each compiled copy its own count; older versions cannot, and
+# there the copies fit only because FaceBatchNet keeps each to four graphs.
+ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def compile_net(net: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile(net, backend=backend)``, counting its recompiles apart where torch can."""
+    if ISOLATES_RECOMPILES:
+        return torch.compile(net, backend=backend, isolate_recompiles=True)
+    return torch.compile(net, backend=backend)
 
 
 def replace_tensors(net: nn.Module, convert: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> nn.Module:

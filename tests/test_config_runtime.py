@@ -72,6 +72,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CODEFORMER_DOWNLOAD_BACKOFF", "-1", "a number >= 0"),
         ("CODEFORMER_DOWNLOAD_ATTEMPTS", "0", "a positive integer"),
         ("CODEFORMER_MIXED_PRECISION", "bf16", "one of auto, on, off"),
+        ("CODEFORMER_COMPILE_BACKEND", "tensorrt", "one of none, eager, aot_eager, inductor, cudagraphs"),
     ],
 )
 def test_a_bad_variable_is_one_error_naming_it_and_what_it_accepts(
@@ -228,3 +229,22 @@ def test_mixed_precision_setting_from_environment(monkeypatch: pytest.MonkeyPatc
         ConfigError, match="CODEFORMER_MIXED_PRECISION must be one of auto, on, off, got 'bf16'"
     ):
         Settings.from_env()
+
+
+def test_compile_backend_setting_fixes_the_backend_before_any_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CODEFORMER_COMPILE_BACKEND", raising=False)
+    assert Settings.from_env().compile_backend == ""  # unset: the first optimized request picks
+    monkeypatch.setenv("CODEFORMER_COMPILE_BACKEND", "eager")
+    backend = Settings.from_env().compile_backend
+    runtime = Runtime(_tiny_nets(), torch.device("cpu"), compile_backend=backend)
+    assert runtime.compile_backend == "eager"  # before any request
+    with pytest.raises(ConfigError, match="fixed to 'eager' by CODEFORMER_COMPILE_BACKEND; got 'none'"):
+        runtime.check_backend("none")
+    runtime.check_backend("eager")
+
+
+def test_a_cuda_only_compile_backend_setting_fails_set_up_on_a_cpu() -> None:
+    with pytest.raises(ConfigError, match="CODEFORMER_COMPILE_BACKEND=cudagraphs needs a CUDA GPU"):
+        Runtime(_tiny_nets(), torch.device("cpu"), compile_backend="cudagraphs")

@@ -5,26 +5,50 @@ No test looks at how long anything took.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import cv2
+import gpu_check
 import numpy as np
 import pytest
 import torch
 from gpu_check import EXIT_NO_CUDA
 from gpu_check import main as gpu_check_main
+from gpu_check_cases import Case, generated_cases, group_photo
+from gpu_check_local import Checker
 from gpu_check_verdicts import MAX_MEAN_ABS, Config, Outcome, agreement, judge, plan
 from harness import PROJECT_ROOT
 
 GPU_CHECK = PROJECT_ROOT / "benchmarks" / "gpu_check.py"
+PHOTO = PROJECT_ROOT / "tests/golden/04/04.jpg"
+# A GPU machine has torch, OpenCV, NumPy, Pillow and requests, but neither Cog nor pytest: the
+# in-process check runs here with both made unimportable (None in sys.modules: import raises)
+WITHOUT_COG = (
+    "import runpy, sys\n"
+    "for name in ('cog', 'coglet', 'pytest'):\n"
+    "    sys.modules[name] = None\n"
+    f"sys.path.insert(0, {str(GPU_CHECK.parent)!r})\n"
+    f"sys.argv = [{str(GPU_CHECK)!r}, *sys.argv[1:]]\n"
+    f"runpy.run_path({str(GPU_CHECK)!r}, run_name='__main__')\n"
+)
 
 
-def run_by_path(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_by_path(*args: str, cwd: Path, without_cog: bool = True) -> subprocess.CompletedProcess[str]:
+    """gpu_check.py in a fresh interpreter; ``without_cog``: where ``import cog`` (coglet, pytest) fails."""
+    script = ["-c", WITHOUT_COG] if without_cog else [str(GPU_CHECK)]
     return subprocess.run(
-        [sys.executable, str(GPU_CHECK), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, *script, *args], cwd=cwd, capture_output=True, text=True, timeout=600
     )
+
+
+def checker_args(**overrides: Any) -> argparse.Namespace:
+    defaults = dict(device="cpu", generated=False, big_request=False, max_faces=1, warmup=1, repeats=1)
+    return argparse.Namespace(**(defaults | overrides))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -47,6 +71,9 @@ def test_the_plan_has_every_configuration_once_and_cudagraphs_only_on_cuda() -> 
         "baseline/safe",
         "fast/optimized/eager",
     ]
+    # --configs' order otherwise: a budget that runs out leaves out the last named
+    wanted = ["max_speed/safe", "fast/optimized/eager", "baseline/safe", "fast/optimized/none"]
+    assert [c.name for c in plan("cpu", wanted)] == [wanted[2], wanted[0], wanted[1], wanted[3]]
     with pytest.raises(SystemExit, match="unknown"):
         plan("cpu", ["baseline/optimized/cudagraphs"])
 
@@ -75,15 +102,20 @@ def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path)
     completed = run_by_path(
         *("--device", "cpu", "--configs", "baseline/safe", "fast/safe", "--budget-s", "120"),
         *("--images", str(PROJECT_ROOT / "tests/golden/04/04.jpg"), "--max-faces", "1"),
-        *("--warmup", "0", "--repeats", "1", "--output", str(output)),
+        *("--warmup", "0", "--repeats", "1", "--output", str(output), "--no-generated"),
         cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr[-2000:]
     report = json.loads(output.read_text())
+    assert report["finished"] and report["pending"] == []
+    assert [case["name"] for case in report["cases"]] == ["04.jpg"]
     assert report["images"] == ["tests/golden/04/04.jpg"]
     configs = {config["name"]: config for config in report["configs"]}
     baseline = configs["baseline/safe"]
     assert baseline["verdict"] == "PASS" and baseline["compiles_after_warmup"] == 0
+    assert baseline["graphs_compiled"] == baseline["cudagraph_skips"] == 0 and baseline["faces"] == {
+        "04.jpg": [1]
+    }
     assert baseline["agreement"]["within_one"] == 1.0  # on the CPU, its own reference
     assert set(baseline["stages_ms"]) >= {"decode", "detect", "restore", "paste", "encode", "request"}
     assert baseline["host_ms"]["count"] == baseline["device_ms"]["count"] == 1
@@ -120,6 +152,7 @@ def test_through_the_server_on_the_cpu_it_checks_and_sweeps(tmp_path: Path) -> N
         *("--warmup", "0", "--repeats", "1", "--output", str(output)),
         *("--concurrency", "1", "2", "--requests", "1"),
         cwd=tmp_path,
+        without_cog=False,  # the server it starts runs Cog; the check itself needs no Cog either
     )
     report = json.loads(output.read_text())
     assert report["through"] == "server"
@@ -142,3 +175,134 @@ def test_through_the_server_on_the_cpu_it_checks_and_sweeps(tmp_path: Path) -> N
     assert all("409" in reason for reason in sweep["reasons"])
     assert completed.returncode == (1 if sweep["reasons"] else 0), completed.stderr[-2000:]
     assert completed.stdout.splitlines()[0].startswith("PASS baseline/safe")
+
+
+def test_the_in_process_path_imports_no_cog_module() -> None:
+    probe = (
+        "import sys\n"
+        "for name in ('cog', 'coglet', 'pytest'):\n"
+        "    sys.modules[name] = None\n"
+        f"sys.path[:0] = [{str(PROJECT_ROOT)!r}, {str(GPU_CHECK.parent)!r}]\n"
+        "import gpu_check, gpu_check_local, gpu_check_cases\n"
+        "import codeformer.pipeline, codeformer.imageio, codeformer.random_weights, codeformer.weights\n"
+        "loaded = [name for name, module in sys.modules.items() if module is not None]\n"
+        "print(sorted(name for name in loaded if name.split('.')[0] in ('cog', 'coglet')))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip() == "[]"
+
+
+def test_the_report_is_rewritten_as_each_configuration_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "report.json"
+    seen_on_disk: list[dict[str, Any]] = []
+
+    class RecordingChecker:
+        """Runs nothing: each configuration passes, and first reads the report as it is on disk."""
+
+        def __init__(self, args: argparse.Namespace, weights_dir: Path, paths: list[Path], deadline: float):
+            self.device, self.cases, self.big_request = torch.device("cpu"), [], None
+
+        def run(self, config: Config) -> Outcome:
+            if output.exists():
+                seen_on_disk.append(json.loads(output.read_text()))
+            return Outcome(config, outputs=[np.zeros((2, 2, 3), np.uint8)], timed_passes=1)
+
+        def cpu_reference(self, baseline: Outcome) -> tuple[list[np.ndarray], str]:
+            return baseline.outputs, "itself"
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(gpu_check, "Checker", RecordingChecker)
+    configs = ["baseline/safe", "fast/safe", "max_speed/safe"]
+    argv = ["--device", "cpu", "--weights-dir", str(tmp_path), "--output", str(output), "--configs", *configs]
+    assert gpu_check_main(argv) == 0
+    # before the 2nd configuration, the 1st is on disk; before the 3rd, the first two
+    assert [[config["name"] for config in report["configs"]] for report in seen_on_disk] == [
+        configs[:1],
+        configs[:2],
+    ]
+    assert [report["pending"] for report in seen_on_disk] == [configs[1:], configs[2:]]
+    assert not any(report["finished"] for report in seen_on_disk)
+    final = json.loads(output.read_text())
+    assert final["finished"] and final["pending"] == [] and len(final["configs"]) == 3
+    assert [path.name for path in tmp_path.iterdir()] == [output.name]  # no partial file left
+
+
+def test_each_compile_backend_starts_with_none_of_the_previous_ones_graphs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch._dynamo.utils import counters
+
+    from codeformer.pipeline import Restorer
+
+    class SetUp:
+        """What the check asks of a Restorer before a request: its set-up time."""
+
+        def prepare_optimized(self) -> float:
+            return 1.0
+
+    monkeypatch.setattr(Restorer, "load", staticmethod(lambda *args, **kwargs: SetUp()))
+    checker = Checker(checker_args(), Path("unused"), [PHOTO], deadline=float("inf"))
+    double = torch.compile(lambda x: x * 2, backend="eager")
+
+    def graphs_compiled_by_a_call() -> int:
+        before = counters["stats"]["unique_graphs"]
+        double(torch.ones(3))
+        return counters["stats"]["unique_graphs"] - before
+
+    first = checker.restorer("eager")
+    assert graphs_compiled_by_a_call() == 1
+    assert checker.restorer("eager") is first and graphs_compiled_by_a_call() == 0
+    assert checker.restorer("aot_eager") is not first  # a new backend: new Restorers ...
+    assert graphs_compiled_by_a_call() == 1  # ... and dynamo's entries are gone
+    assert list(checker.restorers) == ["cpu:aot_eager"]
+
+
+def test_a_recompile_limit_hit_or_a_graph_run_without_cuda_graphs_fails_the_configuration() -> None:
+    checker = Checker(checker_args(), Path("unused"), [PHOTO], deadline=float("inf"))
+    checker.restorer = lambda backend: None  # type: ignore[method-assign]
+
+    def one_pass() -> tuple[list[dict[str, float]], list[np.ndarray], float]:
+        # on a CPU tensor the cudagraphs backend runs the graph without CUDA graphs, and says so
+        torch.compile(lambda x: x + 1, backend="cudagraphs")(torch.ones(2))
+        with torch._dynamo.config.patch(recompile_limit=1):
+            shifted = torch.compile(lambda x: x - 1, backend="eager", dynamic=False)
+            shifted(torch.ones(1))
+            shifted(torch.ones(2))  # a second shape: over the limit of one graph, runs eager
+        return [{"request": 1.0}], [], 0.0
+
+    checker.one_pass = lambda restorer, config: one_pass()  # type: ignore[method-assign]
+    outcome = checker.run(Config("baseline", "optimized", "cudagraphs"))
+    assert outcome.verdict == "FAIL"
+    assert outcome.figures["cudagraph_skips"] == 1 and outcome.figures["graphs_compiled"] >= 2
+    warnings = outcome.figures["torch_warnings"]
+    assert any("skipping cudagraphs due to cpu device" in line for line in warnings)
+    assert any("hit config.recompile_limit" in line for line in warnings)
+    assert any(reason.startswith("ran eager past dynamo's recompile limit") for reason in outcome.reasons)
+    assert any("ran without CUDA graphs" in reason for reason in outcome.reasons)
+    # the Restorer was set up before the passes: what they compiled, requests compiled
+    assert outcome.figures["compiles_in_requests"] == outcome.figures["graphs_compiled"]
+    assert any("compiled inside requests" in reason for reason in outcome.reasons)
+    # the same skip under another backend's configuration is reported, not judged
+    torch._dynamo.reset()  # the lambdas compile again
+    other = checker.run(Config("baseline", "optimized", "eager"))
+    assert other.figures["cudagraph_skips"] == 1
+    assert not any("CUDA graphs" in reason for reason in other.reasons)
+    torch._dynamo.reset()
+
+
+def test_the_generated_requests_reach_more_faces_than_a_batch_fidelity_0_and_new_shapes() -> None:
+    photo = np.full((300, 400, 3), 80, np.uint8)
+    assert group_photo([photo]).shape == (1200, 1600, 3)
+    cases = generated_cases([PHOTO])
+    assert {case.fidelity for case in cases} >= {0.0, 0.5, 0.9}
+    shapes = set()
+    for case in cases:
+        assert isinstance(case, Case) and len(case.images) == 1
+        image = cv2.imdecode(np.frombuffer(case.images[0], np.uint8), cv2.IMREAD_COLOR)
+        shapes.add(image.shape[:2])
+    assert {(640, 640), (1280, 720), (1080, 1920), (1200, 1600)} <= shapes

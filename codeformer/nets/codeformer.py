@@ -26,10 +26,12 @@ ADAIN_EPS = 1e-5  # added to the unbiased variance (spec §2.7 step 6)
 SFT_LEAKY_SLOPE = 0.2
 
 # Where the encoder's skip features are tapped and where the generator fuses them, keyed by
-# the spatial width of the feature (spec §2.2, §2.4). Widths outside connect_list are unused.
+# the spatial width of the feature in the 512 net (spec §2.2, §2.4), i.e. by its level: a
+# feature of level L has nf * ch_mult[L] channels (64, 128, 128, 256, 256, 512 officially).
+# Widths outside connect_list are unused.
 ENCODER_SKIP_BLOCKS = {"512": 2, "256": 5, "128": 8, "64": 11, "32": 14, "16": 18}
 GENERATOR_FUSE_BLOCKS = {"16": 6, "32": 9, "64": 12, "128": 15, "256": 18, "512": 21}
-FUSE_CHANNELS = {"16": 512, "32": 256, "64": 256, "128": 128, "256": 128, "512": 64}
+FUSE_LEVELS = {"512": 0, "256": 1, "128": 2, "64": 3, "32": 4, "16": 5}
 
 
 class SelfAttention(nn.Module):
@@ -106,7 +108,9 @@ class FuseSFTBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
         )
 
-    def forward(self, enc_feat: torch.Tensor, dec_feat: torch.Tensor, w: float) -> torch.Tensor:
+    def forward(
+        self, enc_feat: torch.Tensor, dec_feat: torch.Tensor, w: float | torch.Tensor
+    ) -> torch.Tensor:
         # the encoder feature comes first in the concatenation
         fused = self.encode_enc(torch.cat([enc_feat, dec_feat], dim=1))
         return dec_feat + w * (dec_feat * self.scale(fused) + self.shift(fused))
@@ -189,13 +193,21 @@ class CodeFormer(nn.Module):
             nn.Linear(dim_embd, codebook_size, bias=False),
         )
         self.fuse_convs_dict = nn.ModuleDict(
-            {width: FuseSFTBlock(FUSE_CHANNELS[width], FUSE_CHANNELS[width]) for width in self.connect_list}
+            {
+                width: FuseSFTBlock(nf * ch_mult[FUSE_LEVELS[width]], nf * ch_mult[FUSE_LEVELS[width]])
+                for width in self.connect_list
+            }
         )
 
     def forward(
-        self, x: torch.Tensor, w: float = 0.0, adain: bool = False
+        self, x: torch.Tensor, w: float | torch.Tensor = 0.0, adain: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, 3, 512, 512) float RGB in [-1, 1].
+
+        ``w``: a number in [0, 1], or a 0-d tensor on ``x``'s device. A number 0 skips the
+        fusion; a tensor always fuses (a tensor's value cannot steer Python without a device
+        sync). Compiled nets take w > 0 as a tensor: then it is an input of the graph, not a
+        constant or a host scalar, so one graph serves every w > 0 and CUDA graphs can take it.
 
         Returns (out (B, 3, 512, 512) unbounded, nominally [-1, 1]; logits (B, 256, 1024)
         before softmax; lq_feat (B, 256, 16, 16) encoder output).
@@ -231,10 +243,11 @@ class CodeFormer(nn.Module):
             quant_feat = adaptive_instance_normalization(quant_feat, lq_feat)
 
         feature = quant_feat
+        # w == 0 skips fusion: the same result as the formula with w = 0, without its cost
+        fuse = isinstance(w, torch.Tensor) or w > 0
         for index, block in enumerate(self.generator.blocks):
             feature = block(feature)
-            # w == 0 skips fusion: the same result as the formula with w = 0, without its cost
-            if w > 0 and index in self.generator_fuses:
+            if fuse and index in self.generator_fuses:
                 width = self.generator_fuses[index]
                 feature = self.fuse_convs_dict[width](skips[width], feature, w)
         return feature, logits, lq_feat

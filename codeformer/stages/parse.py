@@ -74,7 +74,8 @@ class FaceParser(FaceBatchNet):
 
         def forward(chunk: torch.Tensor) -> torch.Tensor:
             logits = self.net(chunk)[0]  # (B, 19, 512, 512)
-            return self._face_classes[logits.argmax(dim=1)]  # first maximum wins, as NumPy's argmax
+            # first maximum wins, as NumPy's argmax; new memory: nothing held in a compiled graph's
+            return self._face_classes[logits.argmax(dim=1)]
 
         with torch.inference_mode():
             return self._run(faces, mixed_precision, forward).cpu()  # the one device->host copy

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from codeformer.config import FACE_SIZE
 from codeformer.errors import InternalError
@@ -78,6 +79,12 @@ class FaceBatchNet:
 
     What the restorer and the parser share: the input normalisation (``crops_to_tensor``),
     the chunking that bounds activation memory, and autocast when mixed precision is asked.
+
+    When ``net`` is a ``torch.compile`` module (``compiled``), its chunks of two faces or more are
+    then marked dynamic in the batch size before the first call, so that one graph serves
+    every batch from 2 to ``batch_size`` whatever order they come in (dynamo specialises a
+    batch of 1 anyway); and each output is copied out of the graph's memory before the
+    next chunk runs (the cudagraphs backend replays into the same memory).
     """
 
     def __init__(self, net: nn.Module, device: torch.device, batch_size: int = 4) -> None:
@@ -86,6 +93,7 @@ class FaceBatchNet:
         self.net = net
         self.device = device
         self.batch_size = batch_size
+        self.compiled = isinstance(net, OptimizedModule)
 
     def _run(
         self, faces: torch.Tensor, mixed_precision: bool, forward: Callable[[torch.Tensor], torch.Tensor]
@@ -95,6 +103,8 @@ class FaceBatchNet:
         faces_in = crops_to_tensor(faces, self.device)  # (F, 3, 512, 512) float in [-1, 1]
         outputs = []
         for chunk in faces_in.split(self.batch_size):
+            if self.compiled and len(chunk) > 1:
+                torch._dynamo.mark_dynamic(chunk, 0)
             with torch.autocast(self.device.type, dtype=precision, enabled=mixed_precision):
                 outputs.append(forward(chunk))
         return torch.cat(outputs)
@@ -126,11 +136,25 @@ class FaceRestorer(FaceBatchNet):
         logger.debug("restored %d faces (w=%.3f, mixed_precision=%s)", len(crops), fidelity, mixed_precision)
         return faces_out.numpy()
 
+    def fidelity_argument(self, fidelity: float) -> float | torch.Tensor:
+        """CodeFormer's ``w`` for ``fidelity``: a number, or for compiled nets and w > 0 a device tensor.
+
+        As a tensor on the nets' device (float32, 0-d, filled there: nothing uploaded) w is
+        an input of the compiled graph: one graph for every w > 0, and no host scalar that
+        would make the cudagraphs backend skip the graph. 0 stays a number: no fusion.
+        """
+        if self.compiled and fidelity > 0:
+            return torch.full((), fidelity, dtype=torch.float32, device=self.device)
+        return float(fidelity)
+
     def restore_tensor(self, crops: torch.Tensor, fidelity: float, mixed_precision: bool) -> torch.Tensor:
         """``restore``'s device part: (F, 512, 512, 3) uint8 BGR crops -> restored faces, both on the host."""
 
+        weight = self.fidelity_argument(fidelity)
+
         def forward(chunk: torch.Tensor) -> torch.Tensor:
-            return self.net(chunk, w=float(fidelity), adain=True)[0].to(torch.float32)
+            # copy=True for compiled nets: out of the graph's memory before the next chunk replays
+            return self.net(chunk, w=weight, adain=True)[0].to(torch.float32, copy=self.compiled)
 
         with torch.inference_mode():
             return output_to_faces(self._run(crops, mixed_precision, forward))

@@ -1,0 +1,155 @@
+"""Compiled nets compile what a request needs, once, and nothing runs quietly as something else.
+
+On a tiny CodeFormer (64x64 faces, 4 channels: the real forward and its branches, a fraction
+of the work) with the dynamo backend ``eager`` (no code generation, same graphs and guards):
+- the float32 copy (baseline) and the mixed-precision copy (fast, max_speed) of one process
+  warm within dynamo's recompile limit at a face batch of 4, every fidelity and batch size;
+- compiled nets take fidelity as a float32 tensor on their device (as a host float64 scalar
+  the cudagraphs backend skips the graph), and each chunk's output is copied out of the
+  graph's memory before the next chunk runs (cudagraphs replays into the same memory);
+- with ``CODEFORMER_COMPILE_BACKEND`` set, the set-up compiles every graph and no request
+  compiles (the full-size seed-0 nets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from codeformer.config import STABILITY_MODES, RequestOptions, Settings
+from codeformer.errors import ConfigError
+from codeformer.nets import vqgan
+from codeformer.nets.codeformer import CodeFormer
+from codeformer.pipeline import Restorer
+from codeformer.runtime import Nets, Runtime
+from codeformer.stages.restore import FaceRestorer
+
+CPU = torch.device("cpu")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FACE_BATCH = 4  # the CUDA default, where two copies used to pass the limit
+TINY_FACE = 64  # the tiny CodeFormer's face side: a 2 x 2 token grid
+
+
+@pytest.fixture
+def tiny_codeformer(monkeypatch: pytest.MonkeyPatch) -> CodeFormer:
+    """CodeFormer's forward at a 64th of the pixels and 4 base channels (GroupNorm in groups of 4)."""
+    monkeypatch.setattr(vqgan, "GROUP_NORM_GROUPS", 4)
+    torch.manual_seed(0)
+    net = CodeFormer(
+        img_size=TINY_FACE,
+        latent_size=4,
+        nf=4,
+        emb_dim=8,
+        dim_embd=16,
+        n_head=2,
+        n_layers=1,
+        codebook_size=32,
+        attn_resolutions=(2,),
+    )
+    return net.eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Each test compiles from nothing and leaves no compiled entries behind."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def crops(count: int, seed: int = 0) -> torch.Tensor:
+    """(count, 64, 64, 3) uint8 BGR crops, a different picture each."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, TINY_FACE, TINY_FACE, 3), generator=generator, dtype=torch.uint8)
+
+
+@pytest.mark.slow  # dynamo traces CodeFormer eight times (about a minute on two cores)
+def test_both_optimized_copies_compile_within_the_recompile_limit_at_face_batch_4(
+    tiny_codeformer: CodeFormer,
+) -> None:
+    runtime = Runtime(Nets(tiny_codeformer, nn.Identity(), nn.Identity()), CPU, mixed_precision="on")
+    faces = crops(FACE_BATCH + 1)
+    graphs_before = counters["stats"]["unique_graphs"]
+    # past the limit dynamo would run the rest eager with one warning: make that an error
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for mixed_precision in (False, True):  # baseline's copy, then fast's and max_speed's
+            nets = runtime.nets_for(STABILITY_MODES["optimized"], "eager", mixed_precision)
+            restorer = FaceRestorer(nets.codeformer, CPU, batch_size=FACE_BATCH)
+            # what requests send: 1, 2 and 5 faces (chunks of 4 and 1), fidelity 0 and others
+            for count in (1, 2, FACE_BATCH + 1):
+                for fidelity in (0.5, 0.7, 0.0):
+                    restorer.restore_tensor(faces[:count], fidelity, mixed_precision)
+    # per copy: batch 1 and 2-and-more (dynamic), each with fusion (any w > 0) and without (w 0)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2 * 4
+
+
+def replaying_backend(
+    graph_inputs: list[list[torch.Tensor]],
+) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
+    """A dynamo backend that behaves as cudagraphs does with memory, without a GPU.
+
+    Every call of a graph writes its outputs into the same tensors (one set per output
+    shape), as a CUDA graph replays into its static memory; ``graph_inputs`` receives the
+    tensor inputs of each graph as compiled.
+    """
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        graph_inputs.append([value for value in example_inputs if isinstance(value, torch.Tensor)])
+        static: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+
+        def replay(*args: Any) -> Any:
+            outputs = graph(*args)
+            shapes = tuple(tuple(output.shape) for output in outputs)
+            memory = static.setdefault(shapes, [torch.empty_like(output) for output in outputs])
+            for held, output in zip(memory, outputs, strict=True):
+                held.copy_(output)
+            return type(outputs)(memory)
+
+        return replay
+
+    return backend
+
+
+def test_compiled_codeformer_gets_fidelity_as_a_device_tensor_and_keeps_each_chunks_output(
+    tiny_codeformer: CodeFormer,
+) -> None:
+    graph_inputs: list[list[torch.Tensor]] = []
+    compiled = torch.compile(tiny_codeformer, backend=replaying_backend(graph_inputs))
+    faces = crops(2 * FACE_BATCH)  # two chunks of four: the second replays into the first's memory
+    eager = FaceRestorer(tiny_codeformer, CPU, batch_size=FACE_BATCH)
+    restorer = FaceRestorer(compiled, CPU, batch_size=FACE_BATCH)
+    for fidelity in (0.5, 0.8, 1.0):
+        expected = eager.restore_tensor(faces, fidelity, mixed_precision=False)
+        torch.testing.assert_close(restorer.restore_tensor(faces, fidelity, False), expected, rtol=0, atol=0)
+    [inputs] = graph_inputs  # one graph for every w > 0
+    scalars = [value for value in inputs if value.dim() == 0]
+    assert [(value.dtype, value.device) for value in scalars] == [(torch.float32, CPU)]
+
+
+@pytest.mark.slow  # the full-size nets, traced three times and run about ten times
+def test_with_a_compile_backend_set_up_no_request_compiles(weights_dir: Path) -> None:
+    settings = Settings.from_env(
+        "cpu", compile_backend="eager", face_batch=1, mixed_precision="off", max_faces=2
+    )
+    restorer = Restorer.load(weights_dir, "cpu", settings)
+    graphs_before = counters["stats"]["unique_graphs"]
+    assert restorer.prepare_optimized() > 0.0
+    # mixed precision off: one set of nets for every profile; CodeFormer with and without
+    # fusion and ParseNet, at a face batch of 1
+    assert counters["stats"]["unique_graphs"] - graphs_before == 3
+    photo = cv2.imread(str(PROJECT_ROOT / "tests/golden/01/01.jpg"))
+    graphs_before = counters["stats"]["unique_graphs"]
+    for profile, fidelity in (("baseline", 0.3), ("fast", 0.0), ("max_speed", 1.0)):
+        options = RequestOptions.parse(fidelity, profile, "optimized", "eager")
+        [result] = restorer.restore([photo], options)
+        assert len(result.faces) == 2
+    assert counters["stats"]["unique_graphs"] == graphs_before  # nothing compiled in a request
+    with pytest.raises(ConfigError, match="by CODEFORMER_COMPILE_BACKEND; got 'aot_eager'"):
+        restorer.restore([photo], RequestOptions.parse(0.5, "baseline", "optimized", "aot_eager"))
