@@ -12,6 +12,7 @@ a request that asks for another backend is refused.
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 import logging
@@ -256,10 +257,34 @@ ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).p
 
 
 def compile_net(net: nn.Module, backend: str) -> nn.Module:
-    """``torch.compile(net, backend=backend)``, counting its recompiles apart where torch can."""
+    """``torch.compile(net, backend=backend)``, counting its recompiles apart where torch can.
+
+    Called on the thread that will run the net (the scheduler's device thread).
+    """
+    if backend == "cudagraphs":
+        give_this_thread_cudagraph_trees()
     if ISOLATES_RECOMPILES:
         return torch.compile(net, backend=backend, isolate_recompiles=True)
     return torch.compile(net, backend=backend)
+
+
+def give_this_thread_cudagraph_trees() -> None:
+    """Make CUDA graph trees usable on the calling thread, as torch 2.14 does by itself.
+
+    The trees keep their state in thread-local containers. Before torch 2.14 (e.g. 2.11)
+    only the thread that imported ``torch._inductor.cudagraph_trees`` (and autograd's
+    threads) had them, so the cudagraphs backend failed on the scheduler's device thread
+    with a bare ``AssertionError`` (``_is_key_in_tls``), as a GPU run showed. Here the thread
+    gets containers of its own; where torch already gave it some, nothing changes.
+    """
+    from torch._inductor import cudagraph_trees
+
+    if hasattr(cudagraph_trees.local, "tree_manager_containers"):
+        return
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    cudagraph_trees.local.tree_manager_containers = {}
+    cudagraph_trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
 
 
 def replace_tensors(net: nn.Module, convert: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> nn.Module:

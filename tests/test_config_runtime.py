@@ -248,3 +248,27 @@ def test_compile_backend_setting_fixes_the_backend_before_any_request(
 def test_a_cuda_only_compile_backend_setting_fails_set_up_on_a_cpu() -> None:
     with pytest.raises(ConfigError, match="CODEFORMER_COMPILE_BACKEND=cudagraphs needs a CUDA GPU"):
         Runtime(_tiny_nets(), torch.device("cpu"), compile_backend="cudagraphs")
+
+
+def test_a_device_thread_gets_cudagraph_trees_of_its_own() -> None:
+    """torch before 2.14 kept them only in the importing thread: the cudagraphs backend then
+    failed on the scheduler's thread (seen on a GPU with torch 2.11)."""
+    import threading
+
+    from torch._inductor import cudagraph_trees
+
+    from codeformer.runtime import give_this_thread_cudagraph_trees
+
+    seen: dict[str, object] = {}
+
+    def device_thread() -> None:
+        seen["had_trees"] = hasattr(cudagraph_trees.local, "tree_manager_containers")
+        give_this_thread_cudagraph_trees()
+        seen["containers"] = cudagraph_trees.local.tree_manager_containers
+        seen["container"] = cudagraph_trees.get_container(0)
+
+    thread = threading.Thread(target=device_thread)
+    thread.start()
+    thread.join()
+    assert seen["had_trees"] is False  # a new thread starts without them
+    assert seen["containers"] == {0: seen["container"]}  # the thread's own, used by torch
