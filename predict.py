@@ -1,23 +1,15 @@
-"""Cog adapter: declare the inputs, read and decode the photos, call the pipeline, write JPGs.
+"""Cog adapter: declare the inputs, validate the options, hand the request to the package.
 
-All image work happens in ``codeformer``; this file only turns Cog inputs into arrays and
-arrays into files. A request either returns one JPG per input, in input order, or fails
-as a whole with a message naming the input (``images[i] (file name)``) and the reason.
+A request returns one JPG per input, in input order, or fails as a whole with a message
+naming the input (``images[i] (file name): reason``): ``codeformer.serving.request`` does
+the work (read, admit, decode, restore, encode), the same code the command line runs.
 
 ``run`` is async so that Cog can run several predictions at once (``@cog.concurrent``):
-each request's blocking work (fetch, decode, pipeline, encode) runs on a thread of its own,
-the device work of all of them through the Restorer's one scheduler (``codeformer.scheduler``),
-and a request is admitted to decoding only while the pixels
-in flight stay under ``CODEFORMER_MAX_PIXELS_IN_FLIGHT``. A cancel stops its own request
-at its next device call and touches no other.
-
-Each image arrives as a string (``codeformer.fetch.defer_cog_fetching``, applied when
-this module is imported, stops coglet from downloading URLs itself):
-- an http(s) URL or a data URI: fetched by ``codeformer.fetch`` under one deadline for the
-  request, with a size cap and checked redirects;
-- a local path (``cog run --json '{"images": ["data/1.jpg"]}'``): accepted only when it
-  resolves to a file inside the project folder, so that a request cannot read other files
-  of the server. Python callers may pass ``pathlib.Path`` objects under the same rule.
+each request's blocking work runs on a thread of its own, the device work of all of them
+through the Restorer's one scheduler. Images arrive as strings: coglet hands URLs and data
+URIs through unfetched (``defer_cog_fetching``, applied when this module is imported), so
+that the request fetches them under its own limits; local paths must lie inside the project
+folder (``cog run --json '{"images": ["data/1.jpg"]}'``).
 """
 
 from __future__ import annotations
@@ -26,11 +18,8 @@ import asyncio
 import atexit
 import logging
 import pathlib
-import re
-import shutil
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -47,10 +36,11 @@ from codeformer.config import (
     STABILITY_MODES,
     RequestOptions,
 )
-from codeformer.errors import CodeFormerError, ImageFailedError, InputError, reported_as_failure
-from codeformer.fetch import MAX_INPUT_BYTES, Deadline, Dialer, defer_cog_fetching, fetch, is_remote
-from codeformer.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
-from codeformer.schema import MAX_IMAGES, MIN_IMAGES
+from codeformer.errors import InputError, reported_as_failure
+from codeformer.serving.fetch import defer_cog_fetching
+from codeformer.serving.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
+from codeformer.serving.request import restore_request
+from codeformer.serving.schema import MAX_IMAGES, MIN_IMAGES
 
 if TYPE_CHECKING:
     from codeformer import Restorer
@@ -58,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("codeformer.predict")
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent
-URL_LIKE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 # Predictions one worker runs at once (Cog reads it from @cog.concurrent on run()): while one
 # request is in the nets, others download, decode, paste back and encode, and faces of
 # different requests share a forward on a GPU (codeformer/scheduler.py). Memory stays bounded
@@ -70,71 +59,9 @@ MAX_CONCURRENT_REQUESTS = 4
 defer_cog_fetching()
 
 
-def describe(index: int, name: str) -> str:
-    """How errors and logs name an input: ``images[1] (corrupt.jpg)``."""
-    return f"images[{index}] ({name})"
-
-
-def _data_uri_name(uri: str) -> str:
-    """The ``name=``/``filename=`` parameter of a data URI if it has one, else its media type."""
-    header = uri.split(",", 1)[0].removeprefix("data:")
-    media_type, *parameters = header.split(";")
-    for parameter in parameters:
-        key, _, value = parameter.partition("=")
-        if key.strip().lower() in ("name", "filename") and value:
-            return urllib.parse.unquote(value)
-    return f"data URI, {media_type or 'text/plain'}"
-
-
-def _input_name(item: object) -> str:
-    text = str(item)
-    if text.startswith("data:"):
-        return _data_uri_name(text)
-    if URL_LIKE.match(text):
-        return pathlib.PurePosixPath(urllib.parse.urlsplit(text).path).name or text
-    return pathlib.PurePath(text).name or text
-
-
-def _read_local(item: str | pathlib.Path) -> bytes:
-    candidate = pathlib.Path(item).expanduser()
-    if not candidate.is_absolute():
-        candidate = PROJECT_ROOT / candidate
-    resolved = candidate.resolve()
-    # the messages name no server folder: the client sent the path, the label names the file
-    if not resolved.is_relative_to(PROJECT_ROOT):
-        raise InputError(
-            "local paths must point inside the project folder (e.g. data/1.jpg); "
-            "send other files as an http(s) URL or a data URI"
-        )
-    if not resolved.is_file():
-        raise InputError("no such file in the project folder")
-    if resolved.stat().st_size > MAX_INPUT_BYTES:
-        raise InputError(f"the file is over {MAX_INPUT_BYTES >> 20} MB; send a smaller image")
-    return resolved.read_bytes()
-
-
-def read_input(item: object, label: str, deadline: Deadline, dialer: Dialer) -> bytes:
-    """The bytes of one request input (URL, data URI or local path); ``InputError`` names ``label``."""
-    try:
-        if isinstance(item, str) and is_remote(item):
-            return fetch(item, deadline, dialer)
-        if isinstance(item, str) and URL_LIKE.match(item):
-            scheme = item.split(":", 1)[0]
-            raise InputError(f"{scheme}:// is not accepted; send http(s), a data URI or a path")
-        if isinstance(item, str | pathlib.Path):
-            return _read_local(item)
-        raise InputError(f"expected a URL, a data URI or a path, got {type(item).__name__}")
-    except InputError as exc:
-        raise InputError(f"{label}: {exc}") from None
-
-
 def _choice_input(default: str, choices: Iterable[str], description: str) -> Any:
     """A Cog input restricted to ``choices``: the served schema lists them, coglet refuses others."""
     return Input(default=default, choices=list(choices), description=description)
-
-
-def _stage_summary(timings: dict[str, float]) -> str:
-    return " ".join(f"{stage}={ms:.0f}ms" for stage, ms in timings.items())
 
 
 class Predictor(BaseRunner):
@@ -142,7 +69,7 @@ class Predictor(BaseRunner):
         """Load the three nets once (CUDA when present), warm the default path and, with
         ``CODEFORMER_COMPILE_BACKEND`` set, build, compile and warm the optimized nets."""
         # torch, OpenCV and the pipeline are imported here, not at module level, so that the
-        # schema writer (python -m codeformer.schema) can read run()'s signature cheaply
+        # schema writer (python -m codeformer.serving.schema) can read run()'s signature cheaply
         from codeformer import Restorer, weights
         from codeformer.runtime import autocast_dtype
 
@@ -258,85 +185,14 @@ class Predictor(BaseRunner):
         cancel: threading.Event | None = None,
         request_start: float | None = None,
     ) -> list[Path]:
-        """The blocking part of ``run``: fetch, admit, decode, restore, encode, on the calling thread."""
-        from codeformer.imageio import DecodedImage, decode_with_profile, encode_jpeg, read_size
+        """The blocking part of ``run``: the request (``restore_request``), then its JPGs as files."""
         from codeformer.scheduler import check_cancel
 
-        request_start = time.perf_counter() if request_start is None else request_start
         self.output_folders.discard_expired()
-        labels = [describe(index, _input_name(item)) for index, item in enumerate(images)]
-        deadline = Deadline.after(self.restorer.settings.fetch_timeout_s)
-        dialer = Dialer(allow_private=self.restorer.settings.allow_private_urls)
-        stage_ms: list[dict[str, float]] = [{} for _ in images]
-        files: list[bytes] = []
-        for item, label, timings in zip(images, labels, stage_ms, strict=True):
-            check_cancel(cancel)
-            start = time.perf_counter()
-            files.append(read_input(item, label, deadline, dialer))
-            timings["read_decode"] = (time.perf_counter() - start) * 1000.0
-        # each header once more (decode_image reads it too): the pixels this request will hold
-        pixels = 0
-        for data, label in zip(files, labels, strict=True):
-            _, width, height = read_size(data, label)
-            pixels += width * height
-
-        with self.restorer.admission.hold(pixels, cancel) as admission_ms:
-            # progress for the operator (and the tests): the request is past its downloads
-            log.info(
-                "request: admitted, %d image(s), %.1f MP, %.1f MP in flight after a %.0f ms wait",
-                len(images),
-                pixels / 1e6,
-                self.restorer.admission.in_flight / 1e6,
-                admission_ms,
-            )
-            decoded: list[DecodedImage] = []
-            for data, label, timings in zip(files, labels, stage_ms, strict=True):
-                start = time.perf_counter()
-                decoded.append(decode_with_profile(data, label, self.restorer.settings.max_pixels))
-                timings["read_decode"] += (time.perf_counter() - start) * 1000.0
-            del files
-            try:
-                results = self.restorer.restore([image.pixels for image in decoded], options, cancel)
-            except ImageFailedError as exc:
-                raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
-            profiles = [image.icc_profile for image in decoded]  # the colour profile each output carries
-            del decoded
-
-            output_dir = new_output_dir()
-            outputs: list[Path] = []
-            try:
-                for index, (result, label) in enumerate(zip(results, labels, strict=True)):
-                    start = time.perf_counter()
-                    output_path = output_dir / f"restored_{index}.jpg"
-                    output_path.write_bytes(encode_jpeg(result.image, icc_profile=profiles[index]))
-                    outputs.append(Path(output_path))
-                    timings = {**stage_ms[index], **result.timings}
-                    timings["encode"] = (time.perf_counter() - start) * 1000.0
-                    height, width = result.image.shape[:2]
-                    log.info(
-                        "%s: %dx%d, faces found=%d kept=%d, %s, total=%.0fms",
-                        label,
-                        width,
-                        height,
-                        len(result.faces) + result.faces_dropped,
-                        len(result.faces),
-                        _stage_summary(timings),
-                        sum(timings.values()),
-                    )
-                check_cancel(cancel)  # nobody will read the files of a cancelled request
-            finally:
-                if cancel is not None and cancel.is_set():
-                    shutil.rmtree(output_dir, ignore_errors=True)
-                else:
-                    self.output_folders.returned(output_dir)
-        log.info(
-            "request: %d image(s), fidelity=%s profile=%s stability=%s%s, admission_wait=%.0fms, wall=%.0fms",
-            len(images),
-            options.fidelity,
-            options.profile.name,
-            options.stability.name,
-            f" compile_backend={options.compile_backend}" if options.stability.compiled else "",
-            admission_ms,
-            (time.perf_counter() - request_start) * 1000.0,
-        )
-        return outputs
+        jpgs = restore_request(self.restorer, images, options, cancel, PROJECT_ROOT, request_start)
+        check_cancel(cancel)  # nobody will read the files of a cancelled request
+        output_dir = new_output_dir()
+        for index, jpg in enumerate(jpgs):
+            (output_dir / f"restored_{index}.jpg").write_bytes(jpg)
+        self.output_folders.returned(output_dir)
+        return [Path(output_dir / f"restored_{index}.jpg") for index in range(len(jpgs))]

@@ -24,6 +24,6 @@ shift || true
 case "$command" in
     predict) exec .venv/bin/python -m codeformer "$@" ;;
     test) exec .venv/bin/python -m pytest "$@" ;;
-    serve) exec .venv/bin/python -m codeformer.serve "$@" ;;
+    serve) exec .venv/bin/python -m codeformer.serving.serve "$@" ;;
     *) echo "usage: ./run.sh predict IMAGE... | test [PYTEST ARGS] | serve [--port N]" >&2; exit 2 ;;
 esac

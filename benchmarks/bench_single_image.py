@@ -7,7 +7,7 @@
         [--server-env KEY=VALUE ...] [--output benchmarks/last_bench_single_image.json]
 
 Every combination that applies on this machine gets a fresh server (``python -m
-codeformer.serve`` on ``--port``), so that its cold figures are real: process start to
+codeformer.serving.serve`` on ``--port``), so that its cold figures are real: process start to
 READY, the first request after READY (which pays for compilation in optimized mode), and
 process start to that first response. Then ``--warmup`` untimed requests (the first one
 included) and ``--repeats`` timed ones give the steady-state latency. ``compile_backend``
@@ -37,9 +37,9 @@ import run_flags
 import timed_requests as timed
 from PIL import Image
 
-from codeformer.client import ServerError
 from codeformer.config import COMPILE_BACKENDS, CUDA_ONLY_BACKENDS, PROFILES, STABILITY_MODES
 from codeformer.errors import ConfigError
+from codeformer.serving.client import ServerError
 
 log = logging.getLogger("benchmarks.bench_single_image")
 

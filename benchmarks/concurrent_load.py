@@ -33,9 +33,9 @@ import harness
 import stats
 from timed_requests import MAX_ERROR_MESSAGES, Requester, RequestSample
 
-from codeformer.client import ServerError
 from codeformer.errors import ConfigError
-from codeformer.serve import runner_concurrency
+from codeformer.serving.client import ServerError
+from codeformer.serving.serve import runner_concurrency
 
 BUSY_BACKOFF_S = 0.1  # short next to any prediction (>= 10 ms on a GPU), long next to a 409's ~1 ms
 MAX_CLIENTS = 64  # one thread each; far above any slot count this server declares

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from codeformer.client import data_uri
 from codeformer.icc import write_profile, xyz_tag
+from codeformer.serving.client import data_uri
 
 D50 = (0.9642, 1.0, 0.8249)  # the ICC connection space's white
 

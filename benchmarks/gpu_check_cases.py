@@ -23,7 +23,7 @@ GROUP_CELL = (800, 600)  # (width, height) of each photo in the 2 x 2 group phot
 # (width, height): other aspect ratios give the detector other input shapes than the photos'
 DETECTOR_SIZES = ((640, 640), (720, 1280), (1920, 1080))
 BIG_SIZE = (7744, 5164)  # 39.99 MP, 3:2: under gpu_check_verdicts.MAX_PIXELS and within the 16:1 aspect limit
-BIG_IMAGES = 4  # codeformer.schema.MAX_IMAGES
+BIG_IMAGES = 4  # codeformer.serving.schema.MAX_IMAGES
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from gpu_check_verdicts import FIDELITY, Config, Outcome, PassResult, run_passes
 from server_log import parse_stage_ms
 from timed_requests import Requester, request_options
 
-from codeformer.client import ServerError
 from codeformer.imageio import encode_jpeg
+from codeformer.serving.client import ServerError
 
 
 def decode_jpg(data: bytes) -> np.ndarray:

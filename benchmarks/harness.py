@@ -35,8 +35,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from codeformer.client import CogClient, ServerError  # noqa: E402
-from codeformer.serve import DEFAULT_HOST, check_port_free, spawn_server, stop_server  # noqa: E402
+from codeformer.serving.client import CogClient, ServerError  # noqa: E402
+from codeformer.serving.serve import DEFAULT_HOST, check_port_free, spawn_server, stop_server  # noqa: E402
 
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"  # git-ignored
 PORT_ATTEMPTS = 3  # a free port can be taken between picking it and the server binding it
@@ -60,7 +60,7 @@ def closed_port_url(name: str = "") -> str:
 
 # -- the local server ------------------------------------------------------------------------
 class LocalServer:
-    """``python -m codeformer.serve`` (coglet and its worker) in its own process group, with ``env`` added.
+    """``python -m codeformer.serving.serve`` (coglet and its worker) in its own process group, plus ``env``.
 
     ``port=None`` picks a free port (and another one if it is taken before the server binds
     it); a given port must be free, else ``start`` raises ``ConfigError``, so that a stale
@@ -185,7 +185,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 @contextlib.contextmanager
 def random_weights_folder() -> Iterator[Path]:
     """Seed-0 random weights in the official formats, in a temporary folder removed on exit."""
-    from codeformer import random_weights  # imports torch: only where weights are written
+    from codeformer.tools import random_weights  # imports torch: only where weights are written
 
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         folder = Path(scratch) / RANDOM_WEIGHTS_FOLDER

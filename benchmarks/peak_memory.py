@@ -28,8 +28,8 @@ import harness  # noqa: F401 - importing it puts the project root on sys.path (s
 import worker_memory
 from generated_inputs import flat_canvas_png
 
-from codeformer.client import data_uri
 from codeformer.config import Settings
+from codeformer.serving.client import data_uri
 from codeformer.stages.prepare import MAX_ASPECT_RATIO
 
 IMAGES = 4

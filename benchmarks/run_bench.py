@@ -8,7 +8,7 @@
         [--output benchmarks/results/run_bench_<time>.json] [--plot cdf.png]
         [--concurrency 1 2 4 N [--duration-s 30 | --requests 20]]
 
-Starts ``python -m codeformer.serve`` on ``--port`` in its own process group (refusing a
+Starts ``python -m codeformer.serving.serve`` on ``--port`` in its own process group (refusing a
 port that is already taken, so that a stale server can never answer for this run), waits
 for READY, then per profile sends ``--warmup`` untimed requests followed by ``--repeats``
 timed rounds over all images, ``--batch-size`` images per request, one request at a time.
@@ -60,10 +60,10 @@ import stats
 import timed_requests as timed
 from timed_requests import RequestSample
 
-from codeformer.client import CogClient, ServerError
 from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES
 from codeformer.errors import ConfigError
-from codeformer.schema import MAX_IMAGES, MIN_IMAGES
+from codeformer.serving.client import CogClient, ServerError
+from codeformer.serving.schema import MAX_IMAGES, MIN_IMAGES
 
 log = logging.getLogger("benchmarks.run_bench")
 

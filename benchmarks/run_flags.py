@@ -11,7 +11,7 @@ import harness
 
 from codeformer.config import PROFILES
 from codeformer.errors import ConfigError
-from codeformer.serve import DEFAULT_HOST, check_port_free
+from codeformer.serving.serve import DEFAULT_HOST, check_port_free
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

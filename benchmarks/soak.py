@@ -5,7 +5,7 @@
     python benchmarks/soak.py --weights-dir DIR ...          # weights already on disk
     python benchmarks/soak.py --url http://127.0.0.1:5000 [--server-pid PID]   # a running server
 
-Starts ``python -m codeformer.serve`` on a free 127.0.0.1 port (unless ``--url``), then
+Starts ``python -m codeformer.serving.serve`` on a free 127.0.0.1 port (unless ``--url``), then
 sends the requests one after the other, each a tiny generated image: a flat canvas (no
 face: the detector is the only network that runs), every ``--face-every``-th a small
 textured image on which the random detector finds faces, and every ``--bad-every``-th a
@@ -50,8 +50,8 @@ import worker_memory
 from generated_inputs import BAD_KINDS, flat_canvas_png, textured_png
 from stats import summarize
 
-from codeformer.client import CogClient, data_uri
-from codeformer.outputs import OUTPUT_DIR_PREFIX
+from codeformer.serving.client import CogClient, data_uri
+from codeformer.serving.outputs import OUTPUT_DIR_PREFIX
 
 log = logging.getLogger("benchmarks.soak")
 

@@ -25,7 +25,7 @@ from server_log import parse_faces, setup_info
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from codeformer.client import CogClient, PredictionResult, ServerError, data_uri
+from codeformer.serving.client import CogClient, PredictionResult, ServerError, data_uri
 
 log = logging.getLogger("benchmarks")
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from codeformer import config
 from codeformer.config import RequestOptions, Settings
 from codeformer.errors import CodeFormerError
-from codeformer.imageio import decode_with_profile, encode_jpeg
 
 log = logging.getLogger("codeformer")
 
@@ -44,33 +43,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from codeformer.pipeline import Restorer
     from codeformer.runtime import pick_device
+    from codeformer.serving.request import restore_request
 
     try:
         options = RequestOptions.parse(args.fidelity, args.profile, args.stability, args.compile_backend)
         device = pick_device(args.device)
-        settings = Settings.from_env(device.type)
-        images, profiles = [], []
-        for path in args.images:
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise CodeFormerError(f"{path}: cannot read the file: {exc.strerror}") from None
-            decoded = decode_with_profile(data, str(path), settings.max_pixels)
-            images.append(decoded.pixels)
-            profiles.append(decoded.icc_profile)  # the colour profile the output carries
         start = time.perf_counter()
-        restorer = Restorer.load(args.weights_dir, device, settings)
+        restorer = Restorer.load(args.weights_dir, device, Settings.from_env(device.type))
         log.info("loaded the nets on %s in %.0f ms", restorer.device, (time.perf_counter() - start) * 1000)
-        results = restorer.restore(images, options)
+        # the same request as the server's, reading local files wherever they are
+        jpgs = restore_request(restorer, args.images, options, local_root=None)
     except CodeFormerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    for path, result, profile in zip(args.images, results, profiles, strict=True):
+    for path, jpg in zip(args.images, jpgs, strict=True):
         out = args.output_dir / f"{path.stem}.jpg"
-        out.write_bytes(encode_jpeg(result.image, icc_profile=profile))
-        stages = " ".join(f"{stage}={ms:.0f}ms" for stage, ms in result.timings.items())
-        log.info("%s -> %s: %d face(s), %s", path, out, len(result.faces), stages)
+        out.write_bytes(jpg)
+        log.info("%s -> %s", path, out)
     return 0
 
 

@@ -133,7 +133,7 @@ class Settings:
     retained_memory_mb: int = MAX_RETAINED_MEMORY_MB
     fetch_timeout_s: float = 60.0  # FETCH_TIMEOUT_S: one deadline for all of a request's URL inputs
     # ALLOW_PRIVATE_URLS: 1 also fetches URLs whose host is not a public address (loopback,
-    # private, link-local, ...: codeformer.fetch); for local development and the tests
+    # private, link-local, ...: codeformer.serving.fetch); for local development and the tests
     allow_private_urls: bool = False
     mixed_precision: str = "auto"  # MIXED_PRECISION: auto, on or off (codeformer.runtime)
     # COMPILE_BACKEND: one of COMPILE_BACKENDS, or empty: the backend every optimized request

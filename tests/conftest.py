@@ -17,7 +17,7 @@ from codeformer.runtime import cpu_has_bf16_kernels
 # Servers the tests start inherit the setting.
 os.environ.setdefault("CODEFORMER_MIXED_PRECISION", "on" if cpu_has_bf16_kernels() else "auto")
 # The suite's files are served from 127.0.0.1, which production refuses to fetch from
-# (codeformer.fetch): the predictors and servers of the tests allow it, except in the tests
+# (codeformer.serving.fetch): the predictors and servers of the tests allow it, except in the tests
 # of that rule (tests/test_fetch_addresses.py), which turn it off.
 os.environ["CODEFORMER_ALLOW_PRIVATE_URLS"] = "1"
 
@@ -25,7 +25,7 @@ os.environ["CODEFORMER_ALLOW_PRIVATE_URLS"] = "1"
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding the three weight files for seed 0 (the golden outputs' weights)."""
-    from codeformer import random_weights
+    from codeformer.tools import random_weights
 
     out = tmp_path_factory.mktemp("weights-seed0")
     random_weights.write(out, seed=0)
@@ -41,7 +41,7 @@ def faceless_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFac
     """
     import torch
 
-    from codeformer import random_weights
+    from codeformer.tools import random_weights
 
     detector = "detection_Resnet50_Final.pth"
     out = tmp_path_factory.mktemp("weights-faceless")

@@ -38,8 +38,8 @@ from PIL import Image
 from weights_server import FileServer
 from worker_memory import find_worker_pid, reset_peak_rss, status_kib
 
-from codeformer.client import data_uri
 from codeformer.errors import CodeFormerError
+from codeformer.serving.client import data_uri
 from predict import PROJECT_ROOT, Predictor
 
 pytestmark = pytest.mark.slow

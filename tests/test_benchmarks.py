@@ -29,7 +29,7 @@ from timed_requests import RequestSample, profile_report
 
 from codeformer.config import PROFILES
 from codeformer.errors import ConfigError
-from codeformer.serve import check_port_free
+from codeformer.serving.serve import check_port_free
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"

@@ -17,8 +17,8 @@ import yaml
 
 from codeformer.config import Settings
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError, reported_as_failure
-from codeformer.outputs import OutputFolders
-from codeformer.serve import runner_concurrency
+from codeformer.serving.outputs import OutputFolders
+from codeformer.serving.serve import runner_concurrency
 from predict import MAX_CONCURRENT_REQUESTS, PROJECT_ROOT, Predictor
 
 COGLET_CANCEL_MARKERS = ("cancelled", "CancelledError")  # what coglet looks for, case-sensitive

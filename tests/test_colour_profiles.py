@@ -21,10 +21,10 @@ from helpers import cmyk_to_srgb, colour_tagged_inputs, encode, srgb_profile
 from PIL import Image, ImageCms
 
 from codeformer import icc
-from codeformer.client import data_uri
 from codeformer.config import RequestOptions
 from codeformer.errors import InputError
 from codeformer.imageio import DecodedImage, decode_image, decode_with_profile, encode_jpeg
+from codeformer.serving.client import data_uri
 
 LIMIT = 40_000_000
 SRGB = srgb_profile()

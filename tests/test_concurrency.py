@@ -32,8 +32,8 @@ from helpers import (
 )
 from PIL import Image
 
-from codeformer.client import CogClient, PredictionResult, data_uri
-from codeformer.serve import runner_concurrency
+from codeformer.serving.client import CogClient, PredictionResult, data_uri
+from codeformer.serving.serve import runner_concurrency
 
 pytestmark = pytest.mark.slow
 

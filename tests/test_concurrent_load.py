@@ -21,9 +21,9 @@ from concurrent_load import StopRule, level_report, parse_levels, run_level
 from harness import PROJECT_ROOT, free_port
 from timed_requests import Requester
 
-from codeformer.client import CogClient
 from codeformer.errors import ConfigError
-from codeformer.serve import runner_concurrency
+from codeformer.serving.client import CogClient
+from codeformer.serving.serve import runner_concurrency
 from predict import MAX_CONCURRENT_REQUESTS
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"

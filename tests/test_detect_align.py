@@ -19,7 +19,6 @@ import torch
 from helpers import GOLDEN_PHOTOS
 from torch import nn
 
-from codeformer import random_weights
 from codeformer.config import FACE_SIZE
 from codeformer.nets.retinaface import RetinaFace
 from codeformer.stages.align import (
@@ -39,6 +38,7 @@ from codeformer.stages.detect import (
     prior_boxes,
 )
 from codeformer.stages.prepare import to_working_image
+from codeformer.tools import random_weights
 from codeformer.weights import WEIGHT_FILES, checkpoint_filter_fn
 
 CPU = torch.device("cpu")

@@ -35,9 +35,9 @@ from PIL import Image
 from weights_server import FileServer
 from worker_memory import find_worker_pid
 
-from codeformer.client import READY, CogClient, PredictionResult, ServerError, data_uri
 from codeformer.config import RequestOptions, Settings
 from codeformer.pipeline import Restorer
+from codeformer.serving.client import READY, CogClient, PredictionResult, ServerError, data_uri
 from codeformer.weights import WEIGHT_FILES
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""URL inputs reach public addresses only (codeformer.fetch), on every hop, whatever the spelling.
+"""URL inputs reach public addresses only (codeformer.serving.fetch), on every hop, whatever the spelling.
 
 Every test keeps its traffic on 127.0.0.1. Refusals of other addresses are shown with a
 resolver and a connect function of the test's own: the refusal must come before the connect
@@ -21,7 +21,7 @@ from weights_server import FileServer
 
 from codeformer.config import Settings
 from codeformer.errors import ConfigError, InputError
-from codeformer.fetch import Deadline, Dialer, address_kind, fetch, system_connect
+from codeformer.serving.fetch import Deadline, Dialer, address_kind, fetch, system_connect
 
 PUBLIC = "93.184.215.14"  # a globally routable address; never connected to here
 REFUSAL = "only public addresses are fetched (CODEFORMER_ALLOW_PRIVATE_URLS=1 allows them)"

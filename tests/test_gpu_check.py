@@ -184,7 +184,8 @@ def test_the_in_process_path_imports_no_cog_module() -> None:
         "    sys.modules[name] = None\n"
         f"sys.path[:0] = [{str(PROJECT_ROOT)!r}, {str(GPU_CHECK.parent)!r}]\n"
         "import gpu_check, gpu_check_local, gpu_check_cases\n"
-        "import codeformer.pipeline, codeformer.imageio, codeformer.random_weights, codeformer.weights\n"
+        "import codeformer.pipeline, codeformer.imageio, codeformer.weights\n"
+        "import codeformer.tools.random_weights\n"
         "loaded = [name for name, module in sys.modules.items() if module is not None]\n"
         "print(sorted(name for name in loaded if name.split('.')[0] in ('cog', 'coglet')))\n"
     )

@@ -1,4 +1,4 @@
-"""The real Cog HTTP server (coglet, via ``python -m codeformer.serve``) on 127.0.0.1.
+"""The real Cog HTTP server (coglet, via ``python -m codeformer.serving.serve``) on 127.0.0.1.
 
 One server runs for the module. Its weights are downloaded at setup from a local mirror
 (``CODEFORMER_WEIGHTS_URL``) into an empty folder, as in a fresh container; at most one
@@ -33,8 +33,8 @@ from PIL import Image
 from weights_server import FileServer
 from worker_memory import find_worker_pid, minor_faults
 
-from codeformer.client import READY, CogClient, PredictionResult, data_uri
-from codeformer.serve import check_port_free
+from codeformer.serving.client import READY, CogClient, PredictionResult, data_uri
+from codeformer.serving.serve import check_port_free
 from codeformer.weights import WEIGHT_FILES
 
 pytestmark = pytest.mark.slow
@@ -149,7 +149,7 @@ def test_every_spelling_of_this_machine_is_fetched_when_private_urls_are_allowed
 
 
 def test_a_local_path_inside_the_project_is_read_alongside_a_url(running: Running) -> None:
-    # a mixed list: both reach predict() as strings; the URL is fetched by codeformer.fetch
+    # a mixed list: both reach predict() as strings; the URL is fetched by codeformer.serving.fetch
     with project_folder() as folder:
         (folder / "canvas.png").write_bytes(png_bytes(flat_canvas(72, 40)))
         relative = str((folder / "canvas.png").relative_to(PROJECT_ROOT))
@@ -274,7 +274,7 @@ def test_a_failure_reads_as_cogs_prefix_then_one_sentence_naming_the_input(runni
 
 # -- output folders do not outlive the server ------------------------------------------------
 def test_stopping_the_server_removes_the_workers_output_folders(weights_dir: Path, tmp_path: Path) -> None:
-    from codeformer.outputs import OUTPUT_DIR_PREFIX
+    from codeformer.serving.outputs import OUTPUT_DIR_PREFIX
 
     temp_dir = tmp_path / "temp"
     temp_dir.mkdir()

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codeformer import random_weights
 from codeformer.nets.codeformer import (
     Codebook,
     CodeFormer,
@@ -19,6 +18,7 @@ from codeformer.nets.codeformer import (
 )
 from codeformer.nets.vqgan import AttnBlock, Downsample, ResBlock, Upsample
 from codeformer.runtime import cpu_has_bf16_kernels
+from codeformer.tools import random_weights
 
 MANIFEST = "state_dict_keys_codeformer.txt"
 OFFICIAL_PARAMETER_COUNT = 94_112_707

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeformer import random_weights
 from codeformer.nets import ParseNet
+from codeformer.tools import random_weights
 
 MANIFEST = "state_dict_keys_parsenet.txt"
 OFFICIAL_PARAMETERS = 21_303_254  # spec §2.9 / Appendix C

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from codeformer import random_weights
 from codeformer.nets.retinaface import RetinaFace
+from codeformer.tools import random_weights
 from codeformer.weights import WEIGHT_FILES, checkpoint_filter_fn
 
 DETECTOR_FILE = "detection_Resnet50_Final.pth"

@@ -13,7 +13,6 @@ import torch
 from helpers import GOLDEN_PHOTOS
 from official_recipe import reference_canvas, reference_parse_mask, reference_paste
 
-from codeformer import random_weights
 from codeformer.errors import InternalError
 from codeformer.nets.parsenet import ParseNet
 from codeformer.pipeline import to_gray_faces
@@ -22,6 +21,7 @@ from codeformer.stages.parse import FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import to_working_image
 from codeformer.stages.warp import Region, warp_into_region
+from codeformer.tools import random_weights
 
 logger = logging.getLogger(__name__)
 

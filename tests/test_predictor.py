@@ -30,10 +30,10 @@ from PIL import Image
 from timed_requests import setup_info
 from weights_server import FileServer
 
-from codeformer.client import data_uri
 from codeformer.config import RequestOptions
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError
 from codeformer.runtime import cpu_has_bf16_kernels
+from codeformer.serving.client import data_uri
 from predict import PROJECT_ROOT, Predictor
 
 pytestmark = pytest.mark.slow
@@ -210,7 +210,7 @@ def test_local_paths_outside_the_project_are_refused(
 
 def test_cog_passes_url_and_data_uri_strings_through_unfetched() -> None:
     # predict.py's import made cog.types.Path.validate (what coglet's worker calls on each
-    # Path input) keep remote strings, so that codeformer.fetch fetches them under its limits
+    # Path input) keep remote strings, so that codeformer.serving.fetch fetches them under its limits
     url, uri = "http://127.0.0.1:9/a.jpg", "data:image/png;base64,AAA"
     assert CogPath.validate(url) == url and isinstance(CogPath.validate(url), str)
     assert CogPath.validate(uri) == uri
@@ -345,7 +345,7 @@ def test_compile_backend_is_locked_by_the_first_optimized_request(predictor: Pre
 
 
 def test_output_folders_of_processes_that_are_gone_are_removed(tmp_path: Path) -> None:
-    from codeformer.outputs import OUTPUT_DIR_PREFIX, remove_orphaned_output_dirs
+    from codeformer.serving.outputs import OUTPUT_DIR_PREFIX, remove_orphaned_output_dirs
 
     ours = tmp_path / f"{OUTPUT_DIR_PREFIX}{os.getpid()}-abc"
     dead_pid = _exited_pid()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import GOLDEN_SUBSET_DIR
 
-from codeformer import random_weights
 from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.stages.restore import FaceRestorer, crops_to_tensor, tensor_to_faces
+from codeformer.tools import random_weights
 
 CPU = torch.device("cpu")
 

@@ -21,7 +21,7 @@ from helpers import LOOPBACK_SPELLINGS, flat_canvas, png_bytes, project_folder, 
 from weights_server import FileServer
 from worker_memory import status_kib
 
-from codeformer.client import CogClient, data_uri
+from codeformer.serving.client import CogClient, data_uri
 from predict import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,9 @@ import torch
 from helpers import recording_connections, run_python_together
 from weights_server import FileServer
 
-from codeformer import random_weights, weights
+from codeformer import weights
 from codeformer.errors import WeightsError
+from codeformer.tools import random_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARSENET = weights.WEIGHT_FILES["parsenet"].name
@@ -226,7 +227,7 @@ def test_two_processes_fetch_one_file(server: FileServer, served: Path, cache: P
     assert leftovers(cache) == []
 
 
-# -- loading (real file formats from codeformer.random_weights) ----------------------------
+# -- loading (real file formats from codeformer.tools.random_weights) ----------------------------
 @pytest.fixture(scope="session")
 def parsenet_bytes(weights_dir: Path) -> bytes:
     return (weights_dir / PARSENET).read_bytes()

@@ -4,7 +4,7 @@ Provenance: the ``cfg_re50`` configuration of ``facelib/detection/retinaface`` i
 sczhou/CodeFormer (itself from biubug6/Pytorch_Retinaface), written here from the
 specification. State-dict keys and shapes match ``detection_Resnet50_Final.pth`` once its
 ``nn.DataParallel`` prefix is stripped (``codeformer.weights.checkpoint_filter_fn``); the key manifest is
-``codeformer/manifests/state_dict_keys_retinaface.txt``.
+``codeformer/tools/manifests/state_dict_keys_retinaface.txt``.
 
 Order: ResNet-50 body, FPN, SSH, heads, model.
 """

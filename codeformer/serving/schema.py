@@ -9,8 +9,8 @@ express a list length, and without them an empty or oversized list would reach
 
 Usage::
 
-    python -m codeformer.schema                 # writes .cog/openapi_schema.json
-    python -m codeformer.schema --stdout        # prints it instead
+    python -m codeformer.serving.schema                 # writes .cog/openapi_schema.json
+    python -m codeformer.serving.schema --stdout        # prints it instead
 
 The input fields are read with cog's own inspector (``cog._inspector``, a private
 module of the pinned cog==0.23.1), so types, defaults and constraints are exactly
@@ -34,7 +34,7 @@ from codeformer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PREDICTOR_REF = "predict.py:Predictor"
 SCHEMA_RELATIVE_PATH = Path(".cog") / "openapi_schema.json"
 

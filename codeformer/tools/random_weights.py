@@ -2,11 +2,11 @@
 
 Every tensor is derived from its state-dict key alone (a generator seeded by the CRC32 of
 ``"{seed}/{file}/{key}"``), so the bytes depend only on the key manifests in
-``codeformer/manifests/``: the same files as ``shared/reference/random_weights.py`` writes,
+``codeformer/tools/manifests/``: the same files as ``shared/reference/random_weights.py`` writes,
 which the golden parity outputs were produced with. Tests, benchmarks and the local server
 use them because the real release files cannot be downloaded everywhere.
 
-    python -m codeformer.random_weights OUT_DIR [--seed 0] [--face-bias -1]
+    python -m codeformer.tools.random_weights OUT_DIR [--seed 0] [--face-bias -1]
 
 The detector is shaped so that it finds faces: random weights would score every anchor
 near 0.5, under the 0.8 threshold. The face logit of every anchor is -1000 except on the

@@ -1,6 +1,6 @@
 """Run the real Cog prediction server locally, exactly as the Cog image runs it.
 
-    python -m codeformer.serve --port 5000 [--host 127.0.0.1]
+    python -m codeformer.serving.serve --port 5000 [--host 127.0.0.1]
 
 Writes ``.cog/openapi_schema.json`` (so that the server validates inputs as in the image),
 sets what ``cog build`` would bake into the image (``COG_PREDICT_TYPE_STUB``,
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import IO
 
 from codeformer.errors import ConfigError
-from codeformer.outputs import remove_orphaned_output_dirs
-from codeformer.schema import DEFAULT_PREDICTOR_REF, PROJECT_ROOT, write_schema
+from codeformer.serving.outputs import remove_orphaned_output_dirs
+from codeformer.serving.schema import DEFAULT_PREDICTOR_REF, PROJECT_ROOT, write_schema
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,12 @@ def image_environment(predictor_ref: str, base_env: Mapping[str, str]) -> dict[s
 
 
 def spawn_server(port: int, extra_env: Mapping[str, str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
-    """Start ``python -m codeformer.serve --port PORT`` in its own process group, output to ``log_file``.
+    """Start ``python -m codeformer.serving.serve --port PORT`` in its own process group, output to a file.
 
     Benchmarks and tests run the server this way; ``stop_server`` ends it.
     """
     return subprocess.Popen(
-        [sys.executable, "-m", "codeformer.serve", "--port", str(port)],
+        [sys.executable, "-m", "codeformer.serving.serve", "--port", str(port)],
         cwd=PROJECT_ROOT,
         env={**os.environ, **extra_env},
         stdin=subprocess.DEVNULL,

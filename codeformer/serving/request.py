@@ -1,0 +1,190 @@
+"""One request, from its inputs to JPG bytes: name, read, admit, decode, restore, encode.
+
+``predict.py`` (the Cog ``Predictor``) and the command line (``python -m codeformer``) both
+call ``restore_request``. A request either returns one JPG per input, in input order, or
+fails as a whole with a ``CodeFormerError`` whose message names the input
+(``images[i] (file name): reason``).
+
+Each input is a string (or a ``pathlib.Path``):
+- an http(s) URL or a data URI: fetched by ``codeformer.serving.fetch`` under one deadline
+  for the request, with a size cap, checked redirects and public addresses only;
+- a local path: with ``local_root`` set (the server), read only when it resolves to a file
+  inside that folder, so that a request cannot read other files of the server; without it
+  (the command line), any file the user can read.
+
+Admission: a request holds its images' pixels (from their headers) from decode to encode
+(``Restorer.admission``); a cancel (the ``cancel`` event) stops it at its next device call.
+Logs: ``request: admitted ...`` when its work starts, one line per image with its faces and
+per-stage milliseconds, and one line for the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from codeformer.config import PROJECT_ROOT, RequestOptions
+from codeformer.errors import CodeFormerError, ImageFailedError, InputError
+from codeformer.serving.fetch import MAX_INPUT_BYTES, Deadline, Dialer, fetch, is_remote
+
+if TYPE_CHECKING:
+    from codeformer.pipeline import Restorer
+
+log = logging.getLogger("codeformer.predict")
+
+URL_LIKE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+Item = str | pathlib.Path
+
+
+def describe(index: int, name: str) -> str:
+    """How errors and logs name an input: ``images[1] (corrupt.jpg)``."""
+    return f"images[{index}] ({name})"
+
+
+def _data_uri_name(uri: str) -> str:
+    """The ``name=``/``filename=`` parameter of a data URI if it has one, else its media type."""
+    header = uri.split(",", 1)[0].removeprefix("data:")
+    media_type, *parameters = header.split(";")
+    for parameter in parameters:
+        key, _, value = parameter.partition("=")
+        if key.strip().lower() in ("name", "filename") and value:
+            return urllib.parse.unquote(value)
+    return f"data URI, {media_type or 'text/plain'}"
+
+
+def input_name(item: object) -> str:
+    """The file name an input goes by in messages: a data URI's ``name=``, a URL's or path's last part."""
+    text = str(item)
+    if text.startswith("data:"):
+        return _data_uri_name(text)
+    if URL_LIKE.match(text):
+        return pathlib.PurePosixPath(urllib.parse.urlsplit(text).path).name or text
+    return pathlib.PurePath(text).name or text
+
+
+def _read_local(item: Item, local_root: pathlib.Path | None) -> bytes:
+    candidate = pathlib.Path(item).expanduser()
+    if local_root is not None and not candidate.is_absolute():
+        candidate = local_root / candidate
+    resolved = candidate.resolve()
+    # the messages name no server folder: the client sent the path, the label names the file
+    if local_root is not None and not resolved.is_relative_to(local_root):
+        raise InputError(
+            "local paths must point inside the project folder (e.g. data/1.jpg); "
+            "send other files as an http(s) URL or a data URI"
+        )
+    if not resolved.is_file():
+        raise InputError("no such file" + (" in the project folder" if local_root is not None else ""))
+    if resolved.stat().st_size > MAX_INPUT_BYTES:
+        raise InputError(f"the file is over {MAX_INPUT_BYTES >> 20} MB; send a smaller image")
+    return resolved.read_bytes()
+
+
+def read_input(
+    item: object,
+    label: str,
+    deadline: Deadline,
+    dialer: Dialer,
+    local_root: pathlib.Path | None = PROJECT_ROOT,
+) -> bytes:
+    """The bytes of one request input (URL, data URI or local path); ``InputError`` names ``label``."""
+    try:
+        if isinstance(item, str) and is_remote(item):
+            return fetch(item, deadline, dialer)
+        if isinstance(item, str) and URL_LIKE.match(item):
+            scheme = item.split(":", 1)[0]
+            raise InputError(f"{scheme}:// is not accepted; send http(s), a data URI or a path")
+        if isinstance(item, str | pathlib.Path):
+            return _read_local(item, local_root)
+        raise InputError(f"expected a URL, a data URI or a path, got {type(item).__name__}")
+    except InputError as exc:
+        raise InputError(f"{label}: {exc}") from None
+
+
+def _stage_summary(timings: dict[str, float]) -> str:
+    return " ".join(f"{stage}={ms:.0f}ms" for stage, ms in timings.items())
+
+
+def restore_request(
+    restorer: Restorer,
+    items: Sequence[object],
+    options: RequestOptions,
+    cancel: threading.Event | None = None,
+    local_root: pathlib.Path | None = PROJECT_ROOT,
+    request_start: float | None = None,
+) -> list[bytes]:
+    """One JPG per input, in order: fetch, admit, decode, restore, encode, on the calling thread."""
+    from codeformer.imageio import DecodedImage, decode_with_profile, encode_jpeg, read_size
+    from codeformer.scheduler import check_cancel
+
+    request_start = time.perf_counter() if request_start is None else request_start
+    settings = restorer.settings
+    labels = [describe(index, input_name(item)) for index, item in enumerate(items)]
+    deadline = Deadline.after(settings.fetch_timeout_s)
+    dialer = Dialer(allow_private=settings.allow_private_urls)
+    stage_ms: list[dict[str, float]] = [{} for _ in items]
+    files: list[bytes] = []
+    for item, label, timings in zip(items, labels, stage_ms, strict=True):
+        check_cancel(cancel)
+        start = time.perf_counter()
+        files.append(read_input(item, label, deadline, dialer, local_root))
+        timings["read_decode"] = (time.perf_counter() - start) * 1000.0
+    # each header once more (decoding reads it too): the pixels this request will hold
+    pixels = sum(width * height for _, width, height in map(read_size, files, labels))
+
+    with restorer.admission.hold(pixels, cancel) as admission_ms:
+        # progress for the operator (and the tests): the request is past its downloads
+        log.info(
+            "request: admitted, %d image(s), %.1f MP, %.1f MP in flight after a %.0f ms wait",
+            len(items),
+            pixels / 1e6,
+            restorer.admission.in_flight / 1e6,
+            admission_ms,
+        )
+        decoded: list[DecodedImage] = []
+        for data, label, timings in zip(files, labels, stage_ms, strict=True):
+            start = time.perf_counter()
+            decoded.append(decode_with_profile(data, label, settings.max_pixels))
+            timings["read_decode"] += (time.perf_counter() - start) * 1000.0
+        del files
+        try:
+            results = restorer.restore([image.pixels for image in decoded], options, cancel)
+        except ImageFailedError as exc:
+            raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
+        profiles = [image.icc_profile for image in decoded]  # the colour profile each output carries
+        del decoded
+
+        jpgs: list[bytes] = []
+        for result, label, profile, timings in zip(results, labels, profiles, stage_ms, strict=True):
+            start = time.perf_counter()
+            jpgs.append(encode_jpeg(result.image, icc_profile=profile))
+            timings.update(result.timings)
+            timings["encode"] = (time.perf_counter() - start) * 1000.0
+            height, width = result.image.shape[:2]
+            log.info(
+                "%s: %dx%d, faces found=%d kept=%d, %s, total=%.0fms",
+                label,
+                width,
+                height,
+                len(result.faces) + result.faces_dropped,
+                len(result.faces),
+                _stage_summary(timings),
+                sum(timings.values()),
+            )
+    log.info(
+        "request: %d image(s), fidelity=%s profile=%s stability=%s%s, admission_wait=%.0fms, wall=%.0fms",
+        len(items),
+        options.fidelity,
+        options.profile.name,
+        options.stability.name,
+        f" compile_backend={options.compile_backend}" if options.stability.compiled else "",
+        admission_ms,
+        (time.perf_counter() - request_start) * 1000.0,
+    )
+    return jpgs

@@ -1,0 +1,1 @@
+"""Tooling beside the product: random weights in the official formats, for tests and benchmarks."""
