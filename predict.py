@@ -280,7 +280,7 @@ class Predictor(BasePredictor):
             try:
                 results = self.restorer.restore(decoded, options, cancel)
             except ImageFailedError as exc:
-                raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
+                raise CodeFormerError(f"{', '.join(labels[i] for i in exc.indices)}: {exc.reason}") from exc
             del decoded
 
             output_dir = new_output_dir()

@@ -26,6 +26,7 @@ import torch
 
 from codeformer import weights
 from codeformer.config import FACE_SIZE, RequestOptions, Settings
+from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import start_compute_thread
 from codeformer.runtime import Nets, Runtime, pick_device
@@ -135,10 +136,13 @@ class Restorer:
     ) -> Restorer:
         """Load (downloading if missing) the three nets onto ``device`` (CUDA if present, else CPU).
 
-        ``settings`` default to the environment's (``Settings.from_env``), read here once.
+        ``settings`` default to the environment's (``Settings.from_env``), read here once. With
+        ``Settings.require_gpu``, no usable CUDA is a ``ConfigError`` that says why.
         """
         target = pick_device(device)
         settings = settings or Settings.from_env(target.type)
+        if settings.require_gpu:
+            require_cuda(target)  # before the weights: the GPU image never serves on the CPU
         codeformer, retinaface, parsenet = weights.load_nets(weights_dir, settings)
         nets = Nets(*(net.to(target).eval() for net in (codeformer, retinaface, parsenet)))
         return cls(nets, target, settings)
@@ -220,9 +224,11 @@ class Restorer:
         """Restore every face of every image with ``options``; one result per image, in order.
 
         Raises ``InputError`` for arrays that are not images, ``ConfigError`` for options this
-        process cannot serve (``check_options``), ``ImageFailedError`` (with the image's
-        index) when an image cannot be processed, and ``RequestCancelled`` once ``cancel`` is
-        set (checked before each device call). Nothing is returned partially.
+        process cannot serve (``check_options``), ``ImageFailedError`` (with the images'
+        indices) when an image cannot be processed or the device runs out of memory for it,
+        ``DeviceBrokenError`` when the device fails for good (``codeformer.device_faults``),
+        and ``RequestCancelled`` once ``cancel`` is set (checked before each device call).
+        Nothing is returned partially.
         """
         self.check_options(options)
         for index, image in enumerate(images):
@@ -259,6 +265,8 @@ class Restorer:
             raise
         except CodeFormerError as exc:
             raise ImageFailedError(index, str(exc)) from exc
+        except torch.OutOfMemoryError as exc:
+            raise ImageFailedError(index, out_of_memory_reason("detecting faces", exc)) from None
         if detections.dropped:
             log.warning(
                 "image %d: kept the %d highest-scoring faces, dropped %d (CODEFORMER_MAX_FACES=%d)",
@@ -284,7 +292,14 @@ class Restorer:
 
         # requests with the same nets, fidelity and precision may share the forward
         key = ("restore", id(call.stages.restorer), fidelity, call.mixed_precision)
-        restored = self.scheduler.batched(key, restore, crops, call.cancel)
+        try:
+            restored = self.scheduler.batched(key, restore, crops, call.cancel)
+        except torch.OutOfMemoryError as exc:
+            # the request's faces share one call: it fails for every image that has faces
+            with_faces = [index for index, count in enumerate(counts) if count]
+            raise ImageFailedError(
+                with_faces, out_of_memory_reason(f"restoring {total} faces", exc)
+            ) from None
         per_face_ms = (time.perf_counter() - start) * 1000.0 / total
         bounds = np.cumsum([0, *counts])
         for item, count in zip(work, counts, strict=True):
@@ -305,6 +320,10 @@ class Restorer:
                 raise
             except CodeFormerError as exc:
                 raise ImageFailedError(index, str(exc)) from exc
+            except torch.OutOfMemoryError as exc:
+                raise ImageFailedError(
+                    index, out_of_memory_reason(f"parsing {len(faces)} faces", exc)
+                ) from None
         return RestoreResult(
             image=output,
             faces=self._faces_in_input_pixels(item),

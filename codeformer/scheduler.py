@@ -14,8 +14,15 @@ for them; a lone request never waits. On a CPU the face batch is 1 (batching doe
 there, see ``config.DEFAULT_FACE_BATCH``), so no wait ever happens.
 
 A batch that fails is run again one request at a time, so that one request's bad input
-cannot fail another's. A cancelled request's jobs are dropped before they run; a job
-already running finishes (at most one forward), and its result is discarded.
+cannot fail another's. The retry runs once the failed forward's tensors are freed: an
+exception's traceback holds the frames of the call that raised it, and with them its
+tensors (a batch that ran out of device memory would otherwise retry next to its own
+activations). For the same reason an error is handed to its request without its traceback
+(an unexpected one carries the device thread's traceback as text, in a note). A sticky
+device error (``codeformer.device_faults``) is not retried: the scheduler fails every call
+from then on and hands the error to ``on_broken_device``, which stops the process.
+A cancelled request's jobs are dropped before they run; a job already running finishes (at
+most one forward), and its result is discarded.
 
 ``PixelBudget`` is the admission side: a request holds its pixels (the sum of its images'
 sizes, read from the headers) from decode to encode, and waits, in arrival order, while
@@ -26,16 +33,19 @@ always admitted. This bounds host memory whatever the number of concurrent reque
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from codeformer.errors import RequestCancelled
+from codeformer.device_faults import is_broken_device, is_out_of_memory, stop_worker
+from codeformer.errors import CodeFormerError, DeviceBrokenError, RequestCancelled
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,32 @@ def check_cancel(cancel: threading.Event | None) -> None:
     """Raise ``RequestCancelled`` when the request's cancel flag is set."""
     if cancel is not None and cancel.is_set():
         raise RequestCancelled("the prediction was cancelled")
+
+
+def without_frames(error: Exception) -> Exception:
+    """``error`` with its traceback, and those of the exceptions it chains, dropped; in place.
+
+    What a traceback holds (the frames of the failed call, their tensors) is freed once the
+    ``except`` block that caught ``error`` ends. An error that is not one of ours keeps where
+    it was raised as text (a note), for the log of the request that re-raises it.
+    """
+    if not isinstance(error, CodeFormerError) and not is_out_of_memory(error):
+        error.add_note("raised on the device thread:\n" + "".join(traceback.format_tb(error.__traceback__)))
+    chained: BaseException | None = error
+    seen: set[int] = set()
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
+    return error
+
+
+def _attempt(function: Callable[[], Any]) -> tuple[Any, Exception | None]:
+    """(``function()``, None), or (None, its exception without frames) when it raises."""
+    try:
+        return function(), None
+    except Exception as exc:  # noqa: BLE001 - handed on: to its request, or to a retry
+        return None, without_frames(exc)
 
 
 class _Job:
@@ -61,10 +97,10 @@ class _Job:
         self.function, self.payload, self.key, self.cancel = function, payload, key, cancel
         self.size = len(payload) if key is not None else 1
         self.result: Any = None
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.done = threading.Event()
 
-    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+    def finish(self, result: Any = None, error: Exception | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
 
@@ -74,6 +110,8 @@ class DeviceScheduler:
 
     ``execute(function)`` runs a zero-argument callable where the device work belongs and
     returns its result (``ComputeThread.call`` on a CPU under glibc, a plain call elsewhere).
+    ``on_broken_device(error)`` is called once, on the device thread, after a sticky device
+    error; by default it stops the process (``device_faults.stop_worker``).
     """
 
     def __init__(
@@ -81,14 +119,17 @@ class DeviceScheduler:
         execute: Callable[[Callable[[], Any]], Any],
         batch_size: int,
         batch_wait_s: float,
+        on_broken_device: Callable[[Exception], None] = stop_worker,
     ) -> None:
         self._execute = execute
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
+        self._on_broken_device = on_broken_device
         self._queue: list[_Job] = []
         self._condition = threading.Condition()
         self._callers = 0  # requests inside a ``caller()`` block
         self._stopping = False
+        self._broken: str | None = None  # why every call fails, after a sticky device error
         self.batches_run = 0  # forwards of batchable calls, and the jobs they served (for tests, logs)
         self.jobs_batched = 0
         self._thread = threading.Thread(target=self._serve, name="codeformer-device", daemon=True)
@@ -136,6 +177,8 @@ class DeviceScheduler:
         if threading.current_thread() is self._thread:
             raise RuntimeError("a device call made from the device thread would wait for itself")
         with self._condition:
+            if self._broken is not None:
+                raise DeviceBrokenError(self._broken)
             self._queue.append(job)
             self._condition.notify_all()
         job.done.wait()
@@ -201,10 +244,23 @@ class DeviceScheduler:
             self._run_alone(group[0])
             return
         sizes = [job.size for job in group]
-        try:
-            results = self._execute(lambda: group[0].function(np.concatenate([job.payload for job in group])))
-        except Exception:  # noqa: BLE001 - retried alone below: the failure stays with its request
-            log.warning("a batch of %d requests failed; running them one at a time", len(group))
+        forward = functools.partial(group[0].function, np.concatenate([job.payload for job in group]))
+        results, error = _attempt(functools.partial(self._execute, forward))
+        del forward  # the joined batch
+        if error is not None:
+            broken = self._broken_by(error)
+            if broken is not None:
+                for job in group:
+                    job.finish(error=DeviceBrokenError(broken))
+                return
+            # outside the except block: the failed forward's tensors are freed by now
+            log.warning(
+                "a batch of %d requests failed (%s: %s); running them one at a time",
+                len(group),
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            del error
             for job in group:
                 self._run_alone(job)
             return
@@ -219,15 +275,37 @@ class DeviceScheduler:
         if job.cancel is not None and job.cancel.is_set():
             job.finish(error=RequestCancelled("the prediction was cancelled"))
             return
-        try:
-            if job.key is None:
-                job.finish(self._execute(job.function))
-            else:
-                job.finish(self._execute(lambda: job.function(job.payload)))
+        if self._broken is not None:  # a sticky error ended an earlier job of this group
+            job.finish(error=DeviceBrokenError(self._broken))
+            return
+        if job.key is None:
+            result, error = _attempt(lambda: self._execute(job.function))
+        else:
+            result, error = _attempt(lambda: self._execute(lambda: job.function(job.payload)))
+            if error is None:
                 self.batches_run += 1
                 self.jobs_batched += 1
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request, which re-raises it
-            job.finish(error=exc)
+        broken = None if error is None else self._broken_by(error)
+        job.finish(result, error if broken is None else DeviceBrokenError(broken))
+
+    def _broken_by(self, error: Exception) -> str | None:
+        """Why the device is broken if ``error`` broke it, else None.
+
+        When it did, every queued call fails, and ``on_broken_device`` gets ``error``.
+        """
+        if not is_broken_device(error):
+            return None
+        reason = (
+            f"the GPU failed and cannot recover ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "the worker restarts: send the request again"
+        )
+        with self._condition:
+            self._broken = reason
+            queued, self._queue = self._queue, []
+        for job in queued:
+            job.finish(error=DeviceBrokenError(reason))
+        self._on_broken_device(error)
+        return reason
 
 
 class PixelBudget:

@@ -7,14 +7,17 @@ joins carry a generous deadline only to turn a hang into a failure.
 
 from __future__ import annotations
 
+import gc
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
-from codeformer.errors import RequestCancelled
+from codeformer.errors import DeviceBrokenError, RequestCancelled
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 
 HANG_S = 30.0  # a join that takes this long means the scheduler hangs
@@ -195,6 +198,131 @@ def test_a_device_call_from_the_device_thread_is_refused_not_deadlocked() -> Non
     scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
     with pytest.raises(RuntimeError, match="wait for itself"):
         scheduler.call(lambda: scheduler.call(lambda: None))
+    scheduler.stop()
+
+
+# -- failures on the device -------------------------------------------------------------------
+@pytest.fixture
+def no_cycle_collector() -> Iterator[None]:
+    """Only reference counting frees objects in the test: what it shows cannot rest on a gc pass."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+class OutOfMemoryDevice:
+    """A batchable device function that runs out of memory on batches of more than one request.
+
+    Each call first allocates its "activations" (a tensor, weakly referenced here); items of
+    ``TOO_BIG`` run out of memory even alone. Each call notes which earlier calls' activations
+    were still alive when it started.
+    """
+
+    TOO_BIG = 99.0
+
+    def __init__(self) -> None:
+        self.activations: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_start: list[int] = []
+
+    def __call__(self, items: np.ndarray) -> np.ndarray:
+        self.alive_at_start.append(sum(ref() is not None for ref in self.activations))
+        activations = torch.ones(1 << 16)
+        self.activations.append(weakref.ref(activations))
+        if len(items) > 1 or (items == self.TOO_BIG).any():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return items * 2
+
+
+@pytest.mark.usefixtures("no_cycle_collector")
+def test_a_batch_out_of_memory_is_retried_once_its_tensors_are_freed_and_fails_only_its_request() -> None:
+    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S)
+    device = OutOfMemoryDevice()
+    items = [np.array([1.0]), np.array([OutOfMemoryDevice.TOO_BIG]), np.array([3.0])]
+    outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
+    # one batch of three, then each request alone: no call started next to another's activations
+    assert len(device.alive_at_start) == 4
+    assert device.alive_at_start == [0, 0, 0, 0]
+    np.testing.assert_array_equal(outcomes[0][1], [2.0])
+    np.testing.assert_array_equal(outcomes[2][1], [6.0])
+    status, error = outcomes[1]
+    assert status == "error" and isinstance(error, torch.OutOfMemoryError)
+    # the request holds its error, but not the frames (and tensors) of the call that raised it
+    assert all(ref() is None for ref in device.activations)
+    frames = []
+    traceback = error.__traceback__
+    while traceback is not None:
+        frames.append(traceback.tb_frame.f_code.co_name)
+        traceback = traceback.tb_next
+    assert "__call__" not in frames
+    scheduler.stop()
+
+
+def test_an_unexpected_error_reaches_its_request_with_the_device_traceback_as_text() -> None:
+    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+
+    def broken_stage() -> None:
+        raise KeyError("boxes")
+
+    with pytest.raises(KeyError, match="boxes") as raised:
+        scheduler.call(broken_stage)
+    assert any("broken_stage" in note for note in raised.value.__notes__)
+    scheduler.stop()
+
+
+ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ..."
+
+
+def test_a_sticky_device_error_fails_every_later_call_and_is_handed_on_once() -> None:
+    handed_on: list[BaseException] = []
+    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0, on_broken_device=handed_on.append)
+    ran: list[str] = []
+
+    def forward() -> None:
+        ran.append("forward")
+        raise torch.AcceleratorError(ILLEGAL_ADDRESS)
+
+    with pytest.raises(DeviceBrokenError, match="cannot recover .*an illegal memory access"):
+        scheduler.call(forward)
+    assert [type(error) for error in handed_on] == [torch.AcceleratorError]
+    # the device is not touched again: later calls fail at once, for every request
+    with pytest.raises(DeviceBrokenError, match="an illegal memory access"):
+        scheduler.call(lambda: ran.append("later"))
+    with pytest.raises(DeviceBrokenError):
+        scheduler.batched("k", Recorder(), np.array([1.0]))
+    assert ran == ["forward"] and len(handed_on) == 1
+    scheduler.stop()
+
+
+def test_a_sticky_error_in_a_shared_batch_is_not_retried_request_by_request() -> None:
+    handed_on: list[BaseException] = []
+    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S, on_broken_device=handed_on.append)
+    calls: list[int] = []
+
+    def forward(items: np.ndarray) -> np.ndarray:
+        calls.append(len(items))
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    outcomes = run_callers(
+        scheduler, [lambda v=v: scheduler.batched("k", forward, np.array([v])) for v in (1.0, 2.0)]
+    )
+    assert calls == [2]
+    assert [type(error) for _, error in outcomes] == [DeviceBrokenError, DeviceBrokenError]
+    assert len(handed_on) == 1
+    scheduler.stop()
+
+
+def test_an_error_that_leaves_the_device_usable_fails_only_its_call() -> None:
+    handed_on: list[BaseException] = []
+    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0, on_broken_device=handed_on.append)
+
+    def invalid_argument() -> None:
+        raise torch.AcceleratorError("CUDA error: invalid argument")
+
+    with pytest.raises(torch.AcceleratorError):
+        scheduler.call(invalid_argument)
+    assert scheduler.call(lambda: "next") == "next" and handed_on == []
     scheduler.stop()
 
 
