@@ -175,10 +175,13 @@ class Restorer:
         )
         if key not in self._stages:
             nets = self.runtime.nets_for(options.stability, options.compile_backend, mixed_precision)
+            # a reduced-precision chunk that is not finite is computed again with the nets as loaded
+            float32 = self.runtime.safe_nets
+            batch = self.settings.face_batch
             stages = _Stages(
                 detector=FaceDetector(nets.retinaface, self.device),
-                restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.settings.face_batch),
-                parser=FaceParser(nets.parsenet, self.device, batch_size=self.settings.face_batch),
+                restorer=FaceRestorer(nets.codeformer, self.device, batch, float32.codeformer),
+                parser=FaceParser(nets.parsenet, self.device, batch, float32.parsenet),
             )
             if compiled and options.compile_backend != "none":
                 self._warm_compiled(stages, mixed_precision)
