@@ -1,12 +1,13 @@
-"""CPU forwards on glibc: device calls run on a thread of the main malloc arena, which keeps freed memory.
+"""CPU forwards on glibc: the device thread runs on the main malloc arena, which keeps freed memory.
 
-What: on a CPU device under glibc, a ``Restorer`` starts one ``ComputeThread`` that glibc put on
-its main arena, tells glibc to serve every block from that arena's heap and to keep up to
-``Settings.retained_memory_mb`` of freed memory there (``mallopt``: ``M_ARENA_MAX=1``,
-``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``), and its ``DeviceScheduler`` runs every device call
-(the forwards and their tensors) on that thread, whoever asks (``codeformer.scheduler``).
-Elsewhere (a GPU, whose activations live in CUDA memory; musl; a setting of 0) nothing
-starts, malloc keeps its defaults, and the scheduler runs device calls on its own thread.
+What: on a CPU device under glibc, the thread of a ``Restorer``'s ``DeviceScheduler`` (the one
+thread that runs every device call, the forwards and their tensors, whoever asks:
+``codeformer.scheduler``) is started as a thread glibc put on its main arena
+(``start_device_thread``), and glibc is told to serve every block from that arena's heap and
+to keep up to ``Settings.retained_memory_mb`` of freed memory there (``mallopt``:
+``M_ARENA_MAX=1``, ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``). Elsewhere (a GPU, whose
+activations live in CUDA memory; musl; a setting of 0) the device thread is a plain thread
+and these settings are not made.
 
 Why: a CodeFormer forward at 512x512 allocates and frees gigabytes of activations, many of
 them 32-64 MB or more. By default glibc maps each block over 32 MB afresh and unmaps it on
@@ -37,11 +38,6 @@ main heap flat at 2.2 GB (0.06 MB with ``MALLOC_ARENA_MAX=1``).
 
 The cost: the process stays at its peak heap (about +600 MB after the first face), at most
 ``retained_memory_mb`` above what is in use.
-
-An exception raised asynchronously in the waiting caller (as coglet does to a sync
-``predict()``'s thread on cancel) is passed on to the compute thread, which stops at its next
-Python bytecode, as the call would have had it run on the caller's thread. The server's
-cancels take the scheduler's route instead (a flag read before each device call).
 """
 
 from __future__ import annotations
@@ -50,19 +46,14 @@ import ctypes
 import logging
 import os
 import platform
-import queue
 import threading
-import weakref
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-WAIT_SLICE_S = 0.05  # the waiting thread wakes this often, so that an injected cancel is raised
-# how long stopping (at exit, or when the Restorer goes) waits for a computation still running
-STOP_WAIT_S = 10.0
+DEVICE_THREAD_NAME = "codeformer-device"
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -71,7 +62,7 @@ _M_ARENA_MAX = -8
 
 
 def pays_on(device: torch.device, retained_memory_mb: int) -> bool:
-    """Whether a ``Restorer`` on ``device`` starts the compute thread and changes malloc's settings."""
+    """Whether a ``Restorer`` on ``device`` runs its device thread on the main arena, malloc set for it."""
     return device.type == "cpu" and retained_memory_mb > 0 and platform.libc_ver()[0] == "glibc"
 
 
@@ -93,93 +84,31 @@ def on_main_arena() -> bool:
         libc.free(pointer)
 
 
-class _Job:
-    def __init__(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        self.function, self.args, self.kwargs = function, args, kwargs
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.running = False
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        with self.lock:
-            self.running = True
-        try:
-            self.result = self.function(*self.args, **self.kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which re-raises it
-            self.error = exc
-        finally:
-            with self.lock:
-                self.running = False
-            self.done.set()
-
-    def interrupt(self, thread_id: int, exception: type[BaseException]) -> None:
-        """Raise ``exception`` in the compute thread if it is still inside this job."""
-        with self.lock:
-            if self.running:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(thread_id), ctypes.py_object(exception)
-                )
+def start_thread(run: Callable[[], None]) -> threading.Thread:
+    """``run`` on a new daemon device thread, wherever glibc puts it."""
+    thread = threading.Thread(target=run, name=DEVICE_THREAD_NAME, daemon=True)
+    thread.start()
+    return thread
 
 
-class ComputeThread:
-    """A daemon thread that runs calls for other threads, one at a time, and notes its malloc arena."""
+class _Candidate:
+    """A thread that runs ``run`` if glibc put it on the main arena, else waits for ``release`` and ends."""
 
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+    def __init__(self, run: Callable[[], None], release: threading.Event) -> None:
         self.main_arena = False
-        arena_checked = threading.Event()
-        self._thread = threading.Thread(
-            target=self._serve, args=(arena_checked,), name="codeformer-compute", daemon=True
-        )
-        self._thread.start()
-        arena_checked.wait()
+        self._run, self._release = run, release
+        self._checked = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name=DEVICE_THREAD_NAME, daemon=True)
+        self.thread.start()
+        self._checked.wait()
 
-    def _serve(self, arena_checked: threading.Event) -> None:
+    def _serve(self) -> None:
         self.main_arena = on_main_arena()  # glibc picks the arena at a thread's first malloc
-        arena_checked.set()
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                job.run()
-            except BaseException:  # noqa: BLE001 - a cancel that landed as its job was finishing
-                if job.error is None and not job.done.is_set():
-                    job.error = RuntimeError("the computation was interrupted as it finished")
-                job.done.set()
-
-    def stop(self) -> None:
-        """End the thread after the calls already handed over, and wait for it to end.
-
-        Waiting matters at interpreter exit: a thread that ran torch or OpenCV work and is still
-        alive while the C++ runtime tears down aborts the process ("terminate called without an
-        active exception", exit status 134).
-        """
-        self._jobs.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(STOP_WAIT_S)
-
-    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``function(*args, **kwargs)`` on the compute thread; its result, or its exception raised here."""
-        # inline on the thread itself and once it has ended (a forked child has none)
-        if threading.current_thread() is self._thread or not self._thread.is_alive():
-            return function(*args, **kwargs)
-        job = _Job(function, args, kwargs)
-        self._jobs.put(job)
-        try:
-            while not job.done.wait(WAIT_SLICE_S):
-                pass
-        except BaseException as exc:
-            # a cancel raised in this (waiting) thread: stop the computation too, then leave
-            assert self._thread.ident is not None
-            job.interrupt(self._thread.ident, type(exc))
-            job.done.wait()
-            raise
-        if job.error is not None:
-            raise job.error
-        return job.result
+        self._checked.set()
+        if self.main_arena:
+            self._run()
+        else:
+            self._release.wait()
 
 
 def _keep_freed_memory(retained_memory_mb: int) -> bool:
@@ -188,42 +117,43 @@ def _keep_freed_memory(retained_memory_mb: int) -> bool:
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
-def start_compute_thread(
-    owner: object, device: torch.device, retained_memory_mb: int
-) -> ComputeThread | None:
-    """``owner``'s compute thread on ``device``, malloc set up for it; None where it does not pay.
+def start_device_thread(
+    run: Callable[[], None], device: torch.device, retained_memory_mb: int
+) -> threading.Thread:
+    """``run`` on a new daemon thread: on glibc's main arena, which keeps freed memory, where that pays.
 
-    The thread ends when ``owner`` (a ``Restorer``) is garbage-collected.
+    Where it does not (``pays_on``), or glibc refuses, or no thread lands there: a plain thread.
     """
     if not pays_on(device, retained_memory_mb):
-        return None
+        return start_thread(run)
     if not _keep_freed_memory(retained_memory_mb):
         log.warning("host memory: glibc refused mallopt; CPU forwards page-fault their activations anew")
-        return None
+        return start_thread(run)
     # worst case: every free arena, then new ones up to glibc's limit (8 per core), then each once
     tries = 16 * len(os.sched_getaffinity(0)) + 1
-    held: list[ComputeThread] = []
-    found: ComputeThread | None = None
-    while found is None and len(held) < tries:
-        thread = ComputeThread()
-        if thread.main_arena:
-            found = thread
+    release = threading.Event()  # the candidates that missed wait, so that each try meets another arena
+    missed: list[_Candidate] = []
+    found: _Candidate | None = None
+    while found is None and len(missed) < tries:
+        candidate = _Candidate(run, release)
+        if candidate.main_arena:
+            found = candidate
         else:
-            held.append(thread)
-    for thread in held:
-        thread.stop()
+            missed.append(candidate)
+    release.set()
+    for candidate in missed:
+        candidate.thread.join()
     if found is None:
         log.warning(
-            "host memory: no thread on glibc's main malloc arena after %d tries: CPU forwards run on "
-            "the caller's thread and may page-fault their activations anew",
+            "host memory: no thread on glibc's main malloc arena after %d tries: CPU forwards may "
+            "page-fault their activations anew",
             tries,
         )
-    else:
-        weakref.finalize(owner, found.stop)
-        log.info(
-            "host memory: the pipeline runs on glibc's main arena (found on try %d), up to %d MB of freed "
-            "memory kept for reuse",
-            len(held) + 1,
-            retained_memory_mb,
-        )
-    return found
+        return start_thread(run)
+    log.info(
+        "host memory: the device thread runs on glibc's main arena (found on try %d), up to %d MB of freed "
+        "memory kept for reuse",
+        len(missed) + 1,
+        retained_memory_mb,
+    )
+    return found.thread

@@ -4,8 +4,10 @@
 options as arguments, so one warm process serves any sequence of requests, and several at
 once: ``restore`` may be called from many threads. Host stages (prepare, align, paste-back,
 resize) run on the caller's thread; every torch call goes through the Restorer's
-``DeviceScheduler`` (``codeformer.scheduler``), one at a time, with faces of different calls
-sharing CodeFormer/ParseNet forwards of up to ``Settings.face_batch`` faces.
+``DeviceScheduler`` (``codeformer.scheduler``), one at a time on its device thread, with faces
+of different calls sharing CodeFormer/ParseNet forwards of up to ``Settings.face_batch`` faces.
+The detector and the parser are split into their host and device steps, so that off the CPU
+the device thread does device work only.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -28,15 +31,15 @@ from codeformer import weights
 from codeformer.config import FACE_SIZE, RequestOptions, Settings
 from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError, RequestCancelled
-from codeformer.host_memory import start_compute_thread
+from codeformer.host_memory import start_device_thread
 from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
-from codeformer.stages.parse import FaceParser
+from codeformer.stages.parse import FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
-from codeformer.stages.restore import FaceRestorer
+from codeformer.stages.restore import FaceRestorer, check_face_batch
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,9 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
 
 
-def _call(function: Callable[[], T]) -> T:
-    return function()
+def _call(function: Callable[..., T], *args: object, cancel: threading.Event | None = None) -> T:
+    """``function(*args)`` on the calling thread (``cancel`` is for the scheduler's signature)."""
+    return function(*args)
 
 
 def to_gray_faces(faces: np.ndarray) -> np.ndarray:
@@ -117,11 +121,19 @@ class Restorer:
     def __init__(self, nets: Nets, device: torch.device, settings: Settings | None = None) -> None:
         self.device = device
         self.settings = settings or Settings.from_env(device.type)
-        # CPU with glibc: the device work runs on glibc's main malloc arena (codeformer.host_memory)
-        self.compute_thread = start_compute_thread(self, device, self.settings.retained_memory_mb)
-        execute = self.compute_thread.call if self.compute_thread is not None else _call
+        # one device thread; on a CPU with glibc, on glibc's main malloc arena (codeformer.host_memory)
+        start = functools.partial(
+            start_device_thread, device=device, retained_memory_mb=self.settings.retained_memory_mb
+        )
         batch_wait_s = self.settings.batch_wait_ms / 1000.0
-        self.scheduler = DeviceScheduler(execute, self.settings.face_batch, batch_wait_s)
+        self.scheduler = DeviceScheduler(self.settings.face_batch, batch_wait_s, start_thread=start)
+        weakref.finalize(self, self.scheduler.stop)  # the thread ends with the Restorer, or at exit
+        # Image-sized host work around device calls (the detector's resize, the parse masks'
+        # blurs): on a GPU on the request's thread, so that the device serves others meanwhile.
+        # On a CPU the device is the CPU anyway, and on the device thread the work's buffers
+        # reuse the memory glibc's main arena keeps; a request thread's arena cannot (the peak
+        # of four 40 MP images grew past the README's bound).
+        self._image_work: Callable[..., Any] = self.scheduler.call if device.type == "cpu" else _call
         # the server's admission control (predict.py); the library's own callers bring their own arrays
         self.admission = PixelBudget(self.settings.max_pixels_in_flight)
         self.runtime = Runtime(nets, device, self.settings.mixed_precision)
@@ -260,8 +272,11 @@ class Restorer:
                 gray = is_gray(image)
                 working, factor = to_working_image(image)
             with _timed(timings, "detect"):
-                detect = functools.partial(call.stages.detector.detect, max_faces=self.settings.max_faces)
-                detections = self.scheduler.call(detect, working, cancel=call.cancel)
+                # FaceDetector.detect in its steps: only the net's part on the device thread
+                detector = call.stages.detector
+                pixels, scale = self._image_work(detector.input_for, working, cancel=call.cancel)
+                rows = self.scheduler.call(detector.detect_rows, pixels, scale, cancel=call.cancel)
+                detections = detector.detections(rows, self.settings.max_faces)
             with _timed(timings, "align"):
                 aligned = align_faces(working, detections)
         except RequestCancelled:
@@ -341,13 +356,16 @@ class Restorer:
         masks = None
         if call.options.profile.use_parse:
 
-            def parse(batch: np.ndarray) -> np.ndarray:
-                return call.stages.parser.masks(batch, call.mixed_precision)
+            def labels(batch: np.ndarray) -> np.ndarray:
+                return call.stages.parser.labels(batch, call.mixed_precision)
 
             with _timed(timings, "parse"):
-                # gray faces arrive as float64: they batch with gray faces only
+                # FaceParser.masks in its steps: ParseNet's labels on the device thread (gray faces
+                # arrive as float64 and batch with gray faces only), then the masks' blurs
+                check_face_batch(faces)
                 key = ("parse", id(call.stages.parser), call.mixed_precision, faces.dtype.str)
-                masks = self.scheduler.batched(key, parse, faces, call.cancel)
+                face_pixels = self.scheduler.batched(key, labels, faces, call.cancel)
+                masks = self._image_work(face_pixels_to_masks, face_pixels, cancel=call.cancel)
         with _timed(timings, "paste"):
             output = paste_faces(item.working, faces, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:

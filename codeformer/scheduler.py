@@ -3,8 +3,10 @@
 Several requests may be in ``Restorer.restore`` at once (Cog's concurrent predictions, each
 on a thread of its own). Their host work (prepare, align, paste-back) runs on their own
 threads; every torch call goes through the process's ``DeviceScheduler``, which runs them
-one at a time on its thread, so that the device never holds two requests' activations and
-a request's host work overlaps another's forward.
+one at a time on its one thread, the device thread, so that the device never holds two
+requests' activations and a request's host work overlaps another's forward. How that thread
+is started is the caller's (``start_thread``): on a CPU, a thread on glibc's main malloc
+arena (``codeformer.host_memory``).
 
 Faces batch across requests: CodeFormer and ParseNet calls that wait at the same stage with
 the same settings (fidelity, precision, input type) go into one forward, up to
@@ -46,10 +48,13 @@ import numpy as np
 
 from codeformer.device_faults import is_broken_device, is_out_of_memory, stop_worker
 from codeformer.errors import CodeFormerError, DeviceBrokenError, RequestCancelled
+from codeformer.host_memory import start_thread as start_plain_thread
 
 log = logging.getLogger(__name__)
 
 WAIT_SLICE_S = 0.05  # how often a waiting request looks at its cancel flag
+# how long stopping (at exit, or when the Restorer goes) waits for a call still running
+STOP_WAIT_S = 10.0
 
 
 def check_cancel(cancel: threading.Event | None) -> None:
@@ -108,20 +113,19 @@ class _Job:
 class DeviceScheduler:
     """Runs device calls one at a time on its own thread, batching faces across callers.
 
-    ``execute(function)`` runs a zero-argument callable where the device work belongs and
-    returns its result (``ComputeThread.call`` on a CPU under glibc, a plain call elsewhere).
-    ``on_broken_device(error)`` is called once, on the device thread, after a sticky device
-    error; by default it stops the process (``device_faults.stop_worker``).
+    ``start_thread(run)`` starts the device thread, which runs ``run``, and returns it (by
+    default a plain daemon thread). ``on_broken_device(error)`` is called once, on the device
+    thread, after a sticky device error; by default it stops the process
+    (``device_faults.stop_worker``).
     """
 
     def __init__(
         self,
-        execute: Callable[[Callable[[], Any]], Any],
         batch_size: int,
         batch_wait_s: float,
         on_broken_device: Callable[[Exception], None] = stop_worker,
+        start_thread: Callable[[Callable[[], None]], threading.Thread] = start_plain_thread,
     ) -> None:
-        self._execute = execute
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
         self._on_broken_device = on_broken_device
@@ -132,8 +136,7 @@ class DeviceScheduler:
         self._broken: str | None = None  # why every call fails, after a sticky device error
         self.batches_run = 0  # forwards of batchable calls, and the jobs they served (for tests, logs)
         self.jobs_batched = 0
-        self._thread = threading.Thread(target=self._serve, name="codeformer-device", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._serve)
 
     @contextmanager
     def caller(self) -> Iterator[None]:
@@ -168,9 +171,17 @@ class DeviceScheduler:
         return self._submit(_Job(function, items, key, cancel))
 
     def stop(self) -> None:
+        """End the device thread after the calls already queued, and wait for it to end.
+
+        Waiting matters at interpreter exit: a thread that ran torch or OpenCV work and is still
+        alive while the C++ runtime tears down aborts the process ("terminate called without an
+        active exception", exit status 134).
+        """
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(STOP_WAIT_S)
 
     def _submit(self, job: _Job) -> Any:
         check_cancel(job.cancel)
@@ -245,7 +256,7 @@ class DeviceScheduler:
             return
         sizes = [job.size for job in group]
         forward = functools.partial(group[0].function, np.concatenate([job.payload for job in group]))
-        results, error = _attempt(functools.partial(self._execute, forward))
+        results, error = _attempt(forward)
         del forward  # the joined batch
         if error is not None:
             broken = self._broken_by(error)
@@ -279,9 +290,9 @@ class DeviceScheduler:
             job.finish(error=DeviceBrokenError(self._broken))
             return
         if job.key is None:
-            result, error = _attempt(lambda: self._execute(job.function))
+            result, error = _attempt(job.function)
         else:
-            result, error = _attempt(lambda: self._execute(lambda: job.function(job.payload)))
+            result, error = _attempt(functools.partial(job.function, job.payload))
             if error is None:
                 self.batches_run += 1
                 self.jobs_batched += 1

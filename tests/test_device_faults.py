@@ -26,7 +26,7 @@ from codeformer.device_faults import (
 from codeformer.errors import ConfigError, ImageFailedError
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
-from codeformer.stages.detect import Detections, FaceDetector
+from codeformer.stages.detect import FaceDetector
 from codeformer.stages.restore import FaceRestorer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ import torch
 from codeformer.scheduler import DeviceScheduler
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-scheduler = DeviceScheduler(lambda function: function(), batch_size=1, batch_wait_s=0.0)
+scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
 
 def forward():
     raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
@@ -147,16 +147,15 @@ def test_cog_yaml_requires_the_gpu_in_the_image() -> None:
 
 
 # -- out of memory in a request ----------------------------------------------------------------
-def _one_face(image: np.ndarray) -> Detections:
-    """A face in the middle of ``image``, as the detector would report it."""
-    height, width = image.shape[:2]
-    centre = np.array([width / 2, height / 2], np.float32)
-    offsets = np.array([[-20, -20], [20, -20], [0, 0], [-15, 20], [15, 20]], np.float32)
-    return Detections(
-        boxes=np.array([[*(centre - 40), *(centre + 40)]], np.float32),
-        scores=np.ones(1, np.float32),
-        landmarks=(centre + offsets)[None],
-    )
+def _one_face_rows(pixels: torch.Tensor, scale: float) -> torch.Tensor:
+    """``detect_rows``' answer for a face in the middle of the working image, none on grey 127."""
+    if int(pixels[0, 0, 0]) == 127:
+        return torch.zeros((0, 15))
+    height, width = (side / scale for side in pixels.shape[:2])
+    centre = torch.tensor([width / 2, height / 2])
+    offsets = torch.tensor([[-20.0, -20.0], [20.0, -20.0], [0.0, 0.0], [-15.0, 20.0], [15.0, 20.0]])
+    box = torch.cat([centre - 40, centre + 40, torch.ones(1)])
+    return torch.cat([box, (centre + offsets).flatten()]).to(torch.float32)[None]
 
 
 def test_out_of_memory_while_restoring_fails_the_request_naming_the_images_with_faces(
@@ -168,13 +167,10 @@ def test_out_of_memory_while_restoring_fails_the_request_naming_the_images_with_
     # flat images: 127 has no face, the others one each
     images = [np.full((200, 200, 3), level, np.uint8) for level in (90, 127, 160)]
 
-    def detect(_detector: FaceDetector, image: np.ndarray, max_faces: int | None = None) -> Detections:
-        return Detections.empty() if image[0, 0, 0] == 127 else _one_face(image)
-
     def out_of_memory(*_args: object) -> np.ndarray:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(FaceDetector, "detect", detect)
+    monkeypatch.setattr(FaceDetector, "detect_rows", lambda _detector, *args: _one_face_rows(*args))
     monkeypatch.setattr(FaceRestorer, "restore", out_of_memory)
     with pytest.raises(ImageFailedError) as raised:
         restorer.restore(images, RequestOptions.parse(profile="max_speed"))

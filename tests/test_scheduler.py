@@ -23,10 +23,6 @@ from codeformer.scheduler import DeviceScheduler, PixelBudget
 HANG_S = 30.0  # a join that takes this long means the scheduler hangs
 
 
-def _direct(function: Callable[[], Any]) -> Any:
-    return function()
-
-
 class Recorder:
     """A batchable device function: doubles its items, notes each batch and the thread it ran on."""
 
@@ -78,7 +74,7 @@ def run_callers(scheduler: DeviceScheduler, work: list[Callable[[], Any]]) -> li
 
 
 def test_faces_of_callers_in_flight_share_one_forward_and_each_gets_its_own_results() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S)
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S)
     device = Recorder()
     items = [np.array([1.0]), np.array([2.0, 3.0]), np.array([4.0])]
     outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
@@ -93,7 +89,7 @@ def test_faces_of_callers_in_flight_share_one_forward_and_each_gets_its_own_resu
 
 
 def test_a_batch_holds_at_most_the_batch_size_and_keys_never_mix() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=2, batch_wait_s=HANG_S)
+    scheduler = DeviceScheduler(batch_size=2, batch_wait_s=HANG_S)
     device = Recorder()
     jobs = [("a", 1.0), ("a", 2.0), ("a", 3.0), ("b", 10.0)]
     outcomes = run_callers(
@@ -109,7 +105,7 @@ def test_a_batch_holds_at_most_the_batch_size_and_keys_never_mix() -> None:
 
 def test_a_lone_caller_does_not_wait_for_a_batch_to_fill() -> None:
     # a wait of an hour: the call returning at all shows nothing waited for it
-    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=3600.0)
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=3600.0)
     device = Recorder()
     [(status, result)] = run_callers(scheduler, [lambda: scheduler.batched("k", device, np.array([5.0]))])
     assert status == "ok"
@@ -118,7 +114,7 @@ def test_a_lone_caller_does_not_wait_for_a_batch_to_fill() -> None:
 
 
 def test_device_calls_run_one_at_a_time_on_one_thread() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
     device = Recorder()
     work: list[Callable[[], Any]] = [
         lambda v=v: scheduler.call(device, np.array([v])) for v in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
@@ -131,7 +127,7 @@ def test_device_calls_run_one_at_a_time_on_one_thread() -> None:
 
 
 def test_a_failing_batch_is_retried_alone_so_only_the_bad_request_fails() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S)
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S)
     device = Recorder()
     items = [np.array([1.0]), np.array([-1.0]), np.array([3.0])]
     outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
@@ -146,7 +142,7 @@ def test_a_failing_batch_is_retried_alone_so_only_the_bad_request_fails() -> Non
 
 
 def test_a_cancelled_request_is_dropped_from_the_queue_and_the_others_run() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
     release = threading.Event()
     started = threading.Event()
     ran: list[str] = []
@@ -195,7 +191,7 @@ def test_a_cancelled_request_is_dropped_from_the_queue_and_the_others_run() -> N
 
 
 def test_a_device_call_from_the_device_thread_is_refused_not_deadlocked() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
     with pytest.raises(RuntimeError, match="wait for itself"):
         scheduler.call(lambda: scheduler.call(lambda: None))
     scheduler.stop()
@@ -237,7 +233,7 @@ class OutOfMemoryDevice:
 
 @pytest.mark.usefixtures("no_cycle_collector")
 def test_a_batch_out_of_memory_is_retried_once_its_tensors_are_freed_and_fails_only_its_request() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S)
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S)
     device = OutOfMemoryDevice()
     items = [np.array([1.0]), np.array([OutOfMemoryDevice.TOO_BIG]), np.array([3.0])]
     outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
@@ -260,7 +256,7 @@ def test_a_batch_out_of_memory_is_retried_once_its_tensors_are_freed_and_fails_o
 
 
 def test_an_unexpected_error_reaches_its_request_with_the_device_traceback_as_text() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
 
     def broken_stage() -> None:
         raise KeyError("boxes")
@@ -276,7 +272,7 @@ ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered\nCUDA ke
 
 def test_a_sticky_device_error_fails_every_later_call_and_is_handed_on_once() -> None:
     handed_on: list[BaseException] = []
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0, on_broken_device=handed_on.append)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0, on_broken_device=handed_on.append)
     ran: list[str] = []
 
     def forward() -> None:
@@ -297,7 +293,7 @@ def test_a_sticky_device_error_fails_every_later_call_and_is_handed_on_once() ->
 
 def test_a_sticky_error_in_a_shared_batch_is_not_retried_request_by_request() -> None:
     handed_on: list[BaseException] = []
-    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S, on_broken_device=handed_on.append)
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S, on_broken_device=handed_on.append)
     calls: list[int] = []
 
     def forward(items: np.ndarray) -> np.ndarray:
@@ -315,7 +311,7 @@ def test_a_sticky_error_in_a_shared_batch_is_not_retried_request_by_request() ->
 
 def test_an_error_that_leaves_the_device_usable_fails_only_its_call() -> None:
     handed_on: list[BaseException] = []
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0, on_broken_device=handed_on.append)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0, on_broken_device=handed_on.append)
 
     def invalid_argument() -> None:
         raise torch.AcceleratorError("CUDA error: invalid argument")
