@@ -1,25 +1,40 @@
-"""CPU forwards on glibc: the device thread runs on the main malloc arena, which keeps freed memory.
+"""glibc's malloc set up for a ``Restorer``: freed memory kept for reuse, not page-faulted in again.
 
-What: on a CPU device under glibc, the thread of a ``Restorer``'s ``DeviceScheduler`` (the one
-thread that runs every device call, the forwards and their tensors, whoever asks:
-``codeformer.scheduler``) is started as a thread glibc put on its main arena
-(``start_device_thread``), and glibc is told to serve every block from that arena's heap and
+``device_thread_starter`` makes the settings for a ``Restorer`` on a device and says how its
+``DeviceScheduler`` starts the device thread (the one thread that runs every device call, the
+forwards and their tensors, whoever asks: ``codeformer.scheduler``). Nothing is changed under
+another C library (musl) or with ``Settings.retained_memory_mb`` 0.
+
+CPU: the device thread is started as a thread glibc put on its main arena
+(``start_on_main_arena``), and glibc is told to serve every block from that arena's heap and
 to keep up to ``Settings.retained_memory_mb`` of freed memory there (``mallopt``:
-``M_ARENA_MAX=1``, ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``). Elsewhere (a GPU, whose
-activations live in CUDA memory; musl; a setting of 0) the device thread is a plain thread
-and these settings are not made.
+``M_ARENA_MAX=1``, ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``).
 
-Why: a CodeFormer forward at 512x512 allocates and frees gigabytes of activations, many of
-them 32-64 MB or more. By default glibc maps each block over 32 MB afresh and unmaps it on
-``free``, so every forward page-faults (and the kernel zeroes) all of it again: 1.8 M minor
-faults per forward. Kept in the heap, the fp32 forward took 3.2 s instead of 4.7 s on the
-2-core CPU machines, computing the same numbers. Only the main arena can keep them: any other
-arena grows in 64 MB heaps, and a block that does not fit one is mapped with ``mmap`` whatever
-``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``predict()`` on threads it made before
-``setup()``, each with an arena of its own: there every forward faulted again (golden photo 01
-at baseline through the server: 4.5 M faults, 14-21 s per request against 10.6 s). One arena
-also keeps the worker from growing: freed pages pile up per arena (a 300-request soak grew it
-by 190 MB with glibc's default arenas, by 0.2 MB with one).
+Off the CPU (a GPU, whose activations live in device memory): the device thread is a plain
+thread, and the settings are for the requests' host work instead (``keep_host_work_memory``).
+A request decodes, prepares, aligns, pastes back and encodes on its own thread, in buffers of
+a few MB per megapixel, and frees them all when it ends. glibc's defaults give most of that
+back to the system: blocks over its mmap threshold (which adapts, up to 32 MB) are mapped
+afresh and unmapped on ``free``, and a heap whose free top exceeds twice that threshold is
+trimmed; the next request page-faults (and the kernel zeroes) its buffers again. So the mmap
+threshold is fixed at 32 MB (glibc's largest, half its 64 MB heap size), which serves every
+block up to that from an arena's heap, and each arena keeps up to 64 MB of freed memory at its
+top (``M_TRIM_THRESHOLD``; less if ``Settings.retained_memory_mb`` is lower). The cost: each
+arena that served requests stays up to 64 MB larger than what is in use; a worker's request
+threads (up to cog.yaml's ``concurrency.max`` at once) and the device thread each have one,
+and blocks over 32 MB (the buffers of large photos) are still mapped and returned as before.
+
+Why the CPU settings: a CodeFormer forward at 512x512 allocates and frees gigabytes of
+activations, many of them 32-64 MB or more. By default glibc maps each block over 32 MB afresh
+and unmaps it on ``free``, so every forward page-faults (and the kernel zeroes) all of it
+again: 1.8 M minor faults per forward. Kept in the heap, the fp32 forward took 3.2 s instead
+of 4.7 s on the 2-core CPU machines, computing the same numbers. Only the main arena can keep
+them: any other arena grows in 64 MB heaps, and a block that does not fit one is mapped with
+``mmap`` whatever ``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``predict()`` on
+threads it made before ``setup()``, each with an arena of its own: there every forward faulted
+again (golden photo 01 at baseline through the server: 4.5 M faults, 14-21 s per request
+against 10.6 s). One arena also keeps the worker from growing: freed pages pile up per arena
+(a 300-request soak grew it by 190 MB with glibc's default arenas, by 0.2 MB with one).
 
 How the thread is found: a new thread takes a free arena of an ended thread first, then a new
 arena while glibc's limit allows, then the existing arenas in turn. ``M_ARENA_MAX=1`` sets that
@@ -36,13 +51,14 @@ weights, one run on a 2-core machine at load 10): 33-240 minor faults per warm r
 too). A 100-request soak (``benchmarks/soak.py``) grew the worker by 1.6 MB after warm-up, its
 main heap flat at 2.2 GB (0.06 MB with ``MALLOC_ARENA_MAX=1``).
 
-The cost: the process stays at its peak heap (about +600 MB after the first face), at most
-``retained_memory_mb`` above what is in use.
+The cost on a CPU: the process stays at its peak heap (about +600 MB after the first face), at
+most ``retained_memory_mb`` above what is in use.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -57,13 +73,24 @@ DEVICE_THREAD_NAME = "codeformer-device"
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+
+# Off the CPU: blocks up to this come from the arenas' heaps (glibc refuses more: HEAP_MAX_SIZE / 2)
+HOST_WORK_MMAP_THRESHOLD_MB = 32
+HOST_WORK_KEPT_PER_ARENA_MB = 64  # freed memory each arena keeps for the next request's host work
+
+ThreadStarter = Callable[[Callable[[], None]], threading.Thread]
+
+
+def _glibc_with_retention(retained_memory_mb: int) -> bool:
+    return retained_memory_mb > 0 and platform.libc_ver()[0] == "glibc"
 
 
 def pays_on(device: torch.device, retained_memory_mb: int) -> bool:
     """Whether a ``Restorer`` on ``device`` runs its device thread on the main arena, malloc set for it."""
-    return device.type == "cpu" and retained_memory_mb > 0 and platform.libc_ver()[0] == "glibc"
+    return device.type == "cpu" and _glibc_with_retention(retained_memory_mb)
 
 
 def on_main_arena() -> bool:
@@ -111,22 +138,42 @@ class _Candidate:
             self._release.wait()
 
 
-def _keep_freed_memory(retained_memory_mb: int) -> bool:
+def _mallopt(*settings: tuple[int, int]) -> bool:
     libc = ctypes.CDLL(None)
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, retained_memory_mb << 20))
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
-def start_device_thread(
-    run: Callable[[], None], device: torch.device, retained_memory_mb: int
-) -> threading.Thread:
-    """``run`` on a new daemon thread: on glibc's main arena, which keeps freed memory, where that pays.
+def keep_host_work_memory(retained_memory_mb: int) -> bool:
+    """Off the CPU: mmap threshold fixed at 32 MB, up to 64 MB freed kept per arena; whether glibc agreed."""
+    kept_mb = min(retained_memory_mb, HOST_WORK_KEPT_PER_ARENA_MB)
+    threshold = HOST_WORK_MMAP_THRESHOLD_MB << 20
+    return _mallopt((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, kept_mb << 20))
 
-    Where it does not (``pays_on``), or glibc refuses, or no thread lands there: a plain thread.
+
+def device_thread_starter(device: torch.device, retained_memory_mb: int) -> ThreadStarter:
+    """Set glibc's malloc up for a ``Restorer`` on ``device``; how its device thread is started."""
+    if not _glibc_with_retention(retained_memory_mb):
+        return start_thread
+    if device.type == "cpu":
+        return functools.partial(start_on_main_arena, retained_memory_mb=retained_memory_mb)
+    if keep_host_work_memory(retained_memory_mb):
+        log.info(
+            "host memory: requests' host work takes blocks up to %d MB from malloc's heaps, each keeping up "
+            "to %d MB freed for reuse",
+            HOST_WORK_MMAP_THRESHOLD_MB,
+            min(retained_memory_mb, HOST_WORK_KEPT_PER_ARENA_MB),
+        )
+    else:
+        log.warning("host memory: glibc refused mallopt; requests' host work page-faults its buffers anew")
+    return start_thread
+
+
+def start_on_main_arena(run: Callable[[], None], retained_memory_mb: int) -> threading.Thread:
+    """``run`` on a new daemon thread on glibc's main arena, which keeps freed memory (a CPU device).
+
+    A plain thread if glibc refuses the settings or no thread lands there.
     """
-    if not pays_on(device, retained_memory_mb):
-        return start_thread(run)
-    if not _keep_freed_memory(retained_memory_mb):
+    if not _mallopt((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, retained_memory_mb << 20)):
         log.warning("host memory: glibc refused mallopt; CPU forwards page-fault their activations anew")
         return start_thread(run)
     # worst case: every free arena, then new ones up to glibc's limit (8 per core), then each once

@@ -12,7 +12,6 @@ the device thread does device work only.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -31,7 +30,7 @@ from codeformer import weights
 from codeformer.config import FACE_SIZE, RequestOptions, Settings
 from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError, RequestCancelled
-from codeformer.host_memory import start_device_thread
+from codeformer.host_memory import device_thread_starter
 from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
@@ -122,9 +121,7 @@ class Restorer:
         self.device = device
         self.settings = settings or Settings.from_env(device.type)
         # one device thread; on a CPU with glibc, on glibc's main malloc arena (codeformer.host_memory)
-        start = functools.partial(
-            start_device_thread, device=device, retained_memory_mb=self.settings.retained_memory_mb
-        )
+        start = device_thread_starter(device, self.settings.retained_memory_mb)
         batch_wait_s = self.settings.batch_wait_ms / 1000.0
         self.scheduler = DeviceScheduler(self.settings.face_batch, batch_wait_s, start_thread=start)
         weakref.finalize(self, self.scheduler.stop)  # the thread ends with the Restorer, or at exit

@@ -89,9 +89,62 @@ def test_a_cpu_restorer_keeps_freed_memory_for_calls_from_a_thread_with_its_own_
 )
 @pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
-def test_elsewhere_a_restorer_leaves_malloc_alone(device: str, retained_memory_mb: int) -> None:
+def test_elsewhere_blocks_of_activation_size_are_returned_to_the_system(
+    device: str, retained_memory_mb: int
+) -> None:
+    """Off the CPU only blocks up to 32 MB are kept (for requests' host work); with retention off, none."""
     _, handed_over, main_thread = _coglet_like(device, retained_memory_mb)
     assert (handed_over, main_thread) == (20, 20)
+
+
+_GPU_WORKER_LIKE = """
+import concurrent.futures, resource, sys
+import torch
+from torch import nn
+sys.path.insert(0, "benchmarks")
+import harness
+from bench_host import host_pass, one_face, square_photo
+from codeformer.config import Settings
+from codeformer.pipeline import Restorer
+from codeformer.runtime import Nets
+
+device, retained_memory_mb = torch.device(sys.argv[1]), int(sys.argv[2])
+nets = Nets(*(nn.Identity().to(device) for _ in range(3)))
+restorer = Restorer(nets, device, Settings(retained_memory_mb=retained_memory_mb, mixed_precision="off"))
+photo, face = square_photo(harness.PROJECT_ROOT / "data" / "3.jpg", 1000), one_face(1000, 384.0, 0.12)
+
+def faults_per_request():
+    for _ in range(3):
+        host_pass(photo, face, None)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        host_pass(photo, face, None)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+
+# a request thread, made after set-up as the server's are
+print(concurrent.futures.ThreadPoolExecutor(1).submit(faults_per_request).result())
+"""
+
+
+@pytest.mark.slow  # fresh interpreters that import the pipeline and run 13 host passes each
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_off_the_cpu_the_host_work_of_a_request_reuses_the_memory_of_the_last_one() -> None:
+    """A one-face 1 MP request's host stages (benchmarks/bench_host.py's pass) on a request thread."""
+
+    def faults_per_request(retained_memory_mb: int) -> float:
+        completed = subprocess.run(
+            [sys.executable, "-c", _GPU_WORKER_LIKE, "meta", str(retained_memory_mb)],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        return float(completed.stdout.split()[-1])
+
+    # glibc's defaults give much of a request's buffers back, and the next request faults them in
+    assert faults_per_request(0) > 1000
+    assert faults_per_request(2047) < 100
 
 
 def test_only_a_cpu_with_glibc_and_retained_memory_engages_it() -> None:
