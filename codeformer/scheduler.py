@@ -72,12 +72,14 @@ def without_frames(error: Exception) -> Exception:
     """
     if not isinstance(error, CodeFormerError) and not is_out_of_memory(error):
         error.add_note("raised on the device thread:\n" + "".join(traceback.format_tb(error.__traceback__)))
-    chained: BaseException | None = error
+    pending: list[BaseException] = [error]
     seen: set[int] = set()
-    while chained is not None and id(chained) not in seen:
-        seen.add(id(chained))
-        chained.__traceback__ = None
-        chained = chained.__cause__ or chained.__context__
+    while pending:
+        chained = pending.pop()
+        if id(chained) not in seen:
+            seen.add(id(chained))
+            chained.__traceback__ = None
+            pending.extend(link for link in (chained.__cause__, chained.__context__) if link is not None)
     return error
 
 
@@ -263,6 +265,7 @@ class DeviceScheduler:
             if broken is not None:
                 for job in group:
                     job.finish(error=DeviceBrokenError(broken))
+                self._on_broken_device(error)
                 return
             # outside the except block: the failed forward's tensors are freed by now
             log.warning(
@@ -298,11 +301,14 @@ class DeviceScheduler:
                 self.jobs_batched += 1
         broken = None if error is None else self._broken_by(error)
         job.finish(result, error if broken is None else DeviceBrokenError(broken))
+        if broken is not None and error is not None:
+            self._on_broken_device(error)  # its request has its answer by now
 
     def _broken_by(self, error: Exception) -> str | None:
         """Why the device is broken if ``error`` broke it, else None.
 
-        When it did, every queued call fails, and ``on_broken_device`` gets ``error``.
+        When it did, every queued call fails, and so does every later one; the caller hands
+        ``error`` to ``on_broken_device`` once the calls that raised it have their answer.
         """
         if not is_broken_device(error):
             return None
@@ -315,7 +321,6 @@ class DeviceScheduler:
             queued, self._queue = self._queue, []
         for job in queued:
             job.finish(error=DeviceBrokenError(reason))
-        self._on_broken_device(error)
         return reason
 
 

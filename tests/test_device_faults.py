@@ -50,9 +50,9 @@ def test_only_sticky_cuda_errors_break_the_device(error: BaseException, broken: 
 
 
 _BROKEN_WORKER = """
-import logging
-import numpy as np
+import logging, time
 import torch
+from codeformer.errors import DeviceBrokenError
 from codeformer.scheduler import DeviceScheduler
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -63,9 +63,13 @@ def forward():
 
 try:
     scheduler.call(forward)
-except Exception as exc:
+except DeviceBrokenError as exc:
     print("request failed:", exc, flush=True)
-    scheduler.call(lambda: None)  # the process is gone before this returns
+try:
+    scheduler.call(lambda: None)
+except DeviceBrokenError as exc:
+    print("later request failed:", exc, flush=True)
+time.sleep(60)  # a worker serves on until the device thread ends the process
 print("still serving", flush=True)
 """
 
@@ -80,7 +84,9 @@ def test_a_broken_device_stops_the_worker_with_the_cause_in_the_log() -> None:
         timeout=120,
     )
     assert completed.returncode == BROKEN_DEVICE_EXIT_STATUS, completed.stderr[-2000:]
-    assert "still serving" not in completed.stdout
+    # the requests in flight get their answer before the process ends
+    assert "request failed: the GPU failed and cannot recover" in completed.stdout
+    assert "later request failed:" in completed.stdout and "still serving" not in completed.stdout
     critical = [line for line in completed.stderr.splitlines() if line.startswith("CRITICAL")]
     assert len(critical) == 1
     assert "an illegal memory access" in critical[0] and "Stopping the worker" in critical[0]

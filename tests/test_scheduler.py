@@ -272,7 +272,15 @@ ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered\nCUDA ke
 
 def test_a_sticky_device_error_fails_every_later_call_and_is_handed_on_once() -> None:
     handed_on: list[BaseException] = []
-    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0, on_broken_device=handed_on.append)
+    answered = threading.Event()
+    answered_first: list[bool] = []
+
+    def stop_the_worker(error: BaseException) -> None:
+        handed_on.append(error)
+        # the process would end here: the request that met the error has its answer by then
+        answered_first.append(answered.wait(HANG_S))
+
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0, on_broken_device=stop_the_worker)
     ran: list[str] = []
 
     def forward() -> None:
@@ -281,6 +289,10 @@ def test_a_sticky_device_error_fails_every_later_call_and_is_handed_on_once() ->
 
     with pytest.raises(DeviceBrokenError, match="cannot recover .*an illegal memory access"):
         scheduler.call(forward)
+    answered.set()
+    while not answered_first:
+        threading.Event().wait(0.01)
+    assert answered_first == [True]
     assert [type(error) for error in handed_on] == [torch.AcceleratorError]
     # the device is not touched again: later calls fail at once, for every request
     with pytest.raises(DeviceBrokenError, match="an illegal memory access"):
