@@ -273,6 +273,7 @@ class Restorer:
                 detector = call.stages.detector
                 pixels, scale = self._image_work(detector.input_for, working, cancel=call.cancel)
                 rows = self.scheduler.call(detector.detect_rows, pixels, scale, cancel=call.cancel)
+                del pixels  # the detector's copy of the image, up to 640 x 10240 x 3, not kept to paste-back
                 detections = detector.detections(rows, self.settings.max_faces)
             with _timed(timings, "align"):
                 aligned = align_faces(working, detections)
