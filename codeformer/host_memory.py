@@ -63,7 +63,7 @@ import logging
 import os
 import platform
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -102,13 +102,23 @@ def on_main_arena() -> bool:
     pointer = libc.malloc(4096)
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                if line.rstrip().endswith("[heap]"):
-                    start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
-                    return start <= pointer < end
-        return False
+            return in_heap(pointer, maps)
     finally:
         libc.free(pointer)
+
+
+def in_heap(address: int, maps: Iterable[str]) -> bool:
+    """Whether ``address`` lies in the brk ``[heap]``, given the lines of ``/proc/<pid>/maps``.
+
+    The heap can show as several mappings: the kernel splits it where flags differ, e.g. where
+    NumPy asked for huge pages (madvise) on a large array's part of it.
+    """
+    for line in maps:
+        if line.rstrip().endswith("[heap]"):
+            start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
 
 
 def start_thread(run: Callable[[], None]) -> threading.Thread:

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from codeformer.config import Settings
-from codeformer.host_memory import DEVICE_THREAD_NAME, on_main_arena, pays_on
+from codeformer.host_memory import DEVICE_THREAD_NAME, in_heap, on_main_arena, pays_on
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 
@@ -153,6 +153,18 @@ def test_only_a_cpu_with_glibc_and_retained_memory_engages_it() -> None:
     assert not pays_on(torch.device("cpu"), 0)
     assert not pays_on(torch.device("cuda", 0), 2047)
     assert not pays_on(torch.device("mps"), 2047)
+
+
+def test_an_address_in_any_part_of_a_split_heap_is_in_the_heap() -> None:
+    # /proc/self/maps of a test process whose heap NumPy's huge-page advice had split in three
+    maps = [
+        "561f793ef000-561f82a31000 rw-p 00000000 00:00 0                          [heap]\n",
+        "561f82a31000-561f82fb1000 rw-p 00000000 00:00 0                          [heap]\n",
+        "561f82fb1000-561fa4604000 rw-p 00000000 00:00 0                          [heap]\n",
+        "7f8ecc000000-7f8ecc021000 rw-p 00000000 00:00 0 \n",
+    ]
+    assert in_heap(0x561F793EF000, maps) and in_heap(0x561F9A000000, maps)
+    assert not in_heap(0x7F8ECC000100, maps) and not in_heap(0x561FA4604000, maps)
 
 
 def _device_threads() -> list[threading.Thread]:
