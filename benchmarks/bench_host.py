@@ -1,7 +1,8 @@
 """Host stages of a one-face request, without the nets: what a GPU deployment's latency rests on.
 
     python benchmarks/bench_host.py [--side 1000] [--face-px 384] [--parse] [--repeats 30]
-        [--mode rgb|gray|cmyk] [--icc] [--output benchmarks/results/bench_host.json]
+        [--mode rgb|gray|cmyk] [--icc] [--allocator gpu|default]
+        [--output benchmarks/results/bench_host.json]
 
 A square photo (``--image``, default data/3.jpg, centre-cropped and resized to ``--side``,
 stored as a quality-92 JPEG, gray or CMYK with ``--mode``; ``--icc`` embeds a profile of
@@ -13,25 +14,38 @@ aligns the face, pastes the aligned crop back in place of a restored face (max_s
 square soft mask; ``--parse`` adds a float64 parse mask as baseline does), resizes back if
 the working image was enlarged, and encodes the JPG: the stages a request runs on the host
 whatever its device (``bench_stages.py`` reports the same stages inside full requests).
-Figures are per-stage medians and minima; on a shared CPU compare runs made together.
+
+The passes run on one thread started after the allocator is set up, as a server's requests
+do. ``--allocator gpu`` (the default) sets glibc's malloc up as a ``Restorer`` on a GPU does
+(``codeformer.host_memory.device_thread_starter``); ``default`` leaves glibc's defaults, as
+before that setting. The report gives the minor page faults per pass and the SHA-256 of the
+JPG every pass encodes (the allocator must not change a byte). Figures are per-stage medians and
+minima; on a shared CPU compare runs made together.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import itertools
+import resource
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import harness
 import numpy as np
+import torch
 from generated_inputs import cmyk_icc_profile, gray_icc_profile
 from PIL import Image, ImageCms
 
-from codeformer.config import FACE_SIZE
+from codeformer.config import FACE_SIZE, Settings
+from codeformer.host_memory import device_thread_starter
 from codeformer.imageio import decode_with_profile, encode_jpeg
 from codeformer.stages.align import FFHQ_TEMPLATE_512, align_faces
 from codeformer.stages.detect import Detections
@@ -40,6 +54,7 @@ from codeformer.stages.prepare import check_image_size, is_gray, to_working_imag
 
 MAX_PIXELS = 40_000_000
 STAGES = ("decode", "prepare", "align", "paste", "resize", "encode")
+T = TypeVar("T")
 
 
 def square_photo(source: Path, side: int, mode: str = "rgb", icc: bool = False) -> bytes:
@@ -82,8 +97,10 @@ def one_face(side: int, face_px: float, angle: float) -> Detections:
     )
 
 
-def host_pass(data: bytes, detections: Detections, parse_masks: np.ndarray | None) -> dict[str, float]:
-    """One request's host stages, in the pipeline's order: stage -> ms."""
+def host_pass(
+    data: bytes, detections: Detections, parse_masks: np.ndarray | None
+) -> tuple[dict[str, float], bytes]:
+    """One request's host stages, in the pipeline's order: (stage -> ms, the JPG)."""
     marks = [("start", time.perf_counter())]
     decoded = decode_with_profile(data, "photo.jpg", MAX_PIXELS)
     image = decoded.pixels
@@ -99,9 +116,42 @@ def host_pass(data: bytes, detections: Detections, parse_masks: np.ndarray | Non
     if output.shape[:2] != image.shape[:2]:
         output = cv2.resize(output, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
     marks.append(("resize", time.perf_counter()))
-    encode_jpeg(output, icc_profile=decoded.icc_profile)
+    jpg = encode_jpeg(output, icc_profile=decoded.icc_profile)
     marks.append(("encode", time.perf_counter()))
-    return {stage: (end - start) * 1000.0 for (_, start), (stage, end) in itertools.pairwise(marks)}
+    return {stage: (end - start) * 1000.0 for (_, start), (stage, end) in itertools.pairwise(marks)}, jpg
+
+
+def on_new_thread(function: Callable[[], T]) -> T:
+    """``function()`` on a thread started now (so with the malloc arena glibc gives it now)."""
+    results: list[T] = []
+    thread = threading.Thread(target=lambda: results.append(function()), name="request")
+    thread.start()
+    thread.join()
+    if not results:
+        raise SystemExit("the passes failed on their thread (its traceback is above)")
+    return results[0]
+
+
+def timed_passes(
+    data: bytes, detections: Detections, parse_masks: np.ndarray | None, repeats: int
+) -> tuple[list[dict[str, float]], float, set[str]]:
+    """(per-pass stage ms, minor page faults per pass, the JPGs' SHA-256s), after three untimed passes.
+
+    Each JPG is freed before the next pass, as a server frees it once written: a pass's buffers
+    kept alive would hold the heap's top, and so glibc's trimming, in place.
+    """
+    for _ in range(3):  # first-call costs: imports, OpenCV's recipe checks, allocator growth
+        host_pass(data, detections, parse_masks)
+    passes: list[dict[str, float]] = []
+    digests: set[str] = set()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(repeats):
+        timings, jpg = host_pass(data, detections, parse_masks)
+        passes.append(timings)
+        digests.add(hashlib.sha256(jpg).hexdigest())
+        del jpg
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    return passes, faults / repeats, digests
 
 
 def main() -> None:
@@ -117,6 +167,12 @@ def main() -> None:
     parser.add_argument("--icc", action="store_true", help="store the photo with an ICC profile of its mode")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument(
+        "--allocator",
+        choices=("gpu", "default"),
+        default="gpu",
+        help="gpu: glibc's malloc as a Restorer on a GPU sets it up; default: glibc's defaults",
+    )
+    parser.add_argument(
         "--output", type=Path, default=harness.PROJECT_ROOT / "benchmarks/results/bench_host.json"
     )
     args = parser.parse_args()
@@ -128,9 +184,11 @@ def main() -> None:
     if args.parse:
         parse_masks = np.zeros((1, FACE_SIZE, FACE_SIZE))
         parse_masks[:, 10:-10, 10:-10] = 1.0
-    for _ in range(3):  # first-call costs: imports, OpenCV's recipe checks, allocator growth
-        host_pass(data, detections, parse_masks)
-    passes = [host_pass(data, detections, parse_masks) for _ in range(args.repeats)]
+    if args.allocator == "gpu":  # what a Restorer on a GPU sets up (it needs no GPU to do so)
+        device_thread_starter(torch.device("cuda"), Settings.from_env("cuda").retained_memory_mb)
+    passes, faults_per_pass, digests = on_new_thread(
+        lambda: timed_passes(data, detections, parse_masks, args.repeats)
+    )
     totals = [sum(p.values()) for p in passes]
 
     rows, figures = [], {}
@@ -144,6 +202,10 @@ def main() -> None:
     print(harness.format_table(["stage", "median ms", "min ms"], rows))
     print(f"decode + encode: {decode_encode:.2f} ms (median)")
     print(f"host: {figures['host']['median_ms'] / megapixels:.1f} ms/megapixel (median, one face)")
+    if len(digests) != 1:
+        raise SystemExit(f"the passes encoded {len(digests)} different JPGs from the same photo")
+    (output_sha256,) = digests
+    print(f"allocator {args.allocator}: {faults_per_pass:.0f} minor faults/pass, JPG {output_sha256[:12]}")
     report = {
         "command": harness.command_line(),
         "environment": harness.environment_info(),
@@ -155,6 +217,9 @@ def main() -> None:
         "icc": args.icc,
         "repeats": args.repeats,
         "decode_encode_median_ms": decode_encode,
+        "allocator": args.allocator,
+        "minor_faults_per_pass": faults_per_pass,
+        "output_sha256": output_sha256,
         "stages": figures,
         "host_ms_per_megapixel": figures["host"]["median_ms"] / megapixels,
     }

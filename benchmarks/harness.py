@@ -152,11 +152,14 @@ class LocalServer:
         stop_server(process)
 
     def __enter__(self) -> LocalServer:
+        started = False
         try:
-            return self.start()
-        except BaseException:
-            self.stop()  # a failed or interrupted start leaves no process behind
-            raise
+            self.start()
+            started = True
+        finally:
+            if not started:
+                self.stop()  # a failed or interrupted start leaves no process behind
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()

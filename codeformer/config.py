@@ -103,7 +103,8 @@ class RequestOptions:
 
 # -- process settings: the CODEFORMER_* environment variables ------------------------------
 MIXED_PRECISION_CHOICES = ("auto", "on", "off")
-SWITCHES = {"0": False, "1": True}
+
+BOOLEANS = {"0": False, "1": True}
 # glibc takes the trim threshold as a C int: 2 GiB - 1 byte is the most it can hold
 MAX_RETAINED_MEMORY_MB = 2047
 # On a GPU, batching faces fills the device; on a CPU the convolutions are already
@@ -145,6 +146,8 @@ class Settings:
     download_timeout_s: float = 30.0  # DOWNLOAD_TIMEOUT: for the connect and for each read
     download_attempts: int = 4  # DOWNLOAD_ATTEMPTS
     download_backoff_s: float = 1.0  # DOWNLOAD_BACKOFF: before the 2nd attempt; doubles after each
+    # REQUIRE_GPU: 1 in the GPU image (cog.yaml): set-up fails, saying why, without usable CUDA
+    require_gpu: bool = False
 
     @classmethod
     def from_env(cls, device_type: str = "cpu", **overrides: Any) -> Settings:
@@ -163,7 +166,7 @@ class Settings:
             ),
             fetch_timeout_s=_env_int("CODEFORMER_FETCH_TIMEOUT_S", int(cls.fetch_timeout_s), 1, 3600),
             allow_private_urls=_env(
-                "CODEFORMER_ALLOW_PRIVATE_URLS", cls.allow_private_urls, SWITCHES.get, "0 or 1"
+                "CODEFORMER_ALLOW_PRIVATE_URLS", cls.allow_private_urls, BOOLEANS.get, "0 or 1"
             ),
             mixed_precision=_env(
                 "CODEFORMER_MIXED_PRECISION",
@@ -182,6 +185,7 @@ class Settings:
             download_timeout_s=_env_number("CODEFORMER_DOWNLOAD_TIMEOUT", cls.download_timeout_s, 0.001),
             download_attempts=_env_int("CODEFORMER_DOWNLOAD_ATTEMPTS", cls.download_attempts),
             download_backoff_s=_env_number("CODEFORMER_DOWNLOAD_BACKOFF", cls.download_backoff_s, 0.0),
+            require_gpu=_env("CODEFORMER_REQUIRE_GPU", cls.require_gpu, BOOLEANS.get, "0 or 1"),
         )
         return dataclasses.replace(settings, **overrides)
 

@@ -6,6 +6,7 @@ Every message names what failed (an input, a file, a setting) and how to fix it.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 
 class CodeFormerError(Exception):
@@ -29,12 +30,27 @@ class ConfigError(CodeFormerError):
 
 
 class ImageFailedError(CodeFormerError):
-    """Processing one image of a request failed; ``index`` is its position in the request."""
+    """Processing images of a request failed; ``indices`` are their positions in the request.
 
-    def __init__(self, index: int, reason: str) -> None:
-        super().__init__(f"image {index}: {reason}")
-        self.index = index
+    One image when its own step failed (decoding, detection, paste-back); several when a step
+    they share failed (their faces restored in one forward ran out of device memory).
+    ``index`` is the first of them.
+    """
+
+    def __init__(self, index: int | Sequence[int], reason: str) -> None:
+        self.indices = (index,) if isinstance(index, int) else tuple(index)
+        numbers = ", ".join(str(position) for position in self.indices)
+        super().__init__(f"image{'s' if len(self.indices) > 1 else ''} {numbers}: {reason}")
+        self.index = self.indices[0]
         self.reason = reason
+
+
+class DeviceBrokenError(CodeFormerError):
+    """The device failed in a way no later call can recover from (a sticky CUDA error).
+
+    The process stops so that Cog starts a new worker (``codeformer.device_faults``); calls
+    made meanwhile fail with this error at once.
+    """
 
 
 class RequestCancelled(CodeFormerError):

@@ -1,24 +1,40 @@
-"""CPU forwards on glibc: device calls run on a thread of the main malloc arena, which keeps freed memory.
+"""glibc's malloc set up for a ``Restorer``: freed memory kept for reuse, not page-faulted in again.
 
-What: on a CPU device under glibc, a ``Restorer`` starts one ``ComputeThread`` that glibc put on
-its main arena, tells glibc to serve every block from that arena's heap and to keep up to
-``Settings.retained_memory_mb`` of freed memory there (``mallopt``: ``M_ARENA_MAX=1``,
-``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``), and its ``DeviceScheduler`` runs every device call
-(the forwards and their tensors) on that thread, whoever asks (``codeformer.scheduler``).
-Elsewhere (a GPU, whose activations live in CUDA memory; musl; a setting of 0) nothing
-starts, malloc keeps its defaults, and the scheduler runs device calls on its own thread.
+``device_thread_starter`` makes the settings for a ``Restorer`` on a device and says how its
+``DeviceScheduler`` starts the device thread (the one thread that runs every device call, the
+forwards and their tensors, whoever asks: ``codeformer.scheduler``). Nothing is changed under
+another C library (musl) or with ``Settings.retained_memory_mb`` 0.
 
-Why: a CodeFormer forward at 512x512 allocates and frees gigabytes of activations, many of
-them 32-64 MB or more. By default glibc maps each block over 32 MB afresh and unmaps it on
-``free``, so every forward page-faults (and the kernel zeroes) all of it again: 1.8 M minor
-faults per forward. Kept in the heap, the fp32 forward took 3.2 s instead of 4.7 s on the
-2-core CPU machines, computing the same numbers. Only the main arena can keep them: any other
-arena grows in 64 MB heaps, and a block that does not fit one is mapped with ``mmap`` whatever
-``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``predict()`` on threads it made before
-``setup()``, each with an arena of its own: there every forward faulted again (golden photo 01
-at baseline through the server: 4.5 M faults, 14-21 s per request against 10.6 s). One arena
-also keeps the worker from growing: freed pages pile up per arena (a 300-request soak grew it
-by 190 MB with glibc's default arenas, by 0.2 MB with one).
+CPU: the device thread is started as a thread glibc put on its main arena
+(``start_on_main_arena``), and glibc is told to serve every block from that arena's heap and
+to keep up to ``Settings.retained_memory_mb`` of freed memory there (``mallopt``:
+``M_ARENA_MAX=1``, ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``).
+
+Off the CPU (a GPU, whose activations live in device memory): the device thread is a plain
+thread, and the settings are for the requests' host work instead (``keep_host_work_memory``).
+A request decodes, prepares, aligns, pastes back and encodes on its own thread, in buffers of
+a few MB per megapixel, and frees them all when it ends. glibc's defaults give most of that
+back to the system: blocks over its mmap threshold (which adapts, up to 32 MB) are mapped
+afresh and unmapped on ``free``, and a heap whose free top exceeds twice that threshold is
+trimmed; the next request page-faults (and the kernel zeroes) its buffers again. So the mmap
+threshold is fixed at 32 MB (glibc's largest, half its 64 MB heap size), which serves every
+block up to that from an arena's heap, and each arena keeps up to 64 MB of freed memory at its
+top (``M_TRIM_THRESHOLD``; less if ``Settings.retained_memory_mb`` is lower). The cost: each
+arena that served requests stays up to 64 MB larger than what is in use; a worker's request
+threads (up to cog.yaml's ``concurrency.max`` at once) and the device thread each have one,
+and blocks over 32 MB (the buffers of large photos) are still mapped and returned as before.
+
+Why the CPU settings: a CodeFormer forward at 512x512 allocates and frees gigabytes of
+activations, many of them 32-64 MB or more. By default glibc maps each block over 32 MB afresh
+and unmaps it on ``free``, so every forward page-faults (and the kernel zeroes) all of it
+again: 1.8 M minor faults per forward. Kept in the heap, the fp32 forward took 3.2 s instead
+of 4.7 s on the 2-core CPU machines, computing the same numbers. Only the main arena can keep
+them: any other arena grows in 64 MB heaps, and a block that does not fit one is mapped with
+``mmap`` whatever ``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``predict()`` on
+threads it made before ``setup()``, each with an arena of its own: there every forward faulted
+again (golden photo 01 at baseline through the server: 4.5 M faults, 14-21 s per request
+against 10.6 s). One arena also keeps the worker from growing: freed pages pile up per arena
+(a 300-request soak grew it by 190 MB with glibc's default arenas, by 0.2 MB with one).
 
 How the thread is found: a new thread takes a free arena of an ended thread first, then a new
 arena while glibc's limit allows, then the existing arenas in turn. ``M_ARENA_MAX=1`` sets that
@@ -35,44 +51,46 @@ weights, one run on a 2-core machine at load 10): 33-240 minor faults per warm r
 too). A 100-request soak (``benchmarks/soak.py``) grew the worker by 1.6 MB after warm-up, its
 main heap flat at 2.2 GB (0.06 MB with ``MALLOC_ARENA_MAX=1``).
 
-The cost: the process stays at its peak heap (about +600 MB after the first face), at most
-``retained_memory_mb`` above what is in use.
-
-An exception raised asynchronously in the waiting caller (as coglet does to a sync
-``predict()``'s thread on cancel) is passed on to the compute thread, which stops at its next
-Python bytecode, as the call would have had it run on the caller's thread. The server's
-cancels take the scheduler's route instead (a flag read before each device call).
+The cost on a CPU: the process stays at its peak heap (about +600 MB after the first face), at
+most ``retained_memory_mb`` above what is in use.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
-import queue
 import threading
-import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import torch
 
 log = logging.getLogger(__name__)
 
-WAIT_SLICE_S = 0.05  # the waiting thread wakes this often, so that an injected cancel is raised
-# how long stopping (at exit, or when the Restorer goes) waits for a computation still running
-STOP_WAIT_S = 10.0
+DEVICE_THREAD_NAME = "codeformer-device"
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+# Off the CPU: blocks up to this come from the arenas' heaps (glibc refuses more: HEAP_MAX_SIZE / 2)
+HOST_WORK_MMAP_THRESHOLD_MB = 32
+HOST_WORK_KEPT_PER_ARENA_MB = 64  # freed memory each arena keeps for the next request's host work
+
+ThreadStarter = Callable[[Callable[[], None]], threading.Thread]
+
+
+def _glibc_with_retention(retained_memory_mb: int) -> bool:
+    return retained_memory_mb > 0 and platform.libc_ver()[0] == "glibc"
+
 
 def pays_on(device: torch.device, retained_memory_mb: int) -> bool:
-    """Whether a ``Restorer`` on ``device`` starts the compute thread and changes malloc's settings."""
-    return device.type == "cpu" and retained_memory_mb > 0 and platform.libc_ver()[0] == "glibc"
+    """Whether a ``Restorer`` on ``device`` runs its device thread on the main arena, malloc set for it."""
+    return device.type == "cpu" and _glibc_with_retention(retained_memory_mb)
 
 
 def on_main_arena() -> bool:
@@ -84,146 +102,115 @@ def on_main_arena() -> bool:
     pointer = libc.malloc(4096)
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                if line.rstrip().endswith("[heap]"):
-                    start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
-                    return start <= pointer < end
-        return False
+            return in_heap(pointer, maps)
     finally:
         libc.free(pointer)
 
 
-class _Job:
-    def __init__(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        self.function, self.args, self.kwargs = function, args, kwargs
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.running = False
-        self.lock = threading.Lock()
-        self.done = threading.Event()
+def in_heap(address: int, maps: Iterable[str]) -> bool:
+    """Whether ``address`` lies in the brk ``[heap]``, given the lines of ``/proc/<pid>/maps``.
 
-    def run(self) -> None:
-        with self.lock:
-            self.running = True
-        try:
-            self.result = self.function(*self.args, **self.kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which re-raises it
-            self.error = exc
-        finally:
-            with self.lock:
-                self.running = False
-            self.done.set()
-
-    def interrupt(self, thread_id: int, exception: type[BaseException]) -> None:
-        """Raise ``exception`` in the compute thread if it is still inside this job."""
-        with self.lock:
-            if self.running:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(thread_id), ctypes.py_object(exception)
-                )
+    The heap can show as several mappings: the kernel splits it where flags differ, e.g. where
+    NumPy asked for huge pages (madvise) on a large array's part of it.
+    """
+    for line in maps:
+        if line.rstrip().endswith("[heap]"):
+            start, end = (int(bound, 16) for bound in line.split()[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
 
 
-class ComputeThread:
-    """A daemon thread that runs calls for other threads, one at a time, and notes its malloc arena."""
+def start_thread(run: Callable[[], None]) -> threading.Thread:
+    """``run`` on a new daemon device thread, wherever glibc puts it."""
+    thread = threading.Thread(target=run, name=DEVICE_THREAD_NAME, daemon=True)
+    thread.start()
+    return thread
 
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+
+class _Candidate:
+    """A thread that runs ``run`` if glibc put it on the main arena, else waits for ``release`` and ends."""
+
+    def __init__(self, run: Callable[[], None], release: threading.Event) -> None:
         self.main_arena = False
-        arena_checked = threading.Event()
-        self._thread = threading.Thread(
-            target=self._serve, args=(arena_checked,), name="codeformer-compute", daemon=True
-        )
-        self._thread.start()
-        arena_checked.wait()
+        self._run, self._release = run, release
+        self._checked = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name=DEVICE_THREAD_NAME, daemon=True)
+        self.thread.start()
+        self._checked.wait()
 
-    def _serve(self, arena_checked: threading.Event) -> None:
+    def _serve(self) -> None:
         self.main_arena = on_main_arena()  # glibc picks the arena at a thread's first malloc
-        arena_checked.set()
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                job.run()
-            except BaseException:  # noqa: BLE001 - a cancel that landed as its job was finishing
-                if job.error is None and not job.done.is_set():
-                    job.error = RuntimeError("the computation was interrupted as it finished")
-                job.done.set()
-
-    def stop(self) -> None:
-        """End the thread after the calls already handed over, and wait for it to end.
-
-        Waiting matters at interpreter exit: a thread that ran torch or OpenCV work and is still
-        alive while the C++ runtime tears down aborts the process ("terminate called without an
-        active exception", exit status 134).
-        """
-        self._jobs.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(STOP_WAIT_S)
-
-    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``function(*args, **kwargs)`` on the compute thread; its result, or its exception raised here."""
-        # inline on the thread itself and once it has ended (a forked child has none)
-        if threading.current_thread() is self._thread or not self._thread.is_alive():
-            return function(*args, **kwargs)
-        job = _Job(function, args, kwargs)
-        self._jobs.put(job)
-        try:
-            while not job.done.wait(WAIT_SLICE_S):
-                pass
-        except BaseException as exc:
-            # a cancel raised in this (waiting) thread: stop the computation too, then leave
-            assert self._thread.ident is not None
-            job.interrupt(self._thread.ident, type(exc))
-            job.done.wait()
-            raise
-        if job.error is not None:
-            raise job.error
-        return job.result
+        self._checked.set()
+        if self.main_arena:
+            self._run()
+        else:
+            self._release.wait()
 
 
-def _keep_freed_memory(retained_memory_mb: int) -> bool:
+def _mallopt(*settings: tuple[int, int]) -> bool:
     libc = ctypes.CDLL(None)
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, retained_memory_mb << 20))
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
-def start_compute_thread(
-    owner: object, device: torch.device, retained_memory_mb: int
-) -> ComputeThread | None:
-    """``owner``'s compute thread on ``device``, malloc set up for it; None where it does not pay.
+def keep_host_work_memory(retained_memory_mb: int) -> bool:
+    """Off the CPU: mmap threshold fixed at 32 MB, up to 64 MB freed kept per arena; whether glibc agreed."""
+    kept_mb = min(retained_memory_mb, HOST_WORK_KEPT_PER_ARENA_MB)
+    threshold = HOST_WORK_MMAP_THRESHOLD_MB << 20
+    return _mallopt((_M_MMAP_THRESHOLD, threshold), (_M_TRIM_THRESHOLD, kept_mb << 20))
 
-    The thread ends when ``owner`` (a ``Restorer``) is garbage-collected.
-    """
-    if not pays_on(device, retained_memory_mb):
-        return None
-    if not _keep_freed_memory(retained_memory_mb):
-        log.warning("host memory: glibc refused mallopt; CPU forwards page-fault their activations anew")
-        return None
-    # worst case: every free arena, then new ones up to glibc's limit (8 per core), then each once
-    tries = 16 * len(os.sched_getaffinity(0)) + 1
-    held: list[ComputeThread] = []
-    found: ComputeThread | None = None
-    while found is None and len(held) < tries:
-        thread = ComputeThread()
-        if thread.main_arena:
-            found = thread
-        else:
-            held.append(thread)
-    for thread in held:
-        thread.stop()
-    if found is None:
-        log.warning(
-            "host memory: no thread on glibc's main malloc arena after %d tries: CPU forwards run on "
-            "the caller's thread and may page-fault their activations anew",
-            tries,
+
+def device_thread_starter(device: torch.device, retained_memory_mb: int) -> ThreadStarter:
+    """Set glibc's malloc up for a ``Restorer`` on ``device``; how its device thread is started."""
+    if not _glibc_with_retention(retained_memory_mb):
+        return start_thread
+    if device.type == "cpu":
+        return functools.partial(start_on_main_arena, retained_memory_mb=retained_memory_mb)
+    if keep_host_work_memory(retained_memory_mb):
+        log.info(
+            "host memory: requests' host work takes blocks up to %d MB from malloc's heaps, each keeping up "
+            "to %d MB freed for reuse",
+            HOST_WORK_MMAP_THRESHOLD_MB,
+            min(retained_memory_mb, HOST_WORK_KEPT_PER_ARENA_MB),
         )
     else:
-        weakref.finalize(owner, found.stop)
-        log.info(
-            "host memory: the pipeline runs on glibc's main arena (found on try %d), up to %d MB of freed "
-            "memory kept for reuse",
-            len(held) + 1,
-            retained_memory_mb,
+        log.warning("host memory: glibc refused mallopt; requests' host work page-faults its buffers anew")
+    return start_thread
+
+
+def start_on_main_arena(run: Callable[[], None], retained_memory_mb: int) -> threading.Thread:
+    """``run`` on a new daemon thread on glibc's main arena, which keeps freed memory (a CPU device).
+
+    A plain thread if glibc refuses the settings or no thread lands there.
+    """
+    if not _mallopt((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, retained_memory_mb << 20)):
+        log.warning("host memory: glibc refused mallopt; CPU forwards page-fault their activations anew")
+        return start_thread(run)
+    # worst case: every free arena, then new ones up to glibc's limit (8 per core), then each once
+    tries = 16 * len(os.sched_getaffinity(0)) + 1
+    release = threading.Event()  # the candidates that missed wait, so that each try meets another arena
+    missed: list[_Candidate] = []
+    found: _Candidate | None = None
+    while found is None and len(missed) < tries:
+        candidate = _Candidate(run, release)
+        if candidate.main_arena:
+            found = candidate
+        else:
+            missed.append(candidate)
+    release.set()
+    for candidate in missed:
+        candidate.thread.join()
+    if found is None:
+        log.warning(
+            "host memory: no thread on glibc's main malloc arena after %d tries: CPU forwards may "
+            "page-fault their activations anew",
+            tries,
         )
-    return found
+        return start_thread(run)
+    log.info(
+        "host memory: the device thread runs on glibc's main arena (found on try %d), up to %d MB of freed "
+        "memory kept for reuse",
+        len(missed) + 1,
+        retained_memory_mb,
+    )
+    return found.thread

@@ -4,21 +4,23 @@
 options as arguments, so one warm process serves any sequence of requests, and several at
 once: ``restore`` may be called from many threads. Host stages (prepare, align, paste-back,
 resize) run on the caller's thread; every torch call goes through the Restorer's
-``DeviceScheduler`` (``codeformer.scheduler``), one at a time, with faces of different calls
-sharing CodeFormer/ParseNet forwards of up to ``Settings.face_batch`` faces.
+``DeviceScheduler`` (``codeformer.scheduler``), one at a time on its device thread, with faces
+of different calls sharing CodeFormer/ParseNet forwards of up to ``Settings.face_batch`` faces.
+The detector and the parser are split into their host and device steps, so that off the CPU
+the device thread does device work only.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -26,16 +28,17 @@ import torch
 
 from codeformer import weights
 from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES, RequestOptions, Settings
+from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
-from codeformer.host_memory import start_compute_thread
+from codeformer.host_memory import device_thread_starter
 from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
-from codeformer.stages.parse import FaceParser
+from codeformer.stages.parse import FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
-from codeformer.stages.restore import FaceRestorer
+from codeformer.stages.restore import FaceRestorer, check_face_batch
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +103,9 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
 
 
-def _call(function: Callable[[], T]) -> T:
-    return function()
+def _call(function: Callable[..., T], *args: object, cancel: threading.Event | None = None) -> T:
+    """``function(*args)`` on the calling thread (``cancel`` is for the scheduler's signature)."""
+    return function(*args)
 
 
 def to_gray_faces(faces: np.ndarray) -> np.ndarray:
@@ -160,11 +164,17 @@ class Restorer:
     def __init__(self, nets: Nets, device: torch.device, settings: Settings | None = None) -> None:
         self.device = device
         self.settings = settings or Settings.from_env(device.type)
-        # CPU with glibc: the device work runs on glibc's main malloc arena (codeformer.host_memory)
-        self.compute_thread = start_compute_thread(self, device, self.settings.retained_memory_mb)
-        execute = self.compute_thread.call if self.compute_thread is not None else _call
+        # one device thread; on a CPU with glibc, on glibc's main malloc arena (codeformer.host_memory)
+        start = device_thread_starter(device, self.settings.retained_memory_mb)
         batch_wait_s = self.settings.batch_wait_ms / 1000.0
-        self.scheduler = DeviceScheduler(execute, self.settings.face_batch, batch_wait_s)
+        self.scheduler = DeviceScheduler(self.settings.face_batch, batch_wait_s, start_thread=start)
+        weakref.finalize(self, self.scheduler.stop)  # the thread ends with the Restorer, or at exit
+        # Image-sized host work around device calls (the detector's resize, the parse masks'
+        # blurs): on a GPU on the request's thread, so that the device serves others meanwhile.
+        # On a CPU the device is the CPU anyway, and on the device thread the work's buffers
+        # reuse the memory glibc's main arena keeps; a request thread's arena cannot (the peak
+        # of four 40 MP images grew past the README's bound).
+        self._image_work: Callable[..., Any] = self.scheduler.call if device.type == "cpu" else _call
         # the server's admission control (predict.py); the library's own callers bring their own arrays
         self.admission = PixelBudget(self.settings.max_pixels_in_flight)
         self.runtime = Runtime(nets, device, self.settings.mixed_precision, self.settings.compile_backend)
@@ -179,10 +189,13 @@ class Restorer:
     ) -> Restorer:
         """Load (downloading if missing) the three nets onto ``device`` (CUDA if present, else CPU).
 
-        ``settings`` default to the environment's (``Settings.from_env``), read here once.
+        ``settings`` default to the environment's (``Settings.from_env``), read here once. With
+        ``Settings.require_gpu``, no usable CUDA is a ``ConfigError`` that says why.
         """
         target = pick_device(device)
         settings = settings or Settings.from_env(target.type)
+        if settings.require_gpu:
+            require_cuda(target)  # before the weights: the GPU image never serves on the CPU
         codeformer, retinaface, parsenet = weights.load_nets(weights_dir, settings)
         nets = Nets(*(net.to(target).eval() for net in (codeformer, retinaface, parsenet)))
         return cls(nets, target, settings)
@@ -215,10 +228,13 @@ class Restorer:
         )
         if key not in self._stages:
             nets = self.runtime.nets_for(options.stability, options.compile_backend, mixed_precision)
+            # a reduced-precision chunk that is not finite is computed again with the nets as loaded
+            float32 = self.runtime.safe_nets
+            batch = self.settings.face_batch
             stages = _Stages(
                 detector=FaceDetector(nets.retinaface, self.device),
-                restorer=FaceRestorer(nets.codeformer, self.device, batch_size=self.settings.face_batch),
-                parser=FaceParser(nets.parsenet, self.device, batch_size=self.settings.face_batch),
+                restorer=FaceRestorer(nets.codeformer, self.device, batch, float32.codeformer),
+                parser=FaceParser(nets.parsenet, self.device, batch, float32.parsenet),
             )
             if compiled and options.compile_backend != "none":
                 start = time.perf_counter()
@@ -278,9 +294,11 @@ class Restorer:
         """Restore every face of every image with ``options``; one result per image, in order.
 
         Raises ``InputError`` for arrays that are not images, ``ConfigError`` for options this
-        process cannot serve (``check_options``), ``ImageFailedError`` (with the image's
-        index) when an image cannot be processed, and ``RequestCancelled`` once ``cancel`` is
-        set (checked before each device call). Nothing is returned partially.
+        process cannot serve (``check_options``), ``ImageFailedError`` (with the images'
+        indices) when an image cannot be processed or the device runs out of memory for it,
+        ``DeviceBrokenError`` when the device fails for good (``codeformer.device_faults``),
+        and ``RequestCancelled`` once ``cancel`` is set (checked before each device call).
+        Nothing is returned partially.
         """
         self.check_options(options)
         for index, image in enumerate(images):
@@ -309,14 +327,20 @@ class Restorer:
                 gray = is_gray(image)
                 working, factor = to_working_image(image)
             with _timed(timings, "detect"):
-                detect = functools.partial(call.stages.detector.detect, max_faces=self.settings.max_faces)
-                detections = self.scheduler.call(detect, working, cancel=call.cancel)
+                # FaceDetector.detect in its steps: only the net's part on the device thread
+                detector = call.stages.detector
+                pixels, scale = self._image_work(detector.input_for, working, cancel=call.cancel)
+                rows = self.scheduler.call(detector.detect_rows, pixels, scale, cancel=call.cancel)
+                del pixels  # the detector's copy of the image, up to 640 x 10240 x 3, not kept to paste-back
+                detections = detector.detections(rows, self.settings.max_faces)
             with _timed(timings, "align"):
                 aligned = align_faces(working, detections)
         except RequestCancelled:
             raise
         except CodeFormerError as exc:
             raise ImageFailedError(index, str(exc)) from exc
+        except torch.OutOfMemoryError as exc:
+            raise ImageFailedError(index, out_of_memory_reason("detecting faces", exc)) from None
         if detections.dropped:
             log.warning(
                 "image %d: kept the %d highest-scoring faces, dropped %d (CODEFORMER_MAX_FACES=%d)",
@@ -342,7 +366,14 @@ class Restorer:
 
         # requests with the same nets, fidelity and precision may share the forward
         key = ("restore", id(call.stages.restorer), fidelity, call.mixed_precision)
-        restored = self.scheduler.batched(key, restore, crops, call.cancel)
+        try:
+            restored = self.scheduler.batched(key, restore, crops, call.cancel)
+        except torch.OutOfMemoryError as exc:
+            # the request's faces share one call: it fails for every image that has faces
+            with_faces = [index for index, count in enumerate(counts) if count]
+            raise ImageFailedError(
+                with_faces, out_of_memory_reason(f"restoring {total} faces", exc)
+            ) from None
         per_face_ms = (time.perf_counter() - start) * 1000.0 / total
         bounds = np.cumsum([0, *counts])
         for item, count in zip(work, counts, strict=True):
@@ -363,6 +394,10 @@ class Restorer:
                 raise
             except CodeFormerError as exc:
                 raise ImageFailedError(index, str(exc)) from exc
+            except torch.OutOfMemoryError as exc:
+                raise ImageFailedError(
+                    index, out_of_memory_reason(f"parsing {len(faces)} faces", exc)
+                ) from None
         return RestoreResult(
             image=output,
             faces=self._faces_in_input_pixels(item),
@@ -377,13 +412,16 @@ class Restorer:
         masks = None
         if call.options.profile.use_parse:
 
-            def parse(batch: np.ndarray) -> np.ndarray:
-                return call.stages.parser.masks(batch, call.mixed_precision)
+            def labels(batch: np.ndarray) -> np.ndarray:
+                return call.stages.parser.labels(batch, call.mixed_precision)
 
             with _timed(timings, "parse"):
-                # gray faces arrive as float64: they batch with gray faces only
+                # FaceParser.masks in its steps: ParseNet's labels on the device thread (gray faces
+                # arrive as float64 and batch with gray faces only), then the masks' blurs
+                check_face_batch(faces)
                 key = ("parse", id(call.stages.parser), call.mixed_precision, faces.dtype.str)
-                masks = self.scheduler.batched(key, parse, faces, call.cancel)
+                face_pixels = self.scheduler.batched(key, labels, faces, call.cancel)
+                masks = self._image_work(face_pixels_to_masks, face_pixels, cancel=call.cancel)
         with _timed(timings, "paste"):
             output = paste_faces(item.working, faces, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:

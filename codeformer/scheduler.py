@@ -3,8 +3,10 @@
 Several requests may be in ``Restorer.restore`` at once (Cog's concurrent predictions, each
 on a thread of its own). Their host work (prepare, align, paste-back) runs on their own
 threads; every torch call goes through the process's ``DeviceScheduler``, which runs them
-one at a time on its thread, so that the device never holds two requests' activations and
-a request's host work overlaps another's forward.
+one at a time on its one thread, the device thread, so that the device never holds two
+requests' activations and a request's host work overlaps another's forward. How that thread
+is started is the caller's (``start_thread``): on a CPU, a thread on glibc's main malloc
+arena (``codeformer.host_memory``).
 
 Faces batch across requests: CodeFormer and ParseNet calls that wait at the same stage with
 the same settings (fidelity, precision, input type) go into one forward, up to
@@ -14,8 +16,15 @@ for them; a lone request never waits. On a CPU the face batch is 1 (batching doe
 there, see ``config.DEFAULT_FACE_BATCH``), so no wait ever happens.
 
 A batch that fails is run again one request at a time, so that one request's bad input
-cannot fail another's. A cancelled request's jobs are dropped before they run; a job
-already running finishes (at most one forward), and its result is discarded.
+cannot fail another's. The retry runs once the failed forward's tensors are freed: an
+exception's traceback holds the frames of the call that raised it, and with them its
+tensors (a batch that ran out of device memory would otherwise retry next to its own
+activations). For the same reason an error is handed to its request without its traceback
+(an unexpected one carries the device thread's traceback as text, in a note). A sticky
+device error (``codeformer.device_faults``) is not retried: the scheduler fails every call
+from then on and hands the error to ``on_broken_device``, which stops the process.
+A cancelled request's jobs are dropped before they run; a job already running finishes (at
+most one forward), and its result is discarded.
 
 ``PixelBudget`` is the admission side: a request holds its pixels (the sum of its images'
 sizes, read from the headers) from decode to encode, and waits, in arrival order, while
@@ -26,26 +35,60 @@ always admitted. This bounds host memory whatever the number of concurrent reque
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from codeformer.errors import RequestCancelled
+from codeformer.device_faults import is_broken_device, is_out_of_memory, stop_worker
+from codeformer.errors import CodeFormerError, DeviceBrokenError, RequestCancelled
+from codeformer.host_memory import start_thread as start_plain_thread
 
 log = logging.getLogger(__name__)
 
 WAIT_SLICE_S = 0.05  # how often a waiting request looks at its cancel flag
+# how long stopping (at exit, or when the Restorer goes) waits for a call still running
+STOP_WAIT_S = 10.0
 
 
 def check_cancel(cancel: threading.Event | None) -> None:
     """Raise ``RequestCancelled`` when the request's cancel flag is set."""
     if cancel is not None and cancel.is_set():
         raise RequestCancelled("the prediction was cancelled")
+
+
+def without_frames(error: Exception) -> Exception:
+    """``error`` with its traceback, and those of the exceptions it chains, dropped; in place.
+
+    What a traceback holds (the frames of the failed call, their tensors) is freed once the
+    ``except`` block that caught ``error`` ends. An error that is not one of ours keeps where
+    it was raised as text (a note), for the log of the request that re-raises it.
+    """
+    if not isinstance(error, CodeFormerError) and not is_out_of_memory(error):
+        error.add_note("raised on the device thread:\n" + "".join(traceback.format_tb(error.__traceback__)))
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending:
+        chained = pending.pop()
+        if id(chained) not in seen:
+            seen.add(id(chained))
+            chained.__traceback__ = None
+            pending.extend(link for link in (chained.__cause__, chained.__context__) if link is not None)
+    return error
+
+
+def _attempt(function: Callable[[], Any]) -> tuple[Any, Exception | None]:
+    """(``function()``, None), or (None, its exception without frames) when it raises."""
+    try:
+        return function(), None
+    except Exception as exc:  # noqa: BLE001 - handed on: to its request, or to a retry
+        return None, without_frames(exc)
 
 
 class _Job:
@@ -61,10 +104,10 @@ class _Job:
         self.function, self.payload, self.key, self.cancel = function, payload, key, cancel
         self.size = len(payload) if key is not None else 1
         self.result: Any = None
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.done = threading.Event()
 
-    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+    def finish(self, result: Any = None, error: Exception | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
 
@@ -72,27 +115,30 @@ class _Job:
 class DeviceScheduler:
     """Runs device calls one at a time on its own thread, batching faces across callers.
 
-    ``execute(function)`` runs a zero-argument callable where the device work belongs and
-    returns its result (``ComputeThread.call`` on a CPU under glibc, a plain call elsewhere).
+    ``start_thread(run)`` starts the device thread, which runs ``run``, and returns it (by
+    default a plain daemon thread). ``on_broken_device(error)`` is called once, on the device
+    thread, after a sticky device error; by default it stops the process
+    (``device_faults.stop_worker``).
     """
 
     def __init__(
         self,
-        execute: Callable[[Callable[[], Any]], Any],
         batch_size: int,
         batch_wait_s: float,
+        on_broken_device: Callable[[Exception], None] = stop_worker,
+        start_thread: Callable[[Callable[[], None]], threading.Thread] = start_plain_thread,
     ) -> None:
-        self._execute = execute
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
+        self._on_broken_device = on_broken_device
         self._queue: list[_Job] = []
         self._condition = threading.Condition()
         self._callers = 0  # requests inside a ``caller()`` block
         self._stopping = False
+        self._broken: str | None = None  # why every call fails, after a sticky device error
         self.batches_run = 0  # forwards of batchable calls, and the jobs they served (for tests, logs)
         self.jobs_batched = 0
-        self._thread = threading.Thread(target=self._serve, name="codeformer-device", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._serve)
 
     @contextmanager
     def caller(self) -> Iterator[None]:
@@ -127,15 +173,25 @@ class DeviceScheduler:
         return self._submit(_Job(function, items, key, cancel))
 
     def stop(self) -> None:
+        """End the device thread after the calls already queued, and wait for it to end.
+
+        Waiting matters at interpreter exit: a thread that ran torch or OpenCV work and is still
+        alive while the C++ runtime tears down aborts the process ("terminate called without an
+        active exception", exit status 134).
+        """
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(STOP_WAIT_S)
 
     def _submit(self, job: _Job) -> Any:
         check_cancel(job.cancel)
         if threading.current_thread() is self._thread:
             raise RuntimeError("a device call made from the device thread would wait for itself")
         with self._condition:
+            if self._broken is not None:
+                raise DeviceBrokenError(self._broken)
             self._queue.append(job)
             self._condition.notify_all()
         job.done.wait()
@@ -201,10 +257,24 @@ class DeviceScheduler:
             self._run_alone(group[0])
             return
         sizes = [job.size for job in group]
-        try:
-            results = self._execute(lambda: group[0].function(np.concatenate([job.payload for job in group])))
-        except Exception:  # noqa: BLE001 - retried alone below: the failure stays with its request
-            log.warning("a batch of %d requests failed; running them one at a time", len(group))
+        forward = functools.partial(group[0].function, np.concatenate([job.payload for job in group]))
+        results, error = _attempt(forward)
+        del forward  # the joined batch
+        if error is not None:
+            broken = self._broken_by(error)
+            if broken is not None:
+                for job in group:
+                    job.finish(error=DeviceBrokenError(broken))
+                self._on_broken_device(error)
+                return
+            # outside the except block: the failed forward's tensors are freed by now
+            log.warning(
+                "a batch of %d requests failed (%s: %s); running them one at a time",
+                len(group),
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            del error
             for job in group:
                 self._run_alone(job)
             return
@@ -219,15 +289,39 @@ class DeviceScheduler:
         if job.cancel is not None and job.cancel.is_set():
             job.finish(error=RequestCancelled("the prediction was cancelled"))
             return
-        try:
-            if job.key is None:
-                job.finish(self._execute(job.function))
-            else:
-                job.finish(self._execute(lambda: job.function(job.payload)))
+        if self._broken is not None:  # a sticky error ended an earlier job of this group
+            job.finish(error=DeviceBrokenError(self._broken))
+            return
+        if job.key is None:
+            result, error = _attempt(job.function)
+        else:
+            result, error = _attempt(functools.partial(job.function, job.payload))
+            if error is None:
                 self.batches_run += 1
                 self.jobs_batched += 1
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request, which re-raises it
-            job.finish(error=exc)
+        broken = None if error is None else self._broken_by(error)
+        job.finish(result, error if broken is None else DeviceBrokenError(broken))
+        if broken is not None and error is not None:
+            self._on_broken_device(error)  # its request has its answer by now
+
+    def _broken_by(self, error: Exception) -> str | None:
+        """Why the device is broken if ``error`` broke it, else None.
+
+        When it did, every queued call fails, and so does every later one; the caller hands
+        ``error`` to ``on_broken_device`` once the calls that raised it have their answer.
+        """
+        if not is_broken_device(error):
+            return None
+        reason = (
+            f"the GPU failed and cannot recover ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "the worker restarts: send the request again"
+        )
+        with self._condition:
+            self._broken = reason
+            queued, self._queue = self._queue, []
+        for job in queued:
+            job.finish(error=DeviceBrokenError(reason))
+        return reason
 
 
 class PixelBudget:

@@ -207,6 +207,9 @@ def test_bench_host_reports_every_host_stage(tmp_path: Path) -> None:
     assert set(report["stages"]) == {"decode", "prepare", "align", "paste", "resize", "encode", "host"}
     assert report["side"] == 400 and report["parse"] is True and report["repeats"] == 2
     assert report["mode"] == "cmyk" and report["icc"] is True and report["decode_encode_median_ms"] > 0
+    # by default malloc is set up as a GPU process has it; the allocator changes no byte of the JPG
+    assert report["allocator"] == "gpu" and len(report["output_sha256"]) == 64
+    assert report["minor_faults_per_pass"] >= 0
 
 
 def test_profile_report_separates_timed_from_warmup_and_failures() -> None:

@@ -22,6 +22,7 @@ from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.nets.retinaface import RetinaFace
 from codeformer.runtime import Nets, Runtime
+from codeformer.stages import restore as restore_stage
 from codeformer.stages.detect import FaceDetector, prior_boxes
 from codeformer.stages.parse import FaceParser
 from codeformer.stages.restore import FaceRestorer
@@ -91,6 +92,24 @@ def run_logged(mode: FakeTensorMode, function: Callable[..., T], *args: object) 
     with mode, cuda_reported_available(), DeviceLog() as log:
         result = function(*args)
     return result, log
+
+
+@pytest.fixture
+def finiteness_checks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.device, torch.dtype]]:
+    """(device, dtype) of each output checked for non-finite values; every check passes.
+
+    A fake tensor holds no values, so the check's one host flag cannot be read: the stand-in
+    reduces on the tensor's device, as the real check does, and reports "finite".
+    """
+    checked: list[tuple[torch.device, torch.dtype]] = []
+
+    def all_finite(tensor: torch.Tensor) -> bool:
+        torch.isfinite(tensor).all()
+        checked.append((tensor.device, tensor.dtype))
+        return True
+
+    monkeypatch.setattr(restore_stage, "all_finite", all_finite)
+    return checked
 
 
 def assert_one_copy_each_way(log: DeviceLog) -> None:
@@ -183,9 +202,16 @@ def test_detector_uploads_the_image_and_downloads_the_rows_only(
 
 @pytest.mark.parametrize(("mixed_precision", "stability"), device_variants())
 def test_restorer_uploads_the_crops_and_downloads_the_faces_only(
-    runtime: Runtime, mode: FakeTensorMode, mixed_precision: bool, stability: str
+    runtime: Runtime,
+    mode: FakeTensorMode,
+    mixed_precision: bool,
+    stability: str,
+    finiteness_checks: list[tuple[torch.device, torch.dtype]],
 ) -> None:
-    """uint8 crops -> normalised RGB -> CodeFormer in two chunks -> uint8 BGR faces, on CUDA."""
+    """uint8 crops -> normalised RGB -> CodeFormer in two chunks -> uint8 BGR faces, on CUDA.
+
+    In fp16 each chunk's output is checked for non-finite values on the device.
+    """
     nets = nets_for(runtime, mode, mixed_precision, stability)
     with mode:
         restorer = FaceRestorer(nets.codeformer, CUDA, batch_size=FACE_BATCH)
@@ -194,14 +220,23 @@ def test_restorer_uploads_the_crops_and_downloads_the_faces_only(
     assert_one_copy_each_way(log)
     assert (faces.device.type, faces.dtype, faces.shape) == ("cpu", torch.uint8, crops.shape)
     assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
+    assert finiteness_checks == ([(CUDA, torch.float32)] * 2 if mixed_precision else [])
 
 
 @pytest.mark.parametrize(("mixed_precision", "stability"), device_variants(use_parse_only=True))
 @pytest.mark.parametrize("face_dtype", [torch.uint8, torch.float64])  # restored faces; gray inputs' float64
 def test_parser_uploads_the_faces_and_downloads_the_labels_only(
-    runtime: Runtime, mode: FakeTensorMode, mixed_precision: bool, stability: str, face_dtype: torch.dtype
+    runtime: Runtime,
+    mode: FakeTensorMode,
+    mixed_precision: bool,
+    stability: str,
+    face_dtype: torch.dtype,
+    finiteness_checks: list[tuple[torch.device, torch.dtype]],
 ) -> None:
-    """Normalisation, ParseNet in two chunks, argmax and the face-class lookup, on CUDA."""
+    """Normalisation, ParseNet in two chunks, argmax and the face-class lookup, on CUDA.
+
+    In fp16 each chunk's logits are checked for non-finite values on the device.
+    """
     nets = nets_for(runtime, mode, mixed_precision, stability)
     with mode:
         parser = FaceParser(nets.parsenet, CUDA, batch_size=FACE_BATCH)
@@ -210,6 +245,7 @@ def test_parser_uploads_the_faces_and_downloads_the_labels_only(
     assert_one_copy_each_way(log)
     assert (labels.device.type, labels.dtype, labels.shape) == ("cpu", torch.bool, faces.shape[:3])
     assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
+    assert finiteness_checks == ([(CUDA, torch.float16)] * 2 if mixed_precision else [])
 
 
 def test_device_log_sees_what_the_stage_tests_forbid(mode: FakeTensorMode) -> None:

@@ -247,7 +247,7 @@ def test_compile_backend_is_locked_by_the_first_optimized_request(running: Runni
 def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> None:
     """coglet runs predictions on threads of its own, whose malloc arenas map every block over
     64 MB afresh (~4.5 M page faults for a 2-face photo at baseline, measured through the
-    server). The pipeline runs on the Restorer's thread of glibc's main arena instead
+    server). The device calls run on the Restorer's device thread, on glibc's main arena instead
     (codeformer.host_memory), so the second request's activations reuse the first one's memory."""
     assert running.server.process is not None
     worker = find_worker_pid(running.server.process.pid)

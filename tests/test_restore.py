@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,8 @@ from helpers import GOLDEN_SUBSET_DIR
 
 from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
+from codeformer.nets.parsenet import PARSE_CLASSES
+from codeformer.stages.parse import FaceParser
 from codeformer.stages.restore import FaceRestorer, crops_to_tensor, tensor_to_faces
 from codeformer.tools import random_weights
 
@@ -127,6 +130,66 @@ def test_restore_mixed_precision_uses_bfloat16_autocast_on_cpu() -> None:
     assert faces.dtype == np.uint8 and faces.shape == crops.shape
     # bf16 keeps 8 bits of mantissa: a level can move by at most a few steps
     assert np.abs(faces.astype(int) - crops).max() <= 2
+
+
+class OverflowingNet(RecordingNet):
+    """RecordingNet whose reduced-precision output is NaN for faces marked by a white top-left pixel.
+
+    Stands for fp16 overflow in CodeFormer's decoder: the same faces in float32 are finite.
+    """
+
+    def __call__(self, x: torch.Tensor, w: float, adain: bool) -> tuple[torch.Tensor, None, None]:
+        out, _, _ = super().__call__(x, w, adain)
+        if torch.is_autocast_enabled("cpu"):
+            marked = (x[:, :, 0, 0] == 1.0).all(dim=1)  # (B,): white in [-1, 1]
+            out = torch.where(marked[:, None, None, None], torch.nan, out)
+        return out, None, None
+
+
+def test_a_reduced_precision_chunk_with_non_finite_output_is_computed_again_in_float32(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    crops = np.random.default_rng(3).integers(0, 255, size=(4, 512, 512, 3), dtype=np.uint8)
+    crops[2, 0, 0] = 255  # the second chunk overflows
+    net = OverflowingNet()
+    restorer = FaceRestorer(net, CPU, batch_size=2)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="codeformer.stages.restore"):
+        faces = restorer.restore(crops, fidelity=0.5, mixed_precision=True)
+    assert [(call["batch"], call["autocast"]) for call in net.calls] == [(2, True), (2, True), (2, False)]
+    float32_faces = FaceRestorer(RecordingNet(), CPU).restore(crops, 0.5)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(faces[2:], float32_faces[2:])  # recomputed, bit for bit
+    np.testing.assert_array_equal(faces[:2], restorer.restore(crops[:2], 0.5, mixed_precision=True))
+    assert [record.getMessage() for record in caplog.records] == [
+        "CodeFormer: 2 faces gave non-finite values in bfloat16; computing them again in float32"
+    ]
+
+
+def test_the_float32_recompute_uses_the_float32_net_when_one_is_given() -> None:
+    crops = np.full((1, 512, 512, 3), 255, np.uint8)  # marked: always NaN in reduced precision
+    reduced, float32 = OverflowingNet(), RecordingNet()
+    restorer = FaceRestorer(reduced, CPU, float32_net=float32)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(restorer.restore(crops, 0.5, mixed_precision=True), crops)
+    assert [call["autocast"] for call in reduced.calls] == [True]
+    assert [call["autocast"] for call in float32.calls] == [False]
+
+
+class OverflowingParseNet(torch.nn.Module):
+    """Logits that make red-ish pixels skin (class 1); NaN everywhere in reduced precision."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits = torch.zeros(x.shape[0], PARSE_CLASSES, *x.shape[2:])
+        logits[:, 1] = x[:, 0]  # RGB red in [-1, 1]: skin where it is positive
+        if torch.is_autocast_enabled("cpu"):
+            logits = torch.full_like(logits, torch.nan)
+        return logits, None, None
+
+
+def test_parse_labels_with_non_finite_logits_are_computed_again_in_float32() -> None:
+    faces = np.random.default_rng(4).integers(0, 256, size=(3, 512, 512, 3), dtype=np.uint8)
+    parser = FaceParser(OverflowingParseNet(), CPU, batch_size=2)  # type: ignore[arg-type]
+    expected = parser.labels(faces, mixed_precision=False)
+    assert 0 < expected.mean() < 1
+    np.testing.assert_array_equal(parser.labels(faces, mixed_precision=True), expected)
 
 
 def test_restore_of_no_faces_returns_an_empty_batch_without_running_the_net() -> None:

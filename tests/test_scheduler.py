@@ -7,21 +7,20 @@ joins carry a generous deadline only to turn a hang into a failure.
 
 from __future__ import annotations
 
+import gc
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
-from codeformer.errors import RequestCancelled
+from codeformer.errors import DeviceBrokenError, RequestCancelled
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 
 HANG_S = 30.0  # a join that takes this long means the scheduler hangs
-
-
-def _direct(function: Callable[[], Any]) -> Any:
-    return function()
 
 
 class Recorder:
@@ -75,7 +74,7 @@ def run_callers(scheduler: DeviceScheduler, work: list[Callable[[], Any]]) -> li
 
 
 def test_faces_of_callers_in_flight_share_one_forward_and_each_gets_its_own_results() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S)
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S)
     device = Recorder()
     items = [np.array([1.0]), np.array([2.0, 3.0]), np.array([4.0])]
     outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
@@ -90,7 +89,7 @@ def test_faces_of_callers_in_flight_share_one_forward_and_each_gets_its_own_resu
 
 
 def test_a_batch_holds_at_most_the_batch_size_and_keys_never_mix() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=2, batch_wait_s=HANG_S)
+    scheduler = DeviceScheduler(batch_size=2, batch_wait_s=HANG_S)
     device = Recorder()
     jobs = [("a", 1.0), ("a", 2.0), ("a", 3.0), ("b", 10.0)]
     outcomes = run_callers(
@@ -106,7 +105,7 @@ def test_a_batch_holds_at_most_the_batch_size_and_keys_never_mix() -> None:
 
 def test_a_lone_caller_does_not_wait_for_a_batch_to_fill() -> None:
     # a wait of an hour: the call returning at all shows nothing waited for it
-    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=3600.0)
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=3600.0)
     device = Recorder()
     [(status, result)] = run_callers(scheduler, [lambda: scheduler.batched("k", device, np.array([5.0]))])
     assert status == "ok"
@@ -115,7 +114,7 @@ def test_a_lone_caller_does_not_wait_for_a_batch_to_fill() -> None:
 
 
 def test_device_calls_run_one_at_a_time_on_one_thread() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
     device = Recorder()
     work: list[Callable[[], Any]] = [
         lambda v=v: scheduler.call(device, np.array([v])) for v in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
@@ -128,7 +127,7 @@ def test_device_calls_run_one_at_a_time_on_one_thread() -> None:
 
 
 def test_a_failing_batch_is_retried_alone_so_only_the_bad_request_fails() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=8, batch_wait_s=HANG_S)
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S)
     device = Recorder()
     items = [np.array([1.0]), np.array([-1.0]), np.array([3.0])]
     outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
@@ -143,7 +142,7 @@ def test_a_failing_batch_is_retried_alone_so_only_the_bad_request_fails() -> Non
 
 
 def test_a_cancelled_request_is_dropped_from_the_queue_and_the_others_run() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
     release = threading.Event()
     started = threading.Event()
     ran: list[str] = []
@@ -192,9 +191,146 @@ def test_a_cancelled_request_is_dropped_from_the_queue_and_the_others_run() -> N
 
 
 def test_a_device_call_from_the_device_thread_is_refused_not_deadlocked() -> None:
-    scheduler = DeviceScheduler(_direct, batch_size=1, batch_wait_s=0.0)
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
     with pytest.raises(RuntimeError, match="wait for itself"):
         scheduler.call(lambda: scheduler.call(lambda: None))
+    scheduler.stop()
+
+
+# -- failures on the device -------------------------------------------------------------------
+@pytest.fixture
+def no_cycle_collector() -> Iterator[None]:
+    """Only reference counting frees objects in the test: what it shows cannot rest on a gc pass."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+class OutOfMemoryDevice:
+    """A batchable device function that runs out of memory on batches of more than one request.
+
+    Each call first allocates its "activations" (a tensor, weakly referenced here); items of
+    ``TOO_BIG`` run out of memory even alone. Each call notes which earlier calls' activations
+    were still alive when it started.
+    """
+
+    TOO_BIG = 99.0
+
+    def __init__(self) -> None:
+        self.activations: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_start: list[int] = []
+
+    def __call__(self, items: np.ndarray) -> np.ndarray:
+        self.alive_at_start.append(sum(ref() is not None for ref in self.activations))
+        activations = torch.ones(1 << 16)
+        self.activations.append(weakref.ref(activations))
+        if len(items) > 1 or (items == self.TOO_BIG).any():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return items * 2
+
+
+@pytest.mark.usefixtures("no_cycle_collector")
+def test_a_batch_out_of_memory_is_retried_once_its_tensors_are_freed_and_fails_only_its_request() -> None:
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S)
+    device = OutOfMemoryDevice()
+    items = [np.array([1.0]), np.array([OutOfMemoryDevice.TOO_BIG]), np.array([3.0])]
+    outcomes = run_callers(scheduler, [lambda i=i: scheduler.batched("k", device, i) for i in items])
+    # one batch of three, then each request alone: no call started next to another's activations
+    assert len(device.alive_at_start) == 4
+    assert device.alive_at_start == [0, 0, 0, 0]
+    np.testing.assert_array_equal(outcomes[0][1], [2.0])
+    np.testing.assert_array_equal(outcomes[2][1], [6.0])
+    status, error = outcomes[1]
+    assert status == "error" and isinstance(error, torch.OutOfMemoryError)
+    # the request holds its error, but not the frames (and tensors) of the call that raised it
+    assert all(ref() is None for ref in device.activations)
+    frames = []
+    traceback = error.__traceback__
+    while traceback is not None:
+        frames.append(traceback.tb_frame.f_code.co_name)
+        traceback = traceback.tb_next
+    assert "__call__" not in frames
+    scheduler.stop()
+
+
+def test_an_unexpected_error_reaches_its_request_with_the_device_traceback_as_text() -> None:
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0)
+
+    def broken_stage() -> None:
+        raise KeyError("boxes")
+
+    with pytest.raises(KeyError, match="boxes") as raised:
+        scheduler.call(broken_stage)
+    assert any("broken_stage" in note for note in raised.value.__notes__)
+    scheduler.stop()
+
+
+ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ..."
+
+
+def test_a_sticky_device_error_fails_every_later_call_and_is_handed_on_once() -> None:
+    handed_on: list[BaseException] = []
+    answered = threading.Event()
+    answered_first: list[bool] = []
+
+    def stop_the_worker(error: BaseException) -> None:
+        handed_on.append(error)
+        # the process would end here: the request that met the error has its answer by then
+        answered_first.append(answered.wait(HANG_S))
+
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0, on_broken_device=stop_the_worker)
+    ran: list[str] = []
+
+    def forward() -> None:
+        ran.append("forward")
+        raise torch.AcceleratorError(ILLEGAL_ADDRESS)
+
+    with pytest.raises(DeviceBrokenError, match="cannot recover .*an illegal memory access"):
+        scheduler.call(forward)
+    answered.set()
+    while not answered_first:
+        threading.Event().wait(0.01)
+    assert answered_first == [True]
+    assert [type(error) for error in handed_on] == [torch.AcceleratorError]
+    # the device is not touched again: later calls fail at once, for every request
+    with pytest.raises(DeviceBrokenError, match="an illegal memory access"):
+        scheduler.call(lambda: ran.append("later"))
+    with pytest.raises(DeviceBrokenError):
+        scheduler.batched("k", Recorder(), np.array([1.0]))
+    assert ran == ["forward"] and len(handed_on) == 1
+    scheduler.stop()
+
+
+def test_a_sticky_error_in_a_shared_batch_is_not_retried_request_by_request() -> None:
+    handed_on: list[BaseException] = []
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S, on_broken_device=handed_on.append)
+    calls: list[int] = []
+
+    def forward(items: np.ndarray) -> np.ndarray:
+        calls.append(len(items))
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    outcomes = run_callers(
+        scheduler, [lambda v=v: scheduler.batched("k", forward, np.array([v])) for v in (1.0, 2.0)]
+    )
+    assert calls == [2]
+    assert [type(error) for _, error in outcomes] == [DeviceBrokenError, DeviceBrokenError]
+    assert len(handed_on) == 1
+    scheduler.stop()
+
+
+def test_an_error_that_leaves_the_device_usable_fails_only_its_call() -> None:
+    handed_on: list[BaseException] = []
+    scheduler = DeviceScheduler(batch_size=1, batch_wait_s=0.0, on_broken_device=handed_on.append)
+
+    def invalid_argument() -> None:
+        raise torch.AcceleratorError("CUDA error: invalid argument")
+
+    with pytest.raises(torch.AcceleratorError):
+        scheduler.call(invalid_argument)
+    assert scheduler.call(lambda: "next") == "next" and handed_on == []
     scheduler.stop()
 
 

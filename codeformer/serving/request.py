@@ -156,7 +156,7 @@ def restore_request(
         try:
             results = restorer.restore([image.pixels for image in decoded], options, cancel)
         except ImageFailedError as exc:
-            raise CodeFormerError(f"{labels[exc.index]}: {exc.reason}") from exc
+            raise CodeFormerError(f"{', '.join(labels[i] for i in exc.indices)}: {exc.reason}") from exc
         profiles = [image.icc_profile for image in decoded]  # the colour profile each output carries
         del decoded
 

@@ -205,20 +205,31 @@ class FaceDetector:
         """Faces of one uint8 BGR working image (h, w, 3), at most ``max_faces`` of them.
 
         When more are found, the highest-scoring ``max_faces`` are kept and ``dropped``
-        says how many were not.
+        says how many were not. The three steps are public so that a caller can run the
+        device part elsewhere (``codeformer.pipeline`` hands it to its scheduler).
         """
+        pixels, scale = self.input_for(image)
+        return self.detections(self.detect_rows(pixels, scale), max_faces)
+
+    @staticmethod
+    def input_for(image: np.ndarray) -> tuple[torch.Tensor, float]:
+        """Host part before the net: the (h', w', 3) uint8 detector input as a host tensor, and its scale."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise InternalError(
                 f"the detector needs a uint8 BGR image of shape (h, w, 3), got {image.dtype} "
                 f"{image.shape}; decode the input with codeformer's image reader first"
             )
-        if max_faces is not None and max_faces < 1:
-            raise InternalError(f"max_faces must be a positive number of faces or None, got {max_faces}")
-
         resized, scale = resize_for_detector(image)
         if not (resized.flags.writeable and resized.flags.c_contiguous):
             resized = resized.copy()  # torch.from_numpy needs a writable array with positive strides
-        result = self.detect_rows(torch.from_numpy(resized), scale).numpy()  # (F, 15), descending score
+        return torch.from_numpy(resized), scale
+
+    @staticmethod
+    def detections(rows: torch.Tensor, max_faces: int | None = None) -> Detections:
+        """Host part after the net: ``detect_rows``' (F, 15) rows -> ``Detections``, at most ``max_faces``."""
+        if max_faces is not None and max_faces < 1:
+            raise InternalError(f"max_faces must be a positive number of faces or None, got {max_faces}")
+        result = rows.numpy()  # (F, 15), descending score
         dropped = 0
         if max_faces is not None and len(result) > max_faces:
             dropped = len(result) - max_faces

@@ -11,6 +11,7 @@ import logging
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
 from codeformer.config import FACE_SIZE
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
@@ -52,9 +53,12 @@ class FaceParser(FaceBatchNet):
     """Runs a loaded ParseNet over restored faces and turns its labels into blend masks."""
 
     net: ParseNet
+    net_name = "ParseNet"
 
-    def __init__(self, net: ParseNet, device: torch.device, batch_size: int = 4) -> None:
-        super().__init__(net, device, batch_size)
+    def __init__(
+        self, net: ParseNet, device: torch.device, batch_size: int = 4, float32_net: ParseNet | None = None
+    ) -> None:
+        super().__init__(net, device, batch_size, float32_net)
         colormap = torch.zeros(PARSE_CLASSES, dtype=torch.bool)
         colormap[list(PARSE_FACE_CLASSES)] = True
         self._face_classes = colormap.to(device)  # class index -> kept as face
@@ -72,13 +76,17 @@ class FaceParser(FaceBatchNet):
     def labels_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
         """``labels``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) bool, both on the host."""
 
-        def forward(chunk: torch.Tensor) -> torch.Tensor:
-            logits = self.net(chunk)[0]  # (B, 19, 512, 512)
-            # first maximum wins, as NumPy's argmax; new memory: nothing held in a compiled graph's
+        def forward(net: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+            return net(chunk)[0]  # (B, 19, 512, 512) logits
+
+        def face_classes(logits: torch.Tensor) -> torch.Tensor:
+            # first maximum wins, as NumPy's argmax; new memory, taken before the next chunk runs:
+            # nothing stays in a compiled graph's memory (cudagraphs replays into it)
             return self._face_classes[logits.argmax(dim=1)]
 
         with torch.inference_mode():
-            return self._run(faces, mixed_precision, forward).cpu()  # the one device->host copy
+            # the one device->host copy
+            return self._run(faces, mixed_precision, forward, face_classes).cpu()
 
     def masks(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8 BGR (or float64 gray) faces -> (F, 512, 512) float64 masks in [0, 1].

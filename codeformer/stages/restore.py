@@ -5,6 +5,10 @@ chunks, and come back to the CPU once as uint8 BGR faces. The device part
 (``FaceRestorer.restore_tensor``) takes and returns host tensors, so that it runs on fake
 CUDA tensors in the tests. Unlike the official helper, a failing network call is not
 replaced by the input face: the error propagates.
+
+In reduced precision a chunk whose output is not finite is computed again in float32: fp16
+convolutions in CodeFormer's decoder can overflow, and a NaN survives the clamp to [-1, 1]
+and becomes arbitrary pixels.
 """
 
 from __future__ import annotations
@@ -69,16 +73,28 @@ def output_to_faces(out: torch.Tensor) -> torch.Tensor:
     return faces_bgr.contiguous().cpu()  # the one device->host copy
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of ``tensor`` is finite; reduced on its device, one flag copied back."""
+    return bool(torch.isfinite(tensor).all())
+
+
 def tensor_to_faces(out: torch.Tensor) -> np.ndarray:
     """``output_to_faces`` as a NumPy array."""
     return output_to_faces(out).numpy()
+
+
+Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class FaceBatchNet:
     """A loaded net on ``device``, run over normalised faces ``batch_size`` at a time.
 
     What the restorer and the parser share: the input normalisation (``crops_to_tensor``),
-    the chunking that bounds activation memory, and autocast when mixed precision is asked.
+    the chunking that bounds activation memory, autocast when mixed precision is asked, and
+    the float32 recompute of a reduced-precision chunk whose output is not finite.
+    ``float32_net`` computes that chunk: the same net when its weights are float32 (autocast
+    off is enough), the float32 original when ``net`` stores weights in reduced precision
+    (the runtime's optimized mixed-precision copies).
 
     When ``net`` is a ``torch.compile`` module (``compiled``), its chunks of two faces or more are
     then marked dynamic in the batch size before the first call, so that one graph serves
@@ -87,18 +103,30 @@ class FaceBatchNet:
     next chunk runs (the cudagraphs backend replays into the same memory).
     """
 
-    def __init__(self, net: nn.Module, device: torch.device, batch_size: int = 4) -> None:
+    net_name = "net"  # how the log names the net
+
+    def __init__(
+        self, net: nn.Module, device: torch.device, batch_size: int = 4, float32_net: nn.Module | None = None
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.net = net
+        self.float32_net = net if float32_net is None else float32_net
         self.device = device
         self.batch_size = batch_size
         self.compiled = isinstance(net, OptimizedModule)
 
     def _run(
-        self, faces: torch.Tensor, mixed_precision: bool, forward: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        faces: torch.Tensor,
+        mixed_precision: bool,
+        forward: Forward,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``forward`` over (F, 512, 512, 3) host BGR faces in chunks; outputs joined on the device."""
+        """``forward(net, chunk)`` over (F, 512, 512, 3) host BGR faces in chunks; joined on the device.
+
+        ``reduce`` (default: none) shrinks each chunk's output once it is known to be finite.
+        """
         precision = autocast_dtype(self.device)
         faces_in = crops_to_tensor(faces, self.device)  # (F, 3, 512, 512) float in [-1, 1]
         outputs = []
@@ -106,7 +134,16 @@ class FaceBatchNet:
             if self.compiled and len(chunk) > 1:
                 torch._dynamo.mark_dynamic(chunk, 0)
             with torch.autocast(self.device.type, dtype=precision, enabled=mixed_precision):
-                outputs.append(forward(chunk))
+                output = forward(self.net, chunk)
+            if mixed_precision and not all_finite(output):
+                logger.warning(
+                    "%s: %d faces gave non-finite values in %s; computing them again in float32",
+                    self.net_name,
+                    len(chunk),
+                    str(precision).removeprefix("torch."),
+                )
+                output = forward(self.float32_net, chunk)
+            outputs.append(output if reduce is None else reduce(output))
         return torch.cat(outputs)
 
 
@@ -114,6 +151,7 @@ class FaceRestorer(FaceBatchNet):
     """Runs a loaded CodeFormer over aligned crops; holds no per-request state."""
 
     net: CodeFormer
+    net_name = "CodeFormer"
 
     def restore(self, crops: np.ndarray, fidelity: float, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8 BGR crops -> (F, 512, 512, 3) uint8 BGR restored faces.
@@ -152,9 +190,10 @@ class FaceRestorer(FaceBatchNet):
 
         weight = self.fidelity_argument(fidelity)
 
-        def forward(chunk: torch.Tensor) -> torch.Tensor:
+        def forward(net: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+            w = weight if net is self.net else float(fidelity)  # the float32 recompute is not compiled
             # copy=True for compiled nets: out of the graph's memory before the next chunk replays
-            return self.net(chunk, w=weight, adain=True)[0].to(torch.float32, copy=self.compiled)
+            return net(chunk, w=w, adain=True)[0].to(torch.float32, copy=self.compiled)
 
         with torch.inference_mode():
             return output_to_faces(self._run(crops, mixed_precision, forward))

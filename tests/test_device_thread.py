@@ -1,0 +1,153 @@
+"""Off the CPU, the device thread does device work only: whole requests, profiled on that thread.
+
+A ``Restorer`` on the ``meta`` device takes the path a CUDA one takes (any device but the CPU),
+and the stages' device parts (``detect_rows``, ``restore_tensor``, ``labels_tensor``) are
+stand-ins that return host tensors as the real ones do, noting the thread they ran on.
+Everything else is the pipeline's own code. A profiler on the device thread records every
+OpenCV call, every NumPy array method and every call into the host stages' code there.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import codeformer.stages
+from codeformer.config import FACE_SIZE, RequestOptions, Settings
+from codeformer.pipeline import Restorer
+from codeformer.runtime import Nets
+from codeformer.stages.align import FFHQ_TEMPLATE_512
+from codeformer.stages.detect import FaceDetector
+from codeformer.stages.parse import FaceParser
+from codeformer.stages.restore import FaceRestorer
+
+CV2_FUNCTIONS = {
+    id(value): name for name, value in vars(cv2).items() if isinstance(value, types.BuiltinFunctionType)
+}
+STAGES = Path(codeformer.stages.__file__).parent
+# the host stages' modules, and the host steps of the stages that also have a device part
+HOST_MODULES = {str(STAGES / name) for name in ("prepare.py", "align.py", "paste.py", "warp.py")}
+HOST_FUNCTIONS = {"resize_for_detector", "input_for", "face_pixels_to_masks", "to_gray_faces"}
+TEMPLATE = torch.from_numpy(FFHQ_TEMPLATE_512.astype(np.float64))  # (5, 2) landmarks in the 512 crop
+
+
+class DeviceThreadProfile:
+    """``sys.setprofile`` hook for one thread: what image work ran on it."""
+
+    def __init__(self) -> None:
+        self.image_work: list[str] = []
+
+    def __call__(self, frame: FrameType, event: str, arg: object) -> None:
+        if event == "c_call":
+            if id(arg) in CV2_FUNCTIONS:
+                self.image_work.append(f"cv2.{CV2_FUNCTIONS[id(arg)]}")
+            elif isinstance(getattr(arg, "__self__", None), np.ndarray):
+                self.image_work.append(f"ndarray.{getattr(arg, '__name__', arg)}")
+        elif event == "call":
+            code = frame.f_code
+            if code.co_filename in HOST_MODULES or code.co_name in HOST_FUNCTIONS:
+                self.image_work.append(f"{Path(code.co_filename).name}:{code.co_name}")
+
+
+class StandInDevice:
+    """The stages' device parts, returning what the real ones return; notes where they ran."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def detect_rows(self, detector: FaceDetector, pixels: torch.Tensor, scale: float) -> torch.Tensor:
+        """One upright face covering half the working image's short side, in its centre.
+
+        Computed with torch, as the real rows are: NumPy here would count as image work.
+        """
+        self.threads.append(threading.current_thread())
+        height, width = (side / scale for side in pixels.shape[:2])
+        face_scale = min(height, width) / 2 / FACE_SIZE
+        landmarks = (TEMPLATE - FACE_SIZE / 2) * face_scale + torch.tensor([width / 2, height / 2])
+        box = torch.tensor([width / 4, height / 4, width * 3 / 4, height * 3 / 4, 0.99])
+        return torch.cat([box, landmarks.flatten()]).to(torch.float32)[None]  # (1, 15)
+
+    def restore_tensor(
+        self, restorer: FaceRestorer, crops: torch.Tensor, fidelity: float, mixed_precision: bool
+    ) -> torch.Tensor:
+        self.threads.append(threading.current_thread())
+        return crops.clone()  # (F, 512, 512, 3) uint8
+
+    def labels_tensor(self, parser: FaceParser, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
+        self.threads.append(threading.current_thread())
+        labels = torch.zeros(faces.shape[:3], dtype=torch.bool)
+        labels[:, 64:-64, 64:-64] = True  # the face classes inside a border
+        return labels
+
+
+@pytest.fixture
+def stand_in_device(monkeypatch: pytest.MonkeyPatch) -> StandInDevice:
+    device = StandInDevice()
+    monkeypatch.setattr(FaceDetector, "detect_rows", lambda self, *args: device.detect_rows(self, *args))
+    monkeypatch.setattr(
+        FaceRestorer, "restore_tensor", lambda self, *args: device.restore_tensor(self, *args)
+    )
+    monkeypatch.setattr(FaceParser, "labels_tensor", lambda self, *args: device.labels_tensor(self, *args))
+    return device
+
+
+@pytest.fixture
+def meta_restorer() -> Iterator[Restorer]:
+    """A Restorer on a device other than the CPU, as a CUDA one would be set up."""
+    meta = torch.device("meta")
+    nets = Nets(*(nn.Identity().to(meta) for _ in range(3)))
+    restorer = Restorer(nets, meta, Settings(mixed_precision="off", face_batch=4))
+    yield restorer
+    restorer.scheduler.stop()
+
+
+def photo(height: int, width: int, seed: int, gray: bool = False) -> np.ndarray:
+    image = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return np.repeat(image[..., :1], 3, axis=-1) if gray else image
+
+
+@pytest.mark.parametrize("profile", ["baseline", "max_speed"])
+def test_off_the_cpu_no_image_work_runs_on_the_device_thread(
+    meta_restorer: Restorer, stand_in_device: StandInDevice, profile: str
+) -> None:
+    profile_hook = DeviceThreadProfile()
+    meta_restorer.scheduler.call(sys.setprofile, profile_hook)
+    try:
+        # a large photo (its detector copy is shrunk), a small one (enlarged to work on), a gray one
+        images = [photo(1400, 1000, 1), photo(300, 400, 2), photo(700, 700, 3, gray=True)]
+        results = meta_restorer.restore(images, RequestOptions.parse(profile=profile))
+    finally:
+        meta_restorer.scheduler.call(sys.setprofile, None)
+    (device_thread,) = set(stand_in_device.threads)
+    assert device_thread is not threading.current_thread()
+    # detection per image, one restore for the request's faces, parsing per image in baseline
+    parses = len(images) if profile == "baseline" else 0
+    assert len(stand_in_device.threads) == len(images) + 1 + parses
+    assert [len(result.faces) for result in results] == [1, 1, 1]
+    assert [result.image.shape for result in results] == [image.shape for image in images]
+    assert profile_hook.image_work == []
+
+
+def test_the_profile_sees_image_work_on_the_thread_it_watches() -> None:
+    """The instrument itself: OpenCV, array methods and host-stage code are all recorded."""
+    profile_hook = DeviceThreadProfile()
+    image = photo(64, 64, 4)
+    sys.setprofile(profile_hook)
+    try:
+        cv2.resize(image, (32, 32))
+        image.astype(np.float32)
+        codeformer.stages.prepare.is_gray(image)
+    finally:
+        sys.setprofile(None)
+    assert profile_hook.image_work[:2] == ["cv2.resize", "ndarray.astype"]
+    assert "prepare.py:is_gray" in profile_hook.image_work
