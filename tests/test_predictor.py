@@ -98,7 +98,7 @@ def project_tmp() -> Iterator[Path]:
 
 # -- interface -----------------------------------------------------------------------------
 def test_inputs_have_the_documented_names_and_defaults() -> None:
-    parameters = inspect.signature(Predictor.predict).parameters
+    parameters = inspect.signature(Predictor.run).parameters
     assert list(parameters) == ["self", "images", *DEFAULTS]
     readme = (PROJECT_ROOT / "README.md").read_text()
     for name, default in DEFAULTS.items():
