@@ -1,6 +1,6 @@
 """The coglet worker's memory and faults, read from Linux /proc (benchmarks and tests).
 
-``find_worker_pid`` finds the worker (where ``predict()`` runs) below a server's pid; the
+``find_worker_pid`` finds the worker (where ``run()`` runs) below a server's pid; the
 others read one figure of a process: resident and peak memory, minor page faults, open files.
 """
 
@@ -23,7 +23,7 @@ def child_pids(pid: int) -> list[int]:
 
 
 def find_worker_pid(server_pid: int) -> int | None:
-    """The coglet worker (where predict() runs) among the server's descendants, if it is up."""
+    """The coglet worker (where run() runs) among the server's descendants, if it is up."""
     pending = [server_pid]
     while pending:
         pid = pending.pop()

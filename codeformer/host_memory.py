@@ -30,7 +30,7 @@ and unmaps it on ``free``, so every forward page-faults (and the kernel zeroes) 
 again: 1.8 M minor faults per forward. Kept in the heap, the fp32 forward took 3.2 s instead
 of 4.7 s on the 2-core CPU machines, computing the same numbers. Only the main arena can keep
 them: any other arena grows in 64 MB heaps, and a block that does not fit one is mapped with
-``mmap`` whatever ``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``predict()`` on
+``mmap`` whatever ``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``run()`` on
 threads it made before ``setup()``, each with an arena of its own: there every forward faulted
 again (golden photo 01 at baseline through the server: 4.5 M faults, 14-21 s per request
 against 10.6 s). One arena also keeps the worker from growing: freed pages pile up per arena

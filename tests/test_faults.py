@@ -6,9 +6,9 @@ Here the same faults meet the real consumers: the Cog server's setup (through
 a prediction cancelled through ``POST /predictions/{id}/cancel``, and a request with more
 faces than ``CODEFORMER_FACE_BATCH``.
 
-How coglet 0.23 cancels an async ``predict()`` (read from its worker bridge): it cancels the
-prediction's asyncio task, so ``CancelledError`` is raised where predict() awaits its
-request thread; predict() sets the request's cancel flag, which the thread reads before
+How coglet 0.23 cancels an async ``run()`` (read from its worker bridge): it cancels the
+prediction's asyncio task, so ``CancelledError`` is raised where run() awaits its
+request thread; run() sets the request's cancel flag, which the thread reads before
 each device call (``codeformer.scheduler``), and the same worker serves the next request.
 The prediction's id can be given by the client (``{"id": ..., "input": ...}`` on a sync
 ``POST /predictions``) or read from the 202 answer of a ``Prefer: respond-async`` request;
@@ -143,7 +143,7 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
         timeout_s=120,
     )
     assert worker.is_alive(), "the long prediction ended before it was seen running"
-    time.sleep(2.0)  # let predict() get into the networks (detecting the first of 4 images)
+    time.sleep(2.0)  # let run() get into the networks (detecting the first of 4 images)
 
     assert running.client.cancel(prediction_id) == 200
     worker.join(timeout=600)
@@ -151,7 +151,7 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
     canceled = PredictionResult(answer.status_code, answer.json(), 0, 0.0)
     assert canceled.status == "canceled", canceled.body
     assert canceled.output == []
-    assert "request: 4 image(s)" not in canceled.logs  # predict() did not run to its end
+    assert "request: 4 image(s)" not in canceled.logs  # run() did not run to its end
 
     # the slot is freed a moment after the canceled answer (coglet's Idle message comes later)
     wait_for(running.client.health, lambda health: health["status"] == READY, "health READY after the cancel")

@@ -149,7 +149,7 @@ def test_every_spelling_of_this_machine_is_fetched_when_private_urls_are_allowed
 
 
 def test_a_local_path_inside_the_project_is_read_alongside_a_url(running: Running) -> None:
-    # a mixed list: both reach predict() as strings; the URL is fetched by codeformer.serving.fetch
+    # a mixed list: both reach run() as strings; the URL is fetched by codeformer.serving.fetch
     with project_folder() as folder:
         (folder / "canvas.png").write_bytes(png_bytes(flat_canvas(72, 40)))
         relative = str((folder / "canvas.png").relative_to(PROJECT_ROOT))

@@ -64,7 +64,7 @@ def decoded_size(data: bytes) -> tuple[int, int]:
 
 
 def run(predictor: Predictor, images: list, **options: object) -> list[Path]:
-    """Call predict() as Cog would: every input given (in-process, the defaults are Input() objects)."""
+    """Call run() as Cog would: every input given (in-process, the defaults are Input() objects)."""
     return asyncio.run(predictor.run(images=images, **{**DEFAULTS, **options}))
 
 

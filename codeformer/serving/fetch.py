@@ -16,7 +16,7 @@ Every remote input of a request goes through ``fetch``, whoever calls ``run()``:
   declared ``Content-Length`` is even read;
 - failures raise ``InputError`` saying what happened, for the caller to prefix with the input.
 
-Cog (coglet 0.23) would otherwise fetch ``Path`` inputs itself, before ``predict()`` runs,
+Cog (coglet 0.23) would otherwise fetch ``Path`` inputs itself, before ``run()`` runs,
 with none of these limits and with errors that cannot name the input: ``defer_cog_fetching``
 makes it hand URL and data URI strings through unfetched.
 """
@@ -395,10 +395,10 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def defer_cog_fetching() -> None:
-    """Make cog hand URL and data URI strings of ``Path`` inputs to ``predict()`` unfetched.
+    """Make cog hand URL and data URI strings of ``Path`` inputs to ``run()`` unfetched.
 
     coglet normalises each ``Path`` input in the worker with ``cog.types.Path.validate``;
-    for a URL that returns a ``URLPath`` which coglet downloads before ``predict()`` runs
+    for a URL that returns a ``URLPath`` which coglet downloads before ``run()`` runs
     (when every item of a list is one), with no deadline and no size cap, and its errors
     cannot name the input. Idempotent.
     """

@@ -1,6 +1,6 @@
-"""Where ``predict()`` writes its JPGs: one temp folder per request, named after the process.
+"""Where ``run()`` writes its JPGs: one temp folder per request, named after the process.
 
-Cog reads a request's files right after ``predict()`` returns. With concurrent predictions a
+Cog reads a request's files right after ``run()`` returns. With concurrent predictions a
 new request says nothing about when another slot's files were read, so ``OutputFolders``
 keeps each folder ``OUTPUT_RETENTION_S`` after its request returned and removes it when a
 later request starts; the worker removes the rest when it exits, and a folder whose process

@@ -5,7 +5,7 @@ The Cog HTTP server (coglet) validates request inputs only when this file exists
 the image build, so this module renders the same document from ``predict.py``'s
 signature, plus ``minItems``/``maxItems`` on ``images``: Cog's ``Input()`` cannot
 express a list length, and without them an empty or oversized list would reach
-``predict()`` instead of getting a 422.
+``run()`` instead of getting a 422.
 
 Usage::
 
@@ -38,7 +38,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PREDICTOR_REF = "predict.py:Predictor"
 SCHEMA_RELATIVE_PATH = Path(".cog") / "openapi_schema.json"
 
-# List-length bounds Cog's Input() cannot declare; predict() enforces the same numbers.
+# List-length bounds Cog's Input() cannot declare; run() enforces the same numbers.
 MIN_IMAGES = 1
 MAX_IMAGES = 4
 LIST_LENGTH_BOUNDS: dict[str, tuple[int, int]] = {"images": (MIN_IMAGES, MAX_IMAGES)}
@@ -59,7 +59,7 @@ def _inspect_predictor(predictor_ref: str, project_root: Path) -> Any:
     sys.path.insert(0, str(predictor_file.parent))
     try:
         with warnings.catch_warnings():
-            # BasePredictor/predict() deprecation notices of cog 0.23 say nothing about the schema
+            # deprecation notices of cog 0.23 say nothing about the schema
             warnings.simplefilter("ignore", DeprecationWarning)
             return _inspector.create_predictor(module_name, class_name)
     finally:
