@@ -3,11 +3,10 @@
     summarize([0.8, 1.1, 0.9])
     # {"count": 3, "avg": 0.933.., "min": 0.8, "max": 1.1, "p50": 0.9, "p95": 1.08, "p99": 1.096}
 
-Percentiles interpolate linearly between the two nearest ranks (``numpy.percentile``'s
-default "linear" method, Hyndman & Fan type 7): with the samples sorted ascending as
-``x[0] .. x[n-1]``, the q-th percentile sits at rank ``(n - 1) * q / 100``. Plain Python, so
-that the soak and load scripts can use it without numpy; ``plot_cdf`` imports matplotlib
-only when a plot is asked for.
+Percentiles are ``numpy.percentile``'s default "linear" method (Hyndman & Fan type 7: with
+the samples sorted ascending as ``x[0] .. x[n-1]``, the q-th percentile sits at rank
+``(n - 1) * q / 100``, interpolated between its two neighbours), the method every figure in
+the README was computed with. ``plot_cdf`` imports matplotlib only when a plot is asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 SUMMARY_PERCENTILES = (50, 95, 99)
 SUMMARY_KEYS = ("count", "avg", "min", "max", "p50", "p95", "p99")
@@ -27,38 +28,24 @@ def _checked(values: Iterable[float]) -> list[float]:
     return samples
 
 
-def percentile(values: Iterable[float], q: float) -> float:
-    """The q-th percentile (0 <= q <= 100) of ``values``, linearly interpolated between ranks."""
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile q must be between 0 and 100, got {q}")
-    ordered = sorted(_checked(values))
-    if not ordered:
-        raise ValueError("percentile of no samples is undefined")
-    rank = (len(ordered) - 1) * q / 100.0
-    lower = math.floor(rank)
-    upper = min(lower + 1, len(ordered) - 1)
-    fraction = rank - lower
-    return ordered[lower] + (ordered[upper] - ordered[lower]) * fraction
-
-
 def summarize(values: Iterable[float]) -> dict[str, float | int | None]:
     """``count``, ``avg``, ``min``, ``max``, ``p50``, ``p95``, ``p99`` of ``values``.
 
     No samples (every request failed) gives ``count`` 0 and None for the rest, so that a
-    report can still be written and read.
+    report can still be written and read. NaN raises ``ValueError``: a failed measurement
+    must be dropped, not averaged.
     """
     samples = _checked(values)
     if not samples:
         return {"count": 0, **{key: None for key in SUMMARY_KEYS[1:]}}
-    summary: dict[str, float | int | None] = {
+    percentiles = np.percentile(samples, SUMMARY_PERCENTILES, method="linear")
+    return {
         "count": len(samples),
         "avg": math.fsum(samples) / len(samples),
         "min": min(samples),
         "max": max(samples),
+        **{f"p{q}": float(value) for q, value in zip(SUMMARY_PERCENTILES, percentiles, strict=True)},
     }
-    for q in SUMMARY_PERCENTILES:
-        summary[f"p{q}"] = percentile(samples, q)
-    return summary
 
 
 def throughput(items: int, seconds: float) -> float | None:
