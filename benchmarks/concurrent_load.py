@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-import stats
-from timed_requests import MAX_ERROR_MESSAGES, Requester, RequestSample
+from harness import MAX_ERROR_MESSAGES, Requester, RequestSample
 
 from codeformer.errors import ConfigError
 from codeformer.serving.client import ServerError
@@ -236,9 +235,11 @@ def level_report(clients: int, samples: Sequence[RequestSample], wall_s: float) 
         "error_messages": list(dict.fromkeys(s.error for s in errors if s.error))[:MAX_ERROR_MESSAGES],
         "images": images,
         "wall_s": wall_s,
-        "throughput_images_per_s": stats.throughput(images, wall_s),
-        "per_request": stats.summarize(s.latency_s for s in succeeded),
-        "predict_time": stats.summarize(s.predict_time_s for s in succeeded if s.predict_time_s is not None),
+        "throughput_images_per_s": harness.throughput(images, wall_s),
+        "per_request": harness.summarize(s.latency_s for s in succeeded),
+        "predict_time": harness.summarize(
+            s.predict_time_s for s in succeeded if s.predict_time_s is not None
+        ),
         "succeeded_per_client": [sum(1 for s in succeeded if s.client == i) for i in range(clients)],
         "samples": [asdict(s) for s in sorted(samples, key=lambda s: s.sent_at_s or 0.0)],
     }
@@ -260,7 +261,7 @@ def render(levels: dict[str, dict[str, dict[str, Any]]], server_max: int) -> str
 
 
 def latency_curves(levels: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list[float]]:
-    """Succeeded requests' latencies per (name, K), for ``stats.plot_cdf``."""
+    """Succeeded requests' latencies per (name, K), for ``harness.plot_cdf``."""
     return {
         f"{name} K={k}": [s["latency_s"] for s in r["samples"] if s["status"] == "succeeded"]
         for name, by_level in levels.items()

@@ -32,8 +32,7 @@ import harness
 import numpy as np
 from gpu_check_local import Checker
 from gpu_check_verdicts import FIDELITY, Config, Outcome, PassResult, run_passes, summaries
-from server_log import parse_stage_ms
-from timed_requests import Requester, request_options
+from harness import Requester, parse_stage_ms, request_options
 
 from codeformer.imageio import encode_jpeg
 from codeformer.serving.client import ServerError

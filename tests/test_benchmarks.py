@@ -18,13 +18,26 @@ import time
 from pathlib import Path
 
 import pytest
-import stats
 from bench_single_image import Combination, plan_combinations, winners
 from bench_stages import host_figures
-from harness import PROJECT_ROOT, command_line, free_port, portable_path
-from run_flags import batches, discover_images, split_names
-from server_log import parse_faces, parse_stage_ms, read_records, setup_info
-from timed_requests import RequestSample, profile_report
+from harness import (
+    PROJECT_ROOT,
+    RequestSample,
+    batches,
+    cdf_points,
+    command_line,
+    discover_images,
+    free_port,
+    parse_faces,
+    parse_stage_ms,
+    portable_path,
+    profile_report,
+    read_records,
+    setup_info,
+    split_names,
+    summarize,
+    throughput,
+)
 
 from codeformer.config import PROFILES, RequestOptions
 from codeformer.errors import ConfigError
@@ -48,7 +61,7 @@ def port_is_free(port: int) -> bool:
 # -- percentile and summary maths -------------------------------------------------------------
 def test_summarize_hand_computed() -> None:
     # percentiles interpolate linearly between ranks: p95 at rank 2.85 is 3 + 0.85 * (4 - 3)
-    summary = stats.summarize([4.0, 1.0, 3.0, 2.0])
+    summary = summarize([4.0, 1.0, 3.0, 2.0])
     assert summary == pytest.approx(
         {"count": 4, "avg": 2.5, "min": 1.0, "max": 4.0, "p50": 2.5, "p95": 3.85, "p99": 3.97}
     )
@@ -56,19 +69,19 @@ def test_summarize_hand_computed() -> None:
 
 
 def test_summarize_of_one_sample_is_that_sample_everywhere() -> None:
-    assert stats.summarize([7.5]) == {
+    assert summarize([7.5]) == {
         "count": 1, "avg": 7.5, "min": 7.5, "max": 7.5, "p50": 7.5, "p95": 7.5, "p99": 7.5
     }  # fmt: skip
 
 
 def test_summarize_refuses_nan() -> None:
     with pytest.raises(ValueError, match="NaN"):
-        stats.summarize([1.0, math.nan])
+        summarize([1.0, math.nan])
 
 
 def test_summarize_skewed_samples() -> None:
     # one slow request among nine fast ones: the mean moves, the median does not
-    summary = stats.summarize([1.0] * 9 + [11.0])
+    summary = summarize([1.0] * 9 + [11.0])
     assert summary["avg"] == pytest.approx(2.0)
     assert summary["p50"] == 1.0
     assert summary["p95"] == pytest.approx(6.5)  # rank 8.55: 1 + 0.55 * 10
@@ -77,16 +90,16 @@ def test_summarize_skewed_samples() -> None:
 
 
 def test_summarize_of_no_samples_has_count_zero_and_no_figures() -> None:
-    summary = stats.summarize([])
+    summary = summarize([])
     assert summary["count"] == 0
     assert set(summary) == SUMMARY_FIELDS
     assert all(summary[key] is None for key in SUMMARY_FIELDS - {"count"})
 
 
 def test_throughput_and_cdf() -> None:
-    assert stats.throughput(10, 4.0) == 2.5
-    assert stats.throughput(3, 0.0) is None
-    assert stats.cdf_points([3.0, 1.0, 2.0, 2.0]) == ([1.0, 2.0, 2.0, 3.0], [0.25, 0.5, 0.75, 1.0])
+    assert throughput(10, 4.0) == 2.5
+    assert throughput(3, 0.0) is None
+    assert cdf_points([3.0, 1.0, 2.0, 2.0]) == ([1.0, 2.0, 2.0, 3.0], [0.25, 0.5, 0.75, 1.0])
 
 
 # -- inputs, log parsing, reports --------------------------------------------------------------

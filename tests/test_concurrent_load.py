@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 from concurrent_load import StopRule, level_report, parse_levels, run_level
-from harness import PROJECT_ROOT, free_port
-from timed_requests import Requester
+from harness import PROJECT_ROOT, Requester, free_port
 
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from cog import Path as CogPath
 from conftest import set_up_predictor
+from harness import setup_info
 from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes, project_folder, recording_connections
 from PIL import Image
-from server_log import setup_info
 from weights_server import FileServer
 
 from codeformer.config import RequestOptions
