@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import concurrent_load
 import cv2
 import harness
 import numpy as np
@@ -125,10 +124,10 @@ class ServerChecker:
         label = "baseline/safe in process on cpu, JPEG round trip"
         return [decode_jpg(encode_jpeg(image)) for image in outputs], label
 
-    def sweep(self, config: Config, plan: concurrent_load.LoadPlan) -> dict[str, Any]:
+    def sweep(self, config: Config, plan: harness.LoadPlan) -> dict[str, Any]:
         """``plan``'s levels on ``config``, one photo per request, within the budget."""
         batches = [[path] for path in self.paths]
-        levels = concurrent_load.sweep(self.requester(config), batches, plan, deadline=self.local.deadline)
+        levels = harness.sweep_levels(self.requester(config), batches, plan, deadline=self.local.deadline)
         reasons = [
             f"K={k}: {level['rejected_409']} answer(s) 409 at or below the predictor's concurrency max"
             for k, level in levels.items()
@@ -138,7 +137,7 @@ class ServerChecker:
         return {
             **plan.as_report(),
             "config": config.name,
-            "results": levels,  # K -> concurrent_load.level_report
+            "results": levels,  # K -> harness.level_report
             "not_run": not_run,
             "reasons": reasons,
         }

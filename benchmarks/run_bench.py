@@ -53,7 +53,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import concurrent_load
 import harness
 from harness import RequestSample
 
@@ -92,9 +91,7 @@ def render(report: dict[str, Any]) -> str:
             f"process start -> first response {sec(cold['start_to_first_response_s'], 1)} s",
         ]
     if "concurrency" in report:  # the sweep replaced the timed rounds
-        swept = concurrent_load.render(
-            concurrent_load.swept_levels(report), report["concurrency"]["concurrency_max"]
-        )
+        swept = harness.render_levels(harness.swept_levels(report), report["concurrency"]["concurrency_max"])
         return "\n".join([*lines, "", swept])
     headers = [
         "profile", "req", "img", "faces", "req avg", "req p50", "req p95", "req p99",
@@ -135,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, help="JSON report (default benchmarks/results/run_bench_<time>.json)"
     )
     parser.add_argument("--plot", type=Path, metavar="PNG", help="latency CDF per profile (and K)")
-    concurrent_load.add_arguments(parser)
+    harness.add_concurrency_arguments(parser)
     return parser
 
 
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--batch-size must be between {MIN_IMAGES} and {MAX_IMAGES}, got {args.batch_size}"
             )
         images = harness.discover_images(args.image_dir, args.images)
-        load = concurrent_load.check_arguments(args)
+        load = harness.check_concurrency_arguments(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return harness.EXIT_BAD_SETTING
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return harness.EXIT_REQUEST_FAILED
     print(render(report))
     print(f"\nJSON: {output}" + (f"\nplot: {args.plot}" if args.plot else ""))
-    swept = concurrent_load.swept_levels(report).values()
+    swept = harness.swept_levels(report).values()
     failed = sum(p["errors"] for p in report["profiles"].values()) + sum(
         level["errors"] for levels in swept for level in levels.values()
     )
@@ -181,7 +178,7 @@ def run(
     images: list[Path],
     server_env: dict[str, str],
     output: Path,
-    load: concurrent_load.LoadPlan | None = None,
+    load: harness.LoadPlan | None = None,
 ) -> dict[str, Any]:
     """Measure every profile; writes the JSON report (also a partial one when the run aborts)."""
     image_batches = harness.batches(images, args.batch_size)
@@ -249,7 +246,7 @@ def run(
                         "warmup_requests": len(samples),
                         "warmup_errors": sum(not s.ok for s in samples),
                     }
-                    swept["levels"] = concurrent_load.sweep(requester, image_batches, load, on_request)
+                    swept["levels"] = harness.sweep_levels(requester, image_batches, load, on_request)
     except (KeyboardInterrupt, ServerError) as exc:
         report["aborted"] = f"{type(exc).__name__}: {exc}"[:4000]
         harness.write_report(report, output)
@@ -268,7 +265,7 @@ def run(
             for name, profile in report["profiles"].items()
         }
         if load is not None:
-            latencies = concurrent_load.latency_curves(concurrent_load.swept_levels(report))
+            latencies = harness.latency_curves(harness.swept_levels(report))
         harness.plot_cdf(latencies, args.plot, "request latency (s)", title)
     return report
 
