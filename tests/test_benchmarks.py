@@ -46,7 +46,7 @@ from codeformer.serving.serve import check_port_free
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"
-BENCH_HOST = PROJECT_ROOT / "benchmarks" / "bench_host.py"
+BENCH_STAGES = PROJECT_ROOT / "benchmarks" / "bench_stages.py"
 SUMMARY_FIELDS = {"count", "avg", "min", "max", "p50", "p95", "p99"}
 
 
@@ -251,12 +251,13 @@ def test_bench_stages_host_figures_count_only_the_host_stages() -> None:
 
 
 @pytest.mark.slow  # a subprocess that imports torch and runs five passes
-def test_bench_host_reports_every_host_stage(tmp_path: Path) -> None:
+def test_bench_stages_host_reports_every_host_stage(tmp_path: Path) -> None:
     output = tmp_path / "host.json"
-    arguments = ["--side", "400", "--face-px", "300", "--parse", "--repeats", "2", "--output", str(output)]
+    arguments = ["--host", "--side", "400", "--face-px", "300", "--parse", "--repeats", "2"]
+    arguments += ["--output", str(output)]
     arguments += ["--mode", "cmyk", "--icc"]  # the photo converted through its CMYK profile
     completed = subprocess.run(
-        [sys.executable, str(BENCH_HOST), *arguments], capture_output=True, text=True, timeout=120
+        [sys.executable, str(BENCH_STAGES), *arguments], capture_output=True, text=True, timeout=120
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(output.read_text())
