@@ -1,6 +1,6 @@
 """What the benchmark scripts and the tests share: ports, the local Cog server, weights,
-reports, summary statistics, the server's timings records, the flags of the HTTP benchmarks
-and their timed requests.
+reports, summary statistics, the server's timings records, the flags of the HTTP benchmarks,
+their timed requests and the concurrency levels.
 
 Every script runs by path, from any folder: ``python benchmarks/run_bench.py --help``. Python
 then puts ``benchmarks/`` on ``sys.path`` (so ``import harness`` works) but not the project
@@ -16,7 +16,8 @@ pytest puts both folders on the path (``pythonpath`` in pyproject.toml), so the 
 Sections, in order: ports; the local server; weights; reports; statistics (``summarize``:
 NumPy's linear percentiles); the server's records (``request_timings``/``setup_timings`` JSON
 lines, never the prose lines); the flags ``run_bench.py`` and ``bench_single_image.py``
-share; timed requests (``Requester``, ``run_profile``, ``profile_report``).
+share; timed requests (``Requester``, ``run_profile``, ``profile_report``); concurrency
+levels (``run_level``, ``sweep_levels``: K clients at once).
 """
 
 from __future__ import annotations
