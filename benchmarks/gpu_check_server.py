@@ -48,7 +48,10 @@ class ServerChecker:
     def __init__(
         self, args: argparse.Namespace, weights_dir: Path, paths: list[Path], deadline: float
     ) -> None:
-        self.local = Checker(args, weights_dir, paths, deadline)  # the CPU reference, in process
+        # the CPU reference, in process, on what the server is sent: the photos only (the
+        # generated cases run in process alone; with them the two output lists would not pair up)
+        photos_only = argparse.Namespace(**{**vars(args), "generated": False})
+        self.local = Checker(photos_only, weights_dir, paths, deadline)
         self.args, self.weights_dir, self.paths = args, weights_dir, paths
         self.device, self.fits = self.local.device, self.local.fits
         self.stack = contextlib.ExitStack()
