@@ -39,7 +39,7 @@ from codeformer.config import (
 from codeformer.errors import InputError, reported_as_failure
 from codeformer.serving.fetch import defer_cog_fetching
 from codeformer.serving.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
-from codeformer.serving.request import restore_request
+from codeformer.serving.request import SETUP_MARKER, record_line, restore_request
 from codeformer.serving.schema import MAX_IMAGES, MIN_IMAGES
 
 if TYPE_CHECKING:
@@ -101,7 +101,6 @@ class Predictor(BaseRunner):
             else "float32"
         )
         log.info(
-            # load=...ms warmup=...ms stay adjacent: benchmarks/server_log.py reads them
             "setup: device=%s baseline=float32 fast/max_speed=%s build=%.0fms verify=%.0fms load=%.0fms "
             "warmup=%.0fms max_pixels=%d max_pixels_in_flight=%d max_faces=%d face_batch=%d "
             "batch_wait=%gms fetch_timeout=%gs stale_output_dirs_removed=%d compile_backend=%s "
@@ -122,6 +121,16 @@ class Predictor(BaseRunner):
             self.restorer.settings.compile_backend or "unset",
             prepare_optimized_ms,
         )
+        setup_record = {
+            "device": str(self.restorer.device),
+            "build_ms": round(build_ms, 1),
+            "verify_ms": round(load_times.verify_ms, 1),
+            "load_ms": round(load_times.load_ms, 1),
+            "warmup_ms": round(warmup_ms, 1),
+            "prepare_optimized_ms": round(prepare_optimized_ms, 1),
+        }
+        # the same figures for the benchmarks to read (benchmarks/harness.py), not for people
+        log.info("%s", record_line(SETUP_MARKER, setup_record))
 
     @cog.concurrent(max=MAX_CONCURRENT_REQUESTS)
     async def run(

@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import harness
-import run_flags
-import timed_requests as timed
 from PIL import Image
 
 from codeformer.config import COMPILE_BACKENDS, CUDA_ONLY_BACKENDS, PROFILES, STABILITY_MODES
@@ -101,21 +99,21 @@ def measure(
     image: Path,
     args: argparse.Namespace,
     server_env: dict[str, str],
-    on_request: timed.Callable[[timed.RequestSample], None],
+    on_request: harness.Callable[[harness.RequestSample], None],
 ) -> dict[str, Any]:
     """Fresh server, cold request, warm-ups, timed requests; the server is stopped on return."""
-    options = timed.request_options(
+    options = harness.request_options(
         combination.profile, combination.stability_mode, combination.compile_backend or "none", args.fidelity
     )
     log_path = SERVER_LOG_DIR / f"{combination.label.replace('/', '_')}.server.log"
     with contextlib.ExitStack() as stack:
-        server = timed.start_server(args.port, server_env, log_path, args.ready_timeout, stack)
-        requester = timed.Requester(server.client, options, server)
-        first, cold = timed.send_cold(requester, [image], server, combination.profile, on_request)
-        samples, round_seconds = timed.run_profile(
+        server = harness.start_server(args.port, server_env, log_path, args.ready_timeout, stack)
+        requester = harness.Requester(server.client, options, server)
+        first, cold = harness.send_cold(requester, [image], server, combination.profile, on_request)
+        samples, round_seconds = harness.run_profile(
             requester, [[image]], args.warmup, args.repeats, on_request, first
         )
-    summary = timed.profile_report(samples, round_seconds, options)
+    summary = harness.profile_report(samples, round_seconds, options)
     return {
         **asdict(combination),
         "label": combination.label,
@@ -173,14 +171,14 @@ def render(report: dict[str, Any]) -> str:
         rows.append(
             [result["label"], sec(cold["start_to_ready_s"], 1), sec(cold["first_request_s"]) + failed]
             + [sec(cold["start_to_first_response_s"], 1), *(sec(warm[key]) for key in ("avg", "p50", "p95"))]
-            + [sec(result["warm_predict_time"]["p50"]), timed.faces_cell(result["faces"])]
+            + [sec(result["warm_predict_time"]["p50"]), harness.faces_cell(result["faces"])]
             + [str(result["errors"]), str(result["retries"])]
         )
     lines = [
         f"bench_single_image: {report['image']} ({report['image_size']}), warm-up {report['warmup']}, "
         f"repeats {report['repeats']}, fidelity {report['fidelity']}, device {report['device'] or 'unknown'}",
         report["weights"]["label"],
-        *timed.server_env_lines(report["server_env"]),
+        *harness.server_env_lines(report["server_env"]),
         "",
         harness.format_table(headers, rows),
         "(seconds; 1st req = first request after READY; warm = timed requests after the warm-ups; "
@@ -214,17 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backends", nargs="+", default=list(COMPILE_BACKENDS), help="for optimized mode (default: all)"
     )
-    run_flags.add_run_arguments(parser)
+    harness.add_run_arguments(parser)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="default: %(default)s")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = run_flags.parse_arguments(build_parser(), argv)
+    args = harness.parse_arguments(build_parser(), argv)
     try:
-        server_env, profiles = run_flags.check_run_arguments(args)
-        modes = run_flags.split_names(args.stability_modes, list(STABILITY_MODES), "--stability-modes")
-        backends = run_flags.split_names(args.backends, list(COMPILE_BACKENDS), "--backends")
+        server_env, profiles = harness.check_run_arguments(args)
+        modes = harness.split_names(args.stability_modes, list(STABILITY_MODES), "--stability-modes")
+        backends = harness.split_names(args.backends, list(COMPILE_BACKENDS), "--backends")
         if not args.image.is_file():
             raise ConfigError(f"--image: no such file {args.image}")
         with Image.open(args.image) as image:
@@ -236,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("no combination left to run: widen --profiles/--stability-modes/--backends")
     except ConfigError as exc:
         log.error("%s", exc)
-        return timed.EXIT_BAD_SETTING
+        return harness.EXIT_BAD_SETTING
 
     report: dict[str, Any] = {
         "tool": "bench_single_image",
@@ -263,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             weights = harness.choose_weights(args, stack)
             report["weights"] = weights.as_report()
             env = {**weights.env, **server_env}
-            progress, on_request = timed.progress_bar(stack, len(plan) * (max(args.warmup, 1) + args.repeats))
+            progress, on_request = harness.progress_bar(
+                stack, len(plan) * (max(args.warmup, 1) + args.repeats)
+            )
             for combination in plan:
                 progress.set_description(combination.label)
                 done_before = progress.n
@@ -282,14 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         report["best_warm"], report["best_cold"] = winners(results)
         harness.write_report(report, args.output)
         log.error("interrupted; the server was stopped; partial report in %s", args.output)
-        return timed.EXIT_INTERRUPTED
+        return harness.EXIT_INTERRUPTED
     report["finished_at"] = harness.now_iso()
     report["best_warm"], report["best_cold"] = winners(results)
     harness.write_report(report, args.output)
     print(render(report))
     print(f"\nJSON: {args.output}")
     failed = any("error" in r or r["errors"] for r in results)
-    return timed.EXIT_REQUEST_FAILED if failed else 0
+    return harness.EXIT_REQUEST_FAILED if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Each bad input comes with how the server must answer it: 422 from the schema, or
 prediction whose error names the image and says what is wrong. ``png_header_claiming``
 (a pixel-bomb header) is also sent by the tests of the input boundary. ``gray_icc_profile``
 and ``cmyk_icc_profile`` make the ICC profiles of those kinds that Pillow cannot (its
-``ImageCms.createProfile`` makes RGB, L*a*b* and XYZ ones only), for tests and bench_host.
+``ImageCms.createProfile`` makes RGB, L*a*b* and XYZ ones only), for tests and ``bench_stages.py --host``.
 """
 
 from __future__ import annotations

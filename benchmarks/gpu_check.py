@@ -72,7 +72,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import concurrent_load
 import harness
 import numpy as np
 from gpu_check_cases import Case
@@ -85,7 +84,7 @@ from codeformer.errors import ConfigError
 EXIT_FAILED, EXIT_NO_CUDA = 1, 3
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, concurrent_load.LoadPlan | None]:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, harness.LoadPlan | None]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -110,13 +109,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, concurrent_l
     parser.add_argument(
         "--big-request", action="store_true", help="also one request of four 40 MP images per configuration"
     )
-    concurrent_load.add_arguments(parser)
+    harness.add_concurrency_arguments(parser)
     parser.add_argument(
         "--sweep-config", default="baseline/safe", help="the configuration --concurrency sweeps"
     )
     args = parser.parse_args(argv)
     try:
-        load = concurrent_load.check_arguments(args)
+        load = harness.check_concurrency_arguments(args)
     except ConfigError as exc:
         parser.error(str(exc))  # exits 2
     if load is not None and not args.server:
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             print(verdict_line(outcome), flush=True)
             if load is not None and config.name == args.sweep_config and outcome.verdict == "PASS":
                 sweep = checker.sweep(config, load)
-                print(concurrent_load.render({config.name: sweep["results"]}, load.server_max), flush=True)
+                print(harness.render_levels({config.name: sweep["results"]}, load.server_max), flush=True)
                 for reason in sweep["reasons"]:
                     print(f"FAIL concurrency {reason}", flush=True)
             # after each configuration: a run stopped from outside still leaves what it measured

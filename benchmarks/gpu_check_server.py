@@ -26,14 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import concurrent_load
 import cv2
 import harness
 import numpy as np
 from gpu_check_local import Checker
 from gpu_check_verdicts import FIDELITY, Config, Outcome, PassResult, run_passes, summaries
-from server_log import parse_stage_ms
-from timed_requests import Requester, request_options
+from harness import Requester, parse_stage_ms, request_options
 
 from codeformer.imageio import encode_jpeg
 from codeformer.serving.client import ServerError
@@ -50,7 +48,10 @@ class ServerChecker:
     def __init__(
         self, args: argparse.Namespace, weights_dir: Path, paths: list[Path], deadline: float
     ) -> None:
-        self.local = Checker(args, weights_dir, paths, deadline)  # the CPU reference, in process
+        # the CPU reference, in process, on what the server is sent: the photos only (the
+        # generated cases run in process alone; with them the two output lists would not pair up)
+        photos_only = argparse.Namespace(**{**vars(args), "generated": False})
+        self.local = Checker(photos_only, weights_dir, paths, deadline)
         self.args, self.weights_dir, self.paths = args, weights_dir, paths
         self.device, self.fits = self.local.device, self.local.fits
         self.stack = contextlib.ExitStack()
@@ -126,10 +127,10 @@ class ServerChecker:
         label = "baseline/safe in process on cpu, JPEG round trip"
         return [decode_jpg(encode_jpeg(image)) for image in outputs], label
 
-    def sweep(self, config: Config, plan: concurrent_load.LoadPlan) -> dict[str, Any]:
+    def sweep(self, config: Config, plan: harness.LoadPlan) -> dict[str, Any]:
         """``plan``'s levels on ``config``, one photo per request, within the budget."""
         batches = [[path] for path in self.paths]
-        levels = concurrent_load.sweep(self.requester(config), batches, plan, deadline=self.local.deadline)
+        levels = harness.sweep_levels(self.requester(config), batches, plan, deadline=self.local.deadline)
         reasons = [
             f"K={k}: {level['rejected_409']} answer(s) 409 at or below the predictor's concurrency max"
             for k, level in levels.items()
@@ -139,7 +140,7 @@ class ServerChecker:
         return {
             **plan.as_report(),
             "config": config.name,
-            "results": levels,  # K -> concurrent_load.level_report
+            "results": levels,  # K -> harness.level_report
             "not_run": not_run,
             "reasons": reasons,
         }

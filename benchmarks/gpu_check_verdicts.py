@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import harness
 import numpy as np
-import stats
 
 HOST_STAGES = ("decode", "prepare", "align", "paste", "resize", "encode")
 DEVICE_STAGES = ("detect", "restore", "parse")
@@ -123,12 +123,12 @@ def summaries(requests: list[dict[str, float]]) -> dict[str, Any]:
     """Per-stage ms summaries, and the host and device parts as sums per request."""
     names = dict.fromkeys(stage for request in requests for stage in request)
     # a stage a request skips (resize at working size, parse in max_speed) is left out, not 0
-    per_stage = {stage: stats.summarize(r[stage] for r in requests if stage in r) for stage in names}
+    per_stage = {stage: harness.summarize(r[stage] for r in requests if stage in r) for stage in names}
     parts = {}
     for part, stages in (("host_ms", HOST_STAGES), ("device_ms", DEVICE_STAGES)):
         # a request with none of a part's stages (no log line read) has no figure, not 0 ms
         timed = [r for r in requests if any(stage in r for stage in stages)]
-        parts[part] = stats.summarize(sum(r.get(stage, 0.0) for stage in stages) for r in timed)
+        parts[part] = harness.summarize(sum(r.get(stage, 0.0) for stage in stages) for r in timed)
     return {"stages_ms": per_stage, **parts}
 
 

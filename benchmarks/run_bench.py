@@ -53,12 +53,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import concurrent_load
 import harness
-import run_flags
-import stats
-import timed_requests as timed
-from timed_requests import RequestSample
+from harness import RequestSample
 
 from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES
 from codeformer.errors import ConfigError
@@ -77,7 +73,7 @@ def render(report: dict[str, Any]) -> str:
         f"stability_mode={config['stability_mode']} "
         f"compile_backend={config['compile_backend']} fidelity={config['fidelity']}",
         report["weights"]["label"],
-        *timed.server_env_lines(config["server_env"]),
+        *harness.server_env_lines(config["server_env"]),
     ]
     if cold.get("start_to_ready_s") is None:
         lines.append(
@@ -95,16 +91,14 @@ def render(report: dict[str, Any]) -> str:
             f"process start -> first response {sec(cold['start_to_first_response_s'], 1)} s",
         ]
     if "concurrency" in report:  # the sweep replaced the timed rounds
-        swept = concurrent_load.render(
-            concurrent_load.swept_levels(report), report["concurrency"]["concurrency_max"]
-        )
+        swept = harness.render_levels(harness.swept_levels(report), report["concurrency"]["concurrency_max"])
         return "\n".join([*lines, "", swept])
     headers = [
         "profile", "req", "img", "faces", "req avg", "req p50", "req p95", "req p99",
         "img p50", "round avg", "img/s", "server p50", "errors", "retries",
     ]  # fmt: skip
     rows = [
-        [name, str(p["requests"]), str(p["images"]), timed.faces_cell(p["faces"])]
+        [name, str(p["requests"]), str(p["images"]), harness.faces_cell(p["faces"])]
         + [sec(p["per_request"][key]) for key in ("avg", "p50", "p95", "p99")]
         + [sec(p["per_image"]["p50"]), sec(p["round_totals"]["avg"]), sec(p["throughput_images_per_s"], 3)]
         + [sec(p["predict_time"]["p50"]), str(p["errors"]), str(p["retries"])]
@@ -130,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stability-mode", default="safe", choices=list(STABILITY_MODES))
     parser.add_argument("--compile-backend", default="none", choices=list(COMPILE_BACKENDS))
-    run_flags.add_run_arguments(parser)
+    harness.add_run_arguments(parser)
     parser.add_argument(
         "--server-url", help="use this running server instead of starting one (no cold start)"
     )
@@ -138,23 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, help="JSON report (default benchmarks/results/run_bench_<time>.json)"
     )
     parser.add_argument("--plot", type=Path, metavar="PNG", help="latency CDF per profile (and K)")
-    concurrent_load.add_arguments(parser)
+    harness.add_concurrency_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = run_flags.parse_arguments(build_parser(), argv)
+    args = harness.parse_arguments(build_parser(), argv)
     try:
-        server_env, profiles = run_flags.check_run_arguments(args)
+        server_env, profiles = harness.check_run_arguments(args)
         if not MIN_IMAGES <= args.batch_size <= MAX_IMAGES:
             raise ConfigError(
                 f"--batch-size must be between {MIN_IMAGES} and {MAX_IMAGES}, got {args.batch_size}"
             )
-        images = run_flags.discover_images(args.image_dir, args.images)
-        load = concurrent_load.check_arguments(args)
+        images = harness.discover_images(args.image_dir, args.images)
+        load = harness.check_concurrency_arguments(args)
     except ConfigError as exc:
         log.error("%s", exc)
-        return timed.EXIT_BAD_SETTING
+        return harness.EXIT_BAD_SETTING
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = args.output or harness.RESULTS_DIR / f"run_bench_{stamp}.json"
     try:
@@ -162,20 +156,20 @@ def main(argv: list[str] | None = None) -> int:
             report = run(args, profiles, images, server_env, output, load)
     except KeyboardInterrupt:
         log.error("interrupted; the server was stopped")
-        return timed.EXIT_INTERRUPTED
+        return harness.EXIT_INTERRUPTED
     except ConfigError as exc:
         log.error("%s", exc)
-        return timed.EXIT_BAD_SETTING
+        return harness.EXIT_BAD_SETTING
     except ServerError as exc:
         log.error("%s", exc)
-        return timed.EXIT_REQUEST_FAILED
+        return harness.EXIT_REQUEST_FAILED
     print(render(report))
     print(f"\nJSON: {output}" + (f"\nplot: {args.plot}" if args.plot else ""))
-    swept = concurrent_load.swept_levels(report).values()
+    swept = harness.swept_levels(report).values()
     failed = sum(p["errors"] for p in report["profiles"].values()) + sum(
         level["errors"] for levels in swept for level in levels.values()
     )
-    return timed.EXIT_REQUEST_FAILED if failed else 0
+    return harness.EXIT_REQUEST_FAILED if failed else 0
 
 
 def run(
@@ -184,10 +178,10 @@ def run(
     images: list[Path],
     server_env: dict[str, str],
     output: Path,
-    load: concurrent_load.LoadPlan | None = None,
+    load: harness.LoadPlan | None = None,
 ) -> dict[str, Any]:
     """Measure every profile; writes the JSON report (also a partial one when the run aborts)."""
-    image_batches = run_flags.batches(images, args.batch_size)
+    image_batches = harness.batches(images, args.batch_size)
     config = {
         key: getattr(args, key)
         for key in ("batch_size", "stability_mode", "compile_backend", "fidelity", "warmup", "repeats")
@@ -222,37 +216,37 @@ def run(
             else:
                 weights = harness.choose_weights(args, stack)
                 env, log_path = {**weights.env, **server_env}, output.with_suffix(".server.log")
-                server = timed.start_server(args.port, env, log_path, args.ready_timeout, stack)
+                server = harness.start_server(args.port, env, log_path, args.ready_timeout, stack)
                 client = server.client
             report["weights"] = weights.as_report()
             # the cold request counts as the first profile's first warm-up request
             total = max(args.warmup, 1) + (len(profiles) - 1) * args.warmup
             total += 0 if load else len(profiles) * args.repeats * len(image_batches)
-            progress, on_request = timed.progress_bar(stack, None if load else total)
+            progress, on_request = harness.progress_bar(stack, None if load else total)
             for index, profile in enumerate(profiles):
                 progress.set_description(profile)
-                options = timed.request_options(
+                options = harness.request_options(
                     profile, args.stability_mode, args.compile_backend, args.fidelity
                 )
-                requester = timed.Requester(client, options, server)
+                requester = harness.Requester(client, options, server)
                 first: RequestSample | None = None
                 if index == 0:
-                    first, report["cold"] = timed.send_cold(
+                    first, report["cold"] = harness.send_cold(
                         requester, image_batches[0], server, profile, on_request
                     )
                 repeats = 0 if load else args.repeats  # a sweep replaces the timed rounds
-                samples, round_seconds = timed.run_profile(
+                samples, round_seconds = harness.run_profile(
                     requester, image_batches, args.warmup, repeats, on_request, first
                 )
                 if load is None:
-                    report["profiles"][profile] = timed.profile_report(samples, round_seconds, options)
+                    report["profiles"][profile] = harness.profile_report(samples, round_seconds, options)
                 else:
                     swept = report["concurrency"]["profiles"][profile] = {
                         "options": options,
                         "warmup_requests": len(samples),
                         "warmup_errors": sum(not s.ok for s in samples),
                     }
-                    swept["levels"] = concurrent_load.sweep(requester, image_batches, load, on_request)
+                    swept["levels"] = harness.sweep_levels(requester, image_batches, load, on_request)
     except (KeyboardInterrupt, ServerError) as exc:
         report["aborted"] = f"{type(exc).__name__}: {exc}"[:4000]
         harness.write_report(report, output)
@@ -271,8 +265,8 @@ def run(
             for name, profile in report["profiles"].items()
         }
         if load is not None:
-            latencies = concurrent_load.latency_curves(concurrent_load.swept_levels(report))
-        stats.plot_cdf(latencies, args.plot, "request latency (s)", title)
+            latencies = harness.latency_curves(harness.swept_levels(report))
+        harness.plot_cdf(latencies, args.plot, "request latency (s)", title)
     return report
 
 

@@ -48,7 +48,6 @@ import harness
 import requests
 import worker_memory
 from generated_inputs import BAD_KINDS, flat_canvas_png, textured_png
-from stats import summarize
 
 from codeformer.serving.client import CogClient, data_uri
 from codeformer.serving.outputs import OUTPUT_DIR_PREFIX
@@ -156,16 +155,20 @@ def _window(samples: list[float], first: bool) -> list[float]:
 def latency_report(outcomes: list[Outcome], warmup: int) -> dict[str, Any]:
     """p50/p95 of the first and last 10 % of the flat-canvas requests after the warm-up."""
     flat = [o.latency_s for o in outcomes[warmup:] if o.kind == "flat" and o.verdict == "expected"]
-    report: dict[str, Any] = {"kind": "flat", "samples": len(flat), "all_after_warmup": summarize(flat)}
+    report: dict[str, Any] = {
+        "kind": "flat",
+        "samples": len(flat),
+        "all_after_warmup": harness.summarize(flat),
+    }
     if not flat:
         return report
-    first, last = summarize(_window(flat, first=True)), summarize(_window(flat, first=False))
+    first, last = harness.summarize(_window(flat, first=True)), harness.summarize(_window(flat, first=False))
     report["first_10pct"] = first
     report["last_10pct"] = last
     report["last_over_first_p50"] = last["p50"] / first["p50"] if first["p50"] else None
     report["last_over_first_p95"] = last["p95"] / first["p95"] if first["p95"] else None
     report["by_kind"] = {
-        kind: summarize([o.latency_s for o in outcomes[warmup:] if o.kind == kind])
+        kind: harness.summarize([o.latency_s for o in outcomes[warmup:] if o.kind == kind])
         for kind in sorted({o.kind for o in outcomes[warmup:]})
     }
     return report

@@ -17,23 +17,36 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import stats
 from bench_single_image import Combination, plan_combinations, winners
 from bench_stages import host_figures
-from harness import PROJECT_ROOT, command_line, free_port, portable_path
-from run_flags import batches, discover_images, split_names
-from server_log import parse_faces, parse_stage_ms
-from timed_requests import RequestSample, profile_report
+from harness import (
+    PROJECT_ROOT,
+    RequestSample,
+    batches,
+    cdf_points,
+    command_line,
+    discover_images,
+    free_port,
+    parse_faces,
+    parse_stage_ms,
+    portable_path,
+    profile_report,
+    read_records,
+    setup_info,
+    split_names,
+    summarize,
+    throughput,
+)
 
-from codeformer.config import PROFILES
+from codeformer.config import PROFILES, RequestOptions
 from codeformer.errors import ConfigError
+from codeformer.serving.request import SETUP_MARKER, TIMINGS_MARKER, record_line, timings_record
 from codeformer.serving.serve import check_port_free
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"
-BENCH_HOST = PROJECT_ROOT / "benchmarks" / "bench_host.py"
+BENCH_STAGES = PROJECT_ROOT / "benchmarks" / "bench_stages.py"
 SUMMARY_FIELDS = {"count", "avg", "min", "max", "p50", "p95", "p99"}
 
 
@@ -46,53 +59,29 @@ def port_is_free(port: int) -> bool:
 
 
 # -- percentile and summary maths -------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("q", "expected"),
-    [
-        (0, 1.0),
-        (25, 1.75),  # rank 0.75: 1 + 0.75 * (2 - 1)
-        (50, 2.5),  # rank 1.5: halfway between 2 and 3
-        (95, 3.85),  # rank 2.85: 3 + 0.85 * (4 - 3)
-        (99, 3.97),  # rank 2.97
-        (100, 4.0),
-    ],
-)
-def test_percentile_interpolates_linearly_between_ranks(q: float, expected: float) -> None:
-    assert stats.percentile([4.0, 1.0, 3.0, 2.0], q) == pytest.approx(expected)
-
-
-def test_percentile_of_uneven_gaps() -> None:
-    # sorted [0, 10, 100]; p90 sits at rank 1.8: 10 + 0.8 * 90 = 82; p50 is the middle sample
-    assert stats.percentile([100, 0, 10], 90) == pytest.approx(82.0)
-    assert stats.percentile([100, 0, 10], 50) == 10.0
-
-
-def test_percentile_matches_numpy_linear_method() -> None:
-    samples = np.random.default_rng(0).lognormal(size=37).tolist()
-    for q in (1, 33.3, 50, 95, 99):
-        assert stats.percentile(samples, q) == pytest.approx(float(np.percentile(samples, q)))
-
-
-def test_percentile_of_one_sample_is_that_sample() -> None:
-    assert stats.percentile([7.5], 99) == 7.5
-
-
-@pytest.mark.parametrize(("values", "q"), [([], 50), ([1.0], -1), ([1.0], 100.5), ([1.0, math.nan], 50)])
-def test_percentile_refuses_what_has_no_answer(values: list[float], q: float) -> None:
-    with pytest.raises(ValueError):
-        stats.percentile(values, q)
-
-
 def test_summarize_hand_computed() -> None:
-    summary = stats.summarize([4.0, 1.0, 3.0, 2.0])
+    # percentiles interpolate linearly between ranks: p95 at rank 2.85 is 3 + 0.85 * (4 - 3)
+    summary = summarize([4.0, 1.0, 3.0, 2.0])
     assert summary == pytest.approx(
         {"count": 4, "avg": 2.5, "min": 1.0, "max": 4.0, "p50": 2.5, "p95": 3.85, "p99": 3.97}
     )
+    assert all(type(summary[key]) is float for key in SUMMARY_FIELDS - {"count"})  # JSON-ready
+
+
+def test_summarize_of_one_sample_is_that_sample_everywhere() -> None:
+    assert summarize([7.5]) == {
+        "count": 1, "avg": 7.5, "min": 7.5, "max": 7.5, "p50": 7.5, "p95": 7.5, "p99": 7.5
+    }  # fmt: skip
+
+
+def test_summarize_refuses_nan() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        summarize([1.0, math.nan])
 
 
 def test_summarize_skewed_samples() -> None:
     # one slow request among nine fast ones: the mean moves, the median does not
-    summary = stats.summarize([1.0] * 9 + [11.0])
+    summary = summarize([1.0] * 9 + [11.0])
     assert summary["avg"] == pytest.approx(2.0)
     assert summary["p50"] == 1.0
     assert summary["p95"] == pytest.approx(6.5)  # rank 8.55: 1 + 0.55 * 10
@@ -101,16 +90,16 @@ def test_summarize_skewed_samples() -> None:
 
 
 def test_summarize_of_no_samples_has_count_zero_and_no_figures() -> None:
-    summary = stats.summarize([])
+    summary = summarize([])
     assert summary["count"] == 0
     assert set(summary) == SUMMARY_FIELDS
     assert all(summary[key] is None for key in SUMMARY_FIELDS - {"count"})
 
 
 def test_throughput_and_cdf() -> None:
-    assert stats.throughput(10, 4.0) == 2.5
-    assert stats.throughput(3, 0.0) is None
-    assert stats.cdf_points([3.0, 1.0, 2.0, 2.0]) == ([1.0, 2.0, 2.0, 3.0], [0.25, 0.5, 0.75, 1.0])
+    assert throughput(10, 4.0) == 2.5
+    assert throughput(3, 0.0) is None
+    assert cdf_points([3.0, 1.0, 2.0, 2.0]) == ([1.0, 2.0, 2.0, 3.0], [0.25, 0.5, 0.75, 1.0])
 
 
 # -- inputs, log parsing, reports --------------------------------------------------------------
@@ -145,26 +134,94 @@ def test_split_names_accepts_commas_and_spaces_and_rejects_unknown() -> None:
         split_names(["turbo"], list(PROFILES), "--profiles")
 
 
-def test_parse_faces_reads_the_predictors_per_image_lines() -> None:
-    logs = (
+def _request_log(images: list[dict], options: RequestOptions) -> str:
+    """A prediction's logs as the server writes them: prose lines, then the request's record."""
+    record = timings_record(images, options, 2.04, 390.0)
+    return (
         "WARNING codeformer.pipeline: image 0: kept the 1 highest-scoring faces, dropped 2\n"
-        "INFO codeformer.predict: images[1] (b (1).jpg): 64x64, faces found=0 kept=0, detect=5ms\n"
         "INFO codeformer.predict: images[0] (file.jpg): 470x192, faces found=3 kept=1, detect=9ms\n"
+        "INFO codeformer.predict: request: 2 image(s), fidelity=0.5 ...\n"
+        f"INFO codeformer.predict: {record_line(TIMINGS_MARKER, record)}\n"
     )
+
+
+TWO_IMAGES = [
+    {
+        "label": "images[0] (file.jpg)",
+        "width": 470,
+        "height": 192,
+        "faces_found": 3,
+        "faces_kept": 1,
+        "stages_ms": {"read_decode": 12.04, "detect": 40.0, "restore": 300.0, "paste": 20.0, "encode": 4.0},
+    },
+    {
+        "label": "images[1] (b (1) {x}.jpg)",  # brackets and braces in a name do not confuse the reader
+        "width": 64,
+        "height": 64,
+        "faces_found": 0,
+        "faces_kept": 0,
+        "stages_ms": {"read_decode": 3.0, "detect": 5.0, "encode": 1.0},
+    },
+]
+
+
+def test_parse_faces_reads_the_request_timings_record() -> None:
+    logs = _request_log(TWO_IMAGES, RequestOptions())
     assert parse_faces(logs, 3) == ([3, 0, None], [1, 0, None])
+    assert parse_faces("INFO codeformer.predict: images[0] (a.jpg): 1x1, faces found=1 kept=1", 1) == (
+        [None],
+        [None],
+    )  # prose alone is not read
 
 
-def test_parse_stage_ms_reads_each_images_stages_and_leaves_out_the_total() -> None:
-    logs = (
-        "INFO codeformer.predict: images[1] (b.jpg): 64x64, faces found=0 kept=0, "
-        "read_decode=3ms detect=5ms encode=1ms, total=9ms\n"
-        "INFO codeformer.predict: images[0] (a.jpg): 470x192, faces found=3 kept=1, "
-        "read_decode=12ms detect=40ms restore=300ms paste=20ms encode=4ms, total=376ms\n"
-    )
-    stages = parse_stage_ms(logs, 3)
-    assert stages[0] == {"read_decode": 12, "detect": 40, "restore": 300, "paste": 20, "encode": 4}
+def test_parse_stage_ms_reads_each_images_stages_rounded_to_a_tenth() -> None:
+    stages = parse_stage_ms(_request_log(TWO_IMAGES, RequestOptions()), 3)
+    assert stages[0] == {"read_decode": 12.0, "detect": 40, "restore": 300, "paste": 20, "encode": 4}
+    assert list(stages[0]) == ["read_decode", "detect", "restore", "paste", "encode"]  # the order they ran
     assert stages[1] == {"read_decode": 3, "detect": 5, "encode": 1}
     assert stages[2] == {}  # not logged: no figures rather than zeros
+
+
+def test_the_last_request_record_in_a_log_is_read() -> None:
+    first = _request_log(TWO_IMAGES[:1], RequestOptions())
+    second = _request_log([TWO_IMAGES[1]], RequestOptions.parse(profile="fast", stability="optimized"))
+    [record] = read_records(second, TIMINGS_MARKER)
+    assert record["options"] == {
+        "fidelity": 0.5,
+        "profile": "fast",
+        "stability": "optimized",
+        "compile_backend": RequestOptions().compile_backend,
+    }
+    assert record["admission_wait_ms"] == 2.0 and record["wall_ms"] == 390.0
+    assert len(read_records(first + second, TIMINGS_MARKER)) == 2
+    assert parse_faces(first + second, 1) == ([0], [0])
+
+
+def test_setup_info_reads_the_setup_record() -> None:
+    record = {"device": "cuda:0", "build_ms": 1.0, "verify_ms": 2.0, "load_ms": 2792.0, "warmup_ms": 45546.0}
+    server_log = f"INFO codeformer.predict: setup: device=cuda:0 ...\n{record_line(SETUP_MARKER, record)}\n"
+    assert setup_info(server_log) == {"device": "cuda:0", "setup_load_s": 2.792, "setup_warmup_s": 45.546}
+    assert setup_info("INFO codeformer.predict: setup: device=cpu load=1ms warmup=2ms") == {}
+
+
+def test_records_are_read_from_the_servers_own_log_too() -> None:
+    # coglet writes each worker line into its log as a JSON object, quotes escaped
+    setup = {"device": "cpu", "load_ms": 10.0, "warmup_ms": 20.0}
+    lines = [
+        {"level": "INFO", "fields": {"message": "starting"}, "target": "coglet::setup"},
+        {
+            "level": "INFO",
+            "fields": {
+                "message": f"INFO codeformer.predict: {record_line(SETUP_MARKER, setup)}",
+                "source": "Stderr",
+            },
+            "target": "coglet::setup",
+        },
+    ]
+    server_log = "\n".join(json.dumps(line) for line in lines) + "\n"
+    server_log += _request_log(TWO_IMAGES, RequestOptions())  # a line outside any JSON wrapper
+    assert setup_info(server_log) == {"device": "cpu", "setup_load_s": 0.01, "setup_warmup_s": 0.02}
+    assert parse_faces(server_log, 2) == ([3, 0], [1, 0])
 
 
 def _sample(
@@ -194,12 +251,13 @@ def test_bench_stages_host_figures_count_only_the_host_stages() -> None:
 
 
 @pytest.mark.slow  # a subprocess that imports torch and runs five passes
-def test_bench_host_reports_every_host_stage(tmp_path: Path) -> None:
+def test_bench_stages_host_reports_every_host_stage(tmp_path: Path) -> None:
     output = tmp_path / "host.json"
-    arguments = ["--side", "400", "--face-px", "300", "--parse", "--repeats", "2", "--output", str(output)]
+    arguments = ["--host", "--side", "400", "--face-px", "300", "--parse", "--repeats", "2"]
+    arguments += ["--output", str(output)]
     arguments += ["--mode", "cmyk", "--icc"]  # the photo converted through its CMYK profile
     completed = subprocess.run(
-        [sys.executable, str(BENCH_HOST), *arguments], capture_output=True, text=True, timeout=120
+        [sys.executable, str(BENCH_STAGES), *arguments], capture_output=True, text=True, timeout=120
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads(output.read_text())

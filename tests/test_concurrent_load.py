@@ -1,4 +1,5 @@
-"""benchmarks/concurrent_load.py and ``run_bench.py --concurrency``: levels, counting, one real run.
+"""The concurrency levels (benchmarks/harness.py), ``run_bench.py --concurrency``: levels, counting,
+one real run.
 
 The counting tests use a stand-in server (a few lines of http.server with a fixed number of
 slots, answering 409 beyond them) so that they run in a second; the last test sends real
@@ -17,9 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from concurrent_load import StopRule, level_report, parse_levels, run_level
-from harness import PROJECT_ROOT, free_port
-from timed_requests import Requester
+from harness import PROJECT_ROOT, Requester, StopRule, free_port, level_report, parse_levels, run_level
 
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient

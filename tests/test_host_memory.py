@@ -103,7 +103,7 @@ import torch
 from torch import nn
 sys.path.insert(0, "benchmarks")
 import harness
-from bench_host import host_pass, one_face, square_photo
+from bench_stages import host_pass, one_face, square_photo
 from codeformer.config import Settings
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
@@ -129,7 +129,7 @@ print(concurrent.futures.ThreadPoolExecutor(1).submit(faults_per_request).result
 @pytest.mark.slow  # fresh interpreters that import the pipeline and run 13 host passes each
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_off_the_cpu_the_host_work_of_a_request_reuses_the_memory_of_the_last_one() -> None:
-    """A one-face 1 MP request's host stages (benchmarks/bench_host.py's pass) on a request thread."""
+    """A one-face 1 MP request's host stages (benchmarks/bench_stages.py --host pass) on a request thread."""
 
     def faults_per_request(retained_memory_mb: int) -> float:
         completed = subprocess.run(

@@ -15,11 +15,14 @@ Each input is a string (or a ``pathlib.Path``):
 Admission: a request holds its images' pixels (from their headers) from decode to encode
 (``Restorer.admission``); a cancel (the ``cancel`` event) stops it at its next device call.
 Logs: ``request: admitted ...`` when its work starts, one line per image with its faces and
-per-stage milliseconds, and one line for the request.
+per-stage milliseconds, one line for the request, and the same figures once more as one
+machine-readable line, ``request_timings {json}`` (``timings_record``), which the benchmarks
+read instead of parsing the prose lines.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import re
@@ -27,7 +30,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from codeformer.config import PROJECT_ROOT, RequestOptions
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
@@ -38,6 +41,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("codeformer.predict")
 
+# the first word of the JSON lines: ``request_timings {...}`` per request (below) and
+# ``setup_timings {...}`` once per server (predict.py's setup)
+TIMINGS_MARKER = "request_timings"
+SETUP_MARKER = "setup_timings"
 URL_LIKE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 Item = str | pathlib.Path
 
@@ -111,6 +118,36 @@ def _stage_summary(timings: dict[str, float]) -> str:
     return " ".join(f"{stage}={ms:.0f}ms" for stage, ms in timings.items())
 
 
+def record_line(marker: str, record: dict[str, Any]) -> str:
+    """``<marker> {json}`` on one line (JSON escapes newlines): how a record is logged."""
+    return f"{marker} {json.dumps(record, separators=(',', ':'))}"
+
+
+def timings_record(
+    images: Sequence[dict[str, Any]], options: RequestOptions, admission_wait_ms: float, wall_ms: float
+) -> dict[str, Any]:
+    """One request's figures as a JSON-ready dict: what the ``request_timings`` line holds.
+
+    ``images``: per input, in order, ``label``, ``width``, ``height``, ``faces_found``,
+    ``faces_kept`` and ``stages_ms`` (stage -> milliseconds, in the order the stages ran).
+    Milliseconds are rounded to 0.1 ms; the prose lines round the same figures to 1 ms.
+    """
+    return {
+        "images": [
+            {**image, "stages_ms": {stage: round(ms, 1) for stage, ms in image["stages_ms"].items()}}
+            for image in images
+        ],
+        "admission_wait_ms": round(admission_wait_ms, 1),
+        "wall_ms": round(wall_ms, 1),
+        "options": {
+            "fidelity": options.fidelity,
+            "profile": options.profile.name,
+            "stability": options.stability.name,
+            "compile_backend": options.compile_backend if options.stability.compiled else None,
+        },
+    }
+
+
 def restore_request(
     restorer: Restorer,
     items: Sequence[object],
@@ -161,12 +198,23 @@ def restore_request(
         del decoded
 
         jpgs: list[bytes] = []
+        image_records: list[dict[str, Any]] = []
         for result, label, profile, timings in zip(results, labels, profiles, stage_ms, strict=True):
             start = time.perf_counter()
             jpgs.append(encode_jpeg(result.image, icc_profile=profile))
             timings.update(result.timings)
             timings["encode"] = (time.perf_counter() - start) * 1000.0
             height, width = result.image.shape[:2]
+            image_records.append(
+                {
+                    "label": label,
+                    "width": width,
+                    "height": height,
+                    "faces_found": len(result.faces) + result.faces_dropped,
+                    "faces_kept": len(result.faces),
+                    "stages_ms": dict(timings),
+                }
+            )
             log.info(
                 "%s: %dx%d, faces found=%d kept=%d, %s, total=%.0fms",
                 label,
@@ -177,6 +225,7 @@ def restore_request(
                 _stage_summary(timings),
                 sum(timings.values()),
             )
+    wall_ms = (time.perf_counter() - request_start) * 1000.0
     log.info(
         "request: %d image(s), fidelity=%s profile=%s stability=%s%s, admission_wait=%.0fms, wall=%.0fms",
         len(items),
@@ -185,6 +234,7 @@ def restore_request(
         options.stability.name,
         f" compile_backend={options.compile_backend}" if options.stability.compiled else "",
         admission_ms,
-        (time.perf_counter() - request_start) * 1000.0,
+        wall_ms,
     )
+    log.info("%s", record_line(TIMINGS_MARKER, timings_record(image_records, options, admission_ms, wall_ms)))
     return jpgs
