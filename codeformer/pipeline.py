@@ -33,12 +33,12 @@ from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, In
 from codeformer.host_memory import device_thread_starter
 from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
-from codeformer.stages.align import AlignedFaces, align_faces
+from codeformer.stages.align import AlignedFaces, align_faces, check_face_batch
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
 from codeformer.stages.parse import FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
-from codeformer.stages.restore import FaceRestorer, check_face_batch
+from codeformer.stages.restore import RESTORED_FACE_DTYPES, FaceRestorer
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ class Restorer:
             with _timed(timings, "parse"):
                 # FaceParser.masks in its steps: ParseNet's labels on the device thread (gray faces
                 # arrive as float64 and batch with gray faces only), then the masks' blurs
-                check_face_batch(faces)
+                check_face_batch(faces, "faces", RESTORED_FACE_DTYPES)
                 key = ("parse", id(call.stages.parser), call.mixed_precision, faces.dtype.str)
                 face_pixels = self.scheduler.batched(key, labels, faces, call.cancel)
                 masks = self._image_work(face_pixels_to_masks, face_pixels, cancel=call.cancel)

@@ -205,17 +205,9 @@ def test_restore_propagates_network_errors_instead_of_returning_the_input() -> N
         FaceRestorer(RecordingNet(fail=True), CPU).restore(crops, 0.5)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("crops", "fidelity"),
-    [
-        (np.zeros((1, 256, 256, 3), np.uint8), 0.5),
-        (np.zeros((512, 512, 3), np.uint8), 0.5),
-        (np.zeros((1, 512, 512, 3), np.float32), 0.5),
-        (np.zeros((1, 512, 512, 3), np.uint8), 1.5),
-        (np.zeros((1, 512, 512, 3), np.uint8), float("nan")),
-    ],
-)
-def test_restore_rejects_malformed_crops_as_internal_errors(crops: np.ndarray, fidelity: float) -> None:
+@pytest.mark.parametrize("fidelity", [1.5, float("nan")])
+def test_restore_rejects_malformed_fidelity_as_internal_errors(fidelity: float) -> None:
+    crops = np.zeros((1, 512, 512, 3), np.uint8)
     with pytest.raises(InternalError):
         FaceRestorer(RecordingNet(), CPU).restore(crops, fidelity)  # type: ignore[arg-type]
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from codeformer.config import FACE_SIZE
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
-from codeformer.stages.restore import FaceBatchNet, check_face_batch
+from codeformer.stages.align import check_face_batch
+from codeformer.stages.restore import RESTORED_FACE_DTYPES, FaceBatchNet
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class FaceParser(FaceBatchNet):
         Spec §6.3 step 9 a–f: ParseNet labels, then ``face_pixels_to_masks``.
         ``mixed_precision`` runs ParseNet under autocast (bfloat16 on CPU, float16 on CUDA).
         """
-        check_face_batch(faces)
+        check_face_batch(faces, "faces", RESTORED_FACE_DTYPES)
         masks = face_pixels_to_masks(self.labels(faces, mixed_precision))
         logger.debug("parsed %d faces (mixed_precision=%s)", len(faces), mixed_precision)
         return masks

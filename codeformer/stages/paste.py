@@ -33,7 +33,8 @@ import numpy as np
 
 from codeformer.config import FACE_SIZE
 from codeformer.errors import InternalError
-from codeformer.stages.restore import check_face_batch
+from codeformer.stages.align import check_face_batch
+from codeformer.stages.restore import RESTORED_FACE_DTYPES
 from codeformer.stages.warp import Region, warp_into_region
 
 MASK_EROSION_KERNEL = np.ones((2, 2), np.uint8)  # 2·upscale square, upscale 1
@@ -154,20 +155,7 @@ def _check_paste_inputs(
         raise InternalError(
             f"image must be the (H, W, 3) uint8 working image, got {image.dtype} {image.shape}"
         )
-    check_face_batch(faces)
-    if inverse_affines.shape != (len(faces), 2, 3):
-        raise InternalError(
-            f"inverse_affines must be ({len(faces)}, 2, 3), one per face, got {inverse_affines.shape}"
-        )
-    determinants = (
-        inverse_affines[:, 0, 0] * inverse_affines[:, 1, 1]
-        - inverse_affines[:, 0, 1] * inverse_affines[:, 1, 0]
-    )
-    if not np.all(np.isfinite(inverse_affines)) or np.any(np.abs(determinants) < 1e-12):
-        raise InternalError(
-            "inverse_affines must be finite and invertible (a face of non-zero size), "
-            f"got determinants {determinants.tolist()} (align_faces returns them)"
-        )
+    check_face_batch(faces, "faces", RESTORED_FACE_DTYPES)
     if parse_masks is not None and (
         parse_masks.shape != (len(faces), FACE_SIZE, FACE_SIZE) or parse_masks.dtype != np.float64
     ):
@@ -187,7 +175,8 @@ def paste_faces(
 
     image: (H, W, 3) uint8 BGR working image (not modified).
     faces: (F, 512, 512, 3) uint8 BGR, or float64 for gray inputs (spec §5.5).
-    inverse_affines: (F, 2, 3) float64 face -> image matrices (upscale 1: no extra offset).
+    inverse_affines: (F, 2, 3) float64 face -> image matrices (upscale 1: no extra offset), one per
+        face, finite and invertible: ``AlignedFaces.inverse_affines``, checked when built.
     parse_masks: (F, 512, 512) float64 in [0, 1] from ``FaceParser.masks``, or None for the
         no-parsing path (§6.4).
     Returns a new (H, W, 3) uint8 image, equal to the official full-canvas result.

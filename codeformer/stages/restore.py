@@ -32,18 +32,6 @@ logger = logging.getLogger(__name__)
 RESTORED_FACE_DTYPES = (np.uint8, np.float64)
 
 
-def check_face_batch(
-    faces: np.ndarray, name: str = "faces", dtypes: tuple[type, ...] = RESTORED_FACE_DTYPES
-) -> None:
-    """Raise ``InternalError`` unless ``faces`` is an (F, 512, 512, 3) array of one of ``dtypes``."""
-    if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype not in dtypes:
-        kinds = " or ".join(np.dtype(dtype).name for dtype in dtypes)
-        raise InternalError(
-            f"{name} must be an (F, {FACE_SIZE}, {FACE_SIZE}, 3) {kinds} array (aligned crops are uint8, "
-            f"restored faces uint8 or, for gray inputs, float64), got {faces.dtype} {faces.shape}"
-        )
-
-
 def crops_to_tensor(crops: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """(F, 512, 512, 3) uint8 (or float64) BGR -> (F, 3, 512, 512) float32 RGB in [-1, 1] on ``device``.
 
@@ -156,10 +144,12 @@ class FaceRestorer(FaceBatchNet):
     def restore(self, crops: np.ndarray, fidelity: float, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8 BGR crops -> (F, 512, 512, 3) uint8 BGR restored faces.
 
+        The crops are ``AlignedFaces.crops`` (checked when built), or several images' crops
+        joined by the scheduler: they are not checked again here.
+
         ``fidelity`` is CodeFormer's w in [0, 1]; ``mixed_precision`` runs the network under
         autocast (bfloat16 on CPU, float16 on CUDA).
         """
-        check_face_batch(crops, "crops", (np.uint8,))
         if not 0.0 <= fidelity <= 1.0:  # also rejects NaN
             raise InternalError(
                 f"fidelity must be between 0 and 1, got {fidelity}; validate the request's "
