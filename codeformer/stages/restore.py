@@ -22,7 +22,6 @@ from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 
 from codeformer.config import FACE_SIZE
-from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.runtime import autocast_dtype, divide_exactly
 
@@ -147,14 +146,10 @@ class FaceRestorer(FaceBatchNet):
         The crops are ``AlignedFaces.crops`` (checked when built), or several images' crops
         joined by the scheduler: they are not checked again here.
 
-        ``fidelity`` is CodeFormer's w in [0, 1]; ``mixed_precision`` runs the network under
+        ``fidelity`` is CodeFormer's w in [0, 1] (``RequestOptions.fidelity``, checked there);
+        ``mixed_precision`` runs the network under
         autocast (bfloat16 on CPU, float16 on CUDA).
         """
-        if not 0.0 <= fidelity <= 1.0:  # also rejects NaN
-            raise InternalError(
-                f"fidelity must be between 0 and 1, got {fidelity}; validate the request's "
-                "codeformer_fidelity with RequestOptions.parse first"
-            )
         if len(crops) == 0:
             return np.empty((0, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
 
