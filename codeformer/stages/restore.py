@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,11 +25,30 @@ from torch._dynamo.eval_frame import OptimizedModule
 from codeformer.config import FACE_SIZE
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.runtime import autocast_dtype, divide_exactly
+from codeformer.stages.align import check_face_batch
 
 logger = logging.getLogger(__name__)
 
 # Restored faces are uint8, or float64 once a gray input's faces are made gray (spec §5.5)
 RESTORED_FACE_DTYPES = (np.uint8, np.float64)
+
+
+@dataclass(frozen=True)
+class RestoredFaces:
+    """The restored faces of one working image, in ``AlignedFaces`` order: parsing's and paste-back's input.
+
+    Checked once, when built (the pipeline builds one per image from ``FaceRestorer.restore``'s
+    output, which the scheduler may have computed together with other images' faces): the
+    parser and paste-back take the faces as they are. ``InternalError`` when malformed.
+    """
+
+    faces: np.ndarray  # (F, 512, 512, 3) uint8 BGR, or float64 once a gray input's faces are made gray
+
+    def __post_init__(self) -> None:
+        check_face_batch(self.faces, "faces", RESTORED_FACE_DTYPES)
+
+    def __len__(self) -> int:
+        return int(self.faces.shape[0])
 
 
 def crops_to_tensor(crops: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
