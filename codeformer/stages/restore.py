@@ -167,8 +167,7 @@ class FaceRestorer(FaceBatchNet):
         joined by the scheduler: they are not checked again here.
 
         ``fidelity`` is CodeFormer's w in [0, 1] (``RequestOptions.fidelity``, checked there);
-        ``mixed_precision`` runs the network under
-        autocast (bfloat16 on CPU, float16 on CUDA).
+        ``mixed_precision`` runs the network under autocast (bfloat16 on CPU, float16 on CUDA).
         """
         if len(crops) == 0:
             return np.empty((0, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
