@@ -77,8 +77,10 @@ from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 from codeformer.stages.align import FFHQ_TEMPLATE_512, align_faces
 from codeformer.stages.detect import Detections
+from codeformer.stages.parse import FaceMasks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
+from codeformer.stages.restore import RestoredFaces
 from tests import official_recipe  # the tests' oracle, timed here as the "official" row
 
 PROJECT_ROOT = harness.PROJECT_ROOT
@@ -202,7 +204,8 @@ def host_pass(
     marks.append(("prepare", time.perf_counter()))
     aligned = align_faces(working, detections)
     marks.append(("align", time.perf_counter()))
-    output = paste_faces(working, aligned.crops, aligned.inverse_affines, parse_masks)
+    masks = None if parse_masks is None else FaceMasks(parse_masks)
+    output = paste_faces(working, RestoredFaces(aligned.crops), aligned.inverse_affines, masks)
     marks.append(("paste", time.perf_counter()))
     if output.shape[:2] != image.shape[:2]:
         output = cv2.resize(output, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)

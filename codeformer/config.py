@@ -66,12 +66,20 @@ DEFAULT_COMPILE_BACKEND = "none"
 
 @dataclass(frozen=True)
 class RequestOptions:
-    """The per-request choices, validated: parsed once per request, then passed through."""
+    """The per-request choices, validated: parsed once per request, then passed through.
+
+    The fidelity's range is checked when built, however built (``parse`` or the
+    constructor), so that the stages take ``fidelity`` as it is.
+    """
 
     fidelity: float = DEFAULT_FIDELITY
     profile: Profile = PROFILES[DEFAULT_PROFILE]
     stability: Stability = STABILITY_MODES[DEFAULT_STABILITY]
     compile_backend: str = DEFAULT_COMPILE_BACKEND
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fidelity <= 1.0:  # also rejects NaN
+            raise InputError(f"codeformer_fidelity must be between 0 and 1, got {self.fidelity}")
 
     @classmethod
     def parse(
@@ -88,8 +96,6 @@ class RequestOptions:
             raise InputError(
                 f"codeformer_fidelity must be a number between 0 and 1, got {fidelity!r}"
             ) from None
-        if not 0.0 <= fidelity <= 1.0:  # also rejects NaN
-            raise InputError(f"codeformer_fidelity must be between 0 and 1, got {fidelity}")
         if profile not in PROFILES:
             raise InputError(f"runtime_profile must be one of {', '.join(PROFILES)}; got {profile!r}")
         if stability not in STABILITY_MODES:

@@ -35,10 +35,10 @@ from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
-from codeformer.stages.parse import FaceParser, face_pixels_to_masks
+from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
-from codeformer.stages.restore import FaceRestorer, check_face_batch
+from codeformer.stages.restore import FaceRestorer, RestoredFaces
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class Restorer:
         restore = stages.restorer.restore
         restored = self.scheduler.call(restore, canvas[None], options.fidelity, mixed_precision)
         if options.profile.use_parse:
-            self.scheduler.call(stages.parser.masks, restored, mixed_precision)
+            self.scheduler.call(stages.parser.masks, RestoredFaces(restored), mixed_precision)
         return (time.perf_counter() - start) * 1000.0
 
     def restore(
@@ -351,12 +351,16 @@ class Restorer:
             )
         return _ImageWork(working, factor, gray, detections, aligned, timings)
 
-    def _restore_faces(self, work: list[_ImageWork], call: _Call) -> list[np.ndarray]:
-        """Run CodeFormer over the faces of all images at once; returns per-image face arrays."""
+    def _restore_faces(self, work: list[_ImageWork], call: _Call) -> list[RestoredFaces]:
+        """Run CodeFormer over the faces of all images at once; returns each image's ``RestoredFaces``.
+
+        The faces go to the scheduler as one bare (F, 512, 512, 3) array, which it may join
+        with other requests' faces; each image's share is typed (and checked) once, here.
+        """
         counts = [len(item.aligned) for item in work]
         total = sum(counts)
         if total == 0:
-            return [item.aligned.crops for item in work]
+            return [RestoredFaces(item.aligned.crops) for item in work]
         start = time.perf_counter()
         crops = np.concatenate([item.aligned.crops for item in work])
         fidelity = call.options.fidelity
@@ -378,10 +382,10 @@ class Restorer:
         bounds = np.cumsum([0, *counts])
         for item, count in zip(work, counts, strict=True):
             item.timings["restore"] = per_face_ms * count
-        return [restored[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [RestoredFaces(restored[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _finish(
-        self, index: int, image: np.ndarray, item: _ImageWork, faces: np.ndarray, call: _Call
+        self, index: int, image: np.ndarray, item: _ImageWork, faces: RestoredFaces, call: _Call
     ) -> RestoreResult:
         timings = item.timings
         if len(faces) == 0:
@@ -406,9 +410,9 @@ class Restorer:
             timings=timings,
         )
 
-    def _paste(self, image: np.ndarray, item: _ImageWork, faces: np.ndarray, call: _Call) -> np.ndarray:
+    def _paste(self, image: np.ndarray, item: _ImageWork, faces: RestoredFaces, call: _Call) -> np.ndarray:
         timings = item.timings
-        faces = to_gray_faces(faces) if item.gray else faces
+        restored = RestoredFaces(to_gray_faces(faces.faces)) if item.gray else faces
         masks = None
         if call.options.profile.use_parse:
 
@@ -418,12 +422,11 @@ class Restorer:
             with _timed(timings, "parse"):
                 # FaceParser.masks in its steps: ParseNet's labels on the device thread (gray faces
                 # arrive as float64 and batch with gray faces only), then the masks' blurs
-                check_face_batch(faces)
-                key = ("parse", id(call.stages.parser), call.mixed_precision, faces.dtype.str)
-                face_pixels = self.scheduler.batched(key, labels, faces, call.cancel)
-                masks = self._image_work(face_pixels_to_masks, face_pixels, cancel=call.cancel)
+                key = ("parse", id(call.stages.parser), call.mixed_precision, restored.faces.dtype.str)
+                face_pixels = self.scheduler.batched(key, labels, restored.faces, call.cancel)
+                masks = FaceMasks(self._image_work(face_pixels_to_masks, face_pixels, cancel=call.cancel))
         with _timed(timings, "paste"):
-            output = paste_faces(item.working, faces, item.aligned.inverse_affines, masks)
+            output = paste_faces(item.working, restored, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:
             with _timed(timings, "resize"):
                 output = cv2.resize(output, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)

@@ -36,6 +36,13 @@ def test_fidelity_out_of_range_is_refused(fidelity: object) -> None:
         RequestOptions.parse(fidelity=fidelity)
 
 
+@pytest.mark.parametrize("fidelity", [-0.1, 1.5, float("nan")])
+def test_options_built_directly_refuse_fidelity_out_of_range(fidelity: float) -> None:
+    """Checked when built, however built: the restorer takes ``options.fidelity`` as it is."""
+    with pytest.raises(InputError, match="codeformer_fidelity"):
+        RequestOptions(fidelity=fidelity)
+
+
 @pytest.mark.parametrize(
     ("field", "kwargs"),
     [

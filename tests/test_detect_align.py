@@ -276,6 +276,39 @@ def test_rejects_images_that_are_not_uint8_bgr(image: np.ndarray) -> None:
 # --- alignment geometry ------------------------------------------------------------------------
 
 
+def aligned_faces_fields(count: int = 1) -> dict[str, np.ndarray]:
+    """Well-formed ``AlignedFaces`` fields for ``count`` faces: grey crops, identity transforms."""
+    identity = np.tile(np.eye(2, 3), (count, 1, 1))
+    return {
+        "crops": np.zeros((count, FACE_SIZE, FACE_SIZE, 3), np.uint8),
+        "affines": identity,
+        "inverse_affines": identity.copy(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("crops", np.zeros((1, 256, 256, 3), np.uint8), "crops"),
+        ("crops", np.zeros((512, 512, 3), np.uint8), "crops"),
+        ("crops", np.zeros((1, 512, 512, 3), np.float32), "crops"),
+        ("affines", np.zeros((1, 3, 3)), "affines"),
+        ("inverse_affines", np.zeros((2, 2, 3)), "inverse_affines"),
+        ("inverse_affines", np.zeros((1, 2, 3)), "invertible"),
+        ("inverse_affines", np.full((1, 2, 3), np.nan), "invertible"),
+    ],
+)
+def test_aligned_faces_reject_malformed_fields_as_internal_errors(
+    field: str, value: np.ndarray, match: str
+) -> None:
+    """Checked once, when built: restore and paste-back take the crops and transforms as they are."""
+    from codeformer.errors import InternalError
+
+    with pytest.raises(InternalError, match=match):
+        AlignedFaces(**{**aligned_faces_fields(), field: value})
+    assert len(AlignedFaces(**aligned_faces_fields(2))) == 2
+
+
 def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
     cos, sin = scale * math.cos(angle), scale * math.sin(angle)
     return np.array([[cos, -sin, tx], [sin, cos, ty]], dtype=np.float64)

@@ -17,9 +17,10 @@ from codeformer.errors import InternalError
 from codeformer.nets.parsenet import ParseNet
 from codeformer.pipeline import to_gray_faces
 from codeformer.stages import paste, warp
-from codeformer.stages.parse import FaceParser, face_pixels_to_masks
+from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import to_working_image
+from codeformer.stages.restore import RestoredFaces
 from codeformer.stages.warp import Region, warp_into_region
 from codeformer.tools import random_weights
 
@@ -49,6 +50,14 @@ def random_masks(rng: np.random.Generator, count: int) -> np.ndarray:
     """(count, 512, 512) parse masks from random blobs, through the official post-processing."""
     face_pixels = np.stack([smooth_noise(rng, (FACE, FACE), 6) > 0.45 for _ in range(count)])
     return face_pixels_to_masks(face_pixels)
+
+
+def paste_arrays(
+    image: np.ndarray, faces: np.ndarray, inverse_affines: np.ndarray, parse_masks: np.ndarray | None
+) -> np.ndarray:
+    """``paste_faces`` on bare arrays, typed as the restore and parse stages hand them over."""
+    masks = None if parse_masks is None else FaceMasks(parse_masks)
+    return paste_faces(image, RestoredFaces(faces), inverse_affines, masks)
 
 
 CANVAS_HW = (700, 900)
@@ -128,7 +137,7 @@ def test_region_paste_equals_full_canvas(use_parse: bool, gray: bool, seed: int)
         faces = to_gray_faces(faces)
     masks = parse_masks if use_parse else None
     reference = reference_paste(image, faces, inverse_affines, masks)
-    ours = paste_faces(image, faces, inverse_affines, masks)
+    ours = paste_arrays(image, faces, inverse_affines, masks)
     assert ours.dtype == np.uint8 and ours.shape == image.shape
     assert reference.dtype == np.uint8  # no value leaves [0, 255] here
     max_difference, fraction = compare(ours, reference, f"seed {seed} gray={gray} parse={use_parse}")
@@ -144,10 +153,10 @@ def test_region_paste_smooth_faces_single_and_repeated() -> None:
         one = slice(index, index + 1)
         reference = reference_paste(image, faces[one], inverse_affines[one], parse_masks[one])
         assert np.array_equal(
-            paste_faces(image, faces[one], inverse_affines[one], parse_masks[one]), reference
+            paste_arrays(image, faces[one], inverse_affines[one], parse_masks[one]), reference
         )
-    first = paste_faces(image, faces, inverse_affines, parse_masks)
-    second = paste_faces(image, faces, inverse_affines, parse_masks)
+    first = paste_arrays(image, faces, inverse_affines, parse_masks)
+    second = paste_arrays(image, faces, inverse_affines, parse_masks)
     assert np.array_equal(first, second)  # no state carried between calls
     assert np.array_equal(image, image_before)
     assert not np.array_equal(first, image)
@@ -157,7 +166,7 @@ def test_gray_faces_out_of_range_are_clipped_not_wrapped() -> None:
     """AdaIN-recoloured gray faces can leave [0, 255]; our output clips where the official wraps."""
     image, faces, inverse_affines, parse_masks = synthetic_case(4, noise_faces=False)
     gray = to_gray_faces(faces[:2]) * 1.6 - 60.0  # roughly [-60, 350]
-    ours = paste_faces(image, gray, inverse_affines[:2], parse_masks[:2])
+    ours = paste_arrays(image, gray, inverse_affines[:2], parse_masks[:2])
     canvas = reference_canvas(image, gray, inverse_affines[:2], parse_masks[:2])
     expected = np.clip(canvas, 0, 255).astype(np.uint8)
     assert canvas.max() > 256 and canvas.min() < 0
@@ -166,28 +175,12 @@ def test_gray_faces_out_of_range_are_clipped_not_wrapped() -> None:
 
 def test_zero_faces_return_a_copy() -> None:
     image = np.random.default_rng(5).integers(0, 256, (40, 60, 3), dtype=np.uint8)
-    out = paste_faces(image, np.zeros((0, FACE, FACE, 3), np.uint8), np.zeros((0, 2, 3)), None)
+    out = paste_arrays(image, np.zeros((0, FACE, FACE, 3), np.uint8), np.zeros((0, 2, 3)), None)
     assert np.array_equal(out, image) and out is not image and not np.shares_memory(out, image)
-    out_parse = paste_faces(
+    out_parse = paste_arrays(
         image, np.zeros((0, FACE, FACE, 3), np.uint8), np.zeros((0, 2, 3)), np.zeros((0, FACE, FACE))
     )
     assert np.array_equal(out_parse, image)
-
-
-def test_paste_rejects_malformed_inputs() -> None:
-    image = np.zeros((64, 64, 3), np.uint8)
-    faces = np.zeros((1, FACE, FACE, 3), np.uint8)
-    affine = similarity(0.1, 0.0, 5.0, 5.0)[None]
-    with pytest.raises(InternalError, match="inverse_affines"):
-        paste_faces(image, faces, np.zeros((2, 2, 3)), None)
-    with pytest.raises(InternalError, match="faces"):
-        paste_faces(image, faces.astype(np.float32), affine, None)
-    with pytest.raises(InternalError, match="parse_masks"):
-        paste_faces(image, faces, affine, np.zeros((1, FACE, FACE), np.float32))
-    with pytest.raises(InternalError, match="invertible"):
-        paste_faces(image, faces, np.zeros((1, 2, 3)), None)
-    with pytest.raises(InternalError, match="image"):
-        paste_faces(image[..., 0], faces, affine, None)
 
 
 @pytest.mark.parametrize("side", [20, 40, 60, 100])
@@ -319,7 +312,7 @@ def test_pasting_the_unchanged_crop_changes_little() -> None:
         untouched[paste._face_region(ia, canvas_hw).slices] = False
     full_masks = face_pixels_to_masks(np.ones((2, FACE, FACE), bool))
     for masks in (None, full_masks):
-        out = paste_faces(image, crops, inverse_affines, masks)
+        out = paste_arrays(image, crops, inverse_affines, masks)
         difference = np.abs(out.astype(int) - image).max(axis=2)
         logger.info("unchanged crop: max %d, fraction %.2e", difference.max(), np.mean(difference > 0))
         assert difference[~rim].max() <= 1
@@ -345,8 +338,8 @@ def test_face_parser_matches_the_plain_recipe(parse_net: ParseNet) -> None:
     faces = np.stack([(smooth_noise(rng, (FACE, FACE, 3), 8) * 255).astype(np.uint8) for _ in range(2)])
     gray = to_gray_faces(faces[:1])
     parser = FaceParser(parse_net, torch.device("cpu"), batch_size=2)
-    masks = parser.masks(faces)
-    gray_masks = parser.masks(gray)
+    masks = parser.masks(RestoredFaces(faces)).masks
+    gray_masks = parser.masks(RestoredFaces(gray)).masks
     assert masks.shape == (2, FACE, FACE) and masks.dtype == np.float64
     assert masks.min() >= 0.0 and masks.max() <= 1.0
     for face, mask in [(faces[0], masks[0]), (faces[1], masks[1]), (gray[0], gray_masks[0])]:
@@ -359,11 +352,21 @@ def test_face_parser_matches_the_plain_recipe(parse_net: ParseNet) -> None:
         assert np.abs(mask - expected).max() < 1e-3  # batched convolutions may flip a rare argmax
 
 
-def test_face_parser_rejects_bad_faces(parse_net: ParseNet) -> None:
+def test_face_parser_takes_no_faces(parse_net: ParseNet) -> None:
     parser = FaceParser(parse_net, torch.device("cpu"))
-    with pytest.raises(InternalError, match="faces"):
-        parser.masks(np.zeros((1, 256, 256, 3), np.uint8))
-    assert parser.masks(np.zeros((0, FACE, FACE, 3), np.uint8)).shape == (0, FACE, FACE)
+    empty = parser.masks(RestoredFaces(np.zeros((0, FACE, FACE, 3), np.uint8)))
+    assert empty.masks.shape == (0, FACE, FACE) and len(empty) == 0
+
+
+@pytest.mark.parametrize(
+    "masks",
+    [np.zeros((1, FACE, FACE), np.float32), np.zeros((FACE, FACE)), np.zeros((1, 256, 256))],
+    ids=["float32", "one_mask", "small"],
+)
+def test_face_masks_reject_malformed_masks_as_internal_errors(masks: np.ndarray) -> None:
+    """Checked once, when built: paste-back takes the masks as they are."""
+    with pytest.raises(InternalError, match="parse masks"):
+        FaceMasks(masks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,8 +404,9 @@ def test_golden_paste_parity(
 ) -> None:
     folder = GOLDEN_PHOTOS[photo]
     image, faces, inverse_affines = read_case(folder, suffix)
-    masks = FaceParser(parse_net, torch.device("cpu")).masks(faces) if use_parse else None
-    ours = paste_faces(image, faces, inverse_affines, masks)
+    restored = RestoredFaces(faces)
+    masks = FaceParser(parse_net, torch.device("cpu")).masks(restored) if use_parse else None
+    ours = paste_faces(image, restored, inverse_affines, masks)
     expected = cv2.imread(str(folder / expected_name), cv2.IMREAD_UNCHANGED)
     assert ours.shape == expected.shape and expected.dtype == np.uint8
     difference = np.abs(ours.astype(np.int32) - expected)

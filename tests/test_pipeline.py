@@ -106,9 +106,15 @@ def test_bad_options_are_refused_before_any_work(restorer_seed0: Restorer, kwarg
         restorer_seed0.restore([np.zeros((8, 8, 3), np.uint8)], RequestOptions.parse(**kwargs))
 
 
-def test_non_image_arrays_are_refused(restorer_seed0: Restorer) -> None:
+@pytest.mark.parametrize(
+    "image",
+    [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8, 3), np.float32)],
+    ids=["gray", "bgra", "float"],
+)
+def test_non_image_arrays_are_refused(restorer_seed0: Restorer, image: np.ndarray) -> None:
+    """The pipeline's one image check: the stages after it (paste-back included) take the image as it is."""
     with pytest.raises(InputError, match=r"image 1: expected an \(H, W, 3\) uint8"):
-        restorer_seed0.restore([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)])
+        restorer_seed0.restore([np.zeros((8, 8, 3), np.uint8), image])
 
 
 def test_optimized_runtime_compiles_once_and_locks_its_backend(one_face: Restorer) -> None:

@@ -15,7 +15,7 @@ from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES
 from codeformer.stages.parse import FaceParser
-from codeformer.stages.restore import FaceRestorer, crops_to_tensor, tensor_to_faces
+from codeformer.stages.restore import FaceRestorer, RestoredFaces, crops_to_tensor, tensor_to_faces
 from codeformer.tools import random_weights
 
 CPU = torch.device("cpu")
@@ -206,18 +206,23 @@ def test_restore_propagates_network_errors_instead_of_returning_the_input() -> N
 
 
 @pytest.mark.parametrize(
-    ("crops", "fidelity"),
+    "faces",
     [
-        (np.zeros((1, 256, 256, 3), np.uint8), 0.5),
-        (np.zeros((512, 512, 3), np.uint8), 0.5),
-        (np.zeros((1, 512, 512, 3), np.float32), 0.5),
-        (np.zeros((1, 512, 512, 3), np.uint8), 1.5),
-        (np.zeros((1, 512, 512, 3), np.uint8), float("nan")),
+        np.zeros((1, 256, 256, 3), np.uint8),
+        np.zeros((512, 512, 3), np.uint8),
+        np.zeros((1, 512, 512, 3), np.float32),
     ],
+    ids=["small", "one_face", "float32"],
 )
-def test_restore_rejects_malformed_crops_as_internal_errors(crops: np.ndarray, fidelity: float) -> None:
-    with pytest.raises(InternalError):
-        FaceRestorer(RecordingNet(), CPU).restore(crops, fidelity)  # type: ignore[arg-type]
+def test_restored_faces_reject_malformed_faces_as_internal_errors(faces: np.ndarray) -> None:
+    """Checked once, when built: the parser and paste-back take the faces as they are."""
+    with pytest.raises(InternalError, match="faces"):
+        RestoredFaces(faces)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float64])  # float64: a gray input's faces
+def test_restored_faces_take_colour_and_gray_faces(dtype: type) -> None:
+    assert len(RestoredFaces(np.zeros((2, 512, 512, 3), dtype))) == 2
 
 
 # Golden parity: the official pipeline's restored face 0 of photo 01, under seed-0 random weights.

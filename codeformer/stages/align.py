@@ -38,13 +38,47 @@ class AlignmentError(CodeFormerError):
     """No similarity transform could be fitted to a face's landmarks."""
 
 
+def check_face_batch(faces: np.ndarray, name: str, dtypes: tuple[type, ...]) -> None:
+    """Raise ``InternalError`` unless ``faces`` is an (F, 512, 512, 3) array of one of ``dtypes``.
+
+    What the typed stage results (``AlignedFaces``, ``RestoredFaces``) check once, when
+    built, so that the stages that take them need not check again.
+    """
+    if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype not in dtypes:
+        kinds = " or ".join(np.dtype(dtype).name for dtype in dtypes)
+        raise InternalError(
+            f"{name} must be an (F, {FACE_SIZE}, {FACE_SIZE}, 3) {kinds} array (aligned crops are uint8, "
+            f"restored faces uint8 or, for gray inputs, float64), got {faces.dtype} {faces.shape}"
+        )
+
+
 @dataclass(frozen=True)
 class AlignedFaces:
-    """The aligned crops of one working image and the transforms between image and crop."""
+    """The aligned crops of one working image and the transforms between image and crop.
+
+    Checked once, when built (``align_faces`` builds it): restore and paste-back take the
+    crops and the inverse transforms as they are. ``InternalError`` when a field has the
+    wrong shape or type, or a face cannot be mapped back (a transform of zero size).
+    """
 
     crops: np.ndarray  # (F, 512, 512, 3) uint8 BGR
     affines: np.ndarray  # (F, 2, 3) float64, working image -> crop
     inverse_affines: np.ndarray  # (F, 2, 3) float64, crop -> working image
+
+    def __post_init__(self) -> None:
+        check_face_batch(self.crops, "crops", (np.uint8,))
+        for name, transforms in (("affines", self.affines), ("inverse_affines", self.inverse_affines)):
+            if transforms.shape != (len(self), 2, 3):
+                raise InternalError(
+                    f"{name} must be ({len(self)}, 2, 3), one per face, got {transforms.shape}"
+                )
+        inverse = self.inverse_affines
+        determinants = inverse[:, 0, 0] * inverse[:, 1, 1] - inverse[:, 0, 1] * inverse[:, 1, 0]
+        if not np.all(np.isfinite(inverse)) or np.any(np.abs(determinants) < 1e-12):
+            raise InternalError(
+                "inverse_affines must be finite and invertible (a face of non-zero size), "
+                f"got determinants {determinants.tolist()}"
+            )
 
     def __len__(self) -> int:
         return int(self.crops.shape[0])

@@ -1,12 +1,13 @@
 """Face parsing (spec §6.3 step 9 a–f): ParseNet labels of each restored face -> blend mask.
 
-The masks limit paste-back to skin, features and hair (``paste_faces``'s ``parse_masks``);
+The masks limit paste-back to skin, features and hair (``FaceMasks``, ``paste_faces``' ``masks``);
 the ``max_speed`` profile skips this stage (§6.4).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 from torch import nn
 
 from codeformer.config import FACE_SIZE
+from codeformer.errors import InternalError
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
-from codeformer.stages.restore import FaceBatchNet, check_face_batch
+from codeformer.stages.restore import FaceBatchNet, RestoredFaces
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,31 @@ PARSE_BLUR_KSIZE = 101  # the parse mask is blurred twice with a 101x101, sigma 
 PARSE_BLUR_SIGMA = 11
 PARSE_BLUR_PASSES = 2
 PARSE_BORDER_ZERO_PX = 10  # then a 10-px band on every side is zeroed
+
+
+@dataclass(frozen=True)
+class FaceMasks:
+    """The blend masks of one image's restored faces, in ``RestoredFaces`` order: where paste-back writes.
+
+    Checked once, when built (``FaceParser.masks``, or the pipeline around its steps):
+    paste-back takes the masks as they are. ``InternalError`` when malformed.
+    """
+
+    masks: np.ndarray  # (F, 512, 512) float64 in [0, 1] (``face_pixels_to_masks``)
+
+    def __post_init__(self) -> None:
+        if (
+            self.masks.ndim != 3
+            or self.masks.shape[1:] != (FACE_SIZE, FACE_SIZE)
+            or self.masks.dtype != np.float64
+        ):
+            raise InternalError(
+                f"parse masks must be an (F, {FACE_SIZE}, {FACE_SIZE}) float64 array (face_pixels_to_masks), "
+                f"got {self.masks.dtype} {self.masks.shape}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
 
 
 def face_pixels_to_masks(face_pixels: np.ndarray) -> np.ndarray:
@@ -88,13 +115,12 @@ class FaceParser(FaceBatchNet):
             # the one device->host copy
             return self._run(faces, mixed_precision, forward, face_classes).cpu()
 
-    def masks(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
-        """(F, 512, 512, 3) uint8 BGR (or float64 gray) faces -> (F, 512, 512) float64 masks in [0, 1].
+    def masks(self, faces: RestoredFaces, mixed_precision: bool = False) -> FaceMasks:
+        """One image's restored faces -> their (F, 512, 512) float64 blend masks in [0, 1].
 
         Spec §6.3 step 9 a–f: ParseNet labels, then ``face_pixels_to_masks``.
         ``mixed_precision`` runs ParseNet under autocast (bfloat16 on CPU, float16 on CUDA).
         """
-        check_face_batch(faces)
-        masks = face_pixels_to_masks(self.labels(faces, mixed_precision))
+        masks = FaceMasks(face_pixels_to_masks(self.labels(faces.faces, mixed_precision)))
         logger.debug("parsed %d faces (mixed_precision=%s)", len(faces), mixed_precision)
         return masks

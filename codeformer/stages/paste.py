@@ -32,8 +32,8 @@ import cv2
 import numpy as np
 
 from codeformer.config import FACE_SIZE
-from codeformer.errors import InternalError
-from codeformer.stages.restore import check_face_batch
+from codeformer.stages.parse import FaceMasks
+from codeformer.stages.restore import RestoredFaces
 from codeformer.stages.warp import Region, warp_into_region
 
 MASK_EROSION_KERNEL = np.ones((2, 2), np.uint8)  # 2·upscale square, upscale 1
@@ -146,53 +146,26 @@ def _blend_dtype(mask_dtype: np.dtype, face_dtype: np.dtype, canvas_dtype: np.dt
     return (mask * face + (1 - mask) * canvas).dtype
 
 
-def _check_paste_inputs(
-    image: np.ndarray, faces: np.ndarray, inverse_affines: np.ndarray, parse_masks: np.ndarray | None
-) -> None:
-    """Our own stages' outputs, in the shapes paste-back needs; ``InternalError`` otherwise."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise InternalError(
-            f"image must be the (H, W, 3) uint8 working image, got {image.dtype} {image.shape}"
-        )
-    check_face_batch(faces)
-    if inverse_affines.shape != (len(faces), 2, 3):
-        raise InternalError(
-            f"inverse_affines must be ({len(faces)}, 2, 3), one per face, got {inverse_affines.shape}"
-        )
-    determinants = (
-        inverse_affines[:, 0, 0] * inverse_affines[:, 1, 1]
-        - inverse_affines[:, 0, 1] * inverse_affines[:, 1, 0]
-    )
-    if not np.all(np.isfinite(inverse_affines)) or np.any(np.abs(determinants) < 1e-12):
-        raise InternalError(
-            "inverse_affines must be finite and invertible (a face of non-zero size), "
-            f"got determinants {determinants.tolist()} (align_faces returns them)"
-        )
-    if parse_masks is not None and (
-        parse_masks.shape != (len(faces), FACE_SIZE, FACE_SIZE) or parse_masks.dtype != np.float64
-    ):
-        raise InternalError(
-            f"parse_masks must be ({len(faces)}, {FACE_SIZE}, {FACE_SIZE}) float64 (FaceParser.masks) "
-            f"or None, got {parse_masks.dtype} {parse_masks.shape}"
-        )
-
-
 def paste_faces(
     image: np.ndarray,
-    faces: np.ndarray,
+    restored: RestoredFaces,
     inverse_affines: np.ndarray,
-    parse_masks: np.ndarray | None,
+    masks: FaceMasks | None,
 ) -> np.ndarray:
     """Blend restored faces into the working image in order (spec §6.3–§6.6).
 
-    image: (H, W, 3) uint8 BGR working image (not modified).
-    faces: (F, 512, 512, 3) uint8 BGR, or float64 for gray inputs (spec §5.5).
-    inverse_affines: (F, 2, 3) float64 face -> image matrices (upscale 1: no extra offset).
-    parse_masks: (F, 512, 512) float64 in [0, 1] from ``FaceParser.masks``, or None for the
-        no-parsing path (§6.4).
+    image: (H, W, 3) uint8 BGR working image (not modified), from an input the pipeline's
+        entry checked (``Restorer.restore``, ``decode_image``).
+    restored: the (F, 512, 512, 3) uint8 BGR faces, or float64 for gray inputs (spec §5.5).
+    inverse_affines: (F, 2, 3) float64 face -> image matrices (upscale 1: no extra offset), one per
+        face, finite and invertible: ``AlignedFaces.inverse_affines``, checked when built.
+    masks: the faces' (F, 512, 512) float64 parse masks in [0, 1] (``FaceParser.masks``), or
+        None for the no-parsing path (§6.4).
+    Every input was checked where it was built; none is checked again here.
     Returns a new (H, W, 3) uint8 image, equal to the official full-canvas result.
     """
-    _check_paste_inputs(image, faces, inverse_affines, parse_masks)
+    faces = restored.faces
+    parse_masks = None if masks is None else masks.masks
     canvas_hw = image.shape[:2]
     # The official img is the whole canvas, turned floating point by the first face. Outside
     # the face regions it keeps the image's values exactly, so we keep only what the faces

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,9 +23,9 @@ from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 
 from codeformer.config import FACE_SIZE
-from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.runtime import autocast_dtype, divide_exactly
+from codeformer.stages.align import check_face_batch
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +33,22 @@ logger = logging.getLogger(__name__)
 RESTORED_FACE_DTYPES = (np.uint8, np.float64)
 
 
-def check_face_batch(
-    faces: np.ndarray, name: str = "faces", dtypes: tuple[type, ...] = RESTORED_FACE_DTYPES
-) -> None:
-    """Raise ``InternalError`` unless ``faces`` is an (F, 512, 512, 3) array of one of ``dtypes``."""
-    if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype not in dtypes:
-        kinds = " or ".join(np.dtype(dtype).name for dtype in dtypes)
-        raise InternalError(
-            f"{name} must be an (F, {FACE_SIZE}, {FACE_SIZE}, 3) {kinds} array (aligned crops are uint8, "
-            f"restored faces uint8 or, for gray inputs, float64), got {faces.dtype} {faces.shape}"
-        )
+@dataclass(frozen=True)
+class RestoredFaces:
+    """The restored faces of one working image, in ``AlignedFaces`` order: parsing's and paste-back's input.
+
+    Checked once, when built (the pipeline builds one per image from ``FaceRestorer.restore``'s
+    output, which the scheduler may have computed together with other images' faces): the
+    parser and paste-back take the faces as they are. ``InternalError`` when malformed.
+    """
+
+    faces: np.ndarray  # (F, 512, 512, 3) uint8 BGR, or float64 once a gray input's faces are made gray
+
+    def __post_init__(self) -> None:
+        check_face_batch(self.faces, "faces", RESTORED_FACE_DTYPES)
+
+    def __len__(self) -> int:
+        return int(self.faces.shape[0])
 
 
 def crops_to_tensor(crops: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -156,15 +163,12 @@ class FaceRestorer(FaceBatchNet):
     def restore(self, crops: np.ndarray, fidelity: float, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8 BGR crops -> (F, 512, 512, 3) uint8 BGR restored faces.
 
-        ``fidelity`` is CodeFormer's w in [0, 1]; ``mixed_precision`` runs the network under
-        autocast (bfloat16 on CPU, float16 on CUDA).
+        The crops are ``AlignedFaces.crops`` (checked when built), or several images' crops
+        joined by the scheduler: they are not checked again here.
+
+        ``fidelity`` is CodeFormer's w in [0, 1] (``RequestOptions.fidelity``, checked there);
+        ``mixed_precision`` runs the network under autocast (bfloat16 on CPU, float16 on CUDA).
         """
-        check_face_batch(crops, "crops", (np.uint8,))
-        if not 0.0 <= fidelity <= 1.0:  # also rejects NaN
-            raise InternalError(
-                f"fidelity must be between 0 and 1, got {fidelity}; validate the request's "
-                "codeformer_fidelity with RequestOptions.parse first"
-            )
         if len(crops) == 0:
             return np.empty((0, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
 
