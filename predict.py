@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import pathlib
 import threading
 import time
 from collections.abc import Iterable
@@ -33,6 +32,7 @@ from codeformer.config import (
     DEFAULT_PROFILE,
     DEFAULT_STABILITY,
     PROFILES,
+    PROJECT_ROOT,
     STABILITY_MODES,
     RequestOptions,
 )
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("codeformer.predict")
 
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parent
 # Predictions one worker runs at once (Cog reads it from @cog.concurrent on run()): while one
 # request is in the nets, others download, decode, paste back and encode, and faces of
 # different requests share a forward on a GPU (codeformer/scheduler.py). Memory stays bounded
@@ -201,7 +200,8 @@ class Predictor(BaseRunner):
         jpgs = restore_request(self.restorer, images, options, cancel, PROJECT_ROOT, request_start)
         check_cancel(cancel)  # nobody will read the files of a cancelled request
         output_dir = new_output_dir()
-        for index, jpg in enumerate(jpgs):
-            (output_dir / f"restored_{index}.jpg").write_bytes(jpg)
+        outputs = [Path(output_dir / f"restored_{index}.jpg") for index in range(len(jpgs))]
+        for output, jpg in zip(outputs, jpgs, strict=True):
+            output.write_bytes(jpg)
         self.output_folders.returned(output_dir)
-        return [Path(output_dir / f"restored_{index}.jpg") for index in range(len(jpgs))]
+        return outputs

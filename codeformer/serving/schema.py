@@ -30,11 +30,11 @@ from dataclasses import MISSING, Field
 from pathlib import Path
 from typing import Any
 
+from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PREDICTOR_REF = "predict.py:Predictor"
 SCHEMA_RELATIVE_PATH = Path(".cog") / "openapi_schema.json"
 

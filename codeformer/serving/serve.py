@@ -29,9 +29,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
 from codeformer.serving.outputs import remove_orphaned_output_dirs
-from codeformer.serving.schema import DEFAULT_PREDICTOR_REF, PROJECT_ROOT, write_schema
+from codeformer.serving.schema import DEFAULT_PREDICTOR_REF, write_schema
 
 logger = logging.getLogger(__name__)
 
