@@ -39,7 +39,8 @@ from codeformer.config import (
 from codeformer.errors import InputError, reported_as_failure
 from codeformer.serving.fetch import defer_cog_fetching
 from codeformer.serving.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
-from codeformer.serving.request import SETUP_MARKER, record_line, restore_request
+from codeformer.serving.records import SETUP_MARKER, record_line
+from codeformer.serving.request import restore_request
 from codeformer.serving.schema import MAX_IMAGES, MIN_IMAGES
 
 if TYPE_CHECKING:

@@ -66,7 +66,6 @@ import cv2
 import harness
 import numpy as np
 import torch
-from generated_inputs import cmyk_icc_profile, gray_icc_profile
 from PIL import Image, ImageCms
 
 from codeformer import weights
@@ -81,6 +80,7 @@ from codeformer.stages.parse import FaceMasks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
 from codeformer.stages.restore import RestoredFaces
+from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 from tests import official_recipe  # the tests' oracle, timed here as the "official" row
 
 PROJECT_ROOT = harness.PROJECT_ROOT

@@ -1,6 +1,6 @@
 """gpu_check.py --server: the same checks through the Cog HTTP server, and a concurrency sweep.
 
-One ``harness.LocalServer`` at a time, per compile backend (a process serves one backend; the
+One ``LocalServer`` at a time, per compile backend (a process serves one backend; the
 plan keeps each backend's configurations together), with the weights folder, ``--max-faces``
 and ``CODEFORMER_COMPILE_BACKEND`` (compiled at set-up) as environment, and ``CUDA_VISIBLE_DEVICES`` empty for
 ``--device cpu`` (the server takes CUDA whenever it sees it). Each photo is its own request.
@@ -35,6 +35,7 @@ from harness import Requester, parse_stage_ms, request_options
 
 from codeformer.imageio import encode_jpeg
 from codeformer.serving.client import ServerError
+from codeformer.tools.local_server import LocalServer
 
 
 def decode_jpg(data: bytes) -> np.ndarray:
@@ -56,12 +57,12 @@ class ServerChecker:
         self.device, self.fits = self.local.device, self.local.fits
         self.stack = contextlib.ExitStack()
         self.backend: str | None = None
-        self.server: harness.LocalServer | None = None
+        self.server: LocalServer | None = None
 
     def close(self) -> None:
         self.stack.close()
 
-    def server_for(self, backend: str) -> harness.LocalServer:
+    def server_for(self, backend: str) -> LocalServer:
         """The server for ``backend``, started on first use; the previous backend's one is stopped."""
         if self.server is None or self.backend != backend:
             self.stack.close()
@@ -75,7 +76,7 @@ class ServerChecker:
             if self.device.type == "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = ""
             ready_timeout_s = max(self.local.deadline - time.monotonic(), 1.0)
-            self.server = self.stack.enter_context(harness.LocalServer(env, ready_timeout_s=ready_timeout_s))
+            self.server = self.stack.enter_context(LocalServer(env, ready_timeout_s=ready_timeout_s))
         return self.server
 
     def requester(self, config: Config) -> Requester:

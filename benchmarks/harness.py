@@ -32,13 +32,11 @@ import math
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,142 +53,19 @@ if str(PROJECT_ROOT) not in sys.path:
 from codeformer.config import PROFILES  # noqa: E402
 from codeformer.errors import ConfigError  # noqa: E402
 from codeformer.serving.client import CogClient, PredictionResult, ServerError, data_uri  # noqa: E402
-from codeformer.serving.request import SETUP_MARKER, TIMINGS_MARKER  # noqa: E402
+from codeformer.serving.records import image_records, setup_info  # noqa: E402
 from codeformer.serving.serve import (  # noqa: E402
     DEFAULT_HOST,
     check_port_free,
     runner_concurrency,
-    spawn_server,
-    stop_server,
 )
+from codeformer.tools.local_server import LocalServer  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"  # git-ignored
-PORT_ATTEMPTS = 3  # a free port can be taken between picking it and the server binding it
-READY_POLL_S = 0.1  # start-to-READY is read at this resolution
 RANDOM_WEIGHTS_FOLDER = "random-weights-seed0"
 RANDOM_WEIGHTS_LABEL = "RANDOM weights (seed 0): timings are real, the restored faces are noise"
-
-
-# -- ports -----------------------------------------------------------------------------------
-def free_port() -> int:
-    """A 127.0.0.1 port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((DEFAULT_HOST, 0))
-        return probe.getsockname()[1]
-
-
-def closed_port_url(name: str = "") -> str:
-    """``http://127.0.0.1:<free port>/<name>``: a connection there is refused."""
-    return f"http://{DEFAULT_HOST}:{free_port()}/{name}"
-
-
-# -- the local server ------------------------------------------------------------------------
-class LocalServer:
-    """``python -m codeformer.serving.serve`` (coglet and its worker) in its own process group, plus ``env``.
-
-    ``port=None`` picks a free port (and another one if it is taken before the server binds
-    it); a given port must be free, else ``start`` raises ``ConfigError``, so that a stale
-    server never answers for a benchmark. ``start`` returns once ``/health-check`` says READY;
-    ``stop`` (also run by the context manager) ends the whole group: coglet's worker process
-    must not outlive the caller.
-    """
-
-    def __init__(
-        self,
-        env: Mapping[str, str] | None = None,
-        *,
-        port: int | None = None,
-        log_path: Path | None = None,
-        ready_timeout_s: float = 600.0,
-    ) -> None:
-        self.env = dict(env or {})
-        self.fixed_port = port
-        self.port = port
-        self.ready_timeout_s = ready_timeout_s
-        if log_path is None:
-            handle, name = tempfile.mkstemp(prefix="cog-server-", suffix=".log")
-            os.close(handle)
-            log_path = Path(name)
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-        self.health: dict[str, Any] | None = None
-        self.started_at: float | None = None  # time.monotonic() just before the process started
-        self.start_to_ready_s: float | None = None
-        self._client: CogClient | None = None
-
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("the server has no port yet: call start() first")
-        return f"http://{DEFAULT_HOST}:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        """The server's process id (coglet's worker is a descendant: ``find_worker_pid``)."""
-        if self.process is None:
-            raise RuntimeError("the server is not running: call start() or use it as a context manager")
-        return self.process.pid
-
-    @property
-    def client(self) -> CogClient:
-        if self._client is None:
-            raise RuntimeError("the server is not running: call start() or use it as a context manager")
-        return self._client
-
-    def log_text(self) -> str:
-        """Everything the server and its worker wrote so far (stdout and stderr)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, characters: int = 6000) -> str:
-        return self.log_text()[-characters:]
-
-    def start(self) -> LocalServer:
-        attempts = 1 if self.fixed_port is not None else PORT_ATTEMPTS
-        for attempt in range(attempts):
-            self.port = self.fixed_port if self.fixed_port is not None else free_port()
-            check_port_free(DEFAULT_HOST, self.port)
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("wb") as log_file:  # the child keeps its own handle
-                self.started_at = time.monotonic()
-                self.process = spawn_server(self.port, self.env, log_file)
-            self._client = CogClient(self.url)
-            try:
-                self.health = self._client.wait_until_ready(
-                    self.ready_timeout_s, READY_POLL_S, process=self.process
-                )
-            except ServerError as exc:
-                port_taken = self.process.poll() is not None and "already in use" in self.log_text()
-                self.stop()
-                if port_taken and attempt + 1 < attempts:
-                    continue
-                raise ServerError(f"{exc}\n--- server log ({self.log_path}) ---\n{self.log_tail()}") from exc
-            self.start_to_ready_s = time.monotonic() - self.started_at
-            return self
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    def stop(self) -> None:
-        """End the server's process group (SIGTERM, then SIGKILL after a grace period)."""
-        if self.process is None:
-            return
-        process, self.process = self.process, None
-        if self._client is not None:
-            self._client.session.close()
-        stop_server(process)
-
-    def __enter__(self) -> LocalServer:
-        started = False
-        try:
-            self.start()
-            started = True
-        finally:
-            if not started:
-                self.stop()  # a failed or interrupted start leaves no process behind
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager
@@ -408,46 +283,7 @@ def plot_cdf(curves: dict[str, Sequence[float]], path: Path, xlabel: str, title:
     plt.close(figure)
 
 
-# -- the server's records --------------------------------------------------------------------
-# codeformer.serving.request logs one `request_timings {json}` line per request (faces and stage
-# ms per image) and predict.py's setup one `setup_timings {json}` line. Cog returns a
-# prediction's lines with it (`logs`); the server also writes them to its own log.
-def _log_message(line: str) -> str:
-    """The message of one log line. The server's own log (coglet) writes each line as a JSON
-    object whose ``fields.message`` holds the worker's line, quotes escaped; a prediction's
-    ``logs`` hold the worker's lines as they are."""
-    if line.startswith("{"):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            return line
-        fields = entry.get("fields") if isinstance(entry, dict) else None
-        message = fields.get("message") if isinstance(fields, dict) else None
-        return message if isinstance(message, str) else ""
-    return line
-
-
-def read_records(text: str, marker: str) -> list[dict[str, Any]]:
-    """Every ``<marker> {json}`` record in ``text`` (a prediction's logs or the server's own
-    log), in order; whatever precedes the marker on its line (level, logger) is ignored."""
-    records = []
-    for line in text.splitlines():
-        if marker not in line:
-            continue
-        _, found, rest = _log_message(line).partition(f"{marker} {{")
-        if found:
-            records.append(json.loads("{" + rest))
-    return records
-
-
-def image_records(logs: str, count: int) -> list[dict[str, Any] | None]:
-    """Per image of one request (``count`` images), its record from the request's
-    ``request_timings`` line (the last in ``logs``); None for each when there is no line."""
-    records = read_records(logs, TIMINGS_MARKER)
-    images = records[-1]["images"] if records else []
-    return [images[index] if index < len(images) else None for index in range(count)]
-
-
+# -- the server's records (codeformer.serving.records) -------------------------------------
 def parse_faces(logs: str, count: int) -> tuple[list[int | None], list[int | None]]:
     """Faces found and kept per image of a request; None where the server did not say."""
     images = image_records(logs, count)
@@ -460,18 +296,6 @@ def parse_faces(logs: str, count: int) -> tuple[list[int | None], list[int | Non
 def parse_stage_ms(logs: str, count: int) -> list[dict[str, float]]:
     """Per image of a request, the server's stage -> ms; {} where not logged."""
     return [{} if image is None else dict(image["stages_ms"]) for image in image_records(logs, count)]
-
-
-def setup_info(server_log: str) -> dict[str, Any]:
-    """Device and setup seconds from the predictor's ``setup_timings`` record, when present."""
-    records = read_records(server_log, SETUP_MARKER)
-    if not records:
-        return {}
-    return {
-        "device": records[-1]["device"],
-        "setup_load_s": records[-1]["load_ms"] / 1000.0,
-        "setup_warmup_s": records[-1]["warmup_ms"] / 1000.0,
-    }
 
 
 # -- flags run_bench.py and bench_single_image.py share --------------------------------------

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import harness  # noqa: F401 - importing it puts the project root on sys.path (see its docstring)
-import worker_memory
-from generated_inputs import flat_canvas_png
 
 from codeformer.config import Settings
 from codeformer.serving.client import data_uri
 from codeformer.stages.prepare import MAX_ASPECT_RATIO
+from codeformer.tools import local_server
+from codeformer.tools.inputs import flat_canvas_png
 
 IMAGES = 4
 
@@ -61,13 +61,13 @@ def measure(weights_dir: Path, kind: str) -> dict[str, object]:
     width, height = shape_for(kind, max_pixels)
     image = data_uri(flat_canvas_png(width, height, compress_level=1), name=f"{kind}.png")
     pid = os.getpid()
-    if not worker_memory.reset_peak_rss(pid):
+    if not local_server.reset_peak_rss(pid):
         raise SystemExit("/proc/self/clear_refs is not writable: cannot reset the peak RSS")
-    before_kib = worker_memory.status_kib(pid, "VmRSS")
+    before_kib = local_server.status_kib(pid, "VmRSS")
     start = time.perf_counter()
     outputs = asyncio.run(predictor.run(images=[image] * IMAGES, **options))
     seconds = time.perf_counter() - start
-    peak_kib = worker_memory.status_kib(pid, "VmHWM")
+    peak_kib = local_server.status_kib(pid, "VmHWM")
     return {
         "shape": kind,
         "image_size": [width, height],

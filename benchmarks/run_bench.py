@@ -60,6 +60,7 @@ from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient, ServerError
 from codeformer.serving.schema import MAX_IMAGES, MIN_IMAGES
+from codeformer.tools.local_server import READY_POLL_S, LocalServer
 
 log = logging.getLogger("benchmarks.run_bench")
 
@@ -208,11 +209,11 @@ def run(
         report["concurrency"] = {**load.as_report(), "profiles": {}}
     try:
         with contextlib.ExitStack() as stack:
-            server: harness.LocalServer | None = None
+            server: LocalServer | None = None
             if args.server_url:
                 weights = harness.WeightsChoice({}, "weights: whatever the running server loaded", False)
                 client = CogClient(args.server_url)
-                client.wait_until_ready(args.ready_timeout, harness.READY_POLL_S)
+                client.wait_until_ready(args.ready_timeout, READY_POLL_S)
             else:
                 weights = harness.choose_weights(args, stack)
                 env, log_path = {**weights.env, **server_env}, output.with_suffix(".server.log")

@@ -46,11 +46,11 @@ from typing import Any
 
 import harness
 import requests
-import worker_memory
-from generated_inputs import BAD_KINDS, flat_canvas_png, textured_png
 
 from codeformer.serving.client import CogClient, data_uri
 from codeformer.serving.outputs import OUTPUT_DIR_PREFIX
+from codeformer.tools import local_server
+from codeformer.tools.inputs import BAD_KINDS, flat_canvas_png, textured_png
 
 log = logging.getLogger("benchmarks.soak")
 
@@ -141,8 +141,8 @@ def resource_sample(index: int, worker_pid: int | None) -> dict[str, Any]:
     sample: dict[str, Any] = {"after_request": index, "worker_rss_mib": None, "worker_open_fds": None}
     if worker_pid is not None:
         with contextlib.suppress(OSError, KeyError):
-            sample["worker_rss_mib"] = worker_memory.status_kib(worker_pid, "VmRSS") / 1024.0
-        sample["worker_open_fds"] = worker_memory.open_fds(worker_pid)
+            sample["worker_rss_mib"] = local_server.status_kib(worker_pid, "VmRSS") / 1024.0
+        sample["worker_open_fds"] = local_server.open_fds(worker_pid)
     sample["output_dirs_in_temp"] = output_dirs_in_temp()
     return sample
 
@@ -185,7 +185,7 @@ def soak(
     sample_every: int,
 ) -> dict[str, Any]:
     """Send the planned requests; returns the report (see the module docstring)."""
-    worker_pid = worker_memory.find_worker_pid(server_pid) if server_pid is not None else None
+    worker_pid = local_server.find_worker_pid(server_pid) if server_pid is not None else None
     kinds = plan(requests_total, face_every, bad_every)
     warmup = min(warmup, max(0, requests_total - 1))
     middle = warmup + (requests_total - warmup) // 2
@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             client.wait_until_ready(args.ready_timeout)
         else:
             env = {"CODEFORMER_MAX_FACES": str(args.max_faces), **harness.choose_weights(args, stack).env}
-            server = harness.LocalServer(env, log_path=args.server_log, ready_timeout_s=args.ready_timeout)
+            server = local_server.LocalServer(
+                env, log_path=args.server_log, ready_timeout_s=args.ready_timeout
+            )
             log.info("starting the server (log: %s)", server.log_path)
             client, server_pid = stack.enter_context(server).client, server.pid
         report = soak(

@@ -1,6 +1,6 @@
 """What several test files share: pictures to send, golden reference folders, waiting, racing processes.
 
-Server and port helpers (``LocalServer``, ports, worker memory) are in ``benchmarks/harness.py``;
+Server and port helpers (``LocalServer``, ports, worker memory) are in ``codeformer/tools/local_server.py``;
 this module holds no fixtures (those are in ``conftest.py``).
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from generated_inputs import cmyk_icc_profile, gray_icc_profile
 from PIL import Image, ImageCms
 
 from codeformer.icc import rgb_profile_for_gray
+from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # host spellings that all mean this machine; what the URL tests send

@@ -31,15 +31,20 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import set_up_predictor
-from generated_inputs import png_header_claiming
-from harness import LocalServer, closed_port_url
 from helpers import encode, flat_canvas, noise, png_bytes, project_folder, project_sentence
 from PIL import Image
 from weights_server import FileServer
-from worker_memory import find_worker_pid, reset_peak_rss, status_kib
 
 from codeformer.errors import CodeFormerError
 from codeformer.serving.client import data_uri
+from codeformer.tools.inputs import png_header_claiming
+from codeformer.tools.local_server import (
+    LocalServer,
+    closed_port_url,
+    find_worker_pid,
+    reset_peak_rss,
+    status_kib,
+)
 from predict import PROJECT_ROOT, Predictor
 
 pytestmark = pytest.mark.slow

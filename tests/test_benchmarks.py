@@ -27,13 +27,10 @@ from harness import (
     cdf_points,
     command_line,
     discover_images,
-    free_port,
     parse_faces,
     parse_stage_ms,
     portable_path,
     profile_report,
-    read_records,
-    setup_info,
     split_names,
     summarize,
     throughput,
@@ -41,8 +38,10 @@ from harness import (
 
 from codeformer.config import PROFILES, RequestOptions
 from codeformer.errors import ConfigError
-from codeformer.serving.request import SETUP_MARKER, TIMINGS_MARKER, record_line, timings_record
+from codeformer.serving.records import SETUP_MARKER, TIMINGS_MARKER, read_records, record_line, setup_info
+from codeformer.serving.request import timings_record
 from codeformer.serving.serve import check_port_free
+from codeformer.tools.local_server import free_port
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"

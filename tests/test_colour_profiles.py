@@ -4,7 +4,7 @@ The rule (README, "Colour profiles and metadata"): RGB pixels keep their values 
 RGB profile, byte for byte; gray pixels keep their values and get an RGB profile that shows
 them as their gray profile does; CMYK with a CMYK profile is converted by it to sRGB; no
 output carries a profile of another colour space than its RGB pixels, nor any other metadata.
-Profiles of kinds Pillow cannot make are generated (``generated_inputs``).
+Profiles of kinds Pillow cannot make are generated (``codeformer.tools.inputs``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 import pytest
 from conftest import set_up_predictor
-from generated_inputs import cmyk_icc_profile, gray_icc_profile
 from helpers import cmyk_to_srgb, colour_tagged_inputs, encode, srgb_profile
 from PIL import Image, ImageCms
 
@@ -25,6 +24,7 @@ from codeformer.config import RequestOptions
 from codeformer.errors import InputError
 from codeformer.imageio import DecodedImage, decode_image, decode_with_profile, encode_jpeg
 from codeformer.serving.client import data_uri
+from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 
 LIMIT = 40_000_000
 SRGB = srgb_profile()

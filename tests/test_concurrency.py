@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from harness import LocalServer
 from helpers import (
     face_photo,
     flat_canvas,
@@ -34,6 +33,7 @@ from PIL import Image
 
 from codeformer.serving.client import CogClient, PredictionResult, data_uri
 from codeformer.serving.serve import runner_concurrency
+from codeformer.tools.local_server import LocalServer
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from harness import PROJECT_ROOT, Requester, StopRule, free_port, level_report, parse_levels, run_level
+from harness import PROJECT_ROOT, Requester, StopRule, level_report, parse_levels, run_level
 
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient
 from codeformer.serving.serve import runner_concurrency
+from codeformer.tools.local_server import free_port
 from predict import MAX_CONCURRENT_REQUESTS
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"

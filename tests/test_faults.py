@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from harness import LocalServer, closed_port_url
 from helpers import flat_canvas, noise, png_bytes, requests_admitted, run_python_together, wait_for
 from PIL import Image
 from weights_server import FileServer
-from worker_memory import find_worker_pid
 
 from codeformer.config import RequestOptions, Settings
 from codeformer.pipeline import Restorer
 from codeformer.serving.client import READY, CogClient, PredictionResult, ServerError, data_uri
+from codeformer.tools.local_server import LocalServer, closed_port_url, find_worker_pid
 from codeformer.weights import WEIGHT_FILES
 
 pytestmark = pytest.mark.slow

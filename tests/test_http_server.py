@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import LocalServer
 from helpers import (
     LOOPBACK_SPELLINGS,
     PROJECT_ROOT,
@@ -31,10 +30,10 @@ from helpers import (
 )
 from PIL import Image
 from weights_server import FileServer
-from worker_memory import find_worker_pid, minor_faults
 
 from codeformer.serving.client import READY, CogClient, PredictionResult, data_uri
 from codeformer.serving.serve import check_port_free
+from codeformer.tools.local_server import LocalServer, find_worker_pid, minor_faults
 from codeformer.weights import WEIGHT_FILES
 
 pytestmark = pytest.mark.slow

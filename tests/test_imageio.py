@@ -7,13 +7,13 @@ import re
 import cv2
 import numpy as np
 import pytest
-from generated_inputs import png_header_claiming
 from helpers import encode
 from PIL import Image
 
 from codeformer.errors import InputError
 from codeformer.imageio import decode_image, encode_jpeg, to_rgb8
 from codeformer.stages.prepare import check_image_size, to_working_image, working_size
+from codeformer.tools.inputs import png_header_claiming
 
 LIMIT = 40_000_000
 

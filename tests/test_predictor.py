@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 from cog import Path as CogPath
 from conftest import set_up_predictor
-from harness import setup_info
 from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes, project_folder, recording_connections
 from PIL import Image
 from weights_server import FileServer
@@ -34,6 +33,7 @@ from codeformer.config import RequestOptions
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError
 from codeformer.runtime import cpu_has_bf16_kernels
 from codeformer.serving.client import data_uri
+from codeformer.serving.records import setup_info
 from predict import PROJECT_ROOT, Predictor
 
 pytestmark = pytest.mark.slow

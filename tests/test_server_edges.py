@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import LocalServer
 from helpers import LOOPBACK_SPELLINGS, flat_canvas, png_bytes, project_folder, project_sentence, wait_for
 from weights_server import FileServer
-from worker_memory import status_kib
 
 from codeformer.serving.client import CogClient, data_uri
+from codeformer.tools.local_server import LocalServer, status_kib
 from predict import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow

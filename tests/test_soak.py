@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from generated_inputs import BAD_KINDS
 from soak import plan
+
+from codeformer.tools.inputs import BAD_KINDS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

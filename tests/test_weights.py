@@ -12,7 +12,6 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-import harness
 import pytest
 import torch
 from helpers import recording_connections, run_python_together
@@ -20,7 +19,7 @@ from weights_server import FileServer
 
 from codeformer import weights
 from codeformer.errors import WeightsError
-from codeformer.tools import random_weights
+from codeformer.tools import local_server, random_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARSENET = weights.WEIGHT_FILES["parsenet"].name
@@ -68,7 +67,7 @@ def cache(tmp_path: Path) -> Path:
 @pytest.fixture
 def closed_port_url() -> str:
     """A URL on 127.0.0.1 where nothing listens: connections are refused."""
-    return harness.closed_port_url()
+    return local_server.closed_port_url()
 
 
 def dummy_bytes(size: int, seed: int = 0) -> bytes:

@@ -22,7 +22,6 @@ read instead of parsing the prose lines.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import re
@@ -35,16 +34,13 @@ from typing import TYPE_CHECKING, Any
 from codeformer.config import PROJECT_ROOT, RequestOptions
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
 from codeformer.serving.fetch import MAX_INPUT_BYTES, Deadline, Dialer, fetch, is_remote
+from codeformer.serving.records import TIMINGS_MARKER, record_line
 
 if TYPE_CHECKING:
     from codeformer.pipeline import Restorer
 
 log = logging.getLogger("codeformer.predict")
 
-# the first word of the JSON lines: ``request_timings {...}`` per request (below) and
-# ``setup_timings {...}`` once per server (predict.py's setup)
-TIMINGS_MARKER = "request_timings"
-SETUP_MARKER = "setup_timings"
 URL_LIKE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 Item = str | pathlib.Path
 
@@ -116,11 +112,6 @@ def read_input(
 
 def _stage_summary(timings: dict[str, float]) -> str:
     return " ".join(f"{stage}={ms:.0f}ms" for stage, ms in timings.items())
-
-
-def record_line(marker: str, record: dict[str, Any]) -> str:
-    """``<marker> {json}`` on one line (JSON escapes newlines): how a record is logged."""
-    return f"{marker} {json.dumps(record, separators=(',', ':'))}"
 
 
 def timings_record(
