@@ -13,7 +13,7 @@ process start to that first response. Then ``--warmup`` untimed requests (the fi
 included) and ``--repeats`` timed ones give the steady-state latency. ``compile_backend``
 only matters with ``stability_mode=optimized``, so safe mode is one combination per
 profile; ``cudagraphs`` needs CUDA. The filters bound a run (each combination costs a
-server start, 15-60 s on CPU); the JSON lists every combination that was not run and why.
+server start); the JSON lists every combination that was not run and why.
 
 Reports ``best_warm`` (lowest steady-state p50 latency) and ``best_cold`` (lowest first
 request latency, and lowest process start to first response); a table goes to stdout and

@@ -114,7 +114,7 @@ from codeformer.tools.local_server import LocalServer
 
 EXIT_FAILED, EXIT_NO_CUDA = 1, 3
 # the 4 x 40 MP request is started only with this much budget left: decoding, pasting and
-# encoding 160 MP on the host alone take tens of seconds
+# encoding 160 MP on the host alone are slow
 BIG_REQUEST_ESTIMATE_S = 60.0
 
 

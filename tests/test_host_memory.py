@@ -71,9 +71,9 @@ def _coglet_like(device: str, retained_memory_mb: int) -> tuple[bool, int, int]:
 
 
 # glibc's default: every cycle maps the 64 MB block afresh. With the device thread on the main
-# arena and retained memory, the main heap settles within a few cycles (measured: 2-3 of 20 fault, up to
-# 7 when the kernel's page reclaimer takes idle heap pages back meanwhile).
-@pytest.mark.slow  # a fresh interpreter that imports the pipeline: ~10 s
+# arena and retained memory, the main heap settles within a few cycles (a few more fault when the
+# kernel's page reclaimer takes idle heap pages back meanwhile).
+@pytest.mark.slow  # a fresh interpreter that imports the pipeline
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_a_cpu_restorer_keeps_freed_memory_for_calls_from_a_thread_with_its_own_arena() -> None:
     main_arena, handed_over, main_thread = _coglet_like("cpu", 2047)

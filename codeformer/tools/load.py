@@ -293,7 +293,7 @@ def profile_report(
 # + errors`, a server that takes more requests than it can serve at once shows up as 409s,
 # and `throughput_images_per_s` = images of the succeeded requests / the level's wall time.
 # A request that gets no answer at all (server gone) is an error and ends its client.
-BUSY_BACKOFF_S = 0.1  # short next to any prediction (>= 10 ms on a GPU), long next to a 409's ~1 ms
+BUSY_BACKOFF_S = 0.1  # short next to any prediction, long next to the time a 409 takes to answer
 MAX_CLIENTS = 64  # one thread each; far above any slot count this server declares
 DEFAULT_DURATION_S = 30.0
 OnRequest = Callable[[RequestSample], None]  # called from the client threads
