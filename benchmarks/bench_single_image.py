@@ -56,7 +56,7 @@ def measure(
     image: Path,
     args: argparse.Namespace,
     server_env: dict[str, str],
-    on_request: harness.Callable[[load.RequestSample], None],
+    on_request: load.OnRequest,
 ) -> dict[str, Any]:
     """Fresh server, cold request, warm-ups, timed requests; the server is stopped on return."""
     options = load.request_options(combination.profile, combination.mode, combination.backend, args.fidelity)

@@ -296,7 +296,7 @@ def profile_report(
 BUSY_BACKOFF_S = 0.1  # short next to any prediction, long next to the time a 409 takes to answer
 MAX_CLIENTS = 64  # one thread each; far above any slot count this server declares
 DEFAULT_DURATION_S = 30.0
-OnRequest = Callable[[RequestSample], None]  # called from the client threads
+OnRequest = Callable[[RequestSample], None]  # a progress callback; in a level, called from the client threads
 
 
 @dataclass(frozen=True)
