@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from codeformer.config import PROFILES, PROJECT_ROOT, Configuration, RequestOptions
+from codeformer.config import PROFILES, PROJECT_ROOT, Configuration, RequestOptions, configurations
 from codeformer.errors import ConfigError
 from codeformer.serving.records import SETUP_MARKER, TIMINGS_MARKER, read_records, record_line, setup_info
 from codeformer.serving.request import timings_record
@@ -311,6 +311,21 @@ def test_reports_hold_no_machine_paths(tmp_path: Path) -> None:
 
 
 # -- bench_single_image planning (codeformer.tools.plans) -------------------------------------
+def test_configurations_are_every_distinct_choice_once_safe_first() -> None:
+    cpu, cuda = configurations(cuda=False), configurations(cuda=True)
+    assert len(cpu) == len(set(cpu)) == len(PROFILES) * (1 + 4)  # safe + four backends without CUDA
+    assert len(cuda) == len(set(cuda)) == len(PROFILES) * (1 + 5) and set(cpu) < set(cuda)
+    assert [c.label for c in cpu[:4]] == [
+        "baseline/safe",
+        "fast/safe",
+        "max_speed/safe",
+        "baseline/optimized/none",
+    ]
+    assert all(c.backend == "none" for c in cuda if c.mode == "safe")  # safe mode ignores the backend
+    assert {c.backend for c in set(cuda) - set(cpu)} == {"cudagraphs"}
+    assert Configuration("max_speed", "optimized", "inductor").label == "max_speed/optimized/inductor"
+
+
 def test_plan_runs_safe_once_per_profile_and_skips_cudagraphs_without_cuda() -> None:
     plan, skipped = plan_combinations(["max_speed"], ["safe", "optimized"], ["none", "cudagraphs"], False)
     assert [c.label for c in plan] == ["max_speed/safe", "max_speed/optimized/none"]
