@@ -11,7 +11,8 @@ keeps it there: it sorts ``harness`` with the third-party imports, ahead of ``co
 What the tests check lives in the package, where scripts and tests import it alike:
 ``codeformer.tools.summary`` (statistics), ``codeformer.tools.reports`` (portable reports),
 ``codeformer.tools.load`` (timed requests, concurrency levels, the photos sent),
-``codeformer.tools.host_pass`` and ``codeformer.tools.gpu_checks``. No test imports this folder.
+``codeformer.tools.host_pass``, ``codeformer.tools.plans`` and ``codeformer.tools.gpu_checks``. No
+test imports this folder.
 
 Sections, in order: clean stops; weights; tables and plots; the flags ``run_bench.py`` and
 ``bench_single_image.py`` share; starting a server and its cold figures; concurrency flags

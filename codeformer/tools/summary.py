@@ -1,6 +1,7 @@
-"""Summary statistics of benchmark samples: counts, mean, extremes, percentiles, throughput, CDF.
+"""Summary statistics of benchmark samples: count, mean, extremes, percentiles, throughput, CDF.
 
-summarize([4.0, 1.0, 3.0, 2.0])  # {"count": 4, "avg": 2.5, ..., "p95": 3.85, "p99": 3.97}
+``summarize([4.0, 1.0, 3.0, 2.0])`` is ``{"count": 4, "avg": 2.5, "min": 1.0, "max": 4.0,
+"p50": 2.5, "p95": 3.85, "p99": 3.97}``; a NaN sample is refused, not averaged.
 """
 
 from __future__ import annotations
