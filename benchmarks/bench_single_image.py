@@ -13,7 +13,7 @@ process start to that first response. Then ``--warmup`` untimed requests (the fi
 included) and ``--repeats`` timed ones give the steady-state latency. ``compile_backend``
 only matters with ``stability_mode=optimized``, so safe mode is one combination per
 profile; ``cudagraphs`` needs CUDA. The filters bound a run (each combination costs a
-server start, 15-60 s on CPU); the JSON lists every combination that was not run and why.
+server start); the JSON lists every combination that was not run and why.
 
 Reports ``best_warm`` (lowest steady-state p50 latency) and ``best_cold`` (lowest first
 request latency, and lowest process start to first response); a table goes to stdout and
@@ -28,97 +28,52 @@ import contextlib
 import logging
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import harness
 from PIL import Image
 
-from codeformer.config import COMPILE_BACKENDS, CUDA_ONLY_BACKENDS, PROFILES, STABILITY_MODES
+from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES, Configuration
 from codeformer.errors import ConfigError
 from codeformer.serving.client import ServerError
+from codeformer.tools import load, plans, reports
 
 log = logging.getLogger("benchmarks.bench_single_image")
 
 DEFAULT_IMAGE = harness.PROJECT_ROOT / "data" / "1.jpg"
 DEFAULT_OUTPUT = harness.PROJECT_ROOT / "benchmarks" / "last_bench_single_image.json"
 SERVER_LOG_DIR = harness.RESULTS_DIR / "bench_single_image"
-# the two cold winners: the report's key (and its figure, key + "_s"), the table's words, digits shown
+# the two cold winners (plans.COLD_FIGURES): the report's key, the table's words, digits shown
 BEST_COLD_LINES = (
     ("first_request", "first request after READY", 2),
     ("start_to_first_response", "process start to first response", 1),
 )
 
 
-@dataclass(frozen=True)
-class Combination:
-    profile: str
-    stability_mode: str
-    compile_backend: str | None  # None in safe mode, where the server ignores it
-
-    @property
-    def label(self) -> str:
-        return "/".join(part for part in (self.profile, self.stability_mode, self.compile_backend) if part)
-
-
-def plan_combinations(
-    profiles: list[str], stability_modes: list[str], backends: list[str], cuda_available: bool
-) -> tuple[list[Combination], list[dict[str, Any]]]:
-    """The combinations to run, and every other one with the reason it is skipped.
-
-    Every distinct combination is considered: safe once per profile, optimized once per backend.
-    """
-    every = [
-        Combination(profile, mode, backend)
-        for profile in PROFILES
-        for mode, stability in STABILITY_MODES.items()
-        for backend in (COMPILE_BACKENDS if stability.compiled else [None])
-    ]
-    selected: list[Combination] = []
-    skipped: list[dict[str, Any]] = []
-    for combination in every:
-        reason = None
-        if combination.profile not in profiles:
-            reason = "excluded by --profiles"
-        elif combination.stability_mode not in stability_modes:
-            reason = "excluded by --stability-modes"
-        elif combination.compile_backend is not None and combination.compile_backend not in backends:
-            reason = "excluded by --backends"
-        elif combination.compile_backend in CUDA_ONLY_BACKENDS and not cuda_available:
-            reason = f"{combination.compile_backend} needs CUDA; this machine has none"
-        if reason is None:
-            selected.append(combination)
-        else:
-            skipped.append({**asdict(combination), "reason": reason})
-    return selected, skipped
-
-
 def measure(
-    combination: Combination,
+    combination: Configuration,
     image: Path,
     args: argparse.Namespace,
     server_env: dict[str, str],
-    on_request: harness.Callable[[harness.RequestSample], None],
+    on_request: load.OnRequest,
 ) -> dict[str, Any]:
     """Fresh server, cold request, warm-ups, timed requests; the server is stopped on return."""
-    options = harness.request_options(
-        combination.profile, combination.stability_mode, combination.compile_backend or "none", args.fidelity
-    )
+    options = load.request_options(combination.profile, combination.mode, combination.backend, args.fidelity)
     log_path = SERVER_LOG_DIR / f"{combination.label.replace('/', '_')}.server.log"
     with contextlib.ExitStack() as stack:
         server = harness.start_server(args.port, server_env, log_path, args.ready_timeout, stack)
-        requester = harness.Requester(server.client, options, server)
+        requester = load.Requester(server.client, options, server)
         first, cold = harness.send_cold(requester, [image], server, combination.profile, on_request)
-        samples, round_seconds = harness.run_profile(
+        samples, round_seconds = load.run_profile(
             requester, [[image]], args.warmup, args.repeats, on_request, first
         )
-    summary = harness.profile_report(samples, round_seconds, options)
+    summary = load.profile_report(samples, round_seconds, options)
     return {
-        **asdict(combination),
+        **plans.combination_fields(combination),
         "label": combination.label,
         "options": options,
-        "server_log": harness.portable_path(log_path),
+        "server_log": reports.portable_path(log_path),
         "cold": cold,
         "warm": summary["per_request"],
         "warm_predict_time": summary["predict_time"],
@@ -128,31 +83,6 @@ def measure(
             {key: getattr(s, key) for key in ("phase", "latency_s", "predict_time_s", "ok")} for s in samples
         ],
     }
-
-
-def winners(results: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """``best_warm`` by steady-state p50; ``best_cold`` by first request and by start to first response."""
-
-    def pick(candidates: list[dict[str, Any]], figure: Any, key: str) -> dict[str, Any] | None:
-        scored = [result for result in candidates if figure(result) is not None]
-        if not scored:
-            return None
-        best = min(scored, key=figure)
-        return {
-            **{k: best[k] for k in ("label", "profile", "stability_mode", "compile_backend")},
-            key: figure(best),
-        }
-
-    measured = [r for r in results if "error" not in r]
-    cold_ok = [r for r in measured if r["cold"]["first_request_ok"]]
-    best_warm = pick(measured, lambda r: r["warm"]["p50"], "warm_p50_s")
-    if best_warm is not None:
-        best_warm["warm_avg_s"] = next(r for r in measured if r["label"] == best_warm["label"])["warm"]["avg"]
-    best_cold = {
-        key: pick(cold_ok, lambda r, figure=f"{key}_s": r["cold"][figure], f"{key}_s")
-        for key, _, _ in BEST_COLD_LINES
-    }
-    return best_warm, best_cold
 
 
 def render(report: dict[str, Any]) -> str:
@@ -221,15 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     args = harness.parse_arguments(build_parser(), argv)
     try:
         server_env, profiles = harness.check_run_arguments(args)
-        modes = harness.split_names(args.stability_modes, list(STABILITY_MODES), "--stability-modes")
-        backends = harness.split_names(args.backends, list(COMPILE_BACKENDS), "--backends")
+        modes = load.split_names(args.stability_modes, list(STABILITY_MODES), "--stability-modes")
+        backends = load.split_names(args.backends, list(COMPILE_BACKENDS), "--backends")
         if not args.image.is_file():
             raise ConfigError(f"--image: no such file {args.image}")
         with Image.open(args.image) as image:
             image_size = image.size
         import torch  # only here: the plan needs to know, the rest of the client does not
 
-        plan, skipped = plan_combinations(profiles, modes, backends, torch.cuda.is_available())
+        plan, skipped = plans.plan_combinations(profiles, modes, backends, torch.cuda.is_available())
         if not plan:
             raise ConfigError("no combination left to run: widen --profiles/--stability-modes/--backends")
     except ConfigError as exc:
@@ -238,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "tool": "bench_single_image",
-        "started_at": harness.now_iso(),
-        "command": harness.command_line(),
-        "image": harness.portable_path(args.image),
+        "started_at": reports.now_iso(),
+        "command": reports.command_line(),
+        "image": reports.portable_path(args.image),
         "image_size": "{}x{}".format(*image_size),
         **{key: getattr(args, key) for key in ("fidelity", "warmup", "repeats", "port")},
         "server_env": server_env,
-        "environment": harness.environment_info(),
+        "environment": reports.environment_info(),
         "device": None,
         "weights": None,
         "note": "compile_backend only applies to stability_mode=optimized: safe mode is one combination "
@@ -272,20 +202,24 @@ def main(argv: list[str] | None = None) -> int:
                 except ServerError as exc:
                     # one combination failing (setup, a crash) must not hide the others' figures
                     log.error("%s failed: %s", combination.label, exc)
-                    result = {**asdict(combination), "label": combination.label, "error": str(exc)[-4000:]}
+                    result = {
+                        **plans.combination_fields(combination),
+                        "label": combination.label,
+                        "error": str(exc)[-4000:],
+                    }
                     progress.update(max(args.warmup, 1) + args.repeats - (progress.n - done_before))
                 results.append(result)
                 if report["device"] is None and "cold" in result:
                     report["device"] = result["cold"].get("device")
     except KeyboardInterrupt:
         report["aborted"] = "interrupted"
-        report["best_warm"], report["best_cold"] = winners(results)
-        harness.write_report(report, args.output)
+        report["best_warm"], report["best_cold"] = plans.winners(results)
+        reports.write_report(report, args.output)
         log.error("interrupted; the server was stopped; partial report in %s", args.output)
         return harness.EXIT_INTERRUPTED
-    report["finished_at"] = harness.now_iso()
-    report["best_warm"], report["best_cold"] = winners(results)
-    harness.write_report(report, args.output)
+    report["finished_at"] = reports.now_iso()
+    report["best_warm"], report["best_cold"] = plans.winners(results)
+    reports.write_report(report, args.output)
     print(render(report))
     print(f"\nJSON: {args.output}")
     failed = any("error" in r or r["errors"] for r in results)

@@ -1,11 +1,14 @@
 """Per-stage timings in process: every profile x stability mode next to the official recipe,
-or (``--host``) the host stages of a one-face request alone, without the nets.
+or (``--host``) the host stages of a one-face request alone, without the nets, or
+(``--peak-memory``) the peak host memory of one request of four images at the pixel limit.
 
     python benchmarks/bench_stages.py [--images data/1.jpg ...] [--repeats 1] [--backend none]
         [--max-faces 20] [--output benchmarks/results/bench_stages.json]
     python benchmarks/bench_stages.py --host [--side 1000] [--face-px 384] [--parse] [--repeats 30]
         [--mode rgb|gray|cmyk] [--icc] [--allocator gpu|default]
         [--output benchmarks/results/bench_host.json]
+    python benchmarks/bench_stages.py --peak-memory [--shape square|wide] [--weights-dir DIR]
+        [--output benchmarks/results/peak_memory.json]
 
 Random weights (seed 0) in the official formats; CPU unless CUDA is present. Each
 configuration first runs the first photo untimed (compilation, allocator, first-call
@@ -41,52 +44,67 @@ as a ``Restorer`` on a GPU does (``codeformer.host_memory.device_thread_starter`
 ``default`` leaves glibc's defaults. The report gives the minor page faults per pass and the
 SHA-256 of the JPG every pass encodes (the allocator must not change a byte). Figures are
 per-stage medians and minima; on a shared CPU compare runs made together.
+
+``--peak-memory``: sets up the ``Predictor`` (weights from ``--weights-dir``, default seed-0
+random ones), runs one warm-up request, then one request of four flat-grey PNGs of
+``CODEFORMER_MAX_PIXELS`` pixels each (sent as data URIs, so fetching, decoding, the
+pipeline and JPG encoding all count) and reports the process's resident memory before it
+and at its peak (VmHWM), as one JSON line on stdout (and in ``--output``). Run it as its own
+process, so that the peak is this request's. Shapes: ``square`` (6324x6324) and ``wide``
+(25296x1581, 16:1, the most elongated image accepted, whose detector copy is the largest:
+10240x640). Flat grey has no faces, so this is the memory of the images and of detection;
+faces add one CodeFormer/ParseNet chunk of ``CODEFORMER_FACE_BATCH`` at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import io
-import itertools
 import json
 import logging
+import math
 import multiprocessing
+import os
 import resource
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import cv2
 import harness
 import numpy as np
 import torch
-from PIL import Image, ImageCms
 
 from codeformer import weights
-from codeformer.config import FACE_SIZE, PROFILES, RequestOptions, Settings
+from codeformer.config import COMPILE_BACKENDS, FACE_SIZE, RequestOptions, Settings, configurations
 from codeformer.host_memory import device_thread_starter
-from codeformer.imageio import decode_image, decode_with_profile, encode_jpeg
+from codeformer.imageio import decode_image, encode_jpeg
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
-from codeformer.stages.align import FFHQ_TEMPLATE_512, align_faces
+from codeformer.serving.client import data_uri
 from codeformer.stages.detect import Detections
-from codeformer.stages.parse import FaceMasks
-from codeformer.stages.paste import paste_faces
-from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
-from codeformer.stages.restore import RestoredFaces
-from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
+from codeformer.stages.prepare import MAX_ASPECT_RATIO
+from codeformer.tools import local_server, reports
+from codeformer.tools.host_pass import (
+    HOST_STAGES,
+    MAX_PIXELS,
+    host_figures,
+    host_pass,
+    one_face,
+    square_photo,
+)
+from codeformer.tools.inputs import flat_canvas_png
 from tests import official_recipe  # the tests' oracle, timed here as the "official" row
 
 PROJECT_ROOT = harness.PROJECT_ROOT
 GOLDEN_DIR = PROJECT_ROOT.parent / "shared" / "reference" / "golden"
-HOST_STAGES = ("decode", "prepare", "align", "paste", "resize", "encode")  # not detect/restore/parse
-MAX_PIXELS = 40_000_000
+PEAK_MEMORY_IMAGES = 4  # codeformer.serving.schema.MAX_IMAGES: the largest request
 T = TypeVar("T")
 
 
@@ -107,16 +125,6 @@ def timed_passes(run, images: list, repeats: int) -> tuple[list[float], dict[str
         passes.append(run(images))
         seconds.append(time.perf_counter() - start)
     return seconds, {stage: statistics.median(p.get(stage, 0.0) for p in passes) for stage in passes[-1]}
-
-
-def host_figures(stages_ms: dict[str, float], faces: int, megapixels: float) -> dict[str, float | None]:
-    """The host stages' total ms for a pass, per face (None without faces) and per input megapixel."""
-    host_ms = sum(stages_ms.get(stage, 0.0) for stage in HOST_STAGES)
-    return {
-        "host_ms": host_ms,
-        "host_ms_per_face": host_ms / faces if faces > 0 else None,
-        "host_ms_per_megapixel": host_ms / megapixels,
-    }
 
 
 def official_passes(
@@ -148,71 +156,6 @@ def official_in_own_process(
     arguments = (weights_dir, images, fidelity, repeats, torch.get_num_threads())
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_official_in_child, arguments)
-
-
-def square_photo(source: Path, side: int, mode: str = "rgb", icc: bool = False) -> bytes:
-    """The centre square of ``source`` resized to side x side, as JPEG bytes of ``mode``.
-
-    RGB is written by OpenCV (``encode_jpeg``) as before, with or without sRGB's profile;
-    gray and CMYK by Pillow (OpenCV writes no CMYK), with or without a profile of their kind.
-    """
-    image = cv2.imread(str(source))
-    if image is None:
-        raise SystemExit(f"--image {source}: not a readable image; pass a JPEG or PNG photo")
-    height, width = image.shape[:2]
-    crop = min(height, width)
-    top, left = (height - crop) // 2, (width - crop) // 2
-    square = cv2.resize(
-        image[top : top + crop, left : left + crop], (side, side), interpolation=cv2.INTER_AREA
-    )
-    if mode == "rgb":
-        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes() if icc else None
-        return encode_jpeg(square, quality=92, icc_profile=srgb)
-    picture = Image.fromarray(cv2.cvtColor(square, cv2.COLOR_BGR2RGB)).convert(
-        "L" if mode == "gray" else "CMYK"
-    )
-    profile = (gray_icc_profile(2.2) if mode == "gray" else cmyk_icc_profile()) if icc else None
-    buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=92, **({"icc_profile": profile} if profile else {}))
-    return buffer.getvalue()
-
-
-def one_face(side: int, face_px: float, angle: float) -> Detections:
-    """One face whose aligned crop spans ``face_px`` pixels, tilted by ``angle``, near the centre."""
-    scale = face_px / FACE_SIZE
-    cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
-    centre = np.array([side * 0.48, side * 0.52])
-    landmarks = (FFHQ_TEMPLATE_512 - FACE_SIZE / 2) @ np.array([[cos, sin], [-sin, cos]]) + centre
-    return Detections(
-        boxes=np.zeros((1, 4), np.float32),  # paste-back reads only the landmarks' transform
-        scores=np.ones(1, np.float32),
-        landmarks=landmarks[None].astype(np.float32),
-    )
-
-
-def host_pass(
-    data: bytes, detections: Detections, parse_masks: np.ndarray | None
-) -> tuple[dict[str, float], bytes]:
-    """One request's host stages, in the pipeline's order: (stage -> ms, the JPG)."""
-    marks = [("start", time.perf_counter())]
-    decoded = decode_with_profile(data, "photo.jpg", MAX_PIXELS)
-    image = decoded.pixels
-    marks.append(("decode", time.perf_counter()))
-    check_image_size(*image.shape[:2], MAX_PIXELS)
-    is_gray(image)
-    working, _ = to_working_image(image)
-    marks.append(("prepare", time.perf_counter()))
-    aligned = align_faces(working, detections)
-    marks.append(("align", time.perf_counter()))
-    masks = None if parse_masks is None else FaceMasks(parse_masks)
-    output = paste_faces(working, RestoredFaces(aligned.crops), aligned.inverse_affines, masks)
-    marks.append(("paste", time.perf_counter()))
-    if output.shape[:2] != image.shape[:2]:
-        output = cv2.resize(output, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_AREA)
-    marks.append(("resize", time.perf_counter()))
-    jpg = encode_jpeg(output, icc_profile=decoded.icc_profile)
-    marks.append(("encode", time.perf_counter()))
-    return {stage: (end - start) * 1000.0 for (_, start), (stage, end) in itertools.pairwise(marks)}, jpg
 
 
 def on_new_thread(function: Callable[[], T]) -> T:
@@ -280,9 +223,9 @@ def host_main(args: argparse.Namespace) -> None:
     (output_sha256,) = digests
     print(f"allocator {args.allocator}: {faults_per_pass:.0f} minor faults/pass, JPG {output_sha256[:12]}")
     report = {
-        "command": harness.command_line(),
-        "environment": harness.environment_info(),
-        "image": harness.portable_path(args.image),
+        "command": reports.command_line(),
+        "environment": reports.environment_info(),
+        "image": reports.portable_path(args.image),
         "side": args.side,
         "face_px": args.face_px,
         "parse": args.parse,
@@ -296,8 +239,64 @@ def host_main(args: argparse.Namespace) -> None:
         "stages": figures,
         "host_ms_per_megapixel": figures["host"]["median_ms"] / megapixels,
     }
-    harness.write_report(report, args.output)
-    print(f"wrote {harness.portable_path(args.output)}")
+    reports.write_report(report, args.output)
+    print(f"wrote {reports.portable_path(args.output)}")
+
+
+def shape_for(kind: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of the largest image of that kind within ``max_pixels``."""
+    if kind == "square":
+        side = math.isqrt(max_pixels)
+        return side, side
+    height = math.isqrt(int(max_pixels / MAX_ASPECT_RATIO))
+    return int(height * MAX_ASPECT_RATIO), height
+
+
+def measure_peak_memory(weights_dir: Path, kind: str) -> dict[str, object]:
+    """``--peak-memory``: the Predictor's resident memory before and at the peak of one request."""
+    os.environ["CODEFORMER_WEIGHTS_DIR"] = str(weights_dir)
+    max_pixels = Settings.from_env().max_pixels  # what the predictor will allow
+    from predict import Predictor
+
+    predictor = Predictor()
+    predictor.setup()
+    options = {
+        "codeformer_fidelity": 0.5,
+        "runtime_profile": "baseline",
+        "stability_mode": "safe",
+        "compile_backend": "none",
+    }
+    asyncio.run(predictor.run(images=[data_uri(flat_canvas_png(640, 640), name="warm.png")], **options))
+    width, height = shape_for(kind, max_pixels)
+    image = data_uri(flat_canvas_png(width, height, compress_level=1), name=f"{kind}.png")
+    pid = os.getpid()
+    if not local_server.reset_peak_rss(pid):
+        raise SystemExit("/proc/self/clear_refs is not writable: cannot reset the peak RSS")
+    before_kib = local_server.status_kib(pid, "VmRSS")
+    start = time.perf_counter()
+    outputs = asyncio.run(predictor.run(images=[image] * PEAK_MEMORY_IMAGES, **options))
+    seconds = time.perf_counter() - start
+    peak_kib = local_server.status_kib(pid, "VmHWM")
+    return {
+        "shape": kind,
+        "image_size": [width, height],
+        "images": len(outputs),
+        "max_pixels": max_pixels,
+        "rss_before_mib": round(before_kib / 1024, 1),
+        "peak_rss_mib": round(peak_kib / 1024, 1),
+        "peak_growth_mib": round((peak_kib - before_kib) / 1024, 1),
+        "request_s": round(seconds, 2),
+    }
+
+
+def peak_memory_main(args: argparse.Namespace) -> None:
+    """``--peak-memory``: the report as one JSON line on stdout, and in ``args.output``."""
+    with contextlib.ExitStack() as stack:
+        weights_dir = args.weights_dir or stack.enter_context(harness.random_weights_folder())
+        report = measure_peak_memory(weights_dir, args.shape)
+    reports.write_report(report, args.output)
+    print(f"wrote {reports.portable_path(args.output)}", file=sys.stderr)
+    print(json.dumps(report))
 
 
 def main() -> None:
@@ -306,7 +305,9 @@ def main() -> None:
     )
     parser.add_argument("--images", type=Path, nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed passes (default 1; 30 with --host)")
-    parser.add_argument("--backend", default="none", help="compile_backend for the optimized mode")
+    parser.add_argument(
+        "--backend", default="none", choices=COMPILE_BACKENDS, help="compile_backend for the optimized mode"
+    )
     parser.add_argument("--max-faces", type=int, default=20)
     parser.add_argument("--fidelity", type=float, default=0.5)
     parser.add_argument("--skip-official", action="store_true", help="do not time the official recipe")
@@ -317,7 +318,8 @@ def main() -> None:
         "--output",
         type=Path,
         default=None,
-        help="the JSON report (default benchmarks/results/bench_stages.json; bench_host.json with --host)",
+        help="the JSON report (default benchmarks/results/bench_stages.json; bench_host.json with --host, "
+        "peak_memory.json with --peak-memory)",
     )
     host = parser.add_argument_group("--host: the host stages alone, on one generated photo with one face")
     host.add_argument("--host", action="store_true", help="time decode .. encode without the nets")
@@ -334,8 +336,20 @@ def main() -> None:
         default="gpu",
         help="gpu: glibc's malloc as a Restorer on a GPU sets it up; default: glibc's defaults",
     )
+    peak = parser.add_argument_group("--peak-memory: one request of four images at the pixel limit")
+    peak.add_argument("--peak-memory", action="store_true", help="peak host memory of that request")
+    peak.add_argument("--shape", choices=("square", "wide"), default="wide", help="the images' shape")
+    peak.add_argument(
+        "--weights-dir", type=Path, help="the Predictor's weights (default: seed-0 random ones)"
+    )
     args = parser.parse_args()
-    results_dir = PROJECT_ROOT / "benchmarks" / "results"
+    if args.host and args.peak_memory:
+        parser.error("--host and --peak-memory are two modes: choose one")
+    results_dir = harness.RESULTS_DIR
+    if args.peak_memory:
+        args.output = args.output or results_dir / "peak_memory.json"
+        peak_memory_main(args)
+        return
     if args.host:
         args.repeats = 30 if args.repeats is None else args.repeats
         args.output = args.output or results_dir / "bench_host.json"
@@ -373,33 +387,40 @@ def main() -> None:
         record("official/our-process", seconds, stages, -1)
     scratch.close()
 
-    for stability in ("safe", "optimized"):
-        for profile in PROFILES:
-            if args.configs and f"{profile}/{stability}" not in args.configs:
-                continue
-            results: list = []
+    # safe once per profile, then optimized with --backend (rows named profile/mode, as --configs)
+    cuda = restorer.device.type == "cuda"
+    plan = [c for c in configurations(cuda) if c.mode == "safe" or c.backend == args.backend]
+    if not any(c.mode != "safe" for c in plan):
+        raise SystemExit(f"--backend {args.backend}: needs CUDA, and this run is on {restorer.device}")
+    for configuration in plan:
+        label = f"{configuration.profile}/{configuration.mode}"
+        if args.configs and label not in args.configs:
+            continue
+        results: list = []
 
-            def our_pass(batch, profile=profile, stability=stability, results=results) -> dict[str, float]:
-                options = RequestOptions.parse(args.fidelity, profile, stability, args.backend)
-                totals: dict[str, float] = {"decode": 0.0, "encode": 0.0}
-                decoded = []
-                for name, data in batch:
-                    start = time.perf_counter()
-                    decoded.append(decode_image(data, name, restorer.settings.max_pixels))
-                    totals["decode"] += (time.perf_counter() - start) * 1000.0
-                results[:] = restorer.restore(decoded, options)
-                for result in results:
-                    start = time.perf_counter()
-                    encode_jpeg(result.image)
-                    totals["encode"] += (time.perf_counter() - start) * 1000.0
-                    for stage, ms in result.timings.items():
-                        totals[stage] = totals.get(stage, 0.0) + ms
-                return totals
+        def our_pass(batch, configuration=configuration, results=results) -> dict[str, float]:
+            options = RequestOptions.parse(
+                args.fidelity, configuration.profile, configuration.mode, configuration.backend
+            )
+            totals: dict[str, float] = {"decode": 0.0, "encode": 0.0}
+            decoded = []
+            for name, data in batch:
+                start = time.perf_counter()
+                decoded.append(decode_image(data, name, restorer.settings.max_pixels))
+                totals["decode"] += (time.perf_counter() - start) * 1000.0
+            results[:] = restorer.restore(decoded, options)
+            for result in results:
+                start = time.perf_counter()
+                encode_jpeg(result.image)
+                totals["encode"] += (time.perf_counter() - start) * 1000.0
+                for stage, ms in result.timings.items():
+                    totals[stage] = totals.get(stage, 0.0) + ms
+            return totals
 
-            seconds, stages = timed_passes(our_pass, files, args.repeats)
-            faces = sum(len(r.faces) for r in results)
-            record(f"{profile}/{stability}", seconds, stages, faces)
-            rows[-1].update(host_figures(stages, faces, megapixels))
+        seconds, stages = timed_passes(our_pass, files, args.repeats)
+        faces = sum(len(r.faces) for r in results)
+        record(label, seconds, stages, faces)
+        rows[-1].update(host_figures(stages, faces, megapixels))
 
     print(f"\nhost part ({'+'.join(HOST_STAGES)}) of a pass over {megapixels:.2f} megapixels")
     for row in rows:

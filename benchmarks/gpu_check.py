@@ -6,7 +6,7 @@
         [--server [--concurrency 1 2 4 N [--duration-s 30 | --requests 20]] [--sweep-config NAME]]
 
 Every runtime_profile x stability_mode x compile_backend (cudagraphs only on CUDA; safe once
-per profile) runs, in process, these requests (gpu_check_cases.py), each photo its own request:
+per profile) runs, in process, these requests (``codeformer.tools.gpu_checks``), each photo its own request:
 the photos in data/ (or ``--images``) at fidelity 0.5; unless ``--no-generated``, a group
 photo (the photos tiled 2 x 2: more faces than one face batch) at fidelity 0 and 0.9, and the
 first photo at three more detector input shapes; with ``--big-request``, one request of four
@@ -31,7 +31,7 @@ how many each request restored); ``--weights-dir`` for real ones. Checks:
 - per-stage warm ms p50/p95 per request, host part (decode, prepare, align, paste, resize,
   encode) apart from device part (detect, restore, parse); peak GPU memory (not on CPU).
 
-``--server``: the same checks through the Cog HTTP server (gpu_check_server.py: one server
+``--server``: the same checks through the Cog HTTP server (``ServerChecker``: one server
 per compile backend; the photos only, at fidelity 0.5; per-request latency, the server's
 logged stage ms; agreement of the decoded JPGs), with ``peak_gpu_mb`` and
 ``compiles_after_warmup`` null: the server does not show them. ``--concurrency K ..`` (with
@@ -61,6 +61,12 @@ NumPy, Pillow and requests only.
 
 Exit codes: 0 every configuration that ran passed; 1 at least one failed; 2 bad arguments;
 3 no CUDA device for ``--device cuda`` (said on stderr at once, before any weights load).
+
+Sections, in order: the command line; ``Checker`` (in this process: it sees what the server
+cannot, the graphs dynamo compiled, the graphs the cudagraphs backend refused and why, a
+recompile limit that sent a function back to eager, and peak GPU memory); ``ServerChecker``
+(through the HTTP server); ``main``. What they send and decide (the cases, compile counts,
+agreement, verdicts, the report) is ``codeformer.tools.gpu_checks``, where the tests check it.
 """
 
 from __future__ import annotations
@@ -74,17 +80,46 @@ from typing import Any
 
 import harness
 import numpy as np
-from gpu_check_cases import Case
-from gpu_check_local import Checker
-from gpu_check_server import ServerChecker
-from gpu_check_verdicts import BOUNDS, Config, Outcome, agreement, judge, plan, verdict_line
 
+from codeformer.config import Configuration
 from codeformer.errors import ConfigError
+from codeformer.imageio import encode_jpeg
+from codeformer.serving.client import ServerError
+from codeformer.tools import load, plans, reports
+from codeformer.tools.gpu_checks import (
+    BOUNDS,
+    FIDELITY,
+    MAX_PIXELS,
+    BackendRestorers,
+    Case,
+    CompileCounts,
+    Outcome,
+    PassResult,
+    ProgressReport,
+    agreement,
+    big_request_case,
+    case_report,
+    compile_counts,
+    decode,
+    generated_cases,
+    judge,
+    judge_compiles,
+    photo_cases,
+    run_passes,
+    summaries,
+    torch_warnings,
+    verdict_line,
+)
+from codeformer.tools.local_server import LocalServer
 
 EXIT_FAILED, EXIT_NO_CUDA = 1, 3
+# the 4 x 40 MP request is started only with this much budget left: decoding, pasting and
+# encoding 160 MP on the host alone are slow
+BIG_REQUEST_ESTIMATE_S = 60.0
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, harness.LoadPlan | None]:
+# -- the command line ------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, load.LoadPlan | None]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -115,43 +150,262 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, harness.Load
     )
     args = parser.parse_args(argv)
     try:
-        load = harness.check_concurrency_arguments(args)
+        load_plan = harness.check_concurrency_arguments(args)
     except ConfigError as exc:
         parser.error(str(exc))  # exits 2
-    if load is not None and not args.server:
+    if load_plan is not None and not args.server:
         parser.error("--concurrency needs --server: the sweep sends HTTP requests")
-    return args, load
+    return args, load_plan
 
 
-def case_report(case: Case) -> dict[str, Any]:
-    return {"name": case.name, "images": len(case.images), "fidelity": case.fidelity}
+# -- in this process -------------------------------------------------------------------------
+class Checker:
+    """Runs configurations on one device within a deadline; one compile backend at a time."""
+
+    def __init__(
+        self, args: argparse.Namespace, weights_dir: Path, paths: list[Path], deadline: float
+    ) -> None:
+        import torch
+
+        self.torch, self.args, self.weights_dir = torch, args, weights_dir
+        self.cases: list[Case] = photo_cases(paths) + (generated_cases(paths) if args.generated else [])
+        self.big_request = big_request_case(paths) if args.big_request else None
+        self.device, self.deadline = torch.device(args.device), deadline
+        self.restorers = BackendRestorers(weights_dir, self.device, args.max_faces)
+        self.faces: dict[str, list[int]] = {}  # case name -> faces kept per image, in the last request
+
+    def restorer(self, backend: str, device: Any = None) -> Any:
+        """The Restorer for ``backend`` on ``device`` (default: the checked one), set up as a server's."""
+        return self.restorers.get(backend, device)
+
+    def request(
+        self, restorer: Any, config: Configuration, case: Case
+    ) -> tuple[dict[str, float], list[np.ndarray]]:
+        """One request, decode and encode included: (stage -> ms summed over its images, restored images)."""
+        from codeformer.config import RequestOptions
+        from codeformer.imageio import decode_image, encode_jpeg
+
+        options = RequestOptions.parse(case.fidelity, config.profile, config.mode, config.backend)
+        began = time.perf_counter()
+        images = [decode_image(data, f"{case.name} [{i}]", MAX_PIXELS) for i, data in enumerate(case.images)]
+        timings = {"decode": (time.perf_counter() - began) * 1000}
+        results = restorer.restore(images, options)
+        restored = time.perf_counter()
+        for result in results:
+            encode_jpeg(result.image)
+            for stage, ms in result.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + ms
+        timings["encode"] = (time.perf_counter() - restored) * 1000
+        timings["request"] = (time.perf_counter() - began) * 1000
+        self.faces[case.name] = [len(result.faces) for result in results]
+        return timings, [result.image for result in results]
+
+    def one_pass(self, restorer: Any, config: Configuration) -> PassResult:
+        """Every case as its own request: (stage -> ms per request, restored images, s)."""
+        requests, outputs, start = [], [], time.perf_counter()
+        for case in self.cases:
+            timings, images = self.request(restorer, config, case)
+            requests.append(timings)
+            outputs += images
+        return requests, outputs, time.perf_counter() - start
+
+    def close(self) -> None:
+        """Nothing to release: the restorers go with the process (``ServerChecker`` stops a server)."""
+
+    def fits(self, expected_s: float) -> bool:
+        return time.monotonic() + expected_s < self.deadline
+
+    def run(self, config: Configuration) -> Outcome:
+        """Warm-up passes, then timed passes while the budget lasts; failures become reasons.
+
+        What compiled is judged by ``judge_compiles``: a graph compiled inside a request or
+        after the warm-up, a recompile limit hit or a graph run without CUDA graphs fails it.
+        """
+        outcome, cuda = Outcome(config), self.device.type == "cuda"
+        self.faces, self.restorers.setup_ms = {}, None
+        if cuda:
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        with torch_warnings() as warnings:
+            before = after_setup = compile_counts()
+            after_warmup: list[dict[str, int]] = []
+            try:
+                restorer = self.restorer(config.backend)
+                after_setup = compile_counts()
+                run_passes(
+                    outcome,
+                    lambda: self.one_pass(restorer, config),
+                    self.args.warmup,
+                    self.args.repeats,
+                    self.fits,
+                    after_warmup=lambda: after_warmup.append(compile_counts()),
+                )
+                if cuda:
+                    outcome.figures["peak_gpu_mb"] = self.torch.cuda.max_memory_allocated(self.device) / 2**20
+                if self.big_request is not None and outcome.timed_passes:
+                    outcome.figures["big_request"] = self.run_big_request(restorer, config, self.big_request)
+            except Exception as exc:  # a check tool reports each failure and goes on to the next one
+                outcome.reasons.append(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+            end = compile_counts()
+        outcome.figures["faces"] = dict(self.faces)  # per case: faces kept in each image
+        counts = CompileCounts(before, after_setup, after_warmup[0] if after_warmup else None, end)
+        judge_compiles(outcome, counts, warnings, self.restorers.setup_ms)
+        if outcome.requests:
+            outcome.figures.update(summaries(outcome.requests))
+        return outcome
+
+    def run_big_request(self, restorer: Any, config: Configuration, case: Case) -> dict[str, Any]:
+        """``case`` (the four-image 40 MP request) once, after the passes: its stage ms, faces, peak memory.
+
+        Not started when the budget has less than ``BIG_REQUEST_ESTIMATE_S`` left: ``{"not_run": ...}``.
+        """
+        if not self.fits(BIG_REQUEST_ESTIMATE_S):
+            return {"case": case.name, "not_run": f"less than {BIG_REQUEST_ESTIMATE_S} s of the budget left"}
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        timings, _ = self.request(restorer, config, case)
+        figures = {"case": case.name, "stages_ms": timings, "faces": self.faces[case.name]}
+        if cuda:
+            figures["peak_gpu_mb"] = self.torch.cuda.max_memory_allocated(self.device) / 2**20
+        return figures
+
+    def cpu_reference(self, baseline: Outcome) -> tuple[list[np.ndarray], str] | None:
+        """baseline/safe on the CPU, once, untimed (on a CPU: ``baseline``'s outputs); None past budget."""
+        if self.device.type == "cpu":
+            return baseline.outputs, "baseline/safe on cpu"
+        if not self.fits(0.0):
+            return None
+        restorer = self.restorer("none", self.torch.device("cpu"))
+        return self.one_pass(restorer, plans.REFERENCE)[1], "baseline/safe on cpu"
 
 
-def write(
-    head: dict[str, Any],
-    outcomes: list[Outcome],
-    sweep: dict[str, Any] | None,
-    configs: list[Config],
-    started: float,
-    path: Path,
-    finished: bool = False,
-) -> dict[str, Any]:
-    """The report so far, written atomically to ``path``; ``pending``: configurations not reached yet."""
-    done = {outcome.config.name for outcome in outcomes}
-    report = head | {
-        "finished": finished,
-        "elapsed_s": time.monotonic() - started,
-        "configs": [outcome.as_report() for outcome in outcomes],
-        "not_run": [outcome.config.name for outcome in outcomes if outcome.verdict == "SKIP"],
-        "pending": [config.name for config in configs if config.name not in done],
-        "concurrency": sweep,
-    }
-    harness.write_report(report, path)
-    return report
+# -- through the server -----------------------------------------------------------------------
+class ServerChecker:
+    """``Checker``'s interface (``run``, ``cpu_reference``, ``device``), through the HTTP server.
+
+    One ``LocalServer`` at a time, per compile backend (a process serves one backend; the
+    plan keeps each backend's configurations together), with the weights folder,
+    ``--max-faces`` and ``CODEFORMER_COMPILE_BACKEND`` (compiled at set-up) as environment, and
+    ``CUDA_VISIBLE_DEVICES`` empty for ``--device cpu`` (the server takes CUDA whenever it sees
+    it). Each photo is its own request.
+
+    What the client sees: the latency of each request (the ``request`` stage) and the server's
+    per-stage ms from its per-image record (``read_decode`` reported as ``decode``, so that it
+    counts in the host part; from the prediction's logs, else from the server's own log file).
+    Not observable through the server, so null in the JSON: peak GPU memory and graphs
+    compiled after warm-up (run without --server for those).
+
+    Agreement compares decoded JPGs: baseline/safe with baseline/safe computed in this process
+    on the CPU and put through the same JPEG encode and decode (on a CPU device the two are
+    equal; on CUDA, JPEG's quantization can turn a 1-level difference into a few, so a failure
+    there is worth a run without --server before blaming the device), every other
+    configuration with the server's baseline/safe JPGs (both encoded the same way).
+    """
+
+    def __init__(
+        self, args: argparse.Namespace, weights_dir: Path, paths: list[Path], deadline: float
+    ) -> None:
+        # the CPU reference, in process, on what the server is sent: the photos only (the
+        # generated cases run in process alone; with them the two output lists would not pair up)
+        photos_only = argparse.Namespace(**{**vars(args), "generated": False})
+        self.local = Checker(photos_only, weights_dir, paths, deadline)
+        self.args, self.weights_dir, self.paths = args, weights_dir, paths
+        self.device, self.fits = self.local.device, self.local.fits
+        self.stack = contextlib.ExitStack()
+        self.backend: str | None = None
+        self.server: LocalServer | None = None
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def server_for(self, backend: str) -> LocalServer:
+        """The server for ``backend``, started on first use; the previous backend's one is stopped."""
+        if self.server is None or self.backend != backend:
+            self.stack.close()
+            self.server, self.backend = None, backend
+            env = {
+                "CODEFORMER_WEIGHTS_DIR": str(self.weights_dir),
+                "CODEFORMER_MAX_FACES": str(self.args.max_faces),
+                # as in production: the optimized nets compiled at set-up, not in a request
+                "CODEFORMER_COMPILE_BACKEND": backend,
+            }
+            if self.device.type == "cpu":
+                env["CUDA_VISIBLE_DEVICES"] = ""
+            ready_timeout_s = max(self.local.deadline - time.monotonic(), 1.0)
+            self.server = self.stack.enter_context(LocalServer(env, ready_timeout_s=ready_timeout_s))
+        return self.server
+
+    def requester(self, config: Configuration) -> load.Requester:
+        options = load.request_options(config.profile, config.mode, config.backend, FIDELITY)
+        server = self.server_for(config.backend)
+        return load.Requester(server.client, options, server, retry_busy=False)
+
+    def one_pass(self, requester: load.Requester) -> PassResult:
+        """Every photo as its own request: (stage -> ms per photo, decoded outputs, s)."""
+        requests, outputs, start = [], [], time.perf_counter()
+        server = self.server_for(self.backend or "none")
+        for path in self.paths:
+            logged = len(server.log_text())
+            sample, result = requester.send_result([path], "timed")
+            if not sample.ok:  # a 409 too: one client, one request at a time, must never get one
+                raise ServerError(f"{path.name}: {sample.error}")
+            # the prediction's own logs, else the server's log since it was sent (one request at
+            # a time): a line logged outside the prediction's context reaches only the latter
+            [stages] = load.parse_stage_ms(result.logs, 1)
+            if not stages:
+                [stages] = load.parse_stage_ms(server.log_text()[logged:], 1)
+            if "read_decode" in stages:  # a log without stage figures gives none, not zeros
+                stages["decode"] = stages.pop("read_decode")
+            requests.append({**stages, "request": sample.latency_s * 1000})
+            outputs += [decode(data) for data in result.output_bytes(requester.client.session)]
+        return requests, outputs, time.perf_counter() - start
+
+    def run(self, config: Configuration) -> Outcome:
+        outcome = Outcome(config)
+        outcome.figures.update(observed_through="server", compiles_after_warmup=None, peak_gpu_mb=None)
+        try:
+            requester = self.requester(config)
+            run_passes(
+                outcome, lambda: self.one_pass(requester), self.args.warmup, self.args.repeats, self.fits
+            )
+        except Exception as exc:  # a check tool reports every failure and goes on to the next configuration
+            outcome.reasons.append(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+            return outcome
+        if outcome.requests:
+            outcome.figures.update(summaries(outcome.requests))
+        return outcome
+
+    def cpu_reference(self, baseline: Outcome) -> tuple[list[np.ndarray], str] | None:
+        """baseline/safe in this process on the CPU, JPEG-encoded and decoded like the server's answers."""
+        if not self.fits(0.0):
+            return None
+        restorer = self.local.restorer("none", self.local.torch.device("cpu"))
+        outputs = self.local.one_pass(restorer, plans.REFERENCE)[1]
+        label = "baseline/safe in process on cpu, JPEG round trip"
+        return [decode(encode_jpeg(image)) for image in outputs], label
+
+    def sweep(self, config: Configuration, plan: load.LoadPlan) -> dict[str, Any]:
+        """``plan``'s levels on ``config``, one photo per request, within the budget."""
+        batches = [[path] for path in self.paths]
+        levels = load.sweep_levels(self.requester(config), batches, plan, deadline=self.local.deadline)
+        reasons = [
+            f"K={k}: {level['rejected_409']} answer(s) 409 at or below the predictor's concurrency max"
+            for k, level in levels.items()
+            if level["rejected_409"] and int(k) <= plan.server_max
+        ] + [f"K={k}: {level['errors']} failed request(s)" for k, level in levels.items() if level["errors"]]
+        not_run = [k for k in plan.levels if str(k) not in levels]
+        return {
+            **plan.as_report(),
+            "config": config.label,
+            "results": levels,  # K -> load.level_report
+            "not_run": not_run,
+            "reasons": reasons,
+        }
 
 
+# -- the run ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    args, load = parse_args(argv)
+    args, load_plan = parse_args(argv)
     import torch  # the one heavy import before the CUDA check: nothing else loads without a GPU
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -163,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_CUDA
     started = time.monotonic()
     paths = args.images or sorted((harness.PROJECT_ROOT / "data").glob("*.jpg"))
-    configs = plan(torch.device(args.device).type, args.configs)
-    if load is not None and args.sweep_config not in [config.name for config in configs]:
+    configs = plans.check_plan(torch.device(args.device).type, args.configs)
+    if load_plan is not None and args.sweep_config not in [config.label for config in configs]:
         print(
             f"gpu_check: --sweep-config {args.sweep_config} is not in --configs; add it there",
             file=sys.stderr,
@@ -174,30 +428,31 @@ def main(argv: list[str] | None = None) -> int:
     sweep: dict | None = None
     with contextlib.ExitStack() as stack:
         weights_dir = args.weights_dir or stack.enter_context(harness.random_weights_folder())
-        label = harness.portable_path(args.weights_dir) if args.weights_dir else harness.RANDOM_WEIGHTS_LABEL
+        label = reports.portable_path(args.weights_dir) if args.weights_dir else harness.RANDOM_WEIGHTS_LABEL
         kind = ServerChecker if args.server else Checker
         checker = kind(args, weights_dir, paths, started + args.budget_s)
         stack.callback(checker.close)  # stops the server (if any) before the weights folder goes
         cuda = checker.device.type == "cuda"
         head = {
-            "command": harness.command_line(),
-            "created": harness.now_iso(),
-            "environment": harness.environment_info(),
+            "command": reports.command_line(),
+            "created": reports.now_iso(),
+            "environment": reports.environment_info(),
             "torch": torch.__version__,
             "device": str(checker.device),
             "device_name": torch.cuda.get_device_name(checker.device) if cuda else None,
             "through": "server" if args.server else "in process",
             "weights": label,
-            "images": [harness.portable_path(path) for path in paths],
+            "images": [reports.portable_path(path) for path in paths],
             "cases": [] if args.server else [case_report(case) for case in checker.cases],
             "big_request": case_report(big) if (big := getattr(checker, "big_request", None)) else None,
             "budget_s": args.budget_s,
             "bounds": BOUNDS,
         }
+        progress = ProgressReport(head, configs, args.output, started)
         reference: list[np.ndarray] = []  # baseline/safe's outputs on the device
         for config in configs:
             outcomes.append(outcome := checker.run(config))
-            if outcome.verdict == "PASS" and config.name == "baseline/safe":
+            if outcome.verdict == "PASS" and config == plans.REFERENCE:
                 reference = outcome.outputs
                 if cpu := checker.cpu_reference(outcome):
                     judge(outcome, agreement(outcome.outputs, *cpu))
@@ -206,17 +461,19 @@ def main(argv: list[str] | None = None) -> int:
             if outcome.outputs is not reference:
                 outcome.outputs = []  # judged: only the reference is kept (4 x 40 MP photos add up)
             print(verdict_line(outcome), flush=True)
-            if load is not None and config.name == args.sweep_config and outcome.verdict == "PASS":
-                sweep = checker.sweep(config, load)
-                print(harness.render_levels({config.name: sweep["results"]}, load.server_max), flush=True)
+            if load_plan is not None and config.label == args.sweep_config and outcome.verdict == "PASS":
+                sweep = checker.sweep(config, load_plan)
+                print(
+                    harness.render_levels({config.label: sweep["results"]}, load_plan.server_max), flush=True
+                )
                 for reason in sweep["reasons"]:
                     print(f"FAIL concurrency {reason}", flush=True)
             # after each configuration: a run stopped from outside still leaves what it measured
-            write(head, outcomes, sweep, configs, started, args.output)
-    report = write(head, outcomes, sweep, configs, started, args.output, finished=True)
+            progress.write(outcomes, sweep)
+    report = progress.write(outcomes, sweep, finished=True)
     if report["not_run"]:
         print(f"not run (budget {args.budget_s:.0f} s): {' '.join(report['not_run'])}")
-    print(f"wrote {harness.portable_path(args.output)}")
+    print(f"wrote {reports.portable_path(args.output)}")
     failed = any(outcome.verdict == "FAIL" for outcome in outcomes) or bool(sweep and sweep["reasons"])
     return EXIT_FAILED if failed else 0
 

@@ -54,12 +54,13 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness import RequestSample
 
 from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient, ServerError
 from codeformer.serving.schema import MAX_IMAGES, MIN_IMAGES
+from codeformer.tools import load, reports
+from codeformer.tools.load import RequestSample
 from codeformer.tools.local_server import READY_POLL_S, LocalServer
 
 log = logging.getLogger("benchmarks.run_bench")
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"--batch-size must be between {MIN_IMAGES} and {MAX_IMAGES}, got {args.batch_size}"
             )
-        images = harness.discover_images(args.image_dir, args.images)
-        load = harness.check_concurrency_arguments(args)
+        images = load.discover_images(args.image_dir, args.images)
+        load_plan = harness.check_concurrency_arguments(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return harness.EXIT_BAD_SETTING
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or harness.RESULTS_DIR / f"run_bench_{stamp}.json"
     try:
         with harness.sigterm_as_interrupt():
-            report = run(args, profiles, images, server_env, output, load)
+            report = run(args, profiles, images, server_env, output, load_plan)
     except KeyboardInterrupt:
         log.error("interrupted; the server was stopped")
         return harness.EXIT_INTERRUPTED
@@ -179,34 +180,34 @@ def run(
     images: list[Path],
     server_env: dict[str, str],
     output: Path,
-    load: harness.LoadPlan | None = None,
+    load_plan: load.LoadPlan | None = None,
 ) -> dict[str, Any]:
     """Measure every profile; writes the JSON report (also a partial one when the run aborts)."""
-    image_batches = harness.batches(images, args.batch_size)
+    image_batches = load.batches(images, args.batch_size)
     config = {
         key: getattr(args, key)
         for key in ("batch_size", "stability_mode", "compile_backend", "fidelity", "warmup", "repeats")
     }
     report: dict[str, Any] = {
         "tool": "run_bench",
-        "started_at": harness.now_iso(),
-        "command": harness.command_line(),
+        "started_at": reports.now_iso(),
+        "command": reports.command_line(),
         "config": {
-            "image_dir": harness.portable_path(args.image_dir),
-            "images": [harness.portable_path(p) for p in images],
+            "image_dir": reports.portable_path(args.image_dir),
+            "images": [reports.portable_path(p) for p in images],
             "profiles": profiles,
             **config,
             "port": None if args.server_url else args.port,
             "server_url": args.server_url,
             "server_env": server_env,
         },
-        "environment": harness.environment_info(),
+        "environment": reports.environment_info(),
         "weights": None,
         "cold": None,
         "profiles": {},
     }
-    if load is not None:
-        report["concurrency"] = {**load.as_report(), "profiles": {}}
+    if load_plan is not None:
+        report["concurrency"] = {**load_plan.as_report(), "profiles": {}}
     try:
         with contextlib.ExitStack() as stack:
             server: LocalServer | None = None
@@ -222,39 +223,39 @@ def run(
             report["weights"] = weights.as_report()
             # the cold request counts as the first profile's first warm-up request
             total = max(args.warmup, 1) + (len(profiles) - 1) * args.warmup
-            total += 0 if load else len(profiles) * args.repeats * len(image_batches)
-            progress, on_request = harness.progress_bar(stack, None if load else total)
+            total += 0 if load_plan else len(profiles) * args.repeats * len(image_batches)
+            progress, on_request = harness.progress_bar(stack, None if load_plan else total)
             for index, profile in enumerate(profiles):
                 progress.set_description(profile)
-                options = harness.request_options(
+                options = load.request_options(
                     profile, args.stability_mode, args.compile_backend, args.fidelity
                 )
-                requester = harness.Requester(client, options, server)
+                requester = load.Requester(client, options, server)
                 first: RequestSample | None = None
                 if index == 0:
                     first, report["cold"] = harness.send_cold(
                         requester, image_batches[0], server, profile, on_request
                     )
-                repeats = 0 if load else args.repeats  # a sweep replaces the timed rounds
-                samples, round_seconds = harness.run_profile(
+                repeats = 0 if load_plan else args.repeats  # a sweep replaces the timed rounds
+                samples, round_seconds = load.run_profile(
                     requester, image_batches, args.warmup, repeats, on_request, first
                 )
-                if load is None:
-                    report["profiles"][profile] = harness.profile_report(samples, round_seconds, options)
+                if load_plan is None:
+                    report["profiles"][profile] = load.profile_report(samples, round_seconds, options)
                 else:
                     swept = report["concurrency"]["profiles"][profile] = {
                         "options": options,
                         "warmup_requests": len(samples),
                         "warmup_errors": sum(not s.ok for s in samples),
                     }
-                    swept["levels"] = harness.sweep_levels(requester, image_batches, load, on_request)
+                    swept["levels"] = load.sweep_levels(requester, image_batches, load_plan, on_request)
     except (KeyboardInterrupt, ServerError) as exc:
         report["aborted"] = f"{type(exc).__name__}: {exc}"[:4000]
-        harness.write_report(report, output)
+        reports.write_report(report, output)
         log.error("the run stopped early; partial report in %s", output)
         raise
-    report["finished_at"] = harness.now_iso()
-    harness.write_report(report, output)
+    report["finished_at"] = reports.now_iso()
+    reports.write_report(report, output)
     if args.plot:
         weights_note = "RANDOM weights (seed 0)" if weights.random else "weights as configured"
         title = (
@@ -265,7 +266,7 @@ def run(
             name: [s["latency_s"] for s in profile["samples"] if s["phase"] == "timed" and s["error"] is None]
             for name, profile in report["profiles"].items()
         }
-        if load is not None:
+        if load_plan is not None:
             latencies = harness.latency_curves(harness.swept_levels(report))
         harness.plot_cdf(latencies, args.plot, "request latency (s)", title)
     return report

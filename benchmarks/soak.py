@@ -49,8 +49,8 @@ import requests
 
 from codeformer.serving.client import CogClient, data_uri
 from codeformer.serving.outputs import OUTPUT_DIR_PREFIX
-from codeformer.tools import local_server
-from codeformer.tools.inputs import BAD_KINDS, flat_canvas_png, textured_png
+from codeformer.tools import local_server, reports, summary
+from codeformer.tools.inputs import BAD_KINDS, flat_canvas_png, soak_plan, textured_png
 
 log = logging.getLogger("benchmarks.soak")
 
@@ -67,22 +67,6 @@ class Outcome:
     verdict: str  # "expected" or "unexpected"
     message: str  # the error, or why the answer was unexpected
     busy_retries: int = 0  # 409 "at capacity" answers the client waited out before this one
-
-
-def plan(requests_total: int, face_every: int, bad_every: int) -> list[str]:
-    """The kind of every request, in order; bad kinds rotate through BAD_KINDS."""
-    kinds: list[str] = []
-    bad_turn = 0
-    for index in range(requests_total):
-        number = index + 1
-        if bad_every and number % bad_every == 0:
-            kinds.append(BAD_KINDS[bad_turn % len(BAD_KINDS)].name)
-            bad_turn += 1
-        elif face_every and number % face_every == 0:
-            kinds.append("faces")
-        else:
-            kinds.append("flat")
-    return kinds
 
 
 def run_one(client: CogClient, index: int, kind: str, profile: str) -> Outcome:
@@ -158,17 +142,17 @@ def latency_report(outcomes: list[Outcome], warmup: int) -> dict[str, Any]:
     report: dict[str, Any] = {
         "kind": "flat",
         "samples": len(flat),
-        "all_after_warmup": harness.summarize(flat),
+        "all_after_warmup": summary.summarize(flat),
     }
     if not flat:
         return report
-    first, last = harness.summarize(_window(flat, first=True)), harness.summarize(_window(flat, first=False))
+    first, last = summary.summarize(_window(flat, first=True)), summary.summarize(_window(flat, first=False))
     report["first_10pct"] = first
     report["last_10pct"] = last
     report["last_over_first_p50"] = last["p50"] / first["p50"] if first["p50"] else None
     report["last_over_first_p95"] = last["p95"] / first["p95"] if first["p95"] else None
     report["by_kind"] = {
-        kind: harness.summarize([o.latency_s for o in outcomes[warmup:] if o.kind == kind])
+        kind: summary.summarize([o.latency_s for o in outcomes[warmup:] if o.kind == kind])
         for kind in sorted({o.kind for o in outcomes[warmup:]})
     }
     return report
@@ -186,7 +170,7 @@ def soak(
 ) -> dict[str, Any]:
     """Send the planned requests; returns the report (see the module docstring)."""
     worker_pid = local_server.find_worker_pid(server_pid) if server_pid is not None else None
-    kinds = plan(requests_total, face_every, bad_every)
+    kinds = soak_plan(requests_total, face_every, bad_every)
     warmup = min(warmup, max(0, requests_total - 1))
     middle = warmup + (requests_total - warmup) // 2
     outcomes: list[Outcome] = []
@@ -292,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sample_every,
         )
     if args.output is not None:
-        harness.write_report(report, args.output)
+        reports.write_report(report, args.output)
     print(json.dumps(report, indent=2))
     return 1 if report["failures"]["unexpected_count"] else 0
 

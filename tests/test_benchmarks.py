@@ -18,30 +18,26 @@ import time
 from pathlib import Path
 
 import pytest
-from bench_single_image import Combination, plan_combinations, winners
-from bench_stages import host_figures
-from harness import (
-    PROJECT_ROOT,
-    RequestSample,
-    batches,
-    cdf_points,
-    command_line,
-    discover_images,
-    parse_faces,
-    parse_stage_ms,
-    portable_path,
-    profile_report,
-    split_names,
-    summarize,
-    throughput,
-)
 
-from codeformer.config import PROFILES, RequestOptions
+from codeformer.config import PROFILES, PROJECT_ROOT, Configuration, RequestOptions, configurations
 from codeformer.errors import ConfigError
 from codeformer.serving.records import SETUP_MARKER, TIMINGS_MARKER, read_records, record_line, setup_info
 from codeformer.serving.request import timings_record
 from codeformer.serving.serve import check_port_free
+from codeformer.tools.host_pass import host_figures
+from codeformer.tools.load import (
+    RequestSample,
+    batches,
+    discover_images,
+    parse_faces,
+    parse_stage_ms,
+    profile_report,
+    split_names,
+)
 from codeformer.tools.local_server import free_port
+from codeformer.tools.plans import plan_combinations, winners
+from codeformer.tools.reports import command_line, portable_path
+from codeformer.tools.summary import cdf_points, summarize, throughput
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"
@@ -314,7 +310,22 @@ def test_reports_hold_no_machine_paths(tmp_path: Path) -> None:
     ]
 
 
-# -- bench_single_image planning -------------------------------------------------------------
+# -- bench_single_image planning (codeformer.tools.plans) -------------------------------------
+def test_configurations_are_every_distinct_choice_once_safe_first() -> None:
+    cpu, cuda = configurations(cuda=False), configurations(cuda=True)
+    assert len(cpu) == len(set(cpu)) == len(PROFILES) * (1 + 4)  # safe + four backends without CUDA
+    assert len(cuda) == len(set(cuda)) == len(PROFILES) * (1 + 5) and set(cpu) < set(cuda)
+    assert [c.label for c in cpu[:4]] == [
+        "baseline/safe",
+        "fast/safe",
+        "max_speed/safe",
+        "baseline/optimized/none",
+    ]
+    assert all(c.backend == "none" for c in cuda if c.mode == "safe")  # safe mode ignores the backend
+    assert {c.backend for c in set(cuda) - set(cpu)} == {"cudagraphs"}
+    assert Configuration("max_speed", "optimized", "inductor").label == "max_speed/optimized/inductor"
+
+
 def test_plan_runs_safe_once_per_profile_and_skips_cudagraphs_without_cuda() -> None:
     plan, skipped = plan_combinations(["max_speed"], ["safe", "optimized"], ["none", "cudagraphs"], False)
     assert [c.label for c in plan] == ["max_speed/safe", "max_speed/optimized/none"]
@@ -327,7 +338,7 @@ def test_plan_runs_safe_once_per_profile_and_skips_cudagraphs_without_cuda() -> 
 
 def test_plan_keeps_cudagraphs_with_cuda() -> None:
     plan, _ = plan_combinations(["fast"], ["optimized"], ["cudagraphs"], True)
-    assert plan == [Combination("fast", "optimized", "cudagraphs")]
+    assert plan == [Configuration("fast", "optimized", "cudagraphs")]
 
 
 def test_winners_pick_the_lowest_warm_p50_and_cold_figures() -> None:
@@ -493,4 +504,6 @@ def test_every_script_runs_by_path_from_another_folder(script: Path, tmp_path: P
 
 def test_the_scripts_the_readme_names_are_found() -> None:
     names = {path.name for path in SCRIPTS}
-    assert {"run_bench.py", "bench_single_image.py", "bench_stages.py", "soak.py", "peak_memory.py"} <= names
+    assert names == {"run_bench.py", "bench_single_image.py", "bench_stages.py", "soak.py", "gpu_check.py"}
+    # and nothing else but the module they share
+    assert {path.name for path in (PROJECT_ROOT / "benchmarks").glob("*.py")} == names | {"harness.py"}

@@ -1,11 +1,13 @@
 """benchmarks/gpu_check.py: it refuses a machine without CUDA at once, and runs its checks on the CPU.
 
-No test looks at how long anything took.
+The script runs by path in a fresh interpreter; what it sends and decides (the plan, the
+cases, what compiled, agreement, the report) is checked where it lives,
+``codeformer.tools.gpu_checks`` and ``codeformer.tools.plans``. No test looks at how long
+anything took.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -13,18 +15,30 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import gpu_check
 import numpy as np
 import pytest
 import torch
-from gpu_check import EXIT_NO_CUDA
-from gpu_check import main as gpu_check_main
-from gpu_check_cases import Case, generated_cases, group_photo
-from gpu_check_local import Checker
-from gpu_check_verdicts import MAX_MEAN_ABS, Config, Outcome, agreement, judge, plan
-from harness import PROJECT_ROOT
+
+from codeformer.config import PROJECT_ROOT, Configuration
+from codeformer.tools.gpu_checks import (
+    MAX_MEAN_ABS,
+    BackendRestorers,
+    Case,
+    CompileCounts,
+    Outcome,
+    ProgressReport,
+    agreement,
+    compile_counts,
+    generated_cases,
+    group_photo,
+    judge,
+    judge_compiles,
+    torch_warnings,
+)
+from codeformer.tools.plans import check_plan as plan
 
 GPU_CHECK = PROJECT_ROOT / "benchmarks" / "gpu_check.py"
+EXIT_NO_CUDA = 3  # gpu_check's own exit code for "no CUDA device"
 PHOTO = PROJECT_ROOT / "tests/golden/04/04.jpg"
 # A GPU machine has torch, OpenCV, NumPy, Pillow and requests, but neither Cog nor pytest: the
 # in-process check runs here with both made unimportable (None in sys.modules: import raises)
@@ -46,11 +60,6 @@ def run_by_path(*args: str, cwd: Path, without_cog: bool = True) -> subprocess.C
     )
 
 
-def checker_args(**overrides: Any) -> argparse.Namespace:
-    defaults = dict(device="cpu", generated=False, big_request=False, max_faces=1, warmup=1, repeats=1)
-    return argparse.Namespace(**(defaults | overrides))
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_without_cuda_it_says_so_in_one_line_and_exits_with_its_own_code(tmp_path: Path) -> None:
     output = tmp_path / "report.json"
@@ -62,18 +71,18 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_with_its_own_code(tmp_pat
 
 
 def test_the_plan_has_every_configuration_once_and_cudagraphs_only_on_cuda() -> None:
-    names = [config.name for config in plan("cpu", None)]
+    names = [config.label for config in plan("cpu", None)]
     assert names[0] == "baseline/safe"  # the others' reference runs first
     assert len(names) == len(set(names)) == 3 + 3 * 4
     assert not any(name.endswith("/cudagraphs") for name in names)
-    assert sum(name.endswith("/cudagraphs") for name in (c.name for c in plan("cuda", None))) == 3
-    assert [c.name for c in plan("cpu", ["fast/optimized/eager", "baseline/safe"])] == [
+    assert sum(name.endswith("/cudagraphs") for name in (c.label for c in plan("cuda", None))) == 3
+    assert [c.label for c in plan("cpu", ["fast/optimized/eager", "baseline/safe"])] == [
         "baseline/safe",
         "fast/optimized/eager",
     ]
     # --configs' order otherwise: a budget that runs out leaves out the last named
     wanted = ["max_speed/safe", "fast/optimized/eager", "baseline/safe", "fast/optimized/none"]
-    assert [c.name for c in plan("cpu", wanted)] == [wanted[2], wanted[0], wanted[1], wanted[3]]
+    assert [c.label for c in plan("cpu", wanted)] == [wanted[2], wanted[0], wanted[1], wanted[3]]
     with pytest.raises(SystemExit, match="unknown"):
         plan("cpu", ["baseline/optimized/cudagraphs"])
 
@@ -84,14 +93,14 @@ def test_baseline_safe_is_held_to_the_parity_tolerance_and_the_others_to_the_mea
     two_percent_off.reshape(-1)[:6] = 4  # 6 of 300 values beyond 3 levels: over the 1.5% allowed
     figures = agreement([two_percent_off], [reference], "baseline/safe on cpu")
     assert figures["over_three"] == pytest.approx(0.02) and figures["mean_abs"] == pytest.approx(0.08)
-    baseline = Outcome(Config("baseline", "safe", "none"))
+    baseline = Outcome(Configuration("baseline", "safe", "none"))
     judge(baseline, figures)
     assert baseline.verdict == "FAIL" and "beyond 3" in baseline.reasons[0]
-    optimized = Outcome(Config("baseline", "optimized", "none"), timed_passes=1)
+    optimized = Outcome(Configuration("baseline", "optimized", "none"), timed_passes=1)
     judge(optimized, figures)  # the same difference is well inside the mean bound
     assert optimized.verdict == "PASS" and optimized.figures["agreement"] == figures
     far_off = agreement([reference + np.uint8(MAX_MEAN_ABS + 1)], [reference], "baseline/safe")
-    fast = Outcome(Config("fast", "safe", "none"), timed_passes=1)
+    fast = Outcome(Configuration("fast", "safe", "none"), timed_passes=1)
     judge(fast, far_off)
     assert fast.verdict == "FAIL" and "mean abs" in fast.reasons[0]
 
@@ -134,13 +143,11 @@ def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path)
         (["--server", "--requests", "2"], "apply to --concurrency only"),
     ],
 )
-def test_bad_concurrency_flags_exit_2_naming_the_fix(
-    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exited:
-        gpu_check_main(["--device", "cpu", *flags])
-    assert exited.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_concurrency_flags_exit_2_naming_the_fix(flags: list[str], message: str, tmp_path: Path) -> None:
+    # the concurrency flags read the predictor's concurrency max: Cog's side, so with Cog
+    completed = run_by_path("--device", "cpu", *flags, cwd=tmp_path, without_cog=False)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert message in completed.stderr
 
 
 @pytest.mark.slow  # two real servers' worth of set-up: the check's, and the sweep's requests
@@ -178,58 +185,52 @@ def test_through_the_server_on_the_cpu_it_checks_and_sweeps(tmp_path: Path) -> N
 
 
 def test_the_in_process_path_imports_no_cog_module() -> None:
+    # the script loaded by path (all its module-level imports; --help then exits), and what
+    # its in-process checks import when they run
     probe = (
-        "import sys\n"
+        "import runpy, sys\n"
         "for name in ('cog', 'coglet', 'pytest'):\n"
         "    sys.modules[name] = None\n"
-        f"sys.path[:0] = [{str(PROJECT_ROOT)!r}, {str(GPU_CHECK.parent)!r}]\n"
-        "import gpu_check, gpu_check_local, gpu_check_cases\n"
+        f"sys.path[:0] = [{str(GPU_CHECK.parent)!r}]  # as running the script by path does\n"
+        f"sys.argv = [{str(GPU_CHECK)!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(GPU_CHECK)!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
         "import codeformer.pipeline, codeformer.imageio, codeformer.weights\n"
-        "import codeformer.tools.random_weights\n"
+        "import codeformer.tools.random_weights, codeformer.tools.gpu_checks\n"
         "loaded = [name for name, module in sys.modules.items() if module is not None]\n"
         "print(sorted(name for name in loaded if name.split('.')[0] in ('cog', 'coglet')))\n"
     )
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert completed.stdout.strip() == "[]"
+    assert completed.stdout.startswith("usage: ")  # the script was loaded and parsed its flags
+    assert completed.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_report_is_rewritten_as_each_configuration_ends(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_report_is_rewritten_as_each_configuration_ends(tmp_path: Path) -> None:
     output = tmp_path / "report.json"
+    configs = [Configuration(profile, "safe", "none") for profile in ("baseline", "fast", "max_speed")]
+    labels = [config.label for config in configs]
+    progress = ProgressReport({"device": "cpu"}, configs, output, started=0.0)
+    outcomes: list[Outcome] = []
     seen_on_disk: list[dict[str, Any]] = []
-
-    class RecordingChecker:
-        """Runs nothing: each configuration passes, and first reads the report as it is on disk."""
-
-        def __init__(self, args: argparse.Namespace, weights_dir: Path, paths: list[Path], deadline: float):
-            self.device, self.cases, self.big_request = torch.device("cpu"), [], None
-
-        def run(self, config: Config) -> Outcome:
-            if output.exists():
-                seen_on_disk.append(json.loads(output.read_text()))
-            return Outcome(config, outputs=[np.zeros((2, 2, 3), np.uint8)], timed_passes=1)
-
-        def cpu_reference(self, baseline: Outcome) -> tuple[list[np.ndarray], str]:
-            return baseline.outputs, "itself"
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(gpu_check, "Checker", RecordingChecker)
-    configs = ["baseline/safe", "fast/safe", "max_speed/safe"]
-    argv = ["--device", "cpu", "--weights-dir", str(tmp_path), "--output", str(output), "--configs", *configs]
-    assert gpu_check_main(argv) == 0
+    for config in configs:
+        if output.exists():
+            seen_on_disk.append(json.loads(output.read_text()))
+        outcomes.append(Outcome(config, outputs=[np.zeros((2, 2, 3), np.uint8)], timed_passes=1))
+        progress.write(outcomes, None)  # what gpu_check's main does after each configuration
     # before the 2nd configuration, the 1st is on disk; before the 3rd, the first two
     assert [[config["name"] for config in report["configs"]] for report in seen_on_disk] == [
-        configs[:1],
-        configs[:2],
+        labels[:1],
+        labels[:2],
     ]
-    assert [report["pending"] for report in seen_on_disk] == [configs[1:], configs[2:]]
+    assert [report["pending"] for report in seen_on_disk] == [labels[1:], labels[2:]]
     assert not any(report["finished"] for report in seen_on_disk)
+    progress.write(outcomes, None, finished=True)
     final = json.loads(output.read_text())
     assert final["finished"] and final["pending"] == [] and len(final["configs"]) == 3
+    assert final["device"] == "cpu" and final["not_run"] == []
     assert [path.name for path in tmp_path.iterdir()] == [output.name]  # no partial file left
 
 
@@ -247,7 +248,7 @@ def test_each_compile_backend_starts_with_none_of_the_previous_ones_graphs(
             return 1.0
 
     monkeypatch.setattr(Restorer, "load", staticmethod(lambda *args, **kwargs: SetUp()))
-    checker = Checker(checker_args(), Path("unused"), [PHOTO], deadline=float("inf"))
+    restorers = BackendRestorers(Path("unused"), torch.device("cpu"), max_faces=1)
     double = torch.compile(lambda x: x * 2, backend="eager")
 
     def graphs_compiled_by_a_call() -> int:
@@ -255,29 +256,37 @@ def test_each_compile_backend_starts_with_none_of_the_previous_ones_graphs(
         double(torch.ones(3))
         return counters["stats"]["unique_graphs"] - before
 
-    first = checker.restorer("eager")
+    first = restorers.get("eager")
     assert graphs_compiled_by_a_call() == 1
-    assert checker.restorer("eager") is first and graphs_compiled_by_a_call() == 0
-    assert checker.restorer("aot_eager") is not first  # a new backend: new Restorers ...
+    assert restorers.get("eager") is first and graphs_compiled_by_a_call() == 0
+    assert restorers.get("aot_eager") is not first  # a new backend: new Restorers ...
     assert graphs_compiled_by_a_call() == 1  # ... and dynamo's entries are gone
-    assert list(checker.restorers) == ["cpu:aot_eager"]
+    assert list(restorers.loaded) == ["cpu:aot_eager"]
+    assert restorers.setup_ms == 1.0
 
 
 def test_a_recompile_limit_hit_or_a_graph_run_without_cuda_graphs_fails_the_configuration() -> None:
-    checker = Checker(checker_args(), Path("unused"), [PHOTO], deadline=float("inf"))
-    checker.restorer = lambda backend: None  # type: ignore[method-assign]
-
-    def one_pass() -> tuple[list[dict[str, float]], list[np.ndarray], float]:
+    def one_pass() -> None:
         # on a CPU tensor the cudagraphs backend runs the graph without CUDA graphs, and says so
         torch.compile(lambda x: x + 1, backend="cudagraphs")(torch.ones(2))
         with torch._dynamo.config.patch(recompile_limit=1):
             shifted = torch.compile(lambda x: x - 1, backend="eager", dynamic=False)
             shifted(torch.ones(1))
             shifted(torch.ones(2))  # a second shape: over the limit of one graph, runs eager
-        return [{"request": 1.0}], [], 0.0
 
-    checker.one_pass = lambda restorer, config: one_pass()  # type: ignore[method-assign]
-    outcome = checker.run(Config("baseline", "optimized", "cudagraphs"))
+    def checked(config: Configuration) -> Outcome:
+        """A warm-up pass and a timed one, measured as gpu_check's Checker.run measures them."""
+        outcome = Outcome(config, timed_passes=1)
+        with torch_warnings() as warnings:
+            before = after_setup = compile_counts()  # the Restorer's set-up compiled nothing
+            one_pass()
+            after_warmup = compile_counts()
+            one_pass()
+            end = compile_counts()
+        judge_compiles(outcome, CompileCounts(before, after_setup, after_warmup, end), warnings)
+        return outcome
+
+    outcome = checked(Configuration("baseline", "optimized", "cudagraphs"))
     assert outcome.verdict == "FAIL"
     assert outcome.figures["cudagraph_skips"] == 1 and outcome.figures["graphs_compiled"] >= 2
     warnings = outcome.figures["torch_warnings"]
@@ -290,10 +299,27 @@ def test_a_recompile_limit_hit_or_a_graph_run_without_cuda_graphs_fails_the_conf
     assert any("compiled inside requests" in reason for reason in outcome.reasons)
     # the same skip under another backend's configuration is reported, not judged
     torch._dynamo.reset()  # the lambdas compile again
-    other = checker.run(Config("baseline", "optimized", "eager"))
+    other = checked(Configuration("baseline", "optimized", "eager"))
     assert other.figures["cudagraph_skips"] == 1
     assert not any("CUDA graphs" in reason for reason in other.reasons)
     torch._dynamo.reset()
+
+
+def test_a_graph_compiled_after_the_warm_up_fails_the_configuration() -> None:
+    outcome = Outcome(Configuration("fast", "optimized", "eager"), timed_passes=1)
+    counts = CompileCounts(
+        before={"graphs": 5, "cudagraph_skips": 0},
+        after_setup={"graphs": 7, "cudagraph_skips": 0},
+        after_warmup={"graphs": 7, "cudagraph_skips": 0},
+        end={"graphs": 8, "cudagraph_skips": 0},
+    )
+    judge_compiles(outcome, counts, [], setup_ms=12.5)
+    assert outcome.figures["graphs_compiled"] == 3 and outcome.figures["prepare_optimized_ms"] == 12.5
+    assert outcome.figures["compiles_after_warmup"] == outcome.figures["compiles_in_requests"] == 1
+    assert outcome.reasons == [
+        "1 graph(s) compiled inside requests, after set-up",
+        "1 graph(s) compiled after warm-up",
+    ]
 
 
 def test_the_generated_requests_reach_more_faces_than_a_batch_fidelity_0_and_new_shapes() -> None:

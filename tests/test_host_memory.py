@@ -71,9 +71,9 @@ def _coglet_like(device: str, retained_memory_mb: int) -> tuple[bool, int, int]:
 
 
 # glibc's default: every cycle maps the 64 MB block afresh. With the device thread on the main
-# arena and retained memory, the main heap settles within a few cycles (measured: 2-3 of 20 fault, up to
-# 7 when the kernel's page reclaimer takes idle heap pages back meanwhile).
-@pytest.mark.slow  # a fresh interpreter that imports the pipeline: ~10 s
+# arena and retained memory, the main heap settles within a few cycles (a few more fault when the
+# kernel's page reclaimer takes idle heap pages back meanwhile).
+@pytest.mark.slow  # a fresh interpreter that imports the pipeline
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_a_cpu_restorer_keeps_freed_memory_for_calls_from_a_thread_with_its_own_arena() -> None:
     main_arena, handed_over, main_thread = _coglet_like("cpu", 2047)
@@ -101,17 +101,15 @@ _GPU_WORKER_LIKE = """
 import concurrent.futures, resource, sys
 import torch
 from torch import nn
-sys.path.insert(0, "benchmarks")
-import harness
-from bench_stages import host_pass, one_face, square_photo
-from codeformer.config import Settings
+from codeformer.config import PROJECT_ROOT, Settings
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
+from codeformer.tools.host_pass import host_pass, one_face, square_photo
 
 device, retained_memory_mb = torch.device(sys.argv[1]), int(sys.argv[2])
 nets = Nets(*(nn.Identity().to(device) for _ in range(3)))
 restorer = Restorer(nets, device, Settings(retained_memory_mb=retained_memory_mb, mixed_precision="off"))
-photo, face = square_photo(harness.PROJECT_ROOT / "data" / "3.jpg", 1000), one_face(1000, 384.0, 0.12)
+photo, face = square_photo(PROJECT_ROOT / "data" / "3.jpg", 1000), one_face(1000, 384.0, 0.12)
 
 def faults_per_request():
     for _ in range(3):
@@ -129,7 +127,7 @@ print(concurrent.futures.ThreadPoolExecutor(1).submit(faults_per_request).result
 @pytest.mark.slow  # fresh interpreters that import the pipeline and run 13 host passes each
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_off_the_cpu_the_host_work_of_a_request_reuses_the_memory_of_the_last_one() -> None:
-    """A one-face 1 MP request's host stages (benchmarks/bench_stages.py --host pass) on a request thread."""
+    """A one-face 1 MP request's host stages (codeformer.tools.host_pass) on a request thread."""
 
     def faults_per_request(retained_memory_mb: int) -> float:
         completed = subprocess.run(

@@ -13,21 +13,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from soak import plan
 
-from codeformer.tools.inputs import BAD_KINDS
+from codeformer.tools.inputs import BAD_KINDS, soak_plan
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_plan_mixes_good_faces_and_every_bad_kind_in_turn() -> None:
-    kinds = plan(requests_total=48, face_every=3, bad_every=4)
+    kinds = soak_plan(requests_total=48, face_every=3, bad_every=4)
     assert len(kinds) == 48 and len(BAD_KINDS) <= 48 // 4
     bad = [kind for kind in kinds if kind not in ("flat", "faces")]
     assert bad[: len(BAD_KINDS)] == [kind.name for kind in BAD_KINDS]
     assert [index for index, kind in enumerate(kinds) if kind in bad] == list(range(3, 48, 4))
     assert kinds[2] == "faces" and kinds[11] != "faces"  # 12 is a bad turn: bad wins
-    assert plan(5, face_every=0, bad_every=0) == ["flat"] * 5
+    assert soak_plan(5, face_every=0, bad_every=0) == ["flat"] * 5
 
 
 @pytest.mark.slow
@@ -58,7 +57,7 @@ def test_a_tiny_soak_run_reports_outcomes_latency_and_worker_memory(
     assert report["failures"]["expected_by_kind"] == {"random_bytes": 1, "truncated_jpeg": 1, "zero_bytes": 1}
     assert report["successes_by_kind"] == {"flat": 3}
     assert report["busy_retries_total"] == sum(entry["busy_retries"] for entry in report["requests_log"])
-    assert [entry["kind"] for entry in report["requests_log"]] == plan(6, face_every=0, bad_every=2)
+    assert [entry["kind"] for entry in report["requests_log"]] == soak_plan(6, face_every=0, bad_every=2)
 
     latency = report["latency_s"]
     assert latency["samples"] == 2  # the flat requests after the 1-request warm-up

@@ -1,4 +1,5 @@
-"""Generated request inputs: small PNGs with and without faces, and the bad inputs of the soak.
+"""Generated request inputs: small PNGs with and without faces, and the bad inputs of the soak
+(``BAD_KINDS``, in the order ``soak_plan`` sends them).
 
 Each bad input comes with how the server must answer it: 422 from the schema, or a failed
 prediction whose error names the image and says what is wrong. ``png_header_claiming``
@@ -193,3 +194,20 @@ BAD_KINDS: tuple[BadKind, ...] = (
         "base64 payload is invalid",
     ),
 )
+
+
+def soak_plan(requests_total: int, face_every: int, bad_every: int) -> list[str]:
+    """The kind of every request of ``benchmarks/soak.py``, in order: "flat", "faces" (every
+    ``face_every``-th) or a bad kind (every ``bad_every``-th, which wins; they rotate through BAD_KINDS)."""
+    kinds: list[str] = []
+    bad_turn = 0
+    for index in range(requests_total):
+        number = index + 1
+        if bad_every and number % bad_every == 0:
+            kinds.append(BAD_KINDS[bad_turn % len(BAD_KINDS)].name)
+            bad_turn += 1
+        elif face_every and number % face_every == 0:
+            kinds.append("faces")
+        else:
+            kinds.append("flat")
+    return kinds
