@@ -130,7 +130,7 @@ def _cie_lab(image: Image.Image) -> np.ndarray:
 
 
 def _pillow_rgb(image: Image.Image) -> np.ndarray:
-    # convert() copies even an RGB image (0.15 ms a megapixel)
+    # convert() copies even an RGB image, so an RGB one is taken as it is
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
@@ -293,7 +293,7 @@ def decode_with_profile(data: bytes, name: str, max_pixels: int) -> DecodedImage
         raise InputError(f"{name}: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {exc}") from None
-    # OpenCV's channel swap: the same bytes as a reversed-view copy, ~50x faster (0.1 ms a megapixel)
+    # OpenCV's channel swap: the same bytes as a reversed-view copy, and faster
     return DecodedImage(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), carried)
 
 

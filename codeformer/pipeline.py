@@ -172,8 +172,8 @@ class Restorer:
         # Image-sized host work around device calls (the detector's resize, the parse masks'
         # blurs): on a GPU on the request's thread, so that the device serves others meanwhile.
         # On a CPU the device is the CPU anyway, and on the device thread the work's buffers
-        # reuse the memory glibc's main arena keeps; a request thread's arena cannot (the peak
-        # of four 40 MP images grew past the README's bound).
+        # reuse the memory glibc's main arena keeps; a request thread's arena cannot (with
+        # several large images at once, the peak grew past the README's bound).
         self._image_work: Callable[..., Any] = self.scheduler.call if device.type == "cpu" else _call
         # the server's admission control (predict.py); the library's own callers bring their own arrays
         self.admission = PixelBudget(self.settings.max_pixels_in_flight)

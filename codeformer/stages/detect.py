@@ -175,7 +175,7 @@ class FaceDetector:
         with torch.inference_mode():
             # HWC -> (1, 3, h', w') float32, BGR minus mean. The permuted view keeps the
             # channels-last strides the official numpy-transpose input had; on CPU that also
-            # selects the faster channels-last convolutions (about 4x here).
+            # selects the faster channels-last convolutions.
             pixels = pixels.to(self.device).permute(2, 0, 1).unsqueeze(0)
             net_input = pixels.to(torch.float32) - self._mean
             loc, conf, landms = self.net(net_input)  # (1, P, 4), (1, P, 2), (1, P, 10)
