@@ -91,7 +91,8 @@ def configurations(cuda: bool) -> list[Configuration]:
 
 # The one default of each request option: predict.py's inputs (and so the served schema),
 # the CLI and the library all take these. compile_backend "none" (channels_last, nothing
-# compiled) measured fastest on CPU and has no compile wait, so "optimized" alone is fast.
+# compiled) was the fastest on CPU (README's Benchmarks) and has no compile wait, so
+# "optimized" alone is fast.
 DEFAULT_FIDELITY = 0.5
 DEFAULT_PROFILE = "baseline"
 DEFAULT_STABILITY = "safe"
@@ -148,9 +149,8 @@ BOOLEANS = {"0": False, "1": True}
 # glibc takes the trim threshold as a C int: 2 GiB - 1 byte is the most it can hold
 MAX_RETAINED_MEMORY_MB = 2047
 # On a GPU, batching faces fills the device; on a CPU the convolutions are already
-# parallel inside one face: with the retained heap, 4 faces took 12.1-13.2 s in batches of
-# one and 12.8 s in batches of two (CodeFormer), 7.3-7.7 s against 8.2 s (ParseNet), and a
-# batch of one holds half the activations.
+# parallel inside one face, so batches of two were no faster than batches of one (CodeFormer
+# and ParseNet, README's Benchmarks), and a batch of one holds half the activations.
 DEFAULT_FACE_BATCH = {"cuda": 4, "cpu": 1}
 
 

@@ -12,8 +12,8 @@ to keep up to ``Settings.retained_memory_mb`` of freed memory there (``mallopt``
 
 Off the CPU (a GPU, whose activations live in device memory): the device thread is a plain
 thread, and the settings are for the requests' host work instead (``keep_host_work_memory``).
-A request decodes, prepares, aligns, pastes back and encodes on its own thread, in buffers of
-a few MB per megapixel, and frees them all when it ends. glibc's defaults give most of that
+A request decodes, prepares, aligns, pastes back and encodes on its own thread, in buffers
+the size of its image, and frees them all when it ends. glibc's defaults give most of that
 back to the system: blocks over its mmap threshold (which adapts, up to 32 MB) are mapped
 afresh and unmapped on ``free``, and a heap whose free top exceeds twice that threshold is
 trimmed; the next request page-faults (and the kernel zeroes) its buffers again. So the mmap
@@ -25,16 +25,15 @@ threads (up to cog.yaml's ``concurrency.max`` at once) and the device thread eac
 and blocks over 32 MB (the buffers of large photos) are still mapped and returned as before.
 
 Why the CPU settings: a CodeFormer forward at 512x512 allocates and frees gigabytes of
-activations, many of them 32-64 MB or more. By default glibc maps each block over 32 MB afresh
-and unmaps it on ``free``, so every forward page-faults (and the kernel zeroes) all of it
-again: 1.8 M minor faults per forward. Kept in the heap, the fp32 forward took 3.2 s instead
-of 4.7 s on the 2-core CPU machines, computing the same numbers. Only the main arena can keep
-them: any other arena grows in 64 MB heaps, and a block that does not fit one is mapped with
-``mmap`` whatever ``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``run()`` on
-threads it made before ``setup()``, each with an arena of its own: there every forward faulted
-again (golden photo 01 at baseline through the server: 4.5 M faults, 14-21 s per request
-against 10.6 s). One arena also keeps the worker from growing: freed pages pile up per arena
-(a 300-request soak grew it by 190 MB with glibc's default arenas, by 0.2 MB with one).
+activations, many of them larger than glibc's largest mmap threshold (32 MB). By default
+glibc maps each such block afresh and unmaps it on ``free``, so every forward page-faults (and
+the kernel zeroes) all of it again; kept in the heap, the same forward computes the same
+numbers without those faults, and in less time. Only the main arena can keep them: any other
+arena grows in 64 MB heaps, and a block that does not fit one is mapped with ``mmap`` whatever
+``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``run()`` on threads it made before
+``setup()``, each with an arena of its own: there every forward faulted again. One arena also
+keeps the worker from growing: freed pages pile up per arena, so a long run grows the worker
+with glibc's default arenas and stays flat with one.
 
 How the thread is found: a new thread takes a free arena of an ended thread first, then a new
 arena while glibc's limit allows, then the existing arenas in turn. ``M_ARENA_MAX=1`` sets that
@@ -44,15 +43,9 @@ only at process start, which a Cog deployment does not control. So threads are s
 one reports the main arena; the others are held meanwhile, so that each try meets another arena
 (in the Cog worker, without ``MALLOC_ARENA_MAX``, the first try lands there).
 
-Measured with this module (golden photo 01 at baseline through the server, seed-0 random
-weights, one run on a 2-core machine at load 10): 33-240 minor faults per warm request, against
-5.8 M and 1.3x the wall time with ``retained_memory_mb=0``; 2-3 when the server also set
-``MALLOC_ARENA_MAX=1`` (Cog's own threads, which decode and encode, then share the main arena
-too). A 100-request soak (``benchmarks/soak.py``) grew the worker by 1.6 MB after warm-up, its
-main heap flat at 2.2 GB (0.06 MB with ``MALLOC_ARENA_MAX=1``).
-
-The cost on a CPU: the process stays at its peak heap (about +600 MB after the first face), at
-most ``retained_memory_mb`` above what is in use.
+The cost on a CPU: the process stays at its peak heap (reached with the first face), at most
+``retained_memory_mb`` above what is in use. README's Benchmarks section has the fault counts,
+times and soak growth, with their commands.
 """
 
 from __future__ import annotations

@@ -96,6 +96,27 @@ class _ImageWork:
     timings: dict[str, float]
 
 
+def _checked_image(index: int, image: object, max_pixels: int) -> np.ndarray:
+    """The library's one check of an input image: (H, W, 3) uint8 BGR within the size limits.
+
+    ``InputError`` for an array that is not such an image; ``ImageFailedError`` naming
+    ``index`` for one over ``check_image_size``'s limits, before any copy of it is made. A
+    read-only or non-contiguous array (a flipped view, a channel slice) is copied once here,
+    so that every later stage, and ``torch.from_numpy``, can take it as it is.
+    """
+    if not (
+        isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    ):
+        raise InputError(f"image {index}: expected an (H, W, 3) uint8 BGR array")
+    try:
+        check_image_size(*image.shape[:2], max_pixels)
+    except InputError as exc:
+        raise ImageFailedError(index, str(exc)) from exc
+    if not (image.flags.c_contiguous and image.flags.writeable):
+        image = image.copy()  # C order, writable
+    return image
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -172,8 +193,8 @@ class Restorer:
         # Image-sized host work around device calls (the detector's resize, the parse masks'
         # blurs): on a GPU on the request's thread, so that the device serves others meanwhile.
         # On a CPU the device is the CPU anyway, and on the device thread the work's buffers
-        # reuse the memory glibc's main arena keeps; a request thread's arena cannot (the peak
-        # of four 40 MP images grew past the README's bound).
+        # reuse the memory glibc's main arena keeps; a request thread's arena cannot (with
+        # several large images at once, the peak grew past the README's bound).
         self._image_work: Callable[..., Any] = self.scheduler.call if device.type == "cpu" else _call
         # the server's admission control (predict.py); the library's own callers bring their own arrays
         self.admission = PixelBudget(self.settings.max_pixels_in_flight)
@@ -293,37 +314,32 @@ class Restorer:
     ) -> list[RestoreResult]:
         """Restore every face of every image with ``options``; one result per image, in order.
 
+        Each image is checked once, here (``_checked_image``); the stages take it as it is.
         Raises ``InputError`` for arrays that are not images, ``ConfigError`` for options this
         process cannot serve (``check_options``), ``ImageFailedError`` (with the images'
-        indices) when an image cannot be processed or the device runs out of memory for it,
+        indices) when an image is over the size limits (``check_image_size``), cannot be
+        processed, or the device runs out of memory for it,
         ``DeviceBrokenError`` when the device fails for good (``codeformer.device_faults``),
         and ``RequestCancelled`` once ``cancel`` is set (checked before each device call).
         Nothing is returned partially.
         """
         self.check_options(options)
-        for index, image in enumerate(images):
-            if not (
-                isinstance(image, np.ndarray)
-                and image.ndim == 3
-                and image.shape[2] == 3
-                and image.dtype == np.uint8
-            ):
-                raise InputError(f"image {index}: expected an (H, W, 3) uint8 BGR array")
+        max_pixels = self.settings.max_pixels
+        checked = [_checked_image(index, image, max_pixels) for index, image in enumerate(images)]
         with self.scheduler.caller():
             stages = self.scheduler.call(self._stages_for, options, cancel=cancel)
             call = _Call(stages, options, self._mixed_precision(options), cancel)
-            work = [self._locate_faces(index, image, call) for index, image in enumerate(images)]
+            work = [self._locate_faces(index, image, call) for index, image in enumerate(checked)]
             restored = self._restore_faces(work, call)
             return [
                 self._finish(index, image, item, faces, call)
-                for index, (image, item, faces) in enumerate(zip(images, work, restored, strict=True))
+                for index, (image, item, faces) in enumerate(zip(checked, work, restored, strict=True))
             ]
 
     def _locate_faces(self, index: int, image: np.ndarray, call: _Call) -> _ImageWork:
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "prepare"):
-                check_image_size(*image.shape[:2], self.settings.max_pixels)  # before the working copy
                 gray = is_gray(image)
                 working, factor = to_working_image(image)
             with _timed(timings, "detect"):

@@ -74,8 +74,8 @@ def _time_convolution(
 def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN has native bf16 convolutions on this CPU (AVX-512 BF16 or AMX).
 
-    Without them (AVX2 only) bf16 is emulated: a 64->64 3x3 convolution at 256x256 took
-    17.9 s against 0.17 s in float32 on an AMD EPYC with AVX2 only.
+    Without them (AVX2 only) bf16 is emulated, and a convolution is orders of magnitude slower
+    than in float32.
     """
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -89,10 +89,10 @@ def mixed_precision_pays(
     """Whether the fast profiles should run in reduced precision on ``device``.
 
     ``on``/``off`` decide. ``auto``: always on CUDA (tensor cores); on a CPU only when a bf16
-    convolution measures faster than a float32 one. That depends on the chip: on the AMD
-    EPYC machines (AVX-512 BF16) bf16 ran CodeFormer about 2x faster, on the Intel Xeon ones
-    (AVX-512 BF16 and FP16, no AMX) bf16 convolutions run 1.6-2x slower than float32 ones.
-    A CPU without bf16 kernels is not measured (the bf16 probe alone would take seconds).
+    convolution measures faster than a float32 one. That depends on the chip: some CPUs with
+    AVX-512 BF16 run CodeFormer faster in bf16, others (AVX-512 BF16 and FP16, no AMX) run
+    bf16 convolutions slower than float32 ones. A CPU without bf16 kernels is not measured
+    (its emulated bf16 probe alone would be slow).
     """
     if setting != "auto":
         return setting == "on"

@@ -11,7 +11,7 @@ from helpers import encode
 from PIL import Image
 
 from codeformer.errors import InputError
-from codeformer.imageio import decode_image, encode_jpeg, to_rgb8
+from codeformer.imageio import decode_header, decode_image, encode_jpeg, read_header, to_rgb8
 from codeformer.stages.prepare import check_image_size, to_working_image, working_size
 from codeformer.tools.inputs import png_header_claiming
 
@@ -130,6 +130,16 @@ def test_pixel_limit_is_configurable() -> None:
     assert decode_image(data, "ok.png", 800 * 700).shape == (700, 800, 3)
     with pytest.raises(InputError, match="over the limit"):
         decode_image(data, "ok.png", 800 * 700 - 1)
+
+
+def test_a_header_read_once_gives_the_size_and_then_the_pixels() -> None:
+    """Admission counts the header's pixels; decoding goes on from the same parsed header."""
+    data = encode(Image.fromarray(_gradient(80, 60)), "PNG")
+    header = read_header(data, "h.png")
+    assert (header.width, header.height, header.pixel_count) == (80, 60, 80 * 60)
+    np.testing.assert_array_equal(decode_header(header, LIMIT).pixels, decode_image(data, "h.png", LIMIT))
+    with pytest.raises(InputError, match=r"bomb\.png: 100000x100000 .*over the limit"):
+        decode_header(read_header(png_header_claiming(100_000, 100_000), "bomb.png"), LIMIT)
 
 
 def test_tiny_images_decode() -> None:

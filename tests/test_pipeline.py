@@ -15,7 +15,7 @@ import torch
 from helpers import noise
 
 from codeformer.config import RequestOptions, Settings
-from codeformer.errors import ConfigError, InputError
+from codeformer.errors import ConfigError, ImageFailedError, InputError
 from codeformer.pipeline import Restorer
 from codeformer.runtime import cpu_has_bf16_kernels
 
@@ -115,6 +115,35 @@ def test_non_image_arrays_are_refused(restorer_seed0: Restorer, image: np.ndarra
     """The pipeline's one image check: the stages after it (paste-back included) take the image as it is."""
     with pytest.raises(InputError, match=r"image 1: expected an \(H, W, 3\) uint8"):
         restorer_seed0.restore([np.zeros((8, 8, 3), np.uint8), image])
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [((0, 8, 3), "no pixels"), ((8, 8 * 17, 3), "too elongated"), ((2000, 2000, 3), "over the limit")],
+    ids=["empty", "aspect-17-to-1", "over-max-pixels"],
+)
+def test_images_over_the_size_limits_are_refused_naming_them(
+    restorer_seed0: Restorer, shape: tuple[int, int, int], match: str
+) -> None:
+    """The pixel limits, checked once per image at the entry (``check_image_size``)."""
+    restorer = Restorer(
+        restorer_seed0.runtime.safe_nets, restorer_seed0.device, Settings.from_env(max_pixels=1024 * 1024)
+    )
+    with pytest.raises(ImageFailedError, match=match) as failure:
+        restorer.restore([np.zeros((8, 8, 3), np.uint8), np.zeros(shape, np.uint8)])
+    assert failure.value.indices == (1,)
+
+
+def test_a_flipped_read_only_view_restores_as_its_copy(one_face: Restorer) -> None:
+    """The entry copies a view the stages cannot take (negative strides, read-only) once."""
+    image = noise(300, 400, seed=4)
+    view = image[:, ::-1]
+    view.flags.writeable = False
+    [from_view] = one_face.restore([view], MAX_SPEED)
+    [from_copy] = one_face.restore([view.copy()], MAX_SPEED)
+    assert len(from_view.faces) == 1
+    np.testing.assert_array_equal(from_view.image, from_copy.image)
+    np.testing.assert_array_equal(view, image[:, ::-1])  # the caller's array is left as it was
 
 
 def test_optimized_runtime_compiles_once_and_locks_its_backend(one_face: Restorer) -> None:

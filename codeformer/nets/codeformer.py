@@ -222,8 +222,8 @@ class CodeFormer(nn.Module):
         batch = lq_feat.shape[0]
 
         # The code choice is a hard top-1 over 1024 logits, so the transformer always runs in
-        # float32: under bf16 autocast it alone flips ~3 % of the codes (measured with random
-        # weights), for ~10 GFLOPs of the network's several hundred.
+        # float32: under bf16 autocast its rounding alone flips some of the codes, and it is a
+        # small part of the network's work.
         with torch.autocast(lq_feat.device.type, enabled=False):
             # (B, 256, 16, 16) -> (B, 256 tokens row-major, 256) -> (B, 256, 512)
             tokens = self.feat_emb(lq_feat.float().flatten(2).transpose(1, 2))

@@ -148,7 +148,7 @@ def restore_request(
     request_start: float | None = None,
 ) -> list[bytes]:
     """One JPG per input, in order: fetch, admit, decode, restore, encode, on the calling thread."""
-    from codeformer.imageio import DecodedImage, decode_with_profile, encode_jpeg, read_size
+    from codeformer.imageio import DecodedImage, decode_header, encode_jpeg, read_header
     from codeformer.scheduler import check_cancel
 
     request_start = time.perf_counter() if request_start is None else request_start
@@ -163,8 +163,10 @@ def restore_request(
         start = time.perf_counter()
         files.append(read_input(item, label, deadline, dialer, local_root))
         timings["read_decode"] = (time.perf_counter() - start) * 1000.0
-    # each header once more (decoding reads it too): the pixels this request will hold
-    pixels = sum(width * height for _, width, height in map(read_size, files, labels))
+    # each header parsed once: the pixels this request will hold, then decoded from there
+    headers = list(map(read_header, files, labels))
+    del files  # the headers hold the bytes
+    pixels = sum(header.pixel_count for header in headers)
 
     with restorer.admission.hold(pixels, cancel) as admission_ms:
         # progress for the operator (and the tests): the request is past its downloads
@@ -176,11 +178,11 @@ def restore_request(
             admission_ms,
         )
         decoded: list[DecodedImage] = []
-        for data, label, timings in zip(files, labels, stage_ms, strict=True):
+        for header, timings in zip(headers, stage_ms, strict=True):
             start = time.perf_counter()
-            decoded.append(decode_with_profile(data, label, settings.max_pixels))
+            decoded.append(decode_header(header, settings.max_pixels))
             timings["read_decode"] += (time.perf_counter() - start) * 1000.0
-        del files
+        del headers
         try:
             results = restorer.restore([image.pixels for image in decoded], options, cancel)
         except ImageFailedError as exc:

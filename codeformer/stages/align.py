@@ -87,15 +87,12 @@ class AlignedFaces:
 def estimate_affines(landmarks: np.ndarray) -> np.ndarray:
     """(F, 5, 2) float32 landmarks -> (F, 2, 3) float64 similarity transforms image -> crop.
 
-    ``cv2.estimateAffinePartial2D`` with LMEDS and OpenCV's defaults (reprojection
-    threshold 3, 2000 iterations, confidence 0.99, 10 refinement steps). Its RNG has a fixed
-    seed, so the fit is deterministic.
+    ``landmarks`` are ``Detections.landmarks``, (F, 5, 2) as ``FaceDetector.detections``
+    builds them; not checked again here. ``cv2.estimateAffinePartial2D`` with LMEDS and
+    OpenCV's defaults (reprojection threshold 3, 2000 iterations, confidence 0.99, 10
+    refinement steps). Its RNG has a fixed seed, so the fit is deterministic.
     """
     landmarks = np.asarray(landmarks, dtype=np.float32)
-    if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
-        raise InternalError(
-            f"landmarks must have shape (F, 5, 2) (Detections.landmarks), got {landmarks.shape}"
-        )
     affines = np.zeros((landmarks.shape[0], 2, 3), dtype=np.float64)
     for index, points in enumerate(landmarks):
         affine, _inliers = cv2.estimateAffinePartial2D(points, FFHQ_TEMPLATE_512, method=cv2.LMEDS)

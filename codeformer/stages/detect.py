@@ -175,7 +175,7 @@ class FaceDetector:
         with torch.inference_mode():
             # HWC -> (1, 3, h', w') float32, BGR minus mean. The permuted view keeps the
             # channels-last strides the official numpy-transpose input had; on CPU that also
-            # selects the faster channels-last convolutions (about 4x here).
+            # selects the faster channels-last convolutions.
             pixels = pixels.to(self.device).permute(2, 0, 1).unsqueeze(0)
             net_input = pixels.to(torch.float32) - self._mean
             loc, conf, landms = self.net(net_input)  # (1, P, 4), (1, P, 2), (1, P, 10)
@@ -202,7 +202,7 @@ class FaceDetector:
             return rows[~(eye_distance < EYE_DISTANCE_THRESHOLD)].cpu()
 
     def detect(self, image: np.ndarray, max_faces: int | None = None) -> Detections:
-        """Faces of one uint8 BGR working image (h, w, 3), at most ``max_faces`` of them.
+        """Faces of one uint8 BGR working image (h, w, 3) (as ``input_for`` takes it), at most ``max_faces``.
 
         When more are found, the highest-scoring ``max_faces`` are kept and ``dropped``
         says how many were not. The three steps are public so that a caller can run the
@@ -213,15 +213,12 @@ class FaceDetector:
 
     @staticmethod
     def input_for(image: np.ndarray) -> tuple[torch.Tensor, float]:
-        """Host part before the net: the (h', w', 3) uint8 detector input as a host tensor, and its scale."""
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise InternalError(
-                f"the detector needs a uint8 BGR image of shape (h, w, 3), got {image.dtype} "
-                f"{image.shape}; decode the input with codeformer's image reader first"
-            )
+        """Host part before the net: the (h', w', 3) uint8 detector input as a host tensor, and its scale.
+
+        ``image`` is a C-contiguous, writable (h, w, 3) uint8 BGR array, as ``Restorer.restore``
+        checks (and copies, where needed) each input once; it is not checked again here.
+        """
         resized, scale = resize_for_detector(image)
-        if not (resized.flags.writeable and resized.flags.c_contiguous):
-            resized = resized.copy()  # torch.from_numpy needs a writable array with positive strides
         return torch.from_numpy(resized), scale
 
     @staticmethod

@@ -94,11 +94,13 @@ class FaceParser(FaceBatchNet):
         """(F, 512, 512, 3) uint8/float64 BGR faces -> (F, 512, 512) bool, True on face classes.
 
         The input normalisation is the restorer's, which is also ParseNet's official one
-        (float32 cast, / 255 in float32; see ``crops_to_tensor``).
+        (float32 cast, / 255 in float32; see ``crops_to_tensor``). ``faces`` are
+        ``RestoredFaces.faces`` (checked when built), or several images' faces joined by the
+        scheduler: they are not checked again here.
         """
         if len(faces) == 0:
             return np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=bool)
-        return self.labels_tensor(torch.from_numpy(np.ascontiguousarray(faces)), mixed_precision).numpy()
+        return self.labels_tensor(torch.from_numpy(faces), mixed_precision).numpy()
 
     def labels_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
         """``labels``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) bool, both on the host."""

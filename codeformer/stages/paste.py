@@ -119,7 +119,7 @@ def _read_canvas(image: np.ndarray, patches: list[_Patch], region: Region, dtype
 
 
 def _three_channels(mask: np.ndarray) -> np.ndarray:
-    """(h, w) mask -> (h, w, 3): NumPy multiplies equal shapes ~5x faster than an (h, w, 1) broadcast."""
+    """(h, w) mask -> (h, w, 3): NumPy multiplies equal shapes faster than an (h, w, 1) broadcast."""
     return cv2.merge([mask, mask, mask])
 
 

@@ -29,7 +29,7 @@ def is_gray(image: np.ndarray, threshold: float = GRAY_THRESHOLD) -> bool:
 
 
 def _numpy_gray_score(image: np.ndarray) -> float:
-    """The official formula: np.var of the three int16 channel differences, averaged (~7 ms a megapixel)."""
+    """The official formula: np.var of the three int16 channel differences, averaged."""
     channels = [image[..., c].astype(np.int16) for c in range(3)]
     variances = [
         np.var(a - b)
@@ -39,7 +39,7 @@ def _numpy_gray_score(image: np.ndarray) -> float:
 
 
 def _fast_gray_score(image: np.ndarray) -> float:
-    """``_numpy_gray_score`` of a uint8 image from OpenCV's sums (~0.7 ms a megapixel).
+    """``_numpy_gray_score`` of a uint8 image from OpenCV's sums, without NumPy's temporaries.
 
     var(d) = E[|d|²] − E[d]² for a channel difference d: E[|d|²] = std² + mean² of
     ``cv2.meanStdDev(|d|)`` (integer sums inside, one square root), and E[d] from the
@@ -70,9 +70,9 @@ def to_working_image(image: np.ndarray) -> tuple[np.ndarray, float]:
     return cv2.resize(image, (0, 0), fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR), factor
 
 
-# The detector's activations grow with its input (RetinaFace-ResNet50 on the CPU: ~430 bytes a
-# pixel, 2.7 GB for a 640x10240 copy, measured). Its copy has a 640-pixel short side, so
-# the aspect ratio alone decides its size: at most 16:1 keeps it under 6.6 megapixels.
+# The detector's activations grow in proportion to its input's pixels. Its copy has a
+# 640-pixel short side, so the aspect ratio alone decides its size: at most 16:1 keeps it
+# at or under 640 x 10240 (6.6 megapixels), whatever the image's own size.
 MAX_ASPECT_RATIO = 16.0
 
 

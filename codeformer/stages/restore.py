@@ -172,9 +172,7 @@ class FaceRestorer(FaceBatchNet):
         if len(crops) == 0:
             return np.empty((0, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
 
-        faces_out = self.restore_tensor(
-            torch.from_numpy(np.ascontiguousarray(crops)), fidelity, mixed_precision
-        )
+        faces_out = self.restore_tensor(torch.from_numpy(crops), fidelity, mixed_precision)
         logger.debug("restored %d faces (w=%.3f, mixed_precision=%s)", len(crops), fidelity, mixed_precision)
         return faces_out.numpy()
 
