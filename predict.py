@@ -129,7 +129,7 @@ class Predictor(BaseRunner):
             "warmup_ms": round(warmup_ms, 1),
             "prepare_optimized_ms": round(prepare_optimized_ms, 1),
         }
-        # the same figures for the benchmarks to read (benchmarks/harness.py), not for people
+        # the same figures as JSON, for programs (codeformer.serving.records reads them back)
         log.info("%s", record_line(SETUP_MARKER, setup_record))
 
     @cog.concurrent(max=MAX_CONCURRENT_REQUESTS)
