@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageCms
 
 from codeformer.icc import rgb_profile_for_gray
+from codeformer.serving.records import ADMITTED_MARKER, read_records
 from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -241,8 +242,8 @@ def run_python_together(
 
 
 def requests_admitted(server_log: str) -> int:
-    """How many requests the server's log shows past admission (predict.py's progress line).
+    """How many requests the server's log shows past admission (their ``request_admitted`` records).
 
     With free slots a running prediction leaves the server's health READY: this says it runs.
     """
-    return server_log.count("request: admitted")
+    return len(read_records(server_log, ADMITTED_MARKER))
