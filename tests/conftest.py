@@ -53,6 +53,17 @@ def faceless_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
+def parse_net():
+    """ParseNet on the seed-0 weights, in eval mode (tests/test_parse.py, tests/test_paste.py)."""
+    from codeformer.nets.parsenet import ParseNet
+    from codeformer.tools import random_weights
+
+    net = ParseNet()
+    net.load_state_dict(random_weights.state_dict("parsing_parsenet.pth", 0), strict=True)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
 def restorer_seed0(weights_dir: Path):
     """The pipeline on CPU with the seed-0 random weights, shared by the end-to-end tests."""
     from codeformer.config import Settings
@@ -72,3 +83,4 @@ def set_up_predictor(weights_dir: Path, max_faces: int = 1):
         predictor = Predictor()
         predictor.setup()
     return predictor
+

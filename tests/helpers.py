@@ -173,6 +173,24 @@ def colour_tagged_inputs() -> list[tuple[str, bytes, bytes | None, np.ndarray]]:
     ]
 
 
+# -- geometry ----------------------------------------------------------------------------------
+
+
+def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
+    """A (2, 3) float64 similarity: rotate by ``angle``, scale, then translate (e.g. face -> image)."""
+    cos, sin = scale * np.cos(angle), scale * np.sin(angle)
+    return np.array([[cos, -sin, tx], [sin, cos, ty]], dtype=np.float64)
+
+
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
+    """Random values on a coarse grid enlarged bicubically: float64 in [0, 1], smooth at ``cells`` scale."""
+    import cv2
+
+    coarse = rng.random((cells, cells, *shape[2:]))
+    # bicubic overshoots a little; clip so that callers can scale to levels without wrapping
+    return np.clip(cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+
+
 # -- golden reference outputs ------------------------------------------------------------------
 
 # The official pipeline's outputs for two photos ship with the tests (golden/README.md says how
