@@ -84,3 +84,20 @@ def set_up_predictor(weights_dir: Path, max_faces: int = 1):
         predictor.setup()
     return predictor
 
+
+@pytest.fixture(scope="session")
+def shared_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real Cog server for the session: the seed-0 weights, at most one face per image.
+
+    For every test module that needs no setting of its own: starting a server (coglet, its
+    worker, the nets' set-up) is the costliest fixture of the suite. The face cap is the one
+    setting it fixes: the seed-0 detector finds 2 or 3 "faces" on the portrait crops the tests
+    send, and each costs a CodeFormer pass on the CPU. State a request leaves behind (the
+    compile backend, locked by the first optimized request) must be ``none`` or unset.
+    """
+    from codeformer.tools.local_server import LocalServer
+
+    log_path = tmp_path_factory.mktemp("shared-server") / "cog-server.log"
+    env = {"CODEFORMER_WEIGHTS_DIR": str(weights_dir), "CODEFORMER_MAX_FACES": "1"}
+    with LocalServer(env, log_path=log_path) as server:
+        yield server

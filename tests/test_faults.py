@@ -29,7 +29,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers import flat_canvas, noise, png_bytes, requests_admitted, run_python_together, wait_for
+from helpers import (
+    LOOPBACK_SPELLINGS,
+    flat_canvas,
+    noise,
+    png_bytes,
+    project_sentence,
+    requests_admitted,
+    run_python_together,
+    wait_for,
+)
 from PIL import Image
 from weights_server import FileServer
 
@@ -98,6 +107,9 @@ def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "CODEFORMER_WEIGHTS_URL": mirror.url,
             "CODEFORMER_MAX_FACES": str(MAX_FACES),
             "CODEFORMER_FACE_BATCH": str(FACE_BATCH),
+            # production's URL rule (the suite allows private URLs): weight downloads do not
+            # go through it, image URLs do
+            "CODEFORMER_ALLOW_PRIVATE_URLS": "0",
             **FAST_RETRIES,
         }
         with LocalServer(env, log_path=log_path) as server:
@@ -172,6 +184,26 @@ def test_more_faces_than_the_face_batch_are_restored_in_chunks_over_http(running
     [output] = result.output_bytes()
     with Image.open(io.BytesIO(output)) as restored:
         assert restored.size == (800, 600)
+
+
+# -- production's URL rule through the server ------------------------------------------------
+def test_every_spelling_of_this_machine_is_refused_without_a_request(running: Running) -> None:
+    """This server runs with production's rule (CODEFORMER_ALLOW_PRIVATE_URLS=0); the rule's
+    cases in-process: tests/test_fetch_addresses.py. Nothing reaches the mirror on 127.0.0.1."""
+    spellings = [f"http://{host}:{running.mirror.port}/photo.png" for host in LOOPBACK_SPELLINGS]
+    for start in range(0, len(spellings), 4):  # up to four images a request
+        batch = spellings[start : start + 4]
+        result = running.client.predict({"images": batch, "runtime_profile": "max_speed"})
+        assert result.status == "failed", result.body
+        sentence = project_sentence(result.error)
+        # the first URL fails the request: refused before any later one is fetched
+        assert sentence.startswith("images[0] (photo.png): "), sentence
+        assert "address; only public addresses are fetched (CODEFORMER_ALLOW_PRIVATE_URLS=1" in sentence
+    for url in spellings:  # each alone, so that every spelling is the one refused
+        result = running.client.predict({"images": [url], "runtime_profile": "max_speed"})
+        assert result.status == "failed" and "only public addresses are fetched" in result.error, url
+    assert running.mirror.request_count("photo.png") == 0
+    assert_good_request_succeeds(running.client)
 
 
 # -- the face batch inside the pipeline: which batch sizes reach each network --------------

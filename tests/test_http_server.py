@@ -1,10 +1,10 @@
 """The real Cog HTTP server (coglet, via ``python -m codeformer.serving.serve``) on 127.0.0.1.
 
-One server runs for the module. Its weights are downloaded at setup from a local mirror
-(``CODEFORMER_WEIGHTS_URL``) into an empty folder, as in a fresh container; at most one
-face per image is restored (``CODEFORMER_MAX_FACES=1``) to bound the CPU time. Photos
-where the pipeline matters are crops of a portrait; requests that only need to go
-through the plumbing use a flat grey canvas, on which the random detector finds no face.
+The session's shared server (``shared_server``, conftest: seed-0 weights, at most one face
+per image); weights downloaded at setup into an empty folder are tested in
+``tests/test_faults.py``. Photos where the pipeline matters are crops of a portrait;
+requests that only need to go through the plumbing use a flat grey canvas, on which the
+random detector finds no face.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from codeformer.serving.client import READY, CogClient, PredictionResult, data_u
 from codeformer.serving.records import image_records
 from codeformer.serving.serve import check_port_free
 from codeformer.tools.local_server import LocalServer, find_worker_pid, minor_faults
-from codeformer.weights import WEIGHT_FILES
 
 pytestmark = pytest.mark.slow
 
@@ -57,25 +56,16 @@ class Running:
     client: CogClient
     images: FileServer  # serves ``image_dir`` over http
     image_dir: Path
-    weights: FileServer
 
 
 @pytest.fixture(scope="module")
-def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+def running(shared_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     image_dir = tmp_path_factory.mktemp("served-images")
     (image_dir / "face.png").write_bytes(png_bytes(face_photo(256, 192)))
     (image_dir / "canvas.jpg").write_bytes(jpeg_bytes(flat_canvas(80, 48)))
     (image_dir / "corrupt.jpg").write_bytes(b"this is not an image")
-    empty_weights = tmp_path_factory.mktemp("server-weights")
-    log_path = tmp_path_factory.mktemp("server-log") / "cog-server.log"
-    with FileServer(weights_dir) as weights, FileServer(image_dir) as images:
-        env = {
-            "CODEFORMER_WEIGHTS_DIR": str(empty_weights),
-            "CODEFORMER_WEIGHTS_URL": weights.url,
-            "CODEFORMER_MAX_FACES": "1",
-        }
-        with LocalServer(env, log_path=log_path) as server:
-            yield Running(server, server.client, images, image_dir, weights)
+    with FileServer(image_dir) as images:
+        yield Running(shared_server, shared_server.client, images, image_dir)
 
 
 def good_request() -> dict:
@@ -89,7 +79,7 @@ def assert_good_request_succeeds(client: CogClient) -> None:
 
 
 # -- start-up ------------------------------------------------------------------------------
-def test_health_check_is_ready_after_setup_with_downloaded_weights(running: Running) -> None:
+def test_health_check_is_ready_after_setup(running: Running) -> None:
     health = wait_for(running.client.health, lambda health: health["status"] == READY, "health READY")
     assert "[coglet] Server ready" in health["setup"]["logs"]
     # coglet forwards the worker's stderr on its own schedule: the lines setup() logs last
@@ -100,8 +90,6 @@ def test_health_check_is_ready_after_setup_with_downloaded_weights(running: Runn
         lambda log: "setup: device=cpu baseline=float32" in log or "setup: device=cuda" in log,
         "the setup line in the server's output",
     )
-    for weight in WEIGHT_FILES.values():
-        assert running.weights.completed_count(weight.name) == 1, weight.name
 
 
 def test_the_served_schema_bounds_the_image_count(running: Running) -> None:
