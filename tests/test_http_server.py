@@ -205,22 +205,6 @@ def test_a_corrupt_image_among_good_ones_fails_the_request(running: Running) -> 
     assert_good_request_succeeds(running.client)
 
 
-def test_a_missing_url_fails_the_request(running: Running) -> None:
-    missing = running.images.url_for("missing.jpg")
-    result = running.client.predict({"images": [missing], **CHEAP})
-    assert result.status == "failed"
-    assert project_sentence(result.error).startswith("images[0] (missing.jpg): the server answered 404")
-    assert result.output == []
-    assert_good_request_succeeds(running.client)
-
-
-def test_a_local_path_outside_the_project_is_refused(running: Running) -> None:
-    result = running.client.predict({"images": [str(running.image_dir / "canvas.jpg")], **CHEAP})
-    assert result.status == "failed"
-    assert "images[0] (canvas.jpg): local paths must point inside the project folder" in result.error
-    assert_good_request_succeeds(running.client)
-
-
 def test_compile_backend_is_locked_by_the_first_optimized_request(running: Running) -> None:
     request = good_request()
     first = running.client.predict({**request, "stability_mode": "optimized", "compile_backend": "none"})
