@@ -72,6 +72,24 @@ def restorer_seed0(weights_dir: Path):
     return Restorer.load(weights_dir, "cpu", Settings.from_env(max_faces=20, face_batch=4))
 
 
+# the fetch deadline of ``faceless_predictor``: the input matrix's one-byte-a-second URL
+# (tests/test_bad_inputs.py) waits this long
+FACELESS_FETCH_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="session")
+def faceless_predictor(faceless_weights_dir: Path):
+    """A ``predict.Predictor`` after ``setup()`` on ``faceless_weights_dir``, shared by the session.
+
+    Every output is its input; a fetch deadline of ``FACELESS_FETCH_TIMEOUT_S``. Set-up (the
+    nets' warm-up) is the cost: the modules that only need requests through ``predict.py``
+    share this one.
+    """
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CODEFORMER_FETCH_TIMEOUT_S", str(FACELESS_FETCH_TIMEOUT_S))
+        return set_up_predictor(faceless_weights_dir)
+
+
 def set_up_predictor(weights_dir: Path, max_faces: int = 1):
     """A ``predict.Predictor`` after ``setup()``, on ``weights_dir``, capped at ``max_faces`` per image."""
     from predict import Predictor
