@@ -18,7 +18,7 @@ from codeformer.runtime import cpu_has_bf16_kernels
 os.environ.setdefault("CODEFORMER_MIXED_PRECISION", "on" if cpu_has_bf16_kernels() else "auto")
 # The suite's files are served from 127.0.0.1, which production refuses to fetch from
 # (codeformer.serving.fetch): the predictors and servers of the tests allow it, except in the tests
-# of that rule (tests/test_fetch_addresses.py), which turn it off.
+# of that rule (tests/test_fetch.py), which turn it off.
 os.environ["CODEFORMER_ALLOW_PRIVATE_URLS"] = "1"
 
 

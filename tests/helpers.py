@@ -29,7 +29,7 @@ from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # host spellings that all mean this machine; what the URL tests send
-# (tests/test_fetch_addresses.py, tests/test_server_edges.py)
+# (tests/test_fetch.py, tests/test_http_server.py, tests/test_faults.py)
 LOOPBACK_SPELLINGS = [
     "127.0.0.1",
     "localhost",

@@ -189,7 +189,7 @@ def test_more_faces_than_the_face_batch_are_restored_in_chunks_over_http(running
 # -- production's URL rule through the server ------------------------------------------------
 def test_every_spelling_of_this_machine_is_refused_without_a_request(running: Running) -> None:
     """This server runs with production's rule (CODEFORMER_ALLOW_PRIVATE_URLS=0); the rule's
-    cases in-process: tests/test_fetch_addresses.py. Nothing reaches the mirror on 127.0.0.1."""
+    cases in-process: tests/test_fetch.py. Nothing reaches the mirror on 127.0.0.1."""
     spellings = [f"http://{host}:{running.mirror.port}/photo.png" for host in LOOPBACK_SPELLINGS]
     for start in range(0, len(spellings), 4):  # up to four images a request
         batch = spellings[start : start + 4]

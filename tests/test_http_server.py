@@ -130,7 +130,7 @@ def test_data_uri_and_http_url_inputs_give_jpgs_in_order_at_input_size(running: 
 
 def test_every_spelling_of_this_machine_is_fetched_when_private_urls_are_allowed(running: Running) -> None:
     # the suite's servers run with CODEFORMER_ALLOW_PRIVATE_URLS=1 (conftest); production's
-    # refusal of the same URLs: tests/test_server_edges.py
+    # refusal of the same URLs: tests/test_faults.py
     spellings = [host for host in LOOPBACK_SPELLINGS if host != "[::1]"]  # the file server is IPv4
     urls = [f"http://{host}:{running.images.port}/canvas.jpg" for host in spellings]
     for start in range(0, len(urls), 4):
