@@ -26,6 +26,14 @@ from then on and hands the error to ``on_broken_device``, which stops the proces
 A cancelled request's jobs are dropped before they run; a job already running finishes (at
 most one forward), and its result is discarded.
 
+Each caller can read how many of its forwards it shared with other requests
+(``shared_forwards``, per thread: a request's device calls come from its own thread).
+Tests that need faces to meet arm a gate (``arm_gate``, ``Settings.device_gate``): the
+device thread runs no request's call until that many requests are in progress at once
+(once per process), and from then on a part-filled face batch waits, with no time limit,
+while other requests do host work, running their other device calls meanwhile. Batching
+then depends on no timing; the product never arms it.
+
 ``PixelBudget`` is the admission side: a request holds its pixels (the sum of its images'
 sizes, read from the headers) from decode to encode, and waits, in arrival order, while
 the pixels in flight would go over ``Settings.max_pixels_in_flight``. One request alone is
@@ -105,6 +113,7 @@ class _Job:
         self.size = len(payload) if key is not None else 1
         self.result: Any = None
         self.error: Exception | None = None
+        self.shared = False  # ran in one forward with other callers' jobs
         self.done = threading.Event()
 
     def finish(self, result: Any = None, error: Exception | None = None) -> None:
@@ -138,6 +147,10 @@ class DeviceScheduler:
         self._broken: str | None = None  # why every call fails, after a sticky device error
         self.batches_run = 0  # forwards of batchable calls, and the jobs they served (for tests, logs)
         self.jobs_batched = 0
+        self._gate_armed = False
+        self._gate = 0  # requests the device thread waits for (test-only, ``arm_gate``); 0: open
+        self._hold_batches = False  # set by ``arm_gate``: part-filled batches wait with no time limit
+        self._per_thread = threading.local()  # ``shared``: forwards each caller thread shared
         self._thread = start_thread(self._serve)
 
     @contextmanager
@@ -145,12 +158,28 @@ class DeviceScheduler:
         """Marks a request in progress: while it does host work, batches may wait for its faces."""
         with self._condition:
             self._callers += 1
+            self._condition.notify_all()  # the gate counts callers
         try:
             yield
         finally:
             with self._condition:
                 self._callers -= 1
                 self._condition.notify_all()
+
+    def arm_gate(self, requests: int) -> None:
+        """Test-only (``Settings.device_gate``; 0 or 1 does nothing): hold the device thread
+        until ``requests`` requests are in progress at once, and let part-filled face batches
+        wait for other requests' faces with no time limit. Only the first call counts: the
+        gate opens once per process and stays open.
+        """
+        with self._condition:
+            if self._gate_armed or requests <= 1:
+                return
+            self._gate_armed, self._gate, self._hold_batches = True, requests, True
+
+    def shared_forwards(self) -> int:
+        """How many forwards the calling thread's jobs have shared with other callers' so far."""
+        return getattr(self._per_thread, "shared", 0)
 
     def call(self, function: Callable[..., Any], *args: Any, cancel: threading.Event | None = None) -> Any:
         """``function(*args)`` on the device, after the calls queued before it; its result."""
@@ -195,6 +224,8 @@ class DeviceScheduler:
             self._queue.append(job)
             self._condition.notify_all()
         job.done.wait()
+        if job.shared:
+            self._per_thread.shared = self.shared_forwards() + 1
         if job.error is not None:
             raise job.error
         return job.result
@@ -212,7 +243,10 @@ class DeviceScheduler:
         """The next jobs to run together (called holding the condition); None when stopping."""
         while True:
             self._drop_cancelled()
-            if self._queue:
+            if self._gate and self._callers >= self._gate:
+                self._gate = 0  # opened for good
+            # jobs outside any request (set-up's warm-up) never wait for the gate
+            if self._queue and not (self._gate and self._callers):
                 break
             if self._stopping:
                 return None
@@ -227,9 +261,19 @@ class DeviceScheduler:
             # requests not queued here are doing host work and may bring faces to this stage
             others_busy = self._callers > len(self._queue)
             left = deadline - time.monotonic()
-            if sum(job.size for job in group) >= self.batch_size or not others_busy or left <= 0:
+            if sum(job.size for job in group) >= self.batch_size:
                 break
-            self._condition.wait(left)
+            if self._hold_batches:
+                # test-only: other requests' unbatchable calls go first, and the batch waits
+                # with no time limit while any request does host work
+                unbatchable = next((job for job in self._queue if job.key is None), None)
+                if unbatchable is not None:
+                    self._queue.remove(unbatchable)
+                    return [unbatchable]
+                left = float("inf")
+            if not others_busy or left <= 0:
+                break
+            self._condition.wait(None if left == float("inf") else left)
             self._drop_cancelled()
             if first not in self._queue:  # cancelled while waiting
                 return self._next_group()
@@ -280,6 +324,8 @@ class DeviceScheduler:
             return
         self.batches_run += 1
         self.jobs_batched += len(group)
+        for job in group:
+            job.shared = True
         log.info("%d requests shared a forward of %d faces", len(group), sum(sizes))
         bounds = np.cumsum([0, *sizes])
         for job, start, end in zip(group, bounds[:-1], bounds[1:], strict=True):

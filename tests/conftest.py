@@ -18,7 +18,7 @@ from codeformer.runtime import cpu_has_bf16_kernels
 os.environ.setdefault("CODEFORMER_MIXED_PRECISION", "on" if cpu_has_bf16_kernels() else "auto")
 # The suite's files are served from 127.0.0.1, which production refuses to fetch from
 # (codeformer.serving.fetch): the predictors and servers of the tests allow it, except in the tests
-# of that rule (tests/test_fetch_addresses.py), which turn it off.
+# of that rule (tests/test_fetch.py), which turn it off.
 os.environ["CODEFORMER_ALLOW_PRIVATE_URLS"] = "1"
 
 
@@ -53,12 +53,41 @@ def faceless_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
+def parse_net():
+    """ParseNet on the seed-0 weights, in eval mode (tests/test_parse.py, tests/test_paste.py)."""
+    from codeformer.nets.parsenet import ParseNet
+    from codeformer.tools import random_weights
+
+    net = ParseNet()
+    net.load_state_dict(random_weights.state_dict("parsing_parsenet.pth", 0), strict=True)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
 def restorer_seed0(weights_dir: Path):
     """The pipeline on CPU with the seed-0 random weights, shared by the end-to-end tests."""
     from codeformer.config import Settings
     from codeformer.pipeline import Restorer
 
     return Restorer.load(weights_dir, "cpu", Settings.from_env(max_faces=20, face_batch=4))
+
+
+# the fetch deadline of ``faceless_predictor``: the input matrix's one-byte-a-second URL
+# (tests/test_bad_inputs.py) waits this long
+FACELESS_FETCH_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="session")
+def faceless_predictor(faceless_weights_dir: Path):
+    """A ``predict.Predictor`` after ``setup()`` on ``faceless_weights_dir``, shared by the session.
+
+    Every output is its input; a fetch deadline of ``FACELESS_FETCH_TIMEOUT_S``. Set-up (the
+    nets' warm-up) is the cost: the modules that only need requests through ``predict.py``
+    share this one.
+    """
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CODEFORMER_FETCH_TIMEOUT_S", str(FACELESS_FETCH_TIMEOUT_S))
+        return set_up_predictor(faceless_weights_dir)
 
 
 def set_up_predictor(weights_dir: Path, max_faces: int = 1):
@@ -72,3 +101,21 @@ def set_up_predictor(weights_dir: Path, max_faces: int = 1):
         predictor = Predictor()
         predictor.setup()
     return predictor
+
+
+@pytest.fixture(scope="session")
+def shared_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real Cog server for the session: the seed-0 weights, at most one face per image.
+
+    For every test module that needs no setting of its own: starting a server (coglet, its
+    worker, the nets' set-up) is the costliest fixture of the suite. The face cap is the one
+    setting it fixes: the seed-0 detector finds 2 or 3 "faces" on the portrait crops the tests
+    send, and each costs a CodeFormer pass on the CPU. State a request leaves behind (the
+    compile backend, locked by the first optimized request) must be ``none`` or unset.
+    """
+    from codeformer.tools.local_server import LocalServer
+
+    log_path = tmp_path_factory.mktemp("shared-server") / "cog-server.log"
+    env = {"CODEFORMER_WEIGHTS_DIR": str(weights_dir), "CODEFORMER_MAX_FACES": "1"}
+    with LocalServer(env, log_path=log_path) as server:
+        yield server

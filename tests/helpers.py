@@ -24,11 +24,12 @@ import numpy as np
 from PIL import Image, ImageCms
 
 from codeformer.icc import rgb_profile_for_gray
+from codeformer.serving.records import ADMITTED_MARKER, read_records
 from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # host spellings that all mean this machine; what the URL tests send
-# (tests/test_fetch_addresses.py, tests/test_server_edges.py)
+# (tests/test_fetch.py, tests/test_http_server.py, tests/test_faults.py)
 LOOPBACK_SPELLINGS = [
     "127.0.0.1",
     "localhost",
@@ -172,6 +173,24 @@ def colour_tagged_inputs() -> list[tuple[str, bytes, bytes | None, np.ndarray]]:
     ]
 
 
+# -- geometry ----------------------------------------------------------------------------------
+
+
+def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
+    """A (2, 3) float64 similarity: rotate by ``angle``, scale, then translate (e.g. face -> image)."""
+    cos, sin = scale * np.cos(angle), scale * np.sin(angle)
+    return np.array([[cos, -sin, tx], [sin, cos, ty]], dtype=np.float64)
+
+
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
+    """Random values on a coarse grid enlarged bicubically: float64 in [0, 1], smooth at ``cells`` scale."""
+    import cv2
+
+    coarse = rng.random((cells, cells, *shape[2:]))
+    # bicubic overshoots a little; clip so that callers can scale to levels without wrapping
+    return np.clip(cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+
+
 # -- golden reference outputs ------------------------------------------------------------------
 
 # The official pipeline's outputs for two photos ship with the tests (golden/README.md says how
@@ -241,8 +260,8 @@ def run_python_together(
 
 
 def requests_admitted(server_log: str) -> int:
-    """How many requests the server's log shows past admission (predict.py's progress line).
+    """How many requests the server's log shows past admission (their ``request_admitted`` records).
 
     With free slots a running prediction leaves the server's health READY: this says it runs.
     """
-    return server_log.count("request: admitted")
+    return len(read_records(server_log, ADMITTED_MARKER))

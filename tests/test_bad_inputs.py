@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import set_up_predictor
+from conftest import FACELESS_FETCH_TIMEOUT_S
 from helpers import encode, flat_canvas, noise, png_bytes, project_folder, project_sentence
 from PIL import Image
 from weights_server import FileServer
@@ -55,7 +55,9 @@ DEFAULTS = {
     "stability_mode": "safe",
     "compile_backend": "eager",
 }
-FETCH_TIMEOUT_S = 3  # CODEFORMER_FETCH_TIMEOUT_S for both transports: the drip case waits this long
+# CODEFORMER_FETCH_TIMEOUT_S for both transports (the session's ``faceless_predictor`` has it):
+# the drip case waits this long
+FETCH_TIMEOUT_S = FACELESS_FETCH_TIMEOUT_S
 TRANSPORT_ENV = {"CODEFORMER_FETCH_TIMEOUT_S": str(FETCH_TIMEOUT_S)}
 PIXEL_BOMB_MAX_GROWTH_KIB = 64 * 1024  # decoding 100000x100000 RGB would need 30 GB
 MATRIX_OUT_ENV = "BAD_INPUT_MATRIX_OUT"
@@ -620,11 +622,8 @@ def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Context]:
 
 
 @pytest.fixture(scope="module")
-def in_process(faceless_weights_dir: Path) -> InProcess:
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in TRANSPORT_ENV.items():
-            env.setenv(name, value)
-        return InProcess(set_up_predictor(faceless_weights_dir))
+def in_process(faceless_predictor: Predictor) -> InProcess:
+    return InProcess(faceless_predictor)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import threading
 import cv2
 import numpy as np
 import pytest
-from conftest import set_up_predictor
 from helpers import cmyk_to_srgb, colour_tagged_inputs, encode, srgb_profile
 from PIL import Image, ImageCms
 
@@ -217,8 +216,8 @@ def test_exif_and_its_location_are_not_carried_only_the_profile() -> None:
 
 # -- through predict.py --------------------------------------------------------------------------
 @pytest.mark.slow  # sets up a Predictor (the three nets on random weights)
-def test_each_output_of_a_request_carries_its_inputs_profile_in_process(faceless_weights_dir) -> None:
-    predictor = set_up_predictor(faceless_weights_dir)
+def test_each_output_of_a_request_carries_its_inputs_profile_in_process(faceless_predictor) -> None:
+    predictor = faceless_predictor
     inputs = colour_tagged_inputs()
     options = RequestOptions.parse(0.5, "max_speed", "safe", "none")
     paths = predictor.serve_request(

@@ -1,11 +1,15 @@
 """Concurrent predictions through the real Cog server: ``@cog.concurrent(max=...)`` requests at once.
 
-One server for the module, on the seed-0 weights, at most one face per image, and a face
-batch of 2 with a long batch wait (``CODEFORMER_FACE_BATCH=2``, ``CODEFORMER_BATCH_WAIT_MS``),
-so that on this CPU too the faces of requests in flight share CodeFormer/ParseNet forwards.
+One server for the module, on the seed-0 weights, at most one face per image, a face batch
+of 2 (``CODEFORMER_FACE_BATCH=2``) and the test-only device gate
+(``CODEFORMER_DEVICE_GATE``): the device thread runs nothing until the four interleaved
+requests are all in progress, and then their faces wait for each other with no time limit,
+so that on this CPU too they share a CodeFormer forward whatever the timing. The gate opens
+once, so the interleaved requests are the server's first (the ``interleaved`` fixture).
 Each request's answer must equal its answer alone (within the golden parity tolerance), a
 failing or cancelled request must leave the others alone, and no request below capacity
-may get 409.
+may get 409. The tests read the server's records (``request_admitted``,
+``request_timings``), never its prose.
 """
 
 from __future__ import annotations
@@ -20,18 +24,11 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from helpers import (
-    face_photo,
-    flat_canvas,
-    noise,
-    png_bytes,
-    project_sentence,
-    requests_admitted,
-    wait_for,
-)
+from helpers import face_photo, flat_canvas, noise, png_bytes, project_sentence, requests_admitted, wait_for
 from PIL import Image
 
 from codeformer.serving.client import CogClient, PredictionResult, data_uri
+from codeformer.serving.records import TIMINGS_MARKER, image_records, read_records
 from codeformer.serving.serve import runner_concurrency
 from codeformer.tools.local_server import LocalServer
 
@@ -41,18 +38,6 @@ SLOTS = runner_concurrency()
 BASELINE = {"runtime_profile": "baseline", "stability_mode": "safe"}
 # tests/test_parity_golden.py's tolerance where its stricter AVX-512 figures do not apply
 MIN_WITHIN_ONE, MAX_OVER_THREE = 0.97, 0.015
-
-
-@pytest.fixture(scope="module")
-def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    env = {
-        "CODEFORMER_WEIGHTS_DIR": str(weights_dir),
-        "CODEFORMER_MAX_FACES": "1",
-        "CODEFORMER_FACE_BATCH": "2",
-        "CODEFORMER_BATCH_WAIT_MS": "3000",
-    }
-    with LocalServer(env, log_path=tmp_path_factory.mktemp("server-log") / "cog-server.log") as running:
-        yield running
 
 
 def request(*images: np.ndarray, **options: str) -> dict[str, Any]:
@@ -68,6 +53,18 @@ REQUESTS = {
     "canvas": request(flat_canvas(80, 48)),
     "two images": request(face_photo(200, 200), flat_canvas(64, 96)),
 }
+
+
+@pytest.fixture(scope="module")
+def gated_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    env = {
+        "CODEFORMER_WEIGHTS_DIR": str(weights_dir),
+        "CODEFORMER_MAX_FACES": "1",
+        "CODEFORMER_FACE_BATCH": "2",
+        "CODEFORMER_DEVICE_GATE": str(len(REQUESTS)),
+    }
+    with LocalServer(env, log_path=tmp_path_factory.mktemp("server-log") / "cog-server.log") as running:
+        yield running
 
 
 def decoded(result: PredictionResult) -> list[np.ndarray]:
@@ -107,6 +104,22 @@ def together(server: LocalServer, work: list[Callable[[CogClient], Any]]) -> lis
 
 
 @pytest.fixture(scope="module")
+def interleaved(gated_server: LocalServer) -> dict[str, PredictionResult]:
+    """Every request of ``REQUESTS`` at once, as the server's first requests (they open its gate)."""
+    assert len(REQUESTS) <= SLOTS
+    work = [
+        lambda client, inputs=inputs: client.predict(inputs, retry_busy=False) for inputs in REQUESTS.values()
+    ]
+    return dict(zip(REQUESTS, together(gated_server, work), strict=True))
+
+
+@pytest.fixture(scope="module")
+def server(gated_server: LocalServer, interleaved: dict[str, PredictionResult]) -> LocalServer:
+    """The module's server once its gate is open: it serves a lone request like any other."""
+    return gated_server
+
+
+@pytest.fixture(scope="module")
 def alone(server: LocalServer) -> dict[str, PredictionResult]:
     """Each request's answer when it runs by itself."""
     return {name: server.client.predict(inputs) for name, inputs in REQUESTS.items()}
@@ -116,25 +129,28 @@ def admitted(server: LocalServer) -> int:
     return requests_admitted(server.log_text())
 
 
+def shared_forwards(result: PredictionResult) -> int:
+    return read_records(result.logs, TIMINGS_MARKER)[-1]["shared_forwards"]
+
+
 def test_interleaved_requests_answer_as_they_would_alone_and_share_forwards(
-    server: LocalServer, alone: dict[str, PredictionResult]
+    interleaved: dict[str, PredictionResult], alone: dict[str, PredictionResult]
 ) -> None:
-    assert len(REQUESTS) <= SLOTS
-    results = together(
-        server,
-        [
-            lambda client, inputs=inputs: client.predict(inputs, retry_busy=False)
-            for inputs in REQUESTS.values()
-        ],
-    )
-    for name, result in zip(REQUESTS, results, strict=True):
+    for name, result in interleaved.items():
         assert result.http_status == 200, (name, result.body)
         assert_same_answer(result, alone[name])
     # the canvas came back as sent, and the faces went through the nets: the comparison is not vacuous
-    assert "kept=1" in alone["face"].logs
-    assert "faces found=0 kept=0" in alone["canvas"].logs
-    # faces of different requests met in one forward (three faces in flight, batches of two)
-    assert "shared a forward" in server.log_text()
+    [face] = image_records(alone["face"].logs, 1)
+    [canvas] = image_records(alone["canvas"].logs, 1)
+    assert face is not None and face["faces_kept"] == 1
+    assert canvas is not None and (canvas["faces_found"], canvas["faces_kept"]) == (0, 0)
+    # faces of different requests met in one forward (three faces in flight, batches of two):
+    # the first face to reach CodeFormer waits, under the gate, for a second one
+    shared = {name: shared_forwards(result) for name, result in interleaved.items()}
+    assert shared["canvas"] == 0
+    assert sum(count >= 1 for count in shared.values()) >= 2, shared
+    # alone, nothing is shared
+    assert all(shared_forwards(result) == 0 for result in alone.values())
 
 
 def test_a_bad_input_fails_only_its_own_request(
@@ -174,7 +190,7 @@ def test_a_cancel_stops_only_its_own_request(server: LocalServer, alone: dict[st
     assert canceled.status == "canceled", canceled.body
     assert_same_answer(other, alone["larger face"])
     # the cancelled request did not finish in the background, and the server serves on
-    assert "request: 4 image(s)" not in server.log_text()
+    assert all(len(record["images"]) != 4 for record in read_records(server.log_text(), TIMINGS_MARKER))
     assert_same_answer(server.client.predict(REQUESTS["face"], retry_busy=False), alone["face"])
 
 

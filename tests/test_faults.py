@@ -29,13 +29,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers import flat_canvas, noise, png_bytes, requests_admitted, run_python_together, wait_for
+from helpers import (
+    LOOPBACK_SPELLINGS,
+    flat_canvas,
+    noise,
+    png_bytes,
+    project_sentence,
+    requests_admitted,
+    run_python_together,
+    wait_for,
+)
 from PIL import Image
 from weights_server import FileServer
 
 from codeformer.config import RequestOptions, Settings
 from codeformer.pipeline import Restorer
 from codeformer.serving.client import READY, CogClient, PredictionResult, ServerError, data_uri
+from codeformer.serving.records import TIMINGS_MARKER, image_records, read_records
 from codeformer.tools.local_server import LocalServer, closed_port_url, find_worker_pid
 from codeformer.weights import WEIGHT_FILES
 
@@ -97,6 +107,9 @@ def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "CODEFORMER_WEIGHTS_URL": mirror.url,
             "CODEFORMER_MAX_FACES": str(MAX_FACES),
             "CODEFORMER_FACE_BATCH": str(FACE_BATCH),
+            # production's URL rule (the suite allows private URLs): weight downloads do not
+            # go through it, image URLs do
+            "CODEFORMER_ALLOW_PRIVATE_URLS": "0",
             **FAST_RETRIES,
         }
         with LocalServer(env, log_path=log_path) as server:
@@ -134,9 +147,7 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
     )
     worker.start()
     wait_for(
-        lambda: (
-            running.server.log_text().count("request: admitted") > admitted_before or not worker.is_alive()
-        ),
+        lambda: requests_admitted(running.server.log_text()) > admitted_before or not worker.is_alive(),
         bool,
         "the long prediction running (admitted)",
         timeout_s=120,
@@ -150,7 +161,7 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
     canceled = PredictionResult(answer.status_code, answer.json(), 0, 0.0)
     assert canceled.status == "canceled", canceled.body
     assert canceled.output == []
-    assert "request: 4 image(s)" not in canceled.logs  # run() did not run to its end
+    assert read_records(canceled.logs, TIMINGS_MARKER) == []  # run() did not run to its end
 
     # the slot is freed a moment after the canceled answer (coglet's Idle message comes later)
     wait_for(running.client.health, lambda health: health["status"] == READY, "health READY after the cancel")
@@ -158,17 +169,41 @@ def test_a_cancelled_prediction_stops_and_the_worker_serves_the_next_request(run
     assert find_worker_pid(running.server.process.pid) == worker_before  # the same worker, not a restart
     assert running.client.cancel("no-such-prediction") == 404
     # the cancelled request never finished in the background either
-    assert "request: 4 image(s)" not in running.server.log_text()
+    assert all(
+        len(record["images"]) != 4 for record in read_records(running.server.log_text(), TIMINGS_MARKER)
+    )
 
 
 def test_more_faces_than_the_face_batch_are_restored_in_chunks_over_http(running: Running) -> None:
     image = data_uri(png_bytes(noise(600, 800)), name="crowd.png")
     result = running.client.predict({"images": [image], "runtime_profile": "max_speed"})
     assert result.status == "succeeded", result.error
-    assert f"faces found={MAX_FACES} kept={MAX_FACES}" in result.logs  # 3 faces > CODEFORMER_FACE_BATCH=1
+    [record] = image_records(result.logs, 1)
+    assert record is not None  # 3 faces > CODEFORMER_FACE_BATCH=1
+    assert (record["faces_found"], record["faces_kept"]) == (MAX_FACES, MAX_FACES)
     [output] = result.output_bytes()
     with Image.open(io.BytesIO(output)) as restored:
         assert restored.size == (800, 600)
+
+
+# -- production's URL rule through the server ------------------------------------------------
+def test_every_spelling_of_this_machine_is_refused_without_a_request(running: Running) -> None:
+    """This server runs with production's rule (CODEFORMER_ALLOW_PRIVATE_URLS=0); the rule's
+    cases in-process: tests/test_fetch.py. Nothing reaches the mirror on 127.0.0.1."""
+    spellings = [f"http://{host}:{running.mirror.port}/photo.png" for host in LOOPBACK_SPELLINGS]
+    for start in range(0, len(spellings), 4):  # up to four images a request
+        batch = spellings[start : start + 4]
+        result = running.client.predict({"images": batch, "runtime_profile": "max_speed"})
+        assert result.status == "failed", result.body
+        sentence = project_sentence(result.error)
+        # the first URL fails the request: refused before any later one is fetched
+        assert sentence.startswith("images[0] (photo.png): "), sentence
+        assert "address; only public addresses are fetched (CODEFORMER_ALLOW_PRIVATE_URLS=1" in sentence
+    for url in spellings:  # each alone, so that every spelling is the one refused
+        result = running.client.predict({"images": [url], "runtime_profile": "max_speed"})
+        assert result.status == "failed" and "only public addresses are fetched" in result.error, url
+    assert running.mirror.request_count("photo.png") == 0
+    assert_good_request_succeeds(running.client)
 
 
 # -- the face batch inside the pipeline: which batch sizes reach each network --------------

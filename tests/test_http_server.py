@@ -1,10 +1,10 @@
 """The real Cog HTTP server (coglet, via ``python -m codeformer.serving.serve``) on 127.0.0.1.
 
-One server runs for the module. Its weights are downloaded at setup from a local mirror
-(``CODEFORMER_WEIGHTS_URL``) into an empty folder, as in a fresh container; at most one
-face per image is restored (``CODEFORMER_MAX_FACES=1``) to bound the CPU time. Photos
-where the pipeline matters are crops of a portrait; requests that only need to go
-through the plumbing use a flat grey canvas, on which the random detector finds no face.
+The session's shared server (``shared_server``, conftest: seed-0 weights, at most one face
+per image); weights downloaded at setup into an empty folder are tested in
+``tests/test_faults.py``. Photos where the pipeline matters are crops of a portrait;
+requests that only need to go through the plumbing use a flat grey canvas, on which the
+random detector finds no face.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from PIL import Image
 from weights_server import FileServer
 
 from codeformer.serving.client import READY, CogClient, PredictionResult, data_uri
+from codeformer.serving.records import image_records
 from codeformer.serving.serve import check_port_free
 from codeformer.tools.local_server import LocalServer, find_worker_pid, minor_faults
-from codeformer.weights import WEIGHT_FILES
 
 pytestmark = pytest.mark.slow
 
@@ -56,25 +56,16 @@ class Running:
     client: CogClient
     images: FileServer  # serves ``image_dir`` over http
     image_dir: Path
-    weights: FileServer
 
 
 @pytest.fixture(scope="module")
-def running(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+def running(shared_server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     image_dir = tmp_path_factory.mktemp("served-images")
     (image_dir / "face.png").write_bytes(png_bytes(face_photo(256, 192)))
     (image_dir / "canvas.jpg").write_bytes(jpeg_bytes(flat_canvas(80, 48)))
     (image_dir / "corrupt.jpg").write_bytes(b"this is not an image")
-    empty_weights = tmp_path_factory.mktemp("server-weights")
-    log_path = tmp_path_factory.mktemp("server-log") / "cog-server.log"
-    with FileServer(weights_dir) as weights, FileServer(image_dir) as images:
-        env = {
-            "CODEFORMER_WEIGHTS_DIR": str(empty_weights),
-            "CODEFORMER_WEIGHTS_URL": weights.url,
-            "CODEFORMER_MAX_FACES": "1",
-        }
-        with LocalServer(env, log_path=log_path) as server:
-            yield Running(server, server.client, images, image_dir, weights)
+    with FileServer(image_dir) as images:
+        yield Running(shared_server, shared_server.client, images, image_dir)
 
 
 def good_request() -> dict:
@@ -88,7 +79,7 @@ def assert_good_request_succeeds(client: CogClient) -> None:
 
 
 # -- start-up ------------------------------------------------------------------------------
-def test_health_check_is_ready_after_setup_with_downloaded_weights(running: Running) -> None:
+def test_health_check_is_ready_after_setup(running: Running) -> None:
     health = wait_for(running.client.health, lambda health: health["status"] == READY, "health READY")
     assert "[coglet] Server ready" in health["setup"]["logs"]
     # coglet forwards the worker's stderr on its own schedule: the lines setup() logs last
@@ -99,8 +90,6 @@ def test_health_check_is_ready_after_setup_with_downloaded_weights(running: Runn
         lambda log: "setup: device=cpu baseline=float32" in log or "setup: device=cuda" in log,
         "the setup line in the server's output",
     )
-    for weight in WEIGHT_FILES.values():
-        assert running.weights.completed_count(weight.name) == 1, weight.name
 
 
 def test_the_served_schema_bounds_the_image_count(running: Running) -> None:
@@ -131,14 +120,17 @@ def test_data_uri_and_http_url_inputs_give_jpgs_in_order_at_input_size(running: 
     assert jpeg_sizes(result) == [(200, 260), (256, 192)]
     # one log line per image, naming it (a data URI by its name= parameter), with faces and
     # per-stage milliseconds
-    assert "images[0] (tall.jpg): 200x260, faces found=" in result.logs
-    assert "images[1] (face.png): 256x192, faces found=" in result.logs
-    assert "kept=1" in result.logs and "restore=" in result.logs
+    tall, face = image_records(result.logs, 2)
+    assert tall is not None and face is not None
+    assert (tall["label"], tall["width"], tall["height"]) == ("images[0] (tall.jpg)", 200, 260)
+    assert (face["label"], face["width"], face["height"]) == ("images[1] (face.png)", 256, 192)
+    assert 1 in (tall["faces_kept"], face["faces_kept"])
+    assert "restore" in tall["stages_ms"] or "restore" in face["stages_ms"]
 
 
 def test_every_spelling_of_this_machine_is_fetched_when_private_urls_are_allowed(running: Running) -> None:
     # the suite's servers run with CODEFORMER_ALLOW_PRIVATE_URLS=1 (conftest); production's
-    # refusal of the same URLs: tests/test_server_edges.py
+    # refusal of the same URLs: tests/test_faults.py
     spellings = [host for host in LOOPBACK_SPELLINGS if host != "[::1]"]  # the file server is IPv4
     urls = [f"http://{host}:{running.images.port}/canvas.jpg" for host in spellings]
     for start in range(0, len(urls), 4):
@@ -213,22 +205,6 @@ def test_a_corrupt_image_among_good_ones_fails_the_request(running: Running) -> 
     assert_good_request_succeeds(running.client)
 
 
-def test_a_missing_url_fails_the_request(running: Running) -> None:
-    missing = running.images.url_for("missing.jpg")
-    result = running.client.predict({"images": [missing], **CHEAP})
-    assert result.status == "failed"
-    assert project_sentence(result.error).startswith("images[0] (missing.jpg): the server answered 404")
-    assert result.output == []
-    assert_good_request_succeeds(running.client)
-
-
-def test_a_local_path_outside_the_project_is_refused(running: Running) -> None:
-    result = running.client.predict({"images": [str(running.image_dir / "canvas.jpg")], **CHEAP})
-    assert result.status == "failed"
-    assert "images[0] (canvas.jpg): local paths must point inside the project folder" in result.error
-    assert_good_request_succeeds(running.client)
-
-
 def test_compile_backend_is_locked_by_the_first_optimized_request(running: Running) -> None:
     request = good_request()
     first = running.client.predict({**request, "stability_mode": "optimized", "compile_backend": "none"})
@@ -254,7 +230,8 @@ def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> 
     request = {"images": [data_uri(png_bytes(face_photo(256, 192)), name="face.png")], **CHEAP}
     first = running.client.predict(request)
     assert first.status == "succeeded", first.error
-    assert "kept=1" in first.logs  # a face went through CodeFormer: the test is not vacuous
+    [record] = image_records(first.logs, 1)
+    assert record is not None and record["faces_kept"] == 1  # a face went through CodeFormer: not vacuous
     before = minor_faults(worker)
     second = running.client.predict(request)
     assert second.status == "succeeded", second.error
@@ -293,7 +270,8 @@ def test_the_same_image_four_times_gives_four_identical_restored_outputs(running
     assert result.status == "succeeded", result.error
     outputs = result.output_bytes()
     assert len(outputs) == 4 and all(output == outputs[0] for output in outputs)
-    assert result.logs.count("kept=1") == 4  # each copy had its face restored
+    # each copy had its face restored
+    assert [record and record["faces_kept"] for record in image_records(result.logs, 4)] == [1] * 4
 
 
 def test_a_64x64_face_photo_keeps_its_size(running: Running) -> None:

@@ -10,19 +10,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import GOLDEN_PHOTOS
-from official_recipe import reference_canvas, reference_parse_mask, reference_paste
+from helpers import GOLDEN_PHOTOS, similarity, smooth_noise
+from official_recipe import reference_canvas, reference_paste
 
-from codeformer.errors import InternalError
 from codeformer.nets.parsenet import ParseNet
 from codeformer.pipeline import to_gray_faces
-from codeformer.stages import paste, warp
+from codeformer.stages import paste
 from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import to_working_image
 from codeformer.stages.restore import RestoredFaces
-from codeformer.stages.warp import Region, warp_into_region
-from codeformer.tools import random_weights
+from codeformer.stages.warp import Region
 
 logger = logging.getLogger(__name__)
 
@@ -31,19 +29,6 @@ FACE = 512
 
 # ---------------------------------------------------------------------------------------
 # Synthetic data
-
-
-def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
-    """A face -> image (inverse) affine: rotate by ``angle``, scale, then translate."""
-    cos, sin = scale * np.cos(angle), scale * np.sin(angle)
-    return np.array([[cos, -sin, tx], [sin, cos, ty]])
-
-
-def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
-    """Random values on a coarse grid enlarged bicubically: float64 in [0, 1], smooth at ``cells`` scale."""
-    coarse = rng.random((cells, cells, *shape[2:]))
-    # bicubic overshoots a little; clip so that callers can scale to levels without wrapping
-    return np.clip(cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
 
 
 def random_masks(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -198,72 +183,6 @@ def test_edge_width_near_a_step_uses_the_canvas_sum(side: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Warps: region maps reproduce the full-canvas cv2.warpAffine
-
-
-@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
-def test_region_warp_equals_full_canvas_warp(dtype: str) -> None:
-    rng = np.random.default_rng(7)
-    if dtype == "uint8":
-        source = rng.integers(0, 256, (FACE, FACE, 3), dtype=np.uint8)
-    elif dtype == "float32":
-        source = rng.random((FACE, FACE), dtype=np.float32)
-    else:
-        source = rng.random((FACE, FACE, 3)) * 255
-    for trial in range(25):
-        height, width = (int(v) for v in rng.integers(60, 700, 2))
-        scale, angle = rng.uniform(0.05, 1.5), rng.uniform(-np.pi, np.pi)
-        inverse_affine = similarity(scale, angle, rng.uniform(-200, width), rng.uniform(-200, height))
-        x0, y0 = int(rng.integers(0, width - 5)), int(rng.integers(0, height - 5))
-        x1, y1 = int(rng.integers(x0 + 1, width + 1)), int(rng.integers(y0 + 1, height + 1))
-        region = Region(x0, y0, x1, y1)
-        full = cv2.warpAffine(source, inverse_affine, (width, height))
-        (got,) = warp_into_region([source], inverse_affine, region, width)
-        assert np.array_equal(got, full[region.slices]), f"trial {trial}"
-
-
-def test_fused_coordinates_fast_path_equals_the_exact_fma() -> None:
-    """The float64 shortcut of the maps' fused multiply-add, on rows chosen to defeat it.
-
-    Rows near zero (down to subnormals) make the float64 sum inexact: those rows must take
-    the exact path; a row cancelling a column's product, zero rows and m_x = 0 are edges.
-    """
-    rng = np.random.default_rng(11)
-    for trial in range(400):
-        m_x = np.float32(rng.choice([-1.0, 1.0]) * 10 ** rng.uniform(-8, 3)) if trial % 40 else np.float32(0)
-        start = int(rng.integers(0, 30000))
-        xs = np.arange(start, start + int(rng.integers(0, 48)), dtype=np.float32)
-        rows = (rng.choice([-1.0, 1.0], 32) * 10 ** rng.uniform(-45, 5, 32)).astype(np.float32)
-        rows[:2] = 0.0
-        if len(xs):
-            rows[2] = np.float32(-np.float64(m_x) * xs[len(xs) // 2])
-        got = np.empty((len(rows), len(xs)), np.float32)
-        warp._fma32_grid(m_x, xs, rows, got)
-        expected = warp._fma32(np.broadcast_to(m_x, xs.shape)[None, :], xs[None, :], rows[:, None])
-        assert np.array_equal(got, expected), f"trial {trial}"
-
-
-def test_translated_matrix_warp_differs_which_is_why_maps_are_used() -> None:
-    """Measures what the naive region warp (translated matrix) would cost: rare ±1 levels."""
-    rng = np.random.default_rng(8)
-    source = rng.integers(0, 256, (FACE, FACE, 3), dtype=np.uint8)
-    differing, total, worst = 0, 0, 0
-    for _ in range(10):
-        inverse_affine = similarity(rng.uniform(0.2, 0.8), rng.uniform(-0.5, 0.5), 150.0, 100.0)
-        full = cv2.warpAffine(source, inverse_affine, (700, 600))
-        x0, y0 = int(rng.integers(1, 150)), int(rng.integers(1, 100))
-        shifted = inverse_affine.copy()
-        shifted[:, 2] -= (x0, y0)
-        naive = cv2.warpAffine(source, shifted, (700 - x0, 600 - y0))
-        difference = np.abs(naive.astype(int) - full[y0:, x0:])
-        differing += int(np.count_nonzero(difference))
-        total += difference.size
-        worst = max(worst, int(difference.max()))
-    logger.info("translated-matrix region warp: max %d, fraction %.2e", worst, differing / total)
-    assert worst <= 1 and differing / total < 1e-2
-
-
-# ---------------------------------------------------------------------------------------
 # Pasting the unchanged crop back
 
 
@@ -319,54 +238,6 @@ def test_pasting_the_unchanged_crop_changes_little() -> None:
         assert difference[rim].max() <= 2
         assert not difference[untouched].any()
         assert difference.any()  # the faces did go through the warps
-
-
-# ---------------------------------------------------------------------------------------
-# FaceParser
-
-
-@pytest.fixture(scope="module")
-def parse_net() -> ParseNet:
-    net = ParseNet()
-    net.load_state_dict(random_weights.state_dict("parsing_parsenet.pth", 0), strict=True)
-    return net.eval()
-
-
-@pytest.mark.slow
-def test_face_parser_matches_the_plain_recipe(parse_net: ParseNet) -> None:
-    rng = np.random.default_rng(10)
-    faces = np.stack([(smooth_noise(rng, (FACE, FACE, 3), 8) * 255).astype(np.uint8) for _ in range(2)])
-    gray = to_gray_faces(faces[:1])
-    parser = FaceParser(parse_net, torch.device("cpu"), batch_size=2)
-    masks = parser.masks(RestoredFaces(faces)).masks
-    gray_masks = parser.masks(RestoredFaces(gray)).masks
-    assert masks.shape == (2, FACE, FACE) and masks.dtype == np.float64
-    assert masks.min() >= 0.0 and masks.max() <= 1.0
-    for face, mask in [(faces[0], masks[0]), (faces[1], masks[1]), (gray[0], gray_masks[0])]:
-        # official input: astype float32, / 255, BGR -> RGB, CHW, (x - 0.5) / 0.5, batch 1
-        face_input = face.astype("float32") / 255.0
-        face_input = torch.from_numpy(face_input[:, :, ::-1].transpose(2, 0, 1).copy())[None]
-        with torch.no_grad():
-            logits = parse_net((face_input - 0.5) / 0.5)[0][0].numpy()
-        expected = reference_parse_mask(logits)
-        assert np.abs(mask - expected).max() < 1e-3  # batched convolutions may flip a rare argmax
-
-
-def test_face_parser_takes_no_faces(parse_net: ParseNet) -> None:
-    parser = FaceParser(parse_net, torch.device("cpu"))
-    empty = parser.masks(RestoredFaces(np.zeros((0, FACE, FACE, 3), np.uint8)))
-    assert empty.masks.shape == (0, FACE, FACE) and len(empty) == 0
-
-
-@pytest.mark.parametrize(
-    "masks",
-    [np.zeros((1, FACE, FACE), np.float32), np.zeros((FACE, FACE)), np.zeros((1, 256, 256))],
-    ids=["float32", "one_mask", "small"],
-)
-def test_face_masks_reject_malformed_masks_as_internal_errors(masks: np.ndarray) -> None:
-    """Checked once, when built: paste-back takes the masks as they are."""
-    with pytest.raises(InternalError, match="parse masks"):
-        FaceMasks(masks)
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from codeformer.config import RequestOptions
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError
 from codeformer.runtime import cpu_has_bf16_kernels
 from codeformer.serving.client import data_uri
-from codeformer.serving.records import setup_info
+from codeformer.serving.records import image_records, setup_info
 from predict import PROJECT_ROOT, Predictor
 
 pytestmark = pytest.mark.slow
@@ -160,13 +160,16 @@ def test_outputs_are_jpgs_in_input_order_at_input_size(
         restored = np.asarray(first_output.convert("RGB")).astype(np.int16)
     assert np.abs(restored - face_photo(*sizes[1]).astype(np.int16)).mean() > 2.0
     assert all(path.suffix == ".jpg" for path in outputs)
-    for index, ((width, height), name) in enumerate(zip(sizes, names, strict=True)):
-        [line] = [
-            r.getMessage() for r in caplog.records if r.getMessage().startswith(f"images[{index}] ({name})")
-        ]
-        assert f"{width}x{height}" in line
-        assert "faces found=" in line and "kept=" in line and "total=" in line
-        assert "detect=" in line and "encode=" in line
+    records = image_records(caplog.text, len(sizes))
+    for index, ((width, height), name, record) in enumerate(zip(sizes, names, records, strict=True)):
+        assert record is not None
+        assert (record["label"], record["width"], record["height"]) == (
+            f"images[{index}] ({name})",
+            width,
+            height,
+        )
+        assert record["faces_kept"] <= record["faces_found"]
+        assert {"detect", "encode"} <= record["stages_ms"].keys()
 
 
 def test_the_same_request_twice_gives_identical_bytes(predictor: Predictor) -> None:

@@ -405,3 +405,49 @@ def test_a_request_cancelled_while_it_waits_for_admission_leaves_without_pixels(
         assert outcome == ["cancelled"]
         assert budget.in_flight == 80 and not budget._waiting
     assert budget.in_flight == 0
+
+
+def test_a_gate_makes_callers_arriving_apart_share_a_forward_and_each_counts_it() -> None:
+    # no batch wait at all: without the gate the first caller's faces would run alone
+    scheduler = DeviceScheduler(batch_size=2, batch_wait_s=0.0)
+    scheduler.arm_gate(2)
+    device = Recorder()
+    second_may_start = threading.Event()
+    shared: dict[float, int] = {}
+
+    def request(value: float) -> None:
+        with scheduler.caller():
+            second_may_start.set()
+            scheduler.call(device, np.array([0.0]))  # an unbatchable call before the faces
+            scheduler.batched("k", device, np.array([value]))
+            shared[value] = scheduler.shared_forwards()
+
+    first = threading.Thread(target=request, args=(1.0,))
+    first.start()
+    second_may_start.wait(HANG_S)  # the first is in progress before the second starts
+    second = threading.Thread(target=request, args=(2.0,))
+    second.start()
+    for thread in (first, second):
+        thread.join(HANG_S)
+        assert not thread.is_alive(), "a caller hung"
+    assert [1.0, 2.0] in device.batches or [2.0, 1.0] in device.batches
+    assert shared == {1.0: 1, 2.0: 1}
+    # the gate opens once: a lone caller afterwards neither waits for it nor shares
+    [(status, _)] = run_callers(scheduler, [lambda: scheduler.batched("k", device, np.array([3.0]))])
+    assert status == "ok" and device.batches[-1] == [3.0]
+    assert scheduler.shared_forwards() == 0  # counted per caller thread
+    scheduler.stop()
+
+
+def test_without_a_gate_nothing_counts_as_shared_for_a_lone_caller() -> None:
+    scheduler = DeviceScheduler(batch_size=2, batch_wait_s=0.0)
+    device = Recorder()
+    counts: list[int] = []
+
+    def lone() -> None:
+        scheduler.batched("k", device, np.array([1.0]))
+        counts.append(scheduler.shared_forwards())
+
+    run_callers(scheduler, [lone])
+    assert counts == [0] and device.batches == [[1.0]]
+    scheduler.stop()

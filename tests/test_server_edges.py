@@ -1,9 +1,10 @@
-"""The edges of the real Cog server as the image runs it: hostile URLs, bodies and file names.
+"""The edges of the real Cog server as the image runs it: hostile bodies and file names.
 
-One server for the module, with production's URL rule (``CODEFORMER_ALLOW_PRIVATE_URLS=0``)
-and weights whose detector never fires (every answer is cheap). Its HTTP front is coglet's
-own: bodies, chunked transfer, unknown keys and error texts are Cog's rules (README, "Local
-server"). After each hostile request a good one must succeed. All traffic stays on 127.0.0.1.
+The session's shared server (``shared_server``, conftest); every request here is cheap (a
+flat canvas, on which the detector finds no face, or an input that fails). Its HTTP front is
+coglet's own: bodies, chunked transfer, unknown keys and error texts are Cog's rules
+(README, "Local server"). After each hostile request a good one must succeed. All traffic
+stays on 127.0.0.1. Production's URL rule through the server: ``tests/test_faults.py``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
-from helpers import LOOPBACK_SPELLINGS, flat_canvas, png_bytes, project_folder, project_sentence, wait_for
+from helpers import flat_canvas, png_bytes, project_folder, project_sentence, wait_for
 from weights_server import FileServer
 
 from codeformer.serving.client import CogClient, data_uri
@@ -36,7 +36,7 @@ CANCEL_LIKE_NAMES = ["cancelled.png", "CancelledError.png", "job_was_cancelled.j
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
-    """A file server on 127.0.0.1: production's rule must refuse every URL to it."""
+    """A file server on 127.0.0.1 (the suite's servers fetch from it: CODEFORMER_ALLOW_PRIVATE_URLS=1)."""
     folder = tmp_path_factory.mktemp("edge-files")
     (folder / "photo.png").write_bytes(png_bytes(flat_canvas(64, 48)))
     for name in CANCEL_LIKE_NAMES:
@@ -46,10 +46,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
 
 
 @pytest.fixture(scope="module")
-def server(faceless_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    env = {"CODEFORMER_WEIGHTS_DIR": str(faceless_weights_dir), "CODEFORMER_ALLOW_PRIVATE_URLS": "0"}
-    with LocalServer(env, log_path=tmp_path_factory.mktemp("edge-server") / "cog-server.log") as running:
-        yield running
+def server(shared_server: LocalServer) -> LocalServer:
+    return shared_server
 
 
 def good_request() -> dict:
@@ -65,26 +63,6 @@ def assert_good_request_succeeds(client: CogClient) -> None:
 def process_state(pid: int) -> tuple[int, int]:
     """(threads, open file descriptors) of a process."""
     return status_kib(pid, "Threads"), len(os.listdir(f"/proc/{pid}/fd"))
-
-
-# -- URLs: public addresses only ---------------------------------------------------------------
-def test_every_spelling_of_this_machine_is_refused_without_a_request(
-    server: LocalServer, files: FileServer
-) -> None:
-    spellings = [f"http://{host}:{files.port}/photo.png" for host in LOOPBACK_SPELLINGS]
-    for start in range(0, len(spellings), 4):  # up to four images a request
-        batch = spellings[start : start + 4]
-        result = server.client.predict({"images": batch, **CHEAP})
-        assert result.status == "failed", result.body
-        sentence = project_sentence(result.error)
-        # the first URL fails the request: refused before any later one is fetched
-        assert sentence.startswith("images[0] (photo.png): "), sentence
-        assert "address; only public addresses are fetched (CODEFORMER_ALLOW_PRIVATE_URLS=1" in sentence
-    for host in LOOPBACK_SPELLINGS:  # each alone, so that every spelling is the one refused
-        result = server.client.predict({"images": [f"http://{host}:{files.port}/photo.png"], **CHEAP})
-        assert result.status == "failed" and "only public addresses are fetched" in result.error, host
-    assert files.request_count("photo.png") == 0
-    assert_good_request_succeeds(server.client)
 
 
 # -- bodies: coglet's own limits ---------------------------------------------------------------
@@ -163,7 +141,7 @@ def test_a_failing_input_named_like_a_cancel_fails_as_failed(
         (folder / name).write_bytes(b"not an image")
         bad = {
             "data URI": data_uri(b"not an image", name=name, media_type="image/png"),
-            "URL": files.url_for(name),  # refused: a loopback address
+            "URL": files.url_for(name),  # fetched, and not an image
             "local path": str((folder / name).relative_to(PROJECT_ROOT)),
         }[kind]
         images = [data_uri(png_bytes(flat_canvas(64, 48)), name="ok.png")] * 3

@@ -1,10 +1,13 @@
-"""The server's structured log records: one ``request_timings {json}`` line per request and
-one ``setup_timings {json}`` line per server start, how they are written and read back.
+"""The server's structured log records: per request a ``request_admitted {json}`` line when
+its work starts and a ``request_timings {json}`` line when it ends, and one
+``setup_timings {json}`` line per server start; how they are written and read back.
 
-``codeformer.serving.request`` writes the per-request record (faces and stage ms per image,
-admission wait, wall time, options); ``predict.py``'s ``setup()`` writes the set-up one. Cog
-returns a prediction's lines with it (``logs``) and the server also writes them to its own
-log. The benchmarks and the tests read these records, never the prose lines beside them.
+``codeformer.serving.request`` writes the per-request records (admitted: images, pixels,
+pixels in flight, admission wait; timings: faces and stage ms per image, admission wait,
+wall time, forwards shared with other requests, options); ``predict.py``'s ``setup()``
+writes the set-up one. Cog returns a prediction's lines with it (``logs``) and the server
+also writes them to its own log. The benchmarks and the tests read these records, never
+the prose lines beside them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 from typing import Any
 
 TIMINGS_MARKER = "request_timings"
+ADMITTED_MARKER = "request_admitted"
 SETUP_MARKER = "setup_timings"
 
 

@@ -14,10 +14,11 @@ Each input is a string (or a ``pathlib.Path``):
 
 Admission: a request holds its images' pixels (from their headers) from decode to encode
 (``Restorer.admission``); a cancel (the ``cancel`` event) stops it at its next device call.
-Logs: ``request: admitted ...`` when its work starts, one line per image with its faces and
+Logs: ``request: admitted ...`` when its work starts, with the same figures as one
+machine-readable line, ``request_admitted {json}``; one line per image with its faces and
 per-stage milliseconds, one line for the request, and the same figures once more as one
 machine-readable line, ``request_timings {json}`` (``timings_record``), which the benchmarks
-read instead of parsing the prose lines.
+and the tests read instead of parsing the prose lines.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from codeformer.config import PROJECT_ROOT, RequestOptions
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
 from codeformer.serving.fetch import MAX_INPUT_BYTES, Deadline, Dialer, fetch, is_remote
-from codeformer.serving.records import TIMINGS_MARKER, record_line
+from codeformer.serving.records import ADMITTED_MARKER, TIMINGS_MARKER, record_line
 
 if TYPE_CHECKING:
     from codeformer.pipeline import Restorer
@@ -115,13 +116,20 @@ def _stage_summary(timings: dict[str, float]) -> str:
 
 
 def timings_record(
-    images: Sequence[dict[str, Any]], options: RequestOptions, admission_wait_ms: float, wall_ms: float
+    images: Sequence[dict[str, Any]],
+    options: RequestOptions,
+    admission_wait_ms: float,
+    wall_ms: float,
+    shared_forwards: int = 0,
 ) -> dict[str, Any]:
     """One request's figures as a JSON-ready dict: what the ``request_timings`` line holds.
 
     ``images``: per input, in order, ``label``, ``width``, ``height``, ``faces_found``,
     ``faces_kept`` and ``stages_ms`` (stage -> milliseconds, in the order the stages ran).
     Milliseconds are rounded to 0.1 ms; the prose lines round the same figures to 1 ms.
+    ``shared_forwards``: the request's CodeFormer/ParseNet forwards that also ran other
+    requests' faces (``DeviceScheduler.shared_forwards``). It is the request's, not an
+    image's: the pipeline sends all of a request's faces to CodeFormer as one call.
     """
     return {
         "images": [
@@ -130,6 +138,7 @@ def timings_record(
         ],
         "admission_wait_ms": round(admission_wait_ms, 1),
         "wall_ms": round(wall_ms, 1),
+        "shared_forwards": shared_forwards,
         "options": {
             "fidelity": options.fidelity,
             "profile": options.profile.name,
@@ -170,12 +179,17 @@ def restore_request(
 
     with restorer.admission.hold(pixels, cancel) as admission_ms:
         # progress for the operator (and the tests): the request is past its downloads
+        in_flight = restorer.admission.in_flight
         log.info(
             "request: admitted, %d image(s), %.1f MP, %.1f MP in flight after a %.0f ms wait",
             len(items),
             pixels / 1e6,
-            restorer.admission.in_flight / 1e6,
+            in_flight / 1e6,
             admission_ms,
+        )
+        admitted = {"images": len(items), "pixels": pixels, "pixels_in_flight": in_flight}
+        log.info(
+            "%s", record_line(ADMITTED_MARKER, {**admitted, "admission_wait_ms": round(admission_ms, 1)})
         )
         decoded: list[DecodedImage] = []
         for header, timings in zip(headers, stage_ms, strict=True):
@@ -183,10 +197,13 @@ def restore_request(
             decoded.append(decode_header(header, settings.max_pixels))
             timings["read_decode"] += (time.perf_counter() - start) * 1000.0
         del headers
+        restorer.scheduler.arm_gate(settings.device_gate)  # test-only; a no-op unless set
+        shared_before = restorer.scheduler.shared_forwards()
         try:
             results = restorer.restore([image.pixels for image in decoded], options, cancel)
         except ImageFailedError as exc:
             raise CodeFormerError(f"{', '.join(labels[i] for i in exc.indices)}: {exc.reason}") from exc
+        shared_forwards = restorer.scheduler.shared_forwards() - shared_before
         profiles = [image.icc_profile for image in decoded]  # the colour profile each output carries
         del decoded
 
@@ -229,5 +246,6 @@ def restore_request(
         admission_ms,
         wall_ms,
     )
-    log.info("%s", record_line(TIMINGS_MARKER, timings_record(image_records, options, admission_ms, wall_ms)))
+    record = timings_record(image_records, options, admission_ms, wall_ms, shared_forwards)
+    log.info("%s", record_line(TIMINGS_MARKER, record))
     return jpgs
