@@ -123,6 +123,8 @@ class Predictor(BaseRunner):
         )
         setup_record = {
             "device": str(self.restorer.device),
+            "precision": {"baseline": "float32", "fast/max_speed": fast_dtype},
+            "fetch_timeout_s": self.restorer.settings.fetch_timeout_s,
             "build_ms": round(build_ms, 1),
             "verify_ms": round(load_times.verify_ms, 1),
             "load_ms": round(load_times.load_ms, 1),

@@ -32,7 +32,7 @@ from PIL import Image
 from weights_server import FileServer
 
 from codeformer.serving.client import READY, CogClient, PredictionResult, data_uri
-from codeformer.serving.records import image_records
+from codeformer.serving.records import SETUP_MARKER, image_records, read_records
 from codeformer.serving.serve import check_port_free
 from codeformer.tools.local_server import LocalServer, find_worker_pid, minor_faults
 
@@ -87,8 +87,8 @@ def test_health_check_is_ready_after_setup(running: Running) -> None:
     # setup logs (seen under load). The server's own output has them either way.
     wait_for(
         running.server.log_text,
-        lambda log: "setup: device=cpu baseline=float32" in log or "setup: device=cuda" in log,
-        "the setup line in the server's output",
+        lambda log: bool(read_records(log, SETUP_MARKER)),
+        "the setup_timings record in the server's output",
     )
 
 

@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import pathlib
-import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from codeformer.config import RequestOptions
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError
 from codeformer.runtime import cpu_has_bf16_kernels
 from codeformer.serving.client import data_uri
-from codeformer.serving.records import image_records, setup_info
+from codeformer.serving.records import SETUP_MARKER, image_records, read_records, setup_info
 from predict import PROJECT_ROOT, Predictor
 
 pytestmark = pytest.mark.slow
@@ -132,14 +131,16 @@ def test_setup_logs_device_dtype_and_timings(predictor_and_setup_log: SetupRecor
     # the suite sets CODEFORMER_MIXED_PRECISION=on where the CPU has bf16 kernels, auto
     # (float32 without measuring) where it has none (conftest)
     fast_dtype = "bfloat16" if cpu_has_bf16_kernels() else "float32"
-    assert f"baseline=float32 fast/max_speed={fast_dtype}" in line
-    assert "fetch_timeout=60s" in line
+    # the record the benchmarks read: the same figures as the line, for programs
+    [record] = read_records("\n".join(messages), SETUP_MARKER)
+    assert record["precision"] == {"baseline": "float32", "fast/max_speed": fast_dtype}
+    assert record["fetch_timeout_s"] == 60
     # build, verify, load (read + strict load_state_dict), warm-up: each timed on its own
-    assert re.search(r" build=\d+ms verify=\d+ms load=\d+ms warmup=\d+ms ", line), line
-    # and once more as the record the benchmarks read
+    assert all(record[f"{part}_ms"] >= 0 for part in ("build", "verify", "load")), record
+    assert record["warmup_ms"] > 0
     info = setup_info("\n".join(messages))
     assert info["device"] == str(predictor.restorer.device)
-    assert info["setup_load_s"] >= 0 and info["setup_warmup_s"] > 0
+    assert info["setup_load_s"] == record["load_ms"] / 1000.0
 
 
 # -- success -------------------------------------------------------------------------------
