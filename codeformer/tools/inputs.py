@@ -133,12 +133,14 @@ def truncated_jpeg() -> bytes:
 
 @dataclass(frozen=True)
 class BadKind:
-    """A bad request and how it must be answered: 422 from the schema, or a failed prediction."""
+    """A bad request and how it must be answered: 422 from the schema, a failed prediction,
+    or (``dropped``) Cog's rule for an unknown key: the key is dropped and the request runs."""
 
     name: str
     make_inputs: Callable[[str], dict[str, Any]]  # profile -> request inputs
-    http_status: int  # 200 (a failed prediction) or 422 (refused by the schema)
-    error_contains: str  # in the failed prediction's error (ignored for 422)
+    http_status: int  # 200 (a failed prediction, or a run with the key dropped) or 422 (the schema)
+    error_contains: str  # in the failed prediction's error (ignored for 422 and dropped)
+    dropped: bool = False  # an unknown key: Cog drops it, so the prediction must succeed
 
 
 def _one_file(payload: bytes, file_name: str) -> Callable[[str], dict[str, Any]]:
@@ -184,8 +186,9 @@ BAD_KINDS: tuple[BadKind, ...] = (
             "runtime_profile": profile,
             "codeformer_fidelty": 0.9,
         },
-        422,
+        200,
         "",
+        dropped=True,
     ),
     BadKind(
         "bad_base64",
