@@ -2,7 +2,9 @@
 
 A request returns one JPG per input, in input order, or fails as a whole with a message
 naming the input (``images[i] (file name): reason``): ``codeformer.serving.request`` does
-the work (read, admit, decode, restore, encode), the same code the command line runs.
+the work (read, admit, decode, restore, encode), the same code the command line runs. Its
+figures (faces and stage milliseconds per image, admission wait, wall time, options) become
+the prediction's metrics, which Cog returns beside ``predict_time``.
 
 ``run`` is async so that Cog can run several predictions at once (``@cog.concurrent``):
 each request's blocking work runs on a thread of its own, the device work of all of them
@@ -179,7 +181,8 @@ class Predictor(BaseRunner):
                 codeformer_fidelity, runtime_profile, stability_mode, compile_backend
             )
             self.restorer.check_options(options)
-            # to_thread copies the context: coglet routes the thread's log lines to this prediction
+            # to_thread copies the context: coglet routes the thread's log lines and metrics to
+            # this prediction
             return await asyncio.to_thread(self.serve_request, list(images), options, cancel, request_start)
         except asyncio.CancelledError:
             # a real cancel: the thread stops at its next device call, holds no output, and
@@ -196,15 +199,21 @@ class Predictor(BaseRunner):
         cancel: threading.Event | None = None,
         request_start: float | None = None,
     ) -> list[Path]:
-        """The blocking part of ``run``: the request (``restore_request``), then its JPGs as files."""
+        """The blocking part of ``run``: the request (``restore_request``), then its JPGs as
+        files and its figures as the prediction's metrics."""
         from codeformer.scheduler import check_cancel
 
         self.output_folders.discard_expired()
-        jpgs = restore_request(self.restorer, images, options, cancel, PROJECT_ROOT, request_start)
+        restored = restore_request(self.restorer, images, options, cancel, PROJECT_ROOT, request_start)
         check_cancel(cancel)  # nobody will read the files of a cancelled request
         output_dir = new_output_dir()
-        outputs = [Path(output_dir / f"restored_{index}.jpg") for index in range(len(jpgs))]
-        for output, jpg in zip(outputs, jpgs, strict=True):
+        outputs = [Path(output_dir / f"restored_{index}.jpg") for index in range(len(restored.jpgs))]
+        for output, jpg in zip(outputs, restored.jpgs, strict=True):
             output.write_bytes(jpg)
         self.output_folders.returned(output_dir)
+        # Cog returns them in the prediction's "metrics", beside its predict_time. This thread
+        # records into the prediction's scope: to_thread copied run()'s context, where coglet
+        # set it; outside a prediction (in-process callers) record_metric does nothing.
+        for name, value in restored.metrics.items():
+            self.record_metric(name, value)
         return outputs

@@ -77,7 +77,7 @@ def measure(
         "cold": cold,
         "warm": summary["per_request"],
         "warm_predict_time": summary["predict_time"],
-        "faces": {"found": first.faces_found[0], "kept": first.faces_kept[0]},
+        "faces": {"found": first.faces_found[0], "restored": first.faces_restored[0]},
         **{key: summary[key] for key in ("errors", "error_messages", "retries")},
         "samples": [
             {key: getattr(s, key) for key in ("phase", "latency_s", "predict_time_s", "ok")} for s in samples
@@ -112,7 +112,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         harness.format_table(headers, rows),
         "(seconds; 1st req = first request after READY; warm = timed requests after the warm-ups; "
-        "faces = kept/found)",
+        "faces = restored/found)",
         "",
     ]
     best_warm, best_cold = report["best_warm"], report["best_cold"]

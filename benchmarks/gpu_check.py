@@ -172,7 +172,7 @@ class Checker:
         self.big_request = big_request_case(paths) if args.big_request else None
         self.device, self.deadline = torch.device(args.device), deadline
         self.restorers = BackendRestorers(weights_dir, self.device, args.max_faces)
-        self.faces: dict[str, list[int]] = {}  # case name -> faces kept per image, in the last request
+        self.faces: dict[str, list[int]] = {}  # case name -> faces restored per image, in the last request
 
     def restorer(self, backend: str, device: Any = None) -> Any:
         """The Restorer for ``backend`` on ``device`` (default: the checked one), set up as a server's."""
@@ -246,7 +246,7 @@ class Checker:
             except Exception as exc:  # a check tool reports each failure and goes on to the next one
                 outcome.reasons.append(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
             end = compile_counts()
-        outcome.figures["faces"] = dict(self.faces)  # per case: faces kept in each image
+        outcome.figures["faces"] = dict(self.faces)  # per case: faces restored in each image
         counts = CompileCounts(before, after_setup, after_warmup[0] if after_warmup else None, end)
         judge_compiles(outcome, counts, warnings, self.restorers.setup_ms)
         if outcome.requests:
@@ -290,8 +290,8 @@ class ServerChecker:
     it). Each photo is its own request.
 
     What the client sees: the latency of each request (the ``request`` stage) and the server's
-    per-stage ms from its per-image record (``read_decode`` reported as ``decode``, so that it
-    counts in the host part; from the prediction's logs, else from the server's own log file).
+    per-stage ms of each image from the prediction's metrics (``read_decode`` reported as
+    ``decode``, so that it counts in the host part).
     Not observable through the server, so null in the JSON: peak GPU memory and graphs
     compiled after warm-up (run without --server for those).
 
@@ -343,18 +343,12 @@ class ServerChecker:
     def one_pass(self, requester: load.Requester) -> PassResult:
         """Every photo as its own request: (stage -> ms per photo, decoded outputs, s)."""
         requests, outputs, start = [], [], time.perf_counter()
-        server = self.server_for(self.backend or "none")
         for path in self.paths:
-            logged = len(server.log_text())
             sample, result = requester.send_result([path], "timed")
             if not sample.ok:  # a 409 too: one client, one request at a time, must never get one
                 raise ServerError(f"{path.name}: {sample.error}")
-            # the prediction's own logs, else the server's log since it was sent (one request at
-            # a time): a line logged outside the prediction's context reaches only the latter
-            [stages] = load.parse_stage_ms(result.logs, 1)
-            if not stages:
-                [stages] = load.parse_stage_ms(server.log_text()[logged:], 1)
-            if "read_decode" in stages:  # a log without stage figures gives none, not zeros
+            [stages] = load.stage_ms_per_image(result.metrics, 1)
+            if "read_decode" in stages:  # an answer without stage figures gives none, not zeros
                 stages["decode"] = stages.pop("read_decode")
             requests.append({**stages, "request": sample.latency_s * 1000})
             outputs += [decode(data) for data in result.output_bytes(requester.client.session)]

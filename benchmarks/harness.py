@@ -295,8 +295,8 @@ def progress_bar(
 
 
 def faces_cell(faces: dict[str, Any]) -> str:
-    """``kept/found`` for a table, ``-`` where the log did not say."""
-    return "-" if faces["kept"] is None else f"{faces['kept']}/{faces['found']}"
+    """``restored/found`` for a table, ``-`` where the server did not say."""
+    return "-" if faces["restored"] is None else f"{faces['restored']}/{faces['found']}"
 
 
 def server_env_lines(server_env: dict[str, str]) -> list[str]:

@@ -22,7 +22,7 @@ the first warm-up request of the first profile (and is sent even with ``--warmup
 Reported per profile: ``round_totals`` (one sample per repeat: the wall time of a round),
 ``per_request`` and ``per_image`` latency (a request's latency divided by its number of
 images, one sample per image), each as avg/min/max/p50/p95/p99; images/s; the faces found
-and kept (from the server's per-image log lines); errors and 409 retries; the server's own
+and restored (from each prediction's metrics); errors and 409 retries; the server's own
 ``metrics.predict_time`` next to the client latency. A table goes to stdout, progress to
 stderr, everything to ``--output`` as JSON; ``--plot`` draws the per-request latency CDF of
 each profile. Exit code: 0, 1 when a request failed, 2 for a bad setting (taken port), 130
@@ -106,7 +106,9 @@ def render(report: dict[str, Any]) -> str:
         + [sec(p["predict_time"]["p50"]), str(p["errors"]), str(p["retries"])]
         for name, p in report["profiles"].items()
     ]
-    legend = "(seconds; req = per request, img = per image, server = metrics.predict_time; faces = kept/found"
+    legend = (
+        "(seconds; req = per request, img = per image, server = metrics.predict_time; faces = restored/found"
+    )
     return "\n".join([*lines, "", harness.format_table(headers, rows), legend + " over one round)"])
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         restorer = Restorer.load(args.weights_dir, device, Settings.from_env(device.type))
         log.info("loaded the nets on %s in %.0f ms", restorer.device, (time.perf_counter() - start) * 1000)
         # the same request as the server's, reading local files wherever they are
-        jpgs = restore_request(restorer, args.images, options, local_root=None)
+        jpgs = restore_request(restorer, args.images, options, local_root=None).jpgs
     except CodeFormerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageCms
 
 from codeformer.icc import rgb_profile_for_gray
-from codeformer.serving.records import ADMITTED_MARKER, read_records
+from codeformer.serving.request import ADMITTED_LINE, FINISHED_LINE
 from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -260,8 +260,14 @@ def run_python_together(
 
 
 def requests_admitted(server_log: str) -> int:
-    """How many requests the server's log shows past admission (their ``request_admitted`` records).
+    """How many requests the server's log shows past admission (their ``request: admitted`` lines).
 
     With free slots a running prediction leaves the server's health READY: this says it runs.
     """
-    return len(read_records(server_log, ADMITTED_MARKER))
+    return sum(ADMITTED_LINE in line for line in server_log.splitlines())
+
+
+def requests_finished(server_log: str, images: int) -> int:
+    """How many requests of ``images`` images the server's log shows finished (their
+    ``request: finished, N image(s)`` lines): a cancelled one must never get there."""
+    return sum(f"{FINISHED_LINE}, {images} image(s)," in line for line in server_log.splitlines())

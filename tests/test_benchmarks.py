@@ -21,18 +21,18 @@ import pytest
 
 from codeformer.config import PROFILES, PROJECT_ROOT, Configuration, RequestOptions, configurations
 from codeformer.errors import ConfigError
-from codeformer.serving.records import SETUP_MARKER, TIMINGS_MARKER, read_records, record_line, setup_info
-from codeformer.serving.request import timings_record
+from codeformer.serving.records import SETUP_MARKER, record_line, setup_info
+from codeformer.serving.request import request_metrics
 from codeformer.serving.serve import check_port_free
 from codeformer.tools.host_pass import host_figures
 from codeformer.tools.load import (
     RequestSample,
     batches,
     discover_images,
-    parse_faces,
-    parse_stage_ms,
+    faces_per_image,
     profile_report,
     split_names,
+    stage_ms_per_image,
 )
 from codeformer.tools.local_server import free_port
 from codeformer.tools.plans import plan_combinations, winners
@@ -129,15 +129,9 @@ def test_split_names_accepts_commas_and_spaces_and_rejects_unknown() -> None:
         split_names(["turbo"], list(PROFILES), "--profiles")
 
 
-def _request_log(images: list[dict], options: RequestOptions) -> str:
-    """A prediction's logs as the server writes them: prose lines, then the request's record."""
-    record = timings_record(images, options, 2.04, 390.0)
-    return (
-        "WARNING codeformer.pipeline: image 0: kept the 1 highest-scoring faces, dropped 2\n"
-        "INFO codeformer.predict: images[0] (file.jpg): 470x192, faces found=3 kept=1, detect=9ms\n"
-        "INFO codeformer.predict: request: 2 image(s), fidelity=0.5 ...\n"
-        f"INFO codeformer.predict: {record_line(TIMINGS_MARKER, record)}\n"
-    )
+def _metrics(images: list[dict], options: RequestOptions) -> dict:
+    """A prediction's metrics as the server returns them: Cog's predict_time, then the request's."""
+    return {"predict_time": 0.4, **request_metrics(images, options, 2.04, 390.0)}
 
 
 TWO_IMAGES = [
@@ -146,50 +140,47 @@ TWO_IMAGES = [
         "width": 470,
         "height": 192,
         "faces_found": 3,
-        "faces_kept": 1,
+        "faces_restored": 1,
         "stages_ms": {"read_decode": 12.04, "detect": 40.0, "restore": 300.0, "paste": 20.0, "encode": 4.0},
     },
     {
-        "label": "images[1] (b (1) {x}.jpg)",  # brackets and braces in a name do not confuse the reader
+        "label": "images[1] (b (1) {x}.jpg)",
         "width": 64,
         "height": 64,
         "faces_found": 0,
-        "faces_kept": 0,
+        "faces_restored": 0,
         "stages_ms": {"read_decode": 3.0, "detect": 5.0, "encode": 1.0},
     },
 ]
 
 
-def test_parse_faces_reads_the_request_timings_record() -> None:
-    logs = _request_log(TWO_IMAGES, RequestOptions())
-    assert parse_faces(logs, 3) == ([3, 0, None], [1, 0, None])
-    assert parse_faces("INFO codeformer.predict: images[0] (a.jpg): 1x1, faces found=1 kept=1", 1) == (
-        [None],
-        [None],
-    )  # prose alone is not read
+def test_faces_per_image_reads_the_metrics_images() -> None:
+    assert faces_per_image(_metrics(TWO_IMAGES, RequestOptions()), 3) == ([3, 0, None], [1, 0, None])
+    assert faces_per_image({"predict_time": 0.1}, 1) == ([None], [None])  # a failed request's
 
 
-def test_parse_stage_ms_reads_each_images_stages_rounded_to_a_tenth() -> None:
-    stages = parse_stage_ms(_request_log(TWO_IMAGES, RequestOptions()), 3)
+def test_stage_ms_per_image_reads_each_images_stages_rounded_to_a_tenth() -> None:
+    stages = stage_ms_per_image(_metrics(TWO_IMAGES, RequestOptions()), 3)
     assert stages[0] == {"read_decode": 12.0, "detect": 40, "restore": 300, "paste": 20, "encode": 4}
     assert list(stages[0]) == ["read_decode", "detect", "restore", "paste", "encode"]  # the order they ran
     assert stages[1] == {"read_decode": 3, "detect": 5, "encode": 1}
-    assert stages[2] == {}  # not logged: no figures rather than zeros
+    assert stages[2] == {}  # not returned: no figures rather than zeros
 
 
-def test_the_last_request_record_in_a_log_is_read() -> None:
-    first = _request_log(TWO_IMAGES[:1], RequestOptions())
-    second = _request_log([TWO_IMAGES[1]], RequestOptions.parse(profile="fast", stability="optimized"))
-    [record] = read_records(second, TIMINGS_MARKER)
-    assert record["options"] == {
-        "fidelity": 0.5,
-        "profile": "fast",
-        "stability": "optimized",
-        "compile_backend": RequestOptions().compile_backend,
+@pytest.mark.parametrize(
+    ("stability", "compile_backend", "ran"), [("optimized", "eager", "eager"), ("safe", "inductor", "none")]
+)
+def test_request_metrics_name_the_options_that_ran(stability: str, compile_backend: str, ran: str) -> None:
+    options = RequestOptions.parse(0.7, "fast", stability, compile_backend)
+    metrics = _metrics([TWO_IMAGES[1]], options)
+    assert metrics["options"] == {
+        "codeformer_fidelity": 0.7,
+        "runtime_profile": "fast",
+        "stability_mode": stability,
+        "compile_backend": ran,  # the safe mode compiles nothing, whatever was asked
     }
-    assert record["admission_wait_ms"] == 2.0 and record["wall_ms"] == 390.0
-    assert len(read_records(first + second, TIMINGS_MARKER)) == 2
-    assert parse_faces(first + second, 1) == ([0], [0])
+    assert metrics["admission_wait_ms"] == 2.0 and metrics["wall_ms"] == 390.0
+    assert metrics["shared_forwards"] == 0
 
 
 def test_setup_info_reads_the_setup_record() -> None:
@@ -199,7 +190,7 @@ def test_setup_info_reads_the_setup_record() -> None:
     assert setup_info("INFO codeformer.predict: setup: device=cpu load=1ms warmup=2ms") == {}
 
 
-def test_records_are_read_from_the_servers_own_log_too() -> None:
+def test_the_setup_record_is_read_from_the_servers_own_log_too() -> None:
     # coglet writes each worker line into its log as a JSON object, quotes escaped
     setup = {"device": "cpu", "load_ms": 10.0, "warmup_ms": 20.0}
     lines = [
@@ -214,9 +205,7 @@ def test_records_are_read_from_the_servers_own_log_too() -> None:
         },
     ]
     server_log = "\n".join(json.dumps(line) for line in lines) + "\n"
-    server_log += _request_log(TWO_IMAGES, RequestOptions())  # a line outside any JSON wrapper
     assert setup_info(server_log) == {"device": "cpu", "setup_load_s": 0.01, "setup_warmup_s": 0.02}
-    assert parse_faces(server_log, 2) == ([3, 0], [1, 0])
 
 
 def _sample(
@@ -232,7 +221,7 @@ def _sample(
         retries=1 if phase == "warmup" else 0,
         predict_time_s=latency - 0.5,
         faces_found=[2] * images,
-        faces_kept=[1] * images,
+        faces_restored=[1] * images,
         error=None if ok else "HTTP 200 failed: images[0] (0.jpg): broken",
     )
 
@@ -281,7 +270,7 @@ def test_profile_report_separates_timed_from_warmup_and_failures() -> None:
     assert report["round_totals"]["values"] == [10.0, 8.0] and report["round_totals"]["avg"] == 9.0
     assert report["throughput_images_per_s"] == pytest.approx(4 / 18.0)  # succeeded images only
     assert report["client_overhead"]["p50"] == pytest.approx(0.5)
-    assert report["faces"]["found"] == 4 and report["faces"]["kept"] == 2  # round 0, succeeded only
+    assert report["faces"]["found"] == 4 and report["faces"]["restored"] == 2  # round 0, succeeded only
     assert report["errors"] == 1 and report["error_messages"] == [
         "HTTP 200 failed: images[0] (0.jpg): broken"
     ]
@@ -472,8 +461,8 @@ def test_end_to_end_run_writes_every_reported_figure(tmp_path: Path) -> None:
         profile["predict_time"]["avg"] <= profile["per_request"]["avg"]
     )  # server time is inside the client's
     assert profile["throughput_images_per_s"] > 0
-    assert profile["faces"]["found"] >= profile["faces"]["kept"] and profile["faces"]["kept"] <= 1
-    assert profile["faces"]["per_image"]["2.jpg"]["kept"] == profile["faces"]["kept"]
+    assert profile["faces"]["found"] >= profile["faces"]["restored"] and profile["faces"]["restored"] <= 1
+    assert profile["faces"]["per_image"]["2.jpg"]["restored"] == profile["faces"]["restored"]
     assert profile["errors"] == 0
     assert profile["retries"] == sum(sample["retries"] for sample in profile["samples"])
     assert [s["phase"] for s in profile["samples"]] == ["cold", "timed"]

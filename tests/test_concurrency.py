@@ -8,8 +8,8 @@ so that on this CPU too they share a CodeFormer forward whatever the timing. The
 once, so the interleaved requests are the server's first (the ``interleaved`` fixture).
 Each request's answer must equal its answer alone (within the golden parity tolerance), a
 failing or cancelled request must leave the others alone, and no request below capacity
-may get 409. The tests read the server's records (``request_admitted``,
-``request_timings``), never its prose.
+may get 409. The tests read each prediction's figures from its ``metrics``, and wait on the
+server's ``request: admitted`` lines to know that a request runs.
 """
 
 from __future__ import annotations
@@ -24,11 +24,19 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from helpers import face_photo, flat_canvas, noise, png_bytes, project_sentence, requests_admitted, wait_for
+from helpers import (
+    face_photo,
+    flat_canvas,
+    noise,
+    png_bytes,
+    project_sentence,
+    requests_admitted,
+    requests_finished,
+    wait_for,
+)
 from PIL import Image
 
 from codeformer.serving.client import CogClient, PredictionResult, data_uri
-from codeformer.serving.records import TIMINGS_MARKER, image_records, read_records
 from codeformer.serving.serve import runner_concurrency
 from codeformer.tools.local_server import LocalServer
 
@@ -130,7 +138,7 @@ def admitted(server: LocalServer) -> int:
 
 
 def shared_forwards(result: PredictionResult) -> int:
-    return read_records(result.logs, TIMINGS_MARKER)[-1]["shared_forwards"]
+    return result.metrics["shared_forwards"]
 
 
 def test_interleaved_requests_answer_as_they_would_alone_and_share_forwards(
@@ -140,10 +148,10 @@ def test_interleaved_requests_answer_as_they_would_alone_and_share_forwards(
         assert result.http_status == 200, (name, result.body)
         assert_same_answer(result, alone[name])
     # the canvas came back as sent, and the faces went through the nets: the comparison is not vacuous
-    [face] = image_records(alone["face"].logs, 1)
-    [canvas] = image_records(alone["canvas"].logs, 1)
-    assert face is not None and face["faces_kept"] == 1
-    assert canvas is not None and (canvas["faces_found"], canvas["faces_kept"]) == (0, 0)
+    [face] = alone["face"].metrics["images"]
+    [canvas] = alone["canvas"].metrics["images"]
+    assert face["faces_restored"] == 1
+    assert (canvas["faces_found"], canvas["faces_restored"]) == (0, 0)
     # faces of different requests met in one forward (three faces in flight, batches of two):
     # the first face to reach CodeFormer waits, under the gate, for a second one
     shared = {name: shared_forwards(result) for name, result in interleaved.items()}
@@ -190,7 +198,9 @@ def test_a_cancel_stops_only_its_own_request(server: LocalServer, alone: dict[st
     assert canceled.status == "canceled", canceled.body
     assert_same_answer(other, alone["larger face"])
     # the cancelled request did not finish in the background, and the server serves on
-    assert all(len(record["images"]) != 4 for record in read_records(server.log_text(), TIMINGS_MARKER))
+    server_log = server.log_text()
+    assert requests_finished(server_log, 1) > 0  # the line finished requests log is there
+    assert requests_finished(server_log, 4) == 0
     assert_same_answer(server.client.predict(REQUESTS["face"], retry_busy=False), alone["face"])
 
 

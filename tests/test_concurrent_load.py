@@ -102,7 +102,9 @@ def _stand_in(slots: int, fail_every: int = 0) -> type[BaseHTTPRequestHandler]:
                     failed = fail_every and answered[0] % fail_every == 0
             finally:
                 free.release()
-            log = "images[0] (2.jpg): 64x64, faces found=1 kept=1, read_decode=1ms detect=2ms, total=3ms\n"
+            log = (
+                "images[0] (2.jpg): 64x64, faces found=1 restored=1, read_decode=1ms detect=2ms, total=3ms\n"
+            )
             status = "failed" if failed else "succeeded"
             body = {"status": status, "output": [], "logs": log, "metrics": {"predict_time": 0.02}}
             self._answer(200, body | ({"error": "images[0] (2.jpg): broken"} if failed else {}))

@@ -32,7 +32,7 @@ from PIL import Image
 from weights_server import FileServer
 
 from codeformer.serving.client import READY, CogClient, PredictionResult, data_uri
-from codeformer.serving.records import SETUP_MARKER, image_records, read_records
+from codeformer.serving.records import SETUP_MARKER, read_records
 from codeformer.serving.serve import check_port_free
 from codeformer.tools.local_server import LocalServer, find_worker_pid, minor_faults
 
@@ -118,14 +118,38 @@ def test_data_uri_and_http_url_inputs_give_jpgs_in_order_at_input_size(running: 
     assert result.http_status == 200
     assert result.status == "succeeded", result.error
     assert jpeg_sizes(result) == [(200, 260), (256, 192)]
-    # one log line per image, naming it (a data URI by its name= parameter), with faces and
-    # per-stage milliseconds
-    tall, face = image_records(result.logs, 2)
-    assert tall is not None and face is not None
+    # the request's figures are the prediction's metrics, beside Cog's predict_time: recorded
+    # on the request's thread, which resolves the prediction's scope (run()'s context, copied)
+    metrics = result.metrics
+    assert set(metrics) == {
+        "predict_time",
+        "images",
+        "admission_wait_ms",
+        "shared_forwards",
+        "wall_ms",
+        "options",
+    }
+    assert metrics["options"] == {
+        "codeformer_fidelity": 0.5,
+        "runtime_profile": "max_speed",
+        "stability_mode": "safe",
+        "compile_backend": "none",
+    }
+    assert metrics["shared_forwards"] == 0  # alone on the server
+    assert metrics["wall_ms"] > 0 and metrics["admission_wait_ms"] >= 0
+    # per image, in order, named as errors name it (a data URI by its name= parameter)
+    tall, face = metrics["images"]
     assert (tall["label"], tall["width"], tall["height"]) == ("images[0] (tall.jpg)", 200, 260)
     assert (face["label"], face["width"], face["height"]) == ("images[1] (face.png)", 256, 192)
-    assert 1 in (tall["faces_kept"], face["faces_kept"])
-    assert "restore" in tall["stages_ms"] or "restore" in face["stages_ms"]
+    assert 1 in (tall["faces_restored"], face["faces_restored"])
+    for image in (tall, face):
+        assert image["faces_restored"] <= image["faces_found"]
+        assert {"read_decode", "prepare", "detect", "encode"} <= image["stages_ms"].keys()
+        assert ("restore" in image["stages_ms"]) == (image["faces_restored"] > 0)
+    # the logs keep one human line per image and one per request, not the figures as JSON again
+    assert "images[0] (tall.jpg): 200x260, faces found=" in result.logs
+    assert "request: finished, 2 image(s)" in result.logs
+    assert "{" not in result.logs
 
 
 def test_every_spelling_of_this_machine_is_fetched_when_private_urls_are_allowed(running: Running) -> None:
@@ -230,8 +254,8 @@ def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> 
     request = {"images": [data_uri(png_bytes(face_photo(256, 192)), name="face.png")], **CHEAP}
     first = running.client.predict(request)
     assert first.status == "succeeded", first.error
-    [record] = image_records(first.logs, 1)
-    assert record is not None and record["faces_kept"] == 1  # a face went through CodeFormer: not vacuous
+    [record] = first.metrics["images"]
+    assert record["faces_restored"] == 1  # a face went through CodeFormer: not vacuous
     before = minor_faults(worker)
     second = running.client.predict(request)
     assert second.status == "succeeded", second.error
@@ -246,6 +270,7 @@ def test_a_failure_reads_as_cogs_prefix_then_one_sentence_naming_the_input(runni
     # "Prediction failed: Async prediction failed: InputError: " is Cog's; no server folder after it
     assert project_sentence(result.error).startswith("images[0] (corrupt.jpg): not a readable image")
     assert str(PROJECT_ROOT) not in result.error
+    assert "images" not in result.metrics  # a failed request records no figures
 
 
 # -- output folders do not outlive the server ------------------------------------------------
@@ -271,7 +296,7 @@ def test_the_same_image_four_times_gives_four_identical_restored_outputs(running
     outputs = result.output_bytes()
     assert len(outputs) == 4 and all(output == outputs[0] for output in outputs)
     # each copy had its face restored
-    assert [record and record["faces_kept"] for record in image_records(result.logs, 4)] == [1] * 4
+    assert [record["faces_restored"] for record in result.metrics["images"]] == [1] * 4
 
 
 def test_a_64x64_face_photo_keeps_its_size(running: Running) -> None:

@@ -95,6 +95,13 @@ class PredictionResult:
     def logs(self) -> str:
         return self.body.get("logs") or ""
 
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The prediction's ``metrics``: Cog's ``predict_time`` and, once it succeeded, the
+        request's figures (``images``, ``admission_wait_ms``, ...; README, "Metrics"); {} when
+        the answer has none (a 409 or 422)."""
+        return self.body.get("metrics") or {}
+
     def output_bytes(self, session: requests.Session | None = None) -> list[bytes]:
         """The output files' contents, in order (data URIs decoded, URLs fetched)."""
         files: list[bytes] = []

@@ -1,13 +1,9 @@
-"""The server's structured log records: per request a ``request_admitted {json}`` line when
-its work starts and a ``request_timings {json}`` line when it ends, and one
-``setup_timings {json}`` line per server start; how they are written and read back.
+"""The server's structured log record: one ``setup_timings {json}`` line per server start
+(``predict.py``'s ``setup()``); how it is written and read back.
 
-``codeformer.serving.request`` writes the per-request records (admitted: images, pixels,
-pixels in flight, admission wait; timings: faces and stage ms per image, admission wait,
-wall time, forwards shared with other requests, options); ``predict.py``'s ``setup()``
-writes the set-up one. Cog returns a prediction's lines with it (``logs``) and the server
-also writes them to its own log. The benchmarks and the tests read these records, never
-the prose lines beside them.
+It belongs to no prediction, so it cannot travel as one's metrics: the server writes it to
+its own log, where the benchmarks read it (``setup_info``), never the prose line beside it.
+A request's figures are its prediction's metrics (``codeformer.serving.request``).
 """
 
 from __future__ import annotations
@@ -15,8 +11,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-TIMINGS_MARKER = "request_timings"
-ADMITTED_MARKER = "request_admitted"
 SETUP_MARKER = "setup_timings"
 
 
@@ -51,14 +45,6 @@ def read_records(text: str, marker: str) -> list[dict[str, Any]]:
         if found:
             records.append(json.loads("{" + rest))
     return records
-
-
-def image_records(logs: str, count: int) -> list[dict[str, Any] | None]:
-    """Per image of one request (``count`` images), its record from the request's
-    ``request_timings`` line (the last in ``logs``); None for each when there is no line."""
-    records = read_records(logs, TIMINGS_MARKER)
-    images = records[-1]["images"] if records else []
-    return [images[index] if index < len(images) else None for index in range(count)]
 
 
 def setup_info(server_log: str) -> dict[str, Any]:

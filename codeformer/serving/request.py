@@ -14,11 +14,14 @@ Each input is a string (or a ``pathlib.Path``):
 
 Admission: a request holds its images' pixels (from their headers) from decode to encode
 (``Restorer.admission``); a cancel (the ``cancel`` event) stops it at its next device call.
-Logs: ``request: admitted ...`` when its work starts, with the same figures as one
-machine-readable line, ``request_admitted {json}``; one line per image with its faces and
-per-stage milliseconds, one line for the request, and the same figures once more as one
-machine-readable line, ``request_timings {json}`` (``timings_record``), which the benchmarks
-and the tests read instead of parsing the prose lines.
+
+Figures: ``restore_request`` returns, beside the JPGs, the request's figures as one
+JSON-ready dict (``request_metrics``): per image its size, faces found and restored and
+per-stage milliseconds; the admission wait, the forwards shared with other requests, the
+wall time and the options that ran. ``predict.py`` records them as the prediction's Cog
+metrics. Logs, for the operator: ``request: admitted ...`` when its work starts, one line
+per image with its faces and per-stage milliseconds, and ``request: finished ...`` for the
+request.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from codeformer.config import PROJECT_ROOT, RequestOptions
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
 from codeformer.serving.fetch import MAX_INPUT_BYTES, Deadline, Dialer, fetch, is_remote
-from codeformer.serving.records import ADMITTED_MARKER, TIMINGS_MARKER, record_line
 
 if TYPE_CHECKING:
     from codeformer.pipeline import Restorer
@@ -44,6 +47,10 @@ log = logging.getLogger("codeformer.predict")
 
 URL_LIKE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 Item = str | pathlib.Path
+# how the two per-request log lines start: the tests wait on the first to know that a request
+# runs, and look for the second to know that one finished
+ADMITTED_LINE = "request: admitted"
+FINISHED_LINE = "request: finished"
 
 
 def describe(index: int, name: str) -> str:
@@ -115,21 +122,24 @@ def _stage_summary(timings: dict[str, float]) -> str:
     return " ".join(f"{stage}={ms:.0f}ms" for stage, ms in timings.items())
 
 
-def timings_record(
+def request_metrics(
     images: Sequence[dict[str, Any]],
     options: RequestOptions,
     admission_wait_ms: float,
     wall_ms: float,
     shared_forwards: int = 0,
 ) -> dict[str, Any]:
-    """One request's figures as a JSON-ready dict: what the ``request_timings`` line holds.
+    """One request's figures, JSON-ready: the prediction's Cog metrics (metric name -> value).
 
     ``images``: per input, in order, ``label``, ``width``, ``height``, ``faces_found``,
-    ``faces_kept`` and ``stages_ms`` (stage -> milliseconds, in the order the stages ran).
-    Milliseconds are rounded to 0.1 ms; the prose lines round the same figures to 1 ms.
+    ``faces_restored`` and ``stages_ms`` (stage -> milliseconds, in the order the stages
+    ran). Milliseconds are rounded to 0.1 ms; the log lines round the same figures to 1 ms.
     ``shared_forwards``: the request's CodeFormer/ParseNet forwards that also ran other
     requests' faces (``DeviceScheduler.shared_forwards``). It is the request's, not an
     image's: the pipeline sends all of a request's faces to CodeFormer as one call.
+    ``options``: the inputs that ran, under their input names; ``compile_backend`` is
+    ``"none"`` in the safe mode, which compiles nothing whatever the request said.
+    The names follow Cog's metric rules (letters, digits and underscores, none reserved).
     """
     return {
         "images": [
@@ -137,15 +147,23 @@ def timings_record(
             for image in images
         ],
         "admission_wait_ms": round(admission_wait_ms, 1),
-        "wall_ms": round(wall_ms, 1),
         "shared_forwards": shared_forwards,
+        "wall_ms": round(wall_ms, 1),
         "options": {
-            "fidelity": options.fidelity,
-            "profile": options.profile.name,
-            "stability": options.stability.name,
-            "compile_backend": options.compile_backend if options.stability.compiled else None,
+            "codeformer_fidelity": options.fidelity,
+            "runtime_profile": options.profile.name,
+            "stability_mode": options.stability.name,
+            "compile_backend": options.compile_backend if options.stability.compiled else "none",
         },
     }
+
+
+@dataclass(frozen=True)
+class RestoredRequest:
+    """What ``restore_request`` returns."""
+
+    jpgs: list[bytes]  # one per input, in input order
+    metrics: dict[str, Any]  # the request's figures (``request_metrics``)
 
 
 def restore_request(
@@ -155,8 +173,9 @@ def restore_request(
     cancel: threading.Event | None = None,
     local_root: pathlib.Path | None = PROJECT_ROOT,
     request_start: float | None = None,
-) -> list[bytes]:
-    """One JPG per input, in order: fetch, admit, decode, restore, encode, on the calling thread."""
+) -> RestoredRequest:
+    """One JPG per input, in order, and the request's figures: fetch, admit, decode, restore,
+    encode, on the calling thread."""
     from codeformer.imageio import DecodedImage, decode_header, encode_jpeg, read_header
     from codeformer.scheduler import check_cancel
 
@@ -181,15 +200,12 @@ def restore_request(
         # progress for the operator (and the tests): the request is past its downloads
         in_flight = restorer.admission.in_flight
         log.info(
-            "request: admitted, %d image(s), %.1f MP, %.1f MP in flight after a %.0f ms wait",
+            "%s, %d image(s), %.1f MP, %.1f MP in flight after a %.0f ms wait",
+            ADMITTED_LINE,
             len(items),
             pixels / 1e6,
             in_flight / 1e6,
             admission_ms,
-        )
-        admitted = {"images": len(items), "pixels": pixels, "pixels_in_flight": in_flight}
-        log.info(
-            "%s", record_line(ADMITTED_MARKER, {**admitted, "admission_wait_ms": round(admission_ms, 1)})
         )
         decoded: list[DecodedImage] = []
         for header, timings in zip(headers, stage_ms, strict=True):
@@ -208,25 +224,25 @@ def restore_request(
         del decoded
 
         jpgs: list[bytes] = []
-        image_records: list[dict[str, Any]] = []
+        image_figures: list[dict[str, Any]] = []
         for result, label, profile, timings in zip(results, labels, profiles, stage_ms, strict=True):
             start = time.perf_counter()
             jpgs.append(encode_jpeg(result.image, icc_profile=profile))
             timings.update(result.timings)
             timings["encode"] = (time.perf_counter() - start) * 1000.0
             height, width = result.image.shape[:2]
-            image_records.append(
+            image_figures.append(
                 {
                     "label": label,
                     "width": width,
                     "height": height,
                     "faces_found": len(result.faces) + result.faces_dropped,
-                    "faces_kept": len(result.faces),
+                    "faces_restored": len(result.faces),
                     "stages_ms": dict(timings),
                 }
             )
             log.info(
-                "%s: %dx%d, faces found=%d kept=%d, %s, total=%.0fms",
+                "%s: %dx%d, faces found=%d restored=%d, %s, total=%.0fms",
                 label,
                 width,
                 height,
@@ -237,7 +253,8 @@ def restore_request(
             )
     wall_ms = (time.perf_counter() - request_start) * 1000.0
     log.info(
-        "request: %d image(s), fidelity=%s profile=%s stability=%s%s, admission_wait=%.0fms, wall=%.0fms",
+        "%s, %d image(s), fidelity=%s profile=%s stability=%s%s, admission_wait=%.0fms, wall=%.0fms",
+        FINISHED_LINE,
         len(items),
         options.fidelity,
         options.profile.name,
@@ -246,6 +263,6 @@ def restore_request(
         admission_ms,
         wall_ms,
     )
-    record = timings_record(image_records, options, admission_ms, wall_ms, shared_forwards)
-    log.info("%s", record_line(TIMINGS_MARKER, record))
-    return jpgs
+    return RestoredRequest(
+        jpgs, request_metrics(image_figures, options, admission_ms, wall_ms, shared_forwards)
+    )

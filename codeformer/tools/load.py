@@ -6,8 +6,8 @@ they carry (``discover_images``, ``batches``).
     samples, round_seconds = run_profile(requester, [[photo]], warmup=1, repeats=3, on_request=print)
     report = run_level(requester, [[photo]], clients=2, rule=StopRule(duration_s=30.0))
 
-Faces and stage ms come from the server's ``request_timings`` records
-(``codeformer.serving.records``), never from its prose lines. ``benchmarks/run_bench.py``,
+Faces and stage ms come from each prediction's ``metrics`` (``image_metrics``), never from
+its log lines. ``benchmarks/run_bench.py``,
 ``bench_single_image.py``, ``soak.py`` and ``gpu_check.py --server`` measure with it.
 """
 
@@ -25,24 +25,30 @@ import requests
 
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient, PredictionResult, ServerError, data_uri
-from codeformer.serving.records import image_records
 from codeformer.tools.local_server import LocalServer
 from codeformer.tools.summary import summarize, throughput
 
 
-# -- the server's records (codeformer.serving.records) -------------------------------------
-def parse_faces(logs: str, count: int) -> tuple[list[int | None], list[int | None]]:
-    """Faces found and kept per image of a request; None where the server did not say."""
-    images = image_records(logs, count)
+# -- a prediction's figures (its metrics: codeformer.serving.request.request_metrics) -------
+def image_metrics(metrics: dict[str, Any], count: int) -> list[dict[str, Any] | None]:
+    """Per image of a request (``count`` images), its figures from the prediction's metrics;
+    None for each when there are none (a failed request records no figures)."""
+    images = metrics.get("images") or []
+    return [images[index] if index < len(images) else None for index in range(count)]
+
+
+def faces_per_image(metrics: dict[str, Any], count: int) -> tuple[list[int | None], list[int | None]]:
+    """Faces found and restored per image of a request; None where the server did not say."""
+    images = image_metrics(metrics, count)
     return (
         [None if image is None else image["faces_found"] for image in images],
-        [None if image is None else image["faces_kept"] for image in images],
+        [None if image is None else image["faces_restored"] for image in images],
     )
 
 
-def parse_stage_ms(logs: str, count: int) -> list[dict[str, float]]:
-    """Per image of a request, the server's stage -> ms; {} where not logged."""
-    return [{} if image is None else dict(image["stages_ms"]) for image in image_records(logs, count)]
+def stage_ms_per_image(metrics: dict[str, Any], count: int) -> list[dict[str, float]]:
+    """Per image of a request, the server's stage -> ms; {} where it gave none."""
+    return [{} if image is None else dict(image["stages_ms"]) for image in image_metrics(metrics, count)]
 
 
 # -- the photos a run sends ----------------------------------------------------------------
@@ -94,7 +100,7 @@ def batches(paths: Sequence[Path], batch_size: int) -> list[list[Path]]:
 
 # -- timed requests --------------------------------------------------------------------------
 # One request is a RequestSample (client latency, 409 retries, the server's
-# metrics.predict_time, faces found and kept per image from its request_timings record);
+# metrics.predict_time, faces found and restored per image from its metrics' images);
 # run_profile sends the warm-up and timed rounds (benchmarks/harness.py's send_cold a fresh
 # server's first request), profile_report sums them up. The concurrency levels (below) send
 # the same requests from several threads.
@@ -114,7 +120,7 @@ class RequestSample:
     retries: int
     predict_time_s: float | None  # the server's metrics.predict_time
     faces_found: list[int | None] = field(default_factory=list)
-    faces_kept: list[int | None] = field(default_factory=list)
+    faces_restored: list[int | None] = field(default_factory=list)
     error: str | None = None
     client: int | None = None  # which concurrent client sent it (run_level), None when sent alone
     sent_at_s: float | None = None  # seconds from the start of its concurrency level
@@ -187,8 +193,8 @@ class Requester:
             # no answer at all: the server is gone or hung; later requests would only fail the same way
             log_tail = f"\n--- server log, last lines ---\n{self.server.log_tail()}" if self.server else ""
             raise ServerError(f"{self.client.base_url} did not answer: {exc}{log_tail}") from exc
-        predict_time = (result.body.get("metrics") or {}).get("predict_time")
-        found, kept = parse_faces(result.logs, len(batch))
+        predict_time = result.metrics.get("predict_time")
+        found, restored = faces_per_image(result.metrics, len(batch))
         error = None
         if not (result.http_status == 200 and result.status == "succeeded"):
             detail = result.error or result.body.get("detail") or result.body
@@ -203,7 +209,7 @@ class Requester:
             retries=result.retries,
             predict_time_s=float(predict_time) if predict_time is not None else None,
             faces_found=found,
-            faces_kept=kept,
+            faces_restored=restored,
             error=error,
         )
         return sample, result
@@ -259,11 +265,11 @@ def profile_report(
         "throughput_images_per_s": throughput(sum(len(s.images) for s in succeeded), sum(round_seconds)),
         "faces": {
             "found": _sum_or_none([f for s in first_round for f in s.faces_found]),
-            "kept": _sum_or_none([k for s in first_round for k in s.faces_kept]),
+            "restored": _sum_or_none([r for s in first_round for r in s.faces_restored]),
             "per_image": {
-                name: {"found": found, "kept": kept}
+                name: {"found": found, "restored": restored}
                 for s in first_round
-                for name, found, kept in zip(s.images, s.faces_found, s.faces_kept, strict=True)
+                for name, found, restored in zip(s.images, s.faces_found, s.faces_restored, strict=True)
             },
         },
         "errors": len(errors),
