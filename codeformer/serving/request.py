@@ -132,8 +132,10 @@ def request_metrics(
     """One request's figures, JSON-ready: the prediction's Cog metrics (metric name -> value).
 
     ``images``: per input, in order, ``label``, ``width``, ``height``, ``faces_found``,
-    ``faces_restored`` and ``stages_ms`` (stage -> milliseconds, in the order the stages
-    ran). Milliseconds are rounded to 0.1 ms; the log lines round the same figures to 1 ms.
+    ``faces_restored`` and ``stages_ms`` (stage -> milliseconds; Cog returns an object's keys
+    sorted, the stages run in the pipeline's order: read_decode, prepare, detect, align,
+    restore, parse, paste, resize, encode). Milliseconds are rounded to 0.1 ms; the log lines
+    round the same figures to 1 ms.
     ``shared_forwards``: the request's CodeFormer/ParseNet forwards that also ran other
     requests' faces (``DeviceScheduler.shared_forwards``). It is the request's, not an
     image's: the pipeline sends all of a request's faces to CodeFormer as one call.
