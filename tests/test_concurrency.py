@@ -21,19 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import numpy as np
 import pytest
 import requests
-from helpers import (
-    face_photo,
-    flat_canvas,
-    noise,
-    png_bytes,
-    project_sentence,
-    requests_admitted,
-    requests_finished,
-    wait_for,
-)
+from helpers import face_photo, flat_canvas, noise, png_bytes, project_sentence, wait_for
 from PIL import Image
 
 from codeformer.serving.client import CogClient, PredictionResult, data_uri
@@ -134,7 +126,15 @@ def alone(server: LocalServer) -> dict[str, PredictionResult]:
 
 
 def admitted(server: LocalServer) -> int:
-    return requests_admitted(server.log_text())
+    return helpers.requests_admitted(server.log_text())
+
+
+def image_figures(result: PredictionResult) -> list[tuple[int, int, int, int]]:
+    """Per image: width, height, faces found and restored, from the prediction's metrics."""
+    return [
+        (image["width"], image["height"], image["faces_found"], image["faces_restored"])
+        for image in result.metrics["images"]
+    ]
 
 
 def shared_forwards(result: PredictionResult) -> int:
@@ -147,6 +147,9 @@ def test_interleaved_requests_answer_as_they_would_alone_and_share_forwards(
     for name, result in interleaved.items():
         assert result.http_status == 200, (name, result.body)
         assert_same_answer(result, alone[name])
+        # four predictions at once, each with its own figures: every request thread recorded
+        # into its own prediction's scope (the sizes differ from request to request)
+        assert image_figures(result) == image_figures(alone[name]), name
     # the canvas came back as sent, and the faces went through the nets: the comparison is not vacuous
     [face] = alone["face"].metrics["images"]
     [canvas] = alone["canvas"].metrics["images"]
@@ -199,8 +202,8 @@ def test_a_cancel_stops_only_its_own_request(server: LocalServer, alone: dict[st
     assert_same_answer(other, alone["larger face"])
     # the cancelled request did not finish in the background, and the server serves on
     server_log = server.log_text()
-    assert requests_finished(server_log, 1) > 0  # the line finished requests log is there
-    assert requests_finished(server_log, 4) == 0
+    assert helpers.requests_finished(server_log, 1) > 0  # the line finished requests log is there
+    assert helpers.requests_finished(server_log, 4) == 0
     assert_same_answer(server.client.predict(REQUESTS["face"], retry_busy=False), alone["face"])
 
 
