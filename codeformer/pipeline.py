@@ -31,6 +31,7 @@ from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES, RequestOptio
 from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import device_thread_starter
+from codeformer.progress import Progress
 from codeformer.runtime import Nets, Runtime, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
@@ -82,6 +83,7 @@ class _Call:
     options: RequestOptions
     mixed_precision: bool
     cancel: threading.Event | None
+    progress: Progress
 
 
 @dataclass
@@ -311,8 +313,12 @@ class Restorer:
         images: Sequence[np.ndarray],
         options: RequestOptions = DEFAULT_OPTIONS,
         cancel: threading.Event | None = None,
+        progress: Progress | None = None,
     ) -> list[RestoreResult]:
         """Restore every face of every image with ``options``; one result per image, in order.
+
+        ``progress`` is told each image's detection and paste-back, and the CodeFormer pass
+        over all the faces, as they start (``codeformer.progress``).
 
         Each image is checked once, here (``_checked_image``); the stages take it as it is.
         Raises ``InputError`` for arrays that are not images, ``ConfigError`` for options this
@@ -328,7 +334,7 @@ class Restorer:
         checked = [_checked_image(index, image, max_pixels) for index, image in enumerate(images)]
         with self.scheduler.caller():
             stages = self.scheduler.call(self._stages_for, options, cancel=cancel)
-            call = _Call(stages, options, self._mixed_precision(options), cancel)
+            call = _Call(stages, options, self._mixed_precision(options), cancel, progress or Progress())
             work = [self._locate_faces(index, image, call) for index, image in enumerate(checked)]
             restored = self._restore_faces(work, call)
             return [
@@ -337,6 +343,7 @@ class Restorer:
             ]
 
     def _locate_faces(self, index: int, image: np.ndarray, call: _Call) -> _ImageWork:
+        call.progress.step(f"images[{index}]: detect faces")
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "prepare"):
@@ -375,6 +382,7 @@ class Restorer:
         """
         counts = [len(item.aligned) for item in work]
         total = sum(counts)
+        call.progress.step(f"restore {total} face{'s' * (total != 1)}")
         if total == 0:
             return [RestoredFaces(item.aligned.crops) for item in work]
         start = time.perf_counter()
@@ -403,6 +411,7 @@ class Restorer:
     def _finish(
         self, index: int, image: np.ndarray, item: _ImageWork, faces: RestoredFaces, call: _Call
     ) -> RestoreResult:
+        call.progress.step(f"images[{index}]: paste back")
         timings = item.timings
         if len(faces) == 0:
             # nothing to paste: the input comes back as it was (not a resized working copy)
