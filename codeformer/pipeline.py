@@ -352,8 +352,11 @@ class Restorer:
                 progress or Progress(),
                 fast_math=options.profile.mixed_precision,
             )
+            if not options.profile.use_parse:
+                self.scheduler.finished("parse")  # no parse batch waits for this request's faces
             work = [self._locate_faces(index, image, call) for index, image in enumerate(checked)]
             restored = self._restore_faces(work, call)
+            self.scheduler.finished("restore")
             return [
                 self._finish(index, image, item, faces, call)
                 for index, (image, item, faces) in enumerate(zip(checked, work, restored, strict=True))
