@@ -18,7 +18,7 @@ What each kind of file becomes (``PIXEL_RULES`` below; the README has the same t
   HEIC holding several images: its primary image (the one pillow-heif opens at).
 - 10- and 12-bit HEIC and AVIF samples reach us as 8 bits, reduced by their decoder: libheif
   keeps the top 8 bits (gray HEIC comes as 16-bit and takes the 16-bit rule, the same
-  bits), libavif scales and rounds (v * 255 / (2**bits - 1)), at most one level above.
+  bits), libavif scales and rounds (v * 255 / (2**bits - 1)), within one level of them.
 - An embedded ICC colour profile decides which profile the output JPG carries (``DecodedImage``,
   ``output_colour``): an RGB image's own profile, an RGB twin of a gray image's profile, or
   none; a CMYK image with a CMYK profile is converted by it to sRGB. No other metadata is
@@ -278,7 +278,9 @@ class ImageHeader:
 
     name: str  # how messages name the input
     image: Image.Image  # opened lazily by Pillow
-    width: int  # as stored: before EXIF orientation (a HEIC's is applied already); the count is the same
+    # what decoding makes: before EXIF orientation (a HEIC's is applied already), and for a
+    # HEIC its coded image, before its crop (``_decoded_size``); the pixel count is what counts
+    width: int
     height: int
 
     @property
@@ -297,7 +299,7 @@ def read_header(data: bytes, name: str) -> ImageHeader:
     except UnidentifiedImageError:
         reason = _container_failure(data)
         if reason is not None:
-            raise InputError(f"{name}: cannot read the image (truncated or corrupt?): {reason}") from None
+            raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {reason}") from None
         raise InputError(
             f"{name}: not a readable image "
             "(supported: JPEG, PNG, WebP, BMP, TIFF, HEIC, AVIF; first frame of GIF)"
@@ -308,8 +310,26 @@ def read_header(data: bytes, name: str) -> ImageHeader:
         raise InputError(
             f"{name}: unsupported image format {image.format}; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
         )
-    width, height = image.size
+    width, height = _decoded_size(image)
     return ImageHeader(name, image, width, height)
+
+
+def _decoded_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the pixels decoding makes: the size Pillow reports, or a HEIC's coded size.
+
+    A HEIC's reported size is its clean aperture (``clap``), a crop of the coded image that
+    libheif decodes whole before cropping it (encoders pad to the codec's block size and crop
+    the padding away; a crafted file can crop a huge coded image to a small one).
+    pillow-heif lists the crop as ``("clap", left, top, right, bottom, coded width, coded
+    height)``, not as public API (pinned: pillow-heif 1.8.1; a test of a cropped pixel bomb
+    fails if it moves).
+    """
+    if image.format == "HEIF":
+        stored = image._heif_file[image.tell()]  # type: ignore[attr-defined]
+        for kind, *values in stored._c_image.transformations:
+            if kind == "clap":
+                return values[4], values[5]
+    return image.size
 
 
 def _container_failure(data: bytes) -> str | None:
