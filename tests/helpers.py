@@ -25,6 +25,7 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms
 
+import codeformer.imageio  # noqa: F401  (registers pillow-heif's HEIF writer that ``encode`` uses)
 from codeformer.icc import rgb_profile_for_gray
 from codeformer.serving.records import ADMITTED_MARKER, read_records
 from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
