@@ -146,6 +146,14 @@ def test_huge_header_is_refused_before_decoding(
         decode_image(data, "bomb.img", LIMIT)
 
 
+def test_an_avif_header_over_libavifs_own_limit_is_refused_by_libavif_naming_the_input() -> None:
+    data = ispe_claiming(encode(Image.fromarray(_gradient()), "AVIF"), 20_000, 20_000)
+    with pytest.raises(
+        InputError, match=r"bomb\.avif: cannot decode the image \(truncated or corrupt\?\): AVIF: "
+    ):
+        read_header(data, "bomb.avif")
+
+
 def test_pixel_limit_is_configurable() -> None:
     # short side over 640: the pipeline's copies are no larger than the image
     data = encode(Image.fromarray(_gradient(800, 700)), "PNG")
