@@ -144,7 +144,7 @@ class Predictor(BaseRunner):
         self,
         # Cog reads inputs from Input() defaults; ruff's B008 only objects for the list annotation
         images: list[Path] = Input(  # noqa: B008
-            description="1 to 4 photos (JPEG, PNG, WebP, BMP, TIFF). "
+            description="1 to 4 photos (JPEG, PNG, WebP, BMP, TIFF, HEIC, AVIF). "
             "One restored JPG is returned per photo, in the same order, at the same size."
         ),
         codeformer_fidelity: float = Input(
