@@ -25,12 +25,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
+from codeformer.serving.lifecycle import (
+    SLOTS_DIR_PREFIX,
+    drain,
+    health_status,
+    remove_stale_prediction_dirs,
+    shutdown_grace_s,
+)
 from codeformer.serving.outputs import remove_orphaned_output_dirs
 from codeformer.serving.schema import DEFAULT_PREDICTOR_REF, write_schema
 
@@ -38,8 +48,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
-# seconds a server started by spawn_server gets after SIGTERM: coglet gives its worker 10 s
+# seconds a server started by spawn_server gets after SIGTERM (and its drain): coglet gives its worker 10 s
 STOP_GRACE_S = 20.0
+WORKER_MARKER = b"_run_worker"  # coglet starts its worker as `python -c "...coglet.server._run_worker()"`
+WATCH_INTERVAL_S = 0.5  # how often serve() looks for SIGTERM and for its worker
+# seconds between the last prediction leaving run() and the stop: coglet sends its terminal
+# webhook after run() returns, and a webhook not yet sent when coglet stops is never sent
+WEBHOOK_SETTLE_S = 1.0
+EXIT_WORKER_GONE = 70  # EX_SOFTWARE, as a worker that hit a sticky CUDA error exits
+EXIT_DRAIN_TIMEOUT = 75  # EX_TEMPFAIL: stopped with predictions still running
 
 
 def runner_concurrency(predictor_ref: str = DEFAULT_PREDICTOR_REF) -> int:
@@ -124,14 +141,109 @@ def stop_server(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S)
     process.wait(timeout=grace_s)
 
 
-def serve(host: str, port: int, predictor_ref: str) -> None:
-    """Run coglet for ``predictor_ref`` on ``host:port`` until it stops (SIGTERM, SIGINT)."""
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc/<pid>/task/*/children)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children.extend(int(child) for child in (task / "children").read_text().split())
+    return children
+
+
+def find_worker_pid(server_pid: int) -> int | None:
+    """The coglet worker (where run() runs) among the server's descendants, if it is up."""
+    pending = [server_pid]
+    while pending:
+        pid = pending.pop()
+        for child in child_pids(pid):
+            with contextlib.suppress(OSError):
+                if WORKER_MARKER in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return child
+            pending.append(child)
+    return None
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL this machine reaches a server listening on ``host:port`` at."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _request_shutdown(url: str) -> None:
+    """``POST /shutdown``: coglet stops its worker and returns from ``serve``."""
+    with (
+        contextlib.suppress(OSError),
+        urllib.request.urlopen(urllib.request.Request(f"{url}/shutdown", method="POST"), timeout=10),
+    ):
+        pass
+
+
+class ReplicaWatch:
+    """The thread beside coglet: SIGTERM starts a drain; a worker gone after setup stops the server.
+
+    ``status`` is the server's exit status once coglet has returned.
+    """
+
+    def __init__(self, url: str, grace_s: float) -> None:
+        self.url = url
+        self.grace_s = grace_s
+        self.status = 0
+        self.sigterm = threading.Event()
+        self.worker: int | None = None
+
+    def wait_for_sigterm(self) -> None:
+        signal.sigwait({signal.SIGTERM})  # blocked in every thread: it waits here for this one
+        self.sigterm.set()
+
+    def watch(self) -> None:
+        while not self.sigterm.wait(WATCH_INTERVAL_S):
+            if self.worker is None:
+                if health_status(self.url) in ("READY", "BUSY"):
+                    self.worker = find_worker_pid(os.getpid())
+            elif find_worker_pid(os.getpid()) != self.worker:
+                logger.error(
+                    "coglet's worker (pid %d) is gone and coglet starts no other: stopping with "
+                    "status %d so that a supervisor starts a new server",
+                    self.worker,
+                    EXIT_WORKER_GONE,
+                )
+                self.status = EXIT_WORKER_GONE
+                _request_shutdown(self.url)
+                return
+        logger.info("SIGTERM: draining for up to %.0f s; new predictions fail", self.grace_s)
+        left = drain(self.grace_s, owner_pid=self.worker) if self.worker is not None else 0
+        if left:
+            logger.error("%d prediction(s) still running after %.0f s are lost", left, self.grace_s)
+            self.status = EXIT_DRAIN_TIMEOUT
+        else:
+            time.sleep(WEBHOOK_SETTLE_S)
+        _request_shutdown(self.url)
+
+
+def serve(host: str, port: int, predictor_ref: str, grace_s: float) -> int:
+    """Run coglet for ``predictor_ref`` on ``host:port`` until it stops; returns the exit status.
+
+    coglet runs with ``await_explicit_shutdown`` (it ignores SIGTERM and stops on
+    ``POST /shutdown``), with SIGTERM blocked in every thread, so that Linux keeps it pending
+    for ``ReplicaWatch``. On SIGTERM: ``drain`` (new predictions fail with
+    ``ShuttingDownError``; running ones get ``grace_s`` to finish and reach their caller),
+    then ``POST /shutdown``: 0, or ``EXIT_DRAIN_TIMEOUT`` when some still ran. When the worker
+    is gone after setup (killed, out of memory, a sticky CUDA error), coglet would stay up
+    without one, failing every request: the server stops with ``EXIT_WORKER_GONE`` so that a
+    supervisor starts a new one. SIGINT (Ctrl-C) is coglet's: it stops at once.
+    """
     import coglet
 
     os.environ.update(image_environment(predictor_ref, os.environ))
     os.environ["PORT"] = str(port)
     os.chdir(PROJECT_ROOT)  # coglet reads .cog/openapi_schema.json and predict.py from here
-    coglet.server.serve(predictor_ref=predictor_ref, host=host, port=port)
+    # threads inherit the mask; coglet's worker does not (Rust's Command clears it)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    replica = ReplicaWatch(local_url(host, port), grace_s)
+    for job in (replica.wait_for_sigterm, replica.watch):
+        threading.Thread(target=job, name=job.__name__, daemon=True).start()
+    coglet.server.serve(predictor_ref=predictor_ref, host=host, port=port, await_explicit_shutdown=True)
+    return replica.status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,19 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_port_free(args.host, args.port)
+        grace_s = shutdown_grace_s()
         write_schema(args.predictor)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
     logger.info("starting the Cog server for %s on http://%s:%d", args.predictor, args.host, args.port)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        serve(args.host, args.port, args.predictor)
+        status = serve(args.host, args.port, args.predictor, grace_s)
     finally:
-        removed = remove_orphaned_output_dirs()
-        logger.info("stopped; removed %d output folder(s) the worker left", removed)
-    return 0
+        removed = remove_orphaned_output_dirs() + remove_orphaned_output_dirs(prefix=SLOTS_DIR_PREFIX)
+        removed += remove_stale_prediction_dirs()
+        logger.info("stopped; removed %d folder(s) the worker and coglet left", removed)
+    return status
 
 
 if __name__ == "__main__":
