@@ -37,12 +37,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from codeformer.errors import CodeFormerError
+from codeformer.errors import ShuttingDownError
 from codeformer.serving.outputs import new_output_dir, owner_pid_alive, remove_orphaned_output_dirs
 
 logger = logging.getLogger(__name__)
@@ -74,10 +73,6 @@ HEALTH_STATES = {
 }
 LIVE_STATES = frozenset({"UNKNOWN", "STARTING", "READY", "BUSY"})
 READY_STATES = frozenset({"READY"})
-
-
-class ShuttingDownError(CodeFormerError):
-    """A prediction arrived while its replica drains before a stop: send it to another replica."""
 
 
 def shutdown_grace_s() -> float:
@@ -207,13 +202,24 @@ def draining(temp_dir: Path | None = None) -> bool:
 
 
 # -- probes ------------------------------------------------------------------------------------
+# the server is on this machine: no proxy from the environment may stand between
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def health_status(url: str, timeout_s: float = 5.0) -> str:
     """coglet's ``status`` from ``<url>/health-check`` ("no answer" when it does not answer)."""
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health-check", timeout=timeout_s) as response:
+        with _LOCAL.open(f"{url.rstrip('/')}/health-check", timeout=timeout_s) as response:
             return str(json.load(response).get("status", "no status"))
     except (OSError, ValueError):
         return "no answer"
+
+
+def request_shutdown(url: str) -> None:
+    """``POST <url>/shutdown``: coglet stops its worker and returns from ``serve``."""
+    shutdown = urllib.request.Request(f"{url}/shutdown", method="POST")
+    with contextlib.suppress(OSError), _LOCAL.open(shutdown, timeout=10):
+        pass
 
 
 def probe(kind: str, url: str) -> tuple[bool, str]:

@@ -27,18 +27,19 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
+from codeformer.serving.client import SETUP_FAILED
 from codeformer.serving.lifecycle import (
     SLOTS_DIR_PREFIX,
     drain,
     health_status,
     remove_stale_prediction_dirs,
+    request_shutdown,
     shutdown_grace_s,
 )
 from codeformer.serving.outputs import remove_orphaned_output_dirs
@@ -169,13 +170,12 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _request_shutdown(url: str) -> None:
-    """``POST /shutdown``: coglet stops its worker and returns from ``serve``."""
-    with (
-        contextlib.suppress(OSError),
-        urllib.request.urlopen(urllib.request.Request(f"{url}/shutdown", method="POST"), timeout=10),
-    ):
-        pass
+def remove_leftovers() -> None:
+    """Remove the folders of workers that no longer run, and coglet's old prediction folders."""
+    removed = remove_orphaned_output_dirs() + remove_orphaned_output_dirs(prefix=SLOTS_DIR_PREFIX)
+    removed += remove_stale_prediction_dirs()
+    logger.info("stopped; removed %d folder(s) the worker and coglet left", removed)
+    logging.shutdown()
 
 
 class ReplicaWatch:
@@ -197,10 +197,11 @@ class ReplicaWatch:
 
     def watch(self) -> None:
         while not self.sigterm.wait(WATCH_INTERVAL_S):
+            current = find_worker_pid(os.getpid())
             if self.worker is None:
-                if health_status(self.url) in ("READY", "BUSY"):
-                    self.worker = find_worker_pid(os.getpid())
-            elif find_worker_pid(os.getpid()) != self.worker:
+                self.worker = current
+            # a worker whose setup failed may exit: the server stays, to report SETUP_FAILED
+            elif current != self.worker and health_status(self.url) != SETUP_FAILED:
                 logger.error(
                     "coglet's worker (pid %d) is gone and coglet starts no other: stopping with "
                     "status %d so that a supervisor starts a new server",
@@ -208,8 +209,12 @@ class ReplicaWatch:
                     EXIT_WORKER_GONE,
                 )
                 self.status = EXIT_WORKER_GONE
-                _request_shutdown(self.url)
-                return
+                request_shutdown(self.url)
+                # coglet's graceful stop waits for open requests, and with no worker some never
+                # end: whatever still runs after a moment is lost anyway
+                time.sleep(STOP_GRACE_S / 2)
+                remove_leftovers()
+                os._exit(EXIT_WORKER_GONE)
         logger.info("SIGTERM: draining for up to %.0f s; new predictions fail", self.grace_s)
         left = drain(self.grace_s, owner_pid=self.worker) if self.worker is not None else 0
         if left:
@@ -217,7 +222,7 @@ class ReplicaWatch:
             self.status = EXIT_DRAIN_TIMEOUT
         else:
             time.sleep(WEBHOOK_SETTLE_S)
-        _request_shutdown(self.url)
+        request_shutdown(self.url)
 
 
 def serve(host: str, port: int, predictor_ref: str, grace_s: float) -> int:
@@ -266,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = serve(args.host, args.port, args.predictor, grace_s)
     finally:
-        removed = remove_orphaned_output_dirs() + remove_orphaned_output_dirs(prefix=SLOTS_DIR_PREFIX)
-        removed += remove_stale_prediction_dirs()
-        logger.info("stopped; removed %d folder(s) the worker and coglet left", removed)
+        remove_leftovers()
     return status
 
 
