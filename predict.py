@@ -177,7 +177,7 @@ class Predictor(BaseRunner):
         request_start = time.perf_counter()
         cancel = threading.Event()
         try:
-            with self.in_flight.request():  # fails at once while the replica drains
+            with self.in_flight.request(cancel):  # fails at once while the replica drains
                 if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
                     raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
                 # options first, parsed once: a request that cannot run should not pay for downloads

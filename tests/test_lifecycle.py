@@ -21,7 +21,7 @@ import pytest
 import requests
 from helpers import flat_canvas, noise, png_bytes, project_sentence, requests_admitted, wait_for
 
-from codeformer.errors import ShuttingDownError
+from codeformer.errors import RequestCancelled, ShuttingDownError
 from codeformer.serving.client import WebhookReceiver, data_uri
 from codeformer.serving.lifecycle import (
     COGLET_PREDICTIONS_DIR,
@@ -64,25 +64,37 @@ def in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InFli
     slots.remove()
 
 
-def hold_request(slots: InFlight) -> tuple[threading.Event, threading.Thread]:
-    """A prediction that stays in ``run()`` until the returned event is set."""
-    entered, release = threading.Event(), threading.Event()
+def hold_request(
+    slots: InFlight, errors: list[Exception] | None = None
+) -> tuple[threading.Event, threading.Thread]:
+    """A prediction that stays in ``run()`` until the returned event (or its cancel flag) is set.
+
+    On its cancel flag it raises ``RequestCancelled``, as the request's thread does at its next
+    device call; what leaves ``request()`` goes to the returned list.
+    """
+    entered, release, cancel = threading.Event(), threading.Event(), threading.Event()
+    errors: list[Exception] = []
 
     def run() -> None:
-        with slots.request():
-            entered.set()
-            release.wait(60)
+        try:
+            with slots.request(cancel):
+                entered.set()
+                while not release.wait(0.01):
+                    if cancel.is_set():
+                        raise RequestCancelled("the prediction was cancelled")
+        except Exception as exc:
+            errors.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert entered.wait(60)
-    return release, thread
+    return release, thread, errors
 
 
 def test_a_drain_refuses_new_predictions_and_waits_for_the_running_one(
     in_flight: InFlight, tmp_path: Path
 ) -> None:
-    release, running = hold_request(in_flight)
+    release, running, _ = hold_request(in_flight)
     assert [folder.name for folder in live_slot_folders(tmp_path)] == [in_flight.folder.name]
     left: list[int] = []
     drainer = threading.Thread(target=lambda: left.append(drain(GRACE_S, tmp_path)), daemon=True)
@@ -98,13 +110,23 @@ def test_a_drain_refuses_new_predictions_and_waits_for_the_running_one(
     assert not list(in_flight.folder.glob(f"{REQUEST_FILE_PREFIX}*"))
 
 
-def test_a_drain_past_its_grace_period_counts_what_still_runs(in_flight: InFlight, tmp_path: Path) -> None:
-    release, running = hold_request(in_flight)
-    assert drain(0.05, tmp_path, owner_pid=os.getpid()) == 1
-    assert (in_flight.folder / DRAINING_FILE).exists()
+def test_a_drain_past_its_grace_period_fails_what_still_runs_naming_the_shutdown(
+    in_flight: InFlight, tmp_path: Path
+) -> None:
     assert drain(0.05, tmp_path, owner_pid=os.getpid() + 1_000_000) == 0  # another worker's: none
-    release.set()
+    assert not in_flight.draining()
+    _, running, errors = hold_request(in_flight)
+    assert drain(0.05, tmp_path, owner_pid=os.getpid()) == 1
     running.join(60)
+    [error] = errors
+    assert isinstance(error, ShuttingDownError), error
+    assert "shutdown grace period of 0.05 s ran out" in str(error)
+    assert not list(in_flight.folder.glob(f"{REQUEST_FILE_PREFIX}*"))
+
+
+def test_a_cancel_without_a_drain_stays_a_cancel(in_flight: InFlight) -> None:
+    with pytest.raises(RequestCancelled), in_flight.request(threading.Event()):
+        raise RequestCancelled("the prediction was cancelled")
 
 
 def test_old_prediction_folders_go_and_those_of_running_predictions_stay(tmp_path: Path) -> None:

@@ -41,13 +41,17 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from codeformer.errors import ShuttingDownError
+from codeformer.errors import RequestCancelled, ShuttingDownError
 from codeformer.serving.outputs import new_output_dir, owner_pid_alive, remove_orphaned_output_dirs
 
 logger = logging.getLogger(__name__)
 
 SLOTS_DIR_PREFIX = "codeformer-slots-"
 DRAINING_FILE = "draining"
+ABANDON_FILE = "abandon"
+ABANDON_POLL_S = 0.5
+# seconds an abandoned prediction gets to reach its next cancel check (one forward) and fail
+ABANDON_WAIT_S = 60.0
 REQUEST_FILE_PREFIX = "request-"
 # where coglet 0.23's orchestrator puts a folder per prediction (a constant in coglet, not $TMPDIR)
 COGLET_PREDICTIONS_DIR = Path("/tmp/coglet/predictions")
@@ -91,40 +95,72 @@ def shutdown_grace_s() -> float:
 
 # -- the worker side ---------------------------------------------------------------------------
 class InFlight:
-    """This worker's predictions in ``run()``, as files a drain can read from another process."""
+    """This worker's predictions in ``run()``, as files a drain can read from another process.
+
+    A drain whose grace period ran out writes ``abandon`` (holding the grace period) into the
+    folder: a thread here then sets the cancel flag of every prediction still running, and
+    each fails with ``ShuttingDownError`` naming the shutdown, which coglet still reports.
+    """
 
     def __init__(self) -> None:
         remove_orphaned_output_dirs(prefix=SLOTS_DIR_PREFIX)  # folders of workers that were killed
         self.folder = new_output_dir(SLOTS_DIR_PREFIX)
+        self.abandoned_after_s: str | None = None  # the drain's grace period, once it ran out
         self._numbers = itertools.count()
-        self._started: dict[Path, float] = {}  # request file -> wall time it started
+        # request file -> (wall time it started, its cancel flag)
+        self._running: dict[Path, tuple[float, threading.Event | None]] = {}
         self._lock = threading.Lock()
+        threading.Thread(target=self._watch_abandon, name="codeformer-abandon", daemon=True).start()
 
     def draining(self) -> bool:
         return (self.folder / DRAINING_FILE).exists()
 
     @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
-        """The block of one prediction; raises ``ShuttingDownError`` when a drain has begun."""
+    def request(self, cancel: threading.Event | None = None) -> Iterator[None]:
+        """The block of one prediction, whose work stops once ``cancel`` is set.
+
+        Raises ``ShuttingDownError`` at once when a drain has begun, and instead of
+        ``RequestCancelled`` when the drain's grace period ran out before the block ended.
+        """
         if self.draining():
             raise ShuttingDownError(
                 "this replica is shutting down and takes no new predictions; send it to another replica"
             )
         marker = self.folder / f"{REQUEST_FILE_PREFIX}{next(self._numbers)}"
         with self._lock:
-            self._started[marker] = time.time()
+            self._running[marker] = (time.time(), cancel)
         marker.touch()
         try:
             yield
+        except RequestCancelled:
+            if self.abandoned_after_s is None:
+                raise
+            raise ShuttingDownError(
+                f"this replica stopped before the prediction finished (its shutdown grace period of "
+                f"{self.abandoned_after_s} s ran out); send it again"
+            ) from None
         finally:
             marker.unlink(missing_ok=True)
             with self._lock:
-                del self._started[marker]
+                del self._running[marker]
+
+    def _watch_abandon(self) -> None:
+        abandon = self.folder / ABANDON_FILE
+        while self.abandoned_after_s is None:
+            time.sleep(ABANDON_POLL_S)
+            if not self.folder.is_dir():
+                return  # removed: the worker exits
+            with contextlib.suppress(OSError):  # not there yet, or the folder was removed
+                self.abandoned_after_s = abandon.read_text().strip() or "?"
+        with self._lock:
+            for _, cancel in self._running.values():
+                if cancel is not None:
+                    cancel.set()
 
     def oldest_start(self) -> float | None:
         """Wall time the oldest prediction in ``run()`` started, None when there is none."""
         with self._lock:
-            return min(self._started.values(), default=None)
+            return min((started for started, _ in self._running.values()), default=None)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -179,14 +215,25 @@ def live_slot_folders(temp_dir: Path | None = None, owner_pid: int | None = None
 def drain(grace_s: float, temp_dir: Path | None = None, owner_pid: int | None = None) -> int:
     """Refuse new predictions in every live worker (or in ``owner_pid``); wait for the running ones.
 
-    They get up to ``grace_s``.
-
-    Returns how many predictions are still in ``run()`` when it returns (0: all done).
+    They get up to ``grace_s``; those still running then are stopped at their next cancel
+    check and reported failed with ``ShuttingDownError`` naming the shutdown (``InFlight``).
+    Returns how many had to be stopped (0: all finished).
     """
     for folder in live_slot_folders(temp_dir, owner_pid):
         with contextlib.suppress(OSError):  # the worker exited meanwhile
             (folder / DRAINING_FILE).touch()
-    deadline = time.monotonic() + grace_s
+    left = _wait_for_no_requests(grace_s, temp_dir, owner_pid)
+    if left:
+        for folder in live_slot_folders(temp_dir, owner_pid):
+            with contextlib.suppress(OSError):
+                (folder / ABANDON_FILE).write_text(f"{grace_s:g}")
+        _wait_for_no_requests(ABANDON_WAIT_S, temp_dir, owner_pid)
+    return left
+
+
+def _wait_for_no_requests(timeout_s: float, temp_dir: Path | None, owner_pid: int | None) -> int:
+    """Wait up to ``timeout_s`` until no prediction is in ``run()``; how many still are."""
+    deadline = time.monotonic() + timeout_s
     while True:
         left = sum(
             len(list(folder.glob(f"{REQUEST_FILE_PREFIX}*")))
@@ -254,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     left = drain(grace_s)
     if left:
-        logger.error("drain: %d prediction(s) still running after %.0f s", left, grace_s)
+        logger.error(
+            "drain: %d prediction(s) still running after %.0f s were stopped and failed", left, grace_s
+        )
         return 1
     logger.info("drain: no prediction in flight")
     return 0

@@ -6,9 +6,13 @@ Writes ``.cog/openapi_schema.json`` (so that the server validates inputs as in t
 sets what ``cog build`` would bake into the image (``COG_PREDICT_TYPE_STUB``,
 ``COG_MAX_CONCURRENCY`` from ``@cog.concurrent`` on ``Predictor.run``), then runs Cog's
 server (coglet) in this process, in the foreground: one process and one port, with coglet's
-worker as its child, as in the image. coglet stops on SIGTERM or Ctrl-C and lets the
-worker remove its output folders; any folder of a worker that was killed is removed when
-the server returns. Environment variables (``CODEFORMER_*``) pass through to the predictor.
+worker as its child, as in the image. Two things differ from the image, both at the end of
+its life (``ReplicaWatch``): SIGTERM drains before coglet stops (new predictions fail, the
+running ones finish and reach their caller), and the server exits with ``EXIT_WORKER_GONE``
+when coglet's worker is gone, for a supervisor to start a new one. Ctrl-C stops coglet at
+once. The worker removes its output folders as it exits; any folder of a worker that was
+killed is removed when the server returns. Environment variables (``CODEFORMER_*``) pass
+through to the predictor.
 The API is Cog's: ``GET /health-check``, ``POST /predictions``,
 ``POST /predictions/{id}/cancel``, ``GET /openapi.json``.
 """
@@ -218,10 +222,11 @@ class ReplicaWatch:
         logger.info("SIGTERM: draining for up to %.0f s; new predictions fail", self.grace_s)
         left = drain(self.grace_s, owner_pid=self.worker) if self.worker is not None else 0
         if left:
-            logger.error("%d prediction(s) still running after %.0f s are lost", left, self.grace_s)
+            logger.error(
+                "%d prediction(s) still running after %.0f s were stopped and failed", left, self.grace_s
+            )
             self.status = EXIT_DRAIN_TIMEOUT
-        else:
-            time.sleep(WEBHOOK_SETTLE_S)
+        time.sleep(WEBHOOK_SETTLE_S)
         request_shutdown(self.url)
 
 
@@ -232,7 +237,8 @@ def serve(host: str, port: int, predictor_ref: str, grace_s: float) -> int:
     ``POST /shutdown``), with SIGTERM blocked in every thread, so that Linux keeps it pending
     for ``ReplicaWatch``. On SIGTERM: ``drain`` (new predictions fail with
     ``ShuttingDownError``; running ones get ``grace_s`` to finish and reach their caller),
-    then ``POST /shutdown``: 0, or ``EXIT_DRAIN_TIMEOUT`` when some still ran. When the worker
+    then ``POST /shutdown``: 0, or ``EXIT_DRAIN_TIMEOUT`` when some had to be stopped (they
+    are reported failed, naming the shutdown). When the worker
     is gone after setup (killed, out of memory, a sticky CUDA error), coglet would stay up
     without one, failing every request: the server stops with ``EXIT_WORKER_GONE`` so that a
     supervisor starts a new one. SIGINT (Ctrl-C) is coglet's: it stops at once.
