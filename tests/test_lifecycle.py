@@ -13,13 +13,15 @@ import http.server
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from helpers import flat_canvas, noise, png_bytes, project_sentence, requests_admitted, wait_for
+from helpers import PROJECT_ROOT, flat_canvas, noise, png_bytes, project_sentence, requests_admitted, wait_for
 
 from codeformer.errors import RequestCancelled, ShuttingDownError
 from codeformer.serving.client import WebhookReceiver, data_uri
@@ -306,16 +308,35 @@ def test_sigterm_delivers_the_running_prediction_and_leaves_nothing(
 
 
 @pytest.mark.slow
-def test_a_killed_worker_stops_the_server_and_no_request_gets_409(weights_dir: Path) -> None:
+def test_a_drain_fails_what_outlives_it_and_a_killed_worker_stops_the_server(weights_dir: Path) -> None:
     env = {"CODEFORMER_WEIGHTS_DIR": str(weights_dir)}
     with WebhookReceiver() as webhooks, LocalServer(env) as server:
         process = server.process
         assert process is not None
         worker = find_worker_pid(server.pid)
         assert worker is not None
+
+        # the image's pre-stop step, with a grace period the slow prediction outlives
         running_id = f"running-{os.getpid()}"
         start_slow_prediction(server, webhooks, running_id)
+        drain_command = [sys.executable, "-m", "codeformer.serving.lifecycle", "drain", "--grace-s", "1"]
+        drained = subprocess.run(
+            [*drain_command, "--worker", str(worker)],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert drained.returncode == 1, drained.stderr
+        final = webhooks.wait(running_id, timeout_s=10)
+        assert final["status"] == "failed", final
+        assert "shutdown grace period of 1 s ran out" in project_sentence(final["error"])
+        refused = server.client.predict(cheap_request(), retry_busy=False)
+        assert "shutting down" in project_sentence(refused.error)
+        assert probe("live", server.url)[0]
+        assert not probe("ready", server.url)[0]
 
+        # kill -9 of the worker (what the OOM killer does): the server goes, nothing answers 409
         os.kill(worker, signal.SIGKILL)
         answers: list[int] = []
         health: list[str] = []
@@ -331,5 +352,4 @@ def test_a_killed_worker_stops_the_server_and_no_request_gets_409(weights_dir: P
         assert process.wait(timeout=60) == EXIT_WORKER_GONE, server.log_tail()
         assert 409 not in answers, answers
         assert "BUSY" not in health, health  # a dead replica never looks busy
-        assert webhooks.wait(running_id, timeout_s=10)["status"] == "failed"
         assert_no_process_left(process.pid)

@@ -20,7 +20,7 @@ and ``outputs/``) for every prediction and never removes it; ``remove_stale_pred
 does, once it is older than ``PREDICTION_DIR_RETENTION_S`` and older than every prediction
 this worker still runs.
 
-    python -m codeformer.serving.lifecycle drain [--grace-s 300]
+    python -m codeformer.serving.lifecycle drain [--grace-s 300] [--worker PID]
     python -m codeformer.serving.lifecycle probe live|ready [--url http://127.0.0.1:5000]
 """
 
@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     drain_parser = commands.add_parser("drain", help="refuse new predictions, wait for the running ones")
     drain_parser.add_argument("--grace-s", type=float, help=f"default ${SHUTDOWN_GRACE_ENV}, else 300")
+    drain_parser.add_argument("--worker", type=int, help="the worker's pid (default: every worker here)")
     probe_parser = commands.add_parser("probe", help="exit 0 when the replica is live/ready, else 1")
     probe_parser.add_argument("kind", choices=["live", "ready"])
     probe_parser.add_argument("--url", default=DEFAULT_URL, help="default %(default)s")
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    left = drain(grace_s)
+    left = drain(grace_s, owner_pid=args.worker)
     if left:
         logger.error(
             "drain: %d prediction(s) still running after %.0f s were stopped and failed", left, grace_s
