@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 import cog
@@ -37,7 +38,7 @@ from codeformer.config import (
     RequestOptions,
 )
 from codeformer.errors import InputError, reported_as_failure
-from codeformer.serving.fetch import defer_cog_fetching
+from codeformer.serving.fetch import check_fetching_deferred, defer_cog_fetching
 from codeformer.serving.lifecycle import InFlight, remove_stale_prediction_dirs, start_sweeper
 from codeformer.serving.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
 from codeformer.serving.records import SETUP_MARKER, record_line
@@ -80,6 +81,8 @@ class Predictor(BaseRunner):
         if package_logger.level == logging.NOTSET:
             # the per-request lines are INFO; a host that configured logging at WARNING keeps them
             package_logger.setLevel(logging.INFO)
+        # before anything slow: a cog that would fetch URL inputs itself must not serve
+        check_fetching_deferred()
         start = time.perf_counter()
         # Files present in weights/ (baked into the image) are verified, never downloaded.
         with weights.record_load_times() as load_times:
@@ -127,6 +130,8 @@ class Predictor(BaseRunner):
             prepare_optimized_ms,
         )
         setup_record = {
+            "cog": version("cog"),
+            "coglet": version("coglet"),
             "device": str(self.restorer.device),
             "precision": {"baseline": "float32", "fast/max_speed": fast_dtype},
             "fetch_timeout_s": self.restorer.settings.fetch_timeout_s,
@@ -144,7 +149,7 @@ class Predictor(BaseRunner):
         self,
         # Cog reads inputs from Input() defaults; ruff's B008 only objects for the list annotation
         images: list[Path] = Input(  # noqa: B008
-            description="1 to 4 photos (JPEG, PNG, WebP, BMP, TIFF). "
+            description="1 to 4 photos (JPEG, PNG, WebP, BMP, TIFF, HEIC, AVIF). "
             "One restored JPG is returned per photo, in the same order, at the same size."
         ),
         codeformer_fidelity: float = Input(

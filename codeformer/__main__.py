@@ -6,11 +6,14 @@
 The options and their defaults are those of a Cog request (codeformer.config.RequestOptions);
 the CODEFORMER_* environment variables apply as in the server (codeformer.config.Settings).
 Weights are downloaded into weights/ on first use (see codeformer/weights.py).
+On a terminal a progress bar names the step running (codeformer.progress) and the log lines
+print above it; into a file or a pipe only the log lines are written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 from codeformer import config
 from codeformer.config import RequestOptions, Settings
 from codeformer.errors import CodeFormerError
+from codeformer.progress import Progress
 
 log = logging.getLogger("codeformer")
 
@@ -41,6 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from codeformer.progress import TerminalProgress
+
+    on_terminal = sys.stderr.isatty()
+    progress = TerminalProgress(sys.stderr) if on_terminal else Progress()
+    # on a terminal, log lines are written above the bar instead of through it
+    with logging_redirect_tqdm() if on_terminal else contextlib.nullcontext():
+        return _restore_files(args, progress)
+
+
+def _restore_files(args: argparse.Namespace, progress: Progress) -> int:
+    """Load the nets, restore ``args.images`` as one request, write the JPGs; the exit status."""
     from codeformer.pipeline import Restorer
     from codeformer.runtime import pick_device
     from codeformer.serving.request import restore_request
@@ -52,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         restorer = Restorer.load(args.weights_dir, device, Settings.from_env(device.type))
         log.info("loaded the nets on %s in %.0f ms", restorer.device, (time.perf_counter() - start) * 1000)
         # the same request as the server's, reading local files wherever they are
-        jpgs = restore_request(restorer, args.images, options, local_root=None)
+        jpgs = restore_request(restorer, args.images, options, local_root=None, progress=progress)
     except CodeFormerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -31,7 +31,8 @@ from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES, RequestOptio
 from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import device_thread_starter
-from codeformer.runtime import Nets, Runtime, pick_device
+from codeformer.progress import Progress
+from codeformer.runtime import Nets, Runtime, cuda_numerics, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
@@ -82,6 +83,17 @@ class _Call:
     options: RequestOptions
     mixed_precision: bool
     cancel: threading.Event | None
+    progress: Progress
+    fast_math: bool  # the profile trades precision for speed: on CUDA, TF32 and cuDNN autotuning
+
+    def on_device(self, function: Callable[..., T], device: torch.device) -> Callable[..., T]:
+        """``function`` run with this call's CUDA numerics (``runtime.cuda_numerics``)."""
+
+        def run(*args: Any) -> T:
+            with cuda_numerics(device, self.fast_math):
+                return function(*args)
+
+        return run
 
 
 @dataclass
@@ -311,8 +323,12 @@ class Restorer:
         images: Sequence[np.ndarray],
         options: RequestOptions = DEFAULT_OPTIONS,
         cancel: threading.Event | None = None,
+        progress: Progress | None = None,
     ) -> list[RestoreResult]:
         """Restore every face of every image with ``options``; one result per image, in order.
+
+        ``progress`` is told each image's detection and paste-back, and the CodeFormer pass
+        over all the faces, as they start (``codeformer.progress``).
 
         Each image is checked once, here (``_checked_image``); the stages take it as it is.
         Raises ``InputError`` for arrays that are not images, ``ConfigError`` for options this
@@ -328,15 +344,26 @@ class Restorer:
         checked = [_checked_image(index, image, max_pixels) for index, image in enumerate(images)]
         with self.scheduler.caller():
             stages = self.scheduler.call(self._stages_for, options, cancel=cancel)
-            call = _Call(stages, options, self._mixed_precision(options), cancel)
+            call = _Call(
+                stages,
+                options,
+                self._mixed_precision(options),
+                cancel,
+                progress or Progress(),
+                fast_math=options.profile.mixed_precision,
+            )
+            if not options.profile.use_parse:
+                self.scheduler.finished("parse")  # no parse batch waits for this request's faces
             work = [self._locate_faces(index, image, call) for index, image in enumerate(checked)]
             restored = self._restore_faces(work, call)
+            self.scheduler.finished("restore")
             return [
                 self._finish(index, image, item, faces, call)
                 for index, (image, item, faces) in enumerate(zip(checked, work, restored, strict=True))
             ]
 
     def _locate_faces(self, index: int, image: np.ndarray, call: _Call) -> _ImageWork:
+        call.progress.step(f"images[{index}]: detect faces")
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "prepare"):
@@ -346,7 +373,8 @@ class Restorer:
                 # FaceDetector.detect in its steps: only the net's part on the device thread
                 detector = call.stages.detector
                 pixels, scale = self._image_work(detector.input_for, working, cancel=call.cancel)
-                rows = self.scheduler.call(detector.detect_rows, pixels, scale, cancel=call.cancel)
+                detect_rows = call.on_device(detector.detect_rows, self.device)
+                rows = self.scheduler.call(detect_rows, pixels, scale, cancel=call.cancel)
                 del pixels  # the detector's copy of the image, up to 640 x 10240 x 3, not kept to paste-back
                 detections = detector.detections(rows, self.settings.max_faces)
             with _timed(timings, "align"):
@@ -375,6 +403,7 @@ class Restorer:
         """
         counts = [len(item.aligned) for item in work]
         total = sum(counts)
+        call.progress.step(f"restore {total} face{'s' * (total != 1)}")
         if total == 0:
             return [RestoredFaces(item.aligned.crops) for item in work]
         start = time.perf_counter()
@@ -384,10 +413,10 @@ class Restorer:
         def restore(batch: np.ndarray) -> np.ndarray:
             return call.stages.restorer.restore(batch, fidelity, call.mixed_precision)
 
-        # requests with the same nets, fidelity and precision may share the forward
-        key = ("restore", id(call.stages.restorer), fidelity, call.mixed_precision)
+        # requests with the same nets, fidelity, precision and numerics may share the forward
+        key = ("restore", id(call.stages.restorer), fidelity, call.mixed_precision, call.fast_math)
         try:
-            restored = self.scheduler.batched(key, restore, crops, call.cancel)
+            restored = self.scheduler.batched(key, call.on_device(restore, self.device), crops, call.cancel)
         except torch.OutOfMemoryError as exc:
             # the request's faces share one call: it fails for every image that has faces
             with_faces = [index for index, count in enumerate(counts) if count]
@@ -403,6 +432,7 @@ class Restorer:
     def _finish(
         self, index: int, image: np.ndarray, item: _ImageWork, faces: RestoredFaces, call: _Call
     ) -> RestoreResult:
+        call.progress.step(f"images[{index}]: paste back")
         timings = item.timings
         if len(faces) == 0:
             # nothing to paste: the input comes back as it was (not a resized working copy)
@@ -438,8 +468,15 @@ class Restorer:
             with _timed(timings, "parse"):
                 # FaceParser.masks in its steps: ParseNet's labels on the device thread (gray faces
                 # arrive as float64 and batch with gray faces only), then the masks' blurs
-                key = ("parse", id(call.stages.parser), call.mixed_precision, restored.faces.dtype.str)
-                face_pixels = self.scheduler.batched(key, labels, restored.faces, call.cancel)
+                key = (
+                    "parse",
+                    id(call.stages.parser),
+                    call.mixed_precision,
+                    call.fast_math,
+                    restored.faces.dtype.str,
+                )
+                labels_on_device = call.on_device(labels, self.device)
+                face_pixels = self.scheduler.batched(key, labels_on_device, restored.faces, call.cancel)
                 masks = FaceMasks(self._image_work(face_pixels_to_masks, face_pixels, cancel=call.cancel))
         with _timed(timings, "paste"):
             output = paste_faces(item.working, restored, item.aligned.inverse_affines, masks)

@@ -17,6 +17,7 @@ import pathlib
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import NamedTuple
 
@@ -135,6 +136,7 @@ def test_setup_logs_device_dtype_and_timings(predictor_and_setup_log: SetupRecor
     [record] = read_records("\n".join(messages), SETUP_MARKER)
     assert record["precision"] == {"baseline": "float32", "fast/max_speed": fast_dtype}
     assert record["fetch_timeout_s"] == 60
+    assert (record["cog"], record["coglet"]) == (version("cog"), version("coglet"))  # what the worker runs
     # build, verify, load (read + strict load_state_dict), warm-up: each timed on its own
     assert all(record[f"{part}_ms"] >= 0 for part in ("build", "verify", "load")), record
     assert record["warmup_ms"] > 0

@@ -41,7 +41,7 @@ import urllib3.connection
 import urllib3.connectionpool
 import urllib3.util.connection
 
-from codeformer.errors import InputError
+from codeformer.errors import ConfigError, InputError
 
 REMOTE_SCHEMES = ("http", "https")
 # A 40-megapixel PNG (the default CODEFORMER_MAX_PIXELS) is about 120 MB, so honest inputs
@@ -414,4 +414,33 @@ def defer_cog_fetching() -> None:
         return original(cls, value)
 
     validate.defers_fetching = True  # type: ignore[attr-defined]
+    validate.__wrapped__ = original  # type: ignore[attr-defined]
     cog_types.Path.validate = classmethod(validate)  # type: ignore[method-assign,assignment]
+
+
+# What check_fetching_deferred sends through cog's normalisation. Nothing should fetch them;
+# were a cog to, the URL stays on this machine.
+_PROBE_INPUTS = ("https://127.0.0.1/probe.jpg", "data:image/jpeg;base64,/9j/")
+
+
+def check_fetching_deferred() -> None:
+    """Raise ``ConfigError`` unless the running cog hands URL inputs to ``run()`` unfetched.
+
+    Sends an https URL and a data URI through ``cog.types.Path.validate``, the function coglet
+    normalises each ``Path`` input with in its worker: each must come back as the same string.
+    A cog or coglet that normalises another way would download user URLs itself, with none of
+    this module's limits (deadline, size cap, public addresses only), so set-up stops instead.
+    """
+    from importlib.metadata import version
+
+    from cog import types as cog_types
+
+    for probe in _PROBE_INPUTS:
+        normalised = cog_types.Path.validate(probe)
+        if not (isinstance(normalised, str) and normalised == probe):
+            raise ConfigError(
+                f"cog {version('cog')} / coglet {version('coglet')} turned the URL input "
+                f"{probe[:30]!r} into {type(normalised).__name__}: it would download user URLs itself, "
+                "without this model's limits. Build with the cog and coglet that requirements.txt "
+                "pins (cog.yaml build.sdk_version, COGLET_WHEEL=pypi:<version> cog build)"
+            )

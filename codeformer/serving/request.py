@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from codeformer.config import PROJECT_ROOT, RequestOptions
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError
+from codeformer.progress import Progress, request_steps
 from codeformer.serving.fetch import MAX_INPUT_BYTES, Deadline, Dialer, fetch, is_remote
 from codeformer.serving.records import ADMITTED_MARKER, TIMINGS_MARKER, record_line
 
@@ -155,8 +156,29 @@ def restore_request(
     cancel: threading.Event | None = None,
     local_root: pathlib.Path | None = PROJECT_ROOT,
     request_start: float | None = None,
+    progress: Progress | None = None,
 ) -> list[bytes]:
-    """One JPG per input, in order: fetch, admit, decode, restore, encode, on the calling thread."""
+    """One JPG per input, in order: fetch, admit, decode, restore, encode, on the calling thread.
+
+    ``progress`` (``codeformer.progress``) is told each step as it starts, ended even on failure.
+    """
+    progress = progress or Progress()
+    progress.begin(request_steps(len(items)))
+    try:
+        return _restore_request(restorer, items, options, cancel, local_root, request_start, progress)
+    finally:
+        progress.end()
+
+
+def _restore_request(
+    restorer: Restorer,
+    items: Sequence[object],
+    options: RequestOptions,
+    cancel: threading.Event | None,
+    local_root: pathlib.Path | None,
+    request_start: float | None,
+    progress: Progress,
+) -> list[bytes]:
     from codeformer.imageio import DecodedImage, decode_header, encode_jpeg, read_header
     from codeformer.scheduler import check_cancel
 
@@ -169,6 +191,7 @@ def restore_request(
     files: list[bytes] = []
     for item, label, timings in zip(items, labels, stage_ms, strict=True):
         check_cancel(cancel)
+        progress.step(f"{label}: read")
         start = time.perf_counter()
         files.append(read_input(item, label, deadline, dialer, local_root))
         timings["read_decode"] = (time.perf_counter() - start) * 1000.0
@@ -200,7 +223,7 @@ def restore_request(
         restorer.scheduler.arm_gate(settings.device_gate)  # test-only; a no-op unless set
         shared_before = restorer.scheduler.shared_forwards()
         try:
-            results = restorer.restore([image.pixels for image in decoded], options, cancel)
+            results = restorer.restore([image.pixels for image in decoded], options, cancel, progress)
         except ImageFailedError as exc:
             raise CodeFormerError(f"{', '.join(labels[i] for i in exc.indices)}: {exc.reason}") from exc
         shared_forwards = restorer.scheduler.shared_forwards() - shared_before
@@ -210,6 +233,7 @@ def restore_request(
         jpgs: list[bytes] = []
         image_records: list[dict[str, Any]] = []
         for result, label, profile, timings in zip(results, labels, profiles, stage_ms, strict=True):
+            progress.step(f"{label}: encode")
             start = time.perf_counter()
             jpgs.append(encode_jpeg(result.image, icc_profile=profile))
             timings.update(result.timings)
