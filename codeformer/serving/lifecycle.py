@@ -11,7 +11,8 @@ the image and in the local server alike, keeps one:
   file, a new prediction fails at once with ``ShuttingDownError``;
 - ``drain`` (anywhere on the machine: the local server on SIGTERM, a pre-stop step in the
   image): writes ``draining`` into every live worker's folder and waits until their
-  predictions have left ``run()``, or until the grace period ends;
+  predictions have left ``run()``; those that outlive the grace period are stopped and fail
+  with ``ShuttingDownError`` naming it;
 - ``probe``: liveness and readiness from coglet's ``/health-check`` (HTTP 200 in every state,
   so a probe must read the JSON) and the drain.
 
