@@ -46,7 +46,7 @@ LOOPBACK_SPELLINGS = [
 ]
 # what Cog (coglet 0.23) writes before the text of an exception that failed an async run()
 COG_FAILURE_PREFIX = "Prediction failed: Async prediction failed: "
-PROJECT_ERRORS = ("InputError", "CodeFormerError", "ConfigError")
+PROJECT_ERRORS = ("InputError", "CodeFormerError", "ConfigError", "ShuttingDownError")
 
 
 def project_sentence(error: str) -> str:
