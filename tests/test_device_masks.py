@@ -1,9 +1,10 @@
 """The parse masks computed with torch (``face_pixels_to_masks_tensor``) against the host stage.
 
 Off the CPU the fast profile computes its blend masks on the device (``masks_on_device``); the
-code is the same on any torch device, so these tests run it on CPU tensors. Bound (issue 29):
-given the same ParseNet labels, the device masks within 1 level (on the blend's 0-255 scale)
-of the host path's on at least 99.99 % of values, none beyond 2.
+code is the same on any torch device, so these tests run it on CPU tensors. Bound (issue 29,
+``codeformer.tools.stage_checks``): given the same ParseNet labels, the device masks within 1
+level (on the blend's 0-255 scale) of the host path's on at least 99.99 % of values, none
+beyond 2.
 """
 
 from __future__ import annotations
@@ -27,17 +28,15 @@ from codeformer.stages.parse import (
     reflect_101_filter_matrix,
 )
 from codeformer.stages.restore import RestoredFaces
+from codeformer.tools.stage_checks import level_difference
 
 FACE = FACE_SIZE
-MIN_WITHIN_ONE = 0.9999  # share of mask values within 1 level of the host stage's
-MAX_LEVELS = 2.0  # and none further than this
 
 
 def assert_within_bound(device_masks: np.ndarray, host_masks: np.ndarray) -> None:
-    assert device_masks.shape == host_masks.shape and device_masks.dtype == np.float64
-    levels = np.abs(device_masks - host_masks) * 255.0
-    assert (levels <= 1.0).mean() >= MIN_WITHIN_ONE, f"max {levels.max():.3g} levels"
-    assert levels.max() <= MAX_LEVELS
+    assert device_masks.dtype == np.float64
+    difference = level_difference(device_masks, host_masks, 255.0)  # the masks' levels in the blend
+    assert difference["within_bound"], difference
     assert device_masks.min() >= 0.0 and device_masks.max() <= 1.0
 
 
@@ -128,7 +127,8 @@ def test_restorer_routes_fast_masks_through_the_device_path_when_chosen(
 ) -> None:
     """The pipeline takes ``masks_on_device``'s answer: forced on, here on the CPU, the device
     masks are made (once per image) and the output stays within the bound of the host path's."""
-    restorer = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, Settings.from_env(max_faces=1))
+    one_face = Settings.from_env(max_faces=1)
+    restorer = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, one_face)
     image, fast = noise(300, 400, seed=5), RequestOptions.parse(profile="fast")
     [host] = restorer.restore([image], fast)
     calls: list[int] = []
@@ -142,5 +142,23 @@ def test_restorer_routes_fast_masks_through_the_device_path_when_chosen(
     monkeypatch.setattr(FaceParser, "device_masks", counted)
     [on_device] = restorer.restore([image], fast)
     assert calls == [1] and len(host.faces) == 1
-    levels = np.abs(on_device.image.astype(np.int16) - host.image.astype(np.int16))
-    assert (levels <= 1).mean() >= MIN_WITHIN_ONE and levels.max() <= MAX_LEVELS
+    difference = level_difference(on_device.image, host.image, 1.0)
+    assert difference["within_bound"], difference
+
+
+def test_level_difference_holds_the_stage_bound() -> None:
+    """The measure itself: 0.01 % of values 1 level off pass; 2 levels everywhere, or any 3, do not."""
+    host = np.zeros((100, 100))
+    one_off = host.copy()
+    one_off[0, 0] = 1.0
+    assert level_difference(one_off, host, 1.0) == {
+        "max_levels": 1.0,
+        "within_one_level": 1.0,
+        "within_bound": True,
+    }
+    assert not level_difference(host + 2.0, host, 1.0)["within_bound"]  # 0 % within one level
+    three_off = host.copy()
+    three_off[5, 5] = 3.0 / 255.0
+    assert not level_difference(three_off, host, 255.0)["within_bound"]
+    with pytest.raises(ValueError, match="differ"):
+        level_difference(host[:1], host, 1.0)
