@@ -20,11 +20,11 @@ from codeformer.config import FACE_SIZE, PROFILES, RequestOptions, Settings
 from codeformer.nets.parsenet import ParseNet
 from codeformer.pipeline import Restorer, to_gray_faces
 from codeformer.stages.parse import (
+    PARSE_MASK_OPERATOR,
     FaceParser,
     face_pixels_to_masks,
     face_pixels_to_masks_tensor,
     masks_on_device,
-    parse_mask_operator,
     reflect_101_filter_matrix,
 )
 from codeformer.stages.restore import RestoredFaces
@@ -63,7 +63,7 @@ GENERATED = generated_face_pixels()
 
 
 def device_masks_on_cpu(face_pixels: np.ndarray) -> np.ndarray:
-    operator = torch.tensor(parse_mask_operator())
+    operator = torch.tensor(PARSE_MASK_OPERATOR)
     return face_pixels_to_masks_tensor(torch.from_numpy(face_pixels), operator).numpy()
 
 

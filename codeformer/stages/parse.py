@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import cache
 
 import cv2
 import numpy as np
@@ -96,14 +95,12 @@ def reflect_101_filter_matrix(size: int, kernel: np.ndarray) -> np.ndarray:
     return matrix
 
 
-@cache
-def parse_mask_operator() -> np.ndarray:
+def _parse_mask_operator() -> np.ndarray:
     """(512, 512) float64 ``A`` with ``A @ face_pixels @ A.T`` = ``face_pixels_to_masks`` up to rounding.
 
     Both blurs along one axis are one linear map, ``G @ G`` (``G``: OpenCV's 101-tap σ 11
     kernel with its border, ``reflect_101_filter_matrix``), and the 10-px zero band is its
-    first and last rows zeroed; the ×255 of step c and the /255 of step f cancel. Read-only,
-    computed once.
+    first and last rows zeroed; the ×255 of step c and the /255 of step f cancel.
     """
     kernel = cv2.getGaussianKernel(PARSE_BLUR_KSIZE, PARSE_BLUR_SIGMA, cv2.CV_64F)[:, 0]
     one_blur = reflect_101_filter_matrix(FACE_SIZE, kernel)
@@ -117,10 +114,14 @@ def parse_mask_operator() -> np.ndarray:
     return operator
 
 
+# computed once, at import: not on the device thread, where OpenCV calls count as host work
+PARSE_MASK_OPERATOR = _parse_mask_operator()
+
+
 def face_pixels_to_masks_tensor(face_pixels: torch.Tensor, operator: torch.Tensor) -> torch.Tensor:
     """``face_pixels_to_masks`` as two matrix products, on ``face_pixels``' device (any torch device).
 
-    (F, 512, 512) bool face-class pixels and the (512, 512) float64 ``parse_mask_operator``
+    (F, 512, 512) bool face-class pixels and the (512, 512) float64 ``PARSE_MASK_OPERATOR``
     on the same device -> (F, 512, 512) float64 masks in [0, 1] there. The same linear map as the host
     stage's two separable blurs, but not the same rounding: within float64 rounding of it,
     not bit-identical (see ``masks_on_device``).
@@ -156,7 +157,7 @@ class FaceParser(FaceBatchNet):
         colormap = torch.zeros(PARSE_CLASSES, dtype=torch.bool)
         colormap[list(PARSE_FACE_CLASSES)] = True
         self._face_classes = colormap.to(device)  # class index -> kept as face
-        self._mask_operator = torch.tensor(parse_mask_operator(), device=device)  # (512, 512) float64
+        self._mask_operator = torch.tensor(PARSE_MASK_OPERATOR, device=device)  # (512, 512) float64
 
     def labels(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8/float64 BGR faces -> (F, 512, 512) bool, True on face classes.

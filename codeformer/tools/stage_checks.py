@@ -64,15 +64,15 @@ def parse_mask_stage(parsenet: Any, device: Any, faces: np.ndarray, repeats: int
     import torch
 
     from codeformer.stages.parse import (
+        PARSE_MASK_OPERATOR,
         FaceParser,
         face_pixels_to_masks,
         face_pixels_to_masks_tensor,
-        parse_mask_operator,
     )
 
     face_pixels = FaceParser(parsenet, device).labels(faces)  # (F, 512, 512) bool
     face_pixels_on_device = torch.from_numpy(face_pixels).to(device)
-    operator = torch.tensor(parse_mask_operator(), device=device)
+    operator = torch.tensor(PARSE_MASK_OPERATOR, device=device)
 
     def on_device() -> np.ndarray:
         return face_pixels_to_masks_tensor(face_pixels_on_device, operator).cpu().numpy()
