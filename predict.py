@@ -39,6 +39,7 @@ from codeformer.config import (
 )
 from codeformer.errors import InputError, reported_as_failure
 from codeformer.serving.fetch import check_fetching_deferred, defer_cog_fetching
+from codeformer.serving.lifecycle import InFlight, remove_stale_prediction_dirs, start_sweeper
 from codeformer.serving.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
 from codeformer.serving.records import SETUP_MARKER, record_line
 from codeformer.serving.request import restore_request
@@ -97,6 +98,10 @@ class Predictor(BaseRunner):
         # on SIGTERM and SIGINT); folders of workers that were killed are removed here
         atexit.register(self.output_folders.discard_all)
         stale_output_dirs = remove_orphaned_output_dirs()
+        # predictions in run(), for a drain before a stop (codeformer/serving/lifecycle.py)
+        self.in_flight = InFlight()
+        atexit.register(self.in_flight.remove)
+        start_sweeper(self.remove_stale_folders)  # also when no request comes
         # measured here on a CPU, not in a request
         fast_dtype = (
             str(autocast_dtype(self.restorer.device)).removeprefix("torch.")
@@ -144,7 +149,7 @@ class Predictor(BaseRunner):
         self,
         # Cog reads inputs from Input() defaults; ruff's B008 only objects for the list annotation
         images: list[Path] = Input(  # noqa: B008
-            description="1 to 4 photos (JPEG, PNG, WebP, BMP, TIFF). "
+            description="1 to 4 photos (JPEG, PNG, WebP, BMP, TIFF, HEIC, AVIF). "
             "One restored JPG is returned per photo, in the same order, at the same size."
         ),
         codeformer_fidelity: float = Input(
@@ -177,15 +182,18 @@ class Predictor(BaseRunner):
         request_start = time.perf_counter()
         cancel = threading.Event()
         try:
-            if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
-                raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
-            # options first, parsed once: a request that cannot run should not pay for downloads
-            options = RequestOptions.parse(
-                codeformer_fidelity, runtime_profile, stability_mode, compile_backend
-            )
-            self.restorer.check_options(options)
-            # to_thread copies the context: coglet routes the thread's log lines to this prediction
-            return await asyncio.to_thread(self.serve_request, list(images), options, cancel, request_start)
+            with self.in_flight.request(cancel):  # fails at once while the replica drains
+                if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
+                    raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
+                # options first, parsed once: a request that cannot run should not pay for downloads
+                options = RequestOptions.parse(
+                    codeformer_fidelity, runtime_profile, stability_mode, compile_backend
+                )
+                self.restorer.check_options(options)
+                # to_thread copies the context: coglet routes the thread's log lines to this prediction
+                return await asyncio.to_thread(
+                    self.serve_request, list(images), options, cancel, request_start
+                )
         except asyncio.CancelledError:
             # a real cancel: the thread stops at its next device call, holds no output, and
             # frees its pixels
@@ -204,7 +212,7 @@ class Predictor(BaseRunner):
         """The blocking part of ``run``: the request (``restore_request``), then its JPGs as files."""
         from codeformer.scheduler import check_cancel
 
-        self.output_folders.discard_expired()
+        self.remove_stale_folders()
         jpgs = restore_request(self.restorer, images, options, cancel, PROJECT_ROOT, request_start)
         check_cancel(cancel)  # nobody will read the files of a cancelled request
         output_dir = new_output_dir()
@@ -213,3 +221,8 @@ class Predictor(BaseRunner):
             output.write_bytes(jpg)
         self.output_folders.returned(output_dir)
         return outputs
+
+    def remove_stale_folders(self) -> None:
+        """Remove this worker's output folders that Cog has read, and coglet's stale prediction folders."""
+        self.output_folders.discard_expired()
+        remove_stale_prediction_dirs(self.in_flight.oldest_start())

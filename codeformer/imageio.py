@@ -5,13 +5,20 @@ before any pixel is decoded, and handle every mode explicitly. For ordinary 8-bi
 files Pillow and ``cv2.imread`` (what the official pipeline uses) give identical pixels.
 
 What each kind of file becomes (``PIXEL_RULES`` below; the README has the same table):
-- EXIF orientation is applied, so the array is upright (and of the upright size).
+- EXIF orientation is applied, so the array is upright (and of the upright size). HEIC and
+  AVIF are turned by the rotation and mirroring their container declares (``irot``/``imir``,
+  where encoders put a photo's EXIF orientation), once: libheif turns HEIC pixels itself and
+  pillow-heif resets the EXIF tag to 1; Pillow's AVIF plugin reports them as the EXIF tag.
 - Every Pillow mode has one written rule: converted to 8-bit RGB, or refused with a
   message naming the input and the mode. Nothing is guessed from the pixel values except
   the range checks that refuse data the rule does not cover.
 - Transparency (an alpha band, premultiplied or not, or a PNG tRNS entry) is composited
   over white.
-- Animated files (GIF, WebP, APNG) and multi-page TIFFs: the first frame is used.
+- Animated files (GIF, WebP, APNG, AVIF) and multi-page TIFFs: the first frame is used; a
+  HEIC holding several images: its primary image (the one pillow-heif opens at).
+- 10- and 12-bit HEIC and AVIF samples reach us as 8 bits, reduced by their decoder: libheif
+  keeps the top 8 bits (gray HEIC comes as 16-bit and takes the 16-bit rule, the same
+  bits), libavif scales and rounds (v * 255 / (2**bits - 1)), within one level of them.
 - An embedded ICC colour profile decides which profile the output JPG carries (``DecodedImage``,
   ``output_colour``): an RGB image's own profile, an RGB twin of a gray image's profile, or
   none; a CMYK image with a CMYK profile is converted by it to sRGB. No other metadata is
@@ -28,18 +35,31 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from codeformer import icc
 from codeformer.errors import InputError
 from codeformer.stages.prepare import check_image_size
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO", "HEIF", "AVIF")
+# Formats whose plugin parses the whole file when it opens it: a truncated or corrupt one
+# fails there, and Pillow puts "cannot identify image file" in place of the decoder's reason
+CONTAINER_FORMATS = ("AVIF", "HEIF")
 JPEG_QUALITY = 95
 
 # We check the pixel count ourselves from the header; Pillow's own bomb check would only
 # warn (or raise at twice its default limit) and says nothing about which input it was.
 Image.MAX_IMAGE_PIXELS = None
+
+# HEIC through pillow-heif (libheif, built with an HEVC decoder and no AV1 one). Pillow's own
+# plugins are registered first (``Image.init``), so that its AVIF plugin is asked before
+# pillow-heif about the brands both claim (mif1, msf1): registered first, pillow-heif would
+# open such an AVIF and fail to decode it. Embedded thumbnails, depth maps and auxiliary
+# images are not read: the picture is the primary image, and with thumbnails on, ``draft``
+# (``Image.thumbnail`` calls it) would decode a thumbnail in its place.
+Image.init()
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # sRGB (IEC 61966-2-1) from CIE XYZ, and the D65 white point, for L*a*b* input
@@ -258,7 +278,9 @@ class ImageHeader:
 
     name: str  # how messages name the input
     image: Image.Image  # opened lazily by Pillow
-    width: int  # before EXIF orientation
+    # what decoding makes: before EXIF orientation (a HEIC's is applied already), and for a
+    # HEIC its coded image, before its crop (``_decoded_size``); the pixel count is what counts
+    width: int
     height: int
 
     @property
@@ -275,17 +297,57 @@ def read_header(data: bytes, name: str) -> ImageHeader:
             warnings.simplefilter("ignore")  # Pillow warns about odd but readable headers
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        reason = _container_failure(data)
+        if reason is not None:
+            raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {reason}") from None
         raise InputError(
-            f"{name}: not a readable image (supported: JPEG, PNG, WebP, BMP, TIFF; first frame of GIF)"
+            f"{name}: not a readable image "
+            "(supported: JPEG, PNG, WebP, BMP, TIFF, HEIC, AVIF; first frame of GIF)"
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{name}: cannot read the image header: {exc}") from None
     if image.format not in SUPPORTED_FORMATS:
         raise InputError(
-            f"{name}: unsupported image format {image.format}; send JPEG, PNG, WebP, BMP or TIFF"
+            f"{name}: unsupported image format {image.format}; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
         )
-    width, height = image.size
+    width, height = _decoded_size(image)
     return ImageHeader(name, image, width, height)
+
+
+def _decoded_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the pixels decoding makes: the size Pillow reports, or a HEIC's coded size.
+
+    A HEIC's reported size is its clean aperture (``clap``), a crop of the coded image that
+    libheif decodes whole before cropping it (encoders pad to the codec's block size and crop
+    the padding away; a crafted file can crop a huge coded image to a small one).
+    pillow-heif lists the crop as ``("clap", left, top, right, bottom, coded width, coded
+    height)``, not as public API (pinned: pillow-heif 1.8.1; a test of a cropped pixel bomb
+    fails if it moves).
+    """
+    if image.format == "HEIF":
+        stored = image._heif_file[image.tell()]  # type: ignore[attr-defined]
+        for kind, *values in stored._c_image.transformations:
+            if kind == "clap":
+                return values[4], values[5]
+    return image.size
+
+
+def _container_failure(data: bytes) -> str | None:
+    """Why each of ``CONTAINER_FORMATS`` that claims ``data`` (by its ``ftyp`` brand) cannot open it.
+
+    None when none claims it. Only called once ``Image.open`` has failed, so the plugins fail
+    again, this time keeping their reasons (libavif's and libheif's messages).
+    """
+    reasons = []
+    for fmt in CONTAINER_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept is None or accept(data[:16]) is not True:
+            continue
+        try:
+            factory(io.BytesIO(data)).close()
+        except (OSError, ValueError, SyntaxError) as exc:
+            reasons.append(f"{fmt}: {str(exc).strip()}")
+    return "; ".join(reasons) or None
 
 
 def decode_with_profile(data: bytes, name: str, max_pixels: int) -> DecodedImage:
@@ -321,16 +383,29 @@ def decode_header(header: ImageHeader, max_pixels: int) -> DecodedImage:
 def _upright_rgb(image: Image.Image, name: str) -> tuple[np.ndarray, bytes | None]:
     """``output_colour`` of the loaded, upright ``image``; ``InputError`` naming ``name``."""
     try:
-        image.seek(0)
-        image.load()
-        # JPEG, PNG (iCCP), WebP and TIFF put an embedded profile here; an empty one is none
+        # no seek: Image.open presents the first frame, or a HEIC's primary image, whose size
+        # the header check counted
+        _load(image)
+        # JPEG, PNG (iCCP), WebP, TIFF, HEIC and AVIF (colr) put an embedded profile here;
+        # an empty one is none
         profile = image.info.get("icc_profile") or None
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright already
         return output_colour(image, profile)
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {exc}") from None
+        reason = str(exc).strip()  # libheif's messages end in line breaks
+        raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {reason}") from None
+
+
+def _load(image: Image.Image) -> None:
+    """``image.load()``, with pillow-heif's decode failures (libheif's ``RuntimeError``) as ``ValueError``."""
+    try:
+        image.load()
+    except RuntimeError as exc:
+        if image.format != "HEIF":
+            raise
+        raise ValueError(str(exc)) from None
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:

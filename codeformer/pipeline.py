@@ -32,7 +32,7 @@ from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import device_thread_starter
 from codeformer.progress import Progress
-from codeformer.runtime import Nets, Runtime, pick_device
+from codeformer.runtime import Nets, Runtime, cuda_numerics, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
@@ -84,6 +84,16 @@ class _Call:
     mixed_precision: bool
     cancel: threading.Event | None
     progress: Progress
+    fast_math: bool  # the profile trades precision for speed: on CUDA, TF32 and cuDNN autotuning
+
+    def on_device(self, function: Callable[..., T], device: torch.device) -> Callable[..., T]:
+        """``function`` run with this call's CUDA numerics (``runtime.cuda_numerics``)."""
+
+        def run(*args: Any) -> T:
+            with cuda_numerics(device, self.fast_math):
+                return function(*args)
+
+        return run
 
 
 @dataclass
@@ -336,9 +346,19 @@ class Restorer:
         checked = [_checked_image(index, image, max_pixels) for index, image in enumerate(images)]
         with self.scheduler.caller():
             stages = self.scheduler.call(self._stages_for, options, cancel=cancel)
-            call = _Call(stages, options, self._mixed_precision(options), cancel, progress or Progress())
+            call = _Call(
+                stages,
+                options,
+                self._mixed_precision(options),
+                cancel,
+                progress or Progress(),
+                fast_math=options.profile.mixed_precision,
+            )
+            if not options.profile.use_parse:
+                self.scheduler.finished("parse")  # no parse batch waits for this request's faces
             work = [self._locate_faces(index, image, call) for index, image in enumerate(checked)]
             restored = self._restore_faces(work, call)
+            self.scheduler.finished("restore")
             return [
                 self._finish(index, image, item, faces, call)
                 for index, (image, item, faces) in enumerate(zip(checked, work, restored, strict=True))
@@ -355,7 +375,8 @@ class Restorer:
                 # FaceDetector.detect in its steps: only the net's part on the device thread
                 detector = call.stages.detector
                 pixels, scale = self._image_work(detector.input_for, working, cancel=call.cancel)
-                rows = self.scheduler.call(detector.detect_rows, pixels, scale, cancel=call.cancel)
+                detect_rows = call.on_device(detector.detect_rows, self.device)
+                rows = self.scheduler.call(detect_rows, pixels, scale, cancel=call.cancel)
                 del pixels  # the detector's copy of the image, up to 640 x 10240 x 3, not kept to paste-back
                 detections = detector.detections(rows, self.settings.max_faces)
             with _timed(timings, "align"):
@@ -394,10 +415,10 @@ class Restorer:
         def restore(batch: np.ndarray) -> np.ndarray:
             return call.stages.restorer.restore(batch, fidelity, call.mixed_precision)
 
-        # requests with the same nets, fidelity and precision may share the forward
-        key = ("restore", id(call.stages.restorer), fidelity, call.mixed_precision)
+        # requests with the same nets, fidelity, precision and numerics may share the forward
+        key = ("restore", id(call.stages.restorer), fidelity, call.mixed_precision, call.fast_math)
         try:
-            restored = self.scheduler.batched(key, restore, crops, call.cancel)
+            restored = self.scheduler.batched(key, call.on_device(restore, self.device), crops, call.cancel)
         except torch.OutOfMemoryError as exc:
             # the request's faces share one call: it fails for every image that has faces
             with_faces = [index for index, count in enumerate(counts) if count]
@@ -454,8 +475,16 @@ class Restorer:
                 # FaceParser.masks in its steps: on the device thread ParseNet's labels, or the
                 # masks themselves (gray faces arrive as float64 and batch with gray faces only);
                 # then on the host, the labels' blurs
-                key = ("parse", id(parser), call.mixed_precision, restored.faces.dtype.str, on_device)
-                parsed = self.scheduler.batched(key, parse, restored.faces, call.cancel)
+                key = (
+                    "parse",
+                    id(parser),
+                    call.mixed_precision,
+                    call.fast_math,
+                    restored.faces.dtype.str,
+                    on_device,
+                )
+                parse_on_device = call.on_device(parse, self.device)
+                parsed = self.scheduler.batched(key, parse_on_device, restored.faces, call.cancel)
                 if not on_device:
                     parsed = self._image_work(face_pixels_to_masks, parsed, cancel=call.cancel)
                 masks = FaceMasks(parsed)

@@ -18,7 +18,8 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,31 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+@contextmanager
+def cuda_numerics(device: torch.device, fast_math: bool) -> Iterator[None]:
+    """For one device call: on CUDA, cuDNN autotuning and TF32 on when ``fast_math`` (fast and
+    max_speed, which trade precision already), off otherwise (baseline's official numerics,
+    spec §9.17); back to off after the call. Nothing elsewhere.
+
+    The flags are process-wide; they are safe to set per call because every torch call runs
+    on the scheduler's one device thread, one at a time.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    _set_cuda_fast_math(fast_math)
+    try:
+        yield
+    finally:
+        _set_cuda_fast_math(False)
+
+
+def _set_cuda_fast_math(enabled: bool) -> None:
+    torch.backends.cudnn.benchmark = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 class Runtime:
     def __init__(
         self,
@@ -160,10 +186,8 @@ class Runtime:
                 f"{device}. Unset it or choose another backend"
             )
         if device.type == "cuda":
-            # safe mode promises the official numerics: no autotuned kernels, no TF32 (spec §9.17)
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+            # the official numerics unless a call asks for more (cuda_numerics)
+            _set_cuda_fast_math(False)
 
     @property
     def mixed_precision(self) -> bool:

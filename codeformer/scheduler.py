@@ -10,10 +10,12 @@ arena (``codeformer.host_memory``).
 
 Faces batch across requests: CodeFormer and ParseNet calls that wait at the same stage with
 the same settings (fidelity, precision, input type) go into one forward, up to
-``Settings.face_batch`` faces. When a batch is not full and other requests are still doing
-host work (so may bring faces soon), the scheduler waits up to ``Settings.batch_wait_ms``
-for them; a lone request never waits. On a CPU the face batch is 1 (batching does not pay
-there, see ``config.DEFAULT_FACE_BATCH``), so no wait ever happens.
+``Settings.face_batch`` faces. When a batch is not full and other requests may still bring
+faces to its stage (requests in progress that have not passed it: ``finished``), the batch
+waits up to ``Settings.batch_wait_ms`` from its first call's arrival; a lone request never
+waits, and the device never idles meanwhile: any other queued call runs first. On a CPU
+the face batch is 1 (batching does not pay there, see ``config.DEFAULT_FACE_BATCH``), so no
+wait ever happens.
 
 A batch that fails is run again one request at a time, so that one request's bad input
 cannot fail another's. The retry runs once the failed forward's tensors are freed: an
@@ -111,6 +113,8 @@ class _Job:
     ) -> None:
         self.function, self.payload, self.key, self.cancel = function, payload, key, cancel
         self.size = len(payload) if key is not None else 1
+        self.caller = threading.get_ident()  # jobs are made on their request's thread
+        self.queued_at = time.monotonic()
         self.result: Any = None
         self.error: Exception | None = None
         self.shared = False  # ran in one forward with other callers' jobs
@@ -142,7 +146,8 @@ class DeviceScheduler:
         self._on_broken_device = on_broken_device
         self._queue: list[_Job] = []
         self._condition = threading.Condition()
-        self._callers = 0  # requests inside a ``caller()`` block
+        # requests inside a ``caller()`` block (by thread) -> the stages they have passed
+        self._callers: dict[int, set[Hashable]] = {}
         self._stopping = False
         self._broken: str | None = None  # why every call fails, after a sticky device error
         self.batches_run = 0  # forwards of batchable calls, and the jobs they served (for tests, logs)
@@ -155,16 +160,25 @@ class DeviceScheduler:
 
     @contextmanager
     def caller(self) -> Iterator[None]:
-        """Marks a request in progress: while it does host work, batches may wait for its faces."""
+        """Marks a request in progress on this thread: while it has not passed a stage
+        (``finished``), part-filled batches of that stage may wait for its faces."""
+        ident = threading.get_ident()
         with self._condition:
-            self._callers += 1
+            self._callers[ident] = set()
             self._condition.notify_all()  # the gate counts callers
         try:
             yield
         finally:
             with self._condition:
-                self._callers -= 1
+                del self._callers[ident]
                 self._condition.notify_all()
+
+    def finished(self, stage: Hashable) -> None:
+        """This thread's request brings no more calls of ``stage`` (a batch key's first
+        element): batches of that stage stop waiting for it."""
+        with self._condition:
+            self._callers.get(threading.get_ident(), set()).add(stage)
+            self._condition.notify_all()
 
     def arm_gate(self, requests: int) -> None:
         """Test-only (``Settings.device_gate``; 0 or 1 does nothing): hold the device thread
@@ -243,7 +257,7 @@ class DeviceScheduler:
         """The next jobs to run together (called holding the condition); None when stopping."""
         while True:
             self._drop_cancelled()
-            if self._gate and self._callers >= self._gate:
+            if self._gate and len(self._callers) >= self._gate:
                 self._gate = 0  # opened for good
             # jobs outside any request (set-up's warm-up) never wait for the gate
             if self._queue and not (self._gate and self._callers):
@@ -255,23 +269,22 @@ class DeviceScheduler:
         if first.key is None:
             self._queue.pop(0)
             return [first]
-        deadline = time.monotonic() + self.batch_wait_s
+        # a part-filled batch waits from its first call's arrival, however often others run first
+        deadline = first.queued_at + self.batch_wait_s
         while True:
             group = self._gather(first.key)
-            # requests not queued here are doing host work and may bring faces to this stage
-            others_busy = self._callers > len(self._queue)
-            left = deadline - time.monotonic()
-            if sum(job.size for job in group) >= self.batch_size:
+            left = float("inf") if self._hold_batches else deadline - time.monotonic()
+            if (
+                sum(job.size for job in group) >= self.batch_size
+                or not self._may_bring(first.key, group)
+                or left <= 0
+            ):
                 break
-            if self._hold_batches:
-                # test-only: other requests' unbatchable calls go first, and the batch waits
-                # with no time limit while any request does host work
-                unbatchable = next((job for job in self._queue if job.key is None), None)
-                if unbatchable is not None:
-                    self._queue.remove(unbatchable)
-                    return [unbatchable]
-                left = float("inf")
-            if not others_busy or left <= 0:
+            # the device never idles while a call is ready: the first other queued call runs
+            # (with the calls it batches with) while this batch waits
+            other = next((job for job in self._queue if job not in group), None)
+            if other is not None:
+                group = [other] if other.key is None else self._gather(other.key)
                 break
             self._condition.wait(None if left == float("inf") else left)
             self._drop_cancelled()
@@ -280,6 +293,13 @@ class DeviceScheduler:
         for job in group:
             self._queue.remove(job)
         return group
+
+    def _may_bring(self, key: Hashable, group: list[_Job]) -> bool:
+        """Whether a request in progress may still bring calls with ``key``'s stage: one with
+        no call in ``group`` that has not passed the stage (called holding the condition)."""
+        stage = key[0] if isinstance(key, tuple) and key else key
+        waiting = {job.caller for job in group}
+        return any(ident not in waiting and stage not in passed for ident, passed in self._callers.items())
 
     def _gather(self, key: Hashable) -> list[_Job]:
         """Queued jobs with ``key``, oldest first, up to the batch size (the first always)."""

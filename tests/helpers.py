@@ -20,9 +20,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import cv2
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageCms
 
+import codeformer.imageio  # noqa: F401  (registers pillow-heif's HEIF writer that ``encode`` uses)
 from codeformer.icc import rgb_profile_for_gray
 from codeformer.serving.records import ADMITTED_MARKER, read_records
 from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
@@ -43,7 +46,7 @@ LOOPBACK_SPELLINGS = [
 ]
 # what Cog (coglet 0.23) writes before the text of an exception that failed an async run()
 COG_FAILURE_PREFIX = "Prediction failed: Async prediction failed: "
-PROJECT_ERRORS = ("InputError", "CodeFormerError", "ConfigError")
+PROJECT_ERRORS = ("InputError", "CodeFormerError", "ConfigError", "ShuttingDownError")
 
 
 def project_sentence(error: str) -> str:
@@ -94,6 +97,39 @@ def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
     """A Pillow image -> file bytes in ``fmt`` ("PNG", "JPEG", "TIFF", ...) with Pillow's ``params``."""
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def exif_turned(image: Image.Image, fmt: str, orientation: int = 6, **params: Any) -> bytes:
+    """``image`` stored as it is, tagged with EXIF orientation ``orientation`` (6: turn 90° clockwise).
+
+    JPEG keeps the EXIF tag; Pillow's AVIF and pillow-heif's HEIC encoders move it into the
+    container's ``irot``/``imir`` boxes, as phones do (pillow-heif only from EXIF bytes: given
+    an ``Image.Exif``, it writes the tag alone, which HEIF readers, ours included, ignore).
+    """
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, fmt, exif=exif.tobytes(), **params)
+
+
+def deep_heif(fmt: str, samples: np.ndarray, bits: int) -> bytes:
+    """A HEIC or AVIF storing (H, W) or (H, W, 3) integer ``samples`` in 0..2**bits - 1 with ``bits`` bits.
+
+    HEIC: pillow-heif, from its 16-bit modes (samples in the top bits), lossless; AVIF:
+    OpenCV's libavif encoder, which takes the values as they are (BGR order, at quality 100).
+    """
+    samples = np.ascontiguousarray(samples, dtype=np.uint16)
+    if fmt == "AVIF":
+        pixels = samples[..., ::-1] if samples.ndim == 3 else samples
+        params = [cv2.IMWRITE_AVIF_DEPTH, bits, cv2.IMWRITE_AVIF_QUALITY, 100]
+        ok, data = cv2.imencode(".avif", np.ascontiguousarray(pixels), params)
+        assert ok, "OpenCV could not write the AVIF"
+        return data.tobytes()
+    height, width = samples.shape[:2]
+    mode = "RGB;16" if samples.ndim == 3 else "L;16"
+    heif = pillow_heif.from_bytes(mode, (width, height), (samples << (16 - bits)).astype("<u2").tobytes())
+    buffer = io.BytesIO()
+    heif.save(buffer, quality=-1, chroma=444, bit_depth=bits)
     return buffer.getvalue()
 
 
@@ -184,8 +220,6 @@ def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
 
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
     """Random values on a coarse grid enlarged bicubically: float64 in [0, 1], smooth at ``cells`` scale."""
-    import cv2
-
     coarse = rng.random((cells, cells, *shape[2:]))
     # bicubic overshoots a little; clip so that callers can scale to levels without wrapping
     return np.clip(cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
@@ -234,6 +268,24 @@ def wait_for(read: Callable[[], T], accept: Callable[[T], bool], what: str, time
 
 
 # -- processes racing on one folder ---------------------------------------------------------
+
+
+def run_python(
+    script: str, stdin: str | bytes = b"", env: Mapping[str, str] | None = None, timeout_s: float = 300.0
+) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python process in the project, ``stdin`` on its standard input
+    (text when given text); ``env`` is added to this process's. Fails on a non-zero exit."""
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        input=stdin,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=isinstance(stdin, str),
+        timeout=timeout_s,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
 
 
 def run_python_together(

@@ -31,13 +31,22 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FACELESS_FETCH_TIMEOUT_S
-from helpers import encode, flat_canvas, noise, png_bytes, project_folder, project_sentence
+from helpers import (
+    deep_heif,
+    encode,
+    exif_turned,
+    flat_canvas,
+    noise,
+    png_bytes,
+    project_folder,
+    project_sentence,
+)
 from PIL import Image
 from weights_server import FileServer
 
 from codeformer.errors import CodeFormerError
 from codeformer.serving.client import data_uri
-from codeformer.tools.inputs import png_header_claiming
+from codeformer.tools.inputs import ispe_claiming, png_header_claiming
 from codeformer.tools.local_server import (
     LocalServer,
     closed_port_url,
@@ -228,6 +237,43 @@ def webp_alpha() -> Made:
     pixels = np.zeros((48, 64, 4), np.uint8)
     pixels[..., 3] = 128
     return encode(Image.fromarray(pixels, "RGBA"), "WEBP", lossless=True), np.full((48, 64, 3), 127, np.uint8)
+
+
+def phone_turned(fmt: str) -> Made:
+    # stored landscape with EXIF orientation 6, which the encoders put in the container (irot)
+    stored = stepped(96, 64)
+    return exif_turned(Image.fromarray(stored), fmt, 6, quality=95), np.rot90(stored, k=-1)
+
+
+def heic_primary_of_two() -> Made:
+    # the second image is the primary one: it must be the one restored, at its size
+    first, primary = stepped(), stepped(56, 40, step=60)
+    images = [Image.fromarray(first), Image.fromarray(primary)]
+    return encode(
+        images[0], "HEIF", save_all=True, append_images=images[1:], primary_index=1, quality=95
+    ), primary
+
+
+def animated_avif() -> Made:
+    frames = [stepped(), np.full((48, 64, 3), 40, np.uint8)]
+    images = [Image.fromarray(frame) for frame in frames]
+    return encode(
+        images[0], "AVIF", save_all=True, append_images=images[1:], duration=100, quality=95
+    ), frames[0]
+
+
+def ten_bit(fmt: str) -> Callable[[], Made]:
+    def make() -> Made:
+        # gray levels 4 * stepped: the top 8 bits are stepped's (AVIF's rounding: within one level)
+        levels = stepped()[..., 0].astype(np.uint16) * 4 + 2
+        return deep_heif(fmt, levels, 10), stepped()
+
+    return make
+
+
+def bomb(fmt: str, width: int, height: int) -> bytes:
+    """A small ``fmt`` file whose header claims width x height pixels."""
+    return ispe_claiming(encode(Image.fromarray(stepped()), fmt), width, height)
 
 
 def plain(fmt: str, **params: Any) -> Callable[[], Made]:
@@ -422,6 +468,14 @@ CASES = [
     decodes("webp-lossless", "photo.webp", plain("WEBP", lossless=True)),
     decodes("webp-alpha", "alpha.webp", webp_alpha),
     decodes("bmp", "photo.bmp", plain("BMP")),
+    decodes("heic", "photo.heic", plain("HEIF", quality=95)),
+    decodes("avif", "photo.avif", plain("AVIF", quality=95)),
+    decodes("heic-exif-orientation-6", "turned.heic", lambda: phone_turned("HEIF")),
+    decodes("avif-exif-orientation-6", "turned.avif", lambda: phone_turned("AVIF")),
+    decodes("heic-primary-of-two", "burst.heic", heic_primary_of_two),
+    decodes("avif-animated-first-frame", "anim.avif", animated_avif),
+    decodes("heic-10-bit", "deep.heic", ten_bit("HEIF")),
+    decodes("avif-10-bit", "deep.avif", ten_bit("AVIF")),
     # sizes and aspect ratios
     decodes("1x1", "dot.png", sized(1, 1)),
     decodes("aspect-16-to-1", "wide.png", sized(1024, 64)),
@@ -440,10 +494,25 @@ CASES = [
         lambda: png_header_claiming(100_000, 100_000),
         "100000x100000 is 10000.0 megapixels, over the limit",
     ),
+    refused(
+        "pixel-bomb-header-heic",
+        "bomb.heic",
+        lambda: bomb("HEIF", 20_000, 20_000),
+        "20000x20000 is 400.0 megapixels, over the limit",
+    ),
+    refused(
+        # libavif refuses headers over 16384x16384 itself: this one is under its limit, over ours
+        "pixel-bomb-header-avif",
+        "bomb.avif",
+        lambda: bomb("AVIF", 10_000, 10_000),
+        "10000x10000 is 100.0 megapixels, over the limit",
+    ),
     # unreadable files
     refused("zero-bytes", "empty.jpg", lambda: b"", "the file is empty (0 bytes)"),
     refused("truncated-png", "cut.png", lambda: truncated("PNG"), "cannot decode the image"),
     refused("truncated-jpeg", "cut.jpg", lambda: truncated("JPEG"), "cannot decode the image"),
+    refused("truncated-heic", "cut.heic", lambda: truncated("HEIF"), "cannot decode the image"),
+    refused("truncated-avif", "cut.avif", lambda: truncated("AVIF"), "cannot decode the image"),
     refused("random-bytes", "noise.jpg", lambda: noise(64, 64, seed=1).tobytes(), "not a readable image"),
     refused("text-file", "notes.txt", lambda: b"shopping list:\n- milk\n", "not a readable image"),
     refused(
@@ -709,9 +778,14 @@ def peak_growth_kib(pid: int, send: Callable[[], Answer]) -> tuple[Answer, int]:
     return answer, status_kib(pid, "VmHWM") - before_kib
 
 
-@pytest.mark.parametrize("claimed", [(100_000, 100_000), (30_000, 1)], ids=["bomb", "strip"])
+@pytest.mark.parametrize(
+    ("claimed", "fmt"),
+    # Pillow's AVIF plugin would decode a 10000x10000 frame (300 MB) from the small coded one
+    [((100_000, 100_000), "PNG"), ((30_000, 1), "PNG"), ((10_000, 10_000), "AVIF")],
+    ids=["bomb", "strip", "bomb-avif"],
+)
 def test_oversized_images_leave_the_worker_memory_flat(
-    transport: Transport, claimed: tuple[int, int]
+    transport: Transport, claimed: tuple[int, int], fmt: str
 ) -> None:
     if isinstance(transport, OverHttp):
         assert transport.server.process is not None
@@ -719,8 +793,10 @@ def test_oversized_images_leave_the_worker_memory_flat(
         assert pid is not None, "no coglet worker among the server's children"
     else:
         pid = os.getpid()
-    data = png_header_claiming(*claimed)
-    answer, growth_kib = peak_growth_kib(pid, lambda: transport.send([data_uri(data, name="big.png")], {}))
-    assert answer.error is not None and answer.error.startswith("images[0] (big.png): "), answer
-    record(transport.name, f"memory-{claimed[0]}x{claimed[1]}", "flat", f"peak RSS growth {growth_kib} KiB")
+    data = png_header_claiming(*claimed) if fmt == "PNG" else bomb(fmt, *claimed)
+    name = f"big.{fmt.lower()}"
+    answer, growth_kib = peak_growth_kib(pid, lambda: transport.send([data_uri(data, name=name)], {}))
+    assert answer.error is not None and answer.error.startswith(f"images[0] ({name}): "), answer
+    case = f"memory-{claimed[0]}x{claimed[1]}" + ("" if fmt == "PNG" else f"-{fmt.lower()}")
+    record(transport.name, case, "flat", f"peak RSS growth {growth_kib} KiB")
     assert growth_kib < PIXEL_BOMB_MAX_GROWTH_KIB

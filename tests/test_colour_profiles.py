@@ -62,8 +62,15 @@ def _to_lab(image: Image.Image, profile: bytes) -> np.ndarray:
 # -- RGB: the same profile bytes, the same pixels ---------------------------------------------
 @pytest.mark.parametrize(
     ("fmt", "params"),
-    [("JPEG", {"quality": 95}), ("PNG", {}), ("WEBP", {"lossless": True}), ("TIFF", {})],
-    ids=["jpeg", "png-iCCP", "webp", "tiff"],
+    [
+        ("JPEG", {"quality": 95}),
+        ("PNG", {}),
+        ("WEBP", {"lossless": True}),
+        ("TIFF", {}),
+        ("HEIF", {"quality": 95}),
+        ("AVIF", {"quality": 95}),
+    ],
+    ids=["jpeg", "png-iCCP", "webp", "tiff", "heic", "avif"],
 )
 def test_an_rgb_profile_reaches_the_output_byte_for_byte_and_pixels_stay(fmt: str, params: dict) -> None:
     picture = Image.fromarray(_gradient())
@@ -107,7 +114,9 @@ def test_embedding_refuses_profiles_over_what_a_jpeg_carries() -> None:
 
 
 # -- gray: pixels stay, an RGB profile that shows them as the gray one did -----------------------
-@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "L"), ("JPEG", "L"), ("PNG", "LA")])
+@pytest.mark.parametrize(
+    ("fmt", "mode"), [("PNG", "L"), ("JPEG", "L"), ("PNG", "LA"), ("HEIF", "L"), ("AVIF", "L")]
+)
 def test_a_gray_profile_becomes_an_rgb_profile_that_looks_the_same(fmt: str, mode: str) -> None:
     ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :], 32, axis=0)  # (32, 256): within 16:1
     picture = Image.fromarray(ramp).convert(mode)

@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from codeformer.config import PROJECT_ROOT
+from codeformer.stages import detect
 from codeformer.stages.detect import (
     DETECTOR_MEAN_BGR,
     Detections,
@@ -236,3 +238,37 @@ def test_no_faces_gives_empty_arrays() -> None:
     assert detections.boxes.shape == (0, 4)
     assert detections.scores.shape == (0,)
     assert detections.landmarks.shape == (0, 5, 2)
+
+
+# --- the GPU's detection steps (rows_without_waiting) against the exact ones --------------------
+def _both_paths(detector: FaceDetector, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The face rows of ``rows_exact`` and of ``rows_without_waiting`` for the same net outputs."""
+    pixels, scale = detector.input_for(image)
+    size = (pixels.shape[0], pixels.shape[1])
+    with torch.inference_mode():
+        heads = detector.net(pixels.permute(2, 0, 1).unsqueeze(0).to(torch.float32) - detector._mean)
+        answers = (detector.rows_exact(heads, size, scale), detector.rows_without_waiting(heads, size, scale))
+    exact, without_waiting = (rows[rows[:, 15] > 0].numpy() for rows in answers)
+    return exact, without_waiting
+
+
+@pytest.mark.parametrize("max_candidates", [3, 4, 5, 2048], ids=lambda n: f"max{n}")
+def test_detection_without_waiting_equals_the_exact_steps(
+    max_candidates: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four candidates over the threshold: with room for 3 or 4, the candidates may have run
+    out and the exact steps run again; with 5 or more, the fixed-size steps answer alone."""
+    monkeypatch.setattr(detect, "MAX_CANDIDATES", max_candidates)
+    net, expected = scripted_scene()
+    exact, without_waiting = _both_paths(FaceDetector(net, CPU), np.full((640, 640, 3), 40, np.uint8))
+    assert len(exact) == len(expected)
+    np.testing.assert_array_equal(without_waiting, exact)
+
+
+@pytest.mark.parametrize("photo", ["tests/golden/01/01.jpg", "data/2.jpg", "data/3.jpg"])
+def test_detection_without_waiting_equals_the_exact_steps_on_photos(photo: str, restorer_seed0) -> None:
+    detector = FaceDetector(restorer_seed0.runtime.safe_nets.retinaface, CPU)
+    image = cv2.imread(str(PROJECT_ROOT / photo))
+    exact, without_waiting = _both_paths(detector, image)
+    assert len(exact) > 0
+    np.testing.assert_array_equal(without_waiting, exact)

@@ -77,7 +77,7 @@ class StandInDevice:
         face_scale = min(height, width) / 2 / FACE_SIZE
         landmarks = (TEMPLATE - FACE_SIZE / 2) * face_scale + torch.tensor([width / 2, height / 2])
         box = torch.tensor([width / 4, height / 4, width * 3 / 4, height * 3 / 4, 0.99])
-        return torch.cat([box, landmarks.flatten()]).to(torch.float32)[None]  # (1, 15)
+        return torch.cat([box, landmarks.flatten(), torch.ones(1)]).to(torch.float32)[None]  # (1, 16): a face
 
     def restore_tensor(
         self, restorer: FaceRestorer, crops: torch.Tensor, fidelity: float, mixed_precision: bool

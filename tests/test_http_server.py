@@ -14,18 +14,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from helpers import (
     LOOPBACK_SPELLINGS,
     PROJECT_ROOT,
     colour_tagged_inputs,
+    exif_turned,
     face_photo,
     flat_canvas,
     jpeg_bytes,
     png_bytes,
     project_folder,
     project_sentence,
+    srgb_profile,
     wait_for,
 )
 from PIL import Image
@@ -162,6 +165,29 @@ def test_each_output_carries_the_colour_profile_its_input_kind_gets(running: Run
             assert image.format == "JPEG"
             assert image.info.get("icc_profile") == carried, name
             assert "exif" not in image.info, name
+
+
+def test_heic_and_avif_phone_photos_are_restored_upright_with_their_profile(running: Running) -> None:
+    upright = face_photo(120, 160)  # (160, 120, 3): a portrait, as shown
+    stored = Image.fromarray(np.rot90(upright, k=1))  # as the phone stored it; orientation 6 turns it back
+    profile = srgb_profile()
+    files = {
+        f"phone.{ext}": exif_turned(stored, fmt, 6, quality=95, icc_profile=profile)
+        for fmt, ext in [("HEIF", "heic"), ("AVIF", "avif")]
+    }
+    result = running.client.predict(
+        {"images": [data_uri(data, name=name) for name, data in files.items()], **CHEAP}
+    )
+    assert result.status == "succeeded", result.error
+    assert jpeg_sizes(result) == [(120, 160), (120, 160)]
+    for output, name in zip(result.output_bytes(), files, strict=True):
+        with Image.open(io.BytesIO(output)) as image:
+            assert image.info.get("icc_profile") == profile, name
+            assert "exif" not in image.info, name
+            shown = np.asarray(image.convert("RGB")).astype(int)
+        # upright, not upside down (turned twice) nor mirrored
+        assert np.abs(shown - upright).mean() < np.abs(shown - upright[::-1, ::-1]).mean() / 2, name
+        assert np.abs(shown - upright).mean() < np.abs(shown - upright[:, ::-1]).mean() / 2, name
 
 
 # -- refused by the schema: 422 ------------------------------------------------------------

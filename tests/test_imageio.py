@@ -6,14 +6,15 @@ import re
 
 import cv2
 import numpy as np
+import pillow_heif
 import pytest
-from helpers import encode
+from helpers import deep_heif, encode, exif_turned, run_python
 from PIL import Image
 
 from codeformer.errors import InputError
 from codeformer.imageio import decode_header, decode_image, encode_jpeg, read_header, to_rgb8
 from codeformer.stages.prepare import check_image_size, to_working_image, working_size
-from codeformer.tools.inputs import png_header_claiming
+from codeformer.tools.inputs import ispe_claiming, png_header_claiming
 
 LIMIT = 40_000_000
 
@@ -111,7 +112,7 @@ def test_unreadable_data_is_refused_naming_the_input(data: bytes, expected: str)
         decode_image(data, "upload.jpg", LIMIT)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "HEIF", "AVIF"])
 def test_truncated_files_are_refused(fmt: str) -> None:
     rng = np.random.default_rng(1)
     data = encode(Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)), fmt)
@@ -119,9 +120,36 @@ def test_truncated_files_are_refused(fmt: str) -> None:
         decode_image(data[: len(data) // 2], "cut.img", LIMIT)
 
 
-def test_huge_header_is_refused_before_decoding() -> None:
-    with pytest.raises(InputError, match=r"bomb\.png: 100000x100000 .*over the limit"):
-        decode_image(png_header_claiming(100_000, 100_000), "bomb.png", LIMIT)
+@pytest.mark.parametrize(
+    ("fmt", "stored", "claimed"),
+    [
+        ("PNG", None, (100_000, 100_000)),
+        ("HEIF", (128, 128), (100_000, 100_000)),
+        # x265 codes 64x48 as 64x64, cropped by a clap box: the header shows 64x48 whatever ispe says
+        ("HEIF", (64, 48), (20_000, 20_000)),
+        # libavif itself refuses AVIF headers over 16384x16384 pixels (its imageSizeLimit)
+        ("AVIF", (64, 48), (10_000, 10_000)),
+    ],
+    ids=["png", "heic", "heic-cropped", "avif"],
+)
+def test_huge_header_is_refused_before_decoding(
+    fmt: str, stored: tuple[int, int] | None, claimed: tuple[int, int]
+) -> None:
+    width, height = claimed
+    if stored is None:
+        data = png_header_claiming(width, height)
+    else:
+        data = ispe_claiming(encode(Image.fromarray(_gradient(*stored)), fmt), width, height)
+    with pytest.raises(InputError, match=rf"bomb\.img: {width}x{height} .*over the limit"):
+        decode_image(data, "bomb.img", LIMIT)
+
+
+def test_an_avif_header_over_libavifs_own_limit_is_refused_by_libavif_naming_the_input() -> None:
+    data = ispe_claiming(encode(Image.fromarray(_gradient()), "AVIF"), 20_000, 20_000)
+    with pytest.raises(
+        InputError, match=r"bomb\.avif: cannot decode the image \(truncated or corrupt\?\): AVIF: "
+    ):
+        read_header(data, "bomb.avif")
 
 
 def test_pixel_limit_is_configurable() -> None:
@@ -245,3 +273,86 @@ def test_the_copies_the_pipeline_makes_count_against_the_limit() -> None:
         check_image_size(100, 100, 640 * 640 - 1)
     # working_size computes what the resize makes, without making it
     assert working_size(100, 150) == to_working_image(np.zeros((100, 150, 3), np.uint8))[0].shape[:2]
+
+
+# -- HEIC and AVIF: the same rules as every format -----------------------------------------------
+def _plain(fmt: str, picture: np.ndarray, **params) -> np.ndarray:
+    return decode_image(encode(Image.fromarray(picture), fmt, **params), f"plain.{fmt.lower()}", LIMIT)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_are_turned_by_their_orientation_once(fmt: str) -> None:
+    stored = _gradient(60, 30)  # landscape as stored
+    data = exif_turned(Image.fromarray(stored), fmt, 6, quality=95)
+    assert read_header(data, "phone.img").image.format == fmt
+    decoded = decode_image(data, "phone.img", LIMIT)
+    # turned twice (libheif, then the EXIF tag again) it would be landscape, upside down
+    assert decoded.shape == (60, 30, 3)
+    turned = np.rot90(_plain(fmt, stored, quality=95), k=-1).astype(int)
+    assert np.abs(decoded.astype(int) - turned).mean() < 2.0  # the same coded pixels, turned
+    assert np.abs(decoded.astype(int) - np.rot90(turned, k=2)).mean() > 30
+
+
+def test_a_heic_of_several_images_gives_its_primary_one() -> None:
+    first = Image.fromarray(np.full((48, 64, 3), 40, np.uint8))
+    primary = Image.fromarray(np.full((40, 56, 3), 200, np.uint8))
+    data = encode(first, "HEIF", save_all=True, append_images=[primary], primary_index=1, quality=95)
+    header = read_header(data, "burst.heic")
+    assert header.image.size == (56, 40)  # the header checked is the primary image's
+    assert header.pixel_count == 64 * 64  # coded as 64x64 (x265 pads), cropped: decoding makes 64x64
+    decoded = decode_header(header, LIMIT).pixels
+    assert decoded.shape == (40, 56, 3) and abs(decoded.mean() - 200) < 2
+
+
+def test_an_animated_avif_gives_its_first_frame() -> None:
+    frames = [Image.fromarray(np.full((48, 64, 3), value, np.uint8)) for value in (40, 200)]
+    data = encode(frames[0], "AVIF", save_all=True, append_images=frames[1:], duration=100, quality=95)
+    decoded = decode_image(data, "anim.avif", LIMIT)
+    assert decoded.shape == (48, 64, 3) and abs(decoded.mean() - 40) < 2
+
+
+@pytest.mark.parametrize("gray", [False, True], ids=["rgb", "gray"])
+@pytest.mark.parametrize(("fmt", "bits"), [("HEIF", 10), ("HEIF", 12), ("AVIF", 10), ("AVIF", 12)])
+def test_deep_heic_and_avif_samples_become_8_bits_by_the_stated_rule(fmt: str, bits: int, gray: bool) -> None:
+    """HEIC: the top 8 bits, as 16-bit PNG/TIFF; AVIF: libavif's rounding, within one level of them."""
+    side = 2 ** (bits // 2)  # every level of the depth once, in a square
+    levels = np.arange(2**bits).reshape(side, side)
+    data = deep_heif(fmt, levels if gray else np.repeat(levels[..., None], 3, axis=2), bits)
+    if fmt == "HEIF":
+        stored = pillow_heif.open_heif(data, convert_hdr_to_8bit=False)
+        assert stored.info["bit_depth"] == bits
+        kept = np.asarray(stored.to_pillow()) if gray else np.frombuffer(stored.data, "<u2")
+        stored_levels = kept.reshape(side, side, -1)[..., 0].astype(int) >> (16 - bits)
+    else:
+        stored_levels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).astype(int)
+        stored_levels = stored_levels if gray else stored_levels[..., 0]
+    np.testing.assert_array_equal(stored_levels, levels)  # lossless: the file holds every level
+    decoded = decode_image(data, f"deep.{fmt.lower()}", LIMIT).astype(int)
+    assert (decoded == decoded[..., :1]).all()  # gray stays gray
+    top_bits = levels >> (bits - 8)
+    if fmt == "HEIF":
+        np.testing.assert_array_equal(decoded[..., 0], top_bits)
+    else:
+        np.testing.assert_array_equal(decoded[..., 0], np.rint(levels * 255 / (2**bits - 1)))
+        assert np.abs(decoded[..., 0] - top_bits).max() == 1
+
+
+def test_a_heic_whose_codec_libheif_lacks_is_refused_naming_the_input() -> None:
+    # an AVIF (AV1) relabelled with the HEIC brand: pillow-heif opens it, libheif has no AV1 decoder
+    avif = encode(Image.fromarray(_gradient()), "AVIF")
+    relabelled = avif[:8] + b"heic" + avif[12:]
+    with pytest.raises(InputError, match=r"odd\.heic: cannot decode the image .*AV1"):
+        decode_image(relabelled, "odd.heic", LIMIT)
+
+
+def test_an_avif_of_a_brand_heic_shares_is_read_by_pillow_not_pillow_heif() -> None:
+    """In a fresh process, whose first use of Pillow is ours: pillow-heif goes after Pillow's AVIF plugin."""
+    avif = encode(Image.fromarray(_gradient()), "AVIF")
+    mif1 = avif[:8] + b"mif1" + avif[12:]  # the generic brand both plugins claim
+    script = (
+        "import sys; from codeformer.imageio import read_header, decode_image; "
+        "data = sys.stdin.buffer.read(); "
+        "print(read_header(data, 'x').image.format, decode_image(data, 'x', 10**6).shape)"
+    )
+    shown = run_python(script, stdin=mif1)
+    assert shown.stdout.decode().split() == ["AVIF", "(48,", "64,", "3)"]

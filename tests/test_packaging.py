@@ -5,10 +5,7 @@ a cog that would fetch URL inputs itself."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import cog.types
 import pytest
 import torch
 import yaml
-from helpers import face_photo, png_bytes
+from helpers import face_photo, png_bytes, run_python
 
 from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
@@ -197,17 +194,9 @@ def test_the_image_keeps_every_file_the_server_imports(weights_dir: Path, tmp_pa
         "predictor.serve_request([photo], RequestOptions.parse(0.5, 'baseline', 'safe', 'none'))\n"
         "print(json.dumps([getattr(m, '__file__', None) for m in list(sys.modules.values())]))\n"
     )
-    env = {**os.environ, "CODEFORMER_WEIGHTS_DIR": str(weights_dir), "TMPDIR": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        input=photo,
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_python(
+        script, stdin=photo, env={"CODEFORMER_WEIGHTS_DIR": str(weights_dir), "TMPDIR": str(tmp_path)}
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     files = [Path(name).resolve() for name in json.loads(done.stdout.splitlines()[-1]) if name]
     imported = sorted(
         name

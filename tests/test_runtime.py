@@ -3,13 +3,18 @@ precision and its measured decision, and the compile backend setting."""
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from codeformer.config import STABILITY_MODES, Settings
+from codeformer import pipeline
+from codeformer.config import STABILITY_MODES, RequestOptions, Settings
 from codeformer.errors import ConfigError
-from codeformer.runtime import Nets, Runtime, mixed_precision_pays
+from codeformer.pipeline import Restorer
+from codeformer.runtime import Nets, Runtime, cuda_numerics, mixed_precision_pays
 
 
 def _tiny_nets() -> Nets:
@@ -176,3 +181,46 @@ def test_a_device_thread_gets_cudagraph_trees_of_its_own() -> None:
     thread.join()
     assert seen["had_trees"] is False  # a new thread starts without them
     assert seen["containers"] == {0: seen["container"]}  # the thread's own, used by torch
+
+
+# -- CUDA numerics per call ----------------------------------------------------------------
+def _cuda_flags() -> tuple[bool, bool, bool]:
+    return (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+
+
+@pytest.mark.parametrize("fast_math", [True, False])
+def test_cuda_calls_get_tf32_and_autotuning_only_for_fast_profiles(fast_math: bool) -> None:
+    # the flags can be set without a GPU; what a CUDA call would run under is what they say
+    with cuda_numerics(torch.device("cuda", 0), fast_math):
+        assert _cuda_flags() == (fast_math,) * 3
+    assert _cuda_flags() == (False,) * 3  # back to the official numerics after the call
+
+
+def test_cuda_numerics_leave_other_devices_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with cuda_numerics(torch.device("cpu"), fast_math=False):
+        assert torch.backends.cudnn.benchmark is True
+
+
+def test_each_profiles_device_calls_run_under_its_numerics(
+    faceless_weights_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """baseline's device calls ask for exact numerics, fast's and max_speed's for fast math."""
+    asked: list[bool] = []
+
+    @contextlib.contextmanager
+    def recorded(device: torch.device, fast_math: bool):
+        asked.append(fast_math)
+        yield
+
+    restorer = Restorer.load(faceless_weights_dir, "cpu", Settings.from_env())
+    monkeypatch.setattr(pipeline, "cuda_numerics", recorded)
+    image = np.full((64, 96, 3), 90, np.uint8)
+    for profile, fast_math in (("baseline", False), ("fast", True), ("max_speed", True)):
+        asked.clear()
+        restorer.restore([image], RequestOptions.parse(0.5, profile, "safe", "none"))
+        assert asked and set(asked) == {fast_math}, (profile, asked)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -450,4 +451,104 @@ def test_without_a_gate_nothing_counts_as_shared_for_a_lone_caller() -> None:
 
     run_callers(scheduler, [lone])
     assert counts == [0] and device.batches == [[1.0]]
+    scheduler.stop()
+
+
+def _in_thread(target: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
+
+
+def _joined(*threads: threading.Thread) -> None:
+    for thread in threads:
+        thread.join(HANG_S)
+        assert not thread.is_alive(), "a caller hung"
+
+
+def _wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + HANG_S
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.001)
+
+
+def test_the_device_runs_ready_calls_while_a_batch_waits_for_faces() -> None:
+    """A waits in a part-filled batch for B's faces; B's other calls (a detection, a batch of
+    another key) run meanwhile, then B's faces join A's forward. With a wait of an hour, B's
+    calls finishing at all shows the device did not sit out the wait."""
+    scheduler = DeviceScheduler(batch_size=2, batch_wait_s=3600.0)
+    device = Recorder()
+    a_queued, b_ran_meanwhile = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def request_a() -> None:
+        with scheduler.caller():
+            b_inside.wait(HANG_S)
+            a_queued.set()
+            scheduler.batched(("restore", 1), device, np.array([1.0]))
+            order.append("a restored")
+
+    def request_b() -> None:
+        with scheduler.caller():
+            b_inside.set()
+            a_queued.wait(HANG_S)
+            _wait_until(lambda: len(scheduler._queue) == 1)  # A's faces wait in the queue
+            scheduler.call(lambda: order.append("b detect"))  # unbatchable, queued behind A's batch
+            scheduler.batched(("parse", 1), device, np.array([7.0]))  # another stage's batch
+            b_ran_meanwhile.set()
+            scheduler.batched(("restore", 1), device, np.array([2.0]))
+
+    b_inside = threading.Event()
+    threads = [_in_thread(request_a), _in_thread(request_b)]
+    _joined(*threads)
+    assert b_ran_meanwhile.is_set()
+    assert order[0] == "b detect" and "a restored" in order
+    assert sorted(device.batches[-1]) == [1.0, 2.0]  # A's faces waited and shared with B's
+    assert [7.0] in device.batches
+    scheduler.stop()
+
+
+def test_a_batch_does_not_wait_for_requests_past_its_stage() -> None:
+    """B has passed the restore stage (it is pasting back): A's part-filled restore batch runs
+    at once instead of waiting an hour for faces B will never bring; a batch of the parse
+    stage would still wait for B."""
+    scheduler = DeviceScheduler(batch_size=4, batch_wait_s=3600.0)
+    device = Recorder()
+    b_past_restore, a_done = threading.Event(), threading.Event()
+
+    def request_a() -> None:
+        with scheduler.caller():
+            b_past_restore.wait(HANG_S)
+            scheduler.batched(("restore", 1), device, np.array([1.0]))
+            a_done.set()
+
+    def request_b() -> None:
+        with scheduler.caller():
+            scheduler.finished("restore")
+            b_past_restore.set()
+            a_done.wait(HANG_S)  # B stays in progress until A's batch has run
+
+    _joined(_in_thread(request_a), _in_thread(request_b))
+    assert a_done.is_set() and device.batches == [[1.0]]
+    scheduler.stop()
+
+
+def test_a_batch_waits_at_most_its_wait_from_its_first_call() -> None:
+    """B never brings faces and stays in progress: A's batch runs once the wait has passed."""
+    scheduler = DeviceScheduler(batch_size=4, batch_wait_s=0.05)
+    device = Recorder()
+    a_done = threading.Event()
+
+    def request_a() -> None:
+        with scheduler.caller():
+            scheduler.batched(("restore", 1), device, np.array([1.0]))
+            a_done.set()
+
+    def request_b() -> None:
+        with scheduler.caller():
+            a_done.wait(HANG_S)
+
+    _joined(_in_thread(request_b), _in_thread(request_a))
+    assert a_done.is_set() and device.batches == [[1.0]]
     scheduler.stop()

@@ -3,8 +3,8 @@
 
 Each bad input comes with how the server must answer it: 422 from the schema, or a failed
 prediction whose error names the image and says what is wrong. ``png_header_claiming``
-(a pixel-bomb header) is also sent by the tests of the input boundary. ``gray_icc_profile``
-and ``cmyk_icc_profile`` make the ICC profiles of those kinds that Pillow cannot (its
+and ``ispe_claiming`` (pixel-bomb headers) are also sent by the tests of the input boundary.
+``gray_icc_profile`` and ``cmyk_icc_profile`` make the ICC profiles of those kinds that Pillow cannot (its
 ``ImageCms.createProfile`` makes RGB, L*a*b* and XYZ ones only), for tests and ``bench_stages.py --host``.
 """
 
@@ -58,6 +58,24 @@ def png_header_claiming(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 16))
         + chunk(b"IEND", b"")
     )
+
+
+def ispe_claiming(heif: bytes, width: int, height: int) -> bytes:
+    """A HEIC or AVIF file whose ``ispe`` boxes claim width x height: a pixel-bomb header.
+
+    ``ispe`` (ISO/IEC 23008-12, image spatial extents) is where both formats state an image's
+    size: 4 bytes of size, ``ispe``, 4 of version and flags, then width and height as
+    big-endian 32-bit numbers. Every one is rewritten (a file may hold several images);
+    the coded data stays that of the small original.
+    """
+    claimed = bytearray(heif)
+    at = claimed.find(b"ispe")
+    if at < 4:
+        raise ValueError("no ispe box: not a HEIC or AVIF file")
+    while at != -1:
+        struct.pack_into(">II", claimed, at + 8, width, height)
+        at = claimed.find(b"ispe", at + 4)
+    return bytes(claimed)
 
 
 def _icc_header(device_class: bytes, colour_space: bytes, connection_space: bytes) -> bytes:
