@@ -275,6 +275,30 @@ def test_parser_uploads_the_faces_and_downloads_the_labels_only(
     assert finiteness_checks == ([(CUDA, torch.float16)] * 2 if mixed_precision else [])
 
 
+@pytest.mark.parametrize(("mixed_precision", "stability"), device_variants(use_parse_only=True))
+@pytest.mark.parametrize("face_count", [1, FACES])
+def test_parser_device_masks_upload_the_faces_and_download_the_masks_only(
+    runtime: Runtime,
+    mode: FakeTensorMode,
+    mixed_precision: bool,
+    stability: str,
+    face_count: int,
+    finiteness_checks: list[tuple[torch.device, torch.dtype]],
+) -> None:
+    """``masks_tensor``: ParseNet, the labels and both blurs on CUDA; the labels never cross the bus.
+
+    The host path downloads the (F, 512, 512) labels and blurs them on the host; here the one
+    device->host copy is the float64 masks, whatever the face count.
+    """
+    nets = nets_for(runtime, mode, mixed_precision, stability)
+    with mode:
+        parser = FaceParser(nets.parsenet, CUDA, batch_size=FACE_BATCH)
+    faces = host_tensor(mode, (face_count, FACE_SIZE, FACE_SIZE, 3), torch.uint8)
+    masks, log = run_logged(mode, parser.masks_tensor, faces, mixed_precision)
+    assert_one_copy_each_way(log)
+    assert (masks.device.type, masks.dtype, masks.shape) == ("cpu", torch.float64, faces.shape[:3])
+
+
 def test_device_log_sees_what_the_stage_tests_forbid(mode: FakeTensorMode) -> None:
     """The instrument itself: stray copies, host-made tensors and dtype clashes are all recorded."""
     with mode:
