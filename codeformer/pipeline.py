@@ -47,7 +47,8 @@ DEFAULT_OPTIONS = RequestOptions()  # frozen: safe as a default argument
 
 T = TypeVar("T")
 
-GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])  # spec §5.5: 0.2989 R + 0.5870 G + 0.1140 B
+# docs/reference.md §5.5: 0.2989 R + 0.5870 G + 0.1140 B
+GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class RestoreResult:
     image: np.ndarray  # (H, W, 3) uint8 BGR, the input's size
     faces: list[Face]
     faces_dropped: int  # detections over Settings.max_faces, lowest scores first
-    working_size: tuple[int, int]  # (H, W) the pipeline ran at (spec §4.1)
+    working_size: tuple[int, int]  # (H, W) the pipeline ran at (docs/reference.md §4.1)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
 
 
@@ -142,7 +143,7 @@ def _call(function: Callable[..., T], *args: object, cancel: threading.Event | N
 
 
 def to_gray_faces(faces: np.ndarray) -> np.ndarray:
-    """(F, 512, 512, 3) uint8 BGR -> float64 gray replicated to 3 channels (spec §5.5, no AdaIN)."""
+    """(F, 512, 512, 3) uint8 BGR -> float64 gray on 3 channels (docs/reference.md §5.5, no AdaIN)."""
     gray = faces.astype(np.float64) @ GRAY_WEIGHTS_BGR
     return np.repeat(gray[..., None], 3, axis=-1)
 
@@ -498,7 +499,7 @@ class Restorer:
     @staticmethod
     def _faces_in_input_pixels(item: _ImageWork) -> list[Face]:
         # The official rows are divided by the nominal detector scale, score included
-        # (spec §3 step 11); undo that for the score, and undo the §4.1 enlargement.
+        # (docs/reference.md §3 step 11); undo that for the score, and undo the §4.1 enlargement.
         detector_scale = DETECTOR_SHORT_SIDE / min(item.working.shape[:2])
         det = item.detections
         return [

@@ -1,4 +1,4 @@
-"""Detection post-processing (spec §3): priors, the detector's input, and the post-processing
+"""Detection post-processing (docs/reference.md §3): priors, the detector's input, and the post-processing
 driven by a scripted network whose outputs are chosen by hand (quirks included).
 
 Parity with the official detections under seed-0 weights is in ``tests/test_align.py``
@@ -50,7 +50,7 @@ def test_prior_count(height: int, width: int) -> None:
     expected = sum(2 * math.ceil(height / s) * math.ceil(width / s) for s in (8, 16, 32))
     assert prior_boxes(height, width).shape == (expected, 4)
     if (height, width) == (481, 641):
-        assert expected == 13_096  # the spec's example
+        assert expected == 13_096  # docs/reference.md §2.8's example
 
 
 @pytest.mark.parametrize(("height", "width"), [(481, 641), (45, 70)])
@@ -76,7 +76,7 @@ def test_priors_are_cached_per_shape_on_the_device() -> None:
 def test_truncated_short_side_comes_out_639(short_side: int) -> None:
     scale, new_height, _ = detector_input_size(short_side, 1000)
     assert scale == 640 / short_side
-    assert new_height == 639  # spec §3 step 1: int() truncation of h * scale
+    assert new_height == 639  # docs/reference.md §3 step 1: int() truncation of h * scale
 
 
 def test_detector_input_size_truncates_both_sides() -> None:
@@ -189,7 +189,7 @@ def test_input_is_bgr_minus_mean_without_scaling() -> None:
 
 def test_rows_are_divided_by_the_nominal_scale_score_too() -> None:
     # 1280 x 1280 -> detector input 640 x 640 by INTER_AREA; nominal scale 0.5, so every
-    # coordinate doubles and so does the score (official quirk, spec §3 step 11)
+    # coordinate doubles and so does the score (official quirk, docs/reference.md §3 step 11)
     net, expected = scripted_scene()
     image = np.random.default_rng(0).integers(0, 256, (1280, 1280, 3), dtype=np.uint8)
     detections = FaceDetector(net, CPU).detect(image)

@@ -1,4 +1,5 @@
-"""Face detection (spec §3): RetinaFace on a 640-short-side copy, then the official post-processing.
+"""Face detection (docs/reference.md §3): RetinaFace on a 640-short-side copy, then the official
+post-processing.
 
 Every step follows the official ``get_face_landmarks_5`` with resize 640 and eye-distance
 threshold 5, quirks included: the result rows are divided by the nominal scale (score

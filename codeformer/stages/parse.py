@@ -1,4 +1,4 @@
-"""Face parsing (spec §6.3 step 9 a–f): ParseNet labels of each restored face -> blend mask.
+"""Face parsing (docs/reference.md §6.3 step 9 a–f): ParseNet labels of each restored face -> blend mask.
 
 The masks limit paste-back to skin, features and hair (``FaceMasks``, ``paste_faces``' ``masks``);
 the ``max_speed`` profile skips this stage (§6.4).
@@ -21,7 +21,7 @@ from codeformer.stages.restore import FaceBatchNet, RestoredFaces
 
 logger = logging.getLogger(__name__)
 
-# CelebAMask-HQ classes kept as "face" by the official MASK_COLORMAP (spec §6.3 9c): skin,
+# CelebAMask-HQ classes kept as "face" by the official MASK_COLORMAP (docs/reference.md §6.3 9c): skin,
 # nose, eyeglasses, eyes, brows, ears, mouth, lips, hair (1..13) and earrings (15); not
 # background, hat, necklace, neck or cloth.
 PARSE_FACE_CLASSES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15)
