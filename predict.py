@@ -41,6 +41,7 @@ from codeformer.config import (
 )
 from codeformer.errors import InputError, reported_as_failure
 from codeformer.serving.fetch import check_fetching_deferred, defer_cog_fetching
+from codeformer.serving.lifecycle import InFlight, remove_stale_prediction_dirs, start_sweeper
 from codeformer.serving.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
 from codeformer.serving.records import SETUP_MARKER, record_line
 from codeformer.serving.request import restore_request
@@ -99,6 +100,10 @@ class Predictor(BaseRunner):
         # on SIGTERM and SIGINT); folders of workers that were killed are removed here
         atexit.register(self.output_folders.discard_all)
         stale_output_dirs = remove_orphaned_output_dirs()
+        # predictions in run(), for a drain before a stop (codeformer/serving/lifecycle.py)
+        self.in_flight = InFlight()
+        atexit.register(self.in_flight.remove)
+        start_sweeper(self.remove_stale_folders)  # also when no request comes
         # measured here on a CPU, not in a request
         fast_dtype = (
             str(autocast_dtype(self.restorer.device)).removeprefix("torch.")
@@ -179,16 +184,19 @@ class Predictor(BaseRunner):
         request_start = time.perf_counter()
         cancel = threading.Event()
         try:
-            if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
-                raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
-            # options first, parsed once: a request that cannot run should not pay for downloads
-            options = RequestOptions.parse(
-                codeformer_fidelity, runtime_profile, stability_mode, compile_backend
-            )
-            self.restorer.check_options(options)
-            # to_thread copies the context: coglet routes the thread's log lines and metrics to
-            # this prediction
-            return await asyncio.to_thread(self.serve_request, list(images), options, cancel, request_start)
+            with self.in_flight.request(cancel):  # fails at once while the replica drains
+                if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
+                    raise InputError(f"images: send {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
+                # options first, parsed once: a request that cannot run should not pay for downloads
+                options = RequestOptions.parse(
+                    codeformer_fidelity, runtime_profile, stability_mode, compile_backend
+                )
+                self.restorer.check_options(options)
+                # to_thread copies the context: coglet routes the thread's log lines and metrics
+                # to this prediction
+                return await asyncio.to_thread(
+                    self.serve_request, list(images), options, cancel, request_start
+                )
         except asyncio.CancelledError:
             # a real cancel: the thread stops at its next device call, holds no output, and
             # frees its pixels
@@ -208,7 +216,7 @@ class Predictor(BaseRunner):
         files and its figures as the prediction's metrics."""
         from codeformer.scheduler import check_cancel
 
-        self.output_folders.discard_expired()
+        self.remove_stale_folders()
         restored = restore_request(self.restorer, images, options, cancel, PROJECT_ROOT, request_start)
         check_cancel(cancel)  # nobody will read the files of a cancelled request
         output_dir = new_output_dir()
@@ -222,3 +230,8 @@ class Predictor(BaseRunner):
         for name, value in restored.metrics.items():
             self.record_metric(name, value)
         return outputs
+
+    def remove_stale_folders(self) -> None:
+        """Remove this worker's output folders that Cog has read, and coglet's stale prediction folders."""
+        self.output_folders.discard_expired()
+        remove_stale_prediction_dirs(self.in_flight.oldest_start())

@@ -4,7 +4,7 @@
         [--profiles baseline,fast,max_speed] [--stability-modes safe,optimized]
         [--backends none,eager,aot_eager,inductor,cudagraphs]
         [--port 5000] [--weights-dir DIR | --weights-url URL | --random-weights]
-        [--server-env KEY=VALUE ...] [--output benchmarks/last_bench_single_image.json]
+        [--server-env KEY=VALUE ...] [--output benchmarks/results/bench_single_image.json]
 
 Every combination that applies on this machine gets a fresh server (``python -m
 codeformer.serving.serve`` on ``--port``), so that its cold figures are real: process start to
@@ -42,7 +42,7 @@ from codeformer.tools import load, plans, reports
 log = logging.getLogger("benchmarks.bench_single_image")
 
 DEFAULT_IMAGE = harness.PROJECT_ROOT / "data" / "1.jpg"
-DEFAULT_OUTPUT = harness.PROJECT_ROOT / "benchmarks" / "last_bench_single_image.json"
+DEFAULT_OUTPUT = harness.RESULTS_DIR / "bench_single_image.json"
 SERVER_LOG_DIR = harness.RESULTS_DIR / "bench_single_image"
 # the two cold winners (plans.COLD_FIGURES): the report's key, the table's words, digits shown
 BEST_COLD_LINES = (

@@ -30,6 +30,11 @@ how many each request restored); ``--weights-dir`` for real ones. Checks:
   mask) with baseline/safe on the device: a mean absolute difference of 8 levels fails it;
 - per-stage warm ms p50/p95 per request, host part (decode, prepare, align, paste, resize,
   encode) apart from device part (detect, restore, parse); peak GPU memory (not on CPU).
+- before the configurations (in process only), each stage moved to the device against its
+  host version on the photos' aligned faces (``codeformer.tools.stage_checks``): today the
+  parse masks, given the same ParseNet labels: ms per face both ways (``--repeats`` timed
+  calls each) and the difference, which fails the run beyond the stage bound (>= 99.99% of
+  values within 1 level, none beyond 2).
 
 ``--server``: the same checks through the Cog HTTP server (``ServerChecker``: one server
 per compile backend; the photos only, at fidelity 0.5; per-request latency, the server's
@@ -47,7 +52,9 @@ started; what was measured is written, configurations left out get SKIP.
 Output: a line per configuration on stdout (``PASS``/``FAIL``/``SKIP``, figures) and one JSON,
 rewritten (atomically) as each configuration ends, so that a run stopped from outside leaves
 what it measured: ``finished``, ``environment``, ``device``, ``weights``, ``images``,
-``cases``, ``bounds``, ``not_run``, ``pending`` (not reached yet) and ``configs``: ``name``,
+``cases``, ``bounds``, ``stages`` {stage: {faces, host_ms_per_face, device_ms_per_face,
+max_levels, within_one_level, within_bound, bound} or {error}}, ``not_run``, ``pending`` (not
+reached yet) and ``configs``: ``name``,
 ``verdict``, ``reasons``, ``timed_passes``, ``stages_ms`` {stage: {p50, p95, ..}; ``request``
 = the whole}, ``host_ms``, ``device_ms``, ``peak_gpu_mb``, ``compiles_after_warmup``,
 ``graphs_compiled`` (set-up included), ``compiles_in_requests``, ``prepare_optimized_ms``
@@ -85,7 +92,7 @@ from codeformer.config import Configuration
 from codeformer.errors import ConfigError
 from codeformer.imageio import encode_jpeg
 from codeformer.serving.client import ServerError
-from codeformer.tools import load, plans, reports
+from codeformer.tools import load, plans, reports, stage_checks
 from codeformer.tools.gpu_checks import (
     BOUNDS,
     FIDELITY,
@@ -211,6 +218,31 @@ class Checker:
 
     def close(self) -> None:
         """Nothing to release: the restorers go with the process (``ServerChecker`` stops a server)."""
+
+    def stage_checks(self, paths: list[Path]) -> dict[str, Any]:
+        """The stages moved to the device, each against its host version on the photos' faces.
+
+        Its own copies of the nets (the configurations' Restorers come and go per backend):
+        ``parse_masks``, ``stage_checks.parse_mask_stage`` on the aligned crops, or the error
+        that stopped it.
+        """
+        from codeformer import weights
+        from codeformer.config import Settings
+
+        try:
+            settings = Settings.from_env(self.device.type, max_faces=self.args.max_faces)
+            _, retinaface, parsenet = (
+                net.to(self.device) for net in weights.load_nets(self.weights_dir, settings)
+            )
+            photos = [decode(path.read_bytes()) for path in paths]
+            faces = stage_checks.photo_face_crops(retinaface, self.device, photos, self.args.max_faces)
+            if not len(faces):
+                return {"parse_masks": {"error": "no face found in the photos", "within_bound": False}}
+            return {
+                "parse_masks": stage_checks.parse_mask_stage(parsenet, self.device, faces, self.args.repeats)
+            }
+        except Exception as exc:  # a check tool reports each failure and goes on to the next one
+            return {"parse_masks": {"error": f"{type(exc).__name__}: {exc}", "within_bound": False}}
 
     def fits(self, expected_s: float) -> bool:
         return time.monotonic() + expected_s < self.deadline
@@ -442,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": args.budget_s,
             "bounds": BOUNDS,
         }
+        # in process only: the moved stages, device against host (the server shows neither)
+        head["stages"] = {} if args.server else checker.stage_checks(paths)
+        for name, stage in head["stages"].items():
+            print(stage_checks.stage_line(name, stage), flush=True)
         progress = ProgressReport(head, configs, args.output, started)
         reference: list[np.ndarray] = []  # baseline/safe's outputs on the device
         for config in configs:
@@ -469,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not run (budget {args.budget_s:.0f} s): {' '.join(report['not_run'])}")
     print(f"wrote {reports.portable_path(args.output)}")
     failed = any(outcome.verdict == "FAIL" for outcome in outcomes) or bool(sweep and sweep["reasons"])
+    failed = failed or not all(stage["within_bound"] for stage in report["stages"].values())
     return EXIT_FAILED if failed else 0
 
 

@@ -29,7 +29,8 @@ class Profile:
 
     name: str
     mixed_precision: bool  # fp16 autocast on CUDA, bf16 on CPU
-    use_parse: bool  # ParseNet mask in paste-back (spec §6.3 step 9) or the plain soft mask (§6.4)
+    # ParseNet mask in paste-back (docs/reference.md §6.3 step 9) or the plain soft mask (§6.4)
+    use_parse: bool
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,10 @@ class DeviceBrokenError(CodeFormerError):
     """
 
 
+class ShuttingDownError(CodeFormerError):
+    """A prediction arrived while its replica drains before a stop: send it to another replica."""
+
+
 class RequestCancelled(CodeFormerError):
     """The request was cancelled (its cancel flag was set) before its work finished."""
 

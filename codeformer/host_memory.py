@@ -1,51 +1,17 @@
 """glibc's malloc set up for a ``Restorer``: freed memory kept for reuse, not page-faulted in again.
 
 ``device_thread_starter`` makes the settings for a ``Restorer`` on a device and says how its
-``DeviceScheduler`` starts the device thread (the one thread that runs every device call, the
-forwards and their tensors, whoever asks: ``codeformer.scheduler``). Nothing is changed under
+``DeviceScheduler`` starts the device thread (``codeformer.scheduler``). Nothing changes under
 another C library (musl) or with ``Settings.retained_memory_mb`` 0.
 
-CPU: the device thread is started as a thread glibc put on its main arena
-(``start_on_main_arena``), and glibc is told to serve every block from that arena's heap and
-to keep up to ``Settings.retained_memory_mb`` of freed memory there (``mallopt``:
-``M_ARENA_MAX=1``, ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``).
+- CPU: the device thread runs on glibc's main arena (``start_on_main_arena``: threads are
+  started until one reports it), every block is served from that arena's heap, and up to
+  ``retained_memory_mb`` of freed memory stays there (``mallopt``: ``M_ARENA_MAX=1``,
+  ``M_MMAP_MAX=0``, ``M_TRIM_THRESHOLD``), so a forward's activations are not faulted in again.
+- Off the CPU: a plain device thread; the requests' host buffers are kept in each arena's heap
+  instead (``keep_host_work_memory``: mmap threshold fixed at 32 MB, up to 64 MB kept per arena).
 
-Off the CPU (a GPU, whose activations live in device memory): the device thread is a plain
-thread, and the settings are for the requests' host work instead (``keep_host_work_memory``).
-A request decodes, prepares, aligns, pastes back and encodes on its own thread, in buffers
-the size of its image, and frees them all when it ends. glibc's defaults give most of that
-back to the system: blocks over its mmap threshold (which adapts, up to 32 MB) are mapped
-afresh and unmapped on ``free``, and a heap whose free top exceeds twice that threshold is
-trimmed; the next request page-faults (and the kernel zeroes) its buffers again. So the mmap
-threshold is fixed at 32 MB (glibc's largest, half its 64 MB heap size), which serves every
-block up to that from an arena's heap, and each arena keeps up to 64 MB of freed memory at its
-top (``M_TRIM_THRESHOLD``; less if ``Settings.retained_memory_mb`` is lower). The cost: each
-arena that served requests stays up to 64 MB larger than what is in use; a worker's request
-threads (up to cog.yaml's ``concurrency.max`` at once) and the device thread each have one,
-and blocks over 32 MB (the buffers of large photos) are still mapped and returned as before.
-
-Why the CPU settings: a CodeFormer forward at 512x512 allocates and frees gigabytes of
-activations, many of them larger than glibc's largest mmap threshold (32 MB). By default
-glibc maps each such block afresh and unmaps it on ``free``, so every forward page-faults (and
-the kernel zeroes) all of it again; kept in the heap, the same forward computes the same
-numbers without those faults, and in less time. Only the main arena can keep them: any other
-arena grows in 64 MB heaps, and a block that does not fit one is mapped with ``mmap`` whatever
-``M_MMAP_MAX`` says (sysmalloc's fallback). Cog calls ``run()`` on threads it made before
-``setup()``, each with an arena of its own: there every forward faulted again. One arena also
-keeps the worker from growing: freed pages pile up per arena, so a long run grows the worker
-with glibc's default arenas and stays flat with one.
-
-How the thread is found: a new thread takes a free arena of an ended thread first, then a new
-arena while glibc's limit allows, then the existing arenas in turn. ``M_ARENA_MAX=1`` sets that
-limit only if the process never needed more than 8 arenas (glibc then fixes it at 8 per core),
-and threads that already have an arena keep it; ``MALLOC_ARENA_MAX`` in the environment acts
-only at process start, which a Cog deployment does not control. So threads are started until
-one reports the main arena; the others are held meanwhile, so that each try meets another arena
-(in the Cog worker, without ``MALLOC_ARENA_MAX``, the first try lands there).
-
-The cost on a CPU: the process stays at its peak heap (reached with the first face), at most
-``retained_memory_mb`` above what is in use. README's Benchmarks section has the fault counts,
-times and soak growth, with their commands.
+Why, what it costs, and how the main arena is found: docs/host-memory.md.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from codeformer.runtime import Nets, Runtime, cuda_numerics, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
 from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
-from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks
+from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks, masks_on_device
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
 from codeformer.stages.restore import FaceRestorer, RestoredFaces
@@ -47,7 +47,8 @@ DEFAULT_OPTIONS = RequestOptions()  # frozen: safe as a default argument
 
 T = TypeVar("T")
 
-GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])  # spec §5.5: 0.2989 R + 0.5870 G + 0.1140 B
+# docs/reference.md §5.5: 0.2989 R + 0.5870 G + 0.1140 B
+GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class RestoreResult:
     image: np.ndarray  # (H, W, 3) uint8 BGR, the input's size
     faces: list[Face]
     faces_dropped: int  # detections over Settings.max_faces, lowest scores first
-    working_size: tuple[int, int]  # (H, W) the pipeline ran at (spec §4.1)
+    working_size: tuple[int, int]  # (H, W) the pipeline ran at (docs/reference.md §4.1)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
 
 
@@ -142,7 +143,7 @@ def _call(function: Callable[..., T], *args: object, cancel: threading.Event | N
 
 
 def to_gray_faces(faces: np.ndarray) -> np.ndarray:
-    """(F, 512, 512, 3) uint8 BGR -> float64 gray replicated to 3 channels (spec §5.5, no AdaIN)."""
+    """(F, 512, 512, 3) uint8 BGR -> float64 gray on 3 channels (docs/reference.md §5.5, no AdaIN)."""
     gray = faces.astype(np.float64) @ GRAY_WEIGHTS_BGR
     return np.repeat(gray[..., None], 3, axis=-1)
 
@@ -203,7 +204,8 @@ class Restorer:
         self.scheduler = DeviceScheduler(self.settings.face_batch, batch_wait_s, start_thread=start)
         weakref.finalize(self, self.scheduler.stop)  # the thread ends with the Restorer, or at exit
         # Image-sized host work around device calls (the detector's resize, the parse masks'
-        # blurs): on a GPU on the request's thread, so that the device serves others meanwhile.
+        # blurs where they stay on the host, masks_on_device): on a GPU on the request's thread,
+        # so that the device serves others meanwhile.
         # On a CPU the device is the CPU anyway, and on the device thread the work's buffers
         # reuse the memory glibc's main arena keeps; a request thread's arena cannot (with
         # several large images at once, the peak grew past the README's bound).
@@ -315,7 +317,8 @@ class Restorer:
         restore = stages.restorer.restore
         restored = self.scheduler.call(restore, canvas[None], options.fidelity, mixed_precision)
         if options.profile.use_parse:
-            self.scheduler.call(stages.parser.masks, RestoredFaces(restored), mixed_precision)
+            on_device = masks_on_device(self.device, options.profile)
+            self.scheduler.call(stages.parser.masks, RestoredFaces(restored), mixed_precision, on_device)
         return (time.perf_counter() - start) * 1000.0
 
     def restore(
@@ -461,23 +464,31 @@ class Restorer:
         restored = RestoredFaces(to_gray_faces(faces.faces)) if item.gray else faces
         masks = None
         if call.options.profile.use_parse:
+            parser = call.stages.parser
+            on_device = masks_on_device(self.device, call.options.profile)
 
-            def labels(batch: np.ndarray) -> np.ndarray:
-                return call.stages.parser.labels(batch, call.mixed_precision)
+            def parse(batch: np.ndarray) -> np.ndarray:
+                if on_device:  # labels and blurs on the device, the masks downloaded once
+                    return parser.device_masks(batch, call.mixed_precision)
+                return parser.labels(batch, call.mixed_precision)
 
             with _timed(timings, "parse"):
-                # FaceParser.masks in its steps: ParseNet's labels on the device thread (gray faces
-                # arrive as float64 and batch with gray faces only), then the masks' blurs
+                # FaceParser.masks in its steps: on the device thread ParseNet's labels, or the
+                # masks themselves (gray faces arrive as float64 and batch with gray faces only);
+                # then on the host, the labels' blurs
                 key = (
                     "parse",
-                    id(call.stages.parser),
+                    id(parser),
                     call.mixed_precision,
                     call.fast_math,
                     restored.faces.dtype.str,
+                    on_device,
                 )
-                labels_on_device = call.on_device(labels, self.device)
-                face_pixels = self.scheduler.batched(key, labels_on_device, restored.faces, call.cancel)
-                masks = FaceMasks(self._image_work(face_pixels_to_masks, face_pixels, cancel=call.cancel))
+                parse_on_device = call.on_device(parse, self.device)
+                parsed = self.scheduler.batched(key, parse_on_device, restored.faces, call.cancel)
+                if not on_device:
+                    parsed = self._image_work(face_pixels_to_masks, parsed, cancel=call.cancel)
+                masks = FaceMasks(parsed)
         with _timed(timings, "paste"):
             output = paste_faces(item.working, restored, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:
@@ -488,7 +499,7 @@ class Restorer:
     @staticmethod
     def _faces_in_input_pixels(item: _ImageWork) -> list[Face]:
         # The official rows are divided by the nominal detector scale, score included
-        # (spec §3 step 11); undo that for the score, and undo the §4.1 enlargement.
+        # (docs/reference.md §3 step 11); undo that for the score, and undo the §4.1 enlargement.
         detector_scale = DETECTOR_SHORT_SIDE / min(item.working.shape[:2])
         det = item.detections
         return [

@@ -137,7 +137,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 def cuda_numerics(device: torch.device, fast_math: bool) -> Iterator[None]:
     """For one device call: on CUDA, cuDNN autotuning and TF32 on when ``fast_math`` (fast and
     max_speed, which trade precision already), off otherwise (baseline's official numerics,
-    spec §9.17); back to off after the call. Nothing elsewhere.
+    docs/reference.md §9.17); back to off after the call. Nothing elsewhere.
 
     The flags are process-wide; they are safe to set per call because every torch call runs
     on the scheduler's one device thread, one at a time.

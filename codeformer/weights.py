@@ -1,6 +1,6 @@
 """The three weight files: where they come from, how they are fetched, how they load.
 
-Spec: REFERENCE.md §1. Each file is looked up in one folder (an explicit argument, else
+Spec: docs/reference.md §1. Each file is looked up in one folder (an explicit argument, else
 ``Settings.weights_dir``: ``CODEFORMER_WEIGHTS_DIR`` or ``weights/`` at the project root)
 and downloaded on first use from its official release URL, or from ``Settings.weights_url``
 (``CODEFORMER_WEIGHTS_URL``) + file name when a mirror is set. A download goes to a
@@ -67,7 +67,7 @@ class WeightFile:
 
     net: str  # short name, the key of WEIGHT_FILES
     name: str  # file name, in the weights folder and at the end of the URL
-    url: str  # official release URL (spec §1)
+    url: str  # official release URL (docs/reference.md §1)
     container: Container  # "params_ema": {"params_ema": sd}; "module.": keys prefixed; "flat": bare sd
     net_class: str  # class in codeformer.nets
 
@@ -333,7 +333,7 @@ def checkpoint_filter_fn(checkpoint: object, weight: WeightFile) -> OrderedDict[
             f"{weight.name} holds a {type(checkpoint).__name__}, not a dict of tensors "
             f"(expected layout: {_layout(weight)})"
         )
-    # Only the EMA weights are used for inference (spec §1); the training "params" entry is not.
+    # Only the EMA weights are used for inference (docs/reference.md §1); the training "params" entry is not.
     state_dict = checkpoint.get("params_ema", checkpoint)
     if not isinstance(state_dict, Mapping):
         raise WeightsError(f"{weight.name}: 'params_ema' is a {type(state_dict).__name__}, not a state dict")
@@ -350,7 +350,8 @@ def checkpoint_filter_fn(checkpoint: object, weight: WeightFile) -> OrderedDict[
         cleaned[name] = value
     # The new dict carries no `_metadata`: the saved per-module versions were recorded
     # under the prefixed names and no longer apply, and without them BatchNorm accepts a
-    # file that lacks `num_batches_tracked` (spec §1 caveat; the counter never affects inference).
+    # file that lacks `num_batches_tracked` (docs/reference.md §1 caveat; the counter never affects
+    # inference).
     return cleaned
 
 

@@ -67,6 +67,8 @@ CONVOLUTION_OPS = ("aten.conv2d", "aten.convolution")
 
 
 DIVISION_OPS = ("aten.div", "aten.div_")
+# ops whose output size depends on the data: on CUDA the host waits for the device to know it
+DATA_DEPENDENT_OPS = ("aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "torchvision.nms")
 
 
 def _inexact_on_cuda(numerator: torch.Tensor, divisor: object) -> bool:
@@ -91,7 +93,9 @@ class DeviceLog(TorchDispatchMode):
 
     ``uploads``/``downloads``: copies host->device and device->host (``_to_copy``, ``copy_``);
     ``host_ops``: every other op with a CPU tensor among its inputs or outputs (a tensor
-    made or computed on the host); ``dtype_clashes``: convolutions whose input and weight
+    made or computed on the host); ``waits``: ops on CUDA tensors whose output size depends
+    on the data (nonzero, a boolean index, NMS, ``.item()``), each a wait for the device;
+    ``dtype_clashes``: convolutions whose input and weight
     dtypes differ, which CUDA refuses but fake tensors let through; ``inexact_divisions``:
     CUDA float tensors divided by a host number that is not a power of two, which CUDA
     computes as a multiply by the reciprocal and so can differ from the CPU in the last bit.
@@ -103,6 +107,7 @@ class DeviceLog(TorchDispatchMode):
     dtype_clashes: list[str] = field(default_factory=list)
     convolution_dtypes: list[torch.dtype] = field(default_factory=list)
     inexact_divisions: list[str] = field(default_factory=list)
+    waits: list[str] = field(default_factory=list)  # data-dependent ops on CUDA tensors (a sync each)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -123,6 +128,11 @@ class DeviceLog(TorchDispatchMode):
             (self.uploads if source == "cpu" else self.downloads).append(name)
         elif "cpu" in inputs + outputs and name != "prim.device":
             self.host_ops.append(name)
+        boolean_index = name == "aten.index" and any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in tree_leaves(args[1:])
+        )
+        if (name in DATA_DEPENDENT_OPS or boolean_index) and "cuda" in inputs:
+            self.waits.append(name)
         if name in DIVISION_OPS and _inexact_on_cuda(*args[:2]):
             self.inexact_divisions.append(f"{name} by {args[1]}")
         if name in CONVOLUTION_OPS:

@@ -46,7 +46,7 @@ LOOPBACK_SPELLINGS = [
 ]
 # what Cog (coglet 0.23) writes before the text of an exception that failed an async run()
 COG_FAILURE_PREFIX = "Prediction failed: Async prediction failed: "
-PROJECT_ERRORS = ("InputError", "CodeFormerError", "ConfigError")
+PROJECT_ERRORS = ("InputError", "CodeFormerError", "ConfigError", "ShuttingDownError")
 
 
 def project_sentence(error: str) -> str:
@@ -268,6 +268,24 @@ def wait_for(read: Callable[[], T], accept: Callable[[T], bool], what: str, time
 
 
 # -- processes racing on one folder ---------------------------------------------------------
+
+
+def run_python(
+    script: str, stdin: str | bytes = b"", env: Mapping[str, str] | None = None, timeout_s: float = 300.0
+) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python process in the project, ``stdin`` on its standard input
+    (text when given text); ``env`` is added to this process's. Fails on a non-zero exit."""
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        input=stdin,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=isinstance(stdin, str),
+        timeout=timeout_s,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
 
 
 def run_python_together(

@@ -1,7 +1,7 @@
 """The official pipeline's way of computing, rebuilt on our nets: an oracle for tests, a yardstick for timing.
 
 Same numbers as our ``baseline`` (the parity tests prove that), computed the way the
-official helper does it (spec REFERENCE.md): priors rebuilt in Python for every photo,
+official helper does it (docs/reference.md): priors rebuilt in Python for every photo,
 post-processing in NumPy, one face per CodeFormer and ParseNet forward, and paste-back by
 five whole-canvas OpenCV passes per face. ``test_paste.py`` uses ``reference_canvas`` as the
 plain transcription that the region-local paste must equal; ``benchmarks/bench_stages.py``
@@ -32,7 +32,7 @@ PARSE_BLUR = ((101, 101), 11)
 
 
 def reference_parse_mask(logits: np.ndarray) -> np.ndarray:
-    """(19, 512, 512) ParseNet logits -> (512, 512) float64 mask (spec §6.3 9 b–f)."""
+    """(19, 512, 512) ParseNet logits -> (512, 512) float64 mask (docs/reference.md §6.3 9 b–f)."""
     labels = logits.argmax(axis=0)
     parse_mask = np.where(np.isin(labels, list(PARSE_FACE_CLASSES)), 255.0, 0.0)
     parse_mask = cv2.GaussianBlur(parse_mask, *PARSE_BLUR)
@@ -122,7 +122,7 @@ def official_detect(net: torch.nn.Module, working: np.ndarray) -> np.ndarray:
     rows = rows[kept.numpy()] / scale
     landmarks = []
     for row in rows:
-        # the official eye-distance filter, with its column bug (spec §3 step 12)
+        # the official eye-distance filter, with its column bug (docs/reference.md §3 step 12)
         if np.sqrt((row[6] - row[8]) ** 2 + (row[7] - row[9]) ** 2) >= detect.EYE_DISTANCE_THRESHOLD:
             landmarks.append(row[5:15].reshape(5, 2))
     return np.array(landmarks, np.float32).reshape(-1, 5, 2)

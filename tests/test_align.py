@@ -1,4 +1,4 @@
-"""Alignment geometry (spec §4.2-4.4, §6.1), and parity of detection and alignment with the
+"""Alignment geometry (docs/reference.md §4.2-4.4, §6.1), and parity of detection and alignment with the
 official pipeline's golden files under seed-0 weights.
 """
 
@@ -122,7 +122,7 @@ def test_outside_the_image_is_filled_with_the_border_colour() -> None:
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     far_away = similarity(1.0, 0.0, 5000.0, 5000.0)[None]
     (crop,) = warp_crops(image, far_away)
-    # the official crop's constant border, BGR (REFERENCE.md: borderValue=(135, 133, 132))
+    # the official crop's constant border, BGR (docs/reference.md §4.4: borderValue=(135, 133, 132))
     assert (crop == np.array([135, 133, 132], dtype=np.uint8)).all()
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from codeformer.config import Settings
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError, reported_as_failure
+from codeformer.serving.lifecycle import InFlight
 from codeformer.serving.outputs import OutputFolders
 from codeformer.serving.serve import runner_concurrency
 from predict import MAX_CONCURRENT_REQUESTS, PROJECT_ROOT, Predictor
@@ -88,6 +89,7 @@ def stand_in_predictor() -> Predictor:
     predictor = Predictor()
     predictor.restorer = SimpleNamespace(check_options=lambda options: None, settings=Settings())  # type: ignore[assignment]
     predictor.output_folders = OutputFolders()
+    predictor.in_flight = InFlight()
     return predictor
 
 

@@ -1,4 +1,4 @@
-"""Detection post-processing (spec §3): priors, the detector's input, and the post-processing
+"""Detection post-processing (docs/reference.md §3): priors, the detector's input, and the post-processing
 driven by a scripted network whose outputs are chosen by hand (quirks included).
 
 Parity with the official detections under seed-0 weights is in ``tests/test_align.py``
@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from codeformer.config import PROJECT_ROOT
+from codeformer.stages import detect
 from codeformer.stages.detect import (
     DETECTOR_MEAN_BGR,
     Detections,
@@ -48,7 +50,7 @@ def test_prior_count(height: int, width: int) -> None:
     expected = sum(2 * math.ceil(height / s) * math.ceil(width / s) for s in (8, 16, 32))
     assert prior_boxes(height, width).shape == (expected, 4)
     if (height, width) == (481, 641):
-        assert expected == 13_096  # the spec's example
+        assert expected == 13_096  # docs/reference.md §2.8's example
 
 
 @pytest.mark.parametrize(("height", "width"), [(481, 641), (45, 70)])
@@ -74,7 +76,7 @@ def test_priors_are_cached_per_shape_on_the_device() -> None:
 def test_truncated_short_side_comes_out_639(short_side: int) -> None:
     scale, new_height, _ = detector_input_size(short_side, 1000)
     assert scale == 640 / short_side
-    assert new_height == 639  # spec §3 step 1: int() truncation of h * scale
+    assert new_height == 639  # docs/reference.md §3 step 1: int() truncation of h * scale
 
 
 def test_detector_input_size_truncates_both_sides() -> None:
@@ -187,7 +189,7 @@ def test_input_is_bgr_minus_mean_without_scaling() -> None:
 
 def test_rows_are_divided_by_the_nominal_scale_score_too() -> None:
     # 1280 x 1280 -> detector input 640 x 640 by INTER_AREA; nominal scale 0.5, so every
-    # coordinate doubles and so does the score (official quirk, spec §3 step 11)
+    # coordinate doubles and so does the score (official quirk, docs/reference.md §3 step 11)
     net, expected = scripted_scene()
     image = np.random.default_rng(0).integers(0, 256, (1280, 1280, 3), dtype=np.uint8)
     detections = FaceDetector(net, CPU).detect(image)
@@ -236,3 +238,37 @@ def test_no_faces_gives_empty_arrays() -> None:
     assert detections.boxes.shape == (0, 4)
     assert detections.scores.shape == (0,)
     assert detections.landmarks.shape == (0, 5, 2)
+
+
+# --- the GPU's detection steps (rows_without_waiting) against the exact ones --------------------
+def _both_paths(detector: FaceDetector, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The face rows of ``rows_exact`` and of ``rows_without_waiting`` for the same net outputs."""
+    pixels, scale = detector.input_for(image)
+    size = (pixels.shape[0], pixels.shape[1])
+    with torch.inference_mode():
+        heads = detector.net(pixels.permute(2, 0, 1).unsqueeze(0).to(torch.float32) - detector._mean)
+        answers = (detector.rows_exact(heads, size, scale), detector.rows_without_waiting(heads, size, scale))
+    exact, without_waiting = (rows[rows[:, 15] > 0].numpy() for rows in answers)
+    return exact, without_waiting
+
+
+@pytest.mark.parametrize("max_candidates", [3, 4, 5, 2048], ids=lambda n: f"max{n}")
+def test_detection_without_waiting_equals_the_exact_steps(
+    max_candidates: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four candidates over the threshold: with room for 3 or 4, the candidates may have run
+    out and the exact steps run again; with 5 or more, the fixed-size steps answer alone."""
+    monkeypatch.setattr(detect, "MAX_CANDIDATES", max_candidates)
+    net, expected = scripted_scene()
+    exact, without_waiting = _both_paths(FaceDetector(net, CPU), np.full((640, 640, 3), 40, np.uint8))
+    assert len(exact) == len(expected)
+    np.testing.assert_array_equal(without_waiting, exact)
+
+
+@pytest.mark.parametrize("photo", ["tests/golden/01/01.jpg", "data/2.jpg", "data/3.jpg"])
+def test_detection_without_waiting_equals_the_exact_steps_on_photos(photo: str, restorer_seed0) -> None:
+    detector = FaceDetector(restorer_seed0.runtime.safe_nets.retinaface, CPU)
+    image = cv2.imread(str(PROJECT_ROOT / photo))
+    exact, without_waiting = _both_paths(detector, image)
+    assert len(exact) > 0
+    np.testing.assert_array_equal(without_waiting, exact)

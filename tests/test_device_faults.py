@@ -156,12 +156,12 @@ def test_cog_yaml_requires_the_gpu_in_the_image() -> None:
 def _one_face_rows(pixels: torch.Tensor, scale: float) -> torch.Tensor:
     """``detect_rows``' answer for a face in the middle of the working image, none on grey 127."""
     if int(pixels[0, 0, 0]) == 127:
-        return torch.zeros((0, 15))
+        return torch.zeros((0, 16))
     height, width = (side / scale for side in pixels.shape[:2])
     centre = torch.tensor([width / 2, height / 2])
     offsets = torch.tensor([[-20.0, -20.0], [20.0, -20.0], [0.0, 0.0], [-15.0, 20.0], [15.0, 20.0]])
     box = torch.cat([centre - 40, centre + 40, torch.ones(1)])
-    return torch.cat([box, (centre + offsets).flatten()]).to(torch.float32)[None]
+    return torch.cat([box, (centre + offsets).flatten(), torch.ones(1)]).to(torch.float32)[None]  # a face
 
 
 def test_out_of_memory_while_restoring_fails_the_request_naming_the_images_with_faces(

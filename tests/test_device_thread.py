@@ -1,7 +1,7 @@
 """Off the CPU, the device thread does device work only: whole requests, profiled on that thread.
 
 A ``Restorer`` on the ``meta`` device takes the path a CUDA one takes (any device but the CPU),
-and the stages' device parts (``detect_rows``, ``restore_tensor``, ``labels_tensor``) are
+and the stages' device parts (``detect_rows``, ``restore_tensor``, ``labels_tensor``, ``masks_tensor``) are
 stand-ins that return host tensors as the real ones do, noting the thread they ran on.
 Everything else is the pipeline's own code. A profiler on the device thread records every
 OpenCV call, every NumPy array method and every call into the host stages' code there.
@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 import codeformer.stages
+from codeformer import pipeline
 from codeformer.config import FACE_SIZE, RequestOptions, Settings
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 from codeformer.stages.align import FFHQ_TEMPLATE_512
 from codeformer.stages.detect import FaceDetector
-from codeformer.stages.parse import FaceParser
+from codeformer.stages.parse import PARSE_MASK_OPERATOR, FaceParser, face_pixels_to_masks_tensor
 from codeformer.stages.restore import FaceRestorer
 
 CV2_FUNCTIONS = {
@@ -64,6 +65,7 @@ class StandInDevice:
 
     def __init__(self) -> None:
         self.threads: list[threading.Thread] = []
+        self.masks_made = 0  # masks_tensor calls: the device path of the parse masks
 
     def detect_rows(self, detector: FaceDetector, pixels: torch.Tensor, scale: float) -> torch.Tensor:
         """One upright face covering half the working image's short side, in its centre.
@@ -75,7 +77,7 @@ class StandInDevice:
         face_scale = min(height, width) / 2 / FACE_SIZE
         landmarks = (TEMPLATE - FACE_SIZE / 2) * face_scale + torch.tensor([width / 2, height / 2])
         box = torch.tensor([width / 4, height / 4, width * 3 / 4, height * 3 / 4, 0.99])
-        return torch.cat([box, landmarks.flatten()]).to(torch.float32)[None]  # (1, 15)
+        return torch.cat([box, landmarks.flatten(), torch.ones(1)]).to(torch.float32)[None]  # (1, 16): a face
 
     def restore_tensor(
         self, restorer: FaceRestorer, crops: torch.Tensor, fidelity: float, mixed_precision: bool
@@ -89,6 +91,12 @@ class StandInDevice:
         labels[:, 64:-64, 64:-64] = True  # the face classes inside a border
         return labels
 
+    def masks_tensor(self, parser: FaceParser, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
+        """The labels' masks as the device path returns them: float64, on the host, made by torch."""
+        self.masks_made += 1
+        labels = self.labels_tensor(parser, faces, mixed_precision)
+        return face_pixels_to_masks_tensor(labels, torch.tensor(PARSE_MASK_OPERATOR))
+
 
 @pytest.fixture
 def stand_in_device(monkeypatch: pytest.MonkeyPatch) -> StandInDevice:
@@ -98,6 +106,9 @@ def stand_in_device(monkeypatch: pytest.MonkeyPatch) -> StandInDevice:
         FaceRestorer, "restore_tensor", lambda self, *args: device.restore_tensor(self, *args)
     )
     monkeypatch.setattr(FaceParser, "labels_tensor", lambda self, *args: device.labels_tensor(self, *args))
+    monkeypatch.setattr(FaceParser, "masks_tensor", lambda self, *args: device.masks_tensor(self, *args))
+    # the meta device stands for CUDA here, where fast makes its masks on the device
+    monkeypatch.setattr(pipeline, "masks_on_device", lambda device, profile: profile.name == "fast")
     return device
 
 
@@ -116,7 +127,7 @@ def photo(height: int, width: int, seed: int, gray: bool = False) -> np.ndarray:
     return np.repeat(image[..., :1], 3, axis=-1) if gray else image
 
 
-@pytest.mark.parametrize("profile", ["baseline", "max_speed"])
+@pytest.mark.parametrize("profile", ["baseline", "fast", "max_speed"])
 def test_off_the_cpu_no_image_work_runs_on_the_device_thread(
     meta_restorer: Restorer, stand_in_device: StandInDevice, profile: str
 ) -> None:
@@ -130,9 +141,11 @@ def test_off_the_cpu_no_image_work_runs_on_the_device_thread(
         meta_restorer.scheduler.call(sys.setprofile, None)
     (device_thread,) = set(stand_in_device.threads)
     assert device_thread is not threading.current_thread()
-    # detection per image, one restore for the request's faces, parsing per image in baseline
-    parses = len(images) if profile == "baseline" else 0
+    # detection per image, one restore for the request's faces, parsing per image (labels in
+    # baseline, the masks themselves in fast)
+    parses = len(images) if profile != "max_speed" else 0
     assert len(stand_in_device.threads) == len(images) + 1 + parses
+    assert stand_in_device.masks_made == (len(images) if profile == "fast" else 0)
     assert [len(result.faces) for result in results] == [1, 1, 1]
     assert [result.image.shape for result in results] == [image.shape for image in images]
     assert profile_hook.image_work == []

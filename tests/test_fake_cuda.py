@@ -22,6 +22,7 @@ from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.nets.retinaface import RetinaFace
 from codeformer.runtime import Nets, Runtime
+from codeformer.stages import detect
 from codeformer.stages import restore as restore_stage
 from codeformer.stages.detect import FaceDetector, prior_boxes
 from codeformer.stages.parse import FaceParser
@@ -185,9 +186,19 @@ def test_nets_run_on_cuda_in_every_profile(
 @pytest.mark.parametrize("stability", list(STABILITY_MODES))
 @pytest.mark.parametrize(("height", "width"), [(640, 853)])
 def test_detector_uploads_the_image_and_downloads_the_rows_only(
-    runtime: Runtime, mode: FakeTensorMode, stability: str, height: int, width: int
+    runtime: Runtime,
+    mode: FakeTensorMode,
+    stability: str,
+    height: int,
+    width: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Pre-processing, RetinaFace, priors, decoding, NMS, the scale and eye-distance filters all on CUDA."""
+    """Pre-processing, RetinaFace, priors, decoding, NMS, the scale and eye-distance filters all on CUDA.
+
+    Every anchor a candidate: a fake tensor has no value for the host to read whether the
+    candidates ran out (``test_detect.py`` checks that read and its fallback on real tensors).
+    """
+    monkeypatch.setattr(detect, "MAX_CANDIDATES", height * width)
     nets = nets_for(runtime, mode, False, stability)
     with mode:
         detector = FaceDetector(nets.retinaface, CUDA)
@@ -195,9 +206,25 @@ def test_detector_uploads_the_image_and_downloads_the_rows_only(
     for _ in range(2):  # the second call finds its priors in the cache
         rows, log = run_logged(mode, detector.detect_rows, pixels, 640 / min(height, width))
         assert_one_copy_each_way(log)
-        assert (rows.device.type, rows.dtype, rows.shape[1]) == ("cpu", torch.float32, 15)
+        assert (rows.device.type, rows.dtype, rows.shape[1]) == ("cpu", torch.float32, 16)
         assert set(log.convolution_dtypes) == {torch.float32}
+        # NMS is the one wait for the device (its greedy pass runs on the host); the
+        # candidates and the filters have sizes the data does not decide
+        assert log.waits == ["torchvision.nms"]
     assert detector.priors(height, width).device == CUDA
+
+
+def test_the_exact_detection_steps_wait_for_the_device_more_often(
+    runtime: Runtime, mode: FakeTensorMode
+) -> None:
+    """What the CPU path would cost on CUDA, and what the test above counts: nonzero, NMS, and
+    (before the filters became a column) a boolean index."""
+    with mode:
+        detector = FaceDetector(nets_for(runtime, mode, False, "safe").retinaface, CUDA)
+        net_input = torch.empty((1, 3, 640, 853), device=CUDA)
+    heads, _ = run_logged(mode, detector.net, net_input)
+    _, log = run_logged(mode, detector.rows_exact, heads, (640, 853), 1.0)
+    assert "aten.nonzero" in log.waits and "torchvision.nms" in log.waits
 
 
 @pytest.mark.parametrize(("mixed_precision", "stability"), device_variants())
@@ -246,6 +273,30 @@ def test_parser_uploads_the_faces_and_downloads_the_labels_only(
     assert (labels.device.type, labels.dtype, labels.shape) == ("cpu", torch.bool, faces.shape[:3])
     assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
     assert finiteness_checks == ([(CUDA, torch.float16)] * 2 if mixed_precision else [])
+
+
+@pytest.mark.parametrize(("mixed_precision", "stability"), device_variants(use_parse_only=True))
+@pytest.mark.parametrize("face_count", [1, FACES])
+def test_parser_device_masks_upload_the_faces_and_download_the_masks_only(
+    runtime: Runtime,
+    mode: FakeTensorMode,
+    mixed_precision: bool,
+    stability: str,
+    face_count: int,
+    finiteness_checks: list[tuple[torch.device, torch.dtype]],
+) -> None:
+    """``masks_tensor``: ParseNet, the labels and both blurs on CUDA; the labels never cross the bus.
+
+    The host path downloads the (F, 512, 512) labels and blurs them on the host; here the one
+    device->host copy is the float64 masks, whatever the face count.
+    """
+    nets = nets_for(runtime, mode, mixed_precision, stability)
+    with mode:
+        parser = FaceParser(nets.parsenet, CUDA, batch_size=FACE_BATCH)
+    faces = host_tensor(mode, (face_count, FACE_SIZE, FACE_SIZE, 3), torch.uint8)
+    masks, log = run_logged(mode, parser.masks_tensor, faces, mixed_precision)
+    assert_one_copy_each_way(log)
+    assert (masks.device.type, masks.dtype, masks.shape) == ("cpu", torch.float64, faces.shape[:3])
 
 
 def test_device_log_sees_what_the_stage_tests_forbid(mode: FakeTensorMode) -> None:

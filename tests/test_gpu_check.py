@@ -129,7 +129,15 @@ def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path)
     assert set(baseline["stages_ms"]) >= {"decode", "detect", "restore", "paste", "encode", "request"}
     assert baseline["host_ms"]["count"] == baseline["device_ms"]["count"] == 1
     assert "peak_gpu_mb" not in baseline
-    assert completed.stdout.splitlines()[0].startswith("PASS baseline/safe")
+    # first the moved stages, device against host on the photo's face; then each configuration
+    masks = report["stages"]["parse_masks"]
+    assert (
+        masks["faces"] == 1 and masks["within_bound"] and masks["max_levels"] <= masks["bound"]["max_levels"]
+    )
+    assert masks["host_ms_per_face"]["count"] == masks["device_ms_per_face"]["count"] == 1
+    lines = completed.stdout.splitlines()
+    assert lines[0].startswith("PASS stage parse_masks: 1 faces")
+    assert lines[1].startswith("PASS baseline/safe")
     # fast/safe ran if the budget had room for it, else it is named as not run
     assert configs["fast/safe"]["verdict"] in {"PASS", "SKIP"}
     assert (configs["fast/safe"]["verdict"] == "SKIP") == ("fast/safe" in report["not_run"])
@@ -181,6 +189,7 @@ def test_through_the_server_on_the_cpu_it_checks_and_sweeps(tmp_path: Path) -> N
     # a 409 at K <= the predictor's concurrency max, or any failed request, fails the run, and only that
     assert all("409" in reason for reason in sweep["reasons"])
     assert completed.returncode == (1 if sweep["reasons"] else 0), completed.stderr[-2000:]
+    assert report["stages"] == {}  # the moved stages are checked in process only
     assert completed.stdout.splitlines()[0].startswith("PASS baseline/safe")
 
 

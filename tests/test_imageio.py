@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pillow_heif
 import pytest
-from helpers import PROJECT_ROOT, deep_heif, encode, exif_turned
+from helpers import deep_heif, encode, exif_turned, run_python
 from PIL import Image
 
 from codeformer.errors import InputError
@@ -356,12 +354,5 @@ def test_an_avif_of_a_brand_heic_shares_is_read_by_pillow_not_pillow_heif() -> N
         "data = sys.stdin.buffer.read(); "
         "print(read_header(data, 'x').image.format, decode_image(data, 'x', 10**6).shape)"
     )
-    shown = subprocess.run(
-        [sys.executable, "-c", script],
-        input=mif1,
-        capture_output=True,
-        cwd=PROJECT_ROOT,
-        check=True,
-        timeout=120,
-    )
+    shown = run_python(script, stdin=mif1)
     assert shown.stdout.decode().split() == ["AVIF", "(48,", "64,", "3)"]

@@ -9,7 +9,7 @@ from codeformer.nets import ParseNet
 from codeformer.tools import random_weights
 
 MANIFEST = "state_dict_keys_parsenet.txt"
-OFFICIAL_PARAMETERS = 21_303_254  # spec §2.9 / Appendix C
+OFFICIAL_PARAMETERS = 21_303_254  # docs/reference.md §2.9 / Appendix C
 
 
 @pytest.fixture(scope="module")

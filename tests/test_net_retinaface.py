@@ -15,7 +15,7 @@ DETECTOR_FILE = "detection_Resnet50_Final.pth"
 
 
 def expected_anchor_count(height: int, width: int) -> int:
-    """Two anchors per location of the stride-8, -16 and -32 grids (spec §2.8, §3 step 4)."""
+    """Two anchors per location of the stride-8, -16 and -32 grids (docs/reference.md §2.8, §3 step 4)."""
     return sum(2 * math.ceil(height / step) * math.ceil(width / step) for step in (8, 16, 32))
 
 
@@ -87,7 +87,7 @@ def test_batch_items_are_independent(loaded_net: RetinaFace) -> None:
 
 @pytest.mark.slow  # the full ResNet-50 detector on a 481x641 input
 def test_spec_example_anchor_count(loaded_net: RetinaFace) -> None:
-    # spec §2.8: a 481 x 641 input gives 13,096 anchors (odd sizes exercise the ceil and the
+    # docs/reference.md §2.8: a 481 x 641 input gives 13,096 anchors (odd sizes exercise the ceil and the
     # FPN's nearest resize between grids that are not exact halves)
     with torch.inference_mode():
         loc, conf, landms = loaded_net(torch.zeros(1, 3, 481, 641))

@@ -1,14 +1,11 @@
-"""What the image is built from: cog.yaml, requirements.txt, the README's build line and
+"""What the image is built from: cog.yaml, requirements.txt, the docs' build lines and
 .dockerignore agree with each other and with the cog/coglet these tests run; set-up refuses
 a cog that would fetch URL inputs itself."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import cog.types
 import pytest
 import torch
 import yaml
-from helpers import face_photo, png_bytes
+from helpers import face_photo, png_bytes, run_python
 
 from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
@@ -40,7 +37,8 @@ def _pins(requirements: str) -> dict[str, str]:
 def packaging_mismatches(files: dict[str, str], installed: dict[str, str | None]) -> list[str]:
     """Each way the image's build would run another cog, coglet or CUDA than the one tested.
 
-    ``files``: the texts of cog.yaml, requirements.txt and README.md, by file name.
+    ``files``: the texts of cog.yaml and requirements.txt by file name, and under "docs" the
+    README and the docs/ pages.
     ``installed``: the versions this process runs (``cog``, ``coglet``, and ``cuda``, the
     CUDA version the installed torch wheel was built for, or None for a CPU-only wheel).
     """
@@ -60,16 +58,18 @@ def packaging_mismatches(files: dict[str, str], installed: dict[str, str | None]
         problems.append(f"cog.yaml build.sdk_version is {sdk}; requirements.txt pins cog=={pins.get('cog')}")
     if installed["cuda"] is not None and cuda != installed["cuda"]:
         problems.append(f"cog.yaml build.cuda is {cuda}; the torch wheel is for CUDA {installed['cuda']}")
-    # every `cog build` / `cog push` command the README shows (in its code blocks) pins coglet
-    code = "\n".join(re.findall(r"^```[a-z]*\n(.*?)^```", files["README.md"], flags=re.M | re.S))
+    # every `cog build` / `cog push` command the docs show (in their code blocks) pins coglet
+    code = "\n".join(re.findall(r"^```[a-z]*\n(.*?)^```", files["docs"], flags=re.M | re.S))
     for command in re.findall(r"(?:\S+=\S+\s+)*cog (?:build|push)\b", code):
         if f"COGLET_WHEEL={coglet_wheel}" not in command:
-            problems.append(f"README runs {command.strip()!r} without COGLET_WHEEL={coglet_wheel}")
+            problems.append(f"the docs run {command.strip()!r} without COGLET_WHEEL={coglet_wheel}")
     return problems
 
 
 def _project_files() -> dict[str, str]:
-    return {name: (PROJECT_ROOT / name).read_text() for name in ("cog.yaml", "requirements.txt", "README.md")}
+    files = {name: (PROJECT_ROOT / name).read_text() for name in ("cog.yaml", "requirements.txt")}
+    pages = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+    return {**files, "docs": "\n".join(page.read_text() for page in pages)}
 
 
 def _installed() -> dict[str, str | None]:
@@ -79,7 +79,7 @@ def _installed() -> dict[str, str | None]:
 def test_build_files_pin_the_cog_coglet_and_cuda_that_the_tests_run() -> None:
     files = _project_files()
     assert packaging_mismatches(files, _installed()) == []
-    assert "COGLET_WHEEL=pypi:" in files["README.md"]  # the README does show the build
+    assert "COGLET_WHEEL=pypi:0" in files["docs"]  # the docs do show the build
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_build_files_pin_the_cog_coglet_and_cuda_that_the_tests_run() -> None:
         ("requirements.txt", "coglet==", "coglet==9.", "requirements.txt pins coglet"),
         ("cog.yaml", 'sdk_version: "', 'sdk_version: "9.', "build.sdk_version"),
         ("cog.yaml", 'cuda: "', 'cuda: "1', "build.cuda"),
-        ("README.md", "COGLET_WHEEL=pypi:", "COGLET_WHEEL=pypi:9.", "without COGLET_WHEEL"),
+        ("docs", "COGLET_WHEEL=pypi:", "COGLET_WHEEL=pypi:9.", "without COGLET_WHEEL"),
     ],
 )
 def test_a_mismatched_pin_is_reported(file: str, old: str, new: str, complaint: str) -> None:
@@ -105,9 +105,9 @@ def test_a_mismatched_pin_is_reported(file: str, old: str, new: str, complaint: 
 
 def test_a_readme_build_line_without_coglet_pin_is_reported() -> None:
     files = _project_files()
-    files["README.md"] += "\n```bash\ncog push r8.im/someone/codeformer\n```\n"
+    files["docs"] += "\n```bash\ncog push r8.im/someone/codeformer\n```\n"
     problems = packaging_mismatches(files, _installed())
-    assert problems == ["README runs 'cog push' without COGLET_WHEEL=pypi:" + version("coglet")]
+    assert problems == ["the docs run 'cog push' without COGLET_WHEEL=pypi:" + version("coglet")]
 
 
 # -- URL inputs reach run() unfetched ------------------------------------------------------
@@ -197,17 +197,9 @@ def test_the_image_keeps_every_file_the_server_imports(weights_dir: Path, tmp_pa
         "predictor.serve_request([photo], RequestOptions.parse(0.5, 'baseline', 'safe', 'none'))\n"
         "print(json.dumps([getattr(m, '__file__', None) for m in list(sys.modules.values())]))\n"
     )
-    env = {**os.environ, "CODEFORMER_WEIGHTS_DIR": str(weights_dir), "TMPDIR": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        input=photo,
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_python(
+        script, stdin=photo, env={"CODEFORMER_WEIGHTS_DIR": str(weights_dir), "TMPDIR": str(tmp_path)}
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     files = [Path(name).resolve() for name in json.loads(done.stdout.splitlines()[-1]) if name]
     imported = sorted(
         name

@@ -75,7 +75,7 @@ def test_baseline_matches_the_official_output(photo, restorer_seed0, golden_inpu
     [result] = restorer_seed0.restore([image], RequestOptions.parse(fidelity=0.5, profile="baseline"))
     assert list(result.working_size) == meta["work_hw"]
     assert len(result.faces) == meta["num_faces"]
-    # the enlargement factor of spec §4.1 (512 / short side), not the ratio of the rounded sizes
+    # the enlargement factor of docs/reference.md §4.1 (512 / short side), not the ratio of the rounded sizes
     factor = WORKING_MIN_SIDE / min(meta["input_hw"]) if meta["work_hw"] != meta["input_hw"] else 1.0
     for face, official in zip(result.faces, meta["faces"], strict=True):
         # ours are in input pixels; the official ones in working-image pixels

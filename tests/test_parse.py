@@ -1,4 +1,5 @@
-"""Face parsing (spec §6.2): ``FaceParser`` against the plain official recipe, and the typed masks.
+"""Face parsing (docs/reference.md §6.3 step 9): ``FaceParser`` against the plain official recipe,
+and the typed masks.
 
 ``parse_net`` (conftest) is ParseNet on the seed-0 weights.
 """

@@ -1,4 +1,5 @@
-"""Paste-back (spec §6): region-local paste_faces against the full-canvas recipe, and golden parity."""
+"""Paste-back (docs/reference.md §6): region-local paste_faces against the full-canvas recipe, and
+golden parity."""
 
 from __future__ import annotations
 
@@ -207,7 +208,7 @@ def test_pasting_the_unchanged_crop_changes_little() -> None:
     from the image I by less than 1.1, and both are integers, so by at most 1. Where the
     2x2-eroded mask is 1, the blend m·r + (1 − m)·I lies between them and the final cast
     truncates toward the one below: at most 1 level. On the 1-px rim where the eroded mask
-    e is below 1, the premultiplied face (spec §9 item 10) also pulls the value down by
+    e is below 1, the premultiplied face (docs/reference.md §9 item 10) also pulls the value down by
     m·(1 − e)·r, under 1 level for faces this size (checked), so at most 2 levels there.
     Outside every face region nothing changes.
     """

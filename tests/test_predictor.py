@@ -384,6 +384,6 @@ def test_the_same_image_four_times_gives_four_identical_restored_outputs(predict
 
 
 def test_a_64x64_face_photo_keeps_its_size(predictor: Predictor) -> None:
-    # tiny faces go through the enlargement to the working size and back (spec section 4.1)
+    # tiny faces go through the enlargement to the working size and back (docs/reference.md §4.1)
     [output] = run(predictor, [data_uri(png_bytes(face_photo(64, 64)), name="small.png")], **CHEAP)
     assert decoded_size(output.read_bytes()) == (64, 64)

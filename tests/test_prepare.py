@@ -1,4 +1,5 @@
-"""The working image's gray test (spec §4.1): OpenCV sums decide exactly as the official np.var formula."""
+"""The working image's gray test (docs/reference.md §4.1): OpenCV sums decide exactly as the
+official np.var formula."""
 
 from __future__ import annotations
 

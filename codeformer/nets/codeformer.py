@@ -1,6 +1,6 @@
 """CodeFormer (Zhou et al., NeurIPS 2022): a VQGAN whose codes are predicted by a transformer.
 
-Written from the clean-room specification (``REFERENCE.md`` §2.1–2.7) of the official
+Written from the clean-room specification (``docs/reference.md`` §2.1–2.7) of the official
 ``basicsr/archs/codeformer_arch.py``. Module and attribute names reproduce the official
 state-dict keys (515 entries, 94,112,707 parameters, no buffers) so that the ``params_ema``
 entry of ``codeformer.pth`` loads strictly. Inference only: no dropout, no training-only
@@ -22,11 +22,11 @@ from torch import nn
 from codeformer.nets.vqgan import Encoder, Generator, ResBlock
 
 LAYER_NORM_EPS = 1e-5
-ADAIN_EPS = 1e-5  # added to the unbiased variance (spec §2.7 step 6)
+ADAIN_EPS = 1e-5  # added to the unbiased variance (docs/reference.md §2.7 step 6)
 SFT_LEAKY_SLOPE = 0.2
 
 # Where the encoder's skip features are tapped and where the generator fuses them, keyed by
-# the spatial width of the feature in the 512 net (spec §2.2, §2.4), i.e. by its level: a
+# the spatial width of the feature in the 512 net (docs/reference.md §2.2, §2.4), i.e. by its level: a
 # feature of level L has nf * ch_mult[L] channels (64, 128, 128, 256, 256, 512 officially).
 # Widths outside connect_list are unused.
 ENCODER_SKIP_BLOCKS = {"512": 2, "256": 5, "128": 8, "64": 11, "32": 14, "16": 18}

@@ -1,8 +1,8 @@
-"""ParseNet, the face-parsing network of the official pipeline (spec §2.9).
+"""ParseNet, the face-parsing network of the official pipeline (docs/reference.md §2.9).
 
 Provenance: the architecture of ``facelib/parsing/parsenet.py`` in sczhou/CodeFormer (commit
 b33cc7d) as built by the pipeline (in 512, out 512, 19 classes, base_ch 64, res_depth 10,
-LeakyReLU 0.2, BatchNorm), written from the clean-room description in REFERENCE.md §2.9. The
+LeakyReLU 0.2, BatchNorm), written from the clean-room description in docs/reference.md §2.9. The
 state-dict keys and shapes equal ``codeformer/tools/manifests/state_dict_keys_parsenet.txt``
 (238 entries, 21,303,254 parameters), so the released ``parsing_parsenet.pth`` loads strictly.
 

@@ -1,4 +1,4 @@
-"""RetinaFace with a ResNet-50 body: the face detector of the official pipeline (spec §2.8).
+"""RetinaFace with a ResNet-50 body: the face detector of the official pipeline (docs/reference.md §2.8).
 
 Provenance: the ``cfg_re50`` configuration of ``facelib/detection/retinaface`` in
 sczhou/CodeFormer (itself from biubug6/Pytorch_Retinaface), written here from the

@@ -1,6 +1,6 @@
 """VQGAN building blocks and the encoder / generator trunks that CodeFormer is built on.
 
-Written from the clean-room specification (``REFERENCE.md`` §2.1–2.4) of the official
+Written from the clean-room specification (``docs/reference.md`` §2.1–2.4) of the official
 ``basicsr/archs/vqgan_arch.py``: the module tree and attribute names reproduce the official
 state-dict keys (``encoder.blocks.N.norm1.weight`` ...) so that ``codeformer.pth`` loads
 strictly. Only what inference needs is here: no quantiser distance search, no
@@ -104,7 +104,7 @@ class Encoder(nn.Module):
     """(B, 3, S, S) image -> (B, emb_dim, S / 2^(levels-1), ...) latent, as a flat ``blocks`` list.
 
     With the official settings (S 512, nf 64, ch_mult 1,2,2,4,4,8, 2 res blocks, attention at
-    16) this is the 25-block list of spec §2.2; block indices matter because CodeFormer taps
+    16) this is the 25-block list of docs/reference.md §2.2; block indices matter because CodeFormer taps
     skip features by index.
     """
 
@@ -151,7 +151,7 @@ class Encoder(nn.Module):
 class Generator(nn.Module):
     """(B, emb_dim, 16, 16) latent -> (B, 3, 512, 512) unbounded image, as a flat ``blocks`` list.
 
-    The 25-block list of spec §2.4; there is no output activation.
+    The 25-block list of docs/reference.md §2.4; there is no output activation.
     """
 
     def __init__(

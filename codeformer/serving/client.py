@@ -12,15 +12,28 @@ to a request that arrives while all are taken; ``predict`` waits a short pause a
 again, and reports how many times it had to (``retries``), so that load tests can tell
 queueing from failure. A failed prediction's ``error`` is Cog's text: its prefix, then the
 project's sentence naming the input.
+
+A synchronous answer that is lost (a dropped connection, a timeout) cannot be fetched again:
+coglet has no ``GET /predictions/{id}``, and the same ``PUT`` sent again while the first runs
+answers ``202 processing`` without output. ``predict_async`` sends what can be retried: a
+``PUT /predictions/{id}`` with ``Prefer: respond-async`` and a webhook, the same id again on
+a lost answer or a 409, and reads the terminal state from the webhook:
+
+    with WebhookReceiver() as webhooks:
+        result = client.predict_async({"images": [...]}, webhooks)
 """
 
 from __future__ import annotations
 
 import base64
+import http.server
+import json
 import mimetypes
 import subprocess
+import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +46,9 @@ READY = "READY"
 BUSY = "BUSY"  # setup done, a prediction is running
 SETUP_FAILED = "SETUP_FAILED"
 DEFUNCT = "DEFUNCT"
-FATAL_HEALTH_STATES = frozenset({SETUP_FAILED, DEFUNCT})
+UNHEALTHY = "UNHEALTHY"  # the worker is gone: the server will fail every prediction
+FATAL_HEALTH_STATES = frozenset({SETUP_FAILED, DEFUNCT, UNHEALTHY})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 
 
 class ServerError(CodeFormerError):
@@ -189,6 +204,54 @@ class CogClient:
             retries += 1
             time.sleep(self.busy_pause_s)
 
+    def predict_async(
+        self,
+        inputs: dict[str, Any],
+        webhooks: WebhookReceiver,
+        *,
+        prediction_id: str | None = None,
+        attempts: int = 3,
+    ) -> PredictionResult:
+        """Run one prediction as ``PUT /predictions/{id}`` (async, webhook); the terminal webhook's body.
+
+        A lost answer (connection error, timeout) or a 409 sends the same ``PUT`` again (up to
+        ``attempts`` times for lost answers; 409s for up to ``max_busy_wait_s``): the id is
+        the same, so a prediction that did start runs once and its webhook brings the result.
+        An answer other than 202 (422: invalid input) is returned as it is.
+        """
+        prediction_id = prediction_id or f"pred-{uuid.uuid4().hex}"
+        body = {
+            "input": inputs,
+            "webhook": webhooks.url,
+            "webhook_events_filter": ["completed"],
+        }
+        start = time.monotonic()
+        retries = 0
+        lost = 0
+        while True:
+            try:
+                response = self.session.put(
+                    f"{self.base_url}/predictions/{prediction_id}",
+                    json=body,
+                    headers={"Prefer": "respond-async"},
+                    timeout=60,
+                )
+            except (requests.ConnectionError, requests.Timeout):
+                lost += 1
+                if lost >= attempts:
+                    raise
+                time.sleep(self.busy_pause_s)
+                continue
+            waited = time.monotonic() - start
+            if response.status_code == 409 and waited + self.busy_pause_s <= self.max_busy_wait_s:
+                retries += 1
+                time.sleep(self.busy_pause_s)
+                continue
+            if response.status_code != 202:
+                return PredictionResult(response.status_code, _json_body(response), retries, waited)
+            final = webhooks.wait(prediction_id, self.request_timeout_s)
+            return PredictionResult(200, final, retries, time.monotonic() - start)
+
     def cancel(self, prediction_id: str) -> int:
         """Ask the server to cancel a running prediction; returns the HTTP status."""
         response = self.session.post(f"{self.base_url}/predictions/{prediction_id}/cancel", timeout=30)
@@ -201,3 +264,73 @@ def _json_body(response: requests.Response) -> dict[str, Any]:
     except ValueError:
         return {"error": response.text}
     return body if isinstance(body, dict) else {"body": body}
+
+
+class WebhookReceiver:
+    """An HTTP server on ``host`` (127.0.0.1 by default) that keeps every webhook Cog sends it, by id.
+
+    ``url`` is what goes into a prediction's ``webhook``; ``wait(id)`` returns the first
+    terminal state (succeeded, failed, canceled) received for ``id``; ``received(id)`` all of
+    them in order.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._bodies: dict[str, list[dict[str, Any]]] = {}
+        self._arrived = threading.Condition()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length))
+                except ValueError:
+                    self.send_response(400)
+                else:
+                    receiver._keep(body)
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # one line per webhook on stderr would drown a test's output
+
+        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhooks", daemon=True)
+        bound_host, bound_port = self._server.server_address[:2]
+        self.url = f"http://{bound_host}:{bound_port}/webhook"
+
+    def _keep(self, body: dict[str, Any]) -> None:
+        with self._arrived:
+            self._bodies.setdefault(str(body.get("id")), []).append(body)
+            self._arrived.notify_all()
+
+    def received(self, prediction_id: str) -> list[dict[str, Any]]:
+        with self._arrived:
+            return list(self._bodies.get(prediction_id, []))
+
+    def wait(self, prediction_id: str, timeout_s: float) -> dict[str, Any]:
+        """The first terminal webhook of ``prediction_id``; ``TimeoutError`` after ``timeout_s``."""
+
+        def terminal() -> dict[str, Any] | None:
+            bodies = self._bodies.get(prediction_id, [])
+            return next((body for body in bodies if body.get("status") in TERMINAL_STATUSES), None)
+
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: terminal() is not None, timeout_s):
+                last = [body.get("status") for body in self._bodies.get(prediction_id, [])]
+                raise TimeoutError(
+                    f"prediction {prediction_id}: no terminal webhook within {timeout_s:.0f} s "
+                    f"(received: {last or 'nothing'})"
+                )
+            found = terminal()
+            assert found is not None
+            return found
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

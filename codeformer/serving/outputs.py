@@ -21,9 +21,9 @@ OUTPUT_DIR_PREFIX = "codeformer-outputs-"
 OUTPUT_RETENTION_S = 60.0
 
 
-def new_output_dir() -> Path:
-    """A fresh folder ``<temp>/codeformer-outputs-<pid>-XXXXXXXX``."""
-    return Path(tempfile.mkdtemp(prefix=f"{OUTPUT_DIR_PREFIX}{os.getpid()}-"))
+def new_output_dir(prefix: str = OUTPUT_DIR_PREFIX) -> Path:
+    """A fresh folder ``<temp>/<prefix><pid>-XXXXXXXX`` (``codeformer-outputs-`` by default)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -36,12 +36,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphaned_output_dirs(temp_dir: Path | None = None) -> int:
-    """Remove the output folders of processes that no longer run; returns how many."""
+def owner_pid_alive(folder: Path, prefix: str = OUTPUT_DIR_PREFIX) -> bool:
+    """Whether the process whose id follows ``prefix`` in ``folder``'s name (``new_output_dir``) runs."""
+    owner = folder.name.removeprefix(prefix).split("-", 1)[0]
+    return not owner.isdigit() or _pid_alive(int(owner))
+
+
+def remove_orphaned_output_dirs(temp_dir: Path | None = None, prefix: str = OUTPUT_DIR_PREFIX) -> int:
+    """Remove the ``new_output_dir`` folders of processes that no longer run; returns how many."""
     removed = 0
-    for folder in (temp_dir or Path(tempfile.gettempdir())).glob(f"{OUTPUT_DIR_PREFIX}*-*"):
-        owner = folder.name.removeprefix(OUTPUT_DIR_PREFIX).split("-", 1)[0]
-        if owner.isdigit() and not _pid_alive(int(owner)):
+    for folder in (temp_dir or Path(tempfile.gettempdir())).glob(f"{prefix}*-*"):
+        if not owner_pid_alive(folder, prefix):
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed

@@ -6,9 +6,13 @@ Writes ``.cog/openapi_schema.json`` (so that the server validates inputs as in t
 sets what ``cog build`` would bake into the image (``COG_PREDICT_TYPE_STUB``,
 ``COG_MAX_CONCURRENCY`` from ``@cog.concurrent`` on ``Predictor.run``), then runs Cog's
 server (coglet) in this process, in the foreground: one process and one port, with coglet's
-worker as its child, as in the image. coglet stops on SIGTERM or Ctrl-C and lets the
-worker remove its output folders; any folder of a worker that was killed is removed when
-the server returns. Environment variables (``CODEFORMER_*``) pass through to the predictor.
+worker as its child, as in the image. Two things differ from the image, both at the end of
+its life (``ReplicaWatch``): SIGTERM drains before coglet stops (new predictions fail, the
+running ones finish and reach their caller), and the server exits with ``EXIT_WORKER_GONE``
+when coglet's worker is gone, for a supervisor to start a new one. Ctrl-C stops coglet at
+once. The worker removes its output folders as it exits; any folder of a worker that was
+killed is removed when the server returns. Environment variables (``CODEFORMER_*``) pass
+through to the predictor.
 The API is Cog's: ``GET /health-check``, ``POST /predictions``,
 ``POST /predictions/{id}/cancel``, ``GET /openapi.json``.
 """
@@ -25,12 +29,23 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
+from codeformer.serving.client import SETUP_FAILED
+from codeformer.serving.lifecycle import (
+    SLOTS_DIR_PREFIX,
+    drain,
+    health_status,
+    remove_stale_prediction_dirs,
+    request_shutdown,
+    shutdown_grace_s,
+)
 from codeformer.serving.outputs import remove_orphaned_output_dirs
 from codeformer.serving.schema import DEFAULT_PREDICTOR_REF, write_schema
 
@@ -38,8 +53,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
-# seconds a server started by spawn_server gets after SIGTERM: coglet gives its worker 10 s
+# seconds a server started by spawn_server gets after SIGTERM (and its drain): coglet gives its worker 10 s
 STOP_GRACE_S = 20.0
+WORKER_MARKER = b"_run_worker"  # coglet starts its worker as `python -c "...coglet.server._run_worker()"`
+WATCH_INTERVAL_S = 0.5  # how often serve() looks for SIGTERM and for its worker
+# seconds between the last prediction leaving run() and the stop: coglet sends its terminal
+# webhook after run() returns, and a webhook not yet sent when coglet stops is never sent
+WEBHOOK_SETTLE_S = 1.0
+EXIT_WORKER_GONE = 70  # EX_SOFTWARE, as a worker that hit a sticky CUDA error exits
+EXIT_DRAIN_TIMEOUT = 75  # EX_TEMPFAIL: stopped with predictions still running
 
 
 def runner_concurrency(predictor_ref: str = DEFAULT_PREDICTOR_REF) -> int:
@@ -124,14 +146,115 @@ def stop_server(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S)
     process.wait(timeout=grace_s)
 
 
-def serve(host: str, port: int, predictor_ref: str) -> None:
-    """Run coglet for ``predictor_ref`` on ``host:port`` until it stops (SIGTERM, SIGINT)."""
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc/<pid>/task/*/children)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children.extend(int(child) for child in (task / "children").read_text().split())
+    return children
+
+
+def find_worker_pid(server_pid: int) -> int | None:
+    """The coglet worker (where run() runs) among the server's descendants, if it is up."""
+    pending = [server_pid]
+    while pending:
+        pid = pending.pop()
+        for child in child_pids(pid):
+            with contextlib.suppress(OSError):
+                if WORKER_MARKER in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return child
+            pending.append(child)
+    return None
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL this machine reaches a server listening on ``host:port`` at."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def remove_leftovers() -> None:
+    """Remove the folders of workers that no longer run, and coglet's old prediction folders."""
+    removed = remove_orphaned_output_dirs() + remove_orphaned_output_dirs(prefix=SLOTS_DIR_PREFIX)
+    removed += remove_stale_prediction_dirs()
+    logger.info("stopped; removed %d folder(s) the worker and coglet left", removed)
+    logging.shutdown()
+
+
+class ReplicaWatch:
+    """The thread beside coglet: SIGTERM starts a drain; a worker gone after setup stops the server.
+
+    ``status`` is the server's exit status once coglet has returned.
+    """
+
+    def __init__(self, url: str, grace_s: float) -> None:
+        self.url = url
+        self.grace_s = grace_s
+        self.status = 0
+        self.sigterm = threading.Event()
+        self.worker: int | None = None
+
+    def wait_for_sigterm(self) -> None:
+        signal.sigwait({signal.SIGTERM})  # blocked in every thread: it waits here for this one
+        self.sigterm.set()
+
+    def watch(self) -> None:
+        while not self.sigterm.wait(WATCH_INTERVAL_S):
+            current = find_worker_pid(os.getpid())
+            if self.worker is None:
+                self.worker = current
+            # a worker whose setup failed may exit: the server stays, to report SETUP_FAILED
+            elif current != self.worker and health_status(self.url) != SETUP_FAILED:
+                logger.error(
+                    "coglet's worker (pid %d) is gone and coglet starts no other: stopping with "
+                    "status %d so that a supervisor starts a new server",
+                    self.worker,
+                    EXIT_WORKER_GONE,
+                )
+                self.status = EXIT_WORKER_GONE
+                request_shutdown(self.url)
+                # coglet's graceful stop waits for open requests, and with no worker some never
+                # end: whatever still runs after a moment is lost anyway
+                time.sleep(STOP_GRACE_S / 2)
+                remove_leftovers()
+                os._exit(EXIT_WORKER_GONE)
+        logger.info("SIGTERM: draining for up to %.0f s; new predictions fail", self.grace_s)
+        left = drain(self.grace_s, owner_pid=self.worker) if self.worker is not None else 0
+        if left:
+            logger.error(
+                "%d prediction(s) still running after %.0f s were stopped and failed", left, self.grace_s
+            )
+            self.status = EXIT_DRAIN_TIMEOUT
+        time.sleep(WEBHOOK_SETTLE_S)
+        request_shutdown(self.url)
+
+
+def serve(host: str, port: int, predictor_ref: str, grace_s: float) -> int:
+    """Run coglet for ``predictor_ref`` on ``host:port`` until it stops; returns the exit status.
+
+    coglet runs with ``await_explicit_shutdown`` (it ignores SIGTERM and stops on
+    ``POST /shutdown``), with SIGTERM blocked in every thread, so that Linux keeps it pending
+    for ``ReplicaWatch``. On SIGTERM: ``drain`` (new predictions fail with
+    ``ShuttingDownError``; running ones get ``grace_s`` to finish and reach their caller),
+    then ``POST /shutdown``: 0, or ``EXIT_DRAIN_TIMEOUT`` when some had to be stopped (they
+    are reported failed, naming the shutdown). When the worker
+    is gone after setup (killed, out of memory, a sticky CUDA error), coglet would stay up
+    without one, failing every request: the server stops with ``EXIT_WORKER_GONE`` so that a
+    supervisor starts a new one. SIGINT (Ctrl-C) is coglet's: it stops at once.
+    """
     import coglet
 
     os.environ.update(image_environment(predictor_ref, os.environ))
     os.environ["PORT"] = str(port)
     os.chdir(PROJECT_ROOT)  # coglet reads .cog/openapi_schema.json and predict.py from here
-    coglet.server.serve(predictor_ref=predictor_ref, host=host, port=port)
+    # threads inherit the mask; coglet's worker does not (Rust's Command clears it)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    replica = ReplicaWatch(local_url(host, port), grace_s)
+    for job in (replica.wait_for_sigterm, replica.watch):
+        threading.Thread(target=job, name=job.__name__, daemon=True).start()
+    coglet.server.serve(predictor_ref=predictor_ref, host=host, port=port, await_explicit_shutdown=True)
+    return replica.status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,19 +266,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_port_free(args.host, args.port)
+        grace_s = shutdown_grace_s()
         write_schema(args.predictor)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
     logger.info("starting the Cog server for %s on http://%s:%d", args.predictor, args.host, args.port)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        serve(args.host, args.port, args.predictor)
+        status = serve(args.host, args.port, args.predictor, grace_s)
     finally:
-        removed = remove_orphaned_output_dirs()
-        logger.info("stopped; removed %d output folder(s) the worker left", removed)
-    return 0
+        remove_leftovers()
+    return status
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Alignment (spec §4.2-4.4, §6.1): five landmarks -> similarity transform -> 512 x 512 crop.
+"""Alignment (docs/reference.md §4.2-4.4, §6.1): five landmarks -> similarity transform -> 512 x 512 crop.
 
 The transforms are estimated with OpenCV's robust LMEDS fit and the crops warped with
 OpenCV's fixed-point bilinear warp, as the official helper does: both have quirks (a

@@ -1,4 +1,5 @@
-"""Face detection (spec §3): RetinaFace on a 640-short-side copy, then the official post-processing.
+"""Face detection (docs/reference.md §3): RetinaFace on a 640-short-side copy, then the official
+post-processing.
 
 Every step follows the official ``get_face_landmarks_5`` with resize 640 and eye-distance
 threshold 5, quirks included: the result rows are divided by the nominal scale (score
@@ -36,6 +37,10 @@ CONFIDENCE_THRESHOLD = 0.8  # detect_faces' default, which CodeFormer's helper r
 NMS_IOU_THRESHOLD = 0.4
 EYE_DISTANCE_THRESHOLD = 5.0  # rows whose (buggy) eye distance is under this are dropped
 PRIOR_CACHE_SIZE = 16  # detector input shapes whose priors are kept
+# Off the CPU, the candidates over the threshold are taken as a fixed number of the
+# best-scoring anchors (no data-dependent size, so no wait for the device); an image with
+# more candidates than this runs the exact steps again. Tens of anchors fire per face.
+MAX_CANDIDATES = 2048
 
 
 @dataclass(frozen=True)
@@ -165,41 +170,93 @@ class FaceDetector:
         return priors
 
     def detect_rows(self, pixels: torch.Tensor, scale: float) -> torch.Tensor:
-        """(h', w', 3) uint8 BGR detector input on the host -> (F, 15) float32 rows on the host.
+        """(h', w', 3) uint8 BGR detector input on the host -> (F', 16) float32 rows on the host.
 
         Each row: box x1, y1, x2, y2, score, then the five (x, y) landmarks, all divided by
-        the nominal ``scale`` (official quirk); descending score. One upload of ``pixels``,
-        one download of the rows; everything between stays on the detector's device.
+        the nominal ``scale`` (official quirk), and a 16th column, 1 for a face, 0 for a row
+        the filters drop (``detections`` drops them on the host); descending score. One
+        upload of ``pixels``, one download of the rows; everything between stays on the
+        detector's device, and off the CPU only NMS waits for it (``rows_without_waiting``).
         """
-        height, width = pixels.shape[:2]
         with torch.inference_mode():
             # HWC -> (1, 3, h', w') float32, BGR minus mean. The permuted view keeps the
             # channels-last strides the official numpy-transpose input had; on CPU that also
             # selects the faster channels-last convolutions.
-            pixels = pixels.to(self.device).permute(2, 0, 1).unsqueeze(0)
-            net_input = pixels.to(torch.float32) - self._mean
-            loc, conf, landms = self.net(net_input)  # (1, P, 4), (1, P, 2), (1, P, 10)
-            face_scores = conf[0, :, 1]  # (P,)
+            net_input = pixels.to(self.device).permute(2, 0, 1).unsqueeze(0).to(torch.float32) - self._mean
+            heads = self.net(net_input)  # loc (1, P, 4), conf (1, P, 2), landms (1, P, 10)
+            if self.device.type == "cpu":
+                return self.rows_exact(heads, pixels.shape[:2], scale)
+            return self.rows_without_waiting(heads, pixels.shape[:2], scale)
 
-            keep = torch.nonzero(face_scores > CONFIDENCE_THRESHOLD).squeeze(1)
-            scores = face_scores[keep]
-            order = torch.argsort(scores, descending=True, stable=True)
-            keep, scores = keep[order], scores[order]
+    def rows_exact(
+        self, heads: tuple[torch.Tensor, ...], size: tuple[int, int], scale: float
+    ) -> torch.Tensor:
+        """The official post-processing step by step: (F, 15) rows on the host.
 
-            priors = self.priors(height, width)[keep]
-            boxes = to_pixels(decode_boxes(loc[0, keep], priors), width, height)  # (K, 4) input pixels
-            points = to_pixels(decode_landmarks(landms[0, keep], priors), width, height)  # (K, 10)
+        Its candidate selection (``nonzero``) and eye-distance filter (a boolean index) have
+        sizes only the data knows, so on a GPU each waits for the device.
+        """
+        loc, conf, landms = heads
+        face_scores = conf[0, :, 1]  # (P,)
+        keep = torch.nonzero(face_scores > CONFIDENCE_THRESHOLD).squeeze(1)
+        scores = face_scores[keep]
+        order = torch.argsort(scores, descending=True, stable=True)
+        keep, scores = keep[order], scores[order]
+        return self._kept_rows(loc, landms, keep, scores, size, scale).cpu()
 
-            kept = torchvision.ops.nms(boxes, scores, NMS_IOU_THRESHOLD)  # descending score order
-            rows = torch.cat([boxes[kept], scores[kept, None], points[kept]], dim=1)  # (F, 15)
-            # The whole row, score included, is divided by the nominal scale (a float32
-            # divide, as NumPy does it).
-            rows = divide_exactly(rows, scale)
+    def rows_without_waiting(
+        self, heads: tuple[torch.Tensor, ...], size: tuple[int, int], scale: float
+    ) -> torch.Tensor:
+        """``rows_exact``'s rows with one wait for the device (NMS's) and one download.
 
-            # Official off-by-one: columns 6..9 are (le_y, re_x, re_y, nose_x), so this is
-            # sqrt((le_y - re_y)^2 + (re_x - nose_x)^2), not the eye distance.
-            eye_distance = torch.sqrt((rows[:, 6] - rows[:, 8]) ** 2 + (rows[:, 7] - rows[:, 9]) ** 2)
-            return rows[~(eye_distance < EYE_DISTANCE_THRESHOLD)].cpu()
+        The candidates are the ``MAX_CANDIDATES`` best anchors in the official order (a
+        stable descending sort, anchors under the threshold last), the ones under the
+        threshold carried along with a score of -1, which NMS visits after every real one,
+        so they suppress none; the filters become a column of the rows, applied on the host.
+        When every candidate is over the threshold, there may be more: ``rows_exact`` runs.
+        """
+        loc, conf, landms = heads
+        face_scores = conf[0, :, 1]  # (P,)
+        ranked = torch.where(face_scores > CONFIDENCE_THRESHOLD, face_scores, -1.0)
+        keep = torch.sort(ranked, descending=True, stable=True).indices[:MAX_CANDIDATES]  # (K,)
+        rows = self._kept_rows(loc, landms, keep, ranked[keep], size, scale)  # (F', 16)
+        if len(keep) < MAX_CANDIDATES:  # every anchor was a candidate
+            return rows.cpu()
+        # one copy for the rows and for whether the last candidate was over the threshold
+        flat = torch.cat([rows.flatten(), (ranked[keep[-1:]] > 0).to(rows.dtype)]).cpu()
+        if bool(flat[-1]):
+            logger.info("more than %d candidate faces: detecting them step by step", MAX_CANDIDATES)
+            return self.rows_exact(heads, size, scale)
+        return flat[:-1].view(-1, 16)
+
+    def _kept_rows(
+        self,
+        loc: torch.Tensor,
+        landms: torch.Tensor,
+        keep: torch.Tensor,
+        scores: torch.Tensor,
+        size: tuple[int, int],
+        scale: float,
+    ) -> torch.Tensor:
+        """(F', 16) rows NMS keeps of the candidates ``keep`` (anchor indices, descending
+        ``scores``): 15 official columns and a 16th, 1 where the row is a face (score over
+        the threshold and eye distance not under its threshold), else 0."""
+        height, width = size
+        priors = self.priors(height, width)[keep]
+        boxes = to_pixels(decode_boxes(loc[0, keep], priors), width, height)  # (K, 4) input pixels
+        points = to_pixels(decode_landmarks(landms[0, keep], priors), width, height)  # (K, 10)
+
+        kept = torchvision.ops.nms(boxes, scores, NMS_IOU_THRESHOLD)  # descending score order
+        rows = torch.cat([boxes[kept], scores[kept, None], points[kept]], dim=1)  # (F', 15)
+        # The whole row, score included, is divided by the nominal scale (a float32
+        # divide, as NumPy does it).
+        rows = divide_exactly(rows, scale)
+
+        # Official off-by-one: columns 6..9 are (le_y, re_x, re_y, nose_x), so this is
+        # sqrt((le_y - re_y)^2 + (re_x - nose_x)^2), not the eye distance.
+        eye_distance = torch.sqrt((rows[:, 6] - rows[:, 8]) ** 2 + (rows[:, 7] - rows[:, 9]) ** 2)
+        is_face = ~(eye_distance < EYE_DISTANCE_THRESHOLD) & (scores[kept] > CONFIDENCE_THRESHOLD)
+        return torch.cat([rows, is_face[:, None].to(rows.dtype)], dim=1)
 
     def detect(self, image: np.ndarray, max_faces: int | None = None) -> Detections:
         """Faces of one uint8 BGR working image (h, w, 3) (as ``input_for`` takes it), at most ``max_faces``.
@@ -223,10 +280,12 @@ class FaceDetector:
 
     @staticmethod
     def detections(rows: torch.Tensor, max_faces: int | None = None) -> Detections:
-        """Host part after the net: ``detect_rows``' (F, 15) rows -> ``Detections``, at most ``max_faces``."""
+        """Host part after the net: ``detect_rows``' (F', 16) rows -> ``Detections`` of the
+        rows marked as faces, at most ``max_faces``."""
         if max_faces is not None and max_faces < 1:
             raise InternalError(f"max_faces must be a positive number of faces or None, got {max_faces}")
-        result = rows.numpy()  # (F, 15), descending score
+        result = rows.numpy()
+        result = result[result[:, 15] > 0, :15]  # (F, 15), descending score
         dropped = 0
         if max_faces is not None and len(result) > max_faces:
             dropped = len(result) - max_faces

@@ -1,4 +1,4 @@
-"""Face parsing (spec §6.3 step 9 a–f): ParseNet labels of each restored face -> blend mask.
+"""Face parsing (docs/reference.md §6.3 step 9 a–f): ParseNet labels of each restored face -> blend mask.
 
 The masks limit paste-back to skin, features and hair (``FaceMasks``, ``paste_faces``' ``masks``);
 the ``max_speed`` profile skips this stage (§6.4).
@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from codeformer.config import FACE_SIZE
+from codeformer.config import FACE_SIZE, Profile
 from codeformer.errors import InternalError
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.stages.restore import FaceBatchNet, RestoredFaces
 
 logger = logging.getLogger(__name__)
 
-# CelebAMask-HQ classes kept as "face" by the official MASK_COLORMAP (spec §6.3 9c): skin,
+# CelebAMask-HQ classes kept as "face" by the official MASK_COLORMAP (docs/reference.md §6.3 9c): skin,
 # nose, eyeglasses, eyes, brows, ears, mouth, lips, hair (1..13) and earrings (15); not
 # background, hat, necklace, neck or cloth.
 PARSE_FACE_CLASSES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15)
@@ -76,6 +76,74 @@ def face_pixels_to_masks(face_pixels: np.ndarray) -> np.ndarray:
     return masks
 
 
+def reflect_101_filter_matrix(size: int, kernel: np.ndarray) -> np.ndarray:
+    """(size, size) float64 ``F`` such that ``F @ x`` filters ``x`` along axis 0 as OpenCV does.
+
+    OpenCV's 1-D filter with ``BORDER_REFLECT_101`` (``...cb|abcd|cb...``, the edge not repeated):
+    output ``i`` is the sum over taps ``t`` of ``kernel[t] * x[reflect(i + t - radius)]``. A tap
+    that reflects onto a source already in the row adds to it. Needs ``radius < size``.
+    """
+    radius = len(kernel) // 2
+    if radius >= size:
+        raise ValueError(f"a {len(kernel)}-tap kernel needs at least {radius + 1} pixels, got {size}")
+    rows = np.arange(size)
+    matrix = np.zeros((size, size), dtype=np.float64)
+    for tap, weight in enumerate(kernel):
+        source = np.abs(rows + tap - radius)  # reflected off index 0
+        source = np.where(source > size - 1, 2 * (size - 1) - source, source)  # and off index size - 1
+        np.add.at(matrix, (rows, source), weight)
+    return matrix
+
+
+def _parse_mask_operator() -> np.ndarray:
+    """(512, 512) float64 ``A`` with ``A @ face_pixels @ A.T`` = ``face_pixels_to_masks`` up to rounding.
+
+    Both blurs along one axis are one linear map, ``G @ G`` (``G``: OpenCV's 101-tap σ 11
+    kernel with its border, ``reflect_101_filter_matrix``), and the 10-px zero band is its
+    first and last rows zeroed; the ×255 of step c and the /255 of step f cancel.
+    """
+    kernel = cv2.getGaussianKernel(PARSE_BLUR_KSIZE, PARSE_BLUR_SIGMA, cv2.CV_64F)[:, 0]
+    one_blur = reflect_101_filter_matrix(FACE_SIZE, kernel)
+    operator = one_blur
+    for _ in range(PARSE_BLUR_PASSES - 1):
+        operator = one_blur @ operator
+    band = PARSE_BORDER_ZERO_PX
+    operator[:band] = 0.0
+    operator[-band:] = 0.0
+    operator.flags.writeable = False
+    return operator
+
+
+# computed once, at import: not on the device thread, where OpenCV calls count as host work
+PARSE_MASK_OPERATOR = _parse_mask_operator()
+
+
+def face_pixels_to_masks_tensor(face_pixels: torch.Tensor, operator: torch.Tensor) -> torch.Tensor:
+    """``face_pixels_to_masks`` as two matrix products, on ``face_pixels``' device (any torch device).
+
+    (F, 512, 512) bool face-class pixels and the (512, 512) float64 ``PARSE_MASK_OPERATOR``
+    on the same device -> (F, 512, 512) float64 masks in [0, 1] there. The same linear map as the host
+    stage's two separable blurs, but not the same rounding: within float64 rounding of it,
+    not bit-identical (see ``masks_on_device``).
+    """
+    masks = operator @ face_pixels.to(torch.float64) @ operator.T
+    # a whole row of face sums a hair over 1: 1 exactly keeps the face's own value in the blend
+    return masks.clamp_(max=1.0)
+
+
+def masks_on_device(device: torch.device, profile: Profile) -> bool:
+    """Whether a request's parse masks are made on ``device`` (``FaceParser.device_masks``), not the host.
+
+    On CUDA, for the profiles that use the masks and already trade exactness for speed
+    (mixed precision: fast). Not on a CPU, where the host stage is the checked official
+    recipe, and not for baseline, whose promise is the official output: the device masks
+    differ from OpenCV's in the last bits (its row pass fuses multiply-adds on AVX2 builds, its
+    column pass does not; torch has no fused multiply-add that rounds the same on CPU and
+    CUDA), and a last-bit change can move a truncated output pixel by one level.
+    """
+    return device.type == "cuda" and profile.use_parse and profile.mixed_precision
+
+
 class FaceParser(FaceBatchNet):
     """Runs a loaded ParseNet over restored faces and turns its labels into blend masks."""
 
@@ -89,6 +157,7 @@ class FaceParser(FaceBatchNet):
         colormap = torch.zeros(PARSE_CLASSES, dtype=torch.bool)
         colormap[list(PARSE_FACE_CLASSES)] = True
         self._face_classes = colormap.to(device)  # class index -> kept as face
+        self._mask_operator = torch.tensor(PARSE_MASK_OPERATOR, device=device)  # (512, 512) float64
 
     def labels(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8/float64 BGR faces -> (F, 512, 512) bool, True on face classes.
@@ -104,6 +173,28 @@ class FaceParser(FaceBatchNet):
 
     def labels_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
         """``labels``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) bool, both on the host."""
+        with torch.inference_mode():
+            return self._face_pixels(faces, mixed_precision).cpu()  # the one device->host copy
+
+    def device_masks(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
+        """(F, 512, 512, 3) uint8/float64 BGR faces -> (F, 512, 512) float64 blend masks, all on the device.
+
+        ``labels`` then ``face_pixels_to_masks_tensor`` on the parser's device: the labels
+        never reach the host, the masks come back in one copy. ``faces`` as ``labels`` takes them.
+        """
+        if len(faces) == 0:
+            return np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=np.float64)
+        return self.masks_tensor(torch.from_numpy(faces), mixed_precision).numpy()
+
+    def masks_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
+        """``device_masks``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) float64, on the host."""
+        with torch.inference_mode():
+            face_pixels = self._face_pixels(faces, mixed_precision)
+            # the one device->host copy
+            return face_pixels_to_masks_tensor(face_pixels, self._mask_operator).cpu()
+
+    def _face_pixels(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
+        """(F, 512, 512, 3) host BGR faces -> (F, 512, 512) bool on the device, True on face classes."""
 
         def forward(net: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
             return net(chunk)[0]  # (B, 19, 512, 512) logits
@@ -113,16 +204,20 @@ class FaceParser(FaceBatchNet):
             # nothing stays in a compiled graph's memory (cudagraphs replays into it)
             return self._face_classes[logits.argmax(dim=1)]
 
-        with torch.inference_mode():
-            # the one device->host copy
-            return self._run(faces, mixed_precision, forward, face_classes).cpu()
+        return self._run(faces, mixed_precision, forward, face_classes)
 
-    def masks(self, faces: RestoredFaces, mixed_precision: bool = False) -> FaceMasks:
+    def masks(
+        self, faces: RestoredFaces, mixed_precision: bool = False, on_device: bool = False
+    ) -> FaceMasks:
         """One image's restored faces -> their (F, 512, 512) float64 blend masks in [0, 1].
 
-        Spec §6.3 step 9 a–f: ParseNet labels, then ``face_pixels_to_masks``.
+        Spec §6.3 step 9 a–f: ParseNet labels, then ``face_pixels_to_masks`` on the host, or
+        with ``on_device`` (``masks_on_device``) ``device_masks``.
         ``mixed_precision`` runs ParseNet under autocast (bfloat16 on CPU, float16 on CUDA).
         """
-        masks = FaceMasks(face_pixels_to_masks(self.labels(faces.faces, mixed_precision)))
+        if on_device:
+            masks = FaceMasks(self.device_masks(faces.faces, mixed_precision))
+        else:
+            masks = FaceMasks(face_pixels_to_masks(self.labels(faces.faces, mixed_precision)))
         logger.debug("parsed %d faces (mixed_precision=%s)", len(faces), mixed_precision)
         return masks

@@ -1,4 +1,4 @@
-"""Paste the restored faces back into the working image (spec §6), one face region at a time.
+"""Paste the restored faces back into the working image (docs/reference.md §6), one face region at a time.
 
 The official helper warps every face, its mask and its parse mask over the whole canvas.
 Here each face works inside its *region*: the bounding box of its warped 512x512 footprint,
@@ -152,11 +152,11 @@ def paste_faces(
     inverse_affines: np.ndarray,
     masks: FaceMasks | None,
 ) -> np.ndarray:
-    """Blend restored faces into the working image in order (spec §6.3–§6.6).
+    """Blend restored faces into the working image in order (docs/reference.md §6.3–§6.6).
 
     image: (H, W, 3) uint8 BGR working image (not modified), from an input the pipeline's
         entry checked (``Restorer.restore``, ``decode_image``).
-    restored: the (F, 512, 512, 3) uint8 BGR faces, or float64 for gray inputs (spec §5.5).
+    restored: the (F, 512, 512, 3) uint8 BGR faces, or float64 for gray inputs (docs/reference.md §5.5).
     inverse_affines: (F, 2, 3) float64 face -> image matrices (upscale 1: no extra offset), one per
         face, finite and invertible: ``AlignedFaces.inverse_affines``, checked when built.
     masks: the faces' (F, 512, 512) float64 parse masks in [0, 1] (``FaceParser.masks``), or

@@ -1,4 +1,4 @@
-"""The working image (spec §4.1): gray test, then small images enlarged to short side 512."""
+"""The working image (docs/reference.md §4.1): gray test, then small images enlarged to short side 512."""
 
 from __future__ import annotations
 

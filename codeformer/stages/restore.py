@@ -1,4 +1,4 @@
-"""Restore each aligned 512x512 crop with CodeFormer (spec §5).
+"""Restore each aligned 512x512 crop with CodeFormer (docs/reference.md §5).
 
 uint8 BGR crops go to the device once, are normalised there, run through the network in
 chunks, and come back to the CPU once as uint8 BGR faces. The device part
@@ -29,7 +29,7 @@ from codeformer.stages.align import check_face_batch
 
 logger = logging.getLogger(__name__)
 
-# Restored faces are uint8, or float64 once a gray input's faces are made gray (spec §5.5)
+# Restored faces are uint8, or float64 once a gray input's faces are made gray (docs/reference.md §5.5)
 RESTORED_FACE_DTYPES = (np.uint8, np.float64)
 
 
@@ -57,7 +57,7 @@ def crops_to_tensor(crops: np.ndarray | torch.Tensor, device: torch.device) -> t
     The input normalisation of both CodeFormer (§5 step 1) and ParseNet (§6.3 step 9a),
     bit for bit. CodeFormer's official recipe divides uint8 u by 255 in float64 and casts
     to float32; ParseNet's casts to float32 and divides in float32. For uint8 u the two
-    are equal (spec Appendix C; tests check all 256 levels), so one cast-then-divide serves
+    are equal (docs/reference.md Appendix C; tests check all 256 levels), so one cast-then-divide serves
     both, and it is ParseNet's recipe exactly for the float64 gray faces it also receives.
     """
     if isinstance(crops, np.ndarray):
@@ -69,7 +69,7 @@ def crops_to_tensor(crops: np.ndarray | torch.Tensor, device: torch.device) -> t
 
 
 def output_to_faces(out: torch.Tensor) -> torch.Tensor:
-    """(F, 3, 512, 512) network output -> (F, 512, 512, 3) uint8 BGR on the host (spec §5.3).
+    """(F, 3, 512, 512) network output -> (F, 512, 512, 3) uint8 BGR on the host (docs/reference.md §5.3).
 
     Clamp to [-1, 1], (t + 1) / 2, x 255 in float32, round half to even, uint8: the
     official ``tensor2img`` step by step, computed on the tensor's device.

@@ -1,7 +1,7 @@
 """Warp 512x512 face-space images into one box of the canvas, bit for bit as a full-canvas warp.
 
 The official paste-back warps each face, its mask and its parse mask over the whole canvas
-with ``cv2.warpAffine`` (spec §6.3 steps 1, 2 and 9h). Paste-back here works inside each
+with ``cv2.warpAffine`` (docs/reference.md §6.3 steps 1, 2 and 9h). Paste-back here works inside each
 face's region, and ``warp_into_region`` gives it exactly the pixels the full-canvas warp
 would have put there.
 

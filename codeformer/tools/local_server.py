@@ -13,7 +13,6 @@ process: resident and peak memory, minor page faults, open files.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
@@ -24,11 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from codeformer.serving.client import CogClient, ServerError
-from codeformer.serving.serve import DEFAULT_HOST, check_port_free, spawn_server, stop_server
+from codeformer.serving.serve import (  # noqa: F401  (find_worker_pid: for the tests and benchmarks)
+    DEFAULT_HOST,
+    check_port_free,
+    find_worker_pid,
+    spawn_server,
+    stop_server,
+)
 
 PORT_ATTEMPTS = 3  # a free port can be taken between picking it and the server binding it
 READY_POLL_S = 0.1  # start-to-READY is read at this resolution
-WORKER_MARKER = b"_run_worker"  # coglet starts its worker as `python -c "...coglet.server._run_worker()"`
 
 
 # -- ports -----------------------------------------------------------------------------------
@@ -152,28 +156,6 @@ class LocalServer:
 
 
 # -- the worker's memory ---------------------------------------------------------------------
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc/<pid>/task/*/children)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            children.extend(int(child) for child in (task / "children").read_text().split())
-    return children
-
-
-def find_worker_pid(server_pid: int) -> int | None:
-    """The coglet worker (where run() runs) among the server's descendants, if it is up."""
-    pending = [server_pid]
-    while pending:
-        pid = pending.pop()
-        for child in child_pids(pid):
-            with contextlib.suppress(OSError):
-                if WORKER_MARKER in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return child
-            pending.append(child)
-    return None
-
-
 def status_kib(pid: int, field: str) -> int:
     """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM, ...) in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -1,6 +1,6 @@
 """What a benchmark report holds besides its figures: portable paths, the command, the machine.
 
-A report may be committed (benchmarks/last_bench_single_image.json), so it names no machine:
+A report may be shared or committed, so it names no machine:
 ``portable_path`` writes paths relative to the project, ``<temp>/name`` or ``.../name``, and
 ``command_line`` the script's arguments the same way. ``write_report`` writes atomically.
 """

@@ -1,0 +1,164 @@
+"""The parse masks computed with torch (``face_pixels_to_masks_tensor``) against the host stage.
+
+Off the CPU the fast profile computes its blend masks on the device (``masks_on_device``); the
+code is the same on any torch device, so these tests run it on CPU tensors. Bound (issue 29,
+``codeformer.tools.stage_checks``): given the same ParseNet labels, the device masks within 1
+level (on the blend's 0-255 scale) of the host path's on at least 99.99 % of values, none
+beyond 2.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from helpers import GOLDEN_PHOTOS, noise, smooth_noise
+
+from codeformer import pipeline
+from codeformer.config import FACE_SIZE, PROFILES, RequestOptions, Settings
+from codeformer.nets.parsenet import ParseNet
+from codeformer.pipeline import Restorer, to_gray_faces
+from codeformer.stages.parse import (
+    PARSE_MASK_OPERATOR,
+    FaceParser,
+    face_pixels_to_masks,
+    face_pixels_to_masks_tensor,
+    masks_on_device,
+    reflect_101_filter_matrix,
+)
+from codeformer.stages.restore import RestoredFaces
+from codeformer.tools.stage_checks import level_difference
+
+FACE = FACE_SIZE
+
+
+def assert_within_bound(device_masks: np.ndarray, host_masks: np.ndarray) -> None:
+    assert device_masks.dtype == np.float64
+    difference = level_difference(device_masks, host_masks, 255.0)  # the masks' levels in the blend
+    assert difference["within_bound"], difference
+    assert device_masks.min() >= 0.0 and device_masks.max() <= 1.0
+
+
+def generated_face_pixels() -> dict[str, np.ndarray]:
+    """(512, 512) bool face-class maps the photos rarely give: the border, tiny and whole regions."""
+    rng = np.random.default_rng(29)
+    cases = {
+        "none": np.zeros((FACE, FACE), bool),
+        "whole_crop": np.ones((FACE, FACE), bool),
+        "one_pixel": np.zeros((FACE, FACE), bool),
+        "tiny_in_corner": np.zeros((FACE, FACE), bool),
+        "touching_every_border": np.zeros((FACE, FACE), bool),
+        "face_blob": smooth_noise(rng, (FACE, FACE), 6) > 0.5,
+        "salt_and_pepper": rng.random((FACE, FACE)) < 0.5,
+    }
+    cases["one_pixel"][256, 256] = True
+    cases["tiny_in_corner"][:3, -2:] = True
+    frame = cases["touching_every_border"]
+    frame[:40], frame[-3:], frame[:, :1], frame[:, -60:] = True, True, True, True
+    return cases
+
+
+GENERATED = generated_face_pixels()
+
+
+def device_masks_on_cpu(face_pixels: np.ndarray) -> np.ndarray:
+    operator = torch.tensor(PARSE_MASK_OPERATOR)
+    return face_pixels_to_masks_tensor(torch.from_numpy(face_pixels), operator).numpy()
+
+
+@pytest.mark.parametrize("name", list(GENERATED))
+def test_device_masks_are_within_a_level_of_the_host_stage(name: str) -> None:
+    face_pixels = GENERATED[name][None]
+    assert_within_bound(device_masks_on_cpu(face_pixels), face_pixels_to_masks(face_pixels))
+
+
+def test_device_masks_of_several_faces_are_each_faces_own() -> None:
+    """A batch of faces gives each face the mask it gets alone (no mixing across the batch axis)."""
+    face_pixels = np.stack([GENERATED["face_blob"], GENERATED["tiny_in_corner"], GENERATED["none"]])
+    together = device_masks_on_cpu(face_pixels)
+    for index, one in enumerate(face_pixels):
+        np.testing.assert_array_equal(together[index], device_masks_on_cpu(one[None])[0])
+    assert_within_bound(together, face_pixels_to_masks(face_pixels))
+
+
+@pytest.mark.parametrize(("size", "ksize"), [(512, 101), (16, 31), (7, 11)])
+def test_filter_matrix_reflects_the_border_as_opencv_does(size: int, ksize: int) -> None:
+    """One Gaussian blur along one axis, against OpenCV's with BORDER_REFLECT_101; radius up to size - 2."""
+    kernel = cv2.getGaussianKernel(ksize, ksize / 5, cv2.CV_64F)[:, 0]
+    column = np.random.default_rng(size).random((size, 3))
+    expected = cv2.sepFilter2D(column, cv2.CV_64F, np.ones(1), kernel, borderType=cv2.BORDER_REFLECT_101)
+    np.testing.assert_allclose(reflect_101_filter_matrix(size, kernel) @ column, expected, rtol=0, atol=1e-12)
+
+
+def test_filter_matrix_refuses_a_kernel_wider_than_the_reflection() -> None:
+    with pytest.raises(ValueError, match="11-tap kernel needs at least 6 pixels"):
+        reflect_101_filter_matrix(5, np.ones(11) / 11)
+
+
+def test_masks_go_to_the_device_on_cuda_for_the_fast_profile_only() -> None:
+    """The one decision: CUDA and a profile that uses the masks and already trades exactness for speed."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert {name: masks_on_device(cuda, profile) for name, profile in PROFILES.items()} == {
+        "baseline": False,  # not bit-identical to the host stage: baseline keeps it
+        "fast": True,
+        "max_speed": False,  # no masks at all
+    }
+    assert not any(masks_on_device(cpu, profile) for profile in PROFILES.values())
+
+
+@pytest.mark.slow  # ParseNet on two full-size faces
+def test_parser_device_masks_match_its_host_masks_on_golden_and_gray_faces(parse_net: ParseNet) -> None:
+    """``FaceParser.masks`` both ways, on a golden photo's restored face and its gray version."""
+    folder = next(iter(GOLDEN_PHOTOS.values()))
+    face = cv2.imread(str(folder / "restored_0.png"), cv2.IMREAD_COLOR)
+    parser = FaceParser(parse_net, torch.device("cpu"), batch_size=2)
+    for faces in (face[None], to_gray_faces(face[None])):  # uint8, then float64 gray
+        restored = RestoredFaces(faces)
+        host = parser.masks(restored).masks
+        on_device = parser.masks(restored, on_device=True).masks
+        assert_within_bound(on_device, host)
+        assert host.max() > 0.0  # the labels held some face: the comparison is not of zeros
+
+
+@pytest.mark.slow  # two fast requests through the full-size networks
+def test_restorer_routes_fast_masks_through_the_device_path_when_chosen(
+    restorer_seed0: Restorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline takes ``masks_on_device``'s answer: forced on, here on the CPU, the device
+    masks are made (once per image) and the output stays within the bound of the host path's."""
+    one_face = Settings.from_env(max_faces=1)
+    restorer = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, one_face)
+    image, fast = noise(300, 400, seed=5), RequestOptions.parse(profile="fast")
+    [host] = restorer.restore([image], fast)
+    calls: list[int] = []
+    device_masks = FaceParser.device_masks
+
+    def counted(parser: FaceParser, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
+        calls.append(len(faces))
+        return device_masks(parser, faces, mixed_precision)
+
+    monkeypatch.setattr(pipeline, "masks_on_device", lambda device, profile: profile.use_parse)
+    monkeypatch.setattr(FaceParser, "device_masks", counted)
+    [on_device] = restorer.restore([image], fast)
+    assert calls == [1] and len(host.faces) == 1
+    difference = level_difference(on_device.image, host.image, 1.0)
+    assert difference["within_bound"], difference
+
+
+def test_level_difference_holds_the_stage_bound() -> None:
+    """The measure itself: 0.01 % of values 1 level off pass; 2 levels everywhere, or any 3, do not."""
+    host = np.zeros((100, 100))
+    one_off = host.copy()
+    one_off[0, 0] = 1.0
+    assert level_difference(one_off, host, 1.0) == {
+        "max_levels": 1.0,
+        "within_one_level": 1.0,
+        "within_bound": True,
+    }
+    assert not level_difference(host + 2.0, host, 1.0)["within_bound"]  # 0 % within one level
+    three_off = host.copy()
+    three_off[5, 5] = 3.0 / 255.0
+    assert not level_difference(three_off, host, 255.0)["within_bound"]
+    with pytest.raises(ValueError, match="differ"):
+        level_difference(host[:1], host, 1.0)
