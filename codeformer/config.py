@@ -189,11 +189,6 @@ class Settings:
     download_backoff_s: float = 1.0  # DOWNLOAD_BACKOFF: before the 2nd attempt; doubles after each
     # REQUIRE_GPU: 1 in the GPU image (cog.yaml): set-up fails, saying why, without usable CUDA
     require_gpu: bool = False
-    # DEVICE_GATE (tests only): the device thread waits until this many requests are in
-    # progress at once, then face batches wait for them with no time limit
-    # (DeviceScheduler.arm_gate), so that concurrent requests' faces share forwards whatever
-    # the timing; 0 (the default) leaves scheduling as it is
-    device_gate: int = 0
 
     @classmethod
     def from_env(cls, device_type: str = "cpu", **overrides: Any) -> Settings:
@@ -232,7 +227,6 @@ class Settings:
             download_attempts=_env_int("CODEFORMER_DOWNLOAD_ATTEMPTS", cls.download_attempts),
             download_backoff_s=_env_number("CODEFORMER_DOWNLOAD_BACKOFF", cls.download_backoff_s, 0.0),
             require_gpu=_env("CODEFORMER_REQUIRE_GPU", cls.require_gpu, BOOLEANS.get, "0 or 1"),
-            device_gate=_env_int("CODEFORMER_DEVICE_GATE", cls.device_gate, 0),
         )
         return dataclasses.replace(settings, **overrides)
 

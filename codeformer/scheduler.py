@@ -30,11 +30,8 @@ most one forward), and its result is discarded.
 
 Each caller can read how many of its forwards it shared with other requests
 (``shared_forwards``, per thread: a request's device calls come from its own thread).
-Tests that need faces to meet arm a gate (``arm_gate``, ``Settings.device_gate``): the
-device thread runs no request's call until that many requests are in progress at once
-(once per process), and from then on a part-filled face batch waits, with no time limit,
-while other requests do host work, running their other device calls meanwhile. Batching
-then depends on no timing; the product never arms it.
+``in_progress`` says how many requests are inside ``caller()``; tests that need faces to
+meet hold the device thread with a call of their own until enough are (tests/gated_predictor.py).
 
 ``PixelBudget`` is the admission side: a request holds its pixels (the sum of its images'
 sizes, read from the headers) from decode to encode, and waits, in arrival order, while
@@ -152,9 +149,6 @@ class DeviceScheduler:
         self._broken: str | None = None  # why every call fails, after a sticky device error
         self.batches_run = 0  # forwards of batchable calls, and the jobs they served (for tests, logs)
         self.jobs_batched = 0
-        self._gate_armed = False
-        self._gate = 0  # requests the device thread waits for (test-only, ``arm_gate``); 0: open
-        self._hold_batches = False  # set by ``arm_gate``: part-filled batches wait with no time limit
         self._per_thread = threading.local()  # ``shared``: forwards each caller thread shared
         self._thread = start_thread(self._serve)
 
@@ -180,16 +174,11 @@ class DeviceScheduler:
             self._callers.get(threading.get_ident(), set()).add(stage)
             self._condition.notify_all()
 
-    def arm_gate(self, requests: int) -> None:
-        """Test-only (``Settings.device_gate``; 0 or 1 does nothing): hold the device thread
-        until ``requests`` requests are in progress at once, and let part-filled face batches
-        wait for other requests' faces with no time limit. Only the first call counts: the
-        gate opens once per process and stays open.
-        """
+    @property
+    def in_progress(self) -> int:
+        """How many requests are inside a ``caller()`` block now."""
         with self._condition:
-            if self._gate_armed or requests <= 1:
-                return
-            self._gate_armed, self._gate, self._hold_batches = True, requests, True
+            return len(self._callers)
 
     def shared_forwards(self) -> int:
         """How many forwards the calling thread's jobs have shared with other callers' so far."""
@@ -257,10 +246,7 @@ class DeviceScheduler:
         """The next jobs to run together (called holding the condition); None when stopping."""
         while True:
             self._drop_cancelled()
-            if self._gate and len(self._callers) >= self._gate:
-                self._gate = 0  # opened for good
-            # jobs outside any request (set-up's warm-up) never wait for the gate
-            if self._queue and not (self._gate and self._callers):
+            if self._queue:
                 break
             if self._stopping:
                 return None
@@ -273,7 +259,7 @@ class DeviceScheduler:
         deadline = first.queued_at + self.batch_wait_s
         while True:
             group = self._gather(first.key)
-            left = float("inf") if self._hold_batches else deadline - time.monotonic()
+            left = deadline - time.monotonic()
             if (
                 sum(job.size for job in group) >= self.batch_size
                 or not self._may_bring(first.key, group)
@@ -286,7 +272,7 @@ class DeviceScheduler:
             if other is not None:
                 group = [other] if other.key is None else self._gather(other.key)
                 break
-            self._condition.wait(None if left == float("inf") else left)
+            self._condition.wait(None if left == float("inf") else left)  # an unbounded wait: no timeout
             self._drop_cancelled()
             if first not in self._queue:  # cancelled while waiting
                 return self._next_group()

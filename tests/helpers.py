@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from PIL import Image, ImageCms
 
 import codeformer.imageio  # noqa: F401  (registers pillow-heif's HEIF writer that ``encode`` uses)
 from codeformer.icc import rgb_profile_for_gray
+from codeformer.scheduler import DeviceScheduler
 from codeformer.serving.request import ADMITTED_LINE, FINISHED_LINE
 from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 
@@ -309,6 +311,28 @@ def run_python_together(
         stdout, stderr = process.communicate(timeout=timeout_s)
         results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
     return results
+
+
+# -- holding the device thread --------------------------------------------------------------
+GATE_POLL_S = 0.005
+
+
+def hold_device_until(scheduler: DeviceScheduler, requests: int, timeout_s: float = 600.0) -> None:
+    """Occupy ``scheduler``'s device thread until ``requests`` requests are in progress at once
+    (or ``timeout_s`` passes); the calls queued meanwhile run after, in order. Returns once
+    the device thread holds the gate."""
+    holding = threading.Event()
+
+    def gate() -> None:
+        holding.set()
+        deadline = time.monotonic() + timeout_s
+        while scheduler.in_progress < requests and time.monotonic() < deadline:
+            time.sleep(GATE_POLL_S)
+
+    # a device call waits for its answer: it is made from a thread of its own
+    threading.Thread(target=scheduler.call, args=(gate,), name="device-gate", daemon=True).start()
+    if not holding.wait(timeout_s):
+        raise RuntimeError("the device thread never took the gate")
 
 
 def requests_admitted(server_log: str) -> int:

@@ -1,11 +1,12 @@
 """Concurrent predictions through the real Cog server: ``@cog.concurrent(max=...)`` requests at once.
 
 One server for the module, on the seed-0 weights, at most one face per image, a face batch
-of 2 (``CODEFORMER_FACE_BATCH=2``) and the test-only device gate
-(``CODEFORMER_DEVICE_GATE``): the device thread runs nothing until the four interleaved
-requests are all in progress, and then their faces wait for each other with no time limit,
-so that on this CPU too they share a CodeFormer forward whatever the timing. The gate opens
-once, so the interleaved requests are the server's first (the ``interleaved`` fixture).
+of 2 (``CODEFORMER_FACE_BATCH=2``), a batch wait of an hour, and the tests' gated predictor
+(tests/gated_predictor.py): the device thread runs nothing until the four interleaved
+requests are all in progress, and then a part-filled batch waits for the requests that will
+still bring faces, so that on this CPU too they share a CodeFormer forward whatever the
+timing. The gate opens once, so the interleaved requests are the server's first (the
+``interleaved`` fixture).
 Each request's answer must equal its answer alone (within the golden parity tolerance), a
 failing or cancelled request must leave the others alone, and no request below capacity
 may get 409. The tests read each prediction's figures from its ``metrics``, and wait on the
@@ -25,6 +26,7 @@ import helpers
 import numpy as np
 import pytest
 import requests
+from gated_predictor import GATED_PREDICTOR
 from helpers import face_photo, flat_canvas, noise, png_bytes, project_sentence, wait_for
 from PIL import Image
 
@@ -61,9 +63,11 @@ def gated_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "CODEFORMER_WEIGHTS_DIR": str(weights_dir),
         "CODEFORMER_MAX_FACES": "1",
         "CODEFORMER_FACE_BATCH": "2",
-        "CODEFORMER_DEVICE_GATE": str(len(REQUESTS)),
+        "CODEFORMER_BATCH_WAIT_MS": str(3_600_000),
+        "TEST_DEVICE_GATE": str(len(REQUESTS)),
     }
-    with LocalServer(env, log_path=tmp_path_factory.mktemp("server-log") / "cog-server.log") as running:
+    log_path = tmp_path_factory.mktemp("server-log") / "cog-server.log"
+    with LocalServer(env, log_path=log_path, predictor=GATED_PREDICTOR) as running:
         yield running
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import hold_device_until
 
 from codeformer.errors import DeviceBrokenError, RequestCancelled
 from codeformer.scheduler import DeviceScheduler, PixelBudget
@@ -408,10 +409,11 @@ def test_a_request_cancelled_while_it_waits_for_admission_leaves_without_pixels(
     assert budget.in_flight == 0
 
 
-def test_a_gate_makes_callers_arriving_apart_share_a_forward_and_each_counts_it() -> None:
-    # no batch wait at all: without the gate the first caller's faces would run alone
-    scheduler = DeviceScheduler(batch_size=2, batch_wait_s=0.0)
-    scheduler.arm_gate(2)
+def test_a_held_device_makes_callers_arriving_apart_share_a_forward_and_each_counts_it() -> None:
+    # the test's gate holds the device thread until both requests are in progress: without
+    # it the first caller's faces would run alone, before the second caller exists
+    scheduler = DeviceScheduler(batch_size=2, batch_wait_s=HANG_S)
+    hold_device_until(scheduler, 2)
     device = Recorder()
     second_may_start = threading.Event()
     shared: dict[float, int] = {}
@@ -433,7 +435,7 @@ def test_a_gate_makes_callers_arriving_apart_share_a_forward_and_each_counts_it(
         assert not thread.is_alive(), "a caller hung"
     assert [1.0, 2.0] in device.batches or [2.0, 1.0] in device.batches
     assert shared == {1.0: 1, 2.0: 1}
-    # the gate opens once: a lone caller afterwards neither waits for it nor shares
+    # the gate opened: a lone caller afterwards neither waits for anyone nor shares
     [(status, _)] = run_callers(scheduler, [lambda: scheduler.batched("k", device, np.array([3.0]))])
     assert status == "ok" and device.batches[-1] == [3.0]
     assert scheduler.shared_forwards() == 0  # counted per caller thread

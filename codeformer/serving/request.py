@@ -238,7 +238,6 @@ def _restore_request(
             decoded.append(decode_header(header, settings.max_pixels))
             timings["read_decode"] += (time.perf_counter() - start) * 1000.0
         del headers
-        restorer.scheduler.arm_gate(settings.device_gate)  # test-only; a no-op unless set
         shared_before = restorer.scheduler.shared_forwards()
         try:
             results = restorer.restore([image.pixels for image in decoded], options, cancel, progress)

@@ -115,13 +115,19 @@ def image_environment(predictor_ref: str, base_env: Mapping[str, str]) -> dict[s
     return env
 
 
-def spawn_server(port: int, extra_env: Mapping[str, str], log_file: IO[bytes]) -> subprocess.Popen[bytes]:
-    """Start ``python -m codeformer.serving.serve --port PORT`` in its own process group, output to a file.
+def spawn_server(
+    port: int,
+    extra_env: Mapping[str, str],
+    log_file: IO[bytes],
+    predictor_ref: str = DEFAULT_PREDICTOR_REF,
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m codeformer.serving.serve --port PORT --predictor REF`` in its own
+    process group, output to a file.
 
     Benchmarks and tests run the server this way; ``stop_server`` ends it.
     """
     return subprocess.Popen(
-        [sys.executable, "-m", "codeformer.serving.serve", "--port", str(port)],
+        [sys.executable, "-m", "codeformer.serving.serve", "--port", str(port), "--predictor", predictor_ref],
         cwd=PROJECT_ROOT,
         env={**os.environ, **extra_env},
         stdin=subprocess.DEVNULL,

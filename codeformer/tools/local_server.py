@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from codeformer.serving.client import CogClient, ServerError
+from codeformer.serving.schema import DEFAULT_PREDICTOR_REF
 from codeformer.serving.serve import (  # noqa: F401  (find_worker_pid: for the tests and benchmarks)
     DEFAULT_HOST,
     check_port_free,
@@ -66,8 +67,10 @@ class LocalServer:
         port: int | None = None,
         log_path: Path | None = None,
         ready_timeout_s: float = 600.0,
+        predictor: str = DEFAULT_PREDICTOR_REF,
     ) -> None:
         self.env = dict(env or {})
+        self.predictor = predictor  # the ``path.py:Class`` coglet serves
         self.fixed_port = port
         self.port = port
         self.ready_timeout_s = ready_timeout_s
@@ -116,7 +119,7 @@ class LocalServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("wb") as log_file:  # the child keeps its own handle
                 self.started_at = time.monotonic()
-                self.process = spawn_server(self.port, self.env, log_file)
+                self.process = spawn_server(self.port, self.env, log_file, self.predictor)
             self._client = CogClient(self.url)
             try:
                 self.health = self._client.wait_until_ready(
