@@ -34,10 +34,11 @@ from typing import Any
 import harness
 from PIL import Image
 
-from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES, Configuration
+from benchmarks import load, plans, reports
+from benchmarks.plans import Configuration
+from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES
 from codeformer.errors import ConfigError
 from codeformer.serving.client import ServerError
-from codeformer.tools import load, plans, reports
 
 log = logging.getLogger("benchmarks.bench_single_image")
 

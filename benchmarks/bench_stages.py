@@ -81,17 +81,8 @@ import harness
 import numpy as np
 import torch
 
-from codeformer import weights
-from codeformer.config import COMPILE_BACKENDS, FACE_SIZE, RequestOptions, Settings, configurations
-from codeformer.host_memory import device_thread_starter
-from codeformer.imageio import decode_image, encode_jpeg
-from codeformer.pipeline import Restorer
-from codeformer.runtime import Nets
-from codeformer.serving.client import data_uri
-from codeformer.stages.detect import Detections
-from codeformer.stages.prepare import MAX_ASPECT_RATIO
-from codeformer.tools import local_server, reports
-from codeformer.tools.host_pass import (
+from benchmarks import reports
+from benchmarks.host_pass import (
     HOST_STAGES,
     MAX_PIXELS,
     host_figures,
@@ -99,6 +90,17 @@ from codeformer.tools.host_pass import (
     one_face,
     square_photo,
 )
+from benchmarks.plans import configurations
+from codeformer import weights
+from codeformer.config import COMPILE_BACKENDS, FACE_SIZE, RequestOptions, Settings
+from codeformer.host_memory import device_thread_starter
+from codeformer.imageio import decode_image, encode_jpeg
+from codeformer.pipeline import Restorer
+from codeformer.runtime import Nets
+from codeformer.serving.client import data_uri
+from codeformer.stages.detect import Detections
+from codeformer.stages.prepare import MAX_ASPECT_RATIO
+from codeformer.tools import local_server
 from codeformer.tools.inputs import flat_canvas_png
 from tests import official_recipe  # the tests' oracle, timed here as the "official" row
 

@@ -6,7 +6,7 @@
         [--server [--concurrency 1 2 4 N [--duration-s 30 | --requests 20]] [--sweep-config NAME]]
 
 Every runtime_profile x stability_mode x compile_backend (cudagraphs only on CUDA; safe once
-per profile) runs, in process, these requests (``codeformer.tools.gpu_checks``), each photo its own request:
+per profile) runs, in process, these requests (``benchmarks.gpu_checks``), each photo its own request:
 the photos in data/ (or ``--images``) at fidelity 0.5; unless ``--no-generated``, a group
 photo (the photos tiled 2 x 2: more faces than one face batch) at fidelity 0 and 0.9, and the
 first photo at three more detector input shapes; with ``--big-request``, one request of four
@@ -31,7 +31,7 @@ how many each request restored); ``--weights-dir`` for real ones. Checks:
 - per-stage warm ms p50/p95 per request, host part (decode, prepare, align, paste, resize,
   encode) apart from device part (detect, restore, parse); peak GPU memory (not on CPU).
 - before the configurations (in process only), each stage moved to the device against its
-  host version on the photos' aligned faces (``codeformer.tools.stage_checks``): today the
+  host version on the photos' aligned faces (``benchmarks.stage_checks``): today the
   parse masks, given the same ParseNet labels: ms per face both ways (``--repeats`` timed
   calls each) and the difference, which fails the run beyond the stage bound (>= 99.99% of
   values within 1 level, none beyond 2).
@@ -73,7 +73,7 @@ Sections, in order: the command line; ``Checker`` (in this process: it sees what
 cannot, the graphs dynamo compiled, the graphs the cudagraphs backend refused and why, a
 recompile limit that sent a function back to eager, and peak GPU memory); ``ServerChecker``
 (through the HTTP server); ``main``. What they send and decide (the cases, compile counts,
-agreement, verdicts, the report) is ``codeformer.tools.gpu_checks``, where the tests check it.
+agreement, verdicts, the report) is ``benchmarks.gpu_checks``, where the tests check it.
 """
 
 from __future__ import annotations
@@ -88,12 +88,8 @@ from typing import Any
 import harness
 import numpy as np
 
-from codeformer.config import Configuration
-from codeformer.errors import ConfigError
-from codeformer.imageio import encode_jpeg
-from codeformer.serving.client import ServerError
-from codeformer.tools import load, plans, reports, stage_checks
-from codeformer.tools.gpu_checks import (
+from benchmarks import load, plans, reports, stage_checks
+from benchmarks.gpu_checks import (
     BOUNDS,
     FIDELITY,
     MAX_PIXELS,
@@ -117,6 +113,10 @@ from codeformer.tools.gpu_checks import (
     torch_warnings,
     verdict_line,
 )
+from benchmarks.plans import Configuration
+from codeformer.errors import ConfigError
+from codeformer.imageio import encode_jpeg
+from codeformer.serving.client import ServerError
 from codeformer.tools.local_server import LocalServer
 
 EXIT_FAILED, EXIT_NO_CUDA = 1, 3

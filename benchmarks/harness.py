@@ -6,13 +6,13 @@ Every script runs by path, from any folder: ``python benchmarks/run_bench.py --h
 then puts ``benchmarks/`` on ``sys.path`` (so ``import harness`` works) but not the project
 root that holds ``codeformer/`` and ``predict.py``; importing this module adds the root, here
 and nowhere else. A script therefore imports ``harness`` before any project module (isort
-keeps it there: it sorts ``harness`` with the third-party imports, ahead of ``codeformer``).
+keeps it there: it sorts ``harness`` with the third-party imports, ahead of ``benchmarks``
+and ``codeformer``).
 
-What the tests check lives in the package, where scripts and tests import it alike:
-``codeformer.tools.summary`` (statistics), ``codeformer.tools.reports`` (portable reports),
-``codeformer.tools.load`` (timed requests, concurrency levels, the photos sent),
-``codeformer.tools.host_pass``, ``codeformer.tools.plans`` and ``codeformer.tools.gpu_checks``. No
-test imports this folder.
+What the benchmarks' tests (benchmarks/tests) check lives beside it, in the ``benchmarks``
+package: ``summary`` (statistics), ``reports`` (portable reports), ``load`` (timed requests,
+concurrency levels, the photos sent, the set-up record), ``host_pass``, ``plans`` and
+``gpu_checks``. Only the scripts import this module.
 
 Sections, in order: clean stops; weights; tables and plots; the flags ``run_bench.py`` and
 ``bench_single_image.py`` share; starting a server and its cold figures; concurrency flags
@@ -40,11 +40,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from codeformer.config import PROFILES  # noqa: E402
-from codeformer.errors import ConfigError  # noqa: E402
-from codeformer.serving.records import setup_info  # noqa: E402
-from codeformer.serving.serve import DEFAULT_HOST, check_port_free, runner_concurrency  # noqa: E402
-from codeformer.tools.load import (  # noqa: E402
+from benchmarks.load import (  # noqa: E402
     BUSY_BACKOFF_S,
     DEFAULT_DURATION_S,
     LoadPlan,
@@ -52,11 +48,15 @@ from codeformer.tools.load import (  # noqa: E402
     RequestSample,
     StopRule,
     parse_levels,
+    setup_info,
     split_names,
 )
+from benchmarks.reports import portable_path  # noqa: E402
+from benchmarks.summary import cdf_points  # noqa: E402
+from codeformer.config import PROFILES  # noqa: E402
+from codeformer.errors import ConfigError  # noqa: E402
+from codeformer.serving.serve import DEFAULT_HOST, check_port_free, runner_concurrency  # noqa: E402
 from codeformer.tools.local_server import LocalServer  # noqa: E402
-from codeformer.tools.reports import portable_path  # noqa: E402
-from codeformer.tools.summary import cdf_points  # noqa: E402
 
 log = logging.getLogger("benchmarks")
 
@@ -305,7 +305,7 @@ def server_env_lines(server_env: dict[str, str]) -> list[str]:
     return ["server environment: " + " ".join(f"{key}={value}" for key, value in server_env.items())]
 
 
-# -- concurrency flags and tables (the levels themselves: codeformer.tools.load) --------------
+# -- concurrency flags and tables (the levels themselves: benchmarks/load.py) --------------
 def add_concurrency_arguments(parser: argparse.ArgumentParser) -> None:
     """``--concurrency``, ``--duration-s``, ``--requests``: the same flags in every script."""
     parser.add_argument(

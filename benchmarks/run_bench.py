@@ -55,12 +55,12 @@ from typing import Any
 
 import harness
 
+from benchmarks import load, reports
+from benchmarks.load import RequestSample
 from codeformer.config import COMPILE_BACKENDS, PROFILES, STABILITY_MODES
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient, ServerError
 from codeformer.serving.schema import MAX_IMAGES, MIN_IMAGES
-from codeformer.tools import load, reports
-from codeformer.tools.load import RequestSample
 from codeformer.tools.local_server import READY_POLL_S, LocalServer
 
 log = logging.getLogger("benchmarks.run_bench")

@@ -48,9 +48,10 @@ from typing import Any
 import harness
 import requests
 
+from benchmarks import reports, summary
 from codeformer.serving.client import CogClient, data_uri
 from codeformer.serving.outputs import OUTPUT_DIR_PREFIX
-from codeformer.tools import local_server, reports, summary
+from codeformer.tools import local_server
 from codeformer.tools.inputs import BAD_KINDS, flat_canvas_png, soak_plan, textured_png
 
 log = logging.getLogger("benchmarks.soak")

@@ -56,40 +56,6 @@ COMPILE_BACKENDS = ("none", "eager", "aot_eager", "inductor", "cudagraphs")
 CUDA_ONLY_BACKENDS = frozenset({"cudagraphs"})
 
 
-@dataclass(frozen=True)
-class Configuration:
-    """One runtime_profile x stability_mode x compile_backend a request can choose, by name.
-
-    Safe mode runs the nets as written and ignores the backend, so a safe configuration holds
-    ``"none"`` and its ``label`` names two parts ("baseline/safe"); an optimized one names
-    three ("max_speed/optimized/none"). The benchmarks and gpu_check key their reports by label.
-    """
-
-    profile: str
-    mode: str
-    backend: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.profile}/{self.mode}" + ("" if self.mode == "safe" else f"/{self.backend}")
-
-
-def configurations(cuda: bool) -> list[Configuration]:
-    """Every distinct configuration a device can run: safe once per profile, then optimized
-    once per backend (each backend's profiles together); the cudagraphs backends only with ``cuda``."""
-    safe = [name for name, stability in STABILITY_MODES.items() if not stability.compiled]
-    compiled = [name for name, stability in STABILITY_MODES.items() if stability.compiled]
-    backends = [backend for backend in COMPILE_BACKENDS if cuda or backend not in CUDA_ONLY_BACKENDS]
-    every = [Configuration(profile, mode, "none") for mode in safe for profile in PROFILES]
-    every += [
-        Configuration(profile, mode, backend)
-        for mode in compiled
-        for backend in backends
-        for profile in PROFILES
-    ]
-    return every
-
-
 # The one default of each request option: predict.py's inputs (and so the served schema),
 # the CLI and the library all take these. compile_backend "none" (channels_last, nothing
 # compiled) was the fastest on CPU (README's Benchmarks) and has no compile wait, so

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from codeformer.runtime import cpu_has_bf16_kernels
+from codeformer.tools import random_weights
+from codeformer.tools.local_server import apply_suite_environment
 
-# The suite runs the bf16 path of fast/max_speed wherever oneDNN has bf16 kernels (AVX-512
-# BF16, AMX), also where they are slower than float32 and "auto" would turn them off; the
-# auto decision has tests of its own. On a CPU without them (AVX2 only) bf16 convolutions
-# are emulated, about 100x slower than float32 (17.9 s against 0.17 s for a 64->64 3x3
-# convolution at 256x256), and "auto" picks float32 there as it would in production.
-# Servers the tests start inherit the setting.
-os.environ.setdefault("CODEFORMER_MIXED_PRECISION", "on" if cpu_has_bf16_kernels() else "auto")
-# The suite's files are served from 127.0.0.1, which production refuses to fetch from
-# (codeformer.serving.fetch): the predictors and servers of the tests allow it, except in the tests
-# of that rule (tests/test_fetch.py), which turn it off.
-os.environ["CODEFORMER_ALLOW_PRIVATE_URLS"] = "1"
+apply_suite_environment()
 
 
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding the three weight files for seed 0 (the golden outputs' weights)."""
-    from codeformer.tools import random_weights
-
-    out = tmp_path_factory.mktemp("weights-seed0")
-    random_weights.write(out, seed=0)
-    return out
+    return random_weights.written(tmp_path_factory.mktemp("weights-seed0"), seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +26,6 @@ def faceless_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFac
     "faces" on most pictures that are not mid-grey, and each costs a CodeFormer pass.
     """
     import torch
-
-    from codeformer.tools import random_weights
 
     detector = "detection_Resnet50_Final.pth"
     out = tmp_path_factory.mktemp("weights-faceless")
@@ -56,7 +40,6 @@ def faceless_weights_dir(weights_dir: Path, tmp_path_factory: pytest.TempPathFac
 def parse_net():
     """ParseNet on the seed-0 weights, in eval mode (tests/test_parse.py, tests/test_paste.py)."""
     from codeformer.nets.parsenet import ParseNet
-    from codeformer.tools import random_weights
 
     net = ParseNet()
     net.load_state_dict(random_weights.state_dict("parsing_parsenet.pth", 0), strict=True)

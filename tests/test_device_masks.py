@@ -2,7 +2,7 @@
 
 Off the CPU the fast profile computes its blend masks on the device (``masks_on_device``); the
 code is the same on any torch device, so these tests run it on CPU tensors. Bound (issue 29,
-``codeformer.tools.stage_checks``): given the same ParseNet labels, the device masks within 1
+``benchmarks.stage_checks``): given the same ParseNet labels, the device masks within 1
 level (on the blend's 0-255 scale) of the host path's on at least 99.99 % of values, none
 beyond 2.
 """
@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import GOLDEN_PHOTOS, noise, smooth_noise
 
+from benchmarks.stage_checks import level_difference
 from codeformer import pipeline
 from codeformer.config import FACE_SIZE, PROFILES, RequestOptions, Settings
 from codeformer.nets.parsenet import ParseNet
@@ -28,7 +29,6 @@ from codeformer.stages.parse import (
     reflect_101_filter_matrix,
 )
 from codeformer.stages.restore import RestoredFaces
-from codeformer.tools.stage_checks import level_difference
 
 FACE = FACE_SIZE
 

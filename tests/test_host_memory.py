@@ -104,7 +104,7 @@ from torch import nn
 from codeformer.config import PROJECT_ROOT, Settings
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
-from codeformer.tools.host_pass import host_pass, one_face, square_photo
+from benchmarks.host_pass import host_pass, one_face, square_photo
 
 device, retained_memory_mb = torch.device(sys.argv[1]), int(sys.argv[2])
 nets = Nets(*(nn.Identity().to(device) for _ in range(3)))
@@ -127,7 +127,7 @@ print(concurrent.futures.ThreadPoolExecutor(1).submit(faults_per_request).result
 @pytest.mark.slow  # fresh interpreters that import the pipeline and run 13 host passes each
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_off_the_cpu_the_host_work_of_a_request_reuses_the_memory_of_the_last_one() -> None:
-    """A one-face 1 MP request's host stages (codeformer.tools.host_pass) on a request thread."""
+    """A one-face 1 MP request's host stages (benchmarks/host_pass.py) on a request thread."""
 
     def faults_per_request(retained_memory_mb: int) -> float:
         completed = subprocess.run(

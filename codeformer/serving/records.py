@@ -2,7 +2,8 @@
 (``predict.py``'s ``setup()``); how it is written and read back.
 
 It belongs to no prediction, so it cannot travel as one's metrics: the server writes it to
-its own log, where the benchmarks read it (``setup_info``), never the prose line beside it.
+its own log, where the benchmarks read it (``benchmarks.load.setup_info``), never the prose
+line beside it.
 A request's figures are its prediction's metrics (``codeformer.serving.request``).
 """
 
@@ -45,15 +46,3 @@ def read_records(text: str, marker: str) -> list[dict[str, Any]]:
         if found:
             records.append(json.loads("{" + rest))
     return records
-
-
-def setup_info(server_log: str) -> dict[str, Any]:
-    """Device and setup seconds from the predictor's ``setup_timings`` record, when present."""
-    records = read_records(server_log, SETUP_MARKER)
-    if not records:
-        return {}
-    return {
-        "device": records[-1]["device"],
-        "setup_load_s": records[-1]["load_ms"] / 1000.0,
-        "setup_warmup_s": records[-1]["warmup_ms"] / 1000.0,
-    }

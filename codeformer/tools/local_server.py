@@ -49,6 +49,25 @@ def closed_port_url(name: str = "") -> str:
     return f"http://{DEFAULT_HOST}:{free_port()}/{name}"
 
 
+# -- the test suites' environment ------------------------------------------------------------
+def apply_suite_environment() -> None:
+    """The settings every test run starts with (tests/ and benchmarks/tests); the servers and
+    predictors the tests start inherit them.
+
+    fast/max_speed run their bf16 path wherever oneDNN has bf16 kernels (AVX-512 BF16, AMX),
+    also where they are slower than float32 and "auto" would turn them off (the auto decision
+    has tests of its own); on a CPU without them (AVX2 only) bf16 convolutions are emulated,
+    about 100x slower than float32, and "auto" picks float32 there as in production. The
+    suites serve their files from 127.0.0.1, which production refuses to fetch from
+    (``codeformer.serving.fetch``): the tests allow it, except the tests of that rule
+    (tests/test_fetch.py), which turn it off.
+    """
+    from codeformer.runtime import cpu_has_bf16_kernels
+
+    os.environ.setdefault("CODEFORMER_MIXED_PRECISION", "on" if cpu_has_bf16_kernels() else "auto")
+    os.environ["CODEFORMER_ALLOW_PRIVATE_URLS"] = "1"
+
+
 # -- the local server ------------------------------------------------------------------------
 class LocalServer:
     """``python -m codeformer.serving.serve`` (coglet and its worker) in its own process group, plus ``env``.

@@ -127,6 +127,12 @@ def write(out: Path, seed: int = 0, face_bias: float = -1.0) -> list[Path]:
     return paths
 
 
+def written(out: Path, seed: int = 0) -> Path:
+    """``out`` once ``write`` has filled it: a weights folder for ``CODEFORMER_WEIGHTS_DIR``."""
+    write(out, seed)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

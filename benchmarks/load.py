@@ -23,10 +23,11 @@ from typing import Any
 
 import requests
 
+from benchmarks.summary import summarize, throughput
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient, PredictionResult, ServerError, data_uri
+from codeformer.serving.records import SETUP_MARKER, read_records
 from codeformer.tools.local_server import LocalServer
-from codeformer.tools.summary import summarize, throughput
 
 
 # -- a prediction's figures (its metrics: codeformer.serving.request.request_metrics) -------
@@ -466,4 +467,16 @@ def level_report(clients: int, samples: Sequence[RequestSample], wall_s: float) 
         "predict_time": summarize(s.predict_time_s for s in succeeded if s.predict_time_s is not None),
         "succeeded_per_client": [sum(1 for s in succeeded if s.client == i) for i in range(clients)],
         "samples": [asdict(s) for s in sorted(samples, key=lambda s: s.sent_at_s or 0.0)],
+    }
+
+
+def setup_info(server_log: str) -> dict[str, Any]:
+    """Device and setup seconds from the predictor's ``setup_timings`` record, when present."""
+    records = read_records(server_log, SETUP_MARKER)
+    if not records:
+        return {}
+    return {
+        "device": records[-1]["device"],
+        "setup_load_s": records[-1]["load_ms"] / 1000.0,
+        "setup_warmup_s": records[-1]["warmup_ms"] / 1000.0,
     }

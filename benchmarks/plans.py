@@ -1,7 +1,7 @@
 """Which configurations a benchmark runs, and which of them won.
 
-Every script starts from ``codeformer.config.configurations`` (the one list of runtime_profile
-x stability_mode x compile_backend) and narrows it down here: ``check_plan`` for
+Every script starts from ``configurations`` (the one list of runtime_profile x stability_mode
+x compile_backend, from the product's choices) and narrows it down here: ``check_plan`` for
 ``benchmarks/gpu_check.py`` (baseline/safe first: the others' reference),
 ``plan_combinations`` for ``benchmarks/bench_single_image.py`` (profile by profile, with the
 reason each one left out is skipped). ``winners`` picks bench_single_image's fastest.
@@ -10,9 +10,45 @@ reason each one left out is skipped). ``winners`` picks bench_single_image's fas
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from codeformer.config import CUDA_ONLY_BACKENDS, PROFILES, STABILITY_MODES, Configuration, configurations
+from codeformer.config import COMPILE_BACKENDS, CUDA_ONLY_BACKENDS, PROFILES, STABILITY_MODES
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One runtime_profile x stability_mode x compile_backend a request can choose, by name.
+
+    Safe mode runs the nets as written and ignores the backend, so a safe configuration holds
+    ``"none"`` and its ``label`` names two parts ("baseline/safe"); an optimized one names
+    three ("max_speed/optimized/none"). The benchmarks and gpu_check key their reports by label.
+    """
+
+    profile: str
+    mode: str
+    backend: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.profile}/{self.mode}" + ("" if self.mode == "safe" else f"/{self.backend}")
+
+
+def configurations(cuda: bool) -> list[Configuration]:
+    """Every distinct configuration a device can run: safe once per profile, then optimized
+    once per backend (each backend's profiles together); the cudagraphs backends only with ``cuda``."""
+    safe = [name for name, stability in STABILITY_MODES.items() if not stability.compiled]
+    compiled = [name for name, stability in STABILITY_MODES.items() if stability.compiled]
+    backends = [backend for backend in COMPILE_BACKENDS if cuda or backend not in CUDA_ONLY_BACKENDS]
+    every = [Configuration(profile, mode, "none") for mode in safe for profile in PROFILES]
+    every += [
+        Configuration(profile, mode, backend)
+        for mode in compiled
+        for backend in backends
+        for profile in PROFILES
+    ]
+    return every
+
 
 REFERENCE = Configuration("baseline", "safe", "none")  # what every other configuration is compared with
 COLD_FIGURES = ("first_request", "start_to_first_response")  # the report's keys; each figure is key + "_s"

@@ -2,7 +2,7 @@
 
 The script runs by path in a fresh interpreter; what it sends and decides (the plan, the
 cases, what compiled, agreement, the report) is checked where it lives,
-``codeformer.tools.gpu_checks`` and ``codeformer.tools.plans``. No test looks at how long
+``benchmarks.gpu_checks`` and ``benchmarks.plans``. No test looks at how long
 anything took.
 """
 
@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from codeformer.config import PROJECT_ROOT, Configuration
-from codeformer.tools.gpu_checks import (
+from benchmarks.gpu_checks import (
     MAX_MEAN_ABS,
     BackendRestorers,
     Case,
@@ -35,7 +34,9 @@ from codeformer.tools.gpu_checks import (
     judge_compiles,
     torch_warnings,
 )
-from codeformer.tools.plans import check_plan as plan
+from benchmarks.plans import Configuration
+from benchmarks.plans import check_plan as plan
+from codeformer.config import PROJECT_ROOT
 
 GPU_CHECK = PROJECT_ROOT / "benchmarks" / "gpu_check.py"
 EXIT_NO_CUDA = 3  # gpu_check's own exit code for "no CUDA device"
@@ -207,7 +208,7 @@ def test_the_in_process_path_imports_no_cog_module() -> None:
         "except SystemExit:\n"
         "    pass\n"
         "import codeformer.pipeline, codeformer.imageio, codeformer.weights\n"
-        "import codeformer.tools.random_weights, codeformer.tools.gpu_checks\n"
+        "import codeformer.tools.random_weights, benchmarks.gpu_checks\n"
         "loaded = [name for name, module in sys.modules.items() if module is not None]\n"
         "print(sorted(name for name in loaded if name.split('.')[0] in ('cog', 'coglet')))\n"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,25 +20,26 @@ from pathlib import Path
 
 import pytest
 
-from codeformer.config import PROFILES, PROJECT_ROOT, Configuration, RequestOptions, configurations
-from codeformer.errors import ConfigError
-from codeformer.serving.records import SETUP_MARKER, record_line, setup_info
-from codeformer.serving.request import request_metrics
-from codeformer.serving.serve import check_port_free
-from codeformer.tools.host_pass import host_figures
-from codeformer.tools.load import (
+from benchmarks.host_pass import host_figures
+from benchmarks.load import (
     RequestSample,
     batches,
     discover_images,
     faces_per_image,
     profile_report,
+    setup_info,
     split_names,
     stage_ms_per_image,
 )
+from benchmarks.plans import Configuration, configurations, plan_combinations, winners
+from benchmarks.reports import command_line, portable_path
+from benchmarks.summary import cdf_points, summarize, throughput
+from codeformer.config import PROFILES, PROJECT_ROOT, RequestOptions
+from codeformer.errors import ConfigError
+from codeformer.serving.records import SETUP_MARKER, record_line
+from codeformer.serving.request import request_metrics
+from codeformer.serving.serve import check_port_free
 from codeformer.tools.local_server import free_port
-from codeformer.tools.plans import plan_combinations, winners
-from codeformer.tools.reports import command_line, portable_path
-from codeformer.tools.summary import cdf_points, summarize, throughput
 
 RUN_BENCH = PROJECT_ROOT / "benchmarks" / "run_bench.py"
 BENCH_SINGLE_IMAGE = PROJECT_ROOT / "benchmarks" / "bench_single_image.py"
@@ -298,7 +300,7 @@ def test_reports_hold_no_machine_paths(tmp_path: Path) -> None:
     ]
 
 
-# -- bench_single_image planning (codeformer.tools.plans) -------------------------------------
+# -- bench_single_image planning (benchmarks/plans.py) ---------------------------------------
 def test_configurations_are_every_distinct_choice_once_safe_first() -> None:
     cpu, cuda = configurations(cuda=False), configurations(cuda=True)
     assert len(cpu) == len(set(cpu)) == len(PROFILES) * (1 + 4)  # safe + four backends without CUDA
@@ -490,8 +492,8 @@ def test_every_script_runs_by_path_from_another_folder(script: Path, tmp_path: P
     assert completed.stdout.startswith("usage: ")
 
 
-def test_the_scripts_the_readme_names_are_found() -> None:
-    names = {path.name for path in SCRIPTS}
-    assert names == {"run_bench.py", "bench_single_image.py", "bench_stages.py", "soak.py", "gpu_check.py"}
-    # and nothing else but the module they share
-    assert {path.name for path in (PROJECT_ROOT / "benchmarks").glob("*.py")} == names | {"harness.py"}
+def test_every_script_is_documented_and_every_documented_script_exists() -> None:
+    docs = (PROJECT_ROOT / "docs" / "benchmarks.md").read_text()
+    documented = set(re.findall(r"benchmarks/(\w+\.py)", docs))
+    assert {path.name for path in SCRIPTS} <= documented
+    assert {name for name in documented if not (PROJECT_ROOT / "benchmarks" / name).is_file()} == set()

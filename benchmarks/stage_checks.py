@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from codeformer.tools import summary
+from benchmarks import summary
 
 MIN_WITHIN_ONE_LEVEL = 0.9999
 MAX_LEVELS = 2.0

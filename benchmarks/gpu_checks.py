@@ -37,10 +37,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from codeformer.config import Configuration
-from codeformer.tools import reports, summary
-from codeformer.tools.host_pass import HOST_STAGES
-from codeformer.tools.plans import REFERENCE
+from benchmarks import reports, summary
+from benchmarks.host_pass import HOST_STAGES
+from benchmarks.plans import REFERENCE, Configuration
 
 DEVICE_STAGES = ("detect", "restore", "parse")
 # tests/test_parity_golden.py's tolerance where its stricter AVX-512 figures do not apply

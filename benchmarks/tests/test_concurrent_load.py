@@ -1,4 +1,4 @@
-"""The concurrency levels (codeformer/tools/load.py), ``run_bench.py --concurrency``: levels, counting,
+"""The concurrency levels (benchmarks/load.py), ``run_bench.py --concurrency``: levels, counting,
 one real run.
 
 The counting tests use a stand-in server (a few lines of http.server with a fixed number of
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.load import Requester, StopRule, level_report, parse_levels, run_level
 from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
 from codeformer.serving.client import CogClient
 from codeformer.serving.serve import runner_concurrency
-from codeformer.tools.load import Requester, StopRule, level_report, parse_levels, run_level
 from codeformer.tools.local_server import free_port
 from predict import MAX_CONCURRENT_REQUESTS
 
