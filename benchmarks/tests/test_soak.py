@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from codeformer.config import PROJECT_ROOT
 from codeformer.tools.inputs import BAD_KINDS, soak_plan
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_plan_mixes_good_faces_and_every_bad_kind_in_turn() -> None:
