@@ -128,6 +128,37 @@ def divide_exactly(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
     return numerator / divisor
 
 
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` copied to ``device``; on CUDA staged in pinned memory and copied without blocking.
+
+    From pageable memory CUDA copies through a staging buffer of its own and the host waits
+    for the copy; from pinned memory the copy is queued like a kernel and the host goes on
+    queueing the work that reads it (stream order keeps it correct). Host tensors can be
+    pinned only where CUDA is: on other devices this is ``host.to(device)``.
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    # the caching host allocator keeps ``pinned`` until the copy has run, even once freed here
+    return pinned.to(device, non_blocking=True)
+
+
+def download_with_flags(result: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``result`` and (N,) bool ``flags``, both on one device -> both on the host, in one device->host copy.
+
+    Both travel as the bytes of one uint8 tensor (``result``'s bytes, then one byte per flag),
+    so that a stage that must also tell the host something small (which chunks were finite)
+    still waits for the device once, when its result is ready anyway. ``result`` is returned
+    in its dtype and shape, a view of the downloaded bytes.
+    """
+    result_bytes = result.contiguous().reshape(-1).view(torch.uint8)
+    packed = torch.cat([result_bytes, flags.to(torch.uint8)]).cpu()  # the one device->host copy
+    size = result_bytes.numel()
+    # views of the downloaded bytes, nothing computed on the host; flags are 0 or 1: valid bools
+    return packed[:size].view(result.dtype).reshape(result.shape), packed[size:].view(torch.bool)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """Mixed-precision dtype: fp16 on CUDA (tensor cores), bf16 on CPU (AVX-512 BF16 / AMX)."""
     return torch.float16 if device.type == "cuda" else torch.bfloat16

@@ -14,7 +14,7 @@ from codeformer import pipeline
 from codeformer.config import STABILITY_MODES, RequestOptions, Settings
 from codeformer.errors import ConfigError
 from codeformer.pipeline import Restorer
-from codeformer.runtime import Nets, Runtime, cuda_numerics, mixed_precision_pays
+from codeformer.runtime import Nets, Runtime, cuda_numerics, download_with_flags, mixed_precision_pays
 
 
 def _tiny_nets() -> Nets:
@@ -224,3 +224,12 @@ def test_each_profiles_device_calls_run_under_its_numerics(
         asked.clear()
         restorer.restore([image], RequestOptions.parse(0.5, profile, "safe", "none"))
         assert asked and set(asked) == {fast_math}, (profile, asked)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float64])  # faces, labels, masks
+def test_download_with_flags_returns_the_result_and_the_flags_unchanged(dtype: torch.dtype) -> None:
+    result = (torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 200).to(dtype)
+    flags = torch.tensor([True, False, True])
+    host_result, host_flags = download_with_flags(result[:, 1:], flags)  # a non-contiguous result too
+    assert host_result.dtype == dtype and torch.equal(host_result, result[:, 1:])
+    assert host_flags.dtype == torch.bool and host_flags.tolist() == [True, False, True]
