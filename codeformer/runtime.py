@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from codeformer.config import CUDA_ONLY_BACKENDS, Stability
+from codeformer.config import CUDA_ONLY_BACKENDS, GRAPH_REPLAYING_BACKENDS, Stability
 from codeformer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -306,21 +306,43 @@ class Runtime:
 # torch.compile entries of one function share one cache and one recompile limit (8) by
 # default, and modules are guarded by type: the float32 and the mixed-precision copies of
 # CodeFormer count against one limit, and past it dynamo runs the rest eager with one
-# warning. torch 2.14 can give each compiled copy its own count; older versions cannot, and
-# there the copies fit only because FaceBatchNet keeps each to four graphs.
+# warning. torch 2.14 gives each compiled copy its own count, and each copy of CodeFormer
+# needs two graphs per face batch size (1, 2, 4: six); older versions cannot isolate the
+# copies, and there set-up stops with a ConfigError (``pipeline.warm_compiled``) when both
+# precisions are compiled.
 ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
+def compile_options(backend: str) -> dict[str, object]:
+    """``torch.compile``'s keyword arguments for ``backend``, a ``COMPILE_BACKENDS`` name other than none.
+
+    Static shapes (``dynamic=False``): ``FaceBatchNet`` pads every chunk to one of a few
+    batch sizes, each its own graph. Without it dynamo would make the batch dimension
+    symbolic at the second size it met ("automatic dynamic"), and the graph-replaying
+    backends record one graph per size whatever the symbols say.
+
+    ``inductor-cudagraphs``: Inductor's generated kernels, the whole forward recorded as a
+    CUDA graph per shape and replayed: one launch per forward instead of about a thousand.
+    ``mode="reduce-overhead"`` is torch's public name for that (in torch 2.14 exactly
+    ``options={"triton.cudagraphs": True}``, ``torch._inductor.list_mode_options()``); the
+    graphs live in CUDA graph trees, with outputs overwritten at the next replay, which
+    ``FaceBatchNet`` allows for.
+    """
+    if backend == "inductor-cudagraphs":
+        return {"backend": "inductor", "mode": "reduce-overhead", "dynamic": False}
+    return {"backend": backend, "dynamic": False}
+
+
 def compile_net(net: nn.Module, backend: str) -> nn.Module:
-    """``torch.compile(net, backend=backend)``, counting its recompiles apart where torch can.
+    """``torch.compile(net, **compile_options(backend))``, counting its recompiles apart where torch can.
 
     Called on the thread that will run the net (the scheduler's device thread).
     """
-    if backend == "cudagraphs":
+    if backend in GRAPH_REPLAYING_BACKENDS:
         give_this_thread_cudagraph_trees()
     if ISOLATES_RECOMPILES:
-        return torch.compile(net, backend=backend, isolate_recompiles=True)
-    return torch.compile(net, backend=backend)
+        return torch.compile(net, **compile_options(backend), isolate_recompiles=True)
+    return torch.compile(net, **compile_options(backend))
 
 
 def give_this_thread_cudagraph_trees() -> None:

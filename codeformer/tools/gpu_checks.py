@@ -37,7 +37,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from codeformer.config import Configuration
+from codeformer.config import GRAPH_REPLAYING_BACKENDS, Configuration
 from codeformer.tools import reports, summary
 from codeformer.tools.host_pass import HOST_STAGES
 from codeformer.tools.plans import REFERENCE
@@ -212,7 +212,7 @@ def judge_compiles(
         if RECOMPILE_LIMIT_HIT in line:
             outcome.reasons.append(f"ran eager past dynamo's recompile limit: {line}")
     skips = figures["cudagraph_skips"]
-    if outcome.config.backend == "cudagraphs" and outcome.config.mode == "optimized" and skips:
+    if outcome.config.backend in GRAPH_REPLAYING_BACKENDS and outcome.config.mode == "optimized" and skips:
         skipped = [line for line in warnings if CUDAGRAPH_SKIP in line]
         outcome.reasons.append(f"{skips} graph(s) ran without CUDA graphs: {skipped}")
 
