@@ -2,10 +2,20 @@
 
     python benchmarks/gpu_check.py [--device cuda] [--weights-dir weights/] [--images data/1.jpg ..]
         [--configs baseline/safe fast/optimized/inductor ..] [--repeats 3] [--budget-s 540]
-        [--no-generated] [--big-request]
+        [--no-generated] [--big-request] [--no-headline] [--headline-repeats 10]
         [--server [--concurrency 1 2 4 N [--duration-s 30 | --requests 20]] [--sweep-config NAME]]
 
-Every runtime_profile x stability_mode x compile_backend (cudagraphs only on CUDA; safe once
+First, in process, the headline (``benchmarks.headline``), the figures a short lent GPU
+must give before anything else, written to the JSON (``headline``) as each of its two
+configurations ends: max_speed safe, then max_speed optimized with inductor-cudagraphs (on
+CUDA): a one-face 1 MP request's latency (``--headline-repeats`` timed, after one untimed),
+host-device syncs in one request (torch's sync debug mode: count and messages), CodeFormer's
+and ParseNet's ms per call at each face batch (1, 2, 4), peak GPU memory, set-up ms, and
+``goals`` (on CUDA): PASS/FAIL for latency < 15 ms, optimized >= 1.5x faster than safe,
+set-up < 60 s.
+``--no-headline`` skips it.
+
+Then every runtime_profile x stability_mode x compile_backend (cudagraphs only on CUDA; safe once
 per profile) runs, in process, these requests (``benchmarks.gpu_checks``), each photo its own request:
 the photos in data/ (or ``--images``) at fidelity 0.5; unless ``--no-generated``, a group
 photo (the photos tiled 2 x 2: more faces than one face batch) at fidelity 0 and 0.9, and the
@@ -82,13 +92,14 @@ import argparse
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import harness
 import numpy as np
 
-from benchmarks import load, plans, reports, stage_checks
+from benchmarks import headline, load, plans, reports, stage_checks
 from benchmarks.gpu_checks import (
     BOUNDS,
     FIDELITY,
@@ -151,6 +162,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, load.LoadPla
     parser.add_argument(
         "--big-request", action="store_true", help="also one request of four 40 MP images per configuration"
     )
+    parser.add_argument(
+        "--no-headline", dest="headline", action="store_false", help="skip the headline part (in process)"
+    )
+    parser.add_argument("--headline-repeats", type=int, default=10, help="timed calls per headline figure")
     harness.add_concurrency_arguments(parser)
     parser.add_argument(
         "--sweep-config", default="baseline/safe", help="the configuration --concurrency sweeps"
@@ -243,6 +258,45 @@ class Checker:
             }
         except Exception as exc:  # a check tool reports each failure and goes on to the next one
             return {"parse_masks": {"error": f"{type(exc).__name__}: {exc}", "within_bound": False}}
+
+    def headline(self, photo_path: Path, write: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """``codeformer.tools.headline``'s figures per configuration, then ``goals``; ``write`` after each."""
+        from codeformer.config import RequestOptions
+
+        torch, cuda, repeats = self.torch, self.device.type == "cuda", self.args.headline_repeats
+        photo = headline.megapixel_photo(decode(photo_path.read_bytes()))
+        configs = headline.headline_configs(self.device.type)
+        figures: dict[str, Any] = {"photo": {"path": reports.portable_path(photo_path), "shape": photo.shape}}
+        for config in configs:
+            entry = figures[config.label] = {}
+            if not self.fits(0.0):
+                entry["not_run"] = "budget spent"
+                continue
+            try:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                restorer = self.restorer(config.backend)
+                entry["setup_ms"] = self.restorers.setup_ms
+                options = RequestOptions.parse(
+                    headline.HEADLINE_FIDELITY, config.profile, config.mode, config.backend
+                )
+
+                def request(restorer: Any = restorer, options: Any = options) -> list[Any]:
+                    return restorer.restore([photo], options)
+
+                entry["latency_ms"] = headline.timed_ms(request, repeats)
+                entry["faces"] = len(request()[0].faces)
+                entry["syncs_per_request"] = headline.count_syncs(torch, self.device, request)
+                entry.update(headline.net_timings(restorer, config, repeats))
+                if cuda:
+                    entry["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            except Exception as exc:  # a check tool reports each failure and goes on to the next one
+                entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            if cuda:  # the goals are for a GPU
+                figures["goals"] = headline.goal_verdicts(figures, configs[0].label, configs[1].label)
+            print(headline.headline_line(config.label, entry), flush=True)
+            write(figures)
+        return figures
 
     def fits(self, expected_s: float) -> bool:
         return time.monotonic() + expected_s < self.deadline
@@ -474,11 +528,18 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": args.budget_s,
             "bounds": BOUNDS,
         }
+        progress = ProgressReport(head, configs, args.output, started)
+        if args.headline and not args.server:  # first: the figures a short lent GPU must give
+
+            def write_headline(figures: dict[str, Any]) -> None:
+                head["headline"] = figures
+                progress.write(outcomes, sweep)
+
+            checker.headline(paths[0], write_headline)
         # in process only: the moved stages, device against host (the server shows neither)
         head["stages"] = {} if args.server else checker.stage_checks(paths)
         for name, stage in head["stages"].items():
             print(stage_checks.stage_line(name, stage), flush=True)
-        progress = ProgressReport(head, configs, args.output, started)
         reference: list[np.ndarray] = []  # baseline/safe's outputs on the device
         for config in configs:
             outcomes.append(outcome := checker.run(config))

@@ -40,6 +40,7 @@ import numpy as np
 from benchmarks import reports, summary
 from benchmarks.host_pass import HOST_STAGES
 from benchmarks.plans import REFERENCE, Configuration
+from codeformer.config import GRAPH_REPLAYING_BACKENDS
 
 DEVICE_STAGES = ("detect", "restore", "parse")
 # tests/test_parity_golden.py's tolerance where its stricter AVX-512 figures do not apply
@@ -211,7 +212,7 @@ def judge_compiles(
         if RECOMPILE_LIMIT_HIT in line:
             outcome.reasons.append(f"ran eager past dynamo's recompile limit: {line}")
     skips = figures["cudagraph_skips"]
-    if outcome.config.backend == "cudagraphs" and outcome.config.mode == "optimized" and skips:
+    if outcome.config.backend in GRAPH_REPLAYING_BACKENDS and outcome.config.mode == "optimized" and skips:
         skipped = [line for line in warnings if CUDAGRAPH_SKIP in line]
         outcome.reasons.append(f"{skips} graph(s) ran without CUDA graphs: {skipped}")
 

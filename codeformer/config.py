@@ -51,9 +51,12 @@ STABILITY_MODES: dict[str, Stability] = {
     "safe": Stability("safe", compiled=False, channels_last=False),
     "optimized": Stability("optimized", compiled=True, channels_last=True),
 }
-# "none" runs the channels_last nets without torch.compile; cudagraphs needs CUDA
-COMPILE_BACKENDS = ("none", "eager", "aot_eager", "inductor", "cudagraphs")
-CUDA_ONLY_BACKENDS = frozenset({"cudagraphs"})
+# "none" runs the channels_last nets without torch.compile; "inductor-cudagraphs" is Inductor's
+# kernels replayed as CUDA graphs (runtime.compile_options). The seed's choices come first.
+COMPILE_BACKENDS = ("none", "eager", "aot_eager", "inductor", "cudagraphs", "inductor-cudagraphs")
+# the backends that record each graph once and replay it: they need CUDA
+GRAPH_REPLAYING_BACKENDS = frozenset({"cudagraphs", "inductor-cudagraphs"})
+CUDA_ONLY_BACKENDS = GRAPH_REPLAYING_BACKENDS
 
 
 # The one default of each request option: predict.py's inputs (and so the served schema),

@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from codeformer import weights
-from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES, RequestOptions, Settings
+from codeformer.config import (
+    FACE_SIZE,
+    GRAPH_REPLAYING_BACKENDS,
+    PROFILES,
+    STABILITY_MODES,
+    RequestOptions,
+    Settings,
+)
 from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import device_thread_starter
@@ -162,20 +169,21 @@ def warm_compiled(
 ) -> None:
     """Run every graph a request can reach on the compiled ``restorer`` and ``parser`` once: compile them now.
 
-    A request's chunks hold 1 to ``batch_size`` faces: a batch of 1 is a graph of its own and
-    ``FaceBatchNet`` marks 2 and more dynamic, so batches 1 and 2 reach every graph; CodeFormer
-    has one graph with fusion and one without (``WARM_FIDELITIES``). Nothing may fall back
-    quietly: dynamo's recompile limit, and under ``cudagraphs`` a graph the backend would run
-    without CUDA graphs, raise ``ConfigError`` naming the backend.
+    A request's chunks are padded to one of ``FaceBatchNet.chunk_sizes`` (1, 2, 4 by default),
+    each a graph of its own; CodeFormer has one graph with fusion and one without
+    (``WARM_FIDELITIES``). Nothing may fall back quietly: dynamo's recompile limit, and under a
+    graph-replaying backend a graph it would run without CUDA graphs, raise ``ConfigError``
+    naming the backend.
     """
     from torch._dynamo.exc import FailOnRecompileLimitHit
     from torch._dynamo.utils import counters
 
     skips_before = counters["inductor"]["cudagraph_skips"]
-    crops = torch.full((2, face_size, face_size, 3), 127, dtype=torch.uint8)  # (B, H, W, 3) BGR
+    # (B, H, W, 3) uint8 BGR
+    crops = torch.full((restorer.batch_size, face_size, face_size, 3), 127, dtype=torch.uint8)
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            for batch in sorted({1, min(2, restorer.batch_size)}):
+            for batch in restorer.chunk_sizes:
                 for fidelity in WARM_FIDELITIES:
                     restorer.restore_tensor(crops[:batch], fidelity, mixed_precision)
                 parser.labels_tensor(crops[:batch], mixed_precision)
@@ -185,9 +193,9 @@ def warm_compiled(
             "optimized nets, so some would run eager; see the log's 'hit config.recompile_limit' line"
         ) from exc
     skipped = counters["inductor"]["cudagraph_skips"] - skips_before
-    if backend == "cudagraphs" and skipped:
+    if backend in GRAPH_REPLAYING_BACKENDS and skipped:
         raise ConfigError(
-            f"compile_backend='cudagraphs' would run {skipped} graph(s) without CUDA graphs here (the "
+            f"compile_backend={backend!r} would run {skipped} graph(s) without CUDA graphs here (the "
             "log's 'skipping cudagraphs due to' lines say why); choose another backend"
         )
 

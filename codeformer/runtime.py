@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from codeformer.config import CUDA_ONLY_BACKENDS, Stability
+from codeformer.config import CUDA_ONLY_BACKENDS, GRAPH_REPLAYING_BACKENDS, Stability
 from codeformer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,37 @@ def divide_exactly(numerator: torch.Tensor, denominator: float) -> torch.Tensor:
     """
     divisor = torch.full((1,), denominator, dtype=numerator.dtype, device=numerator.device)
     return numerator / divisor
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` copied to ``device``; on CUDA staged in pinned memory and copied without blocking.
+
+    From pageable memory CUDA copies through a staging buffer of its own and the host waits
+    for the copy; from pinned memory the copy is queued like a kernel and the host goes on
+    queueing the work that reads it (stream order keeps it correct). Host tensors can be
+    pinned only where CUDA is: on other devices this is ``host.to(device)``.
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    # the caching host allocator keeps ``pinned`` until the copy has run, even once freed here
+    return pinned.to(device, non_blocking=True)
+
+
+def download_with_flags(result: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``result`` and (N,) bool ``flags``, both on one device -> both on the host, in one device->host copy.
+
+    Both travel as the bytes of one uint8 tensor (``result``'s bytes, then one byte per flag),
+    so that a stage that must also tell the host something small (which chunks were finite)
+    still waits for the device once, when its result is ready anyway. ``result`` is returned
+    in its dtype and shape, a view of the downloaded bytes.
+    """
+    result_bytes = result.contiguous().reshape(-1).view(torch.uint8)
+    packed = torch.cat([result_bytes, flags.to(torch.uint8)]).cpu()  # the one device->host copy
+    size = result_bytes.numel()
+    # views of the downloaded bytes, nothing computed on the host; flags are 0 or 1: valid bools
+    return packed[:size].view(result.dtype).reshape(result.shape), packed[size:].view(torch.bool)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
@@ -275,21 +306,43 @@ class Runtime:
 # torch.compile entries of one function share one cache and one recompile limit (8) by
 # default, and modules are guarded by type: the float32 and the mixed-precision copies of
 # CodeFormer count against one limit, and past it dynamo runs the rest eager with one
-# warning. torch 2.14 can give each compiled copy its own count; older versions cannot, and
-# there the copies fit only because FaceBatchNet keeps each to four graphs.
+# warning. torch 2.14 gives each compiled copy its own count, and each copy of CodeFormer
+# needs two graphs per face batch size (1, 2, 4: six); older versions cannot isolate the
+# copies, and there set-up stops with a ConfigError (``pipeline.warm_compiled``) when both
+# precisions are compiled.
 ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
+def compile_options(backend: str) -> dict[str, object]:
+    """``torch.compile``'s keyword arguments for ``backend``, a ``COMPILE_BACKENDS`` name other than none.
+
+    Static shapes (``dynamic=False``): ``FaceBatchNet`` pads every chunk to one of a few
+    batch sizes, each its own graph. Without it dynamo would make the batch dimension
+    symbolic at the second size it met ("automatic dynamic"), and the graph-replaying
+    backends record one graph per size whatever the symbols say.
+
+    ``inductor-cudagraphs``: Inductor's generated kernels, the whole forward recorded as a
+    CUDA graph per shape and replayed: one launch per forward instead of about a thousand.
+    ``mode="reduce-overhead"`` is torch's public name for that (in torch 2.14 exactly
+    ``options={"triton.cudagraphs": True}``, ``torch._inductor.list_mode_options()``); the
+    graphs live in CUDA graph trees, with outputs overwritten at the next replay, which
+    ``FaceBatchNet`` allows for.
+    """
+    if backend == "inductor-cudagraphs":
+        return {"backend": "inductor", "mode": "reduce-overhead", "dynamic": False}
+    return {"backend": backend, "dynamic": False}
+
+
 def compile_net(net: nn.Module, backend: str) -> nn.Module:
-    """``torch.compile(net, backend=backend)``, counting its recompiles apart where torch can.
+    """``torch.compile(net, **compile_options(backend))``, counting its recompiles apart where torch can.
 
     Called on the thread that will run the net (the scheduler's device thread).
     """
-    if backend == "cudagraphs":
+    if backend in GRAPH_REPLAYING_BACKENDS:
         give_this_thread_cudagraph_trees()
     if ISOLATES_RECOMPILES:
-        return torch.compile(net, backend=backend, isolate_recompiles=True)
-    return torch.compile(net, backend=backend)
+        return torch.compile(net, **compile_options(backend), isolate_recompiles=True)
+    return torch.compile(net, **compile_options(backend))
 
 
 def give_this_thread_cudagraph_trees() -> None:

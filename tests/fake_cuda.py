@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from unittest import mock
@@ -67,6 +68,8 @@ CONVOLUTION_OPS = ("aten.conv2d", "aten.convolution")
 
 
 DIVISION_OPS = ("aten.div", "aten.div_")
+# a view op that stands for a tensor made on the host (``torch.tensor``): not exempt as a view
+HOST_MADE = ("aten.lift_fresh",)
 # ops whose output size depends on the data: on CUDA the host waits for the device to know it
 DATA_DEPENDENT_OPS = ("aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "torchvision.nms")
 
@@ -92,8 +95,10 @@ class DeviceLog(TorchDispatchMode):
     """Every aten op run in the block, sorted into what matters for device placement.
 
     ``uploads``/``downloads``: copies host->device and device->host (``_to_copy``, ``copy_``);
+    ``pinned_uploads``: the uploads that copy from pinned host memory without blocking;
     ``host_ops``: every other op with a CPU tensor among its inputs or outputs (a tensor
-    made or computed on the host); ``waits``: ops on CUDA tensors whose output size depends
+    made or computed on the host), except views (which compute nothing) and the staging of
+    an upload in pinned memory (``staging``); ``waits``: ops on CUDA tensors whose output size depends
     on the data (nonzero, a boolean index, NMS, ``.item()``), each a wait for the device;
     ``dtype_clashes``: convolutions whose input and weight
     dtypes differ, which CUDA refuses but fake tensors let through; ``inexact_divisions``:
@@ -102,6 +107,8 @@ class DeviceLog(TorchDispatchMode):
     """
 
     uploads: list[str] = field(default_factory=list)
+    pinned_uploads: list[str] = field(default_factory=list)
+    staging: list[str] = field(default_factory=list)
     downloads: list[str] = field(default_factory=list)
     host_ops: list[str] = field(default_factory=list)
     dtype_clashes: list[str] = field(default_factory=list)
@@ -111,6 +118,12 @@ class DeviceLog(TorchDispatchMode):
 
     def __post_init__(self) -> None:
         super().__init__()
+        # host tensors allocated pinned in the block, by id (fake tensors cannot say ``is_pinned``)
+        self._pinned: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def _is_pinned(self, tensor: object) -> bool:
+        held = self._pinned.get(id(tensor))
+        return held is not None and held() is tensor
 
     def __torch_dispatch__(
         self,
@@ -126,7 +139,18 @@ class DeviceLog(TorchDispatchMode):
         if name in COPY_OPS and set(inputs) != set(outputs):
             source = inputs[-1] if name == "aten.copy_" else inputs[0]  # copy_(destination, source)
             (self.uploads if source == "cpu" else self.downloads).append(name)
-        elif "cpu" in inputs + outputs and name != "prim.device":
+            if name == "aten.copy_":  # copy_(destination, source, non_blocking=False)
+                source_tensor, non_blocking = args[1], args[2:3] == (True,)
+            else:
+                source_tensor, non_blocking = args[0], bool(kwargs.get("non_blocking"))
+            if source == "cpu" and non_blocking and self._is_pinned(source_tensor):
+                self.pinned_uploads.append(name)
+        elif name == "aten.empty" and kwargs.get("pin_memory"):
+            self._pinned[id(out)] = weakref.ref(out)
+            self.staging.append(name)
+        elif name == "aten.copy_" and self._is_pinned(args[0]):
+            self.staging.append(name)  # filling a pinned buffer from host memory
+        elif "cpu" in inputs + outputs and name != "prim.device" and (name in HOST_MADE or not func.is_view):
             self.host_ops.append(name)
         boolean_index = name == "aten.index" and any(
             isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in tree_leaves(args[1:])

@@ -5,8 +5,11 @@ of the work) with the dynamo backend ``eager`` (no code generation, same graphs 
 - the float32 copy (baseline) and the mixed-precision copy (fast, max_speed) of one process
   warm within dynamo's recompile limit at a face batch of 4, every fidelity and batch size;
 - compiled nets take fidelity as a float32 tensor on their device (as a host float64 scalar
-  the cudagraphs backend skips the graph), and each chunk's output is copied out of the
-  graph's memory before the next chunk runs (cudagraphs replays into the same memory);
+  the cudagraphs backend skips the graph), and each chunk's output is finished into new
+  memory before the next chunk runs (cudagraphs replays into the same memory);
+- compiled nets see face batches of 1, 2 and 4 only (a chunk padded up, the padding dropped),
+  give each face what the eager net gives it alone, and after warm-up a request with another
+  face count or fidelity compiles nothing;
 - with ``CODEFORMER_COMPILE_BACKEND`` set, the set-up compiles every graph and no request
   compiles (the full-size seed-0 nets).
 """
@@ -27,9 +30,10 @@ from codeformer.config import STABILITY_MODES, RequestOptions, Settings
 from codeformer.errors import ConfigError
 from codeformer.nets import vqgan
 from codeformer.nets.codeformer import CodeFormer
-from codeformer.pipeline import Restorer
+from codeformer.pipeline import Restorer, warm_compiled
 from codeformer.runtime import Nets, Runtime
-from codeformer.stages.restore import FaceRestorer
+from codeformer.stages.parse import FaceParser
+from codeformer.stages.restore import FaceRestorer, face_batch_sizes, pad_chunk
 
 CPU = torch.device("cpu")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +90,8 @@ def test_both_optimized_copies_compile_within_the_recompile_limit_at_face_batch_
             for count in (1, 2, FACE_BATCH + 1):
                 for fidelity in (0.5, 0.7, 0.0):
                     restorer.restore_tensor(faces[:count], fidelity, mixed_precision)
-    # per copy: batch 1 and 2-and-more (dynamic), each with fusion (any w > 0) and without (w 0)
-    assert counters["stats"]["unique_graphs"] - graphs_before == 2 * 4
+    # per copy: batches 1, 2 and 4 (5 faces: 4 and 1), each with fusion (any w > 0) and without (w 0)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2 * 6
 
 
 def replaying_backend(
@@ -153,3 +157,102 @@ def test_with_a_compile_backend_set_up_no_request_compiles(weights_dir: Path) ->
     assert counters["stats"]["unique_graphs"] == graphs_before  # nothing compiled in a request
     with pytest.raises(ConfigError, match="by CODEFORMER_COMPILE_BACKEND; got 'aot_eager'"):
         restorer.restore([photo], RequestOptions.parse(0.5, "baseline", "optimized", "aot_eager"))
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "sizes"), [(1, (1,)), (3, (1, 2, 3)), (4, (1, 2, 4)), (8, (1, 2, 4, 8))]
+)
+def test_compiled_chunks_come_in_powers_of_two_up_to_the_face_batch(
+    batch_size: int, sizes: tuple[int, ...]
+) -> None:
+    assert face_batch_sizes(batch_size) == sizes
+
+
+def test_a_chunk_is_padded_with_copies_of_its_last_face() -> None:
+    chunk = torch.arange(3 * 2).reshape(3, 2)
+    padded = pad_chunk(chunk, (1, 2, 4))
+    assert padded.tolist() == [[0, 1], [2, 3], [4, 5], [4, 5]]
+    assert pad_chunk(chunk[:2], (1, 2, 4)) is not None and pad_chunk(chunk[:2], (1, 2, 4)).shape == (2, 2)
+
+
+class ScalingNet(nn.Module):
+    """CodeFormer's call signature on a 1x1 convolution: each face's output depends on that face only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = nn.Conv2d(3, 3, 1)
+
+    def forward(
+        self, x: torch.Tensor, w: float | torch.Tensor, adain: bool
+    ) -> tuple[torch.Tensor, None, None]:
+        return torch.tanh(self.mix(x) * (1.0 + w)), None, None
+
+
+class LabellingNet(nn.Module):
+    """ParseNet's call signature: (B, 19, H, W) logits from a 1x1 convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classes = nn.Conv2d(3, 19, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return self.classes(x), None, None
+
+
+def recording_backend(
+    batch_sizes: list[int],
+) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
+    """A dynamo backend that runs the graph as traced and records each graph's face batch size."""
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        tensors = [value for value in example_inputs if isinstance(value, torch.Tensor)]
+        [faces] = [value for value in tensors if value.shape[-2:] == (TINY_FACE, TINY_FACE)]
+        batch_sizes.append(int(faces.shape[0]))
+        return graph.forward
+
+    return backend
+
+
+def test_compiled_nets_see_face_batches_of_1_2_and_4_and_compile_nothing_after_warm_up() -> None:
+    """Warmed as set-up warms them, then 1 to 9 faces at fidelities set-up never sent."""
+    batch_sizes: list[int] = []
+    net, labeller = ScalingNet().eval(), LabellingNet().eval()
+    backend = recording_backend(batch_sizes)
+    restorer = FaceRestorer(torch.compile(net, backend=backend, dynamic=False), CPU, batch_size=FACE_BATCH)
+    parser = FaceParser(torch.compile(labeller, backend=backend, dynamic=False), CPU, batch_size=FACE_BATCH)
+    warm_compiled(restorer, parser, mixed_precision=False, backend="eager", face_size=TINY_FACE)
+    # CodeFormer with and without fusion at each size, ParseNet at each size
+    assert sorted(batch_sizes) == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    eager = FaceRestorer(net, CPU, batch_size=1)  # one face at a time: the official shapes
+    for count in range(1, 2 * FACE_BATCH + 2):
+        for fidelity in (0.3, 1.0, 0.0):
+            faces = crops(count, seed=count)
+            expected = eager.restore_tensor(faces, fidelity, mixed_precision=False)
+            restored = restorer.restore_tensor(faces, fidelity, mixed_precision=False)
+            torch.testing.assert_close(restored, expected, rtol=0, atol=0)
+        assert parser.labels_tensor(faces, False).shape == (count, TINY_FACE, TINY_FACE)
+    assert len(batch_sizes) == 9, "nothing compiled after the warm-up"
+
+
+@pytest.mark.slow  # dynamo traces the tiny CodeFormer four times (about half a minute on two cores)
+def test_padded_compiled_codeformer_gives_the_faces_what_the_unpadded_chunk_gives(
+    tiny_codeformer: CodeFormer,
+) -> None:
+    """3 faces run as a batch of 4: the same bytes as the eager net's batch of 3.
+
+    (Against each face run alone, a batch of 3 itself differs in the last bits of a few
+    values on a CPU: oneDNN's blocking depends on the batch. That is batching, padded or
+    not.)
+    """
+    compiled = torch.compile(tiny_codeformer, backend="eager", dynamic=False)
+    restorer = FaceRestorer(compiled, CPU, batch_size=FACE_BATCH)
+    for size in face_batch_sizes(FACE_BATCH):  # the warm-up, at one fidelity
+        restorer.restore_tensor(crops(size), 0.5, mixed_precision=False)
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    faces = crops(3, seed=1)  # padded to 4
+    unpadded = FaceRestorer(tiny_codeformer, CPU, batch_size=FACE_BATCH)
+    for fidelity in (0.5, 0.9):
+        expected = unpadded.restore_tensor(faces, fidelity, mixed_precision=False)
+        torch.testing.assert_close(restorer.restore_tensor(faces, fidelity, False), expected, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == graphs_after_warm_up, "3 faces and w 0.9: nothing compiled"

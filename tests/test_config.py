@@ -76,7 +76,11 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CODEFORMER_DOWNLOAD_BACKOFF", "-1", "a number >= 0"),
         ("CODEFORMER_DOWNLOAD_ATTEMPTS", "0", "a positive integer"),
         ("CODEFORMER_MIXED_PRECISION", "bf16", "one of auto, on, off"),
-        ("CODEFORMER_COMPILE_BACKEND", "tensorrt", "one of none, eager, aot_eager, inductor, cudagraphs"),
+        (
+            "CODEFORMER_COMPILE_BACKEND",
+            "tensorrt",
+            "one of none, eager, aot_eager, inductor, cudagraphs, inductor-cudagraphs",
+        ),
     ],
 )
 def test_a_bad_variable_is_one_error_naming_it_and_what_it_accepts(

@@ -21,7 +21,7 @@ from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.nets.retinaface import RetinaFace
-from codeformer.runtime import Nets, Runtime
+from codeformer.runtime import Nets, Runtime, upload
 from codeformer.stages import detect
 from codeformer.stages import restore as restore_stage
 from codeformer.stages.detect import FaceDetector, prior_boxes
@@ -35,6 +35,8 @@ pytestmark = [
 ]
 
 T = TypeVar("T")
+CPU = torch.device("cpu")
+FlagReads = list[tuple[torch.device, torch.dtype, tuple[int, ...]]]  # (device, dtype, shape) of each read
 FACE_BATCH = 4  # Settings.face_batch's default: 5 faces make two chunks
 FACES = 5
 
@@ -96,25 +98,25 @@ def run_logged(mode: FakeTensorMode, function: Callable[..., T], *args: object) 
 
 
 @pytest.fixture
-def finiteness_checks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.device, torch.dtype]]:
-    """(device, dtype) of each output checked for non-finite values; every check passes.
+def finiteness_reads(monkeypatch: pytest.MonkeyPatch) -> FlagReads:
+    """(device, dtype, shape) of each set of finiteness flags the host reads; every chunk is finite.
 
-    A fake tensor holds no values, so the check's one host flag cannot be read: the stand-in
-    reduces on the tensor's device, as the real check does, and reports "finite".
+    A fake tensor holds no values, so the flags cannot be read: the stand-in records what the
+    host was given and reports no non-finite chunk.
     """
-    checked: list[tuple[torch.device, torch.dtype]] = []
+    reads: FlagReads = []
 
-    def all_finite(tensor: torch.Tensor) -> bool:
-        torch.isfinite(tensor).all()
-        checked.append((tensor.device, tensor.dtype))
-        return True
+    def non_finite_chunks(finite: torch.Tensor) -> list[int]:
+        reads.append((finite.device, finite.dtype, tuple(finite.shape)))
+        return []
 
-    monkeypatch.setattr(restore_stage, "all_finite", all_finite)
-    return checked
+    monkeypatch.setattr(restore_stage, "non_finite_chunks", non_finite_chunks)
+    return reads
 
 
 def assert_one_copy_each_way(log: DeviceLog) -> None:
     assert len(log.uploads) == 1, "one host->device copy: the stage's input"
+    assert log.pinned_uploads == log.uploads, "from pinned memory, without blocking the host"
     assert len(log.downloads) == 1, "one device->host copy: the stage's result"
     assert log.host_ops == [], "no tensor made or computed on the host inside the CUDA path"
     assert log.dtype_clashes == [], "a convolution CUDA would refuse"
@@ -233,11 +235,13 @@ def test_restorer_uploads_the_crops_and_downloads_the_faces_only(
     mode: FakeTensorMode,
     mixed_precision: bool,
     stability: str,
-    finiteness_checks: list[tuple[torch.device, torch.dtype]],
+    finiteness_reads: FlagReads,
 ) -> None:
     """uint8 crops -> normalised RGB -> CodeFormer in two chunks -> uint8 BGR faces, on CUDA.
 
-    In fp16 each chunk's output is checked for non-finite values on the device.
+    In fp16 each chunk's output is checked for non-finite values on the device, and the two
+    flags reach the host with the faces, in their one copy: nothing waits for the device
+    between the upload and the download.
     """
     nets = nets_for(runtime, mode, mixed_precision, stability)
     with mode:
@@ -247,7 +251,8 @@ def test_restorer_uploads_the_crops_and_downloads_the_faces_only(
     assert_one_copy_each_way(log)
     assert (faces.device.type, faces.dtype, faces.shape) == ("cpu", torch.uint8, crops.shape)
     assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
-    assert finiteness_checks == ([(CUDA, torch.float32)] * 2 if mixed_precision else [])
+    assert log.waits == []
+    assert finiteness_reads == ([(CPU, torch.bool, (2,))] if mixed_precision else [])
 
 
 @pytest.mark.parametrize(("mixed_precision", "stability"), device_variants(use_parse_only=True))
@@ -258,11 +263,12 @@ def test_parser_uploads_the_faces_and_downloads_the_labels_only(
     mixed_precision: bool,
     stability: str,
     face_dtype: torch.dtype,
-    finiteness_checks: list[tuple[torch.device, torch.dtype]],
+    finiteness_reads: FlagReads,
 ) -> None:
     """Normalisation, ParseNet in two chunks, argmax and the face-class lookup, on CUDA.
 
-    In fp16 each chunk's logits are checked for non-finite values on the device.
+    In fp16 each chunk's logits are checked for non-finite values on the device; the flags
+    come back with the labels, and nothing waits for the device in between.
     """
     nets = nets_for(runtime, mode, mixed_precision, stability)
     with mode:
@@ -272,7 +278,8 @@ def test_parser_uploads_the_faces_and_downloads_the_labels_only(
     assert_one_copy_each_way(log)
     assert (labels.device.type, labels.dtype, labels.shape) == ("cpu", torch.bool, faces.shape[:3])
     assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
-    assert finiteness_checks == ([(CUDA, torch.float16)] * 2 if mixed_precision else [])
+    assert log.waits == []
+    assert finiteness_reads == ([(CPU, torch.bool, (2,))] if mixed_precision else [])
 
 
 @pytest.mark.parametrize(("mixed_precision", "stability"), device_variants(use_parse_only=True))
@@ -283,7 +290,7 @@ def test_parser_device_masks_upload_the_faces_and_download_the_masks_only(
     mixed_precision: bool,
     stability: str,
     face_count: int,
-    finiteness_checks: list[tuple[torch.device, torch.dtype]],
+    finiteness_reads: FlagReads,
 ) -> None:
     """``masks_tensor``: ParseNet, the labels and both blurs on CUDA; the labels never cross the bus.
 
@@ -296,7 +303,10 @@ def test_parser_device_masks_upload_the_faces_and_download_the_masks_only(
     faces = host_tensor(mode, (face_count, FACE_SIZE, FACE_SIZE, 3), torch.uint8)
     masks, log = run_logged(mode, parser.masks_tensor, faces, mixed_precision)
     assert_one_copy_each_way(log)
+    assert log.waits == []
     assert (masks.device.type, masks.dtype, masks.shape) == ("cpu", torch.float64, faces.shape[:3])
+    chunks = -(-face_count // FACE_BATCH)
+    assert finiteness_reads == ([(CPU, torch.bool, (chunks,))] if mixed_precision else [])
 
 
 def test_device_log_sees_what_the_stage_tests_forbid(mode: FakeTensorMode) -> None:
@@ -310,6 +320,12 @@ def test_device_log_sees_what_the_stage_tests_forbid(mode: FakeTensorMode) -> No
         shifted.cpu()
         (shifted / 2.0, shifted / 255.0)  # 1 / 2 is exact, 1 / 255 is not
     assert log.uploads == ["aten._to_copy"] and log.downloads == ["aten._to_copy"]
+    assert log.pinned_uploads == [], "from pageable memory: the host waits for the copy"
+    pageable = host_tensor(mode, (2, 3), torch.float32)
+    with mode, DeviceLog() as pinned_log:
+        upload(pageable, CUDA)
+    assert pinned_log.pinned_uploads == pinned_log.uploads == ["aten._to_copy"]
+    assert pinned_log.host_ops == [] and pinned_log.staging == ["aten.empty", "aten.copy_"]
     assert log.host_ops and log.dtype_clashes == ["input torch.float32, weight torch.float16"]
     assert log.inexact_divisions == ["aten.div by 255.0"]
     with mode, pytest.raises(FakeTensorDeviceMismatchError):

@@ -117,6 +117,7 @@ def test_inputs_have_the_documented_names_and_defaults() -> None:
         "aot_eager",
         "inductor",
         "cudagraphs",
+        "inductor-cudagraphs",
     ]
 
 

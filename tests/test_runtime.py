@@ -14,7 +14,14 @@ from codeformer import pipeline
 from codeformer.config import STABILITY_MODES, RequestOptions, Settings
 from codeformer.errors import ConfigError
 from codeformer.pipeline import Restorer
-from codeformer.runtime import Nets, Runtime, cuda_numerics, mixed_precision_pays
+from codeformer.runtime import (
+    Nets,
+    Runtime,
+    compile_options,
+    cuda_numerics,
+    download_with_flags,
+    mixed_precision_pays,
+)
 
 
 def _tiny_nets() -> Nets:
@@ -154,9 +161,18 @@ def test_compile_backend_setting_fixes_the_backend_before_any_request(
     runtime.check_backend("eager")
 
 
-def test_a_cuda_only_compile_backend_setting_fails_set_up_on_a_cpu() -> None:
-    with pytest.raises(ConfigError, match="CODEFORMER_COMPILE_BACKEND=cudagraphs needs a CUDA GPU"):
-        Runtime(_tiny_nets(), torch.device("cpu"), compile_backend="cudagraphs")
+@pytest.mark.parametrize("backend", ["cudagraphs", "inductor-cudagraphs"])
+def test_a_cuda_only_compile_backend_setting_fails_set_up_on_a_cpu(backend: str) -> None:
+    with pytest.raises(ConfigError, match=f"CODEFORMER_COMPILE_BACKEND={backend} needs a CUDA GPU"):
+        Runtime(_tiny_nets(), torch.device("cpu"), compile_backend=backend)
+
+
+def test_inductor_cudagraphs_compiles_with_inductor_in_a_mode_that_replays_cuda_graphs() -> None:
+    options = compile_options("inductor-cudagraphs")
+    assert (options["backend"], options["dynamic"]) == ("inductor", False)
+    # what the mode means in the torch this runs with: Inductor's CUDA graphs on
+    assert torch._inductor.list_mode_options()[options["mode"]]["triton.cudagraphs"] is True
+    assert compile_options("eager") == {"backend": "eager", "dynamic": False}
 
 
 def test_a_device_thread_gets_cudagraph_trees_of_its_own() -> None:
@@ -224,3 +240,12 @@ def test_each_profiles_device_calls_run_under_its_numerics(
         asked.clear()
         restorer.restore([image], RequestOptions.parse(0.5, profile, "safe", "none"))
         assert asked and set(asked) == {fast_math}, (profile, asked)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float64])  # faces, labels, masks
+def test_download_with_flags_returns_the_result_and_the_flags_unchanged(dtype: torch.dtype) -> None:
+    result = (torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 200).to(dtype)
+    flags = torch.tensor([True, False, True])
+    host_result, host_flags = download_with_flags(result[:, 1:], flags)  # a non-contiguous result too
+    assert host_result.dtype == dtype and torch.equal(host_result, result[:, 1:])
+    assert host_flags.dtype == torch.bool and host_flags.tolist() == [True, False, True]

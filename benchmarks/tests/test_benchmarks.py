@@ -34,7 +34,7 @@ from benchmarks.load import (
 from benchmarks.plans import Configuration, configurations, plan_combinations, winners
 from benchmarks.reports import command_line, portable_path
 from benchmarks.summary import cdf_points, summarize, throughput
-from codeformer.config import PROFILES, PROJECT_ROOT, RequestOptions
+from codeformer.config import COMPILE_BACKENDS, PROFILES, PROJECT_ROOT, RequestOptions
 from codeformer.errors import ConfigError
 from codeformer.serving.records import SETUP_MARKER, record_line
 from codeformer.serving.request import request_metrics
@@ -312,7 +312,7 @@ def test_configurations_are_every_distinct_choice_once_safe_first() -> None:
         "baseline/optimized/none",
     ]
     assert all(c.backend == "none" for c in cuda if c.mode == "safe")  # safe mode ignores the backend
-    assert {c.backend for c in set(cuda) - set(cpu)} == {"cudagraphs"}
+    assert {c.backend for c in set(cuda) - set(cpu)} == {"cudagraphs", "inductor-cudagraphs"}
     assert Configuration("max_speed", "optimized", "inductor").label == "max_speed/optimized/inductor"
 
 
@@ -323,7 +323,7 @@ def test_plan_runs_safe_once_per_profile_and_skips_cudagraphs_without_cuda() -> 
     assert "needs CUDA" in reasons[("max_speed", "cudagraphs")]
     assert reasons[("max_speed", "eager")] == "excluded by --backends"
     assert reasons[("baseline", None)] == "excluded by --profiles"
-    assert len(plan) + len(skipped) == len(PROFILES) * 6  # safe + five backends per profile
+    assert len(plan) + len(skipped) == len(PROFILES) * (1 + len(COMPILE_BACKENDS))  # safe + each backend
 
 
 def test_plan_keeps_cudagraphs_with_cuda() -> None:

@@ -34,6 +34,13 @@ from benchmarks.gpu_checks import (
     judge_compiles,
     torch_warnings,
 )
+from benchmarks.headline import (
+    HEADLINE_PIXELS,
+    count_syncs,
+    goal_verdicts,
+    headline_configs,
+    megapixel_photo,
+)
 from benchmarks.plans import Configuration
 from benchmarks.plans import check_plan as plan
 from codeformer.config import PROJECT_ROOT
@@ -113,10 +120,19 @@ def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path)
         *("--device", "cpu", "--configs", "baseline/safe", "fast/safe", "--budget-s", "120"),
         *("--images", str(PROJECT_ROOT / "tests/golden/04/04.jpg"), "--max-faces", "1"),
         *("--warmup", "0", "--repeats", "1", "--output", str(output), "--no-generated"),
+        *("--headline-repeats", "1"),
         cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr[-2000:]
     report = json.loads(output.read_text())
+    # first the headline: max_speed as loaded and optimized (on a CPU, not compiled), one face
+    headline = report["headline"]
+    for label in ("max_speed/safe", "max_speed/optimized/none"):
+        figures = headline[label]
+        assert figures["faces"] == 1 and figures["latency_ms"]["count"] == 1, label
+        assert figures["codeformer_batch_1_ms"]["count"] == figures["parsenet_batch_1_ms"]["count"] == 1
+        assert figures["syncs_per_request"] is None and "peak_gpu_mb" not in figures  # CUDA only
+    assert "goals" not in headline  # the goals are a GPU's
     assert report["finished"] and report["pending"] == []
     assert [case["name"] for case in report["cases"]] == ["04.jpg"]
     assert report["images"] == ["tests/golden/04/04.jpg"]
@@ -137,8 +153,10 @@ def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path)
     )
     assert masks["host_ms_per_face"]["count"] == masks["device_ms_per_face"]["count"] == 1
     lines = completed.stdout.splitlines()
-    assert lines[0].startswith("PASS stage parse_masks: 1 faces")
-    assert lines[1].startswith("PASS baseline/safe")
+    assert lines[0].startswith("headline max_speed/safe  one-face 1 MP p50=")
+    assert lines[1].startswith("headline max_speed/optimized/none")
+    assert lines[2].startswith("PASS stage parse_masks: 1 faces")
+    assert lines[3].startswith("PASS baseline/safe")
     # fast/safe ran if the budget had room for it, else it is named as not run
     assert configs["fast/safe"]["verdict"] in {"PASS", "SKIP"}
     assert (configs["fast/safe"]["verdict"] == "SKIP") == ("fast/safe" in report["not_run"])
@@ -343,3 +361,49 @@ def test_the_generated_requests_reach_more_faces_than_a_batch_fidelity_0_and_new
         image = cv2.imdecode(np.frombuffer(case.images[0], np.uint8), cv2.IMREAD_COLOR)
         shapes.add(image.shape[:2])
     assert {(640, 640), (1280, 720), (1080, 1920), (1200, 1600)} <= shapes
+
+
+def test_the_headline_photo_is_one_megapixel_in_the_photos_aspect() -> None:
+    photo = cv2.imread(str(PHOTO))
+    resized = megapixel_photo(photo)
+    height, width = resized.shape[:2]
+    assert abs(height * width - HEADLINE_PIXELS) < 0.01 * HEADLINE_PIXELS
+    assert width / height == pytest.approx(photo.shape[1] / photo.shape[0], rel=0.01)
+
+
+def test_the_headline_compares_max_speed_safe_with_the_production_backend() -> None:
+    assert [config.label for config in headline_configs("cuda")] == [
+        "max_speed/safe",
+        "max_speed/optimized/inductor-cudagraphs",
+    ]
+    assert headline_configs("cpu")[1].backend == "none"  # no CUDA graphs, no full-net compile on a CPU
+
+
+def test_the_headline_goals_judge_latency_speedup_and_set_up() -> None:
+    def latency(p50: float) -> dict[str, Any]:
+        return {"count": 3, "p50": p50}
+
+    safe, optimized = "max_speed/safe", "max_speed/optimized/inductor-cudagraphs"
+    fast = {
+        safe: {"latency_ms": latency(30.0)},
+        optimized: {"latency_ms": latency(12.0), "setup_ms": 45_000.0},
+    }
+    goals = goal_verdicts(fast, safe, optimized)
+    assert [goals[goal]["verdict"] for goal in ("latency_ms", "speedup", "setup_ms")] == ["PASS"] * 3
+    assert goals["speedup"]["value"] == pytest.approx(2.5)
+    slow = {
+        safe: {"latency_ms": latency(20.0)},
+        optimized: {"latency_ms": latency(16.0), "setup_ms": 90_000.0},
+    }
+    goals = goal_verdicts(slow, safe, optimized)
+    assert [goals[goal]["verdict"] for goal in ("latency_ms", "speedup", "setup_ms")] == ["FAIL"] * 3
+    # the optimized configuration failed or was not reached: no verdict, not a pass
+    goals = goal_verdicts({safe: {"latency_ms": latency(20.0)}, optimized: {"error": "x"}}, safe, optimized)
+    assert {goal["verdict"] for goal in goals.values()} == {None}
+
+
+def test_syncs_are_counted_on_cuda_only() -> None:
+    """Off CUDA nothing waits for a device: no count, and the call is not made for it."""
+    calls: list[int] = []
+    assert count_syncs(torch, torch.device("cpu"), lambda: calls.append(1)) is None
+    assert calls == []

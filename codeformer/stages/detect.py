@@ -24,7 +24,7 @@ import torchvision
 
 from codeformer.errors import InternalError
 from codeformer.nets.retinaface import RetinaFace
-from codeformer.runtime import divide_exactly
+from codeformer.runtime import divide_exactly, upload
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ class FaceDetector:
             # HWC -> (1, 3, h', w') float32, BGR minus mean. The permuted view keeps the
             # channels-last strides the official numpy-transpose input had; on CPU that also
             # selects the faster channels-last convolutions.
-            net_input = pixels.to(self.device).permute(2, 0, 1).unsqueeze(0).to(torch.float32) - self._mean
+            pixels_on_device = upload(pixels, self.device)  # (h', w', 3) uint8
+            net_input = pixels_on_device.permute(2, 0, 1).unsqueeze(0).to(torch.float32) - self._mean
             heads = self.net(net_input)  # loc (1, P, 4), conf (1, P, 2), landms (1, P, 10)
             if self.device.type == "cpu":
                 return self.rows_exact(heads, pixels.shape[:2], scale)

@@ -7,6 +7,7 @@ the ``max_speed`` profile skips this stage (§6.4).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -174,7 +175,7 @@ class FaceParser(FaceBatchNet):
     def labels_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
         """``labels``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) bool, both on the host."""
         with torch.inference_mode():
-            return self._face_pixels(faces, mixed_precision).cpu()  # the one device->host copy
+            return self._parse(faces, mixed_precision, self._face_pixels)
 
     def device_masks(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8/float64 BGR faces -> (F, 512, 512) float64 blend masks, all on the device.
@@ -188,23 +189,30 @@ class FaceParser(FaceBatchNet):
 
     def masks_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
         """``device_masks``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) float64, on the host."""
-        with torch.inference_mode():
-            face_pixels = self._face_pixels(faces, mixed_precision)
-            # the one device->host copy
-            return face_pixels_to_masks_tensor(face_pixels, self._mask_operator).cpu()
 
-    def _face_pixels(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
-        """(F, 512, 512, 3) host BGR faces -> (F, 512, 512) bool on the device, True on face classes."""
+        def masks(logits: torch.Tensor) -> torch.Tensor:
+            return face_pixels_to_masks_tensor(self._face_pixels(logits), self._mask_operator)
+
+        with torch.inference_mode():
+            return self._parse(faces, mixed_precision, masks)
+
+    def _face_pixels(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, 19, 512, 512) ParseNet logits -> (B, 512, 512) bool on their device, True on face classes.
+
+        First maximum wins, as NumPy's argmax; new memory, taken before the next chunk runs:
+        nothing stays in a compiled graph's memory (cudagraphs replays into it).
+        """
+        return self._face_classes[logits.argmax(dim=1)]
+
+    def _parse(
+        self, faces: torch.Tensor, mixed_precision: bool, finish: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """(F, 512, 512, 3) host BGR faces -> ``finish`` of each chunk's logits, joined, on the host."""
 
         def forward(net: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
             return net(chunk)[0]  # (B, 19, 512, 512) logits
 
-        def face_classes(logits: torch.Tensor) -> torch.Tensor:
-            # first maximum wins, as NumPy's argmax; new memory, taken before the next chunk runs:
-            # nothing stays in a compiled graph's memory (cudagraphs replays into it)
-            return self._face_classes[logits.argmax(dim=1)]
-
-        return self._run(faces, mixed_precision, forward, face_classes)
+        return self._run(faces, mixed_precision, forward, finish)
 
     def masks(
         self, faces: RestoredFaces, mixed_precision: bool = False, on_device: bool = False
