@@ -260,7 +260,7 @@ class Checker:
             return {"parse_masks": {"error": f"{type(exc).__name__}: {exc}", "within_bound": False}}
 
     def headline(self, photo_path: Path, write: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """``codeformer.tools.headline``'s figures per configuration, then ``goals``; ``write`` after each."""
+        """``benchmarks.headline``'s figures per configuration, then ``goals``; ``write`` after each."""
         from codeformer.config import RequestOptions
 
         torch, cuda, repeats = self.torch, self.device.type == "cuda", self.args.headline_repeats

@@ -304,7 +304,7 @@ def test_reports_hold_no_machine_paths(tmp_path: Path) -> None:
 def test_configurations_are_every_distinct_choice_once_safe_first() -> None:
     cpu, cuda = configurations(cuda=False), configurations(cuda=True)
     assert len(cpu) == len(set(cpu)) == len(PROFILES) * (1 + 4)  # safe + four backends without CUDA
-    assert len(cuda) == len(set(cuda)) == len(PROFILES) * (1 + 5) and set(cpu) < set(cuda)
+    assert len(cuda) == len(set(cuda)) == len(PROFILES) * (1 + 6) and set(cpu) < set(cuda)
     assert [c.label for c in cpu[:4]] == [
         "baseline/safe",
         "fast/safe",

@@ -1,0 +1,1 @@
+"""The benchmarks' own tests (a package, so that its conftest is not the suite's ``conftest``)."""
