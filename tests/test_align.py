@@ -162,7 +162,7 @@ def read_golden_input(folder: Path) -> np.ndarray:
 AFFINE_TOLERANCE = 2e-3
 
 
-@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize("photo", GOLDEN_PHOTOS)
 def test_golden_parity(seed0_detector: FaceDetector, photo: str) -> None:
     folder = GOLDEN_PHOTOS[photo]

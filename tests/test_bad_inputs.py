@@ -56,7 +56,7 @@ from codeformer.tools.local_server import (
 )
 from predict import PROJECT_ROOT, Predictor
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 DEFAULTS = {
     "codeformer_fidelity": 0.5,

@@ -14,9 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from helpers import flat_canvas, png_bytes
+from PIL import Image
 
 from codeformer.config import Settings
 from codeformer.errors import CodeFormerError, ImageFailedError, InputError, reported_as_failure
+from codeformer.serving.client import data_uri
 from codeformer.serving.lifecycle import InFlight
 from codeformer.serving.outputs import OutputFolders
 from codeformer.serving.serve import runner_concurrency
@@ -127,3 +130,30 @@ def test_a_real_cancel_of_run_stays_a_cancel_and_stops_the_request() -> None:
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(cancel_while_running())
     assert seen_cancel.wait(30)  # the request's thread saw its cancel flag
+
+
+def test_run_in_process_returns_one_jpg_per_input_in_order_with_its_metrics(
+    faceless_weights_dir, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request path through ``run()`` in seconds: a Predictor on the faceless weights (the
+    nets loaded, no warm-up), two inputs of two sizes, a JPG per input at its size, and the
+    figures handed to Cog's recorder."""
+    from codeformer.pipeline import Restorer
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the output folders
+    predictor = stand_in_predictor()
+    predictor.restorer = Restorer.load(faceless_weights_dir, "cpu", Settings.from_env())
+    recorded: dict[str, object] = {}
+    monkeypatch.setattr(
+        predictor, "record_metric", lambda key, value, mode="replace": recorded.update({key: value})
+    )
+    sizes = [(48, 80), (64, 32)]
+    images = [
+        data_uri(png_bytes(flat_canvas(width, height)), name=f"{index}.png")
+        for index, (height, width) in enumerate(sizes)
+    ]
+    outputs = asyncio.run(predictor.run(images=images, **OPTIONS))
+    assert [Image.open(path).size for path in outputs] == [(width, height) for height, width in sizes]
+    assert all(Image.open(path).format == "JPEG" for path in outputs)
+    assert [image["label"] for image in recorded["images"]] == ["images[0] (0.png)", "images[1] (1.png)"]
+    assert recorded["options"]["runtime_profile"] == "max_speed"

@@ -224,7 +224,7 @@ def test_exif_and_its_location_are_not_carried_only_the_profile() -> None:
 
 
 # -- through predict.py --------------------------------------------------------------------------
-@pytest.mark.slow  # sets up a Predictor (the three nets on random weights)
+@pytest.mark.nets  # sets up a Predictor (the three nets on random weights)
 def test_each_output_of_a_request_carries_its_inputs_profile_in_process(faceless_predictor) -> None:
     predictor = faceless_predictor
     inputs = colour_tagged_inputs()

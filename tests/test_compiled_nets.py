@@ -74,7 +74,7 @@ def crops(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (count, TINY_FACE, TINY_FACE, 3), generator=generator, dtype=torch.uint8)
 
 
-@pytest.mark.slow  # dynamo traces CodeFormer eight times (about a minute on two cores)
+@pytest.mark.nets  # dynamo traces CodeFormer eight times (about a minute on two cores)
 def test_both_optimized_copies_compile_within_the_recompile_limit_at_face_batch_4(
     tiny_codeformer: CodeFormer,
 ) -> None:
@@ -137,7 +137,7 @@ def test_compiled_codeformer_gets_fidelity_as_a_device_tensor_and_keeps_each_chu
     assert [(value.dtype, value.device) for value in scalars] == [(torch.float32, CPU)]
 
 
-@pytest.mark.slow  # the full-size nets, traced three times and run about ten times
+@pytest.mark.nets  # the full-size nets, traced three times and run about ten times
 def test_with_a_compile_backend_set_up_no_request_compiles(weights_dir: Path) -> None:
     settings = Settings.from_env(
         "cpu", compile_backend="eager", face_batch=1, mixed_precision="off", max_faces=2
@@ -235,7 +235,7 @@ def test_compiled_nets_see_face_batches_of_1_2_and_4_and_compile_nothing_after_w
     assert len(batch_sizes) == 9, "nothing compiled after the warm-up"
 
 
-@pytest.mark.slow  # dynamo traces the tiny CodeFormer four times (about half a minute on two cores)
+@pytest.mark.nets  # dynamo traces the tiny CodeFormer four times (about half a minute on two cores)
 def test_padded_compiled_codeformer_gives_the_faces_what_the_unpadded_chunk_gives(
     tiny_codeformer: CodeFormer,
 ) -> None:

@@ -34,7 +34,7 @@ from codeformer.serving.client import CogClient, PredictionResult, data_uri
 from codeformer.serving.serve import runner_concurrency
 from codeformer.tools.local_server import LocalServer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 SLOTS = runner_concurrency()
 BASELINE = {"runtime_profile": "baseline", "stability_mode": "safe"}

@@ -74,7 +74,7 @@ print("still serving", flush=True)
 """
 
 
-@pytest.mark.slow  # a fresh interpreter that imports torch, and the exit grace period
+@pytest.mark.process  # a fresh interpreter that imports torch, and the exit grace period
 def test_a_broken_device_stops_the_worker_with_the_cause_in_the_log() -> None:
     completed = subprocess.run(
         [sys.executable, "-c", _BROKEN_WORKER],

@@ -107,7 +107,7 @@ def test_masks_go_to_the_device_on_cuda_for_the_fast_profile_only() -> None:
     assert not any(masks_on_device(cpu, profile) for profile in PROFILES.values())
 
 
-@pytest.mark.slow  # ParseNet on two full-size faces
+@pytest.mark.parity  # ParseNet on two full-size faces
 def test_parser_device_masks_match_its_host_masks_on_golden_and_gray_faces(parse_net: ParseNet) -> None:
     """``FaceParser.masks`` both ways, on a golden photo's restored face and its gray version."""
     folder = next(iter(GOLDEN_PHOTOS.values()))
@@ -121,7 +121,7 @@ def test_parser_device_masks_match_its_host_masks_on_golden_and_gray_faces(parse
         assert host.max() > 0.0  # the labels held some face: the comparison is not of zeros
 
 
-@pytest.mark.slow  # two fast requests through the full-size networks
+@pytest.mark.nets  # two fast requests through the full-size networks
 def test_restorer_routes_fast_masks_through_the_device_path_when_chosen(
     restorer_seed0: Restorer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

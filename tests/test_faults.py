@@ -49,7 +49,7 @@ from codeformer.serving.client import READY, CogClient, PredictionResult, Server
 from codeformer.tools.local_server import LocalServer, closed_port_url, find_worker_pid
 from codeformer.weights import WEIGHT_FILES
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 CODEFORMER = WEIGHT_FILES["codeformer"].name
 RETINAFACE = WEIGHT_FILES["retinaface"].name

@@ -73,7 +73,7 @@ def _coglet_like(device: str, retained_memory_mb: int) -> tuple[bool, int, int]:
 # glibc's default: every cycle maps the 64 MB block afresh. With the device thread on the main
 # arena and retained memory, the main heap settles within a few cycles (a few more fault when the
 # kernel's page reclaimer takes idle heap pages back meanwhile).
-@pytest.mark.slow  # a fresh interpreter that imports the pipeline
+@pytest.mark.process  # a fresh interpreter that imports the pipeline
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_a_cpu_restorer_keeps_freed_memory_for_calls_from_a_thread_with_its_own_arena() -> None:
     main_arena, handed_over, main_thread = _coglet_like("cpu", 2047)
@@ -87,7 +87,7 @@ def test_a_cpu_restorer_keeps_freed_memory_for_calls_from_a_thread_with_its_own_
     [("meta", 2047), ("cpu", 0)],  # meta: no GPU here, but it takes the same (non-CPU) path as cuda
     ids=["non-cpu-device", "retention-off"],
 )
-@pytest.mark.slow
+@pytest.mark.process
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_elsewhere_blocks_of_activation_size_are_returned_to_the_system(
     device: str, retained_memory_mb: int
@@ -124,7 +124,7 @@ print(concurrent.futures.ThreadPoolExecutor(1).submit(faults_per_request).result
 """
 
 
-@pytest.mark.slow  # fresh interpreters that import the pipeline and run 13 host passes each
+@pytest.mark.process  # fresh interpreters that import the pipeline and run 13 host passes each
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
 def test_off_the_cpu_the_host_work_of_a_request_reuses_the_memory_of_the_last_one() -> None:
     """A one-face 1 MP request's host stages (benchmarks/host_pass.py) on a request thread."""
@@ -191,7 +191,7 @@ def test_a_cpu_restorer_runs_every_device_call_on_one_thread_on_the_main_arena()
     assert not device_thread.is_alive()  # the device thread ends with its Restorer
 
 
-@pytest.mark.slow  # loads the three nets in a fresh interpreter
+@pytest.mark.process  # loads the three nets in a fresh interpreter
 def test_a_process_that_ran_the_pipeline_on_the_device_thread_exits_cleanly(
     weights_dir: Path, tmp_path: Path
 ) -> None:

@@ -39,7 +39,7 @@ from codeformer.serving.records import SETUP_MARKER, read_records
 from codeformer.serving.serve import check_port_free
 from codeformer.tools.local_server import LocalServer, find_worker_pid, minor_faults
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 CHEAP = {"runtime_profile": "max_speed"}
 

@@ -249,7 +249,7 @@ def start_slow_prediction(server: LocalServer, webhooks: WebhookReceiver, predic
     )
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_sigterm_delivers_the_running_prediction_and_leaves_nothing(
     weights_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,7 +307,7 @@ def test_sigterm_delivers_the_running_prediction_and_leaves_nothing(
         assert not slots.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_a_drain_fails_what_outlives_it_and_a_killed_worker_stops_the_server(weights_dir: Path) -> None:
     env = {"CODEFORMER_WEIGHTS_DIR": str(weights_dir)}
     with WebhookReceiver() as webhooks, LocalServer(env) as server:

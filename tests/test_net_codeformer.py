@@ -64,7 +64,7 @@ def test_parameter_count_and_no_buffers() -> None:
     assert list(model.buffers()) == []
 
 
-@pytest.mark.slow  # the full-size net built and loaded twice: 5-6 s each
+@pytest.mark.nets  # the full-size net built and loaded twice: 5-6 s each
 @pytest.mark.parametrize("seed", [0, 7])
 def test_random_release_weights_load_strictly(seed: int) -> None:
     model = CodeFormer()
@@ -144,7 +144,7 @@ def test_adain_uses_unbiased_variance_plus_eps() -> None:
     torch.testing.assert_close(result_flat.var(2), expected_var, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.nets
 def test_forward_returns_official_shapes(fused_output: tuple[torch.Tensor, ...]) -> None:
     out, logits, lq_feat = fused_output
     assert out.shape == (1, 3, 512, 512) and out.dtype == torch.float32
@@ -153,7 +153,7 @@ def test_forward_returns_official_shapes(fused_output: tuple[torch.Tensor, ...])
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.slow
+@pytest.mark.nets
 def test_fidelity_changes_only_the_generator(
     net: CodeFormer, face_a: torch.Tensor, fused_output: tuple[torch.Tensor, ...]
 ) -> None:
@@ -166,7 +166,7 @@ def test_fidelity_changes_only_the_generator(
     assert (plain_out - fused_out).abs().mean() > 1e-3
 
 
-@pytest.mark.slow
+@pytest.mark.nets
 def test_compiled_channels_last_batch_matches_single_face(
     net: CodeFormer, face_a: torch.Tensor, fused_output: tuple[torch.Tensor, ...]
 ) -> None:
@@ -184,7 +184,7 @@ def test_compiled_channels_last_batch_matches_single_face(
     assert (batch_out[0] - batch_out[1]).abs().mean() > 1e-2
 
 
-@pytest.mark.slow
+@pytest.mark.nets
 @pytest.mark.skipif(
     not cpu_has_bf16_kernels(),
     reason="this CPU has no bf16 kernels: one emulated bf16 CodeFormer forward takes many minutes "

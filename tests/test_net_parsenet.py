@@ -42,7 +42,7 @@ def test_strict_load_of_random_weights_reproduces_them(net: ParseNet) -> None:
         ParseNet().load_state_dict({**expected, "extra.weight": torch.zeros(1)}, strict=True)
 
 
-@pytest.mark.slow
+@pytest.mark.nets
 def test_forward_shapes_at_512(net: ParseNet) -> None:
     x = torch.rand(1, 3, 512, 512) * 2 - 1  # RGB in [-1, 1]
     with torch.inference_mode():
@@ -51,7 +51,7 @@ def test_forward_shapes_at_512(net: ParseNet) -> None:
     assert out_mask.dtype == torch.float32 and torch.isfinite(out_mask).all()
 
 
-@pytest.mark.slow  # without bf16 kernels (AVX2 only) bf16 is emulated: ~1 min even at 64 px
+@pytest.mark.nets  # without bf16 kernels (AVX2 only) bf16 is emulated: ~1 min even at 64 px
 def test_channels_last_and_bf16_autocast(net: ParseNet) -> None:
     """The net is fully convolutional, so a 64-px input exercises every layer cheaply."""
     x = torch.rand(2, 3, 64, 64) * 2 - 1

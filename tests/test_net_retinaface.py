@@ -85,7 +85,7 @@ def test_batch_items_are_independent(loaded_net: RetinaFace) -> None:
         torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow  # the full ResNet-50 detector on a 481x641 input
+@pytest.mark.nets  # the full ResNet-50 detector on a 481x641 input
 def test_spec_example_anchor_count(loaded_net: RetinaFace) -> None:
     # docs/reference.md §2.8: a 481 x 641 input gives 13,096 anchors (odd sizes exercise the ceil and the
     # FPN's nearest resize between grids that are not exact halves)

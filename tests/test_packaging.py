@@ -182,7 +182,7 @@ def test_the_development_side_stays_out_of_the_image() -> None:
     assert dockerignored("weights/.codeformer.pth.part")
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_the_image_keeps_every_file_the_server_imports(weights_dir: Path, tmp_path: Path) -> None:
     """Set up the Predictor and serve one request in a fresh process, then list the project
     files it imported: none may be left out of the image."""

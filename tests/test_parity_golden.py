@@ -22,7 +22,7 @@ from codeformer.config import RequestOptions
 from codeformer.imageio import decode_image
 from codeformer.stages.prepare import WORKING_MIN_SIDE
 
-pytestmark = pytest.mark.slow  # the whole pipeline at full size, per photo
+pytestmark = pytest.mark.parity  # the whole pipeline at full size, per photo
 
 MAX_PIXELS = 40_000_000
 

@@ -21,7 +21,7 @@ from codeformer.stages.restore import RestoredFaces
 FACE = 512
 
 
-@pytest.mark.slow
+@pytest.mark.parity
 def test_face_parser_matches_the_plain_recipe(parse_net: ParseNet) -> None:
     rng = np.random.default_rng(10)
     faces = np.stack([(smooth_noise(rng, (FACE, FACE, 3), 8) * 255).astype(np.uint8) for _ in range(2)])

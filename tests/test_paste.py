@@ -265,7 +265,7 @@ GOLDEN_CASES = [(photo, "", "output.png", True) for photo in GOLDEN_PHOTOS] + [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize(
     ("photo", "suffix", "expected_name", "use_parse"),
     GOLDEN_CASES,

@@ -19,7 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED_PEAK_GROWTH_MIB = 4 * 1024
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_four_images_at_the_limit_stay_within_the_documented_peak(
     faceless_weights_dir: Path, tmp_path: Path
 ) -> None:

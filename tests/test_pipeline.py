@@ -19,7 +19,7 @@ from codeformer.errors import ConfigError, ImageFailedError, InputError
 from codeformer.pipeline import Restorer
 from codeformer.runtime import cpu_has_bf16_kernels
 
-pytestmark = pytest.mark.slow  # every test runs the full-size networks (restorer_seed0)
+pytestmark = pytest.mark.nets  # every test runs the full-size networks (restorer_seed0)
 
 MAX_SPEED = RequestOptions.parse(profile="max_speed")
 

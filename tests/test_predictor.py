@@ -36,7 +36,7 @@ from codeformer.serving.client import data_uri
 from codeformer.serving.records import SETUP_MARKER, read_records
 from predict import PROJECT_ROOT, Predictor
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.nets
 
 # the interface table of the product README: names and defaults, exactly
 DEFAULTS = {

@@ -251,7 +251,7 @@ def assert_within_noise_floor(faces: np.ndarray, golden_png: Path) -> None:
     assert (difference > 0).mean() < 0.005, f"{(difference > 0).mean():.4%} of values differ"
 
 
-@pytest.mark.slow
+@pytest.mark.parity
 def test_golden_face_at_fidelity_half(restorer: FaceRestorer) -> None:
     x = crops_to_tensor(golden_crop(), CPU)
     with torch.inference_mode():
@@ -262,7 +262,7 @@ def test_golden_face_at_fidelity_half(restorer: FaceRestorer) -> None:
     assert_within_noise_floor(tensor_to_faces(raw), GOLDEN_01 / "restored_0.png")
 
 
-@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize(
     ("fidelity", "golden_name"), [(0.0, "restored_0_w0.png"), (1.0, "restored_0_w1.png")]
 )

@@ -23,7 +23,7 @@ from codeformer.serving.client import CogClient, data_uri
 from codeformer.tools.local_server import LocalServer, status_kib
 from predict import PROJECT_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 
 CHEAP = {"runtime_profile": "max_speed", "stability_mode": "safe"}
 DECLARED_BYTES = 20_000_000_000  # a declared 20 GB body ...

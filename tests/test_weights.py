@@ -204,7 +204,7 @@ def test_unreachable_server_names_folder_and_fixes(
     assert leftovers(cache) == []
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch
+@pytest.mark.process  # two fresh interpreters importing torch
 def test_two_processes_fetch_one_file(server: FileServer, served: Path, cache: Path) -> None:
     payload = dummy_bytes(1_500_000, seed=2)
     (served / PARSENET).write_bytes(payload)
@@ -245,7 +245,7 @@ def assert_holds(model: torch.nn.Module, expected: OrderedDict) -> None:
         assert torch.equal(loaded[key], tensor), key
 
 
-@pytest.mark.slow  # the three full-size nets, built and loaded
+@pytest.mark.nets  # the three full-size nets, built and loaded
 @pytest.mark.parametrize("seed", [0, 1])
 def test_load_nets_strict_for_random_files(
     seed: int, weights_dir: Path, tmp_path: Path, closed_port_url: str, monkeypatch: pytest.MonkeyPatch
@@ -359,7 +359,7 @@ def test_present_file_is_verified_and_loaded_without_any_request(
     assert_holds(model, random_weights.state_dict(PARSENET, seed=0))
 
 
-@pytest.mark.slow  # the three full-size nets, built, loaded and set up
+@pytest.mark.nets  # the three full-size nets, built, loaded and set up
 def test_restorer_load_with_the_files_present_makes_no_request(
     weights_dir: Path, server: FileServer, served: Path, connections: list[object]
 ) -> None:
@@ -464,7 +464,7 @@ def run_cli(*args: str, env_updates: dict[str, str]) -> subprocess.CompletedProc
     )
 
 
-@pytest.mark.slow  # each CLI test starts a fresh interpreter that imports torch (3-10 s)
+@pytest.mark.process  # each CLI test starts a fresh interpreter that imports torch (3-10 s)
 def test_cli_fetch_downloads_missing_and_verifies(
     weights_dir: Path, server: FileServer, served: Path, cache: Path
 ) -> None:
@@ -489,7 +489,7 @@ def test_cli_fetch_downloads_missing_and_verifies(
         assert (cache / name).read_bytes() == (weights_dir / name).read_bytes()
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_cli_fetch_unreachable_exits_with_message(cache: Path, closed_port_url: str) -> None:
     result = run_cli("fetch", "--dir", str(cache), env_updates={WEIGHTS_URL_ENV: closed_port_url})
 
@@ -503,7 +503,7 @@ def test_cli_fetch_unreachable_exits_with_message(cache: Path, closed_port_url: 
     assert result.stdout == ""
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_cli_fetch_with_a_bad_setting_exits_naming_the_variable(cache: Path) -> None:
     result = run_cli("fetch", "--dir", str(cache), env_updates={ATTEMPTS_ENV: "none"})
 

@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 
 from codeformer.tools import random_weights
-from codeformer.tools.local_server import apply_suite_environment
+from codeformer.tools.local_server import apply_suite_environment, mark_quick
 
 apply_suite_environment()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    mark_quick(items)
 
 
 @pytest.fixture(scope="session")

@@ -235,7 +235,7 @@ def test_bench_stages_host_figures_count_only_the_host_stages() -> None:
     assert host_figures({"decode": 4.0}, faces=0, megapixels=0.5)["host_ms_per_face"] is None
 
 
-@pytest.mark.slow  # a subprocess that imports torch and runs five passes
+@pytest.mark.process  # a subprocess that imports torch and runs five passes
 def test_bench_stages_host_reports_every_host_stage(tmp_path: Path) -> None:
     output = tmp_path / "host.json"
     arguments = ["--host", "--side", "400", "--face-px", "300", "--parse", "--repeats", "2"]
@@ -386,7 +386,7 @@ def test_a_taken_port_fails_fast_with_a_clear_message(script: Path, tmp_path: Pa
     assert "random weights" not in completed.stderr  # refused before writing 570 MB of weights
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_ctrl_c_while_waiting_for_the_server_stops_it(tmp_path: Path) -> None:
     port = free_port()
     output = tmp_path / "interrupted.json"
@@ -423,7 +423,7 @@ def test_ctrl_c_while_waiting_for_the_server_stops_it(tmp_path: Path) -> None:
 
 
 # -- a real run --------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.server
 def test_end_to_end_run_writes_every_reported_figure(tmp_path: Path) -> None:
     port = free_port()
     output, plot = tmp_path / "run.json", tmp_path / "cdf.png"
@@ -481,7 +481,7 @@ SCRIPTS = sorted(
 )
 
 
-@pytest.mark.slow  # a fresh interpreter per script, each importing torch
+@pytest.mark.process  # a fresh interpreter per script, each importing torch
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
 def test_every_script_runs_by_path_from_another_folder(script: Path, tmp_path: Path) -> None:
     # a script imports harness (which puts the project root on sys.path) before any project module

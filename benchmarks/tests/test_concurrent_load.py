@@ -178,7 +178,7 @@ def test_level_report_of_no_answers_has_no_figures() -> None:
 
 
 # -- a real run ----------------------------------------------------------------------------------
-@pytest.mark.slow  # the real server, seed-0 random weights, five small requests
+@pytest.mark.server  # the real server, seed-0 random weights, five small requests
 def test_run_bench_concurrency_through_the_real_server(tmp_path: Path) -> None:
     output = tmp_path / "run.json"
     command = [

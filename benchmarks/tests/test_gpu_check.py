@@ -113,7 +113,7 @@ def test_baseline_safe_is_held_to_the_parity_tolerance_and_the_others_to_the_mea
     assert fast.verdict == "FAIL" and "mean abs" in fast.reasons[0]
 
 
-@pytest.mark.slow  # a fresh interpreter restoring one face with the full-size nets
+@pytest.mark.process  # a fresh interpreter restoring one face with the full-size nets
 def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path) -> None:
     output = tmp_path / "report.json"
     completed = run_by_path(
@@ -177,7 +177,7 @@ def test_bad_concurrency_flags_exit_2_naming_the_fix(flags: list[str], message: 
     assert message in completed.stderr
 
 
-@pytest.mark.slow  # two real servers' worth of set-up: the check's, and the sweep's requests
+@pytest.mark.server  # two real servers' worth of set-up: the check's, and the sweep's requests
 def test_through_the_server_on_the_cpu_it_checks_and_sweeps(tmp_path: Path) -> None:
     output = tmp_path / "report.json"
     completed = run_by_path(

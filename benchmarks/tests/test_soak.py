@@ -29,7 +29,7 @@ def test_plan_mixes_good_faces_and_every_bad_kind_in_turn() -> None:
     assert soak_plan(5, face_every=0, bad_every=0) == ["flat"] * 5
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_a_tiny_soak_run_reports_outcomes_latency_and_worker_memory(
     weights_dir: Path, tmp_path: Path
 ) -> None:

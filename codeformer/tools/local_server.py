@@ -68,6 +68,20 @@ def apply_suite_environment() -> None:
     os.environ["CODEFORMER_ALLOW_PRIVATE_URLS"] = "1"
 
 
+# The named groups of the tests (pyproject.toml's markers): what makes a test slow. A test in
+# none of them is marked "quick" (``mark_quick``): ``./run.sh test -m quick``.
+TEST_GROUPS = ("server", "parity", "nets", "process")
+
+
+def mark_quick(items: list) -> None:
+    """Mark the collected test ``items`` that are in no named group "quick" (a collection hook's job)."""
+    import pytest
+
+    for item in items:
+        if not any(item.get_closest_marker(group) for group in TEST_GROUPS):
+            item.add_marker(pytest.mark.quick)
+
+
 # -- the local server ------------------------------------------------------------------------
 class LocalServer:
     """``python -m codeformer.serving.serve`` (coglet and its worker) in its own process group, plus ``env``.
