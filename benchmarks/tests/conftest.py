@@ -1,23 +1,4 @@
-"""Fixtures of the benchmarks' own tests: the suite's settings (tests/conftest.py) and the
-seed-0 random weights the benchmark scripts run on."""
+"""The benchmarks' tests run with the product suite's settings, collection hook (named groups,
+``quick``) and seed-0 weights: taken from tests/conftest.py by name."""
 
-from __future__ import annotations
-
-from pathlib import Path
-
-import pytest
-
-from codeformer.tools import random_weights
-from codeformer.tools.local_server import apply_suite_environment, mark_quick
-
-apply_suite_environment()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    mark_quick(items)
-
-
-@pytest.fixture(scope="session")
-def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three weight files for seed 0."""
-    return random_weights.written(tmp_path_factory.mktemp("weights-seed0"), seed=0)
+from tests.conftest import pytest_collection_modifyitems, weights_dir  # noqa: F401  (a hook and a fixture)
