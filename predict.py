@@ -177,7 +177,8 @@ class Predictor(BaseRunner):
             DEFAULT_COMPILE_BACKEND,
             COMPILE_BACKENDS,
             "torch.compile backend for stability_mode=optimized ('none', the default and fastest "
-            "measured on CPU: channels_last without compiling; cudagraphs needs a GPU). "
+            "measured on CPU: channels_last without compiling; cudagraphs and inductor-cudagraphs "
+            "need a GPU). "
             "Ignored when stability_mode=safe.",
         ),
     ) -> list[Path]:
