@@ -8,6 +8,7 @@ import pytest
 
 from codeformer.tools import random_weights
 from codeformer.tools.local_server import apply_suite_environment, mark_quick
+from tests.helpers import FACELESS_FETCH_TIMEOUT_S, set_up_predictor
 
 apply_suite_environment()
 
@@ -59,11 +60,6 @@ def restorer_seed0(weights_dir: Path):
     return Restorer.load(weights_dir, "cpu", Settings.from_env(max_faces=20, face_batch=4))
 
 
-# the fetch deadline of ``faceless_predictor``: the input matrix's one-byte-a-second URL
-# (tests/test_bad_inputs.py) waits this long
-FACELESS_FETCH_TIMEOUT_S = 3
-
-
 @pytest.fixture(scope="session")
 def faceless_predictor(faceless_weights_dir: Path):
     """A ``predict.Predictor`` after ``setup()`` on ``faceless_weights_dir``, shared by the session.
@@ -75,19 +71,6 @@ def faceless_predictor(faceless_weights_dir: Path):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CODEFORMER_FETCH_TIMEOUT_S", str(FACELESS_FETCH_TIMEOUT_S))
         return set_up_predictor(faceless_weights_dir)
-
-
-def set_up_predictor(weights_dir: Path, max_faces: int = 1):
-    """A ``predict.Predictor`` after ``setup()``, on ``weights_dir``, capped at ``max_faces`` per image."""
-    from predict import Predictor
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CODEFORMER_WEIGHTS_DIR", str(weights_dir))
-        env.setenv("CODEFORMER_MAX_FACES", str(max_faces))
-        env.delenv("CODEFORMER_WEIGHTS_URL", raising=False)
-        predictor = Predictor()
-        predictor.setup()
-    return predictor
 
 
 @pytest.fixture(scope="session")

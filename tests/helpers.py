@@ -347,3 +347,24 @@ def requests_finished(server_log: str, images: int) -> int:
     """How many requests of ``images`` images the server's log shows finished (their
     ``request: finished, N image(s)`` lines): a cancelled one must never get there."""
     return sum(f"{FINISHED_LINE}, {images} image(s)," in line for line in server_log.splitlines())
+
+
+# -- predictors in process ------------------------------------------------------------------
+# the fetch deadline of ``faceless_predictor``: the input matrix's one-byte-a-second URL
+# (tests/test_bad_inputs.py) waits this long
+FACELESS_FETCH_TIMEOUT_S = 3
+
+
+def set_up_predictor(weights_dir: Path, max_faces: int = 1):
+    """A ``predict.Predictor`` after ``setup()``, on ``weights_dir``, capped at ``max_faces`` per image."""
+    import pytest
+
+    from predict import Predictor
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CODEFORMER_WEIGHTS_DIR", str(weights_dir))
+        env.setenv("CODEFORMER_MAX_FACES", str(max_faces))
+        env.delenv("CODEFORMER_WEIGHTS_URL", raising=False)
+        predictor = Predictor()
+        predictor.setup()
+    return predictor

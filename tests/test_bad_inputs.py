@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FACELESS_FETCH_TIMEOUT_S
 from helpers import (
+    FACELESS_FETCH_TIMEOUT_S,
     deep_heif,
     encode,
     exif_turned,

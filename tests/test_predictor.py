@@ -24,8 +24,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 from cog import Path as CogPath
-from conftest import set_up_predictor
-from helpers import face_photo, flat_canvas, jpeg_bytes, png_bytes, project_folder, recording_connections
+from helpers import (
+    face_photo,
+    flat_canvas,
+    jpeg_bytes,
+    png_bytes,
+    project_folder,
+    recording_connections,
+    set_up_predictor,
+)
 from PIL import Image
 from weights_server import FileServer
 
