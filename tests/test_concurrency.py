@@ -215,6 +215,9 @@ def test_requests_below_capacity_never_get_409(server: LocalServer) -> None:
     """Clients below the predictor's slot count sending back to back: no 409, even right after an answer."""
     cheap = request(flat_canvas(64, 64), runtime_profile="max_speed")
     clients, per_client = SLOTS - 1, 6
+    # below capacity means nothing else in flight: an earlier test's cancelled prediction may
+    # hold its slot until its thread reaches its next device call
+    wait_for(lambda: server.client.health()["status"], lambda status: status == "READY", "the server idle")
 
     def back_to_back(client: CogClient) -> list[int]:
         return [client.predict(cheap, retry_busy=False).http_status for _ in range(per_client)]

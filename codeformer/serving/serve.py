@@ -25,6 +25,7 @@ import errno
 import importlib.util
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -200,18 +201,37 @@ class ReplicaWatch:
         self.status = 0
         self.sigterm = threading.Event()
         self.worker: int | None = None
+        self._worker_exit: int | None = None  # a pidfd of the worker: readable once it exits
+
+    def _wait_a_moment(self) -> bool:
+        """Wait ``WATCH_INTERVAL_S``, or less when the worker exits; whether SIGTERM came.
+
+        Woken by the worker's exit at once (a pidfd), the server stops before coglet, with no
+        worker, answers 409 to the requests that follow.
+        """
+        if self._worker_exit is None:
+            return self.sigterm.wait(WATCH_INTERVAL_S)
+        select.select([self._worker_exit], [], [], WATCH_INTERVAL_S)
+        return self.sigterm.is_set()
 
     def wait_for_sigterm(self) -> None:
         signal.sigwait({signal.SIGTERM})  # blocked in every thread: it waits here for this one
         self.sigterm.set()
 
     def watch(self) -> None:
-        while not self.sigterm.wait(WATCH_INTERVAL_S):
+        while not self._wait_a_moment():
             current = find_worker_pid(os.getpid())
             if self.worker is None:
                 self.worker = current
-            # a worker whose setup failed may exit: the server stays, to report SETUP_FAILED
-            elif current != self.worker and health_status(self.url) != SETUP_FAILED:
+                if current is not None:
+                    with contextlib.suppress(OSError):  # no pidfd (Linux before 5.3): polling alone
+                        self._worker_exit = os.pidfd_open(current)
+            elif current != self.worker and health_status(self.url) == SETUP_FAILED:
+                # a worker whose setup failed may exit: the server stays, to report SETUP_FAILED
+                if self._worker_exit is not None:
+                    os.close(self._worker_exit)  # readable for good now: back to plain polling
+                    self._worker_exit = None
+            elif current != self.worker:
                 logger.error(
                     "coglet's worker (pid %d) is gone and coglet starts no other: stopping with "
                     "status %d so that a supervisor starts a new server",
@@ -219,10 +239,8 @@ class ReplicaWatch:
                     EXIT_WORKER_GONE,
                 )
                 self.status = EXIT_WORKER_GONE
-                request_shutdown(self.url)
-                # coglet's graceful stop waits for open requests, and with no worker some never
-                # end: whatever still runs after a moment is lost anyway
-                time.sleep(STOP_GRACE_S / 2)
+                # no graceful stop: with no worker, coglet answers every request with a failure
+                # or 409, and what still runs is lost anyway; stop listening now
                 remove_leftovers()
                 os._exit(EXIT_WORKER_GONE)
         logger.info("SIGTERM: draining for up to %.0f s; new predictions fail", self.grace_s)
