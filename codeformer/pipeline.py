@@ -54,6 +54,10 @@ DEFAULT_OPTIONS = RequestOptions()  # frozen: safe as a default argument
 
 T = TypeVar("T")
 
+# The stages whose calls batch across requests: the first element of their batch keys, and
+# what a request tells the scheduler it has passed (DeviceScheduler.finished)
+RESTORE_STAGE, PARSE_STAGE = "restore", "parse"
+
 # docs/reference.md §5.5: 0.2989 R + 0.5870 G + 0.1140 B
 GRAY_WEIGHTS_BGR = np.array([0.1140, 0.5870, 0.2989])
 
@@ -364,10 +368,10 @@ class Restorer:
                 fast_math=options.profile.mixed_precision,
             )
             if not options.profile.use_parse:
-                self.scheduler.finished("parse")  # no parse batch waits for this request's faces
+                self.scheduler.finished(PARSE_STAGE)  # no parse batch waits for this request's faces
             work = [self._locate_faces(index, image, call) for index, image in enumerate(checked)]
             restored = self._restore_faces(work, call)
-            self.scheduler.finished("restore")
+            self.scheduler.finished(RESTORE_STAGE)
             return [
                 self._finish(index, image, item, faces, call)
                 for index, (image, item, faces) in enumerate(zip(checked, work, restored, strict=True))
@@ -425,7 +429,7 @@ class Restorer:
             return call.stages.restorer.restore(batch, fidelity, call.mixed_precision)
 
         # requests with the same nets, fidelity, precision and numerics may share the forward
-        key = ("restore", id(call.stages.restorer), fidelity, call.mixed_precision, call.fast_math)
+        key = (RESTORE_STAGE, id(call.stages.restorer), fidelity, call.mixed_precision, call.fast_math)
         try:
             restored = self.scheduler.batched(key, call.on_device(restore, self.device), crops, call.cancel)
         except torch.OutOfMemoryError as exc:
@@ -485,7 +489,7 @@ class Restorer:
                 # masks themselves (gray faces arrive as float64 and batch with gray faces only);
                 # then on the host, the labels' blurs
                 key = (
-                    "parse",
+                    PARSE_STAGE,
                     id(parser),
                     call.mixed_precision,
                     call.fast_math,

@@ -159,7 +159,7 @@ class DeviceScheduler:
         ident = threading.get_ident()
         with self._condition:
             self._callers[ident] = set()
-            self._condition.notify_all()  # the gate counts callers
+            self._condition.notify_all()  # batches waiting may now wait for this request too
         try:
             yield
         finally:
