@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from codeformer.config import PROJECT_ROOT
+from codeformer.image_sizes import detector_input_size
 from codeformer.stages import detect
 from codeformer.stages.detect import (
     DETECTOR_MEAN_BGR,
     Detections,
     FaceDetector,
-    detector_input_size,
     prior_boxes,
 )
 
@@ -67,21 +67,6 @@ def test_priors_are_cached_per_shape_on_the_device() -> None:
     assert detector.priors(64, 96) is first
     assert detector.priors(96, 64) is not first
     assert first.device == CPU
-
-
-# --- detector input ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("short_side", [581, 606, 616, 623, 638])
-def test_truncated_short_side_comes_out_639(short_side: int) -> None:
-    scale, new_height, _ = detector_input_size(short_side, 1000)
-    assert scale == 640 / short_side
-    assert new_height == 639  # docs/reference.md §3 step 1: int() truncation of h * scale
-
-
-def test_detector_input_size_truncates_both_sides() -> None:
-    scale, new_height, new_width = detector_input_size(1000, 1003)
-    assert (new_height, new_width) == (640, int(1003 * 0.64))
 
 
 # --- post-processing with a scripted network ---------------------------------------------------
