@@ -84,7 +84,7 @@ def assert_good_request_succeeds(client: CogClient) -> None:
 # -- start-up ------------------------------------------------------------------------------
 def test_health_check_is_ready_after_setup(running: Running) -> None:
     health = wait_for(running.client.health, lambda health: health["status"] == READY, "health READY")
-    assert "[coglet] Server ready" in health["setup"]["logs"]
+    assert health["setup"]["status"] == "succeeded" and health["setup"]["completed_at"]
     # coglet forwards the worker's stderr on its own schedule: the lines setup() logs last
     # sometimes reach it after setup is marked done, and are then filed as user logs, not
     # setup logs (seen under load). The server's own output has them either way.
@@ -312,7 +312,6 @@ def test_stopping_the_server_removes_the_workers_output_folders(weights_dir: Pat
         left = list(temp_dir.glob(f"{OUTPUT_DIR_PREFIX}*"))
         assert len(left) == 1 and any(left[0].iterdir()), left  # the last request's JPG, kept for Cog
     assert not list(temp_dir.glob(f"{OUTPUT_DIR_PREFIX}*"))
-    assert "removed" in server.log_text()
 
 
 def test_the_same_image_four_times_gives_four_identical_restored_outputs(running: Running) -> None:

@@ -133,10 +133,9 @@ def test_setup_with_the_weight_files_present_connects_nowhere(predictor_and_setu
     assert predictor_and_setup_log.connections == []
 
 
-def test_setup_logs_device_dtype_and_timings(predictor_and_setup_log: SetupRecord) -> None:
+def test_setup_records_device_dtype_and_timings(predictor_and_setup_log: SetupRecord) -> None:
     predictor, messages, _ = predictor_and_setup_log
-    [line] = [m for m in messages if m.startswith("setup:")]
-    assert f"device={predictor.restorer.device}" in line
+    assert sum(message.startswith("setup:") for message in messages) == 1  # the operator's one line
     # the suite sets CODEFORMER_MIXED_PRECISION=on where the CPU has bf16 kernels, auto
     # (float32 without measuring) where it has none (conftest)
     fast_dtype = "bfloat16" if cpu_has_bf16_kernels() else "float32"
