@@ -1,17 +1,13 @@
 """Cog adapter: declare the inputs, validate the options, hand the request to the package.
 
-A request returns one JPG per input, in input order, or fails as a whole with a message
-naming the input (``images[i] (file name): reason``): ``codeformer.serving.request`` does
-the work (read, admit, decode, restore, encode), the same code the command line runs. Its
-figures (faces and stage milliseconds per image, admission wait, wall time, options) become
-the prediction's metrics, which Cog returns beside ``predict_time``.
+``codeformer.serving.request.restore_request`` does the work, the same the command line runs;
+its module docstring says what a request returns and how it fails. Its figures become the
+prediction's metrics, beside ``predict_time``.
 
-``run`` is async so that Cog can run several predictions at once (``@cog.concurrent``):
-each request's blocking work runs on a thread of its own, the device work of all of them
-through the Restorer's one scheduler. Images arrive as strings: coglet hands URLs and data
-URIs through unfetched (``defer_cog_fetching``, applied when this module is imported), so
-that the request fetches them under its own limits; local paths must lie inside the project
-folder (``cog run --json '{"images": ["data/1.jpg"]}'``).
+``run`` is async so that Cog runs several predictions at once (``@cog.concurrent``), each
+request's blocking work on a thread of its own. Images arrive as strings: coglet hands URLs
+and data URIs through unfetched (``defer_cog_fetching``, applied when this module is
+imported); local paths must lie inside the project folder.
 """
 
 from __future__ import annotations

@@ -94,12 +94,12 @@ from benchmarks.plans import configurations
 from codeformer import weights
 from codeformer.config import COMPILE_BACKENDS, FACE_SIZE, RequestOptions, Settings
 from codeformer.host_memory import device_thread_starter
+from codeformer.image_sizes import MAX_ASPECT_RATIO
 from codeformer.imageio import decode_image, encode_jpeg
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 from codeformer.serving.client import data_uri
 from codeformer.stages.detect import Detections
-from codeformer.stages.prepare import MAX_ASPECT_RATIO
 from codeformer.tools import local_server
 from codeformer.tools.inputs import flat_canvas_png
 from tests import official_recipe  # the tests' oracle, timed here as the "official" row

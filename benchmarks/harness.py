@@ -1,22 +1,11 @@
-"""What the benchmark scripts share and only they need: the project root on ``sys.path``,
-clean stops, weights, the command-line flags of the HTTP benchmarks, tables and plots, the
-local server's start and cold figures, and the concurrency flags.
+"""What only the benchmark scripts share: the project root on ``sys.path``, clean stops,
+weights, the HTTP benchmarks' flags, tables and plots, starting the local server and its cold
+figures, the concurrency flags (in that order below).
 
-Every script runs by path, from any folder: ``python benchmarks/run_bench.py --help``. Python
-then puts ``benchmarks/`` on ``sys.path`` (so ``import harness`` works) but not the project
-root that holds ``codeformer/`` and ``predict.py``; importing this module adds the root, here
-and nowhere else. A script therefore imports ``harness`` before any project module (isort
-keeps it there: it sorts ``harness`` with the third-party imports, ahead of ``benchmarks``
-and ``codeformer``).
-
-What the benchmarks' tests (benchmarks/tests) check lives beside it, in the ``benchmarks``
-package: ``summary`` (statistics), ``reports`` (portable reports), ``load`` (timed requests,
-concurrency levels, the photos sent, the set-up record), ``host_pass``, ``plans`` and
-``gpu_checks``. Only the scripts import this module.
-
-Sections, in order: clean stops; weights; tables and plots; the flags ``run_bench.py`` and
-``bench_single_image.py`` share; starting a server and its cold figures; concurrency flags
-and tables.
+A script runs by path (``python benchmarks/run_bench.py``), which puts ``benchmarks/`` on
+``sys.path`` but not the project root; importing this module adds the root, so a script
+imports ``harness`` before any project module. The code the benchmarks' tests check lives in
+the ``benchmarks`` package, not here.
 """
 
 from __future__ import annotations

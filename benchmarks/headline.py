@@ -93,8 +93,9 @@ def net_timings(restorer: Any, config: Configuration, repeats: int) -> dict[str,
     """
     from codeformer.config import RequestOptions
     from codeformer.runtime import cuda_numerics
+    from codeformer.stages.face_batch import face_batch_sizes
     from codeformer.stages.parse import FaceParser
-    from codeformer.stages.restore import FaceRestorer, face_batch_sizes
+    from codeformer.stages.restore import FaceRestorer
 
     options = RequestOptions.parse(HEADLINE_FIDELITY, config.profile, config.mode, config.backend)
     mixed_precision = options.profile.mixed_precision and restorer.runtime.mixed_precision

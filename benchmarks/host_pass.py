@@ -21,12 +21,13 @@ import numpy as np
 from PIL import Image, ImageCms
 
 from codeformer.config import FACE_SIZE
+from codeformer.image_sizes import check_image_size
 from codeformer.imageio import decode_with_profile, encode_jpeg
 from codeformer.stages.align import FFHQ_TEMPLATE_512, align_faces
 from codeformer.stages.detect import Detections
 from codeformer.stages.parse import FaceMasks
 from codeformer.stages.paste import paste_faces
-from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
+from codeformer.stages.prepare import is_gray, to_working_image
 from codeformer.stages.restore import RestoredFaces
 from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 

@@ -40,7 +40,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from codeformer import icc
 from codeformer.errors import InputError
-from codeformer.stages.prepare import check_image_size
+from codeformer.image_sizes import check_image_size
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO", "HEIF", "AVIF")
 # Formats whose plugin parses the whole file when it opens it: a truncated or corrupt one

@@ -38,14 +38,15 @@ from codeformer.config import (
 from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import device_thread_starter
+from codeformer.image_sizes import DETECTOR_SHORT_SIDE, check_image_size
 from codeformer.progress import Progress
 from codeformer.runtime import Nets, Runtime, cuda_numerics, pick_device
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces
-from codeformer.stages.detect import DETECTOR_SHORT_SIDE, Detections, FaceDetector
+from codeformer.stages.detect import Detections, FaceDetector
 from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks, masks_on_device
 from codeformer.stages.paste import paste_faces
-from codeformer.stages.prepare import check_image_size, is_gray, to_working_image
+from codeformer.stages.prepare import is_gray, to_working_image
 from codeformer.stages.restore import FaceRestorer, RestoredFaces
 
 log = logging.getLogger(__name__)

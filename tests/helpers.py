@@ -214,6 +214,14 @@ def colour_tagged_inputs() -> list[tuple[str, bytes, bytes | None, np.ndarray]]:
 # -- geometry ----------------------------------------------------------------------------------
 
 
+def all_levels_crops() -> np.ndarray:
+    """(2, 512, 512, 3) uint8 where every channel of every face holds all 256 levels, differently."""
+    levels = np.arange(512 * 512, dtype=np.int64).reshape(512, 512) % 256
+    face0 = np.stack([levels, (levels * 7 + 3) % 256, 255 - levels], axis=-1)
+    face1 = np.stack([(levels * 13 + 100) % 256, levels[::-1], (levels + 128) % 256], axis=-1)
+    return np.stack([face0, face1]).astype(np.uint8)
+
+
 def similarity(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
     """A (2, 3) float64 similarity: rotate by ``angle``, scale, then translate (e.g. face -> image)."""
     cos, sin = scale * np.cos(angle), scale * np.sin(angle)

@@ -23,9 +23,10 @@ from codeformer.pipeline import to_gray_faces
 from codeformer.runtime import Nets
 from codeformer.stages import detect
 from codeformer.stages.align import estimate_affines, invert_affines, warp_crops
+from codeformer.stages.face_batch import crops_to_tensor
 from codeformer.stages.parse import PARSE_FACE_CLASSES
 from codeformer.stages.prepare import is_gray, to_working_image
-from codeformer.stages.restore import crops_to_tensor, tensor_to_faces
+from codeformer.stages.restore import tensor_to_faces
 
 FACE = 512
 PARSE_BLUR = ((101, 101), 11)

@@ -15,6 +15,7 @@ import torch
 from helpers import GOLDEN_PHOTOS, similarity
 
 from codeformer.config import FACE_SIZE
+from codeformer.image_sizes import detector_input_size
 from codeformer.nets.retinaface import RetinaFace
 from codeformer.stages.align import (
     FFHQ_TEMPLATE_512,
@@ -25,7 +26,7 @@ from codeformer.stages.align import (
     invert_affines,
     warp_crops,
 )
-from codeformer.stages.detect import Detections, FaceDetector, detector_input_size
+from codeformer.stages.detect import Detections, FaceDetector
 from codeformer.stages.prepare import to_working_image
 from codeformer.tools import random_weights
 from codeformer.weights import WEIGHT_FILES, checkpoint_filter_fn

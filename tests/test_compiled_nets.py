@@ -32,8 +32,9 @@ from codeformer.nets import vqgan
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.pipeline import Restorer, warm_compiled
 from codeformer.runtime import Nets, Runtime
+from codeformer.stages.face_batch import face_batch_sizes
 from codeformer.stages.parse import FaceParser
-from codeformer.stages.restore import FaceRestorer, face_batch_sizes, pad_chunk
+from codeformer.stages.restore import FaceRestorer
 
 CPU = torch.device("cpu")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -157,22 +158,6 @@ def test_with_a_compile_backend_set_up_no_request_compiles(weights_dir: Path) ->
     assert counters["stats"]["unique_graphs"] == graphs_before  # nothing compiled in a request
     with pytest.raises(ConfigError, match="by CODEFORMER_COMPILE_BACKEND; got 'aot_eager'"):
         restorer.restore([photo], RequestOptions.parse(0.5, "baseline", "optimized", "aot_eager"))
-
-
-@pytest.mark.parametrize(
-    ("batch_size", "sizes"), [(1, (1,)), (3, (1, 2, 3)), (4, (1, 2, 4)), (8, (1, 2, 4, 8))]
-)
-def test_compiled_chunks_come_in_powers_of_two_up_to_the_face_batch(
-    batch_size: int, sizes: tuple[int, ...]
-) -> None:
-    assert face_batch_sizes(batch_size) == sizes
-
-
-def test_a_chunk_is_padded_with_copies_of_its_last_face() -> None:
-    chunk = torch.arange(3 * 2).reshape(3, 2)
-    padded = pad_chunk(chunk, (1, 2, 4))
-    assert padded.tolist() == [[0, 1], [2, 3], [4, 5], [4, 5]]
-    assert pad_chunk(chunk[:2], (1, 2, 4)) is not None and pad_chunk(chunk[:2], (1, 2, 4)).shape == (2, 2)
 
 
 class ScalingNet(nn.Module):

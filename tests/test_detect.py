@@ -7,7 +7,6 @@ Parity with the official detections under seed-0 weights is in ``tests/test_alig
 
 from __future__ import annotations
 
-import logging
 import math
 
 import cv2
@@ -17,12 +16,12 @@ import torch
 from torch import nn
 
 from codeformer.config import PROJECT_ROOT
+from codeformer.image_sizes import detector_input_size
 from codeformer.stages import detect
 from codeformer.stages.detect import (
     DETECTOR_MEAN_BGR,
     Detections,
     FaceDetector,
-    detector_input_size,
     prior_boxes,
 )
 
@@ -67,21 +66,6 @@ def test_priors_are_cached_per_shape_on_the_device() -> None:
     assert detector.priors(64, 96) is first
     assert detector.priors(96, 64) is not first
     assert first.device == CPU
-
-
-# --- detector input ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("short_side", [581, 606, 616, 623, 638])
-def test_truncated_short_side_comes_out_639(short_side: int) -> None:
-    scale, new_height, _ = detector_input_size(short_side, 1000)
-    assert scale == 640 / short_side
-    assert new_height == 639  # docs/reference.md §3 step 1: int() truncation of h * scale
-
-
-def test_detector_input_size_truncates_both_sides() -> None:
-    scale, new_height, new_width = detector_input_size(1000, 1003)
-    assert (new_height, new_width) == (640, int(1003 * 0.64))
 
 
 # --- post-processing with a scripted network ---------------------------------------------------
@@ -211,13 +195,11 @@ def test_enlarging_uses_inter_linear_to_the_truncated_size() -> None:
     np.testing.assert_array_equal(seen, enlarged)
 
 
-def test_max_faces_keeps_the_highest_scoring(caplog: pytest.LogCaptureFixture) -> None:
+def test_max_faces_keeps_the_highest_scoring() -> None:
     net, expected = scripted_scene()
     image = np.zeros((640, 640, 3), dtype=np.uint8)
-    with caplog.at_level(logging.INFO, logger="codeformer.stages.detect"):
-        detections = FaceDetector(net, CPU).detect(image, max_faces=1)
+    detections = FaceDetector(net, CPU).detect(image, max_faces=1)
     assert detections.dropped == 1
-    assert "kept the 1 highest-scoring faces of 2" in caplog.text
     assert_detections_match(detections, expected[:1], scale=1.0)
     assert FaceDetector(net, CPU).detect(image, max_faces=2).dropped == 0
 

@@ -22,8 +22,7 @@ from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.nets.retinaface import RetinaFace
 from codeformer.runtime import Nets, Runtime, upload
-from codeformer.stages import detect
-from codeformer.stages import restore as restore_stage
+from codeformer.stages import detect, face_batch
 from codeformer.stages.detect import FaceDetector, prior_boxes
 from codeformer.stages.parse import FaceParser
 from codeformer.stages.restore import FaceRestorer
@@ -110,7 +109,7 @@ def finiteness_reads(monkeypatch: pytest.MonkeyPatch) -> FlagReads:
         reads.append((finite.device, finite.dtype, tuple(finite.shape)))
         return []
 
-    monkeypatch.setattr(restore_stage, "non_finite_chunks", non_finite_chunks)
+    monkeypatch.setattr(face_batch, "non_finite_chunks", non_finite_chunks)
     return reads
 
 

@@ -84,7 +84,7 @@ def assert_good_request_succeeds(client: CogClient) -> None:
 # -- start-up ------------------------------------------------------------------------------
 def test_health_check_is_ready_after_setup(running: Running) -> None:
     health = wait_for(running.client.health, lambda health: health["status"] == READY, "health READY")
-    assert "[coglet] Server ready" in health["setup"]["logs"]
+    assert health["setup"]["status"] == "succeeded" and health["setup"]["completed_at"]
     # coglet forwards the worker's stderr on its own schedule: the lines setup() logs last
     # sometimes reach it after setup is marked done, and are then filed as user logs, not
     # setup logs (seen under load). The server's own output has them either way.
@@ -250,22 +250,12 @@ def test_a_corrupt_image_among_good_ones_fails_the_request(running: Running) -> 
     result = running.client.predict({"images": [good, bad, good], **CHEAP})
     assert result.http_status == 200
     assert result.status == "failed"
-    assert "images[1] (corrupt.jpg): not a readable image" in result.error
+    # "Prediction failed: Async prediction failed: InputError: " is Cog's; no server folder after it
+    assert project_sentence(result.error).startswith("images[1] (corrupt.jpg): not a readable image")
+    assert str(PROJECT_ROOT) not in result.error
     assert result.output == []
+    assert "images" not in result.metrics  # a failed request records no figures
     assert_good_request_succeeds(running.client)
-
-
-def test_compile_backend_is_locked_by_the_first_optimized_request(running: Running) -> None:
-    request = good_request()
-    first = running.client.predict({**request, "stability_mode": "optimized", "compile_backend": "none"})
-    assert first.status == "succeeded", first.error
-
-    other = running.client.predict({**request, "stability_mode": "optimized", "compile_backend": "eager"})
-    assert other.status == "failed"
-    assert "compile_backend is fixed to 'none'" in other.error
-    # safe requests ignore compile_backend
-    safe = running.client.predict({**request, "stability_mode": "safe", "compile_backend": "inductor"})
-    assert safe.status == "succeeded", safe.error
 
 
 # -- memory --------------------------------------------------------------------------------
@@ -289,16 +279,6 @@ def test_a_repeated_face_request_reuses_the_workers_memory(running: Running) -> 
     assert minor_faults(worker) - before < 50_000
 
 
-# -- what a client reads when a request fails ------------------------------------------------
-def test_a_failure_reads_as_cogs_prefix_then_one_sentence_naming_the_input(running: Running) -> None:
-    result = running.client.predict({"images": [running.images.url_for("corrupt.jpg")], **CHEAP})
-    assert result.status == "failed"
-    # "Prediction failed: Async prediction failed: InputError: " is Cog's; no server folder after it
-    assert project_sentence(result.error).startswith("images[0] (corrupt.jpg): not a readable image")
-    assert str(PROJECT_ROOT) not in result.error
-    assert "images" not in result.metrics  # a failed request records no figures
-
-
 # -- output folders do not outlive the server ------------------------------------------------
 def test_stopping_the_server_removes_the_workers_output_folders(weights_dir: Path, tmp_path: Path) -> None:
     from codeformer.serving.outputs import OUTPUT_DIR_PREFIX
@@ -312,20 +292,3 @@ def test_stopping_the_server_removes_the_workers_output_folders(weights_dir: Pat
         left = list(temp_dir.glob(f"{OUTPUT_DIR_PREFIX}*"))
         assert len(left) == 1 and any(left[0].iterdir()), left  # the last request's JPG, kept for Cog
     assert not list(temp_dir.glob(f"{OUTPUT_DIR_PREFIX}*"))
-    assert "removed" in server.log_text()
-
-
-def test_the_same_image_four_times_gives_four_identical_restored_outputs(running: Running) -> None:
-    photo = data_uri(jpeg_bytes(face_photo(160, 160)), name="face.jpg")
-    result = running.client.predict({"images": [photo] * 4, **CHEAP})
-    assert result.status == "succeeded", result.error
-    outputs = result.output_bytes()
-    assert len(outputs) == 4 and all(output == outputs[0] for output in outputs)
-    # each copy had its face restored
-    assert [record["faces_restored"] for record in result.metrics["images"]] == [1] * 4
-
-
-def test_a_64x64_face_photo_keeps_its_size(running: Running) -> None:
-    result = running.client.predict({"images": [data_uri(png_bytes(face_photo(64, 64)))], **CHEAP})
-    assert result.status == "succeeded", result.error
-    assert jpeg_sizes(result) == [(64, 64)]

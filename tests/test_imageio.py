@@ -13,7 +13,6 @@ from PIL import Image
 
 from codeformer.errors import InputError
 from codeformer.imageio import decode_header, decode_image, encode_jpeg, read_header, to_rgb8
-from codeformer.stages.prepare import check_image_size, to_working_image, working_size
 from codeformer.tools.inputs import ispe_claiming, png_header_claiming
 
 LIMIT = 40_000_000
@@ -249,30 +248,6 @@ def test_a_mode_without_a_rule_is_refused_naming_it(monkeypatch: pytest.MonkeyPa
     monkeypatch.delitem(imageio.PIXEL_RULES, "HSV")
     with pytest.raises(InputError, match="pixel mode HSV is not supported"):
         to_rgb8(_pixels("HSV", [(0, 0, 0), (0, 0, 0)]))
-
-
-@pytest.mark.parametrize(
-    ("width", "height", "reason"),
-    [
-        (30000, 1, "30000x1 is too elongated (aspect ratio 30000.0:1, at most 16:1)"),
-        (1, 30000, "1x30000 is too elongated"),
-        (1089, 68, "too elongated"),
-        (9000, 9000, "81.0 megapixels, over the limit of 40.0"),
-        (0, 5, "no pixels"),
-    ],
-)
-def test_sizes_are_checked_before_any_copy_is_made(width: int, height: int, reason: str) -> None:
-    with pytest.raises(InputError, match=re.escape(reason)):
-        check_image_size(height, width, LIMIT)
-
-
-def test_the_copies_the_pipeline_makes_count_against_the_limit() -> None:
-    # 100x100 itself is 0.01 MP; the pipeline's detector copy of it is 640x640 = 0.41 MP
-    check_image_size(100, 100, 640 * 640)
-    with pytest.raises(InputError, match=r"face detector's copy of this 100x100 image is 640x640"):
-        check_image_size(100, 100, 640 * 640 - 1)
-    # working_size computes what the resize makes, without making it
-    assert working_size(100, 150) == to_working_image(np.zeros((100, 150, 3), np.uint8))[0].shape[:2]
 
 
 # -- HEIC and AVIF: the same rules as every format -----------------------------------------------

@@ -19,8 +19,8 @@ import torch
 from helpers import GOLDEN_PHOTOS
 
 from codeformer.config import RequestOptions
+from codeformer.image_sizes import WORKING_MIN_SIDE
 from codeformer.imageio import decode_image
-from codeformer.stages.prepare import WORKING_MIN_SIDE
 
 pytestmark = pytest.mark.parity  # the whole pipeline at full size, per photo
 

@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import pathlib
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -133,10 +132,9 @@ def test_setup_with_the_weight_files_present_connects_nowhere(predictor_and_setu
     assert predictor_and_setup_log.connections == []
 
 
-def test_setup_logs_device_dtype_and_timings(predictor_and_setup_log: SetupRecord) -> None:
+def test_setup_records_device_dtype_and_timings(predictor_and_setup_log: SetupRecord) -> None:
     predictor, messages, _ = predictor_and_setup_log
-    [line] = [m for m in messages if m.startswith("setup:")]
-    assert f"device={predictor.restorer.device}" in line
+    assert sum(message.startswith("setup:") for message in messages) == 1  # the operator's one line
     # the suite sets CODEFORMER_MIXED_PRECISION=on where the CPU has bf16 kernels, auto
     # (float32 without measuring) where it has none (conftest)
     fast_dtype = "bfloat16" if cpu_has_bf16_kernels() else "float32"
@@ -358,25 +356,6 @@ def test_compile_backend_is_locked_by_the_first_optimized_request(predictor: Pre
     # safe requests ignore compile_backend, whatever it says
     run(predictor, [image], stability_mode="safe", compile_backend="inductor", **CHEAP)
     run(predictor, [image], stability_mode="optimized", compile_backend="none", **CHEAP)
-
-
-def test_output_folders_of_processes_that_are_gone_are_removed(tmp_path: Path) -> None:
-    from codeformer.serving.outputs import OUTPUT_DIR_PREFIX, remove_orphaned_output_dirs
-
-    ours = tmp_path / f"{OUTPUT_DIR_PREFIX}{os.getpid()}-abc"
-    dead_pid = _exited_pid()
-    orphan = tmp_path / f"{OUTPUT_DIR_PREFIX}{dead_pid}-def"
-    unrelated = tmp_path / "codeformer-other"
-    for folder in (ours, orphan, unrelated):
-        folder.mkdir()
-    assert remove_orphaned_output_dirs(tmp_path) == 1
-    assert ours.exists() and unrelated.exists() and not orphan.exists()
-
-
-def _exited_pid() -> int:
-    process = subprocess.Popen(["true"])  # noqa: S603, S607
-    process.wait()
-    return process.pid
 
 
 def test_the_same_image_four_times_gives_four_identical_restored_outputs(predictor: Predictor) -> None:

@@ -9,23 +9,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import GOLDEN_SUBSET_DIR
+from helpers import GOLDEN_SUBSET_DIR, all_levels_crops
 
 from codeformer.errors import InternalError
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES
+from codeformer.stages.face_batch import crops_to_tensor
 from codeformer.stages.parse import FaceParser
-from codeformer.stages.restore import FaceRestorer, RestoredFaces, crops_to_tensor, tensor_to_faces
+from codeformer.stages.restore import FaceRestorer, RestoredFaces, tensor_to_faces
 from codeformer.tools import random_weights
 
 CPU = torch.device("cpu")
-
-
-def spec_crop_to_input(crop: np.ndarray) -> np.ndarray:
-    """Spec §5.1 in NumPy: u / 255 in float64, float32, BGR->RGB, CHW, (v - 0.5) / 0.5 in float32."""
-    unit = (crop.astype(np.float64) / 255.0).astype(np.float32)
-    rgb = unit[..., ::-1].transpose(2, 0, 1)
-    return (rgb - np.float32(0.5)) / np.float32(0.5)
 
 
 def spec_output_to_face(out: np.ndarray) -> np.ndarray:
@@ -34,38 +28,6 @@ def spec_output_to_face(out: np.ndarray) -> np.ndarray:
     unit = (clamped - np.float32(-1.0)) / np.float32(1.0 - -1.0)
     bgr = unit.transpose(1, 2, 0)[..., ::-1]
     return (bgr * np.float32(255.0)).round().astype(np.uint8)
-
-
-def all_levels_crops() -> np.ndarray:
-    """(2, 512, 512, 3) uint8 where every channel of every face holds all 256 levels, differently."""
-    levels = np.arange(512 * 512, dtype=np.int64).reshape(512, 512) % 256
-    face0 = np.stack([levels, (levels * 7 + 3) % 256, 255 - levels], axis=-1)
-    face1 = np.stack([(levels * 13 + 100) % 256, levels[::-1], (levels + 128) % 256], axis=-1)
-    return np.stack([face0, face1]).astype(np.uint8)
-
-
-def test_crops_to_tensor_is_the_spec_recipe_bit_for_bit() -> None:
-    crops = all_levels_crops()
-    tensor = crops_to_tensor(crops, CPU)
-    assert tensor.dtype == torch.float32 and tensor.shape == (2, 3, 512, 512)
-    expected = np.stack([spec_crop_to_input(crop) for crop in crops])
-    np.testing.assert_array_equal(tensor.numpy(), expected)
-    assert tensor.min() == -1.0 and tensor.max() == 1.0
-
-
-def spec_parse_input(face: np.ndarray) -> np.ndarray:
-    """Spec §6.3 step 9a in NumPy: float32 cast, / 255 in float32, BGR->RGB, CHW, (v - 0.5) / 0.5."""
-    unit = face.astype(np.float32) / np.float32(255.0)
-    return (unit[..., ::-1].transpose(2, 0, 1) - np.float32(0.5)) / np.float32(0.5)
-
-
-def test_crops_to_tensor_is_also_the_parser_recipe_for_uint8_and_gray_float64_faces() -> None:
-    """FaceParser reuses crops_to_tensor: ParseNet's official normalisation, bit for bit."""
-    crops = all_levels_crops()
-    gray = np.repeat((crops.astype(np.float64) @ [0.1140, 0.5870, 0.2989])[..., None], 3, axis=-1)
-    for faces in (crops, gray):
-        expected = np.stack([spec_parse_input(face) for face in faces])
-        np.testing.assert_array_equal(crops_to_tensor(faces, CPU).numpy(), expected)
 
 
 def test_tensor_to_faces_is_the_spec_recipe_bit_for_bit() -> None:
@@ -153,7 +115,7 @@ def test_a_reduced_precision_chunk_with_non_finite_output_is_computed_again_in_f
     crops[2, 0, 0] = 255  # the second chunk overflows
     net = OverflowingNet()
     restorer = FaceRestorer(net, CPU, batch_size=2)  # type: ignore[arg-type]
-    with caplog.at_level(logging.WARNING, logger="codeformer.stages.restore"):
+    with caplog.at_level(logging.WARNING, logger="codeformer.stages.face_batch"):
         faces = restorer.restore(crops, fidelity=0.5, mixed_precision=True)
     assert [(call["batch"], call["autocast"]) for call in net.calls] == [(2, True), (2, True), (2, False)]
     float32_faces = FaceRestorer(RecordingNet(), CPU).restore(crops, 0.5)  # type: ignore[arg-type]

@@ -168,22 +168,6 @@ def test_stage_ms_per_image_reads_each_images_stages_rounded_to_a_tenth() -> Non
     assert stages[2] == {}  # not returned: no figures rather than zeros
 
 
-@pytest.mark.parametrize(
-    ("stability", "compile_backend", "ran"), [("optimized", "eager", "eager"), ("safe", "inductor", "none")]
-)
-def test_request_metrics_name_the_options_that_ran(stability: str, compile_backend: str, ran: str) -> None:
-    options = RequestOptions.parse(0.7, "fast", stability, compile_backend)
-    metrics = _metrics([TWO_IMAGES[1]], options)
-    assert metrics["options"] == {
-        "codeformer_fidelity": 0.7,
-        "runtime_profile": "fast",
-        "stability_mode": stability,
-        "compile_backend": ran,  # the safe mode compiles nothing, whatever was asked
-    }
-    assert metrics["admission_wait_ms"] == 2.0 and metrics["wall_ms"] == 390.0
-    assert metrics["shared_forwards"] == 0
-
-
 def test_setup_info_reads_the_setup_record() -> None:
     record = {"device": "cuda:0", "build_ms": 1.0, "verify_ms": 2.0, "load_ms": 2792.0, "warmup_ms": 45546.0}
     server_log = f"INFO codeformer.predict: setup: device=cuda:0 ...\n{record_line(SETUP_MARKER, record)}\n"

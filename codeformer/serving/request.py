@@ -1,27 +1,16 @@
 """One request, from its inputs to JPG bytes: name, read, admit, decode, restore, encode.
 
-``predict.py`` (the Cog ``Predictor``) and the command line (``python -m codeformer``) both
-call ``restore_request``. A request either returns one JPG per input, in input order, or
-fails as a whole with a ``CodeFormerError`` whose message names the input
-(``images[i] (file name): reason``).
+``restore_request`` serves ``predict.py`` (Cog) and ``python -m codeformer``. It returns one JPG
+per input, in input order, with the request's figures (``request_metrics``), or fails as a
+whole with a ``CodeFormerError`` naming the input (``images[i] (file name): reason``).
 
-Each input is a string (or a ``pathlib.Path``):
-- an http(s) URL or a data URI: fetched by ``codeformer.serving.fetch`` under one deadline
-  for the request, with a size cap, checked redirects and public addresses only;
-- a local path: with ``local_root`` set (the server), read only when it resolves to a file
-  inside that folder, so that a request cannot read other files of the server; without it
-  (the command line), any file the user can read.
-
-Admission: a request holds its images' pixels (from their headers) from decode to encode
-(``Restorer.admission``); a cancel (the ``cancel`` event) stops it at its next device call.
-
-Figures: ``restore_request`` returns, beside the JPGs, the request's figures as one
-JSON-ready dict (``request_metrics``): per image its size, faces found and restored and
-per-stage milliseconds; the admission wait, the forwards shared with other requests, the
-wall time and the options that ran. ``predict.py`` records them as the prediction's Cog
-metrics. Logs, for the operator: ``request: admitted ...`` when its work starts, one line
-per image with its faces and per-stage milliseconds, and ``request: finished ...`` for the
-request.
+An input is a string or a ``pathlib.Path``: http(s) URLs and data URIs are fetched by
+``codeformer.serving.fetch`` under one deadline for the request; a local path is read only
+inside ``local_root`` when it is set (the server), so that a request cannot read other files.
+A request holds its images' pixels (``Restorer.admission``) from decode to encode; a set
+``cancel`` event stops it at its next device call. It logs ``request: admitted`` when its work
+starts, one line per image, and ``request: finished``. The rules in full: docs/inputs.md and
+docs/serving.md.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import numpy as np
 from codeformer.config import FACE_SIZE
 from codeformer.errors import CodeFormerError, InternalError
 from codeformer.stages.detect import Detections
+from codeformer.stages.face_batch import check_face_batch
 
 # Where the five landmarks of an FFHQ-aligned 512 x 512 face sit (x, y): image-left eye,
 # other eye, nose tip, left and right mouth corners. With face size 512 and crop ratio
@@ -36,20 +37,6 @@ CROP_BORDER_BGR = (135, 133, 132)  # fill outside the image, in the image's chan
 
 class AlignmentError(CodeFormerError):
     """No similarity transform could be fitted to a face's landmarks."""
-
-
-def check_face_batch(faces: np.ndarray, name: str, dtypes: tuple[type, ...]) -> None:
-    """Raise ``InternalError`` unless ``faces`` is an (F, 512, 512, 3) array of one of ``dtypes``.
-
-    What the typed stage results (``AlignedFaces``, ``RestoredFaces``) check once, when
-    built, so that the stages that take them need not check again.
-    """
-    if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype not in dtypes:
-        kinds = " or ".join(np.dtype(dtype).name for dtype in dtypes)
-        raise InternalError(
-            f"{name} must be an (F, {FACE_SIZE}, {FACE_SIZE}, 3) {kinds} array (aligned crops are uint8, "
-            f"restored faces uint8 or, for gray inputs, float64), got {faces.dtype} {faces.shape}"
-        )
 
 
 @dataclass(frozen=True)

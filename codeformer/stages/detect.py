@@ -23,12 +23,12 @@ import torch
 import torchvision
 
 from codeformer.errors import InternalError
+from codeformer.image_sizes import detector_input_size
 from codeformer.nets.retinaface import RetinaFace
 from codeformer.runtime import divide_exactly, upload
 
 logger = logging.getLogger(__name__)
 
-DETECTOR_SHORT_SIDE = 640  # the helper's resize=640: the detector sees the image at short side ~640
 DETECTOR_MEAN_BGR = (104.0, 117.0, 123.0)  # subtracted from the BGR pixels, no /255
 PRIOR_STEPS = (8, 16, 32)  # cfg_re50 steps, one per pyramid level
 PRIOR_MIN_SIZES = ((16, 32), (64, 128), (256, 512))  # cfg_re50 min_sizes: two anchors per location
@@ -66,16 +66,6 @@ class Detections:
             scores=np.zeros((0,), np.float32),
             landmarks=np.zeros((0, 5, 2), np.float32),
         )
-
-
-def detector_input_size(height: int, width: int) -> tuple[float, int, int]:
-    """(nominal scale, h', w') of the detector's copy of an h x w image (§3 step 1).
-
-    The sizes are truncated, so the short side can come out as 639; the rows are later
-    divided by the nominal scale, not by the actual ratio (§9 item 3).
-    """
-    scale = DETECTOR_SHORT_SIDE / min(height, width)
-    return scale, int(height * scale), int(width * scale)
 
 
 def resize_for_detector(image: np.ndarray) -> tuple[np.ndarray, float]:

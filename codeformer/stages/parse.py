@@ -18,7 +18,8 @@ from torch import nn
 from codeformer.config import FACE_SIZE, Profile
 from codeformer.errors import InternalError
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
-from codeformer.stages.restore import FaceBatchNet, RestoredFaces
+from codeformer.stages.face_batch import FaceBatchNet
+from codeformer.stages.restore import RestoredFaces
 
 logger = logging.getLogger(__name__)
 

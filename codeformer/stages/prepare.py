@@ -5,9 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from codeformer.errors import InputError
+from codeformer.image_sizes import WORKING_MIN_SIDE
 
-WORKING_MIN_SIDE = 512  # images whose short side is under this are enlarged first
 GRAY_THRESHOLD = 10.0  # mean of the three channel-difference variances at or under this means gray
 
 
@@ -68,56 +67,3 @@ def to_working_image(image: np.ndarray) -> tuple[np.ndarray, float]:
         return image, 1.0
     factor = WORKING_MIN_SIDE / short_side
     return cv2.resize(image, (0, 0), fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR), factor
-
-
-# The detector's activations grow in proportion to its input's pixels. Its copy has a
-# 640-pixel short side, so the aspect ratio alone decides its size: at most 16:1 keeps it
-# at or under 640 x 10240 (6.6 megapixels), whatever the image's own size.
-MAX_ASPECT_RATIO = 16.0
-
-
-def working_size(height: int, width: int) -> tuple[int, int]:
-    """(h, w) of ``to_working_image``'s output, computed without allocating it."""
-    short_side = min(height, width)
-    if short_side >= WORKING_MIN_SIDE:
-        return height, width
-    factor = WORKING_MIN_SIDE / short_side
-    # cv2.resize with dsize (0, 0) rounds src size x factor to the nearest integer
-    return round(height * factor), round(width * factor)
-
-
-def check_image_size(height: int, width: int, max_pixels: int) -> None:
-    """Refuse (``InputError``) an image whose own pixels, or any copy the pipeline makes of it, are too many.
-
-    Checked from the header, before any of those arrays exists: the input itself, the
-    working image (short side enlarged to 512) and the detector's copy (short side 640).
-    """
-    from codeformer.stages.detect import detector_input_size  # detect imports torch; prepare need not
-
-    if height < 1 or width < 1:
-        raise InputError(f"the image has no pixels ({width}x{height})")
-    size = f"{width}x{height}"
-    if width * height > max_pixels:
-        raise InputError(
-            f"{size} is {width * height / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:.1f} "
-            "(CODEFORMER_MAX_PIXELS); send a smaller image"
-        )
-    aspect = max(height, width) / min(height, width)
-    if aspect > MAX_ASPECT_RATIO:
-        raise InputError(
-            f"{size} is too elongated (aspect ratio {aspect:.1f}:1, at most {MAX_ASPECT_RATIO:.0f}:1): "
-            "the face detector would need a copy of it with a 640-pixel short side; crop it into parts "
-            "or pad it towards a square"
-        )
-    working_height, working_width = working_size(height, width)
-    _, detector_height, detector_width = detector_input_size(working_height, working_width)
-    for what, (copy_height, copy_width) in (
-        ("working copy", (working_height, working_width)),
-        ("face detector's copy", (detector_height, detector_width)),
-    ):
-        if copy_height * copy_width > max_pixels:
-            raise InputError(
-                f"the pipeline's {what} of this {size} image is {copy_width}x{copy_height} "
-                f"({copy_width * copy_height / 1e6:.1f} megapixels), over the limit of "
-                f"{max_pixels / 1e6:.1f} (CODEFORMER_MAX_PIXELS); raise the limit or send a larger image"
-            )
