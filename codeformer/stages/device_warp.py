@@ -1,0 +1,185 @@
+"""OpenCV's pixel operations of the host stages, in plain torch, for the device path (issue 29).
+
+On a GPU a request's pixel work runs on the device, on one upload of the image. These
+functions reproduce the ``cv2`` calls of ``prepare.to_working_image``,
+``detect.resize_for_detector`` and ``align.warp_crops`` on tensors of any device, each
+within a level of OpenCV on all but rare values (``benchmarks.stage_checks.STAGE_BOUND``);
+the host stages stay the CPU path.
+
+Sampling follows the OpenCV code path each dtype takes (see ``codeformer/stages/warp.py``):
+
+- ``warpAffine`` of uint8 and float32 images (OpenCV >= 4.11 kernels): float32 source
+  coordinates ``fma(M0, x, f32(f32(y·M1) + M2))``, unquantised fractions, and the bilinear
+  blend as three float32 fused multiply-adds, rounded half to even for uint8;
+- ``warpAffine`` of float64 images: the fixed-point path, coordinates quantised to 1/32 px
+  (INTER_TAB_SIZE 32) and bilinear weights from the quantised fractions.
+
+Either way a tap outside the source takes the border value. float32 fused multiply-adds
+are computed in float64 and rounded once to float32 (exact but for rare double roundings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+WARP_DTYPES = (torch.uint8, torch.float32, torch.float64)
+FIXED_POINT_BITS = 10  # OpenCV's AB_BITS: the fixed-point warp's accumulators are in 1/1024 px
+TABLE_BITS = 5  # INTER_BITS: the fixed-point warp samples at 1/32 px
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 ``a·b + c`` with one rounding, as a fused multiply-add: float32 operands, float32 result."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def invert_affines(matrices: torch.Tensor) -> torch.Tensor:
+    """(N, 2, 3) float64 -> (N, 2, 3) float64 inverses, with ``cv2.invertAffineTransform``'s arithmetic.
+
+    A singular matrix gives zeros, as OpenCV's does.
+    """
+    m = matrices.to(torch.float64)
+    determinant = m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]
+    inverse_determinant = torch.where(determinant != 0, 1.0 / determinant, torch.zeros_like(determinant))
+    a11, a22 = m[:, 1, 1] * inverse_determinant, m[:, 0, 0] * inverse_determinant
+    a12, a21 = -m[:, 0, 1] * inverse_determinant, -m[:, 1, 0] * inverse_determinant
+    b1 = -a11 * m[:, 0, 2] - a12 * m[:, 1, 2]
+    b2 = -a21 * m[:, 0, 2] - a22 * m[:, 1, 2]
+    return torch.stack([torch.stack([a11, a12, b1], 1), torch.stack([a21, a22, b2], 1)], 1)
+
+
+def _float_coordinates(inverse: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, h, w) float32 source x and y of every output pixel, as the float32 warp kernels compute them."""
+    height, width = out_hw
+    matrix = inverse.to(torch.float32)  # (N, 2, 3): the kernels round the inverse to float32
+    ys = torch.arange(height, dtype=torch.float32, device=inverse.device)
+    xs = torch.arange(width, dtype=torch.float32, device=inverse.device)
+    coordinates = []
+    for row in range(2):
+        row_const = ys[None, :] * matrix[:, row, 1, None] + matrix[:, row, 2, None]  # (N, h) float32
+        coordinates.append(_fma32(matrix[:, row, 0, None, None], xs[None, None, :], row_const[:, :, None]))
+    return coordinates[0], coordinates[1]
+
+
+def _fixed_coordinates(inverse: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, h, w) int64 source x and y of every output pixel in 1/32 px, as the fixed-point warp computes them.
+
+    Per column round(M0·x·1024), per row round((M1·y + M2)·1024) + 16 (half a 1/32 step),
+    summed and shifted down to 1/32 px.
+    """
+    height, width = out_hw
+    scale = float(1 << FIXED_POINT_BITS)
+    round_delta = 1 << (FIXED_POINT_BITS - TABLE_BITS - 1)
+    ys = torch.arange(height, dtype=torch.float64, device=inverse.device)
+    xs = torch.arange(width, dtype=torch.float64, device=inverse.device)
+    coordinates = []
+    for row in range(2):
+        column_part = torch.round(inverse[:, row, 0, None] * xs[None, :] * scale).long()  # (N, w)
+        row_part = torch.round(
+            (inverse[:, row, 1, None] * ys[None, :] + inverse[:, row, 2, None]) * scale
+        ).long()
+        total = row_part[:, :, None] + round_delta + column_part[:, None, :]  # (N, h, w) in 1/1024 px
+        coordinates.append(torch.div(total, 1 << (FIXED_POINT_BITS - TABLE_BITS), rounding_mode="floor"))
+    return coordinates[0], coordinates[1]
+
+
+def _border_tensor(border_value: float | Sequence[float], channels: int, like: torch.Tensor) -> torch.Tensor:
+    """(C,) border in ``like``'s dtype (saturated for uint8, as cv2 saturates its Scalar)."""
+    values = (
+        [float(border_value)] * channels if np.isscalar(border_value) else [float(v) for v in border_value]
+    )
+    if len(values) != channels:
+        raise ValueError(f"border_value has {len(values)} values for {channels} channels")
+    border = torch.tensor(values, dtype=torch.float64, device=like.device)
+    if like.dtype == torch.uint8:
+        border = border.round().clamp(0, 255)
+    return border.to(like.dtype)
+
+
+def _taps(
+    images: torch.Tensor, matrices_count: int, ix: torch.Tensor, iy: torch.Tensor, border: torch.Tensor
+) -> list[torch.Tensor]:
+    """The four bilinear taps (x, y), (x+1, y), (x, y+1), (x+1, y+1) of each output pixel.
+
+    ``images`` (B, C, H, W), B == N or 1; ``ix``, ``iy`` (N, h, w) int64 top-left taps.
+    Returns four (N, h, w, C) tensors in ``images``' dtype; a tap outside the image is ``border``.
+    """
+    batch, channels, height, width = images.shape
+    flat = images.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # a view for NHWC memory
+    image_offset = (
+        torch.arange(matrices_count, device=images.device)[:, None, None] * (height * width)
+        if batch > 1
+        else 0
+    )
+    taps = []
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        x, y = ix + dx, iy + dy
+        inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+        index = y.clamp(0, height - 1) * width + x.clamp(0, width - 1) + image_offset
+        taps.append(torch.where(inside[..., None], flat[index], border))
+    return taps
+
+
+def warp_affine_tensor(
+    images: torch.Tensor,
+    matrices: torch.Tensor | np.ndarray,
+    out_hw: tuple[int, int],
+    border_value: float | Sequence[float] = 0.0,
+) -> torch.Tensor:
+    """``cv2.warpAffine(image, M, (w, h), INTER_LINEAR, BORDER_CONSTANT, border_value)`` for a batch.
+
+    ``images``: (B, C, H, W) uint8, float32 or float64, B == N (one image per matrix) or
+    B == 1 (one image shared by the N matrices); an (H, W, C) image's ``permute(2, 0, 1)[None]``
+    is taken without a copy. ``matrices``: (N, 2, 3) forward transforms, source -> output, as
+    cv2 takes them (inverted here with cv2's arithmetic, in float64). ``border_value``: one
+    number for every channel, or C of them (unlike cv2's scalar, which fills channel 0 only).
+    Returns (N, C, h, w) in ``images``' dtype and device, channels-last in memory.
+    """
+    if images.dim() != 4 or images.dtype not in WARP_DTYPES:
+        raise ValueError(
+            f"images must be (B, C, H, W) uint8, float32 or float64, got {images.dtype} {tuple(images.shape)}"
+        )
+    matrices = torch.as_tensor(matrices, dtype=torch.float64).to(images.device)
+    count = matrices.shape[0]
+    if matrices.shape[1:] != (2, 3) or images.shape[0] not in (1, count):
+        raise ValueError(
+            f"matrices must be (N, 2, 3) for images (N or 1, C, H, W), got {tuple(matrices.shape)} "
+            f"for {tuple(images.shape)}"
+        )
+    height, width = out_hw
+    channels = images.shape[1]
+    border = _border_tensor(border_value, channels, images)
+    inverse = invert_affines(matrices)
+    if images.dtype == torch.float64:
+        fixed_x, fixed_y = _fixed_coordinates(inverse, out_hw)
+        table_size = 1 << TABLE_BITS
+        ix, iy = (
+            torch.div(fixed_x, table_size, rounding_mode="floor"),
+            torch.div(fixed_y, table_size, rounding_mode="floor"),
+        )
+        alpha = ((fixed_x - ix * table_size).double() / table_size)[..., None]  # (N, h, w, 1)
+        beta = ((fixed_y - iy * table_size).double() / table_size)[..., None]
+        p00, p01, p10, p11 = _taps(images, count, ix, iy, border)
+        # OpenCV's table weights, then the weighted sum in float64 in its order
+        warped = (
+            p00 * ((1 - alpha) * (1 - beta))
+            + p01 * (alpha * (1 - beta))
+            + p10 * ((1 - alpha) * beta)
+            + p11 * (alpha * beta)
+        )
+    else:
+        source_x, source_y = _float_coordinates(inverse, out_hw)
+        floor_x, floor_y = torch.floor(source_x), torch.floor(source_y)
+        alpha, beta = (source_x - floor_x)[..., None], (source_y - floor_y)[..., None]  # (N, h, w, 1) float32
+        # far outside the image every tap is border: clamp before converting, so that nothing overflows
+        ix = floor_x.clamp(-2, images.shape[3] + 1).long()
+        iy = floor_y.clamp(-2, images.shape[2] + 1).long()
+        p00, p01, p10, p11 = (tap.float() for tap in _taps(images, count, ix, iy, border))
+        top = _fma32(alpha, p01 - p00, p00)
+        bottom = _fma32(alpha, p11 - p10, p10)
+        warped = _fma32(beta, bottom - top, top)
+        if images.dtype == torch.uint8:
+            warped = warped.round().clamp(0, 255)
+    return warped.to(images.dtype).view(count, height, width, channels).permute(0, 3, 1, 2)
