@@ -181,10 +181,11 @@ def test_resize_refuses_area_enlargement_and_other_dtypes() -> None:
 
 
 def golden_photo(name: str) -> np.ndarray:
-    image = cv2.imread(str(GOLDEN_PHOTOS[name] / f"{name}.jpg"), cv2.IMREAD_COLOR)
-    if image is None:
-        image = cv2.imread(str(GOLDEN_PHOTOS[name] / f"{name}.png"), cv2.IMREAD_COLOR)
-    assert image is not None, name
+    """The golden photo ``name`` (its .jpg, or its .png where it has none), BGR."""
+    folder = GOLDEN_PHOTOS[name]
+    path = folder / f"{name}.jpg" if (folder / f"{name}.jpg").exists() else folder / f"{name}.png"
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None, path
     return image
 
 

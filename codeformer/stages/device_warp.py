@@ -18,6 +18,9 @@ Sampling follows the OpenCV code path each dtype takes (see ``codeformer/stages/
 
 Either way a tap outside the source takes the border value. float32 fused multiply-adds
 are computed in float64 and rounded once to float32 (exact but for rare double roundings).
+OpenCV computes the last (width mod SIMD lanes) columns of each row with scalar code whose
+coordinates can differ in the last float32 bit; the body's recipe is used for them too, so
+there a float32 output can differ by a small fraction of a level and a uint8 one, rarely, by 1.
 """
 
 from __future__ import annotations
