@@ -14,7 +14,7 @@ import torch
 from helpers import noise, similarity, smooth_noise
 
 from benchmarks.stage_checks import level_difference
-from codeformer.stages.device_warp import warp_affine_tensor
+from codeformer.stages.device_warp import resize_tensor, warp_affine_tensor
 
 BORDER = (135.0, 133.0, 132.0)
 
@@ -114,3 +114,47 @@ def test_warp_refuses_unsupported_inputs() -> None:
         warp_affine_tensor(torch.zeros(2, 3, 4, 4), np.zeros((3, 2, 3)), (4, 4))
     with pytest.raises(ValueError, match="border_value has 2 values for 3 channels"):
         warp_affine_tensor(torch.zeros(1, 3, 4, 4), np.eye(2, 3)[None], (4, 4), (1.0, 2.0))
+
+
+# (source h, w) -> cv2.resize's call: INTER_LINEAR by a factor (dsize (0, 0), as the working
+# image), INTER_LINEAR to a size (the detector's enlargement) or INTER_AREA to a size (its shrink)
+RESIZE_CASES = {
+    "factor_enlarge_odd": ((37, 511), ("factor", 512 / 37)),
+    "factor_enlarge_tiny": ((7, 9), ("factor", 512 / 7)),
+    "factor_enlarge_16_to_1": ((32, 512), ("factor", 16.0)),
+    "factor_enlarge_one_pixel_wide": ((3, 1), ("factor", 512.0)),
+    "size_enlarge_non_integer": ((513, 700), ("size", (639, 871))),
+    "area_shrink_non_integer": ((1921, 1000), ("size", (1229, 640))),
+    "area_shrink_remainder": ((1281, 1922), ("size", (640, 960))),
+    "area_shrink_by_2": ((256, 384), ("size", (128, 192))),
+    "area_shrink_by_4": ((256, 384), ("size", (64, 96))),
+    "area_shrink_by_3": ((300, 450), ("size", (100, 150))),
+    "area_shrink_16_to_1": ((70, 1120), ("size", (40, 640))),
+    "area_shrink_uneven_axes": ((200, 300), ("size", (100, 75))),
+    "area_shrink_one_pixel_wide": ((1, 2000), ("size", (1, 77))),
+}
+
+
+@pytest.mark.parametrize("gray", [False, True], ids=["colour", "gray"])
+@pytest.mark.parametrize("case", sorted(RESIZE_CASES))
+def test_resize_matches_opencv(case: str, gray: bool) -> None:
+    (height, width), (kind, target) = RESIZE_CASES[case]
+    image = source_image("uint8", height, width, 1 if gray else 3, seed=height + width)
+    if gray:
+        image = np.repeat(image, 3, axis=2)
+    if kind == "factor":
+        expected = cv2.resize(image, (0, 0), fx=target, fy=target, interpolation=cv2.INTER_LINEAR)
+        got = resize_tensor(as_batch(image)[0], expected.shape[:2], cv2.INTER_LINEAR, (target, target))
+    else:
+        out_height, out_width = target
+        interpolation = cv2.INTER_AREA if out_height < height else cv2.INTER_LINEAR
+        expected = cv2.resize(image, (out_width, out_height), interpolation=interpolation)
+        got = resize_tensor(as_batch(image)[0], target, interpolation)
+    assert_within_bound(got.permute(1, 2, 0).numpy(), expected)
+
+
+def test_resize_refuses_area_enlargement_and_other_dtypes() -> None:
+    with pytest.raises(ValueError, match="INTER_AREA to shrink"):
+        resize_tensor(torch.zeros(3, 4, 4, dtype=torch.uint8), (8, 8), cv2.INTER_AREA)
+    with pytest.raises(ValueError, match="uint8"):
+        resize_tensor(torch.zeros(3, 4, 4), (2, 2), cv2.INTER_AREA)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 
@@ -197,3 +198,154 @@ def warp_affine_tensor(
         if images.dtype == torch.uint8:
             warped = warped.round().clamp(0, 255)
     return warped.to(images.dtype).view(count, height, width, channels).permute(0, 3, 1, 2)
+
+
+# cv2.resize's fixed-point INTER_LINEAR for uint8: weights in 1/2048 (INTER_RESIZE_COEF_BITS 11)
+RESIZE_COEF_BITS = 11
+AREA_MIN_FRACTION = 1e-3  # computeResizeAreaTab ignores a source pixel covered less than this
+
+
+def _linear_taps(
+    source_size: int, output_size: int, scale: float, columns: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_out, 2) int64 source indices and int32 weights in 1/2048 of cv2's INTER_LINEAR along one axis.
+
+    ``scale`` is source pixels per output pixel. OpenCV's recipe: the source position
+    f32((d + 0.5)·scale − 0.5), its floor and fraction, weights (1 − f, f) rounded to
+    1/2048. Past the first or last pixel, columns take that pixel with weight (1, 0); rows
+    keep their weights and clip both indices to it.
+    """
+    position = ((torch.arange(output_size, dtype=torch.float64, device=device) + 0.5) * scale - 0.5).float()
+    first = torch.floor(position)
+    fraction = position - first
+    first = first.long()
+    if columns:
+        clamped = (first < 0) | (first >= source_size - 1)
+        fraction = torch.where(clamped, torch.zeros_like(fraction), fraction)
+    index = torch.stack([first, first + 1], dim=1).clamp(0, source_size - 1)
+    one = float(1 << RESIZE_COEF_BITS)
+    weights = torch.stack([torch.round((1 - fraction) * one), torch.round(fraction * one)], dim=1)
+    return index, weights.to(torch.int32)
+
+
+def _area_taps(
+    source_size: int, output_size: int, scale: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_out, K) int64 source indices and float32 weights of cv2's INTER_AREA shrink along one axis.
+
+    Output pixel d covers source [d·scale, (d + 1)·scale); each source pixel weighs its
+    covered fraction over the cell's width (``computeResizeAreaTab``), in ascending source
+    order (the order OpenCV sums in). Unused taps weigh 0 and point at pixel 0.
+    """
+    start = torch.arange(output_size, dtype=torch.float64, device=device) * scale  # fsx1
+    end = start + scale
+    cell_width = torch.clamp(source_size - start, max=scale)
+    last = torch.floor(end).clamp(max=source_size - 1)  # sx2
+    first = torch.minimum(torch.ceil(start), last)  # sx1
+    taps = int(np.ceil(scale)) + 2
+    offsets = torch.arange(
+        -1, taps - 1, dtype=torch.float64, device=device
+    )  # source first - 1 .. first + taps - 2
+    source = first[:, None] + offsets[None, :]  # (n_out, K)
+    whole = (source >= first[:, None]) & (source < last[:, None])
+    weights = torch.where(whole, 1.0 / cell_width[:, None], 0.0)
+    head = first - start
+    weights[:, 0] = torch.where(head > AREA_MIN_FRACTION, head / cell_width, 0.0)
+    tail = end - last
+    tail_weight = torch.where(
+        tail > AREA_MIN_FRACTION, torch.minimum(tail.clamp(max=1.0), cell_width) / cell_width, 0.0
+    )
+    weights = torch.where(source == last[:, None], tail_weight[:, None], weights)
+    # float32 weights, as OpenCV stores them; taps outside the source weigh nothing
+    weights = weights.float()
+    inside = (source >= 0) & (source < source_size) & (weights != 0)
+    return torch.where(inside, source, 0.0).long(), torch.where(inside, weights, 0.0)
+
+
+def _weighted_taps(
+    values: torch.Tensor, dim: int, index: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Sum over k of ``values`` gathered at ``index[:, k]`` along ``dim`` (-1 or -2) times ``weights[:, k]``.
+
+    One tap at a time, in tap order, so that memory stays at the size of the output.
+    """
+    total = None
+    for tap in range(index.shape[1]):
+        tap_weights = weights[:, tap] if dim == -1 else weights[:, tap, None]
+        term = values.index_select(dim, index[:, tap]).to(weights.dtype) * tap_weights
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def _resize_linear(image: torch.Tensor, out_hw: tuple[int, int], scales: tuple[float, float]) -> torch.Tensor:
+    """cv2's INTER_LINEAR of a uint8 (..., H, W) tensor: fixed-point rows, then its SIMD vertical blend.
+
+    Rows are blended exactly in 1/2048 (int32); the vertical blend is OpenCV's SIMD one,
+    ((row >> 4)·b >> 16) per row, summed and rounded off its last 2 bits.
+    """
+    height, width = image.shape[-2:]
+    column_index, column_weights = _linear_taps(width, out_hw[1], scales[1], True, image.device)
+    row_index, row_weights = _linear_taps(height, out_hw[0], scales[0], False, image.device)
+    rows = _weighted_taps(image, -1, column_index, column_weights)  # (..., H, w) int32, in 1/2048
+    blended = None
+    for tap in range(2):
+        term = ((rows.index_select(-2, row_index[:, tap]) >> 4) * row_weights[:, tap, None]) >> 16
+        blended = term if blended is None else blended + term
+    assert blended is not None
+    return ((blended + 2) >> 2).clamp(0, 255).to(torch.uint8)
+
+
+def _resize_area(image: torch.Tensor, out_hw: tuple[int, int], scales: tuple[float, float]) -> torch.Tensor:
+    """cv2's INTER_AREA shrink of a uint8 (..., H, W) tensor.
+
+    Integer ratios take OpenCV's fast path (block sums: halved sides round half up, larger
+    blocks round sum·f32(1/area) half to even); other ratios weigh each source pixel by its
+    covered fraction, rows first, in float32, and round half to even.
+    """
+    height, width = image.shape[-2:]
+    integer_scales = [round(scale) for scale in scales]
+    if all(
+        abs(scale - whole) < np.finfo(np.float64).eps
+        for scale, whole in zip(scales, integer_scales, strict=True)
+    ):
+        block_y, block_x = integer_scales
+        out_height, out_width = out_hw
+        blocks = image[..., : out_height * block_y, : out_width * block_x].to(torch.int32)
+        sums = blocks.unflatten(-1, (out_width, block_x)).sum(-1).unflatten(-2, (out_height, block_y)).sum(-2)
+        if (block_y, block_x) == (2, 2):
+            return ((sums + 2) >> 2).to(torch.uint8)
+        reciprocal = torch.tensor(1.0 / (block_x * block_y), dtype=torch.float32)
+        return (sums.float() * reciprocal.item()).round().clamp(0, 255).to(torch.uint8)
+    column_index, column_weights = _area_taps(width, out_hw[1], scales[1], image.device)
+    row_index, row_weights = _area_taps(height, out_hw[0], scales[0], image.device)
+    rows = _weighted_taps(image, -1, column_index, column_weights)  # (..., H, w) float32
+    return _weighted_taps(rows, -2, row_index, row_weights).round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_tensor(
+    image: torch.Tensor,
+    out_hw: tuple[int, int],
+    interpolation: int,
+    factors: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """``cv2.resize`` of a uint8 (..., H, W) tensor to (..., h, w): INTER_LINEAR or INTER_AREA (shrinking).
+
+    ``factors`` (fy, fx): the factors of a cv2 call with dsize (0, 0), which maps pixels by
+    them rather than by output / input size; by default (h / H, w / W), as for a dsize call.
+    Any leading dimensions (e.g. channels of an HWC image's ``permute(2, 0, 1)``) are kept.
+    """
+    if image.dtype != torch.uint8 or image.dim() < 2:
+        raise ValueError(f"image must be a uint8 (..., H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    if factors is None:
+        factors = (out_hw[0] / height, out_hw[1] / width)
+    scales = (1.0 / factors[0], 1.0 / factors[1])  # source pixels per output pixel, as cv2 computes them
+    if interpolation == cv2.INTER_LINEAR:
+        return _resize_linear(image, out_hw, scales)
+    if interpolation == cv2.INTER_AREA and min(scales) >= 1:
+        return _resize_area(image, out_hw, scales)
+    raise ValueError(
+        f"interpolation must be cv2.INTER_LINEAR, or cv2.INTER_AREA to shrink; got {interpolation} "
+        f"for source pixels per output pixel {scales}"
+    )
