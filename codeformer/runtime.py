@@ -134,9 +134,10 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     From pageable memory CUDA copies through a staging buffer of its own and the host waits
     for the copy; from pinned memory the copy is queued like a kernel and the host goes on
     queueing the work that reads it (stream order keeps it correct). Host tensors can be
-    pinned only where CUDA is: on other devices this is ``host.to(device)``.
+    pinned only where CUDA is: on other devices this is ``host.to(device)``. A tensor already
+    off the host (the device stages' output) is moved with ``.to``: on ``device``, not copied.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
     pinned.copy_(host)

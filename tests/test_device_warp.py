@@ -7,14 +7,31 @@ within 1 level of the host stage on at least 99.99 % of values, none beyond 2.
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import noise, similarity, smooth_noise
+from fake_cuda import CUDA, DeviceLog, fake_cuda_mode, to_fake_cuda
+from helpers import GOLDEN_PHOTOS, face_photo, noise, similarity, smooth_noise
 
 from benchmarks.stage_checks import level_difference
-from codeformer.stages.device_warp import resize_tensor, warp_affine_tensor
+from codeformer.config import FACE_SIZE
+from codeformer.nets.retinaface import RetinaFace
+from codeformer.stages import detect
+from codeformer.stages.align import estimate_affines, warp_crops
+from codeformer.stages.detect import FaceDetector, resize_for_detector
+from codeformer.stages.device_warp import (
+    detector_input_tensor,
+    resize_tensor,
+    warp_affine_tensor,
+    warp_crops_tensor,
+    working_image_tensor,
+)
+from codeformer.stages.prepare import to_working_image
+from codeformer.tools import random_weights
+from codeformer.weights import WEIGHT_FILES, checkpoint_filter_fn
 
 BORDER = (135.0, 133.0, 132.0)
 
@@ -57,14 +74,14 @@ WARP_CASES = {
 @pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
 @pytest.mark.parametrize("case", sorted(WARP_CASES))
 def test_warp_matches_opencv(case: str, dtype: str) -> None:
+    """A 200 x 328 output: 328 columns leave a remainder after OpenCV's SIMD lanes."""
     rng = np.random.default_rng(len(case))
     height, width = 301, 457
     image = source_image(dtype, height, width, 3, seed=3)
-    affines = np.stack([cv2.invertAffineTransform(WARP_CASES[case](rng, height, width)) for _ in range(2)])
-    warped = as_images(warp_affine_tensor(as_batch(image), torch.from_numpy(affines), (512, 512), BORDER))
-    for affine, got in zip(affines, warped, strict=True):
-        expected = cv2.warpAffine(image, affine, (512, 512), flags=cv2.INTER_LINEAR, borderValue=BORDER)
-        assert_within_bound(got, expected)
+    affine = cv2.invertAffineTransform(WARP_CASES[case](rng, height, width))
+    expected = cv2.warpAffine(image, affine, (328, 200), flags=cv2.INTER_LINEAR, borderValue=BORDER)
+    warped = warp_affine_tensor(as_batch(image), torch.from_numpy(affine[None]), (200, 328), BORDER)
+    assert_within_bound(as_images(warped)[0], expected)
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
@@ -158,3 +175,145 @@ def test_resize_refuses_area_enlargement_and_other_dtypes() -> None:
         resize_tensor(torch.zeros(3, 4, 4, dtype=torch.uint8), (8, 8), cv2.INTER_AREA)
     with pytest.raises(ValueError, match="uint8"):
         resize_tensor(torch.zeros(3, 4, 4), (2, 2), cv2.INTER_AREA)
+
+
+# -- the stages: working image, detector input, crops ------------------------------------------
+
+
+def golden_photo(name: str) -> np.ndarray:
+    """The golden photo ``name`` (its .jpg, or its .png where it has none), BGR."""
+    folder = GOLDEN_PHOTOS[name]
+    path = folder / f"{name}.jpg" if (folder / f"{name}.jpg").exists() else folder / f"{name}.png"
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None, path
+    return image
+
+
+def gray(image: np.ndarray) -> np.ndarray:
+    return np.repeat(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[..., None], 3, axis=2)
+
+
+def portrait(width: int, height: int) -> np.ndarray:
+    """``face_photo`` as a BGR array, as decoding gives it."""
+    return np.ascontiguousarray(face_photo(width, height)[..., ::-1])
+
+
+# uint8 BGR images of the sizes and kinds the stages meet: each takes another resize path
+GENERATED_PHOTOS = {
+    "tiny_enlarged": lambda: portrait(45, 61),  # factor 11.4 to the working image
+    "shrunk_non_integer": lambda: portrait(1100, 1000),  # INTER_AREA 1000 -> 640
+    "shrunk_by_2": lambda: noise(1280, 1920),  # OpenCV's block-sum INTER_AREA
+    "odd_remainder": lambda: noise(641, 1283),  # 1283 -> 1281: a one-pixel remainder
+    "enlarged_for_detector": lambda: noise(533, 701),  # INTER_LINEAR to a 640 short side
+    "gray": lambda: gray(portrait(300, 400)),
+    "sixteen_to_one": lambda: noise(40, 640),  # working 512 x 8192, detector 640 x 10240
+}
+STAGE_PHOTOS = [f"golden_{name}" for name in GOLDEN_PHOTOS] + sorted(GENERATED_PHOTOS)
+
+
+def stage_photo(case: str) -> np.ndarray:
+    if case.startswith("golden_"):
+        return golden_photo(case.removeprefix("golden_"))
+    return GENERATED_PHOTOS[case]()
+
+
+@pytest.mark.parametrize("case", STAGE_PHOTOS)
+def test_working_image_and_detector_input_match_the_host_stages(case: str) -> None:
+    photo = stage_photo(case)
+    working, factor = to_working_image(photo)
+    working_on_device, device_factor = working_image_tensor(torch.from_numpy(photo))
+    assert device_factor == factor
+    assert_within_bound(working_on_device.numpy(), working)
+
+    detector_input, scale = resize_for_detector(working)
+    detector_input_on_device, device_scale = detector_input_tensor(working_on_device)
+    assert device_scale == scale
+    assert_within_bound(detector_input_on_device.numpy(), detector_input)
+
+
+@pytest.mark.parametrize("photo", sorted(GOLDEN_PHOTOS))
+def test_crops_of_the_golden_faces_match_warp_crops(photo: str) -> None:
+    faces = json.loads((GOLDEN_PHOTOS[photo] / "detections.json").read_text())["faces"]
+    affines = np.array([face["affine"] for face in faces], dtype=np.float64)
+    image = golden_photo(photo)
+    crops = warp_crops(to_working_image(image)[0], affines)
+    crops_on_device = warp_crops_tensor(working_image_tensor(torch.from_numpy(image))[0], affines)
+    assert crops_on_device.shape == (len(faces), FACE_SIZE, FACE_SIZE, 3)
+    assert_within_bound(crops_on_device.numpy(), crops)
+
+
+@pytest.mark.parametrize("case", sorted(WARP_CASES))
+def test_crops_of_generated_faces_match_warp_crops(case: str) -> None:
+    """Tilted faces, faces at or past the border, tiny (0.05) and huge (8x) faces, on a 16:1 image too."""
+    rng = np.random.default_rng(len(case))
+    for image in (noise(301, 457), gray(noise(37, 592))):
+        height, width = image.shape[:2]
+        affines = np.stack(
+            [cv2.invertAffineTransform(WARP_CASES[case](rng, height, width)) for _ in range(2)]
+        )
+        crops = warp_crops_tensor(torch.from_numpy(image), affines)
+        assert_within_bound(crops.numpy(), warp_crops(image, affines))
+
+
+def test_no_faces_give_no_crops() -> None:
+    crops = warp_crops_tensor(torch.from_numpy(noise(20, 30)), np.zeros((0, 2, 3)))
+    assert crops.shape == (0, FACE_SIZE, FACE_SIZE, 3) and crops.dtype == torch.uint8
+
+
+@pytest.fixture(scope="module")
+def seed0_detector() -> FaceDetector:
+    net = RetinaFace()
+    official = random_weights.file_object("detection_Resnet50_Final.pth", seed=0)
+    net.load_state_dict(checkpoint_filter_fn(official, WEIGHT_FILES["retinaface"]), strict=True)
+    return FaceDetector(net, torch.device("cpu"))
+
+
+@pytest.mark.nets
+@pytest.mark.parametrize("case", ["golden_01", "shrunk_non_integer"])
+def test_landmarks_from_the_device_input_match_the_host_path(case: str, seed0_detector: FaceDetector) -> None:
+    """The seed-0 detector on the device stages' input finds the host path's faces, landmarks within 0.05 px;
+    the crops cut at them match."""
+    photo = stage_photo(case)
+    working, _ = to_working_image(photo)
+    detections = seed0_detector.detect(working)
+    working_on_device, _ = working_image_tensor(torch.from_numpy(photo))
+    rows = seed0_detector.detect_rows(*detector_input_tensor(working_on_device))
+    device_detections = seed0_detector.detections(rows)
+    assert len(detections) > 0
+    assert device_detections.landmarks.shape == detections.landmarks.shape
+    assert np.abs(device_detections.landmarks - detections.landmarks).max() <= 0.05
+    affines = estimate_affines(device_detections.landmarks)
+    assert_within_bound(warp_crops_tensor(working_on_device, affines).numpy(), warp_crops(working, affines))
+
+
+# -- on CUDA: what crosses between host and device ----------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`create_unbacked_symint` is deprecated:FutureWarning")
+def test_on_cuda_the_stages_copy_only_the_affines_and_the_detector_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fake CUDA tensors: working image, detector input and crops from an image already on the
+    device upload the (F, 2, 3) affines only (pinned), and wait for nothing; the detector takes
+    its input as it is and downloads its rows. Every anchor a candidate: a fake tensor has no
+    value for the host to read whether the candidates ran out."""
+    monkeypatch.setattr(detect, "MAX_CANDIDATES", 10**7)
+    mode = fake_cuda_mode()
+    net = to_fake_cuda(RetinaFace().eval(), mode)
+    with mode:
+        detector = FaceDetector(net, CUDA)
+    affines = np.stack([similarity(0.5, 0.2, 10.0, 20.0)] * 3)
+    for height, width in [(300, 400), (1100, 1500)]:  # enlarged, then shrunk for the detector
+        with mode, DeviceLog() as log:
+            image = torch.empty((height, width, 3), dtype=torch.uint8, device=CUDA)
+            working, _ = working_image_tensor(image)
+            detector_input, scale = detector_input_tensor(working)
+            crops = warp_crops_tensor(working, affines)
+        assert (crops.device, crops.shape) == (CUDA, (3, FACE_SIZE, FACE_SIZE, 3))
+        assert detector_input.device == CUDA
+        assert log.uploads == log.pinned_uploads and len(log.uploads) == 1, log.uploads
+        assert (log.downloads, log.waits, log.inexact_divisions) == ([], [], [])
+        with mode, DeviceLog() as log:
+            rows = detector.detect_rows(detector_input, scale)
+        assert rows.device.type == "cpu"
+        assert (log.uploads, len(log.downloads)) == ([], 1)

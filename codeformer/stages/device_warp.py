@@ -4,7 +4,9 @@ On a GPU a request's pixel work runs on the device, on one upload of the image. 
 functions reproduce the ``cv2`` calls of ``prepare.to_working_image``,
 ``detect.resize_for_detector`` and ``align.warp_crops`` on tensors of any device, each
 within a level of OpenCV on all but rare values (``benchmarks.stage_checks.STAGE_BOUND``);
-the host stages stay the CPU path.
+the host stages stay the CPU path. The stages themselves (``working_image_tensor``,
+``detector_input_tensor``, ``warp_crops_tensor``) take and return (H, W, 3) uint8 BGR
+tensors, as their host versions take arrays; landmark fitting stays on the host.
 
 Sampling follows the OpenCV code path each dtype takes (see ``codeformer/stages/warp.py``):
 
@@ -16,6 +18,9 @@ Sampling follows the OpenCV code path each dtype takes (see ``codeformer/stages/
 
 Either way a tap outside the source takes the border value. float32 fused multiply-adds
 are computed in float64 and rounded once to float32 (exact but for rare double roundings).
+OpenCV computes the last (width mod SIMD lanes) columns of each row with scalar code whose
+coordinates can differ in the last float32 bit; the body's recipe is used for them too, so
+there a float32 output can differ by a small fraction of a level and a uint8 one, rarely, by 1.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import torch
+
+from codeformer.config import FACE_SIZE
+from codeformer.runtime import upload
+from codeformer.stages.align import CROP_BORDER_BGR
+from codeformer.stages.detect import detector_input_size
+from codeformer.stages.prepare import WORKING_MIN_SIDE, working_size
 
 WARP_DTYPES = (torch.uint8, torch.float32, torch.float64)
 FIXED_POINT_BITS = 10  # OpenCV's AB_BITS: the fixed-point warp's accumulators are in 1/1024 px
@@ -97,16 +108,21 @@ def _fixed_coordinates(
 
 
 def _border_tensor(border_value: float | Sequence[float], channels: int, like: torch.Tensor) -> torch.Tensor:
-    """(C,) border in ``like``'s dtype (saturated for uint8, as cv2 saturates its Scalar)."""
+    """(C,) border in ``like``'s dtype and device (saturated for uint8, as cv2 saturates its Scalar).
+
+    Filled on the device, one channel at a time: nothing to upload.
+    """
     values = (
         [float(border_value)] * channels if np.isscalar(border_value) else [float(v) for v in border_value]
     )
     if len(values) != channels:
         raise ValueError(f"border_value has {len(values)} values for {channels} channels")
-    border = torch.tensor(values, dtype=torch.float64, device=like.device)
     if like.dtype == torch.uint8:
-        border = border.round().clamp(0, 255)
-    return border.to(like.dtype)
+        values = [min(max(round(value), 0), 255) for value in values]
+    border = torch.empty(channels, dtype=like.dtype, device=like.device)
+    for channel, value in enumerate(values):
+        border[channel].fill_(value)
+    return border
 
 
 def _taps(
@@ -150,13 +166,14 @@ def warp_affine_tensor(
     ``origin``: (x, y) of the output's top-left pixel on a larger canvas: the output is that
     window of the canvas warp, with the canvas warp's coordinate rounding (a matrix translated
     to the window rounds differently: up to 1/32 px apart on the fixed-point path).
+    Host matrices are uploaded (``runtime.upload``); nothing else crosses to or from the host.
     Returns (N, C, h, w) in ``images``' dtype and device, channels-last in memory.
     """
     if images.dim() != 4 or images.dtype not in WARP_DTYPES:
         raise ValueError(
             f"images must be (B, C, H, W) uint8, float32 or float64, got {images.dtype} {tuple(images.shape)}"
         )
-    matrices = torch.as_tensor(matrices, dtype=torch.float64).to(images.device)
+    matrices = upload(torch.as_tensor(matrices, dtype=torch.float64), images.device)
     count = matrices.shape[0]
     if matrices.shape[1:] != (2, 3) or images.shape[0] not in (1, count):
         raise ValueError(
@@ -315,8 +332,8 @@ def _resize_area(image: torch.Tensor, out_hw: tuple[int, int], scales: tuple[flo
         sums = blocks.unflatten(-1, (out_width, block_x)).sum(-1).unflatten(-2, (out_height, block_y)).sum(-2)
         if (block_y, block_x) == (2, 2):
             return ((sums + 2) >> 2).to(torch.uint8)
-        reciprocal = torch.tensor(1.0 / (block_x * block_y), dtype=torch.float32)
-        return (sums.float() * reciprocal.item()).round().clamp(0, 255).to(torch.uint8)
+        reciprocal = float(np.float32(1.0 / (block_x * block_y)))  # OpenCV's float32 1/area
+        return (sums.float() * reciprocal).round().clamp(0, 255).to(torch.uint8)
     column_index, column_weights = _area_taps(width, out_hw[1], scales[1], image.device)
     row_index, row_weights = _area_taps(height, out_hw[0], scales[0], image.device)
     rows = _weighted_taps(image, -1, column_index, column_weights)  # (..., H, w) float32
@@ -349,3 +366,51 @@ def resize_tensor(
         f"interpolation must be cv2.INTER_LINEAR, or cv2.INTER_AREA to shrink; got {interpolation} "
         f"for source pixels per output pixel {scales}"
     )
+
+
+def _resize_image(
+    image: torch.Tensor,
+    out_hw: tuple[int, int],
+    interpolation: int,
+    factors: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """``resize_tensor`` of an (H, W, C) tensor -> (h, w, C), contiguous like an array cv2 returns."""
+    resized = resize_tensor(image.permute(2, 0, 1), out_hw, interpolation, factors)
+    return resized.permute(1, 2, 0).contiguous()
+
+
+def working_image_tensor(image: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``prepare.to_working_image`` of an (H, W, 3) uint8 tensor: ((h, w, 3) uint8 working image, factor).
+
+    The image itself and factor 1.0 when its short side is already 512 or more; else the
+    factor-based INTER_LINEAR enlargement, which maps pixels by the factor itself.
+    """
+    height, width = image.shape[:2]
+    size = working_size(height, width)
+    if size == (height, width):
+        return image, 1.0
+    factor = WORKING_MIN_SIDE / min(height, width)
+    return _resize_image(image, size, cv2.INTER_LINEAR, (factor, factor)), factor
+
+
+def detector_input_tensor(image: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``FaceDetector.input_for`` on ``image``'s device: ((h', w', 3) uint8 detector input, nominal scale).
+
+    ``image``: the (h, w, 3) uint8 BGR working image. As ``detect.resize_for_detector``:
+    INTER_AREA when shrinking, INTER_LINEAR when enlarging, to the truncated size. The result
+    goes to ``FaceDetector.detect_rows`` as it is: a tensor already on the detector's device
+    is not uploaded again (``runtime.upload``).
+    """
+    height, width = image.shape[:2]
+    scale, new_height, new_width = detector_input_size(height, width)
+    if (new_height, new_width) == (height, width):
+        return image, scale
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return _resize_image(image, (new_height, new_width), interpolation), scale
+
+
+def warp_crops_tensor(image: torch.Tensor, affines: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``align.warp_crops`` on ``image``'s device: (h, w, 3) uint8 BGR and (F, 2, 3) float64 affines
+    (working image -> crop, ``align.estimate_affines``) -> (F, 512, 512, 3) uint8 crops."""
+    crops = warp_affine_tensor(image.permute(2, 0, 1)[None], affines, (FACE_SIZE, FACE_SIZE), CROP_BORDER_BGR)
+    return crops.permute(0, 2, 3, 1)  # channels-last in memory: contiguous (F, 512, 512, 3)
