@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from codeformer.config import FACE_SIZE
+from codeformer.runtime import upload
 from codeformer.stages.device_warp import _fma32, resize_tensor, warp_affine_tensor
 from codeformer.stages.paste import _face_region, _w_edge
 from codeformer.stages.warp import Region
@@ -220,8 +221,8 @@ def paste_faces_tensor(
     inverse_affines = np.asarray(inverse_affines, dtype=np.float64)
     canvas_hw = (int(image.shape[0]), int(image.shape[1]))
     regions = [_face_region(inverse_affine, canvas_hw) for inverse_affine in inverse_affines]
-    # one upload for all the faces' warps (F, 2, 3); a blocking copy would sync once per warp
-    device_affines = torch.from_numpy(inverse_affines).to(image.device, non_blocking=True)
+    # one upload for all the faces' warps (F, 2, 3), queued without blocking the host
+    device_affines = upload(torch.from_numpy(inverse_affines), image.device)
     eroded_masks, w_edges = _eroded_masks(regions, device_affines)
     output = image.clone()
     kept: list[_Patch] = []
