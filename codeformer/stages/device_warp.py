@@ -62,12 +62,22 @@ def invert_affines(matrices: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack([a11, a12, b1], 1), torch.stack([a21, a22, b2], 1)], 1)
 
 
-def _float_coordinates(inverse: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _output_grid(
+    out_hw: tuple[int, int], origin: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h,) and (w,) output pixel indices on the canvas: the rows and columns cv2 computes coordinates for."""
+    (height, width), (x0, y0) = out_hw, origin
+    ys = torch.arange(y0, y0 + height, dtype=dtype, device=device)
+    xs = torch.arange(x0, x0 + width, dtype=dtype, device=device)
+    return ys, xs
+
+
+def _float_coordinates(
+    inverse: torch.Tensor, out_hw: tuple[int, int], origin: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, h, w) float32 source x and y of every output pixel, as the float32 warp kernels compute them."""
-    height, width = out_hw
     matrix = inverse.to(torch.float32)  # (N, 2, 3): the kernels round the inverse to float32
-    ys = torch.arange(height, dtype=torch.float32, device=inverse.device)
-    xs = torch.arange(width, dtype=torch.float32, device=inverse.device)
+    ys, xs = _output_grid(out_hw, origin, torch.float32, inverse.device)
     coordinates = []
     for row in range(2):
         row_const = ys[None, :] * matrix[:, row, 1, None] + matrix[:, row, 2, None]  # (N, h) float32
@@ -75,17 +85,17 @@ def _float_coordinates(inverse: torch.Tensor, out_hw: tuple[int, int]) -> tuple[
     return coordinates[0], coordinates[1]
 
 
-def _fixed_coordinates(inverse: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _fixed_coordinates(
+    inverse: torch.Tensor, out_hw: tuple[int, int], origin: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, h, w) int64 source x and y of every output pixel in 1/32 px, as the fixed-point warp computes them.
 
     Per column round(M0·x·1024), per row round((M1·y + M2)·1024) + 16 (half a 1/32 step),
     summed and shifted down to 1/32 px.
     """
-    height, width = out_hw
     scale = float(1 << FIXED_POINT_BITS)
     round_delta = 1 << (FIXED_POINT_BITS - TABLE_BITS - 1)
-    ys = torch.arange(height, dtype=torch.float64, device=inverse.device)
-    xs = torch.arange(width, dtype=torch.float64, device=inverse.device)
+    ys, xs = _output_grid(out_hw, origin, torch.float64, inverse.device)
     coordinates = []
     for row in range(2):
         column_part = torch.round(inverse[:, row, 0, None] * xs[None, :] * scale).long()  # (N, w)
@@ -144,6 +154,7 @@ def warp_affine_tensor(
     matrices: torch.Tensor | np.ndarray,
     out_hw: tuple[int, int],
     border_value: float | Sequence[float] = 0.0,
+    origin: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """``cv2.warpAffine(image, M, (w, h), INTER_LINEAR, BORDER_CONSTANT, border_value)`` for a batch.
 
@@ -152,6 +163,9 @@ def warp_affine_tensor(
     is taken without a copy. ``matrices``: (N, 2, 3) forward transforms, source -> output, as
     cv2 takes them (inverted here with cv2's arithmetic, in float64). ``border_value``: one
     number for every channel, or C of them (unlike cv2's scalar, which fills channel 0 only).
+    ``origin``: (x, y) of the output's top-left pixel on a larger canvas: the output is that
+    window of the canvas warp, with the canvas warp's coordinate rounding (a matrix translated
+    to the window rounds differently: up to 1/32 px apart on the fixed-point path).
     Host matrices are uploaded (``runtime.upload``); nothing else crosses to or from the host.
     Returns (N, C, h, w) in ``images``' dtype and device, channels-last in memory.
     """
@@ -171,7 +185,7 @@ def warp_affine_tensor(
     border = _border_tensor(border_value, channels, images)
     inverse = invert_affines(matrices)
     if images.dtype == torch.float64:
-        fixed_x, fixed_y = _fixed_coordinates(inverse, out_hw)
+        fixed_x, fixed_y = _fixed_coordinates(inverse, out_hw, origin)
         table_size = 1 << TABLE_BITS
         ix, iy = (
             torch.div(fixed_x, table_size, rounding_mode="floor"),
@@ -188,7 +202,7 @@ def warp_affine_tensor(
             + p11 * (alpha * beta)
         )
     else:
-        source_x, source_y = _float_coordinates(inverse, out_hw)
+        source_x, source_y = _float_coordinates(inverse, out_hw, origin)
         floor_x, floor_y = torch.floor(source_x), torch.floor(source_y)
         alpha, beta = (source_x - floor_x)[..., None], (source_y - floor_y)[..., None]  # (N, h, w, 1) float32
         # far outside the image every tap is border: clamp before converting, so that nothing overflows
