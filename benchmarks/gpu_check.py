@@ -238,8 +238,7 @@ class Checker:
         """The stages moved to the device, each against its host version on the photos' faces.
 
         Its own copies of the nets (the configurations' Restorers come and go per backend):
-        ``parse_masks``, ``stage_checks.parse_mask_stage`` on the aligned crops, or the error
-        that stopped it.
+        ``stage_checks.moved_stages`` on the photos, or the error that stopped it.
         """
         from codeformer import weights
         from codeformer.config import Settings
@@ -250,14 +249,13 @@ class Checker:
                 net.to(self.device) for net in weights.load_nets(self.weights_dir, settings)
             )
             photos = [decode(path.read_bytes()) for path in paths]
-            faces = stage_checks.photo_face_crops(retinaface, self.device, photos, self.args.max_faces)
-            if not len(faces):
-                return {"parse_masks": {"error": "no face found in the photos", "within_bound": False}}
-            return {
-                "parse_masks": stage_checks.parse_mask_stage(parsenet, self.device, faces, self.args.repeats)
-            }
+            found = stage_checks.photo_faces(retinaface, self.device, photos, self.args.max_faces)
+            found = [item for item in found if len(item.aligned)]
+            if not found:
+                return {"stages": {"error": "no face found in the photos", "within_bound": False}}
+            return stage_checks.moved_stages(retinaface, parsenet, self.device, found, self.args.repeats)
         except Exception as exc:  # a check tool reports each failure and goes on to the next one
-            return {"parse_masks": {"error": f"{type(exc).__name__}: {exc}", "within_bound": False}}
+            return {"stages": {"error": f"{type(exc).__name__}: {exc}", "within_bound": False}}
 
     def headline(self, photo_path: Path, write: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """``benchmarks.headline``'s figures per configuration, then ``goals``; ``write`` after each."""

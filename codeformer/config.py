@@ -114,6 +114,7 @@ class RequestOptions:
 
 # -- process settings: the CODEFORMER_* environment variables ------------------------------
 MIXED_PRECISION_CHOICES = ("auto", "on", "off")
+PIXEL_STAGES_CHOICES = ("auto", "host", "device")
 
 BOOLEANS = {"0": False, "1": True}
 # glibc takes the trim threshold as a C int: 2 GiB - 1 byte is the most it can hold
@@ -147,6 +148,10 @@ class Settings:
     # private, link-local, ...: codeformer.serving.fetch); for local development and the tests
     allow_private_urls: bool = False
     mixed_precision: str = "auto"  # MIXED_PRECISION: auto, on or off (codeformer.runtime)
+    # PIXEL_STAGES: where fast's and max_speed's pixel stages run: auto (the nets' device on
+    # CUDA, the host on a CPU), host, or device (the nets' device, a CPU included); baseline's
+    # always run on the host (codeformer.pipeline.pixels_on_device)
+    pixel_stages: str = "auto"
     # COMPILE_BACKEND: one of COMPILE_BACKENDS, or empty: the backend every optimized request
     # runs, compiled and warmed at set-up (Restorer.prepare_optimized); empty: the first
     # optimized request picks it and pays its compile
@@ -183,6 +188,12 @@ class Settings:
                 cls.mixed_precision,
                 lambda raw: raw if raw in MIXED_PRECISION_CHOICES else None,
                 f"one of {', '.join(MIXED_PRECISION_CHOICES)}",
+            ),
+            pixel_stages=_env(
+                "CODEFORMER_PIXEL_STAGES",
+                cls.pixel_stages,
+                lambda raw: raw if raw in PIXEL_STAGES_CHOICES else None,
+                f"one of {', '.join(PIXEL_STAGES_CHOICES)}",
             ),
             compile_backend=_env(
                 "CODEFORMER_COMPILE_BACKEND",

@@ -40,13 +40,24 @@ from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, In
 from codeformer.host_memory import device_thread_starter
 from codeformer.image_sizes import DETECTOR_SHORT_SIDE, check_image_size
 from codeformer.progress import Progress
-from codeformer.runtime import Nets, Runtime, cuda_numerics, pick_device
+from codeformer.runtime import Nets, Runtime, cuda_numerics, pick_device, upload
 from codeformer.scheduler import DeviceScheduler, PixelBudget
-from codeformer.stages.align import AlignedFaces, align_faces
+from codeformer.stages.align import AlignedFaces, align_faces, estimate_affines, invert_affines
 from codeformer.stages.detect import Detections, FaceDetector
-from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks, masks_on_device
+from codeformer.stages.device_paste import paste_and_resize_tensor
+from codeformer.stages.device_warp import (
+    detector_input_tensor,
+    gray_sums_tensor,
+    warp_crops_tensor,
+    working_image_tensor,
+)
+from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
-from codeformer.stages.prepare import is_gray, to_working_image
+from codeformer.stages.prepare import (
+    is_gray,
+    is_gray_from_sums,
+    to_working_image,
+)
 from codeformer.stages.restore import FaceRestorer, RestoredFaces
 
 log = logging.getLogger(__name__)
@@ -88,6 +99,27 @@ class _Stages:
     parser: FaceParser
 
 
+def pixels_on_device(setting: str, device: torch.device, options: RequestOptions) -> bool:
+    """Whether a request's pixel stages run on the nets' device: the device pixel path.
+
+    The path: one upload of each decoded image; the working image, the detector's input,
+    the aligned crops, the parse masks, paste-back and the final resize on the device
+    (``codeformer.stages.device_warp``, ``device_paste``); one download of the finished
+    pixels. Only the landmark fit (``estimate_affines``) and the encode stay on the host.
+    Its stages are within a level of the host stages (tests/test_device_warp.py,
+    test_device_paste.py), not bit-identical, so baseline, whose promise is the official
+    output, always takes the host stages. For fast and max_speed: ``setting``
+    (``Settings.pixel_stages``) ``auto`` takes the path on CUDA, where host pixel work
+    dominated a request, and not on a CPU, where the host stages are the faster OpenCV
+    kernels; ``host`` and ``device`` force it off and on.
+    """
+    if not options.profile.mixed_precision:
+        return False
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "device"
+
+
 @dataclass(frozen=True)
 class _Call:
     """What one ``restore`` call carries to every stage."""
@@ -98,6 +130,7 @@ class _Call:
     cancel: threading.Event | None
     progress: Progress
     fast_math: bool  # the profile trades precision for speed: on CUDA, TF32 and cuDNN autotuning
+    pixels_on_device: bool  # the device pixel path (``pixels_on_device``)
 
     def on_device(self, function: Callable[..., T], device: torch.device) -> Callable[..., T]:
         """``function`` run with this call's CUDA numerics (``runtime.cuda_numerics``)."""
@@ -113,7 +146,7 @@ class _Call:
 class _ImageWork:
     """What one image carries between stages within a call."""
 
-    working: np.ndarray
+    working: np.ndarray | torch.Tensor  # (h, w, 3) uint8 BGR; a device tensor on the device pixel path
     factor: float
     gray: bool
     detections: Detections
@@ -158,6 +191,13 @@ def to_gray_faces(faces: np.ndarray) -> np.ndarray:
     """(F, 512, 512, 3) uint8 BGR -> float64 gray on 3 channels (docs/reference.md §5.5, no AdaIN)."""
     gray = faces.astype(np.float64) @ GRAY_WEIGHTS_BGR
     return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def to_gray_faces_tensor(faces: torch.Tensor) -> torch.Tensor:
+    """``to_gray_faces`` on ``faces``' device: (F, 512, 512, 3) uint8 -> float64, in new memory."""
+    weights = torch.tensor(GRAY_WEIGHTS_BGR, dtype=torch.float64).to(faces.device)  # 24 bytes up
+    gray = faces.to(torch.float64) @ weights  # (F, 512, 512)
+    return gray[..., None].expand(*gray.shape, 3).contiguous()
 
 
 # CodeFormer's two graphs per batch class: with fusion (every w > 0: w is a graph input) and
@@ -205,6 +245,44 @@ def warm_compiled(
         )
 
 
+def locate_on_device(
+    image: np.ndarray, detector: FaceDetector, device: torch.device
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """The device pixel path's start: (H, W, 3) uint8 host image -> (working image, factor, sums, rows).
+
+    The image's one upload to ``device``; the working image (h, w, 3) uint8 stays there for
+    alignment and paste-back; the gray test's (6,) int64 sums (``is_gray_from_sums``) and the
+    detector's (F', 16) rows come back to the host.
+    """
+    with torch.inference_mode():
+        on_device = upload(torch.from_numpy(image), device)  # the image's one upload
+        gray_sums = gray_sums_tensor(on_device)
+        working, factor = working_image_tensor(on_device)
+        pixels, scale = detector_input_tensor(working)
+        rows = detector.detect_rows(pixels, scale)
+        # downloaded once the rows are: the device has long finished the sums
+        return working, factor, gray_sums.cpu(), rows
+
+
+def paste_on_device(
+    working: torch.Tensor,
+    restored: RestoredFaces,
+    inverse_affines: np.ndarray,
+    masks: FaceMasks | None,
+    size: tuple[int, int],
+) -> np.ndarray:
+    """The device pixel path's end: paste-back and the resize to the input's (H, W), on the device.
+
+    ``working``, ``restored`` and ``masks`` on the device, ``inverse_affines`` (F, 2, 3) on
+    the host. Returns the (H, W, 3) uint8 output on the host: the image's one pixel-sized download.
+    """
+    with torch.inference_mode():
+        face_masks = None if masks is None else masks.masks
+        return (
+            paste_and_resize_tensor(working, restored.faces, inverse_affines, face_masks, size).cpu().numpy()
+        )
+
+
 class Restorer:
     """The three nets on one device, and the stages that use them."""
 
@@ -216,9 +294,9 @@ class Restorer:
         batch_wait_s = self.settings.batch_wait_ms / 1000.0
         self.scheduler = DeviceScheduler(self.settings.face_batch, batch_wait_s, start_thread=start)
         weakref.finalize(self, self.scheduler.stop)  # the thread ends with the Restorer, or at exit
-        # Image-sized host work around device calls (the detector's resize, the parse masks'
-        # blurs where they stay on the host, masks_on_device): on a GPU on the request's thread,
-        # so that the device serves others meanwhile.
+        # Image-sized host work around device calls on the host pixel path (the detector's
+        # resize, the parse masks' blurs): on a GPU on the request's thread, so that the device
+        # serves others meanwhile.
         # On a CPU the device is the CPU anyway, and on the device thread the work's buffers
         # reuse the memory glibc's main arena keeps; a request thread's arena cannot (with
         # several large images at once, the peak grew past the README's bound).
@@ -330,7 +408,7 @@ class Restorer:
         restore = stages.restorer.restore
         restored = self.scheduler.call(restore, canvas[None], options.fidelity, mixed_precision)
         if options.profile.use_parse:
-            on_device = masks_on_device(self.device, options.profile)
+            on_device = pixels_on_device(self.settings.pixel_stages, self.device, options)
             self.scheduler.call(stages.parser.masks, RestoredFaces(restored), mixed_precision, on_device)
         return (time.perf_counter() - start) * 1000.0
 
@@ -367,6 +445,7 @@ class Restorer:
                 cancel,
                 progress or Progress(),
                 fast_math=options.profile.mixed_precision,
+                pixels_on_device=pixels_on_device(self.settings.pixel_stages, self.device, options),
             )
             if not options.profile.use_parse:
                 self.scheduler.finished(PARSE_STAGE)  # no parse batch waits for this request's faces
@@ -381,20 +460,32 @@ class Restorer:
     def _locate_faces(self, index: int, image: np.ndarray, call: _Call) -> _ImageWork:
         call.progress.step(f"images[{index}]: detect faces")
         timings: dict[str, float] = {}
+        detector = call.stages.detector
         try:
-            with _timed(timings, "prepare"):
-                gray = is_gray(image)
-                working, factor = to_working_image(image)
+            if not call.pixels_on_device:
+                with _timed(timings, "prepare"):
+                    gray = is_gray(image)
+                    working, factor = to_working_image(image)
             with _timed(timings, "detect"):
-                # FaceDetector.detect in its steps: only the net's part on the device thread
-                detector = call.stages.detector
-                pixels, scale = self._image_work(detector.input_for, working, cancel=call.cancel)
-                detect_rows = call.on_device(detector.detect_rows, self.device)
-                rows = self.scheduler.call(detect_rows, pixels, scale, cancel=call.cancel)
-                del pixels  # the detector's copy of the image, up to 640 x 10240 x 3, not kept to paste-back
+                if call.pixels_on_device:  # prepare and detect in one device call
+                    locate = call.on_device(locate_on_device, self.device)
+                    located = self.scheduler.call(locate, image, detector, self.device, cancel=call.cancel)
+                    working, factor, gray_sums, rows = located
+                    gray = is_gray_from_sums(gray_sums.tolist(), image)
+                else:
+                    # FaceDetector.detect in its steps: only the net's part on the device thread
+                    pixels, scale = self._image_work(detector.input_for, working, cancel=call.cancel)
+                    detect_rows = call.on_device(detector.detect_rows, self.device)
+                    rows = self.scheduler.call(detect_rows, pixels, scale, cancel=call.cancel)
+                    del pixels  # the detector's copy, up to 640 x 10240 x 3, not kept to paste-back
                 detections = detector.detections(rows, self.settings.max_faces)
             with _timed(timings, "align"):
-                aligned = align_faces(working, detections)
+                if call.pixels_on_device:
+                    affines = estimate_affines(detections.landmarks)  # the landmark fit stays on the host
+                    crops = self.scheduler.call(warp_crops_tensor, working, affines, cancel=call.cancel)
+                    aligned = AlignedFaces(crops, affines, invert_affines(affines))
+                else:
+                    aligned = align_faces(working, detections)
         except RequestCancelled:
             raise
         except CodeFormerError as exc:
@@ -423,11 +514,21 @@ class Restorer:
         if total == 0:
             return [RestoredFaces(item.aligned.crops) for item in work]
         start = time.perf_counter()
-        crops = np.concatenate([item.aligned.crops for item in work])
         fidelity = call.options.fidelity
+        restorer = call.stages.restorer
+        if call.pixels_on_device:
+            # (F, 512, 512, 3) uint8 on the device, joined and restored there
+            with_faces = [item.aligned.crops for item in work if len(item.aligned)]
+            crops = with_faces[0] if len(with_faces) == 1 else self.scheduler.call(torch.cat, with_faces)
 
-        def restore(batch: np.ndarray) -> np.ndarray:
-            return call.stages.restorer.restore(batch, fidelity, call.mixed_precision)
+            def restore(batch: torch.Tensor) -> torch.Tensor:
+                return restorer.restore_tensor(batch, fidelity, call.mixed_precision, to_host=False)
+
+        else:
+            crops = np.concatenate([item.aligned.crops for item in work])
+
+            def restore(batch: np.ndarray) -> np.ndarray:
+                return restorer.restore(batch, fidelity, call.mixed_precision)
 
         # requests with the same nets, fidelity, precision and numerics may share the forward
         key = (RESTORE_STAGE, id(call.stages.restorer), fidelity, call.mixed_precision, call.fast_math)
@@ -468,33 +569,40 @@ class Restorer:
             image=output,
             faces=self._faces_in_input_pixels(item),
             faces_dropped=item.detections.dropped,
-            working_size=item.working.shape[:2],
+            working_size=tuple(item.working.shape[:2]),
             timings=timings,
         )
 
     def _paste(self, image: np.ndarray, item: _ImageWork, faces: RestoredFaces, call: _Call) -> np.ndarray:
         timings = item.timings
-        restored = RestoredFaces(to_gray_faces(faces.faces)) if item.gray else faces
+        on_device = call.pixels_on_device
+        if item.gray and on_device:
+            restored = RestoredFaces(
+                self.scheduler.call(to_gray_faces_tensor, faces.faces, cancel=call.cancel)
+            )
+        elif item.gray:
+            restored = RestoredFaces(to_gray_faces(faces.faces))
+        else:
+            restored = faces
         masks = None
         if call.options.profile.use_parse:
             parser = call.stages.parser
-            on_device = masks_on_device(self.device, call.options.profile)
 
-            def parse(batch: np.ndarray) -> np.ndarray:
-                if on_device:  # labels and blurs on the device, the masks downloaded once
-                    return parser.device_masks(batch, call.mixed_precision)
+            def parse(batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+                if on_device:  # labels and blurs on the device, the masks kept there
+                    return parser.masks_tensor(batch, call.mixed_precision, to_host=False)
                 return parser.labels(batch, call.mixed_precision)
 
             with _timed(timings, "parse"):
-                # FaceParser.masks in its steps: on the device thread ParseNet's labels, or the
-                # masks themselves (gray faces arrive as float64 and batch with gray faces only);
-                # then on the host, the labels' blurs
+                # FaceParser.masks in its steps: on the device thread ParseNet's labels, or on
+                # the device pixel path the masks themselves (gray faces arrive as float64 and
+                # batch with gray faces only); on the host path the labels' blurs on the host
                 key = (
                     PARSE_STAGE,
                     id(parser),
                     call.mixed_precision,
                     call.fast_math,
-                    restored.faces.dtype.str,
+                    str(restored.faces.dtype),
                     on_device,
                 )
                 parse_on_device = call.on_device(parse, self.device)
@@ -502,6 +610,14 @@ class Restorer:
                 if not on_device:
                     parsed = self._image_work(face_pixels_to_masks, parsed, cancel=call.cancel)
                 masks = FaceMasks(parsed)
+        if on_device:
+            with _timed(timings, "paste"):
+                paste = call.on_device(paste_on_device, self.device)
+                inverse_affines = item.aligned.inverse_affines
+                size = image.shape[:2]
+                return self.scheduler.call(
+                    paste, item.working, restored, inverse_affines, masks, size, cancel=call.cancel
+                )
         with _timed(timings, "paste"):
             output = paste_faces(item.working, restored, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:

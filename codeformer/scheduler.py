@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 
 from codeformer.device_faults import is_broken_device, is_out_of_memory, stop_worker
 from codeformer.errors import CodeFormerError, DeviceBrokenError, RequestCancelled
@@ -88,6 +89,17 @@ def without_frames(error: Exception) -> Exception:
             chained.__traceback__ = None
             pending.extend(link for link in (chained.__cause__, chained.__context__) if link is not None)
     return error
+
+
+def _joined(payloads: list[Any]) -> Any:
+    """Batched jobs' payloads (arrays, or tensors on one device) joined along their first axis.
+
+    Host arrays are joined on the host; device tensors (the device pixel path's crops and
+    faces) with ``torch.cat`` on their device, queued like any kernel.
+    """
+    if isinstance(payloads[0], np.ndarray):
+        return np.concatenate(payloads)
+    return torch.cat(payloads)
 
 
 def _attempt(function: Callable[[], Any]) -> tuple[Any, Exception | None]:
@@ -307,7 +319,7 @@ class DeviceScheduler:
             self._run_alone(group[0])
             return
         sizes = [job.size for job in group]
-        forward = functools.partial(group[0].function, np.concatenate([job.payload for job in group]))
+        forward = functools.partial(group[0].function, _joined([job.payload for job in group]))
         results, error = _attempt(forward)
         del forward  # the joined batch
         if error is not None:

@@ -86,6 +86,14 @@ def _inexact_on_cuda(numerator: torch.Tensor, divisor: object) -> bool:
     return numerator.device.type == "cuda" and numerator.is_floating_point() and not exact_reciprocal
 
 
+def _bytes(tensor: torch.Tensor) -> int | None:
+    """A tensor's size in bytes, or None when its shape is symbolic (a data-dependent size)."""
+    try:
+        return int(tensor.numel()) * tensor.element_size()
+    except (TypeError, RuntimeError):
+        return None
+
+
 def _devices(tree: object) -> list[str]:
     return [leaf.device.type for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
@@ -94,7 +102,8 @@ def _devices(tree: object) -> list[str]:
 class DeviceLog(TorchDispatchMode):
     """Every aten op run in the block, sorted into what matters for device placement.
 
-    ``uploads``/``downloads``: copies host->device and device->host (``_to_copy``, ``copy_``);
+    ``uploads``/``downloads``: copies host->device and device->host (``_to_copy``, ``copy_``),
+    their sizes in ``upload_bytes``/``download_bytes``;
     ``pinned_uploads``: the uploads that copy from pinned host memory without blocking;
     ``host_ops``: every other op with a CPU tensor among its inputs or outputs (a tensor
     made or computed on the host), except views (which compute nothing) and the staging of
@@ -107,6 +116,9 @@ class DeviceLog(TorchDispatchMode):
     """
 
     uploads: list[str] = field(default_factory=list)
+    # bytes of each upload and download, in order (None where the size is symbolic: data-dependent)
+    upload_bytes: list[int | None] = field(default_factory=list)
+    download_bytes: list[int | None] = field(default_factory=list)
     pinned_uploads: list[str] = field(default_factory=list)
     staging: list[str] = field(default_factory=list)
     downloads: list[str] = field(default_factory=list)
@@ -139,6 +151,8 @@ class DeviceLog(TorchDispatchMode):
         if name in COPY_OPS and set(inputs) != set(outputs):
             source = inputs[-1] if name == "aten.copy_" else inputs[0]  # copy_(destination, source)
             (self.uploads if source == "cpu" else self.downloads).append(name)
+            copied = args[0] if name == "aten.copy_" else out  # the copy's destination
+            (self.upload_bytes if source == "cpu" else self.download_bytes).append(_bytes(copied))
             if name == "aten.copy_":  # copy_(destination, source, non_blocking=False)
                 source_tensor, non_blocking = args[1], args[2:3] == (True,)
             else:

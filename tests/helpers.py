@@ -256,6 +256,16 @@ def golden_photos() -> dict[str, Path]:
 
 GOLDEN_PHOTOS = golden_photos()
 
+
+def golden_photo(name: str) -> np.ndarray:
+    """The golden photo ``name`` (its .jpg, or its .png where it has none), BGR."""
+    folder = GOLDEN_PHOTOS[name]
+    path = folder / f"{name}.jpg" if (folder / f"{name}.jpg").exists() else folder / f"{name}.png"
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None, path
+    return image
+
+
 # -- waiting on a server -----------------------------------------------------------------------
 
 T = TypeVar("T")

@@ -1,7 +1,8 @@
 """The parse masks computed with torch (``face_pixels_to_masks_tensor``) against the host stage.
 
-Off the CPU the fast profile computes its blend masks on the device (``masks_on_device``); the
-code is the same on any torch device, so these tests run it on CPU tensors. Bound (issue 29,
+On the device pixel path (``codeformer.pipeline.pixels_on_device``) the fast profile computes its
+blend masks on the device; the code is the same on any torch device, so these tests run it on
+CPU tensors. Bound (issue 29,
 ``benchmarks.stage_checks``): given the same ParseNet labels, the device masks within 1
 level (on the blend's 0-255 scale) of the host path's on at least 99.99 % of values, none
 beyond 2.
@@ -13,19 +14,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import GOLDEN_PHOTOS, noise, smooth_noise
+from helpers import GOLDEN_PHOTOS, smooth_noise
 
 from benchmarks.stage_checks import level_difference
-from codeformer import pipeline
-from codeformer.config import FACE_SIZE, PROFILES, RequestOptions, Settings
+from codeformer.config import FACE_SIZE
 from codeformer.nets.parsenet import ParseNet
-from codeformer.pipeline import Restorer, to_gray_faces
+from codeformer.pipeline import to_gray_faces
 from codeformer.stages.parse import (
     PARSE_MASK_OPERATOR,
     FaceParser,
     face_pixels_to_masks,
     face_pixels_to_masks_tensor,
-    masks_on_device,
     reflect_101_filter_matrix,
 )
 from codeformer.stages.restore import RestoredFaces
@@ -96,17 +95,6 @@ def test_filter_matrix_refuses_a_kernel_wider_than_the_reflection() -> None:
         reflect_101_filter_matrix(5, np.ones(11) / 11)
 
 
-def test_masks_go_to_the_device_on_cuda_for_the_fast_profile_only() -> None:
-    """The one decision: CUDA and a profile that uses the masks and already trades exactness for speed."""
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert {name: masks_on_device(cuda, profile) for name, profile in PROFILES.items()} == {
-        "baseline": False,  # not bit-identical to the host stage: baseline keeps it
-        "fast": True,
-        "max_speed": False,  # no masks at all
-    }
-    assert not any(masks_on_device(cpu, profile) for profile in PROFILES.values())
-
-
 @pytest.mark.parity  # ParseNet on two full-size faces
 def test_parser_device_masks_match_its_host_masks_on_golden_and_gray_faces(parse_net: ParseNet) -> None:
     """``FaceParser.masks`` both ways, on a golden photo's restored face and its gray version."""
@@ -119,31 +107,6 @@ def test_parser_device_masks_match_its_host_masks_on_golden_and_gray_faces(parse
         on_device = parser.masks(restored, on_device=True).masks
         assert_within_bound(on_device, host)
         assert host.max() > 0.0  # the labels held some face: the comparison is not of zeros
-
-
-@pytest.mark.nets  # two fast requests through the full-size networks
-def test_restorer_routes_fast_masks_through_the_device_path_when_chosen(
-    restorer_seed0: Restorer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The pipeline takes ``masks_on_device``'s answer: forced on, here on the CPU, the device
-    masks are made (once per image) and the output stays within the bound of the host path's."""
-    one_face = Settings.from_env(max_faces=1)
-    restorer = Restorer(restorer_seed0.runtime.safe_nets, restorer_seed0.device, one_face)
-    image, fast = noise(300, 400, seed=5), RequestOptions.parse(profile="fast")
-    [host] = restorer.restore([image], fast)
-    calls: list[int] = []
-    device_masks = FaceParser.device_masks
-
-    def counted(parser: FaceParser, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
-        calls.append(len(faces))
-        return device_masks(parser, faces, mixed_precision)
-
-    monkeypatch.setattr(pipeline, "masks_on_device", lambda device, profile: profile.use_parse)
-    monkeypatch.setattr(FaceParser, "device_masks", counted)
-    [on_device] = restorer.restore([image], fast)
-    assert calls == [1] and len(host.faces) == 1
-    difference = level_difference(on_device.image, host.image, 1.0)
-    assert difference["within_bound"], difference
 
 
 def test_level_difference_holds_the_stage_bound() -> None:

@@ -30,6 +30,7 @@ from codeformer.stages.device_warp import warp_affine_tensor
 from codeformer.stages.parse import FaceMasks, FaceParser
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import to_working_image
+from codeformer.stages.regions import face_region
 from codeformer.stages.restore import RestoredFaces
 
 logger = logging.getLogger(__name__)
@@ -156,9 +157,7 @@ def test_w_edges_are_the_host_ones_from_one_download(name: str, monkeypatch: pyt
     """Each face's w_edge equals the official one; all faces' areas come down in one transfer."""
     case = generated_case(name)
     canvas_hw = case.image.shape[:2]
-    regions = [
-        device_paste._face_region(inverse_affine, canvas_hw) for inverse_affine in case.inverse_affines
-    ]
+    regions = [face_region(inverse_affine, canvas_hw) for inverse_affine in case.inverse_affines]
     downloads = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(

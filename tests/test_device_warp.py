@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from fake_cuda import CUDA, DeviceLog, fake_cuda_mode, to_fake_cuda
-from helpers import GOLDEN_PHOTOS, face_photo, noise, similarity, smooth_noise
+from helpers import GOLDEN_PHOTOS, face_photo, golden_photo, noise, similarity, smooth_noise
 
 from benchmarks.stage_checks import level_difference
 from codeformer.config import FACE_SIZE
@@ -24,12 +24,17 @@ from codeformer.stages.align import estimate_affines, warp_crops
 from codeformer.stages.detect import FaceDetector, resize_for_detector
 from codeformer.stages.device_warp import (
     detector_input_tensor,
+    gray_sums_tensor,
     resize_tensor,
     warp_affine_tensor,
     warp_crops_tensor,
     working_image_tensor,
 )
-from codeformer.stages.prepare import to_working_image
+from codeformer.stages.prepare import (
+    is_gray,
+    is_gray_from_sums,
+    to_working_image,
+)
 from codeformer.tools import random_weights
 from codeformer.weights import WEIGHT_FILES, checkpoint_filter_fn
 
@@ -180,15 +185,6 @@ def test_resize_refuses_area_enlargement_and_other_dtypes() -> None:
 # -- the stages: working image, detector input, crops ------------------------------------------
 
 
-def golden_photo(name: str) -> np.ndarray:
-    """The golden photo ``name`` (its .jpg, or its .png where it has none), BGR."""
-    folder = GOLDEN_PHOTOS[name]
-    path = folder / f"{name}.jpg" if (folder / f"{name}.jpg").exists() else folder / f"{name}.png"
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert image is not None, path
-    return image
-
-
 def gray(image: np.ndarray) -> np.ndarray:
     return np.repeat(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[..., None], 3, axis=2)
 
@@ -317,3 +313,32 @@ def test_on_cuda_the_stages_copy_only_the_affines_and_the_detector_rows(
             rows = detector.detect_rows(detector_input, scale)
         assert rows.device.type == "cpu"
         assert (log.uploads, len(log.downloads)) == ([], 1)
+
+
+def near_gray(height: int, width: int, spread: int, seed: int) -> np.ndarray:
+    """A gray picture with each channel moved by up to ``spread`` levels: spreads 3 to 6 score around
+    the threshold of 10, on either side."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (height, width, 1))
+    return np.clip(base + rng.integers(-spread, spread + 1, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        pytest.param(near_gray(37, 53, spread, seed), id=f"spread{spread}-seed{seed}")
+        for spread in (0, 2, 3, 4, 5, 6, 40)
+        for seed in range(4)
+    ]
+    + [
+        pytest.param(near_gray(1, 1, 3, 0), id="one-pixel"),
+        pytest.param(near_gray(8, 128, 4, 1), id="16-to-1"),
+        pytest.param(np.zeros((5, 7, 3), np.uint8), id="black"),
+        pytest.param(noise(40, 30, 3), id="colour-noise"),
+    ],
+)
+def test_the_gray_test_from_device_sums_decides_as_the_host(image: np.ndarray) -> None:
+    """``gray_sums_tensor``'s six integer sums, downloaded, give ``is_gray``'s answer."""
+    sums = gray_sums_tensor(torch.from_numpy(image))
+    assert sums.dtype == torch.int64 and sums.shape == (6,)
+    assert is_gray_from_sums(sums.tolist(), image) == is_gray(image)

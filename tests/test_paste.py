@@ -20,8 +20,8 @@ from codeformer.stages import paste
 from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import to_working_image
+from codeformer.stages.regions import Region, face_region
 from codeformer.stages.restore import RestoredFaces
-from codeformer.stages.warp import Region
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +100,12 @@ def test_synthetic_case_covers_the_careful_points() -> None:
     for inverse_affine in inverse_affines:
         inv_mask = cv2.warpAffine(np.ones((FACE, FACE), np.float32), inverse_affine, CANVAS_HW[::-1])
         w_edges.append(int(np.sum(cv2.erode(inv_mask, np.ones((2, 2), np.uint8))) ** 0.5) // 20)
-        region = paste._face_region(inverse_affine, CANVAS_HW)
+        region = face_region(inverse_affine, CANVAS_HW)
         clipped.append(
             region.x0 == 0 or region.y0 == 0 or region.x1 == CANVAS_HW[1] or region.y1 == CANVAS_HW[0]
         )
     assert 0 in w_edges[:-1]  # the tiny face is on the canvas but has w_edge 0
-    assert w_edges[-1] == 0 and paste._face_region(inverse_affines[-1], CANVAS_HW).empty
+    assert w_edges[-1] == 0 and face_region(inverse_affines[-1], CANVAS_HW).empty
     assert sum(clipped) >= 4
     assert max(w_edges) >= 8
     footprints = [
@@ -229,7 +229,7 @@ def test_pasting_the_unchanged_crop_changes_little() -> None:
         face_rim = (erosion > 0) & (erosion < 1)
         assert face_rim.any() and np.max(soft * (1 - erosion) * 255) < 1.0
         rim |= face_rim
-        untouched[paste._face_region(ia, canvas_hw).slices] = False
+        untouched[face_region(ia, canvas_hw).slices] = False
     full_masks = face_pixels_to_masks(np.ones((2, FACE, FACE), bool))
     for masks in (None, full_masks):
         out = paste_arrays(image, crops, inverse_affines, masks)

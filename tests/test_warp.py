@@ -11,7 +11,8 @@ import pytest
 from helpers import similarity
 
 from codeformer.stages import warp
-from codeformer.stages.warp import Region, warp_into_region
+from codeformer.stages.regions import Region
+from codeformer.stages.warp import warp_into_region
 
 logger = logging.getLogger(__name__)
 

@@ -146,17 +146,29 @@ def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path)
     assert set(baseline["stages_ms"]) >= {"decode", "detect", "restore", "paste", "encode", "request"}
     assert baseline["host_ms"]["count"] == baseline["device_ms"]["count"] == 1
     assert "peak_gpu_mb" not in baseline
-    # first the moved stages, device against host on the photo's face; then each configuration
-    masks = report["stages"]["parse_masks"]
-    assert (
-        masks["faces"] == 1 and masks["within_bound"] and masks["max_levels"] <= masks["bound"]["max_levels"]
-    )
-    assert masks["host_ms_per_face"]["count"] == masks["device_ms_per_face"]["count"] == 1
+    # first the moved stages, device against host on the photo and its face; then each configuration
+    stages = report["stages"]
+    assert list(stages) == ["detector_input", "crops", "parse_masks", "paste"]
+    for name, unit in (
+        ("detector_input", "image"),
+        ("crops", "face"),
+        ("parse_masks", "face"),
+        ("paste", "image"),
+    ):
+        stage = stages[name]
+        assert (stage["count"], stage["unit"]) == (1, unit), name
+        assert stage["within_bound"] and stage["max_levels"] <= stage["bound"]["max_levels"], name
+        assert stage[f"host_ms_per_{unit}"]["count"] == stage[f"device_ms_per_{unit}"]["count"] == 1
+    assert stages["detector_input"]["max_landmark_shift_px"] <= 0.05
     lines = completed.stdout.splitlines()
     assert lines[0].startswith("headline max_speed/safe  one-face 1 MP p50=")
     assert lines[1].startswith("headline max_speed/optimized/none")
-    assert lines[2].startswith("PASS stage parse_masks: 1 faces")
-    assert lines[3].startswith("PASS baseline/safe")
+    assert lines[2].startswith("PASS stage detector_input: 1 images")
+    assert "landmarks within" in lines[2]
+    assert lines[3].startswith("PASS stage crops: 1 faces")
+    assert lines[4].startswith("PASS stage parse_masks: 1 faces")
+    assert lines[5].startswith("PASS stage paste: 1 images")
+    assert lines[6].startswith("PASS baseline/safe")
     # fast/safe ran if the budget had room for it, else it is named as not run
     assert configs["fast/safe"]["verdict"] in {"PASS", "SKIP"}
     assert (configs["fast/safe"]["verdict"] == "SKIP") == ("fast/safe" in report["not_run"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
 from codeformer.config import FACE_SIZE
 from codeformer.errors import CodeFormerError, InternalError
@@ -48,7 +49,7 @@ class AlignedFaces:
     wrong shape or type, or a face cannot be mapped back (a transform of zero size).
     """
 
-    crops: np.ndarray  # (F, 512, 512, 3) uint8 BGR
+    crops: np.ndarray | torch.Tensor  # (F, 512, 512, 3) uint8 BGR; on the device pixel path a device tensor
     affines: np.ndarray  # (F, 2, 3) float64, working image -> crop
     inverse_affines: np.ndarray  # (F, 2, 3) float64, crop -> working image
 

@@ -36,8 +36,7 @@ import torch
 from codeformer.config import FACE_SIZE
 from codeformer.runtime import upload
 from codeformer.stages.device_warp import _fma32, resize_tensor, warp_affine_tensor
-from codeformer.stages.paste import _face_region, _w_edge
-from codeformer.stages.warp import Region
+from codeformer.stages.regions import Region, blend_edge_width, face_region
 
 MASK_EROSION_SIZE = 2  # the 2x2 erosion of the warped mask (2·upscale, upscale 1)
 EMPTY_KERNEL_EROSION_SIZE = 3  # OpenCV erodes with 3x3 when the kernel has no elements (w_edge 0)
@@ -199,7 +198,7 @@ def _eroded_masks(
         eroded.append(erode_tensor(inv_mask, MASK_EROSION_SIZE))
     areas = [mask.sum(dtype=torch.float64) for mask in eroded if mask is not None]
     downloaded = iter(torch.stack(areas).tolist() if areas else [])
-    w_edges = [0 if mask is None else _w_edge(np.float32(next(downloaded))) for mask in eroded]
+    w_edges = [0 if mask is None else blend_edge_width(np.float32(next(downloaded))) for mask in eroded]
     return eroded, w_edges
 
 
@@ -220,7 +219,7 @@ def paste_faces_tensor(
     """
     inverse_affines = np.asarray(inverse_affines, dtype=np.float64)
     canvas_hw = (int(image.shape[0]), int(image.shape[1]))
-    regions = [_face_region(inverse_affine, canvas_hw) for inverse_affine in inverse_affines]
+    regions = [face_region(inverse_affine, canvas_hw) for inverse_affine in inverse_affines]
     # one upload for all the faces' warps (F, 2, 3), queued without blocking the host
     device_affines = upload(torch.from_numpy(inverse_affines), image.device)
     eroded_masks, w_edges = _eroded_masks(regions, device_affines)

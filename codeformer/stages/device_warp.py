@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from codeformer.config import FACE_SIZE
+from codeformer.image_sizes import WORKING_MIN_SIDE, detector_input_size, working_size
 from codeformer.runtime import upload
 from codeformer.stages.align import CROP_BORDER_BGR
-from codeformer.stages.detect import detector_input_size
-from codeformer.stages.prepare import WORKING_MIN_SIDE, working_size
+from codeformer.stages.prepare import CHANNEL_PAIRS
 
 WARP_DTYPES = (torch.uint8, torch.float32, torch.float64)
 FIXED_POINT_BITS = 10  # OpenCV's AB_BITS: the fixed-point warp's accumulators are in 1/1024 px
@@ -391,6 +391,21 @@ def working_image_tensor(image: torch.Tensor) -> tuple[torch.Tensor, float]:
         return image, 1.0
     factor = WORKING_MIN_SIDE / min(height, width)
     return _resize_image(image, size, cv2.INTER_LINEAR, (factor, factor)), factor
+
+
+def gray_sums_tensor(image: torch.Tensor) -> torch.Tensor:
+    """(6,) int64 on ``image``'s device: Σd and Σd² of the three channel differences d of (H, W, 3) uint8.
+
+    Integer sums, exact on any device; ``prepare.is_gray_from_sums`` decides from them on the
+    host, after one small download (the device pixel path's gray test: no pixel-sized copy).
+    Temporaries: one int16 and one int32 plane at a time, 6 bytes a pixel.
+    """
+    sums = []
+    for a, b in CHANNEL_PAIRS:
+        difference = image[..., a].to(torch.int16) - image[..., b]  # (H, W) int16, in [-255, 255]
+        squares = difference.to(torch.int32).square()  # at most 65025: int32 is exact
+        sums += [difference.sum(dtype=torch.int64), squares.sum(dtype=torch.int64)]
+    return torch.stack(sums)
 
 
 def detector_input_tensor(image: torch.Tensor) -> tuple[torch.Tensor, float]:

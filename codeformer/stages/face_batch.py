@@ -23,13 +23,22 @@ from codeformer.runtime import autocast_dtype, divide_exactly, download_with_fla
 logger = logging.getLogger(__name__)
 
 
-def check_face_batch(faces: np.ndarray, name: str, dtypes: tuple[type, ...]) -> None:
+def element_type(values: np.ndarray | torch.Tensor) -> np.dtype:
+    """The NumPy dtype of an array's or a tensor's elements (torch.uint8 -> uint8, ...)."""
+    if isinstance(values, torch.Tensor):
+        return np.dtype(str(values.dtype).removeprefix("torch."))
+    return values.dtype
+
+
+def check_face_batch(faces: np.ndarray | torch.Tensor, name: str, dtypes: tuple[type, ...]) -> None:
     """Raise ``InternalError`` unless ``faces`` is an (F, 512, 512, 3) array of one of ``dtypes``.
 
     What the typed stage results (``AlignedFaces``, ``RestoredFaces``) check once, when
-    built, so that the stages that take them need not check again.
+    built, so that the stages that take them need not check again. A host array, or on the
+    device pixel path a tensor on the nets' device.
     """
-    if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype not in dtypes:
+    shape = tuple(faces.shape[1:])
+    if faces.ndim != 4 or shape != (FACE_SIZE, FACE_SIZE, 3) or element_type(faces) not in dtypes:
         kinds = " or ".join(np.dtype(dtype).name for dtype in dtypes)
         raise InternalError(
             f"{name} must be an (F, {FACE_SIZE}, {FACE_SIZE}, 3) {kinds} array (aligned crops are uint8, "
@@ -123,12 +132,21 @@ class FaceBatchNet:
         self.chunk_sizes = face_batch_sizes(batch_size)
 
     def _run(
-        self, faces: torch.Tensor, mixed_precision: bool, forward: Forward, finish: Finish
+        self,
+        faces: torch.Tensor,
+        mixed_precision: bool,
+        forward: Forward,
+        finish: Finish,
+        to_host: bool = True,
     ) -> torch.Tensor:
-        """(F, 512, 512, 3) host BGR faces -> ``finish(forward(net, chunk))`` per chunk, joined, on the host.
+        """(F, 512, 512, 3) BGR faces -> ``finish(forward(net, chunk))`` per chunk, joined.
 
         ``finish`` turns a chunk's network output into the stage's result rows on the device
-        (faces, labels, masks): (B, ...) per chunk, whatever the output's shape.
+        (faces, labels, masks): (B, ...) per chunk, whatever the output's shape. ``faces`` on
+        the host are uploaded once; faces already on the device are used as they are. The
+        result comes back to the host in one copy, or with ``to_host=False`` stays on the
+        device (the device pixel path): then only the chunks' finiteness flags are
+        downloaded, a few bytes, when mixed precision needs them.
         """
         precision = autocast_dtype(self.device)
         faces_in = crops_to_tensor(faces, self.device)  # (F, 3, 512, 512) float in [-1, 1]
@@ -142,8 +160,12 @@ class FaceBatchNet:
                 finite.append(torch.isfinite(output).all())  # a 0-d bool on the device: no wait
             results.append(finish(output))
         if not mixed_precision:
-            return torch.cat(results).cpu()  # the one device->host copy
-        result, chunk_finite = download_with_flags(torch.cat(results), torch.stack(finite))
+            joined = torch.cat(results)
+            return joined.cpu() if to_host else joined  # the one device->host copy, if any
+        if to_host:
+            result, chunk_finite = download_with_flags(torch.cat(results), torch.stack(finite))
+        else:
+            result, chunk_finite = torch.cat(results), torch.stack(finite).cpu()
         for index in non_finite_chunks(chunk_finite):
             chunk = chunks[index]
             logger.warning(
@@ -153,5 +175,6 @@ class FaceBatchNet:
                 str(precision).removeprefix("torch."),
             )
             start = index * self.batch_size
-            result[start : start + len(chunk)] = finish(forward(self.float32_net, chunk)).cpu()
+            recomputed = finish(forward(self.float32_net, chunk))
+            result[start : start + len(chunk)] = recomputed.cpu() if to_host else recomputed
         return result

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from codeformer.config import FACE_SIZE, Profile
+from codeformer.config import FACE_SIZE
 from codeformer.errors import InternalError
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
-from codeformer.stages.face_batch import FaceBatchNet
+from codeformer.stages.face_batch import FaceBatchNet, element_type
 from codeformer.stages.restore import RestoredFaces
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,14 @@ class FaceMasks:
     paste-back takes the masks as they are. ``InternalError`` when malformed.
     """
 
-    masks: np.ndarray  # (F, 512, 512) float64 in [0, 1] (``face_pixels_to_masks``)
+    # (F, 512, 512) float64 in [0, 1] (``face_pixels_to_masks``); a device tensor on the device pixel path
+    masks: np.ndarray | torch.Tensor
 
     def __post_init__(self) -> None:
         if (
             self.masks.ndim != 3
-            or self.masks.shape[1:] != (FACE_SIZE, FACE_SIZE)
-            or self.masks.dtype != np.float64
+            or tuple(self.masks.shape[1:]) != (FACE_SIZE, FACE_SIZE)
+            or element_type(self.masks) != np.float64
         ):
             raise InternalError(
                 f"parse masks must be an (F, {FACE_SIZE}, {FACE_SIZE}) float64 array (face_pixels_to_masks), "
@@ -126,24 +127,14 @@ def face_pixels_to_masks_tensor(face_pixels: torch.Tensor, operator: torch.Tenso
     (F, 512, 512) bool face-class pixels and the (512, 512) float64 ``PARSE_MASK_OPERATOR``
     on the same device -> (F, 512, 512) float64 masks in [0, 1] there. The same linear map as the host
     stage's two separable blurs, but not the same rounding: within float64 rounding of it,
-    not bit-identical (see ``masks_on_device``).
+    not bit-identical (OpenCV's row pass fuses multiply-adds on AVX2 builds, its column pass
+    does not; torch has no fused multiply-add that rounds the same on CPU and CUDA), and a
+    last-bit change can move a truncated output pixel by one level: baseline keeps the host
+    stage (``codeformer.pipeline.pixels_on_device``).
     """
     masks = operator @ face_pixels.to(torch.float64) @ operator.T
     # a whole row of face sums a hair over 1: 1 exactly keeps the face's own value in the blend
     return masks.clamp_(max=1.0)
-
-
-def masks_on_device(device: torch.device, profile: Profile) -> bool:
-    """Whether a request's parse masks are made on ``device`` (``FaceParser.device_masks``), not the host.
-
-    On CUDA, for the profiles that use the masks and already trade exactness for speed
-    (mixed precision: fast). Not on a CPU, where the host stage is the checked official
-    recipe, and not for baseline, whose promise is the official output: the device masks
-    differ from OpenCV's in the last bits (its row pass fuses multiply-adds on AVX2 builds, its
-    column pass does not; torch has no fused multiply-add that rounds the same on CPU and
-    CUDA), and a last-bit change can move a truncated output pixel by one level.
-    """
-    return device.type == "cuda" and profile.use_parse and profile.mixed_precision
 
 
 class FaceParser(FaceBatchNet):
@@ -188,14 +179,18 @@ class FaceParser(FaceBatchNet):
             return np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=np.float64)
         return self.masks_tensor(torch.from_numpy(faces), mixed_precision).numpy()
 
-    def masks_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
-        """``device_masks``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) float64, on the host."""
+    def masks_tensor(self, faces: torch.Tensor, mixed_precision: bool, to_host: bool = True) -> torch.Tensor:
+        """``device_masks``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) float64.
+
+        Host faces in, host masks out; faces on the device with ``to_host=False`` (the device
+        pixel path): the masks stay there.
+        """
 
         def masks(logits: torch.Tensor) -> torch.Tensor:
             return face_pixels_to_masks_tensor(self._face_pixels(logits), self._mask_operator)
 
         with torch.inference_mode():
-            return self._parse(faces, mixed_precision, masks)
+            return self._parse(faces, mixed_precision, masks, to_host)
 
     def _face_pixels(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, 19, 512, 512) ParseNet logits -> (B, 512, 512) bool on their device, True on face classes.
@@ -206,14 +201,18 @@ class FaceParser(FaceBatchNet):
         return self._face_classes[logits.argmax(dim=1)]
 
     def _parse(
-        self, faces: torch.Tensor, mixed_precision: bool, finish: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        faces: torch.Tensor,
+        mixed_precision: bool,
+        finish: Callable[[torch.Tensor], torch.Tensor],
+        to_host: bool = True,
     ) -> torch.Tensor:
-        """(F, 512, 512, 3) host BGR faces -> ``finish`` of each chunk's logits, joined, on the host."""
+        """(F, 512, 512, 3) BGR faces -> ``finish`` of each chunk's logits, joined (``FaceBatchNet._run``)."""
 
         def forward(net: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
             return net(chunk)[0]  # (B, 19, 512, 512) logits
 
-        return self._run(faces, mixed_precision, forward, finish)
+        return self._run(faces, mixed_precision, forward, finish, to_host)
 
     def masks(
         self, faces: RestoredFaces, mixed_precision: bool = False, on_device: bool = False
@@ -221,7 +220,8 @@ class FaceParser(FaceBatchNet):
         """One image's restored faces -> their (F, 512, 512) float64 blend masks in [0, 1].
 
         Spec §6.3 step 9 a–f: ParseNet labels, then ``face_pixels_to_masks`` on the host, or
-        with ``on_device`` (``masks_on_device``) ``device_masks``.
+        with ``on_device`` (the device pixel path: ``codeformer.pipeline.pixels_on_device``)
+        ``device_masks``.
         ``mixed_precision`` runs ParseNet under autocast (bfloat16 on CPU, float16 on CUDA).
         """
         if on_device:

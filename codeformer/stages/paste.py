@@ -33,46 +33,12 @@ import numpy as np
 
 from codeformer.config import FACE_SIZE
 from codeformer.stages.parse import FaceMasks
+from codeformer.stages.regions import Region, blend_edge_width, face_region
 from codeformer.stages.restore import RestoredFaces
-from codeformer.stages.warp import Region, warp_into_region
+from codeformer.stages.warp import warp_into_region
 
 MASK_EROSION_KERNEL = np.ones((2, 2), np.uint8)  # 2·upscale square, upscale 1
-
-# Region margin beyond the footprint, on top of w_edge: 1 px for the 2x2 erosion, 1 px
-# for the 3x3 substitute kernel when w_edge = 0, and slack for the footprint estimate.
-REGION_EXTRA_MARGIN_PX = 4
 AREA_STEP_TOLERANCE = 1e-4  # relative distance to a w_edge step that triggers the canvas-layout sum
-
-
-def _face_region(inverse_affine: np.ndarray, canvas_hw: tuple[int, int]) -> Region:
-    """The face's footprint box plus the margin its masks need, clipped to the canvas.
-
-    Bilinear sampling with a zero border is non-zero only where the source point lies in
-    (-1, 512) x (-1, 512); the image of that square's corners bounds the footprint (plus
-    slack for coordinate rounding). Eroding and blurring need w_edge + 2 more pixels; we add
-    REGION_EXTRA_MARGIN_PX on top of the largest w_edge the box allows.
-    """
-    height, width = canvas_hw
-    corners = np.array(
-        [[-1.0, -1.0, 1.0], [FACE_SIZE, -1.0, 1.0], [-1.0, FACE_SIZE, 1.0], [FACE_SIZE, FACE_SIZE, 1.0]]
-    )
-    mapped = corners @ inverse_affine.T  # (4, 2) canvas coordinates
-    low = np.floor(mapped.min(axis=0)) - 2
-    high = np.ceil(mapped.max(axis=0)) + 3
-    # w_edge is at most int(sqrt(area)) // 20, and the area at most the box's pixels on the canvas
-    box_w = min(max(high[0] - low[0], 0.0), width)
-    box_h = min(max(high[1] - low[1], 0.0), height)
-    margin = int(np.sqrt(box_w * box_h)) // 20 + REGION_EXTRA_MARGIN_PX
-    x0 = int(np.clip(low[0] - margin, 0, width))
-    y0 = int(np.clip(low[1] - margin, 0, height))
-    x1 = int(np.clip(high[0] + margin, 0, width))
-    y1 = int(np.clip(high[1] + margin, 0, height))
-    return Region(x0, y0, x1, y1)
-
-
-def _w_edge(total_face_area: np.float32) -> int:
-    # the official int(total_face_area ** 0.5) // 20 on a float32 NumPy scalar
-    return int(total_face_area**0.5) // 20
 
 
 def _edge_width(eroded_mask: np.ndarray, region: Region, canvas_hw: tuple[int, int]) -> int:
@@ -83,13 +49,13 @@ def _edge_width(eroded_mask: np.ndarray, region: Region, canvas_hw: tuple[int, i
     That matters only next to a w_edge step; there the canvas layout is rebuilt and summed.
     """
     area = np.sum(eroded_mask)
-    low = _w_edge(np.float32(area * (1 - AREA_STEP_TOLERANCE)))
-    high = _w_edge(np.float32(area * (1 + AREA_STEP_TOLERANCE)))
+    low = blend_edge_width(np.float32(area * (1 - AREA_STEP_TOLERANCE)))
+    high = blend_edge_width(np.float32(area * (1 + AREA_STEP_TOLERANCE)))
     if low == high:
         return low
     canvas = np.zeros(canvas_hw, dtype=np.float32)
     canvas[region.slices] = eroded_mask
-    return _w_edge(np.sum(canvas))
+    return blend_edge_width(np.sum(canvas))
 
 
 @dataclass(frozen=True)
@@ -175,7 +141,7 @@ def paste_faces(
     face_mask = np.ones((FACE_SIZE, FACE_SIZE), dtype=np.float32)
     for index in range(len(faces)):
         inverse_affine = np.asarray(inverse_affines[index], dtype=np.float64)
-        region = _face_region(inverse_affine, canvas_hw)
+        region = face_region(inverse_affine, canvas_hw)
         if region.empty:
             # every intermediate is zero on the canvas; only the dtype of img changes
             mask_dtype = np.dtype(np.float32 if parse_masks is None else np.float64)

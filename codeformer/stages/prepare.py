@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
 from codeformer.image_sizes import WORKING_MIN_SIDE
 
 GRAY_THRESHOLD = 10.0  # mean of the three channel-difference variances at or under this means gray
+CHANNEL_PAIRS = ((0, 1), (1, 2), (2, 0))  # the differences the gray test takes, in the official order
 
 
 # Within this distance of the threshold, the fast score and NumPy's float64 np.var (the
@@ -30,11 +33,30 @@ def is_gray(image: np.ndarray, threshold: float = GRAY_THRESHOLD) -> bool:
 def _numpy_gray_score(image: np.ndarray) -> float:
     """The official formula: np.var of the three int16 channel differences, averaged."""
     channels = [image[..., c].astype(np.int16) for c in range(3)]
-    variances = [
-        np.var(a - b)
-        for a, b in ((channels[0], channels[1]), (channels[1], channels[2]), (channels[2], channels[0]))
-    ]
+    variances = [np.var(channels[a] - channels[b]) for a, b in CHANNEL_PAIRS]
     return float(sum(variances)) / 3.0
+
+
+def _score(second_moments: list[float], means: list[float]) -> float:
+    """The gray score from each channel difference d's E[d²] and E[d]: the mean of var(d) = E[d²] − E[d]²."""
+    return sum(moment - mean**2 for moment, mean in zip(second_moments, means, strict=True)) / 3.0
+
+
+def is_gray_from_sums(sums: Sequence[int], image: np.ndarray, threshold: float = GRAY_THRESHOLD) -> bool:
+    """``is_gray`` of (H, W, 3) uint8 ``image`` from its six channel-difference sums.
+
+    ``sums``: Σd and Σd² of each channel difference d, in ``CHANNEL_PAIRS`` order: on the
+    device pixel path ``device_warp.gray_sums_tensor``'s, downloaded (``.tolist()``).
+
+    The score is computed in float64 from exact sums, within ~1e-10 of the exact value;
+    within ``GRAY_EXACT_MARGIN`` of the threshold the host image decides, as NumPy does (rare).
+    """
+    pixels = image.shape[0] * image.shape[1]
+    totals = [float(value) for value in sums]
+    score = _score([total / pixels for total in totals[1::2]], [total / pixels for total in totals[0::2]])
+    if abs(score - threshold) > GRAY_EXACT_MARGIN:
+        return score <= threshold
+    return _numpy_gray_score(image) <= threshold
 
 
 def _fast_gray_score(image: np.ndarray) -> float:
@@ -47,12 +69,12 @@ def _fast_gray_score(image: np.ndarray) -> float:
     pixels = image.shape[0] * image.shape[1]
     planes = cv2.split(image)
     channel_sums = cv2.sumElems(image)
-    total = 0.0
-    for a, b in ((0, 1), (1, 2), (2, 0)):
+    second_moments, means = [], []
+    for a, b in CHANNEL_PAIRS:
         mean, std = cv2.meanStdDev(cv2.absdiff(planes[a], planes[b]))
-        mean_difference = (channel_sums[a] - channel_sums[b]) / pixels
-        total += float(std[0, 0]) ** 2 + float(mean[0, 0]) ** 2 - mean_difference**2
-    return total / 3.0
+        second_moments.append(float(std[0, 0]) ** 2 + float(mean[0, 0]) ** 2)
+        means.append((channel_sums[a] - channel_sums[b]) / pixels)
+    return _score(second_moments, means)
 
 
 def to_working_image(image: np.ndarray) -> tuple[np.ndarray, float]:

@@ -39,7 +39,9 @@ class RestoredFaces:
     parser and paste-back take the faces as they are. ``InternalError`` when malformed.
     """
 
-    faces: np.ndarray  # (F, 512, 512, 3) uint8 BGR, or float64 once a gray input's faces are made gray
+    # (F, 512, 512, 3) uint8 BGR, or float64 once a gray input's faces are made gray; a device
+    # tensor on the device pixel path
+    faces: np.ndarray | torch.Tensor
 
     def __post_init__(self) -> None:
         check_face_batch(self.faces, "faces", RESTORED_FACE_DTYPES)
@@ -98,8 +100,14 @@ class FaceRestorer(FaceBatchNet):
             return torch.full((), fidelity, dtype=torch.float32, device=self.device)
         return float(fidelity)
 
-    def restore_tensor(self, crops: torch.Tensor, fidelity: float, mixed_precision: bool) -> torch.Tensor:
-        """``restore``'s device part: (F, 512, 512, 3) uint8 BGR crops -> restored faces, both on the host."""
+    def restore_tensor(
+        self, crops: torch.Tensor, fidelity: float, mixed_precision: bool, to_host: bool = True
+    ) -> torch.Tensor:
+        """``restore``'s device part: (F, 512, 512, 3) uint8 BGR crops -> restored faces, same shape.
+
+        Host crops in, host faces out; crops on the device with ``to_host=False`` (the device
+        pixel path): the faces stay there.
+        """
 
         weight = self.fidelity_argument(fidelity)
 
@@ -108,4 +116,4 @@ class FaceRestorer(FaceBatchNet):
             return net(chunk, w=w, adain=True)[0]  # (B, 3, 512, 512)
 
         with torch.inference_mode():
-            return self._run(crops, mixed_precision, forward, output_to_faces)
+            return self._run(crops, mixed_precision, forward, output_to_faces, to_host)

@@ -35,30 +35,9 @@ import cv2
 import numpy as np
 
 from codeformer.config import FACE_SIZE
+from codeformer.stages.regions import Region
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Region:
-    """A half-open pixel box [x0, x1) x [y0, y1) of the canvas."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-    @property
-    def empty(self) -> bool:
-        return self.x1 <= self.x0 or self.y1 <= self.y0
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        return slice(self.y0, self.y1), slice(self.x0, self.x1)
-
-    def shifted(self, origin: Region) -> Region:
-        """This box in the coordinates of ``origin``'s top-left corner."""
-        return Region(self.x0 - origin.x0, self.y0 - origin.y0, self.x1 - origin.x0, self.y1 - origin.y0)
 
 
 def warp_into_region(
