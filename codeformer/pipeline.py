@@ -270,7 +270,7 @@ def paste_on_device(
     inverse_affines: np.ndarray,
     masks: FaceMasks | None,
     size: tuple[int, int],
-) -> np.ndarray:
+) -> torch.Tensor:
     """The device pixel path's end: paste-back and the resize to the input's (H, W), on the device.
 
     ``working``, ``restored`` and ``masks`` on the device, ``inverse_affines`` (F, 2, 3) on
@@ -278,9 +278,8 @@ def paste_on_device(
     """
     with torch.inference_mode():
         face_masks = None if masks is None else masks.masks
-        return (
-            paste_and_resize_tensor(working, restored.faces, inverse_affines, face_masks, size).cpu().numpy()
-        )
+        output = paste_and_resize_tensor(working, restored.faces, inverse_affines, face_masks, size)
+        return output.cpu()
 
 
 class Restorer:
@@ -615,9 +614,10 @@ class Restorer:
                 paste = call.on_device(paste_on_device, self.device)
                 inverse_affines = item.aligned.inverse_affines
                 size = image.shape[:2]
-                return self.scheduler.call(
+                output = self.scheduler.call(
                     paste, item.working, restored, inverse_affines, masks, size, cancel=call.cancel
                 )
+                return output.numpy()
         with _timed(timings, "paste"):
             output = paste_faces(item.working, restored, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:

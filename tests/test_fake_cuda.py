@@ -12,20 +12,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from fake_cuda import CUDA, DeviceLog, cuda_reported_available, fake_cuda_mode, to_fake_cuda
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
+from codeformer import pipeline
 from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.nets.retinaface import RetinaFace
 from codeformer.runtime import Nets, Runtime, upload
-from codeformer.stages import detect, face_batch
+from codeformer.stages import detect, device_paste, face_batch
 from codeformer.stages.detect import FaceDetector, prior_boxes
-from codeformer.stages.parse import FaceParser
-from codeformer.stages.restore import FaceRestorer
+from codeformer.stages.device_warp import warp_crops_tensor
+from codeformer.stages.parse import FaceMasks, FaceParser
+from codeformer.stages.restore import FaceRestorer, RestoredFaces
 
 pytestmark = [
     # torchvision's NMS shape rule and deepcopy of fake parameters warn about torch internals
@@ -343,3 +347,72 @@ def test_autocast_on_fake_cuda_needs_cuda_reported_available(mode: FakeTensorMod
         enabled = torch.autocast("cuda", dtype=torch.float16)
     with mode, enabled:
         assert torch.nn.functional.conv2d(image, weight).dtype == torch.float16
+
+
+SMALL_COPY_BYTES = 4096  # rows, sums, flags, areas, transforms: anything under this is not pixels
+
+
+@pytest.mark.parametrize("profile", ["fast", "max_speed"])
+@pytest.mark.parametrize("face_count", [1, FACES])
+def test_the_device_pixel_path_copies_an_image_up_once_and_down_once(
+    runtime: Runtime,
+    mode: FakeTensorMode,
+    profile: str,
+    face_count: int,
+    finiteness_reads: FlagReads,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request's image on the device pixel path, from its upload to its finished pixels, on CUDA.
+
+    The pipeline's device steps in order (``locate_on_device``, the crops, CodeFormer and in
+    fast the parse masks kept on the device, ``paste_on_device``), with the host steps between
+    them standing in: the landmark fit's transforms, the gray test's and paste-back's small
+    reads (a fake tensor holds no values). A small photo, enlarged to work on and shrunk back
+    at the end: every moved stage runs. Whatever the face count, one pixel-sized copy each way.
+    """
+    monkeypatch.setattr(detect, "MAX_CANDIDATES", 1 << 30)  # see the detector's test above
+    areas_read: list[tuple[int, ...]] = []
+
+    def face_areas(areas: torch.Tensor) -> list[float]:
+        areas_read.append(tuple(areas.cpu().shape))  # the download the real read makes
+        return [60_000.0] * len(areas)  # a face's eroded area, about 245 px square: w_edge 12
+
+    monkeypatch.setattr(device_paste, "face_areas", face_areas)
+    nets = nets_for(runtime, mode, True, "safe")
+    with mode:
+        detector = FaceDetector(nets.retinaface, CUDA)
+        restorer = FaceRestorer(nets.codeformer, CUDA, batch_size=FACE_BATCH)
+        parser = FaceParser(nets.parsenet, CUDA, batch_size=FACE_BATCH)
+    image = np.zeros((300, 400, 3), np.uint8)  # working image 512 x 683
+    # working image -> crop: faces of about 250 px along the top, as estimate_affines gives them
+    affines = np.array([[[2.0, 0.0, -100.0 * index], [0.0, 2.0, -40.0]] for index in range(face_count)])
+    inverse_affines = np.stack([cv2.invertAffineTransform(affine) for affine in affines])
+
+    def request() -> torch.Tensor:
+        working, _, gray_sums, rows = pipeline.locate_on_device(image, detector, CUDA)
+        crops = warp_crops_tensor(working, affines)
+        restored = restorer.restore_tensor(crops, 0.5, True, to_host=False)
+        masks = None
+        if PROFILES[profile].use_parse:
+            masks = FaceMasks(parser.masks_tensor(restored, True, to_host=False))
+        return pipeline.paste_on_device(
+            working, RestoredFaces(restored), inverse_affines, masks, image.shape[:2]
+        )
+
+    output, log = run_logged(mode, request)
+    assert (output.device.type, output.dtype, tuple(output.shape)) == ("cpu", torch.uint8, image.shape)
+    big_uploads = [size for size in log.upload_bytes if size is None or size >= SMALL_COPY_BYTES]
+    assert big_uploads == [image.nbytes], "the decoded image, once"
+    # the detector's rows: how many, only the data says (F' x 16 floats, a few faces)
+    assert log.download_bytes.count(None) == 1
+    big_downloads = [size for size in log.download_bytes if size is not None and size >= SMALL_COPY_BYTES]
+    assert big_downloads == [image.nbytes], "the finished pixels, once"
+    assert log.pinned_uploads == log.uploads, "every upload from pinned memory, without blocking"
+    # besides: the transforms up (crops, paste-back); down the rows, the gray sums, each net
+    # stage's finiteness flags (fp16) and the faces' areas, besides the finished pixels
+    assert len(log.uploads) == 3 and len(log.downloads) == 5 + int(PROFILES[profile].use_parse)
+    assert areas_read == [(face_count,)]
+    chunks = -(-face_count // FACE_BATCH)
+    assert finiteness_reads == [(CPU, torch.bool, (chunks,))] * (1 + int(PROFILES[profile].use_parse))
+    assert log.waits == ["torchvision.nms"]  # the detector's, as on the host pixel path
+    assert log.dtype_clashes == [] and log.inexact_divisions == []

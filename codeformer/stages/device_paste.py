@@ -180,6 +180,11 @@ def _read_canvas(
     return values
 
 
+def face_areas(areas: torch.Tensor) -> list[float]:
+    """The faces' (F,) float64 eroded-mask areas, downloaded: paste-back's one wait for the device."""
+    return areas.tolist()
+
+
 def _eroded_masks(
     regions: list[Region], inverse_affines: torch.Tensor
 ) -> tuple[list[torch.Tensor | None], list[int]]:
@@ -197,7 +202,7 @@ def _eroded_masks(
         inv_mask = _warp_into_region(face_mask, inverse_affines[index : index + 1], region)
         eroded.append(erode_tensor(inv_mask, MASK_EROSION_SIZE))
     areas = [mask.sum(dtype=torch.float64) for mask in eroded if mask is not None]
-    downloaded = iter(torch.stack(areas).tolist() if areas else [])
+    downloaded = iter(face_areas(torch.stack(areas)) if areas else [])
     w_edges = [0 if mask is None else blend_edge_width(np.float32(next(downloaded))) for mask in eroded]
     return eroded, w_edges
 
