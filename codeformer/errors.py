@@ -6,7 +6,8 @@ Every message names what failed (an input, a file, a setting) and how to fix it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 class CodeFormerError(Exception):
@@ -15,6 +16,19 @@ class CodeFormerError(Exception):
 
 class InputError(CodeFormerError):
     """A request input is invalid or cannot be decoded (the caller's fault)."""
+
+
+@contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """An ``InputError`` raised in the block, again, its message prefixed with ``label``.
+
+    The one place an input's name joins the reason (``images[1] (x.jpg): not a readable
+    image``): the steps that read, check and decode an input raise the reason alone.
+    """
+    try:
+        yield
+    except InputError as exc:
+        raise InputError(f"{label}: {exc}") from None
 
 
 class WeightsError(CodeFormerError):

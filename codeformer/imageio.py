@@ -39,7 +39,7 @@ import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from codeformer import icc
-from codeformer.errors import InputError
+from codeformer.errors import InputError, labelled
 from codeformer.image_sizes import check_image_size
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO", "HEIF", "AVIF")
@@ -276,7 +276,6 @@ class ImageHeader:
     turns it upright in place: a header is decoded once.
     """
 
-    name: str  # how messages name the input
     image: Image.Image  # opened lazily by Pillow
     # what decoding makes: before EXIF orientation (a HEIC's is applied already), and for a
     # HEIC its coded image, before its crop (``_decoded_size``); the pixel count is what counts
@@ -288,10 +287,10 @@ class ImageHeader:
         return self.width * self.height
 
 
-def read_header(data: bytes, name: str) -> ImageHeader:
-    """Open the file lazily (header only); ``InputError`` naming ``name`` when it is no image we read."""
+def read_header(data: bytes) -> ImageHeader:
+    """Open the file lazily (header only); ``InputError`` saying why when it is no image we read."""
     if not data:
-        raise InputError(f"{name}: the file is empty (0 bytes)")
+        raise InputError("the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about odd but readable headers
@@ -299,19 +298,18 @@ def read_header(data: bytes, name: str) -> ImageHeader:
     except UnidentifiedImageError:
         reason = _container_failure(data)
         if reason is not None:
-            raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {reason}") from None
+            raise InputError(f"cannot decode the image (truncated or corrupt?): {reason}") from None
         raise InputError(
-            f"{name}: not a readable image "
-            "(supported: JPEG, PNG, WebP, BMP, TIFF, HEIC, AVIF; first frame of GIF)"
+            "not a readable image (supported: JPEG, PNG, WebP, BMP, TIFF, HEIC, AVIF; first frame of GIF)"
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{name}: cannot read the image header: {exc}") from None
+        raise InputError(f"cannot read the image header: {exc}") from None
     if image.format not in SUPPORTED_FORMATS:
         raise InputError(
-            f"{name}: unsupported image format {image.format}; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
+            f"unsupported image format {image.format}; send JPEG, PNG, WebP, BMP, TIFF, HEIC or AVIF"
         )
     width, height = _decoded_size(image)
-    return ImageHeader(name, image, width, height)
+    return ImageHeader(image, width, height)
 
 
 def _decoded_size(image: Image.Image) -> tuple[int, int]:
@@ -358,7 +356,8 @@ def decode_with_profile(data: bytes, name: str, max_pixels: int) -> DecodedImage
     (the image's and those of the copies the pipeline will make of it) are checked from the
     header, before pixels are decoded.
     """
-    return decode_header(read_header(data, name), max_pixels)
+    with labelled(name):
+        return decode_header(read_header(data), max_pixels)
 
 
 def decode_header(header: ImageHeader, max_pixels: int) -> DecodedImage:
@@ -367,21 +366,18 @@ def decode_header(header: ImageHeader, max_pixels: int) -> DecodedImage:
     Pillow's decoded pixels are released on return (``Image.close``), so that a request
     holding its headers holds no decoded copy besides the returned array.
     """
-    name, image = header.name, header.image
+    image = header.image
+    check_image_size(header.height, header.width, max_pixels)
     try:
-        check_image_size(header.height, header.width, max_pixels)
-    except InputError as exc:
-        raise InputError(f"{name}: {exc}") from None
-    try:
-        rgb, carried = _upright_rgb(image, name)
+        rgb, carried = _upright_rgb(image)
         # OpenCV's channel swap: the same bytes as a reversed-view copy, and faster
         return DecodedImage(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), carried)
     finally:
         image.close()
 
 
-def _upright_rgb(image: Image.Image, name: str) -> tuple[np.ndarray, bytes | None]:
-    """``output_colour`` of the loaded, upright ``image``; ``InputError`` naming ``name``."""
+def _upright_rgb(image: Image.Image) -> tuple[np.ndarray, bytes | None]:
+    """``output_colour`` of the loaded, upright ``image``; ``InputError`` saying why it cannot be read."""
     try:
         # no seek: Image.open presents the first frame, or a HEIC's primary image, whose size
         # the header check counted
@@ -391,11 +387,9 @@ def _upright_rgb(image: Image.Image, name: str) -> tuple[np.ndarray, bytes | Non
         profile = image.info.get("icc_profile") or None
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when upright already
         return output_colour(image, profile)
-    except InputError as exc:
-        raise InputError(f"{name}: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).strip()  # libheif's messages end in line breaks
-        raise InputError(f"{name}: cannot decode the image (truncated or corrupt?): {reason}") from None
+        raise InputError(f"cannot decode the image (truncated or corrupt?): {reason}") from None
 
 
 def _load(image: Image.Image) -> None:

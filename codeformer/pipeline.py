@@ -39,6 +39,7 @@ from codeformer.device_faults import out_of_memory_reason, require_cuda
 from codeformer.errors import CodeFormerError, ConfigError, ImageFailedError, InputError, RequestCancelled
 from codeformer.host_memory import device_thread_starter
 from codeformer.image_sizes import DETECTOR_SHORT_SIDE, check_image_size
+from codeformer.imageio import DecodedImage
 from codeformer.progress import Progress
 from codeformer.runtime import Nets, Runtime, cuda_numerics, pick_device, upload
 from codeformer.scheduler import DeviceScheduler, PixelBudget
@@ -332,7 +333,8 @@ class Restorer:
     def check_options(self, options: RequestOptions) -> None:
         """Raise ``ConfigError`` if this process cannot serve ``options`` (the compile-backend lock).
 
-        ``restore`` checks too; a caller that has work to do first (downloads) checks before it.
+        ``restore`` checks where the lock is taken (``_stages_for``); a caller that has work
+        to do first (downloads) checks before it, so that a request that cannot run pays for none.
         """
         if options.stability.compiled:
             self.runtime.check_backend(options.compile_backend)
@@ -413,7 +415,7 @@ class Restorer:
 
     def restore(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | DecodedImage],
         options: RequestOptions = DEFAULT_OPTIONS,
         cancel: threading.Event | None = None,
         progress: Progress | None = None,
@@ -423,18 +425,23 @@ class Restorer:
         ``progress`` is told each image's detection and paste-back, and the CodeFormer pass
         over all the faces, as they start (``codeformer.progress``).
 
-        Each image is checked once, here (``_checked_image``); the stages take it as it is.
+        ``images``: (H, W, 3) uint8 BGR arrays, each checked once, here (``_checked_image``),
+        or ``DecodedImage``s, checked when decoded (``imageio.decode_header``); the stages
+        take them as they are.
         Raises ``InputError`` for arrays that are not images, ``ConfigError`` for options this
-        process cannot serve (``check_options``), ``ImageFailedError`` (with the images'
+        process cannot serve (``check_options``, on the device thread, where a request fixes
+        the compile backend), ``ImageFailedError`` (with the images'
         indices) when an image is over the size limits (``check_image_size``), cannot be
         processed, or the device runs out of memory for it,
         ``DeviceBrokenError`` when the device fails for good (``codeformer.device_faults``),
         and ``RequestCancelled`` once ``cancel`` is set (checked before each device call).
         Nothing is returned partially.
         """
-        self.check_options(options)
         max_pixels = self.settings.max_pixels
-        checked = [_checked_image(index, image, max_pixels) for index, image in enumerate(images)]
+        checked = [
+            image.pixels if isinstance(image, DecodedImage) else _checked_image(index, image, max_pixels)
+            for index, image in enumerate(images)
+        ]
         with self.scheduler.caller():
             stages = self.scheduler.call(self._stages_for, options, cancel=cancel)
             call = _Call(

@@ -738,6 +738,7 @@ def check(answer: Answer, outcome: Outcome, image_count: int) -> str:
     if isinstance(outcome, Fails):
         assert answer.error is not None, f"expected a failure naming images[{outcome.index}], got {answer}"
         assert answer.error.startswith(f"images[{outcome.index}] ({outcome.name}): "), answer.error
+        assert answer.error.count("images[") == 1, f"labelled once: {answer.error}"
         assert outcome.reason in answer.error, answer.error
         assert str(PROJECT_ROOT) not in answer.error and "/tmp/" not in answer.error, answer.error
         return answer.error

@@ -145,10 +145,10 @@ def test_huge_header_is_refused_before_decoding(
 
 def test_an_avif_header_over_libavifs_own_limit_is_refused_by_libavif_naming_the_input() -> None:
     data = ispe_claiming(encode(Image.fromarray(_gradient()), "AVIF"), 20_000, 20_000)
-    with pytest.raises(
-        InputError, match=r"bomb\.avif: cannot decode the image \(truncated or corrupt\?\): AVIF: "
-    ):
-        read_header(data, "bomb.avif")
+    with pytest.raises(InputError, match=r"^cannot decode the image \(truncated or corrupt\?\): AVIF: "):
+        read_header(data)
+    with pytest.raises(InputError, match=r"^bomb\.avif: cannot decode the image"):
+        decode_image(data, "bomb.avif", LIMIT)
 
 
 def test_pixel_limit_is_configurable() -> None:
@@ -162,11 +162,11 @@ def test_pixel_limit_is_configurable() -> None:
 def test_a_header_read_once_gives_the_size_and_then_the_pixels() -> None:
     """Admission counts the header's pixels; decoding goes on from the same parsed header."""
     data = encode(Image.fromarray(_gradient(80, 60)), "PNG")
-    header = read_header(data, "h.png")
+    header = read_header(data)
     assert (header.width, header.height, header.pixel_count) == (80, 60, 80 * 60)
     np.testing.assert_array_equal(decode_header(header, LIMIT).pixels, decode_image(data, "h.png", LIMIT))
-    with pytest.raises(InputError, match=r"bomb\.png: 100000x100000 .*over the limit"):
-        decode_header(read_header(png_header_claiming(100_000, 100_000), "bomb.png"), LIMIT)
+    with pytest.raises(InputError, match=r"^100000x100000 .*over the limit"):
+        decode_header(read_header(png_header_claiming(100_000, 100_000)), LIMIT)
 
 
 def test_tiny_images_decode() -> None:
@@ -259,7 +259,7 @@ def _plain(fmt: str, picture: np.ndarray, **params) -> np.ndarray:
 def test_heic_and_avif_are_turned_by_their_orientation_once(fmt: str) -> None:
     stored = _gradient(60, 30)  # landscape as stored
     data = exif_turned(Image.fromarray(stored), fmt, 6, quality=95)
-    assert read_header(data, "phone.img").image.format == fmt
+    assert read_header(data).image.format == fmt
     decoded = decode_image(data, "phone.img", LIMIT)
     # turned twice (libheif, then the EXIF tag again) it would be landscape, upside down
     assert decoded.shape == (60, 30, 3)
@@ -272,7 +272,7 @@ def test_a_heic_of_several_images_gives_its_primary_one() -> None:
     first = Image.fromarray(np.full((48, 64, 3), 40, np.uint8))
     primary = Image.fromarray(np.full((40, 56, 3), 200, np.uint8))
     data = encode(first, "HEIF", save_all=True, append_images=[primary], primary_index=1, quality=95)
-    header = read_header(data, "burst.heic")
+    header = read_header(data)
     assert header.image.size == (56, 40)  # the header checked is the primary image's
     assert header.pixel_count == 64 * 64  # coded as 64x64 (x265 pads), cropped: decoding makes 64x64
     decoded = decode_header(header, LIMIT).pixels
@@ -327,7 +327,7 @@ def test_an_avif_of_a_brand_heic_shares_is_read_by_pillow_not_pillow_heif() -> N
     script = (
         "import sys; from codeformer.imageio import read_header, decode_image; "
         "data = sys.stdin.buffer.read(); "
-        "print(read_header(data, 'x').image.format, decode_image(data, 'x', 10**6).shape)"
+        "print(read_header(data).image.format, decode_image(data, 'x', 10**6).shape)"
     )
     shown = run_python(script, stdin=mif1)
     assert shown.stdout.decode().split() == ["AVIF", "(48,", "64,", "3)"]

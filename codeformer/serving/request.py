@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from codeformer.config import PROJECT_ROOT, RequestOptions
-from codeformer.errors import CodeFormerError, ImageFailedError, InputError
+from codeformer.errors import CodeFormerError, ImageFailedError, InputError, labelled
 from codeformer.progress import Progress, request_steps
 from codeformer.serving.fetch import MAX_INPUT_BYTES, Deadline, Dialer, fetch, is_remote
 
@@ -89,23 +89,19 @@ def _read_local(item: Item, local_root: pathlib.Path | None) -> bytes:
 
 def read_input(
     item: object,
-    label: str,
     deadline: Deadline,
     dialer: Dialer,
     local_root: pathlib.Path | None = PROJECT_ROOT,
 ) -> bytes:
-    """The bytes of one request input (URL, data URI or local path); ``InputError`` names ``label``."""
-    try:
-        if isinstance(item, str) and is_remote(item):
-            return fetch(item, deadline, dialer)
-        if isinstance(item, str) and URL_LIKE.match(item):
-            scheme = item.split(":", 1)[0]
-            raise InputError(f"{scheme}:// is not accepted; send http(s), a data URI or a path")
-        if isinstance(item, str | pathlib.Path):
-            return _read_local(item, local_root)
-        raise InputError(f"expected a URL, a data URI or a path, got {type(item).__name__}")
-    except InputError as exc:
-        raise InputError(f"{label}: {exc}") from None
+    """The bytes of one request input (URL, data URI or local path); ``InputError`` saying why not."""
+    if isinstance(item, str) and is_remote(item):
+        return fetch(item, deadline, dialer)
+    if isinstance(item, str) and URL_LIKE.match(item):
+        scheme = item.split(":", 1)[0]
+        raise InputError(f"{scheme}:// is not accepted; send http(s), a data URI or a path")
+    if isinstance(item, str | pathlib.Path):
+        return _read_local(item, local_root)
+    raise InputError(f"expected a URL, a data URI or a path, got {type(item).__name__}")
 
 
 def _stage_summary(timings: dict[str, float]) -> str:
@@ -198,16 +194,16 @@ def _restore_request(
     deadline = Deadline.after(settings.fetch_timeout_s)
     dialer = Dialer(allow_private=settings.allow_private_urls)
     stage_ms: list[dict[str, float]] = [{} for _ in items]
-    files: list[bytes] = []
+    # each input is read and its header parsed once (the pixels this request will hold), then
+    # decoded from there; every InputError on the way is labelled here, and only here
+    headers = []
     for item, label, timings in zip(items, labels, stage_ms, strict=True):
         check_cancel(cancel)
         progress.step(f"{label}: read")
         start = time.perf_counter()
-        files.append(read_input(item, label, deadline, dialer, local_root))
+        with labelled(label):
+            headers.append(read_header(read_input(item, deadline, dialer, local_root)))
         timings["read_decode"] = (time.perf_counter() - start) * 1000.0
-    # each header parsed once: the pixels this request will hold, then decoded from there
-    headers = list(map(read_header, files, labels))
-    del files  # the headers hold the bytes
     pixels = sum(header.pixel_count for header in headers)
 
     with restorer.admission.hold(pixels, cancel) as admission_ms:
@@ -222,14 +218,15 @@ def _restore_request(
             admission_ms,
         )
         decoded: list[DecodedImage] = []
-        for header, timings in zip(headers, stage_ms, strict=True):
+        for header, label, timings in zip(headers, labels, stage_ms, strict=True):
             start = time.perf_counter()
-            decoded.append(decode_header(header, settings.max_pixels))
+            with labelled(label):
+                decoded.append(decode_header(header, settings.max_pixels))
             timings["read_decode"] += (time.perf_counter() - start) * 1000.0
         del headers
         shared_before = restorer.scheduler.shared_forwards()
         try:
-            results = restorer.restore([image.pixels for image in decoded], options, cancel, progress)
+            results = restorer.restore(decoded, options, cancel, progress)  # checked when decoded
         except ImageFailedError as exc:
             raise CodeFormerError(f"{', '.join(labels[i] for i in exc.indices)}: {exc.reason}") from exc
         shared_forwards = restorer.scheduler.shared_forwards() - shared_before
