@@ -156,6 +156,9 @@ class Settings:
     # runs, compiled and warmed at set-up (Restorer.prepare_optimized); empty: the first
     # optimized request picks it and pays its compile
     compile_backend: str = ""
+    # COMPILE_CACHE: a file of torch's compile artifacts (runtime.load_compile_cache): set-up
+    # loads it before compiling, and writes it after compiling where it was missing; empty: none
+    compile_cache: Path | None = None
     weights_dir: Path = PROJECT_ROOT / "weights"  # WEIGHTS_DIR: where the weight files live
     weights_url: str = ""  # WEIGHTS_URL: a mirror's base URL; empty: the official release URLs
     download_timeout_s: float = 30.0  # DOWNLOAD_TIMEOUT: for the connect and for each read
@@ -201,7 +204,8 @@ class Settings:
                 lambda raw: raw if raw in COMPILE_BACKENDS else None,
                 f"one of {', '.join(COMPILE_BACKENDS)}",
             ),
-            weights_dir=_env("CODEFORMER_WEIGHTS_DIR", cls.weights_dir, lambda raw: Path(raw).expanduser()),
+            compile_cache=_env("CODEFORMER_COMPILE_CACHE", cls.compile_cache, _path),
+            weights_dir=_env("CODEFORMER_WEIGHTS_DIR", cls.weights_dir, _path),
             weights_url=_env("CODEFORMER_WEIGHTS_URL", cls.weights_url, str),
             download_timeout_s=_env_number("CODEFORMER_DOWNLOAD_TIMEOUT", cls.download_timeout_s, 0.001),
             download_attempts=_env_int("CODEFORMER_DOWNLOAD_ATTEMPTS", cls.download_attempts),
@@ -209,6 +213,10 @@ class Settings:
             require_gpu=_env("CODEFORMER_REQUIRE_GPU", cls.require_gpu, BOOLEANS.get, "0 or 1"),
         )
         return dataclasses.replace(settings, **overrides)
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser()
 
 
 def _env(name: str, default: T, parse: Callable[[str], T | None], allowed: str = "") -> T:

@@ -41,7 +41,15 @@ from codeformer.host_memory import device_thread_starter
 from codeformer.image_sizes import DETECTOR_SHORT_SIDE, check_image_size
 from codeformer.imageio import DecodedImage
 from codeformer.progress import Progress
-from codeformer.runtime import Nets, Runtime, cuda_numerics, pick_device, upload
+from codeformer.runtime import (
+    Nets,
+    Runtime,
+    cuda_numerics,
+    load_compile_cache,
+    pick_device,
+    save_compile_cache,
+    upload,
+)
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces, estimate_affines, invert_affines
 from codeformer.stages.detect import Detections, FaceDetector
@@ -382,12 +390,18 @@ class Restorer:
         Every profile's nets (one set per precision: fast and max_speed share theirs), compiled
         with that backend and every graph a request can reach warmed (``warm_compiled``), so
         that no request compiles or builds anything; ``none`` builds the channels_last copies.
-        Unset, the first optimized request does this, and every request waits for it.
+        Unset, the first optimized request does this, and every request waits for it. With
+        ``Settings.compile_cache``, that file's artifacts are loaded first, and where there was
+        none, what was compiled is written to it (``runtime.load_compile_cache``).
         """
         backend = self.settings.compile_backend
         if not backend:
             return 0.0
         start = time.perf_counter()
+        cache = self.settings.compile_cache
+        loaded = 0 if cache is None else load_compile_cache(cache)
+        if cache is not None:
+            log.info("compile cache %s: %d artifacts loaded", cache, loaded)
         prepared: set[bool] = set()
         for profile in PROFILES.values():
             options = RequestOptions(
@@ -396,6 +410,8 @@ class Restorer:
             if (mixed_precision := self._mixed_precision(options)) not in prepared:
                 prepared.add(mixed_precision)
                 self.scheduler.call(self._stages_for, options)
+        if cache is not None and not loaded:
+            log.info("compile cache %s: %d artifacts written", cache, save_compile_cache(cache))
         return (time.perf_counter() - start) * 1000.0
 
     def warmup(self, options: RequestOptions = DEFAULT_OPTIONS) -> float:

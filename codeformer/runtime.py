@@ -16,11 +16,13 @@ import collections
 import copy
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -344,6 +346,35 @@ def compile_net(net: nn.Module, backend: str) -> nn.Module:
     if ISOLATES_RECOMPILES:
         return torch.compile(net, **compile_options(backend), isolate_recompiles=True)
     return torch.compile(net, **compile_options(backend))
+
+
+def load_compile_cache(path: Path) -> int:
+    """Put the compile artifacts saved in ``path`` into this process's caches; how many (0: no file).
+
+    ``torch.compiler.load_cache_artifacts``: Inductor's compiled graphs and kernels (and,
+    under the graph-replaying backend, its autotuning results), so that compiling the same
+    nets on the same kind of device and torch build skips code generation and autotuning;
+    dynamo still traces each net. Artifacts of another build are not used (torch keys them).
+    """
+    if not path.is_file():
+        return 0
+    info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    return 0 if info is None else sum(len(keys) for keys in info.artifacts.values())
+
+
+def save_compile_cache(path: Path) -> int:
+    """Write what this process compiled to ``path`` (``torch.compiler.save_cache_artifacts``); how many.
+
+    Written whole or not at all (a temporary file renamed); nothing compiled writes nothing.
+    """
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    data, info = saved
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+    return sum(len(keys) for keys in info.artifacts.values())
 
 
 def give_this_thread_cudagraph_trees() -> None:

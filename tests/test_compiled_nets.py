@@ -16,6 +16,7 @@ of the work) with the dynamo backend ``eager`` (no code generation, same graphs 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from typing import Any
 import cv2
 import pytest
 import torch
+from helpers import run_python
 from torch import nn
 from torch._dynamo.utils import counters
 
+from codeformer import pipeline
 from codeformer.config import STABILITY_MODES, RequestOptions, Settings
 from codeformer.errors import ConfigError
 from codeformer.nets import vqgan
@@ -241,3 +244,58 @@ def test_padded_compiled_codeformer_gives_the_faces_what_the_unpadded_chunk_give
         expected = unpadded.restore_tensor(faces, fidelity, mixed_precision=False)
         torch.testing.assert_close(restorer.restore_tensor(faces, fidelity, False), expected, rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == graphs_after_warm_up, "3 faces and w 0.9: nothing compiled"
+
+
+# A fresh process compiles a small convolution with Inductor, the compile cache's file before
+# and after, and how many compiled graphs came from Inductor's cache rather than code generation
+COMPILE_WITH_CACHE = """
+import json, os
+from pathlib import Path
+import torch
+from torch._dynamo.utils import counters
+from codeformer.runtime import load_compile_cache, save_compile_cache
+cache = Path(os.environ["TEST_COMPILE_CACHE"])
+loaded = load_compile_cache(cache)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SiLU())
+torch.compile(net, backend="inductor", dynamic=False)(torch.ones(1, 3, 16, 16))
+hits = counters["inductor"]["fxgraph_cache_hit"]
+written = 0 if loaded else save_compile_cache(cache)
+print(json.dumps({"loaded": loaded, "hits": hits, "written": written}))
+"""
+
+
+@pytest.mark.process  # two fresh interpreters, one Inductor compile (C++) between them
+def test_a_compile_cache_written_by_one_process_spares_the_next_its_code_generation(tmp_path: Path) -> None:
+    """Each process with an empty Inductor cache folder of its own: only the file carries the code."""
+    cache = tmp_path / "compile-cache.bin"
+
+    def run(name: str) -> dict[str, int]:
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name), "TEST_COMPILE_CACHE": str(cache)}
+        completed = run_python(COMPILE_WITH_CACHE, env=env)
+        return json.loads(completed.stdout.splitlines()[-1])
+
+    first = run("first")
+    assert first["loaded"] == 0 and first["hits"] == 0 and first["written"] >= 1
+    assert cache.is_file() and not cache.with_name(cache.name + ".partial").exists()
+    second = run("second")
+    assert second["loaded"] == first["written"] and second["hits"] >= 1 and second["written"] == 0
+
+
+@pytest.mark.parametrize("cached", [0, 3], ids=["no-file", "file"])
+def test_set_up_loads_the_compile_cache_first_and_writes_it_only_when_it_had_none(
+    cached: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prepare_optimized``'s order: load, build every precision's nets, then write if nothing was loaded."""
+    events: list[str] = []
+    cache = tmp_path / "compile-cache.bin"
+    monkeypatch.setattr(pipeline, "load_compile_cache", lambda path: events.append(f"load {path}") or cached)
+    monkeypatch.setattr(pipeline, "save_compile_cache", lambda path: events.append(f"save {path}") or 2)
+    monkeypatch.setattr(Runtime, "nets_for", lambda self, *args: events.append("build") or self.safe_nets)
+    settings = Settings(compile_backend="none", compile_cache=cache, mixed_precision="off")
+    restorer = Restorer(Nets(*(nn.Identity() for _ in range(3))), torch.device("cpu"), settings)
+    try:
+        restorer.prepare_optimized()
+    finally:
+        restorer.scheduler.stop()
+    assert events[0] == f"load {cache}" and "build" in events
+    assert events[-1] == (f"save {cache}" if not cached else "build")
