@@ -38,11 +38,14 @@ how many each request restored); ``--weights-dir`` for real ones. Checks:
   tests/test_parity_golden.py's tolerance (>= 97% of values within 1 level, <= 1.5% beyond 3);
   every other configuration (fp16, channels_last, compiled; max_speed drops the ParseNet
   mask) with baseline/safe on the device: a mean absolute difference of 8 levels fails it;
-- per-stage warm ms p50/p95 per request, host part (decode, prepare, align, paste, resize,
-  encode) apart from device part (detect, restore, parse); peak GPU memory (not on CPU).
-- before the configurations (in process only), each stage moved to the device against its
-  host version on the photos' aligned faces (``benchmarks.stage_checks``): today the
-  parse masks, given the same ParseNet labels: ms per face both ways (``--repeats`` timed
+- per-stage warm ms p50/p95 per request, host part apart from device part (on the host
+  pixel path: decode, prepare, align, paste, resize, encode against detect, restore,
+  parse; on the device pixel path, fast and max_speed on CUDA: decode and encode against
+  the rest, ``gpu_checks.DEVICE_PATH_PARTS``); peak GPU memory (not on CPU).
+- before the configurations (in process only), each stage the device pixel path moved,
+  against its host version on the photos (``benchmarks.stage_checks.moved_stages``): the
+  detector's input (with the largest landmark shift it causes), the crops, the parse masks
+  and paste-back with the final resize: ms per image or face both ways (``--repeats`` timed
   calls each) and the difference, which fails the run beyond the stage bound (>= 99.99% of
   values within 1 level, none beyond 2).
 
@@ -121,6 +124,7 @@ from benchmarks.gpu_checks import (
     photo_cases,
     run_passes,
     summaries,
+    takes_device_path,
     torch_warnings,
     verdict_line,
 )
@@ -334,7 +338,7 @@ class Checker:
         counts = CompileCounts(before, after_setup, after_warmup[0] if after_warmup else None, end)
         judge_compiles(outcome, counts, warnings, self.restorers.setup_ms)
         if outcome.requests:
-            outcome.figures.update(summaries(outcome.requests))
+            outcome.figures.update(summaries(outcome.requests, takes_device_path(self.device, config)))
         return outcome
 
     def run_big_request(self, restorer: Any, config: Configuration, case: Case) -> dict[str, Any]:
@@ -450,7 +454,7 @@ class ServerChecker:
             outcome.reasons.append(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
             return outcome
         if outcome.requests:
-            outcome.figures.update(summaries(outcome.requests))
+            outcome.figures.update(summaries(outcome.requests, takes_device_path(self.device, config)))
         return outcome
 
     def cpu_reference(self, baseline: Outcome) -> tuple[list[np.ndarray], str] | None:

@@ -42,7 +42,15 @@ from benchmarks.host_pass import HOST_STAGES
 from benchmarks.plans import REFERENCE, Configuration
 from codeformer.config import GRAPH_REPLAYING_BACKENDS
 
-DEVICE_STAGES = ("detect", "restore", "parse")
+# a request's stages by where they run: on the host pixel path (baseline; everything on a CPU)
+# and on the device pixel path (fast and max_speed on CUDA: codeformer.pipeline.pixels_on_device),
+# where prepare is part of detect's device call, and align is the landmark fit (host, tens of
+# microseconds) and the crops' warp (device)
+HOST_PATH_PARTS = {"host_ms": HOST_STAGES, "device_ms": ("detect", "restore", "parse")}
+DEVICE_PATH_PARTS = {
+    "host_ms": ("decode", "encode"),
+    "device_ms": ("detect", "align", "restore", "parse", "paste"),
+}
 # tests/test_parity_golden.py's tolerance where its stricter AVX-512 figures do not apply
 MIN_WITHIN_ONE, MAX_OVER_THREE = 0.97, 0.015
 # levels of 255, generous: channels_last, fp16 and max_speed's plain mask move some values by
@@ -337,13 +345,26 @@ def run_passes(
         outcome.timed_passes += 1
 
 
-def summaries(requests: list[dict[str, float]]) -> dict[str, Any]:
-    """Per-stage ms summaries, and the host and device parts as sums per request."""
+def takes_device_path(device: Any, config: Configuration) -> bool:
+    """Whether ``config``'s requests take the device pixel path on ``device`` (with the environment's
+    ``CODEFORMER_PIXEL_STAGES``, which the server checked through inherits too)."""
+    from codeformer.config import PROFILES, RequestOptions, Settings
+    from codeformer.pipeline import pixels_on_device
+
+    setting = Settings.from_env(device.type).pixel_stages
+    return pixels_on_device(setting, device, RequestOptions(profile=PROFILES[config.profile]))
+
+
+def summaries(requests: list[dict[str, float]], pixels_on_device: bool = False) -> dict[str, Any]:
+    """Per-stage ms summaries, and the host and device parts as sums per request.
+
+    ``pixels_on_device``: the requests took the device pixel path, which moves stages to the device.
+    """
     names = dict.fromkeys(stage for request in requests for stage in request)
     # a stage a request skips (resize at working size, parse in max_speed) is left out, not 0
     per_stage = {stage: summary.summarize(r[stage] for r in requests if stage in r) for stage in names}
     parts = {}
-    for part, stages in (("host_ms", HOST_STAGES), ("device_ms", DEVICE_STAGES)):
+    for part, stages in (DEVICE_PATH_PARTS if pixels_on_device else HOST_PATH_PARTS).items():
         # a request with none of a part's stages (no log line read) has no figure, not 0 ms
         timed = [r for r in requests if any(stage in r for stage in stages)]
         parts[part] = summary.summarize(sum(r.get(stage, 0.0) for stage in stages) for r in timed)

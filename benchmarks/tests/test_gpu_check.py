@@ -32,6 +32,8 @@ from benchmarks.gpu_checks import (
     group_photo,
     judge,
     judge_compiles,
+    summaries,
+    takes_device_path,
     torch_warnings,
 )
 from benchmarks.headline import (
@@ -419,3 +421,21 @@ def test_syncs_are_counted_on_cuda_only() -> None:
     calls: list[int] = []
     assert count_syncs(torch, torch.device("cpu"), lambda: calls.append(1)) is None
     assert calls == []
+
+
+def test_the_host_part_of_a_device_path_request_is_its_decode_and_encode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same stage figures split two ways: on the device pixel path paste and align are device work."""
+    monkeypatch.delenv("CODEFORMER_PIXEL_STAGES", raising=False)
+    request = {"decode": 4.0, "detect": 3.0, "align": 1.0, "restore": 5.0, "parse": 2.0, "paste": 6.0}
+    request |= {"encode": 2.0, "request": 25.0}
+    host_path, device_path = summaries([request]), summaries([request], pixels_on_device=True)
+    assert (host_path["host_ms"]["p50"], host_path["device_ms"]["p50"]) == (13.0, 10.0)
+    assert (device_path["host_ms"]["p50"], device_path["device_ms"]["p50"]) == (6.0, 17.0)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    fast, baseline = Configuration("fast", "safe", "none"), Configuration("baseline", "safe", "none")
+    assert takes_device_path(cuda, fast) and not takes_device_path(cuda, baseline)
+    assert not takes_device_path(cpu, fast)
+    monkeypatch.setenv("CODEFORMER_PIXEL_STAGES", "host")
+    assert not takes_device_path(cuda, fast)
