@@ -71,6 +71,7 @@ class Predictor(BaseRunner):
         # torch, OpenCV and the pipeline are imported here, not at module level, so that the
         # schema writer (python -m codeformer.serving.schema) can read run()'s signature cheaply
         from codeformer import Restorer, weights
+        from codeformer.pipeline import pixels_on_device
         from codeformer.runtime import autocast_dtype
 
         if not logging.getLogger().handlers:
@@ -89,6 +90,9 @@ class Predictor(BaseRunner):
         # device, the runtime's set-up (and any download, which an image with weights never has)
         build_ms = (time.perf_counter() - start) * 1000.0 - load_times.load_ms - load_times.verify_ms
         warmup_ms = self.restorer.warmup()  # the default options' path
+        fast = RequestOptions(profile=PROFILES["fast"])
+        if pixels_on_device(self.restorer.settings.pixel_stages, self.restorer.device, fast):
+            warmup_ms += self.restorer.warmup(fast)  # the device pixel path's kernels, max_speed's too
         # CODEFORMER_COMPILE_BACKEND set: every optimized profile's graphs compiled now, not in a request
         prepare_optimized_ms = self.restorer.prepare_optimized()
         self.output_folders = OutputFolders()

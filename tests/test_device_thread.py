@@ -230,3 +230,19 @@ def test_the_profile_sees_image_work_on_the_thread_it_watches() -> None:
         sys.setprofile(None)
     assert profile_hook.image_work[:2] == ["cv2.resize", "ndarray.astype"]
     assert "prepare.py:is_gray" in profile_hook.image_work
+
+
+def test_warming_the_device_pixel_path_runs_its_stages_with_results_kept_on_the_device(
+    stand_in_device: StandInDevice,
+) -> None:
+    """``Restorer.warmup(fast)`` on the device pixel path: crops, CodeFormer, the masks and paste-back."""
+    nets = Nets(*(nn.Identity() for _ in range(3)))
+    settings = Settings(mixed_precision="off", face_batch=4, pixel_stages="device")
+    restorer = Restorer(nets, torch.device("cpu"), settings)
+    try:
+        restorer.warmup(RequestOptions.parse(profile="fast"))
+    finally:
+        restorer.scheduler.stop()
+    # the flat canvas's request (one detection from the stand-in), then the warm-up's own face
+    assert stand_in_device.kept_on_device == [True, True, True, True]
+    assert stand_in_device.masks_made == 2
