@@ -160,12 +160,13 @@ class FaceDetector:
         return priors
 
     def detect_rows(self, pixels: torch.Tensor, scale: float) -> torch.Tensor:
-        """(h', w', 3) uint8 BGR detector input on the host -> (F', 16) float32 rows on the host.
+        """(h', w', 3) uint8 BGR detector input -> (F', 16) float32 rows on the host.
 
         Each row: box x1, y1, x2, y2, score, then the five (x, y) landmarks, all divided by
         the nominal ``scale`` (official quirk), and a 16th column, 1 for a face, 0 for a row
         the filters drop (``detections`` drops them on the host); descending score. One
-        upload of ``pixels``, one download of the rows; everything between stays on the
+        upload of ``pixels`` (none when they are on the detector's device already: the device
+        pixel path), one download of the rows; everything between stays on the
         detector's device, and off the CPU only NMS waits for it (``rows_without_waiting``).
         """
         with torch.inference_mode():

@@ -35,7 +35,7 @@ import torch
 
 from codeformer.config import FACE_SIZE
 from codeformer.runtime import upload
-from codeformer.stages.device_warp import _fma32, resize_tensor, warp_affine_tensor
+from codeformer.stages.device_warp import fma32, resize_tensor, warp_affine_tensor
 from codeformer.stages.regions import Region, blend_edge_width, face_region
 
 MASK_EROSION_SIZE = 2  # the 2x2 erosion of the warped mask (2·upscale, upscale 1)
@@ -108,11 +108,11 @@ def _filter_axis(values: torch.Tensor, kernel: np.ndarray, dim: int, symmetric: 
     if symmetric:
         total = tap(radius) * weights[radius]  # float32 product, rounded once
         for step in range(1, radius + 1):
-            total = _fma32(weights[radius + step], tap(radius + step) + tap(radius - step), total)
+            total = fma32(weights[radius + step], tap(radius + step) + tap(radius - step), total)
         return total
     total = tap(0) * weights[0]
     for offset in range(1, len(kernel)):
-        total = _fma32(weights[offset], tap(offset), total)
+        total = fma32(weights[offset], tap(offset), total)
     return total
 
 

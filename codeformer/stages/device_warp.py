@@ -42,7 +42,7 @@ FIXED_POINT_BITS = 10  # OpenCV's AB_BITS: the fixed-point warp's accumulators a
 TABLE_BITS = 5  # INTER_BITS: the fixed-point warp samples at 1/32 px
 
 
-def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """float32 ``a·b + c`` with one rounding, as a fused multiply-add: float32 operands, float32 result."""
     return (a.double() * b.double() + c.double()).float()
 
@@ -81,7 +81,7 @@ def _float_coordinates(
     coordinates = []
     for row in range(2):
         row_const = ys[None, :] * matrix[:, row, 1, None] + matrix[:, row, 2, None]  # (N, h) float32
-        coordinates.append(_fma32(matrix[:, row, 0, None, None], xs[None, None, :], row_const[:, :, None]))
+        coordinates.append(fma32(matrix[:, row, 0, None, None], xs[None, None, :], row_const[:, :, None]))
     return coordinates[0], coordinates[1]
 
 
@@ -209,9 +209,9 @@ def warp_affine_tensor(
         ix = floor_x.clamp(-2, images.shape[3] + 1).long()
         iy = floor_y.clamp(-2, images.shape[2] + 1).long()
         p00, p01, p10, p11 = (tap.float() for tap in _taps(images, count, ix, iy, border))
-        top = _fma32(alpha, p01 - p00, p00)
-        bottom = _fma32(alpha, p11 - p10, p10)
-        warped = _fma32(beta, bottom - top, top)
+        top = fma32(alpha, p01 - p00, p00)
+        bottom = fma32(alpha, p11 - p10, p10)
+        warped = fma32(beta, bottom - top, top)
         if images.dtype == torch.uint8:
             warped = warped.round().clamp(0, 255)
     return warped.to(images.dtype).view(count, height, width, channels).permute(0, 3, 1, 2)
