@@ -600,8 +600,10 @@ class Restorer:
             except CodeFormerError as exc:
                 raise ImageFailedError(index, str(exc)) from exc
             except torch.OutOfMemoryError as exc:
+                # on the device pixel path paste-back runs on the device too
+                finishing = "parsing and pasting back" if call.pixels_on_device else "parsing"
                 raise ImageFailedError(
-                    index, out_of_memory_reason(f"parsing {len(faces)} faces", exc)
+                    index, out_of_memory_reason(f"{finishing} {len(faces)} faces", exc)
                 ) from None
         return RestoreResult(
             image=output,

@@ -27,6 +27,7 @@ from codeformer.errors import ConfigError, ImageFailedError
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 from codeformer.stages.detect import FaceDetector
+from codeformer.stages.parse import FaceParser
 from codeformer.stages.restore import FaceRestorer
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -184,3 +185,31 @@ def test_out_of_memory_while_restoring_fails_the_request_naming_the_images_with_
     assert str(raised.value).startswith("images 0, 2: the device ran out of memory restoring 2 faces")
     assert "CUDA out of memory. Tried to allocate 2.00 GiB" in str(raised.value)
     assert restorer.restore([images[1]])[0].faces == []  # the next request is served
+
+
+@pytest.mark.parametrize(
+    ("pixel_stages", "parse_call", "doing"),
+    [("host", "labels", "parsing"), ("device", "masks_tensor", "parsing and pasting back")],
+)
+def test_out_of_memory_after_restoring_fails_only_its_image_naming_the_step(
+    pixel_stages: str, parse_call: str, doing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After CodeFormer the device parses, and on the device pixel path pastes back too: a message
+    for each path, the image that failed named."""
+    nets = Nets(*(nn.Identity() for _ in range(3)))
+    settings = Settings(retained_memory_mb=0, mixed_precision="off", pixel_stages=pixel_stages)
+    restorer = Restorer(nets, torch.device("cpu"), settings)
+    images = [np.full((200, 200, 3), level, np.uint8) for level in (90, 127)]  # a face, then none
+
+    def out_of_memory(*_args: object, **_kwargs: object) -> np.ndarray:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(FaceDetector, "detect_rows", lambda _detector, *args: _one_face_rows(*args))
+    monkeypatch.setattr(
+        FaceRestorer, "restore_tensor", lambda _restorer, crops, *args, **kwargs: crops.clone()
+    )
+    monkeypatch.setattr(FaceParser, parse_call, out_of_memory)
+    with pytest.raises(ImageFailedError) as raised:
+        restorer.restore(images, RequestOptions.parse(profile="fast"))
+    assert raised.value.indices == (0,)
+    assert str(raised.value).startswith(f"image 0: the device ran out of memory {doing} 1 faces")
