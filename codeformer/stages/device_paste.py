@@ -277,5 +277,4 @@ def paste_and_resize_tensor(
     pasted = paste_faces_tensor(image, restored, inverse_affines, masks)
     if tuple(pasted.shape[:2]) == tuple(output_hw):
         return pasted
-    shrunk = resize_tensor(pasted.permute(2, 0, 1), output_hw, cv2.INTER_AREA)  # (3, h, w)
-    return shrunk.permute(1, 2, 0).contiguous()
+    return resize_tensor(pasted, output_hw, cv2.INTER_AREA, channels_last=True)

@@ -345,38 +345,33 @@ def resize_tensor(
     out_hw: tuple[int, int],
     interpolation: int,
     factors: tuple[float, float] | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """``cv2.resize`` of a uint8 (..., H, W) tensor to (..., h, w): INTER_LINEAR or INTER_AREA (shrinking).
 
     ``factors`` (fy, fx): the factors of a cv2 call with dsize (0, 0), which maps pixels by
     them rather than by output / input size; by default (h / H, w / W), as for a dsize call.
     Any leading dimensions (e.g. channels of an HWC image's ``permute(2, 0, 1)``) are kept.
+    ``channels_last``: ``image`` is (H, W, C) instead, and so is the result, contiguous like
+    an array cv2 returns.
     """
-    if image.dtype != torch.uint8 or image.dim() < 2:
+    planes = image.permute(2, 0, 1) if channels_last else image
+    if planes.dtype != torch.uint8 or planes.dim() < 2:
         raise ValueError(f"image must be a uint8 (..., H, W) tensor, got {image.dtype} {tuple(image.shape)}")
-    height, width = image.shape[-2:]
+    height, width = planes.shape[-2:]
     if factors is None:
         factors = (out_hw[0] / height, out_hw[1] / width)
     scales = (1.0 / factors[0], 1.0 / factors[1])  # source pixels per output pixel, as cv2 computes them
     if interpolation == cv2.INTER_LINEAR:
-        return _resize_linear(image, out_hw, scales)
-    if interpolation == cv2.INTER_AREA and min(scales) >= 1:
-        return _resize_area(image, out_hw, scales)
-    raise ValueError(
-        f"interpolation must be cv2.INTER_LINEAR, or cv2.INTER_AREA to shrink; got {interpolation} "
-        f"for source pixels per output pixel {scales}"
-    )
-
-
-def _resize_image(
-    image: torch.Tensor,
-    out_hw: tuple[int, int],
-    interpolation: int,
-    factors: tuple[float, float] | None = None,
-) -> torch.Tensor:
-    """``resize_tensor`` of an (H, W, C) tensor -> (h, w, C), contiguous like an array cv2 returns."""
-    resized = resize_tensor(image.permute(2, 0, 1), out_hw, interpolation, factors)
-    return resized.permute(1, 2, 0).contiguous()
+        resized = _resize_linear(planes, out_hw, scales)
+    elif interpolation == cv2.INTER_AREA and min(scales) >= 1:
+        resized = _resize_area(planes, out_hw, scales)
+    else:
+        raise ValueError(
+            f"interpolation must be cv2.INTER_LINEAR, or cv2.INTER_AREA to shrink; got {interpolation} "
+            f"for source pixels per output pixel {scales}"
+        )
+    return resized.permute(1, 2, 0).contiguous() if channels_last else resized
 
 
 def working_image_tensor(image: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -390,7 +385,7 @@ def working_image_tensor(image: torch.Tensor) -> tuple[torch.Tensor, float]:
     if size == (height, width):
         return image, 1.0
     factor = WORKING_MIN_SIDE / min(height, width)
-    return _resize_image(image, size, cv2.INTER_LINEAR, (factor, factor)), factor
+    return resize_tensor(image, size, cv2.INTER_LINEAR, (factor, factor), channels_last=True), factor
 
 
 def gray_sums_tensor(image: torch.Tensor) -> torch.Tensor:
@@ -421,7 +416,7 @@ def detector_input_tensor(image: torch.Tensor) -> tuple[torch.Tensor, float]:
     if (new_height, new_width) == (height, width):
         return image, scale
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    return _resize_image(image, (new_height, new_width), interpolation), scale
+    return resize_tensor(image, (new_height, new_width), interpolation, channels_last=True), scale
 
 
 def warp_crops_tensor(image: torch.Tensor, affines: torch.Tensor | np.ndarray) -> torch.Tensor:
