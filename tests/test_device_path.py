@@ -42,16 +42,17 @@ def test_only_fast_and_max_speed_take_the_device_path_and_auto_only_on_cuda(
     assert chosen == {"baseline": False, "fast": on_device, "max_speed": on_device}
 
 
-@pytest.mark.nets  # the seed-0 nets over three photos, both paths, two profiles
-@pytest.mark.parametrize("profile", ["fast", "max_speed"])
+@pytest.mark.nets  # the seed-0 nets over three photos, both paths
 def test_the_device_path_finds_the_same_faces_and_stays_within_the_mean_bound(
-    restorer_seed0: Restorer, profile: str
+    restorer_seed0: Restorer,
 ) -> None:
-    """A golden photo, a small photo (enlarged to work on, shrunk back) and a gray one."""
+    """A golden photo, a small photo (enlarged to work on, shrunk back) and a gray one, in fast:
+    every moved stage, the parse masks included (max_speed's paste-back without them is held
+    to its bound in tests/test_device_paste.py)."""
     photo = golden_photo(next(iter(GOLDEN_PHOTOS)))
     gray = np.repeat(photo[..., 1:2], 3, axis=-1)
     images = [photo, face_photo(300, 240), gray]
-    options = RequestOptions(profile=PROFILES[profile])
+    options = RequestOptions(profile=PROFILES["fast"])
     results = {}
     for stages in ("host", "device"):
         settings = dataclasses.replace(restorer_seed0.settings, pixel_stages=stages, max_faces=2)
