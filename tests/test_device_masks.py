@@ -97,14 +97,15 @@ def test_filter_matrix_refuses_a_kernel_wider_than_the_reflection() -> None:
 
 @pytest.mark.parity  # ParseNet on two full-size faces
 def test_parser_device_masks_match_its_host_masks_on_golden_and_gray_faces(parse_net: ParseNet) -> None:
-    """``FaceParser.masks`` both ways, on a golden photo's restored face and its gray version."""
+    """``FaceParser.masks`` (host) against ``masks_tensor`` (the device path's code), on a golden
+    photo's restored face and its gray version."""
     folder = next(iter(GOLDEN_PHOTOS.values()))
     face = cv2.imread(str(folder / "restored_0.png"), cv2.IMREAD_COLOR)
     parser = FaceParser(parse_net, torch.device("cpu"), batch_size=2)
     for faces in (face[None], to_gray_faces(face[None])):  # uint8, then float64 gray
         restored = RestoredFaces(faces)
         host = parser.masks(restored).masks
-        on_device = parser.masks(restored, on_device=True).masks
+        on_device = parser.masks_tensor(torch.from_numpy(faces), False).numpy()
         assert_within_bound(on_device, host)
         assert host.max() > 0.0  # the labels held some face: the comparison is not of zeros
 

@@ -169,18 +169,9 @@ class FaceParser(FaceBatchNet):
         with torch.inference_mode():
             return self._parse(faces, mixed_precision, self._face_pixels)
 
-    def device_masks(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
-        """(F, 512, 512, 3) uint8/float64 BGR faces -> (F, 512, 512) float64 blend masks, all on the device.
-
-        ``labels`` then ``face_pixels_to_masks_tensor`` on the parser's device: the labels
-        never reach the host, the masks come back in one copy. ``faces`` as ``labels`` takes them.
-        """
-        if len(faces) == 0:
-            return np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=np.float64)
-        return self.masks_tensor(torch.from_numpy(faces), mixed_precision).numpy()
-
     def masks_tensor(self, faces: torch.Tensor, mixed_precision: bool, to_host: bool = True) -> torch.Tensor:
-        """``device_masks``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) float64.
+        """(F, 512, 512, 3) BGR faces -> (F, 512, 512) float64 blend masks: ParseNet's labels and
+        ``face_pixels_to_masks_tensor`` on the parser's device, the labels never on the host.
 
         Host faces in, host masks out; faces on the device with ``to_host=False`` (the device
         pixel path): the masks stay there.
@@ -214,19 +205,13 @@ class FaceParser(FaceBatchNet):
 
         return self._run(faces, mixed_precision, forward, finish, to_host)
 
-    def masks(
-        self, faces: RestoredFaces, mixed_precision: bool = False, on_device: bool = False
-    ) -> FaceMasks:
-        """One image's restored faces -> their (F, 512, 512) float64 blend masks in [0, 1].
+    def masks(self, faces: RestoredFaces, mixed_precision: bool = False) -> FaceMasks:
+        """One image's restored faces -> their (F, 512, 512) float64 blend masks in [0, 1], on the host path.
 
-        Spec §6.3 step 9 a–f: ParseNet labels, then ``face_pixels_to_masks`` on the host, or
-        with ``on_device`` (the device pixel path: ``codeformer.pipeline.pixels_on_device``)
-        ``device_masks``.
+        Spec §6.3 step 9 a–f: ParseNet labels, then ``face_pixels_to_masks`` on the host (the
+        device pixel path makes them with ``masks_tensor``).
         ``mixed_precision`` runs ParseNet under autocast (bfloat16 on CPU, float16 on CUDA).
         """
-        if on_device:
-            masks = FaceMasks(self.device_masks(faces.faces, mixed_precision))
-        else:
-            masks = FaceMasks(face_pixels_to_masks(self.labels(faces.faces, mixed_precision)))
+        masks = FaceMasks(face_pixels_to_masks(self.labels(faces.faces, mixed_precision)))
         logger.debug("parsed %d faces (mixed_precision=%s)", len(faces), mixed_precision)
         return masks
