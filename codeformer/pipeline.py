@@ -48,6 +48,7 @@ from codeformer.runtime import (
     load_compile_cache,
     pick_device,
     save_compile_cache,
+    staged,
     upload,
 )
 from codeformer.scheduler import DeviceScheduler, PixelBudget
@@ -300,7 +301,9 @@ class Restorer:
         # one device thread; on a CPU with glibc, on glibc's main malloc arena (codeformer.host_memory)
         start = device_thread_starter(device, self.settings.retained_memory_mb)
         batch_wait_s = self.settings.batch_wait_ms / 1000.0
-        self.scheduler = DeviceScheduler(self.settings.face_batch, batch_wait_s, start_thread=start)
+        self.scheduler = DeviceScheduler(
+            self.settings.face_batch, batch_wait_s, start_thread=start, device=device
+        )
         weakref.finalize(self, self.scheduler.stop)  # the thread ends with the Restorer, or at exit
         # Image-sized host work around device calls on the host pixel path (the detector's
         # resize, the parse masks' blurs): on a GPU on the request's thread, so that the device
@@ -563,9 +566,11 @@ class Restorer:
                 return restorer.restore_tensor(batch, fidelity, call.mixed_precision, to_host=False)
 
         else:
-            crops = np.concatenate([item.aligned.crops for item in work])
+            # joined here, on the request's thread: on CUDA in pinned memory, for the device
+            # thread to upload without a host copy (the scheduler uploads and joins batches)
+            crops = staged([item.aligned.crops for item in work if len(item.aligned)], self.device)
 
-            def restore(batch: np.ndarray) -> np.ndarray:
+            def restore(batch: np.ndarray | torch.Tensor) -> np.ndarray:
                 return restorer.restore(batch, fidelity, call.mixed_precision)
 
         # requests with the same nets, fidelity, precision and numerics may share the forward
@@ -646,7 +651,8 @@ class Restorer:
                     on_device,
                 )
                 parse_on_device = call.on_device(parse, self.device)
-                parsed = self.scheduler.batched(key, parse_on_device, restored.faces, call.cancel)
+                faces = restored.faces if on_device else staged([restored.faces], self.device)
+                parsed = self.scheduler.batched(key, parse_on_device, faces, call.cancel)
                 if not on_device:
                     parsed = self._image_work(face_pixels_to_masks, parsed, cancel=call.cancel)
                 masks = FaceMasks(parsed)

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -145,6 +146,25 @@ def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     pinned.copy_(host)
     # the caching host allocator keeps ``pinned`` until the copy has run, even once freed here
     return pinned.to(device, non_blocking=True)
+
+
+def staged(parts: list[np.ndarray], device: torch.device) -> np.ndarray | torch.Tensor:
+    """Host arrays joined along their first axis, ready for the device thread to upload.
+
+    Called on a request's thread, so that the host copy is made there: on CUDA the parts are
+    joined straight into pinned memory, and the device thread only queues the upload (see
+    ``DeviceScheduler``), with no copy of its own on the host. Elsewhere the joined array
+    (the part itself when there is one).
+    """
+    if device.type != "cuda":
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    shape = (sum(len(part) for part in parts), *parts[0].shape[1:])
+    joined = torch.empty(shape, dtype=torch.from_numpy(parts[0][:0]).dtype, pin_memory=True)
+    start = 0
+    for part in parts:
+        joined[start : start + len(part)].copy_(torch.from_numpy(np.ascontiguousarray(part)))
+        start += len(part)
+    return joined
 
 
 def download_with_flags(result: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

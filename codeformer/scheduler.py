@@ -15,7 +15,9 @@ faces to its stage (requests in progress that have not passed it: ``finished``),
 waits up to ``Settings.batch_wait_ms`` from its first call's arrival; a lone request never
 waits, and the device never idles meanwhile: any other queued call runs first. On a CPU
 the face batch is 1 (batching does not pay there, see ``config.DEFAULT_FACE_BATCH``), so no
-wait ever happens.
+wait ever happens. On a GPU the device thread copies no pixels on the host: a batch's
+payloads arrive on the device (the device pixel path) or staged in pinned memory by their
+request's thread (``runtime.staged``), and are uploaded and joined with queued copies.
 
 A batch that fails is run again one request at a time, so that one request's bad input
 cannot fail another's. The retry runs once the failed forward's tensors are freed: an
@@ -42,7 +44,6 @@ always admitted. This bounds host memory whatever the number of concurrent reque
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import threading
 import time
@@ -91,15 +92,19 @@ def without_frames(error: Exception) -> Exception:
     return error
 
 
-def _joined(payloads: list[Any]) -> Any:
-    """Batched jobs' payloads (arrays, or tensors on one device) joined along their first axis.
+def _joined(payloads: list[Any], device: torch.device | None) -> Any:
+    """Batched jobs' payloads (arrays, or tensors) joined along their first axis.
 
-    Host arrays are joined on the host; device tensors (the device pixel path's crops and
-    faces) with ``torch.cat`` on their device, queued like any kernel.
+    Host arrays (on a CPU) are joined on the host. Tensors are joined on ``device`` with
+    ``torch.cat``, queued like any kernel: device tensors (the device pixel path's crops and
+    faces) as they are, host tensors (the host path's, staged in pinned memory by their
+    request's thread: ``runtime.staged``) uploaded part by part first, each copy queued
+    without blocking. One payload is uploaded alone; an array alone is returned as it is.
     """
     if isinstance(payloads[0], np.ndarray):
-        return np.concatenate(payloads)
-    return torch.cat(payloads)
+        return payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
+    parts = [part if device is None else part.to(device, non_blocking=True) for part in payloads]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _attempt(function: Callable[[], Any]) -> tuple[Any, Exception | None]:
@@ -140,7 +145,8 @@ class DeviceScheduler:
     ``start_thread(run)`` starts the device thread, which runs ``run``, and returns it (by
     default a plain daemon thread). ``on_broken_device(error)`` is called once, on the device
     thread, after a sticky device error; by default it stops the process
-    (``device_faults.stop_worker``).
+    (``device_faults.stop_worker``). ``device``: where batched calls' tensor payloads are
+    joined (``_joined``); None leaves them where they are.
     """
 
     def __init__(
@@ -149,8 +155,10 @@ class DeviceScheduler:
         batch_wait_s: float,
         on_broken_device: Callable[[Exception], None] = stop_worker,
         start_thread: Callable[[Callable[[], None]], threading.Thread] = start_plain_thread,
+        device: torch.device | None = None,
     ) -> None:
         self.batch_size = batch_size
+        self.device = device
         self.batch_wait_s = batch_wait_s
         self._on_broken_device = on_broken_device
         self._queue: list[_Job] = []
@@ -319,9 +327,9 @@ class DeviceScheduler:
             self._run_alone(group[0])
             return
         sizes = [job.size for job in group]
-        forward = functools.partial(group[0].function, _joined([job.payload for job in group]))
-        results, error = _attempt(forward)
-        del forward  # the joined batch
+        payloads = [job.payload for job in group]
+        # joined inside the attempt: a join that runs out of memory fails like the forward
+        results, error = _attempt(lambda: group[0].function(_joined(payloads, self.device)))
         if error is not None:
             broken = self._broken_by(error)
             if broken is not None:
@@ -359,7 +367,7 @@ class DeviceScheduler:
         if job.key is None:
             result, error = _attempt(job.function)
         else:
-            result, error = _attempt(functools.partial(job.function, job.payload))
+            result, error = _attempt(lambda: job.function(_joined([job.payload], self.device)))
             if error is None:
                 self.batches_run += 1
                 self.jobs_batched += 1

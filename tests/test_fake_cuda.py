@@ -9,6 +9,7 @@ second; what is checked is where tensors live, their dtypes, and what crosses th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -24,7 +25,8 @@ from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.nets.retinaface import RetinaFace
-from codeformer.runtime import Nets, Runtime, upload
+from codeformer.runtime import Nets, Runtime, staged, upload
+from codeformer.scheduler import DeviceScheduler
 from codeformer.stages import detect, device_paste, face_batch
 from codeformer.stages.detect import FaceDetector, prior_boxes
 from codeformer.stages.device_warp import warp_crops_tensor
@@ -256,6 +258,63 @@ def test_restorer_uploads_the_crops_and_downloads_the_faces_only(
     assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
     assert log.waits == []
     assert finiteness_reads == ([(CPU, torch.bool, (2,))] if mixed_precision else [])
+
+
+@pytest.mark.parametrize("callers", [1, 2])
+def test_the_host_path_stages_faces_on_request_threads_and_the_device_thread_only_queues_copies(
+    mode: FakeTensorMode, callers: int
+) -> None:
+    """The host pixel path's batches on CUDA: no host copy of a face on the device thread.
+
+    Each request joins its images' crops into pinned memory on its own thread
+    (``runtime.staged``); the device thread uploads each request's part without blocking and
+    joins the parts on the device, for one forward when requests meet.
+    """
+    log = DeviceLog()
+    part_sizes = [(2, 1), (3,)][:callers]  # faces per image, per request
+    with mode, log:
+        payloads = [
+            staged([np.zeros((faces, FACE_SIZE, FACE_SIZE, 3), np.uint8) for faces in sizes], CUDA)
+            for sizes in part_sizes
+        ]
+    staging_by_requests, host_ops_by_requests = list(log.staging), list(log.host_ops)
+    assert staging_by_requests.count("aten.empty") == callers, "one pinned buffer per request"
+    assert [len(payload) for payload in payloads] == [sum(sizes) for sizes in part_sizes]
+
+    def serve_logged(serve: Callable[[], None]) -> threading.Thread:
+        def run() -> None:
+            with mode, log:
+                serve()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        seen.append((batch.device.type, tuple(batch.shape)))
+        return batch
+
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=60.0, start_thread=serve_logged, device=CUDA)
+    inside = threading.Barrier(callers)
+
+    def request(payload: torch.Tensor) -> None:
+        with scheduler.caller():
+            inside.wait()  # both in progress before either submits: their faces meet
+            scheduler.batched("restore", forward, payload)
+
+    threads = [threading.Thread(target=request, args=(payload,)) for payload in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60.0)
+        assert not thread.is_alive(), "a request hung"
+    scheduler.stop()
+    assert seen == [("cuda", (sum(len(payload) for payload in payloads), 512, 512, 3))]
+    assert log.staging == staging_by_requests, "no staging copy on the device thread"
+    assert log.uploads == log.pinned_uploads and len(log.uploads) == callers
+    assert log.host_ops == host_ops_by_requests and log.downloads == []
 
 
 @pytest.mark.parametrize(("mixed_precision", "stability"), device_variants(use_parse_only=True))

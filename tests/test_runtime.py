@@ -21,6 +21,7 @@ from codeformer.runtime import (
     cuda_numerics,
     download_with_flags,
     mixed_precision_pays,
+    staged,
 )
 
 
@@ -249,3 +250,11 @@ def test_download_with_flags_returns_the_result_and_the_flags_unchanged(dtype: t
     host_result, host_flags = download_with_flags(result[:, 1:], flags)  # a non-contiguous result too
     assert host_result.dtype == dtype and torch.equal(host_result, result[:, 1:])
     assert host_flags.dtype == torch.bool and host_flags.tolist() == [True, False, True]
+
+
+def test_staged_parts_off_cuda_are_the_host_join_and_a_lone_part_is_not_copied() -> None:
+    # on CUDA the join goes into pinned memory (tests/test_fake_cuda.py); elsewhere it stays NumPy
+    parts = [np.full((count, 2, 3), count, np.uint8) for count in (2, 1, 3)]
+    joined = staged(parts, torch.device("cpu"))
+    assert isinstance(joined, np.ndarray) and np.array_equal(joined, np.concatenate(parts))
+    assert staged(parts[:1], torch.device("cpu")) is parts[0]

@@ -152,20 +152,20 @@ class FaceParser(FaceBatchNet):
         self._face_classes = colormap.to(device)  # class index -> kept as face
         self._mask_operator = torch.tensor(PARSE_MASK_OPERATOR, device=device)  # (512, 512) float64
 
-    def labels(self, faces: np.ndarray, mixed_precision: bool = False) -> np.ndarray:
+    def labels(self, faces: np.ndarray | torch.Tensor, mixed_precision: bool = False) -> np.ndarray:
         """(F, 512, 512, 3) uint8/float64 BGR faces -> (F, 512, 512) bool, True on face classes.
 
         The input normalisation is the restorer's, which is also ParseNet's official one
         (float32 cast, / 255 in float32; see ``crops_to_tensor``). ``faces`` are
         ``RestoredFaces.faces`` (checked when built), or several images' faces joined by the
-        scheduler: they are not checked again here.
+        scheduler (on CUDA, already on the device): they are not checked again here.
         """
         if len(faces) == 0:
             return np.zeros((0, FACE_SIZE, FACE_SIZE), dtype=bool)
-        return self.labels_tensor(torch.from_numpy(faces), mixed_precision).numpy()
+        return self.labels_tensor(torch.as_tensor(faces), mixed_precision).numpy()
 
     def labels_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
-        """``labels``' device part: (F, 512, 512, 3) BGR faces -> (F, 512, 512) bool, both on the host."""
+        """``labels``' device part: (F, 512, 512, 3) BGR faces, host or device -> (F, 512, 512) bool, host."""
         with torch.inference_mode():
             return self._parse(faces, mixed_precision, self._face_pixels)
 

@@ -73,11 +73,13 @@ class FaceRestorer(FaceBatchNet):
     net: CodeFormer
     net_name = "CodeFormer"
 
-    def restore(self, crops: np.ndarray, fidelity: float, mixed_precision: bool = False) -> np.ndarray:
-        """(F, 512, 512, 3) uint8 BGR crops -> (F, 512, 512, 3) uint8 BGR restored faces.
+    def restore(
+        self, crops: np.ndarray | torch.Tensor, fidelity: float, mixed_precision: bool = False
+    ) -> np.ndarray:
+        """(F, 512, 512, 3) uint8 BGR crops -> (F, 512, 512, 3) uint8 BGR restored faces on the host.
 
         The crops are ``AlignedFaces.crops`` (checked when built), or several images' crops
-        joined by the scheduler: they are not checked again here.
+        joined by the scheduler (on CUDA, already on the device): they are not checked again here.
 
         ``fidelity`` is CodeFormer's w in [0, 1] (``RequestOptions.fidelity``, checked there);
         ``mixed_precision`` runs the network under autocast (bfloat16 on CPU, float16 on CUDA).
@@ -85,7 +87,7 @@ class FaceRestorer(FaceBatchNet):
         if len(crops) == 0:
             return np.empty((0, FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
 
-        faces_out = self.restore_tensor(torch.from_numpy(crops), fidelity, mixed_precision)
+        faces_out = self.restore_tensor(torch.as_tensor(crops), fidelity, mixed_precision)
         logger.debug("restored %d faces (w=%.3f, mixed_precision=%s)", len(crops), fidelity, mixed_precision)
         return faces_out.numpy()
 
