@@ -36,6 +36,7 @@ from codeformer.config import (
     RequestOptions,
 )
 from codeformer.errors import InputError, reported_as_failure
+from codeformer.progress import StepReached
 from codeformer.serving.fetch import check_fetching_deferred, defer_cog_fetching
 from codeformer.serving.lifecycle import InFlight, remove_stale_prediction_dirs, start_sweeper
 from codeformer.serving.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
@@ -214,11 +215,21 @@ class Predictor(BaseRunner):
         request_start: float | None = None,
     ) -> list[Path]:
         """The blocking part of ``run``: the request (``restore_request``), then its JPGs as
-        files and its figures as the prediction's metrics."""
+        files and its figures as the prediction's metrics; a failed request's metrics say how
+        many images it had and the step it had started last (``failed_at``)."""
         from codeformer.scheduler import check_cancel
 
         self.remove_stale_folders()
-        restored = restore_request(self.restorer, images, options, cancel, PROJECT_ROOT, request_start)
+        reached = StepReached()
+        try:
+            restored = restore_request(
+                self.restorer, images, options, cancel, PROJECT_ROOT, request_start, reached
+            )
+        except Exception:
+            # coglet returns the metrics recorded before a failure: say how far the request got
+            self.record_metric("image_count", len(images))
+            self.record_metric("failed_at", reached.name)
+            raise
         check_cancel(cancel)  # nobody will read the files of a cancelled request
         output_dir = new_output_dir()
         outputs = [Path(output_dir / f"restored_{index}.jpg") for index in range(len(restored.jpgs))]

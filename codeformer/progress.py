@@ -4,7 +4,8 @@
 detection, its paste-back and its encode, and one CodeFormer pass over all the request's
 faces. The server and programs pass nothing (``Progress``, which shows nothing: their
 record is the log and the prediction's figures); ``python -m codeformer`` on a terminal
-shows ``TerminalProgress``, a tqdm bar whose label names the step running now.
+shows ``TerminalProgress``, a tqdm bar whose label names the step running now;
+``predict.py`` keeps ``StepReached``, the step a failed request had started last.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ class Progress:
 
     def end(self) -> None:
         """The request's last step is done (also after a failure)."""
+
+
+class StepReached(Progress):
+    """Remembers the name of the step that started last: where a failed request stopped."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    def step(self, name: str) -> None:
+        self.name = name
 
 
 class TerminalProgress(Progress):

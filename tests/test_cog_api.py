@@ -157,3 +157,21 @@ def test_run_in_process_returns_one_jpg_per_input_in_order_with_its_metrics(
     assert all(Image.open(path).format == "JPEG" for path in outputs)
     assert [image["label"] for image in recorded["images"]] == ["images[0] (0.png)", "images[1] (1.png)"]
     assert recorded["options"]["runtime_profile"] == "max_speed"
+    assert recorded["admission_pixels"] == sum(height * width for height, width in sizes)
+
+
+def test_a_failed_request_records_its_image_count_and_the_step_it_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """coglet returns what a prediction recorded before it failed (a stand-in predictor: the
+    request fails reading its second input, before any net runs)."""
+    predictor = stand_in_predictor()
+    recorded: dict[str, object] = {}
+    monkeypatch.setattr(
+        predictor, "record_metric", lambda key, value, mode="replace": recorded.update({key: value})
+    )
+    good = data_uri(png_bytes(flat_canvas(32, 32)), name="good.png")
+    bad = "data:image/png;name=bad.png;base64,bm90IGFuIGltYWdl"  # "not an image"
+    with pytest.raises(CodeFormerError, match=r"^images\[1\] \(bad.png\): not a readable"):
+        asyncio.run(predictor.run(images=[good, bad, good], **OPTIONS))
+    assert recorded == {"image_count": 3, "failed_at": "images[1] (bad.png): read"}

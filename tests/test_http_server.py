@@ -127,6 +127,7 @@ def test_data_uri_and_http_url_inputs_give_jpgs_in_order_at_input_size(running: 
     assert set(metrics) == {
         "predict_time",
         "images",
+        "admission_pixels",
         "admission_wait_ms",
         "shared_forwards",
         "wall_ms",
@@ -140,6 +141,7 @@ def test_data_uri_and_http_url_inputs_give_jpgs_in_order_at_input_size(running: 
     }
     assert metrics["shared_forwards"] == 0  # alone on the server
     assert metrics["wall_ms"] > 0 and metrics["admission_wait_ms"] >= 0
+    assert metrics["admission_pixels"] == 200 * 260 + 256 * 192  # the two images, from their headers
     # per image, in order, named as errors name it (a data URI by its name= parameter)
     tall, face = metrics["images"]
     assert (tall["label"], tall["width"], tall["height"]) == ("images[0] (tall.jpg)", 200, 260)
@@ -254,7 +256,12 @@ def test_a_corrupt_image_among_good_ones_fails_the_request(running: Running) -> 
     assert project_sentence(result.error).startswith("images[1] (corrupt.jpg): not a readable image")
     assert str(PROJECT_ROOT) not in result.error
     assert result.output == []
-    assert "images" not in result.metrics  # a failed request records no figures
+    # what the request recorded before it failed: coglet returns it with the failure
+    assert "images" not in result.metrics
+    assert (result.metrics["image_count"], result.metrics["failed_at"]) == (
+        3,
+        "images[1] (corrupt.jpg): read",
+    )
     assert_good_request_succeeds(running.client)
 
 

@@ -56,7 +56,10 @@ def test_request_metrics_name_the_options_that_ran(stability: str, compile_backe
 
 def test_request_metrics_keep_each_image_in_order_with_its_stages_rounded_to_a_tenth() -> None:
     second = {**IMAGE, "label": "images[1] (b.png)", "faces_found": 0, "faces_restored": 0}
-    metrics = request_metrics([IMAGE, second], RequestOptions(), 0.0, 10.0, shared_forwards=3)
+    metrics = request_metrics(
+        [IMAGE, second], RequestOptions(), 0.0, 10.0, shared_forwards=3, admission_pixels=6144
+    )
     assert [image["label"] for image in metrics["images"]] == ["images[0] (a.jpg)", "images[1] (b.png)"]
     assert metrics["images"][0] == {**IMAGE, "stages_ms": {"read_decode": 3.0, "detect": 5.1, "encode": 1.0}}
     assert metrics["shared_forwards"] == 3
+    assert metrics["admission_pixels"] == 6144

@@ -114,6 +114,7 @@ def request_metrics(
     admission_wait_ms: float,
     wall_ms: float,
     shared_forwards: int = 0,
+    admission_pixels: int = 0,
 ) -> dict[str, Any]:
     """One request's figures, JSON-ready: the prediction's Cog metrics (metric name -> value).
 
@@ -122,6 +123,8 @@ def request_metrics(
     sorted, the stages run in the pipeline's order: read_decode, prepare, detect, align,
     restore, parse, paste, resize, encode). Milliseconds are rounded to 0.1 ms; the log lines
     round the same figures to 1 ms.
+    ``admission_pixels``: the pixels the request was admitted with (its images' sizes from
+    their headers), which it held in flight from decode to encode.
     ``shared_forwards``: the request's CodeFormer/ParseNet forwards that also ran other
     requests' faces (``DeviceScheduler.shared_forwards``). It is the request's, not an
     image's: the pipeline sends all of a request's faces to CodeFormer as one call.
@@ -134,6 +137,7 @@ def request_metrics(
             {**image, "stages_ms": {stage: round(ms, 1) for stage, ms in image["stages_ms"].items()}}
             for image in images
         ],
+        "admission_pixels": admission_pixels,
         "admission_wait_ms": round(admission_wait_ms, 1),
         "shared_forwards": shared_forwards,
         "wall_ms": round(wall_ms, 1),
@@ -275,5 +279,5 @@ def _restore_request(
         wall_ms,
     )
     return RestoredRequest(
-        jpgs, request_metrics(image_figures, options, admission_ms, wall_ms, shared_forwards)
+        jpgs, request_metrics(image_figures, options, admission_ms, wall_ms, shared_forwards, pixels)
     )
