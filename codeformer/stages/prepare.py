@@ -24,9 +24,15 @@ def is_gray(image: np.ndarray, threshold: float = GRAY_THRESHOLD) -> bool:
     if image.ndim == 2 or image.shape[2] == 1:
         return True
     if image.dtype == np.uint8 and image.shape[2] == 3 and image.size > 0:
-        score = _fast_gray_score(image)
-        if abs(score - threshold) > GRAY_EXACT_MARGIN:
-            return score <= threshold
+        return _decided(_fast_gray_score(image), image, threshold)
+    return _numpy_gray_score(image) <= threshold
+
+
+def _decided(score: float, image: np.ndarray, threshold: float) -> bool:
+    """``score <= threshold``, or where a fast ``score`` lies within ``GRAY_EXACT_MARGIN`` of
+    the threshold (rare), the official formula's verdict on ``image``."""
+    if abs(score - threshold) > GRAY_EXACT_MARGIN:
+        return score <= threshold
     return _numpy_gray_score(image) <= threshold
 
 
@@ -54,9 +60,7 @@ def is_gray_from_sums(sums: Sequence[int], image: np.ndarray, threshold: float =
     pixels = image.shape[0] * image.shape[1]
     totals = [float(value) for value in sums]
     score = _score([total / pixels for total in totals[1::2]], [total / pixels for total in totals[0::2]])
-    if abs(score - threshold) > GRAY_EXACT_MARGIN:
-        return score <= threshold
-    return _numpy_gray_score(image) <= threshold
+    return _decided(score, image, threshold)
 
 
 def _fast_gray_score(image: np.ndarray) -> float:
