@@ -40,10 +40,9 @@ from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
 from codeformer.serving.client import SETUP_FAILED
 from codeformer.serving.lifecycle import (
-    SLOTS_DIR_PREFIX,
     drain,
     health_status,
-    remove_stale_prediction_dirs,
+    remove_orphaned_slot_folders,
     request_shutdown,
     shutdown_grace_s,
 )
@@ -182,9 +181,8 @@ def local_url(host: str, port: int) -> str:
 
 
 def remove_leftovers() -> None:
-    """Remove the folders of workers that no longer run, and coglet's old prediction folders."""
-    removed = remove_orphaned_output_dirs() + remove_orphaned_output_dirs(prefix=SLOTS_DIR_PREFIX)
-    removed += remove_stale_prediction_dirs()
+    """Remove the folders of workers that no longer run, with coglet's folders of their predictions."""
+    removed = remove_orphaned_output_dirs() + remove_orphaned_slot_folders()
     logger.info("stopped; removed %d folder(s) the worker and coglet left", removed)
     logging.shutdown()
 
