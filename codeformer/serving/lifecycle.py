@@ -85,7 +85,11 @@ HEALTH_STATES = {
     "UNHEALTHY": "the worker is gone (killed, crashed) or failed its health check",
 }
 LIVE_STATES = frozenset({"UNKNOWN", "STARTING", "READY", "BUSY"})
-READY_STATES = frozenset({"READY"})
+# BUSY stays ready: its slots free within a request's time, and its 409 sends the caller to
+# another replica; out of rotation at every full moment, a replica flaps with the traffic,
+# and when all are busy the balancer has none left (refused connections, not a 409 to retry).
+# coglet's own readiness file (/var/run/cog/ready) is written once set up, never removed.
+READY_STATES = frozenset({"READY", "BUSY"})
 
 
 def shutdown_grace_s() -> float:
