@@ -9,6 +9,7 @@ folders must not stay; the other loses its worker to ``kill -9``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import http.server
 import json
@@ -38,13 +39,15 @@ from codeformer.serving.lifecycle import (
     SLOTS_DIR_PREFIX,
     InFlight,
     drain,
+    health_status,
     live_slot_folders,
     probe,
     remove_orphaned_slot_folders,
     shutdown_grace_s,
 )
-from codeformer.serving.serve import EXIT_WORKER_GONE
-from codeformer.tools.local_server import LocalServer, find_worker_pid
+from codeformer.serving.schema import DEFAULT_PREDICTOR_REF, write_schema
+from codeformer.serving.serve import EXIT_WORKER_GONE, image_environment
+from codeformer.tools.local_server import LocalServer, find_worker_pid, free_port
 
 GRACE_S = 300  # the servers' drain grace period: far longer than any request here
 HOUR_S = 3600.0
@@ -357,7 +360,8 @@ def test_sigterm_delivers_the_running_prediction_and_leaves_nothing(
 
         wait_for(lambda: (slots / DRAINING_FILE).exists(), bool, "the drain")
         refused = client.predict(cheap_request(), retry_busy=False)
-        assert refused.status == "failed", refused.body
+        # coglet 0.23 answers a failed prediction 200 (503 only before set-up): `probe ready` is the signal
+        assert (refused.http_status, refused.status) == (200, "failed"), refused.body
         assert "shutting down" in project_sentence(refused.error)
 
         assert process.wait(timeout=GRACE_S) == 0, server.log_tail()
@@ -417,3 +421,81 @@ def test_a_drain_fails_what_outlives_it_and_a_killed_worker_stops_the_server(wei
         assert 409 not in answers, answers
         assert "BUSY" not in health, health  # a dead replica never looks busy
         assert_no_process_left(process.pid)
+
+
+@pytest.mark.server
+def test_the_images_entry_ignores_sigterm_and_stops_after_its_pre_stop_drain(
+    weights_dir: Path, tmp_path: Path
+) -> None:
+    """The image's own entry, ``python -m cog.server.http --await-explicit-shutdown true``:
+    SIGTERM changes nothing, and ``drain --shutdown`` (the pre-stop step) lets the async
+    prediction reach its webhook, then stops the server."""
+    write_schema(DEFAULT_PREDICTOR_REF)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **image_environment(DEFAULT_PREDICTOR_REF, os.environ),
+        "PORT": str(port),
+        "CODEFORMER_WEIGHTS_DIR": str(weights_dir),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "cog.server.http",
+        "--host",
+        "127.0.0.1",
+        "--await-explicit-shutdown",
+        "true",
+    ]
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log, WebhookReceiver() as webhooks:
+        process = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: health_status(url), lambda status: status == "READY", "READY", 600)
+            worker = find_worker_pid(process.pid)
+            assert worker is not None
+            prediction_id = f"image-{os.getpid()}"
+            response = requests.put(
+                f"{url}/predictions/{prediction_id}",
+                json={"input": slow_request(), "webhook": webhooks.url},
+                headers={"Prefer": "respond-async"},
+                timeout=60,
+            )
+            assert response.status_code == 202, response.text
+            [slots] = live_slot_folders(owner_pid=worker)
+            wait_for(lambda: list(slots.glob(f"{REQUEST_FILE_PREFIX}*")), bool, "the prediction in run()")
+            process.send_signal(signal.SIGTERM)
+
+            drain_command = [
+                sys.executable,
+                "-m",
+                "codeformer.serving.lifecycle",
+                "drain",
+                "--worker",
+                str(worker),
+            ]
+            drained = subprocess.run(
+                [*drain_command, "--shutdown", "--url", url],
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=GRACE_S,
+            )
+            assert drained.returncode == 0, drained.stderr
+            assert process.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+            final = webhooks.wait(prediction_id, timeout_s=10)
+            assert final["status"] == "succeeded", final
+            assert_no_process_left(process.pid)
+            assert not coglet_folder(prediction_id).exists()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)

@@ -24,7 +24,7 @@ than ``PREDICTION_DIR_RETENTION_S``, and every one as the worker exits;
 coglet servers sharing ``/tmp`` (other replicas, other models) are never touched: theirs may
 belong to predictions still running.
 
-    python -m codeformer.serving.lifecycle drain [--grace-s 300] [--worker PID]
+    python -m codeformer.serving.lifecycle drain [--grace-s 300] [--worker PID] [--shutdown [--url URL]]
     python -m codeformer.serving.lifecycle probe live|ready [--url http://127.0.0.1:5000]
 """
 
@@ -72,6 +72,9 @@ SWEEP_INTERVAL_S = 30.0
 DEFAULT_SHUTDOWN_GRACE_S = 300.0
 SHUTDOWN_GRACE_ENV = "CODEFORMER_SHUTDOWN_GRACE_S"
 DRAIN_POLL_S = 0.1
+# seconds between the last prediction leaving run() and the stop: coglet sends its terminal
+# webhook after run() returns, and a webhook not yet sent when coglet stops is never sent
+WEBHOOK_SETTLE_S = 1.0
 DEFAULT_URL = "http://127.0.0.1:5000"
 
 # coglet 0.23's health states (GET /health-check, "status"), what each means for a balancer
@@ -307,7 +310,7 @@ def health_status(url: str, timeout_s: float = 5.0) -> str:
 
 def request_shutdown(url: str) -> None:
     """``POST <url>/shutdown``: coglet stops its worker and returns from ``serve``."""
-    shutdown = urllib.request.Request(f"{url}/shutdown", method="POST")
+    shutdown = urllib.request.Request(f"{url.rstrip('/')}/shutdown", method="POST")
     with contextlib.suppress(OSError), _LOCAL.open(shutdown, timeout=10):
         pass
 
@@ -329,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     drain_parser = commands.add_parser("drain", help="refuse new predictions, wait for the running ones")
     drain_parser.add_argument("--grace-s", type=float, help=f"default ${SHUTDOWN_GRACE_ENV}, else 300")
     drain_parser.add_argument("--worker", type=int, help="the worker's pid (default: every worker here)")
+    drain_parser.add_argument(
+        "--shutdown",
+        action="store_true",
+        help="then POST /shutdown (a server run with --await-explicit-shutdown)",
+    )
+    drain_parser.add_argument(
+        "--url", default=DEFAULT_URL, help="the server for --shutdown, default %(default)s"
+    )
     probe_parser = commands.add_parser("probe", help="exit 0 when the replica is live/ready, else 1")
     probe_parser.add_argument("kind", choices=["live", "ready"])
     probe_parser.add_argument("--url", default=DEFAULT_URL, help="default %(default)s")
@@ -348,9 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error(
             "drain: %d prediction(s) still running after %.0f s were stopped and failed", left, grace_s
         )
-        return 1
-    logger.info("drain: no prediction in flight")
-    return 0
+    else:
+        logger.info("drain: no prediction in flight")
+    if args.shutdown:
+        time.sleep(WEBHOOK_SETTLE_S)
+        request_shutdown(args.url)
+    return 1 if left else 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
 from codeformer.serving.client import SETUP_FAILED
 from codeformer.serving.lifecycle import (
+    WEBHOOK_SETTLE_S,
     drain,
     health_status,
     remove_orphaned_slot_folders,
@@ -57,9 +58,6 @@ DEFAULT_PORT = 5000
 STOP_GRACE_S = 20.0
 WORKER_MARKER = b"_run_worker"  # coglet starts its worker as `python -c "...coglet.server._run_worker()"`
 WATCH_INTERVAL_S = 0.5  # how often serve() looks for SIGTERM and for its worker
-# seconds between the last prediction leaving run() and the stop: coglet sends its terminal
-# webhook after run() returns, and a webhook not yet sent when coglet stops is never sent
-WEBHOOK_SETTLE_S = 1.0
 EXIT_WORKER_GONE = 70  # EX_SOFTWARE, as a worker that hit a sticky CUDA error exits
 EXIT_DRAIN_TIMEOUT = 75  # EX_TEMPFAIL: stopped with predictions still running
 
