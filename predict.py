@@ -38,7 +38,7 @@ from codeformer.config import (
 from codeformer.errors import InputError, reported_as_failure
 from codeformer.progress import StepReached
 from codeformer.serving.fetch import check_fetching_deferred, defer_cog_fetching
-from codeformer.serving.lifecycle import InFlight, remove_stale_prediction_dirs, start_sweeper
+from codeformer.serving.lifecycle import InFlight, start_sweeper
 from codeformer.serving.outputs import OutputFolders, new_output_dir, remove_orphaned_output_dirs
 from codeformer.serving.records import SETUP_MARKER, record_line
 from codeformer.serving.request import restore_request
@@ -244,6 +244,6 @@ class Predictor(BaseRunner):
         return outputs
 
     def remove_stale_folders(self) -> None:
-        """Remove this worker's output folders that Cog has read, and coglet's stale prediction folders."""
+        """Remove this worker's output folders that Cog has read, and coglet's old folders of its own."""
         self.output_folders.discard_expired()
-        remove_stale_prediction_dirs(self.in_flight.oldest_start())
+        self.in_flight.remove_stale_prediction_dirs()

@@ -9,6 +9,8 @@ folders must not stay; the other loses its worker to ``kill -9``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import http.server
 import json
 import os
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,17 +32,22 @@ from codeformer.serving.lifecycle import (
     COGLET_PREDICTIONS_DIR,
     DRAINING_FILE,
     HEALTH_STATES,
+    PREDICTION_ID_VAR,
     REQUEST_FILE_PREFIX,
+    SERVED_FILE_PREFIX,
     SHUTDOWN_GRACE_ENV,
+    SLOTS_DIR_PREFIX,
     InFlight,
     drain,
+    health_status,
     live_slot_folders,
     probe,
-    remove_stale_prediction_dirs,
+    remove_orphaned_slot_folders,
     shutdown_grace_s,
 )
-from codeformer.serving.serve import EXIT_WORKER_GONE
-from codeformer.tools.local_server import LocalServer, find_worker_pid
+from codeformer.serving.schema import DEFAULT_PREDICTOR_REF, write_schema
+from codeformer.serving.serve import EXIT_WORKER_GONE, image_environment
+from codeformer.tools.local_server import LocalServer, find_worker_pid, free_port
 
 GRACE_S = 300  # the servers' drain grace period: far longer than any request here
 HOUR_S = 3600.0
@@ -131,17 +139,63 @@ def test_a_cancel_without_a_drain_stays_a_cancel(in_flight: InFlight) -> None:
         raise RequestCancelled("the prediction was cancelled")
 
 
-def test_old_prediction_folders_go_and_those_of_running_predictions_stay(tmp_path: Path) -> None:
-    now = os.path.getmtime(tmp_path)
-    ages = {"finished-long-ago": 2 * HOUR_S, "running-long": HOUR_S, "just-finished": 1.0}
+# coglet's ContextVar holding the prediction's id around run(), as its worker makes it
+PREDICTION_ID = contextvars.ContextVar(PREDICTION_ID_VAR)
+
+
+def as_prediction(prediction_id: str, slots: InFlight, release: threading.Event | None = None) -> None:
+    """``slots.request()`` inside a context where coglet's ContextVar names ``prediction_id``."""
+
+    def run() -> None:
+        PREDICTION_ID.set(prediction_id)
+        with slots.request():
+            if release is not None:
+                assert release.wait(60)
+
+    contextvars.Context().run(run)
+
+
+def make_coglet_folders(root: Path, ages: dict[str, float]) -> None:
+    now = time.time()
     for name, age in ages.items():
-        (tmp_path / name / "inputs").mkdir(parents=True)
-        os.utime(tmp_path / name, (now - age, now - age))
-    # the oldest prediction still running started 1.5 hours ago: its folder (1 hour old) stays
-    assert remove_stale_prediction_dirs(now - 1.5 * HOUR_S, retention_s=60.0, root=tmp_path) == 1
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["just-finished", "running-long"]
-    assert remove_stale_prediction_dirs(None, retention_s=60.0, root=tmp_path) == 1
-    assert [path.name for path in tmp_path.iterdir()] == ["just-finished"]
+        (root / name / "inputs").mkdir(parents=True)
+        os.utime(root / name, (now - age, now - age))
+
+
+def test_only_old_folders_of_predictions_this_worker_served_go(in_flight: InFlight, tmp_path: Path) -> None:
+    root = tmp_path / "coglet-predictions"
+    for prediction_id in ("served-long-ago", "served-just-now", "running-long", "../escape"):
+        as_prediction(prediction_id, in_flight)
+    release = threading.Event()
+    running = threading.Thread(target=as_prediction, args=("running-long", in_flight, release), daemon=True)
+    running.start()
+    wait_for(lambda: len(list(in_flight.folder.glob(f"{REQUEST_FILE_PREFIX}*"))), bool, "running-long starts")
+    # another coglet server on this machine (another replica, another model) owns other-server's folder
+    ages = {"served-long-ago": HOUR_S, "served-just-now": 1.0, "running-long": HOUR_S, "other-server": HOUR_S}
+    make_coglet_folders(root, ages)
+    assert in_flight.remove_stale_prediction_dirs(retention_s=60.0, root=root) == 1
+    assert sorted(path.name for path in root.iterdir()) == ["other-server", "running-long", "served-just-now"]
+    release.set()
+    running.join(60)
+    assert in_flight.remove_stale_prediction_dirs(retention_s=0.0, root=root) == 2  # as the worker exits
+    assert [path.name for path in root.iterdir()] == ["other-server"]
+
+
+def test_a_killed_workers_folders_go_with_coglets_folders_of_its_predictions(tmp_path: Path) -> None:
+    root = tmp_path / "coglet-predictions"
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    killed = tmp_path / f"{SLOTS_DIR_PREFIX}{gone.pid}-abcdefgh"
+    alive = tmp_path / f"{SLOTS_DIR_PREFIX}{os.getpid()}-abcdefgh"
+    for folder in (killed, alive):
+        folder.mkdir()
+        (folder / f"{SERVED_FILE_PREFIX}served-{folder.name}").touch()
+    (killed / f"{REQUEST_FILE_PREFIX}0").write_text("was-running")
+    (killed / f"{REQUEST_FILE_PREFIX}1").write_text("")  # a prediction coglet gave no id
+    make_coglet_folders(root, {"was-running": 1.0, f"served-{killed.name}": 1.0, f"served-{alive.name}": 1.0})
+    assert remove_orphaned_slot_folders(tmp_path, root) == 3
+    assert [path.name for path in tmp_path.glob(f"{SLOTS_DIR_PREFIX}*")] == [alive.name]
+    assert [path.name for path in root.iterdir()] == [f"served-{alive.name}"]
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
@@ -182,7 +236,7 @@ def test_the_probes_read_the_health_state_not_the_http_status(
     states.append(state)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # no drain on this machine's replicas
     assert probe("live", url)[0] == (state in {"UNKNOWN", "STARTING", "READY", "BUSY"})
-    assert probe("ready", url)[0] == (state == "READY")
+    assert probe("ready", url)[0] == (state in {"READY", "BUSY"})  # a busy replica stays in rotation
 
 
 def test_a_draining_replica_is_live_but_not_ready(
@@ -207,6 +261,15 @@ def test_a_server_that_does_not_answer_is_neither_live_nor_ready() -> None:
 # -- real servers ----------------------------------------------------------------------------
 def coglet_folder(prediction_id: str) -> Path:
     return COGLET_PREDICTIONS_DIR / prediction_id
+
+
+def make_old_folder(prediction_id: str) -> Path:
+    """coglet's folder for ``prediction_id`` (made if missing), its time set an hour back."""
+    folder = coglet_folder(prediction_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    long_ago = time.time() - HOUR_S
+    os.utime(folder, (long_ago, long_ago))
+    return folder
 
 
 def process_group_alive(pgid: int) -> bool:
@@ -271,17 +334,20 @@ def test_sigterm_delivers_the_running_prediction_and_leaves_nothing(
             return response
 
         monkeypatch.setattr(client.session, "put", put_answer_lost)
-        # coglet leaves a folder per prediction; once old, the worker removes it
+        # coglet leaves a folder per prediction; once old, the worker removes those it served,
+        # never another coglet server's (one on this machine may still run that prediction)
+        other_server = make_old_folder(f"other-server-{os.getpid()}")
         earlier = [f"old-{os.getpid()}-{number}" for number in range(3)]
         for prediction_id in earlier:
             result = client.predict_async(cheap_request(), webhooks, prediction_id=prediction_id)
             assert result.status == "succeeded", result.body
             assert coglet_folder(prediction_id).is_dir()  # coglet made it
-            long_ago = os.path.getmtime(coglet_folder(prediction_id)) - HOUR_S
-            os.utime(coglet_folder(prediction_id), (long_ago, long_ago))
+            make_old_folder(prediction_id)
         assert lost == [202]
         assert client.predict_async(cheap_request(), webhooks).status == "succeeded"
         assert [prediction_id for prediction_id in earlier if coglet_folder(prediction_id).exists()] == []
+        assert other_server.is_dir()
+        other_server.rmdir()
 
         # SIGTERM while an async prediction runs
         slow_id = f"slow-{os.getpid()}"
@@ -294,7 +360,8 @@ def test_sigterm_delivers_the_running_prediction_and_leaves_nothing(
 
         wait_for(lambda: (slots / DRAINING_FILE).exists(), bool, "the drain")
         refused = client.predict(cheap_request(), retry_busy=False)
-        assert refused.status == "failed", refused.body
+        # coglet 0.23 answers a failed prediction 200 (503 only before set-up): `probe ready` is the signal
+        assert (refused.http_status, refused.status) == (200, "failed"), refused.body
         assert "shutting down" in project_sentence(refused.error)
 
         assert process.wait(timeout=GRACE_S) == 0, server.log_tail()
@@ -305,6 +372,7 @@ def test_sigterm_delivers_the_running_prediction_and_leaves_nothing(
         assert terminal == [final]  # it ran once, the retry started nothing
         assert_no_process_left(process.pid)
         assert not slots.exists()
+        assert not coglet_folder(slow_id).exists()  # the worker removed its folders as it exited
 
 
 @pytest.mark.server
@@ -353,3 +421,81 @@ def test_a_drain_fails_what_outlives_it_and_a_killed_worker_stops_the_server(wei
         assert 409 not in answers, answers
         assert "BUSY" not in health, health  # a dead replica never looks busy
         assert_no_process_left(process.pid)
+
+
+@pytest.mark.server
+def test_the_images_entry_ignores_sigterm_and_stops_after_its_pre_stop_drain(
+    weights_dir: Path, tmp_path: Path
+) -> None:
+    """The image's own entry, ``python -m cog.server.http --await-explicit-shutdown true``:
+    SIGTERM changes nothing, and ``drain --shutdown`` (the pre-stop step) lets the async
+    prediction reach its webhook, then stops the server."""
+    write_schema(DEFAULT_PREDICTOR_REF)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **image_environment(DEFAULT_PREDICTOR_REF, os.environ),
+        "PORT": str(port),
+        "CODEFORMER_WEIGHTS_DIR": str(weights_dir),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "cog.server.http",
+        "--host",
+        "127.0.0.1",
+        "--await-explicit-shutdown",
+        "true",
+    ]
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log, WebhookReceiver() as webhooks:
+        process = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: health_status(url), lambda status: status == "READY", "READY", 600)
+            worker = find_worker_pid(process.pid)
+            assert worker is not None
+            prediction_id = f"image-{os.getpid()}"
+            response = requests.put(
+                f"{url}/predictions/{prediction_id}",
+                json={"input": slow_request(), "webhook": webhooks.url},
+                headers={"Prefer": "respond-async"},
+                timeout=60,
+            )
+            assert response.status_code == 202, response.text
+            [slots] = live_slot_folders(owner_pid=worker)
+            wait_for(lambda: list(slots.glob(f"{REQUEST_FILE_PREFIX}*")), bool, "the prediction in run()")
+            process.send_signal(signal.SIGTERM)
+
+            drain_command = [
+                sys.executable,
+                "-m",
+                "codeformer.serving.lifecycle",
+                "drain",
+                "--worker",
+                str(worker),
+            ]
+            drained = subprocess.run(
+                [*drain_command, "--shutdown", "--url", url],
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=GRACE_S,
+            )
+            assert drained.returncode == 0, drained.stderr
+            assert process.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+            final = webhooks.wait(prediction_id, timeout_s=10)
+            assert final["status"] == "succeeded", final
+            assert_no_process_left(process.pid)
+            assert not coglet_folder(prediction_id).exists()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)

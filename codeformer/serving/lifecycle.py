@@ -17,11 +17,14 @@ the image and in the local server alike, keeps one:
   so a probe must read the JSON) and the drain.
 
 coglet's orchestrator makes a folder ``/tmp/coglet/predictions/<id>/`` (empty ``inputs/``
-and ``outputs/``) for every prediction and never removes it; ``remove_stale_prediction_dirs``
-does, once it is older than ``PREDICTION_DIR_RETENTION_S`` and older than every prediction
-this worker still runs.
+and ``outputs/``) for every prediction and never removes it. ``InFlight`` notes the id of
+each prediction this worker served (a ``served-<id>`` file) and removes its folder once older
+than ``PREDICTION_DIR_RETENTION_S``, and every one as the worker exits;
+``remove_orphaned_slot_folders`` removes those a killed worker left. The folders of other
+coglet servers sharing ``/tmp`` (other replicas, other models) are never touched: theirs may
+belong to predictions still running.
 
-    python -m codeformer.serving.lifecycle drain [--grace-s 300] [--worker PID]
+    python -m codeformer.serving.lifecycle drain [--grace-s 300] [--worker PID] [--shutdown [--url URL]]
     python -m codeformer.serving.lifecycle probe live|ready [--url http://127.0.0.1:5000]
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import itertools
 import json
 import logging
@@ -43,7 +47,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from codeformer.errors import RequestCancelled, ShuttingDownError
-from codeformer.serving.outputs import new_output_dir, owner_pid_alive, remove_orphaned_output_dirs
+from codeformer.serving.outputs import new_output_dir, owner_pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +57,11 @@ ABANDON_FILE = "abandon"
 ABANDON_POLL_S = 0.5
 # seconds an abandoned prediction gets to reach its next cancel check (one forward) and fail
 ABANDON_WAIT_S = 60.0
-REQUEST_FILE_PREFIX = "request-"
+REQUEST_FILE_PREFIX = "request-"  # holds the prediction's id, when coglet gave one
+SERVED_FILE_PREFIX = "served-"  # served-<id>: coglet's folder for <id> is this worker's to remove
+# the ContextVar coglet's worker sets to the prediction's id around run() (cog's own async
+# wrapper finds it by this name too); coglet 0.23 offers no public way to read the id
+PREDICTION_ID_VAR = "_coglet_prediction_id"
 # where coglet 0.23's orchestrator puts a folder per prediction (a constant in coglet, not $TMPDIR)
 COGLET_PREDICTIONS_DIR = Path("/tmp/coglet/predictions")
 # seconds a prediction's coglet folder may outlive the prediction (the issue allows minutes)
@@ -64,6 +72,9 @@ SWEEP_INTERVAL_S = 30.0
 DEFAULT_SHUTDOWN_GRACE_S = 300.0
 SHUTDOWN_GRACE_ENV = "CODEFORMER_SHUTDOWN_GRACE_S"
 DRAIN_POLL_S = 0.1
+# seconds between the last prediction leaving run() and the stop: coglet sends its terminal
+# webhook after run() returns, and a webhook not yet sent when coglet stops is never sent
+WEBHOOK_SETTLE_S = 1.0
 DEFAULT_URL = "http://127.0.0.1:5000"
 
 # coglet 0.23's health states (GET /health-check, "status"), what each means for a balancer
@@ -77,7 +88,11 @@ HEALTH_STATES = {
     "UNHEALTHY": "the worker is gone (killed, crashed) or failed its health check",
 }
 LIVE_STATES = frozenset({"UNKNOWN", "STARTING", "READY", "BUSY"})
-READY_STATES = frozenset({"READY"})
+# BUSY stays ready: its slots free within a request's time, and its 409 sends the caller to
+# another replica; out of rotation at every full moment, a replica flaps with the traffic,
+# and when all are busy the balancer has none left (refused connections, not a 409 to retry).
+# coglet's own readiness file (/var/run/cog/ready) is written once set up, never removed.
+READY_STATES = frozenset({"READY", "BUSY"})
 
 
 def shutdown_grace_s() -> float:
@@ -104,12 +119,12 @@ class InFlight:
     """
 
     def __init__(self) -> None:
-        remove_orphaned_output_dirs(prefix=SLOTS_DIR_PREFIX)  # folders of workers that were killed
+        remove_orphaned_slot_folders()  # those of workers that were killed
         self.folder = new_output_dir(SLOTS_DIR_PREFIX)
         self.abandoned_after_s: str | None = None  # the drain's grace period, once it ran out
         self._numbers = itertools.count()
-        # request file -> (wall time it started, its cancel flag)
-        self._running: dict[Path, tuple[float, threading.Event | None]] = {}
+        # request file -> (its prediction's id or None, its cancel flag)
+        self._running: dict[Path, tuple[str | None, threading.Event | None]] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._watch_abandon, name="codeformer-abandon", daemon=True).start()
 
@@ -128,9 +143,10 @@ class InFlight:
                 "this replica is shutting down and takes no new predictions; send it to another replica"
             )
         marker = self.folder / f"{REQUEST_FILE_PREFIX}{next(self._numbers)}"
+        prediction_id = current_prediction_id()
         with self._lock:
-            self._running[marker] = (time.time(), cancel)
-        marker.touch()
+            self._running[marker] = (prediction_id, cancel)
+        marker.write_text(prediction_id or "")
         try:
             yield
         except RequestCancelled:
@@ -141,6 +157,8 @@ class InFlight:
                 f"{self.abandoned_after_s} s ran out); send it again"
             ) from None
         finally:
+            if prediction_id is not None:
+                (self.folder / f"{SERVED_FILE_PREFIX}{prediction_id}").touch()
             marker.unlink(missing_ok=True)
             with self._lock:
                 del self._running[marker]
@@ -158,34 +176,61 @@ class InFlight:
                 if cancel is not None:
                     cancel.set()
 
-    def oldest_start(self) -> float | None:
-        """Wall time the oldest prediction in ``run()`` started, None when there is none."""
+    def remove_stale_prediction_dirs(
+        self, retention_s: float = PREDICTION_DIR_RETENTION_S, root: Path = COGLET_PREDICTIONS_DIR
+    ) -> int:
+        """Remove coglet's folders of the predictions this worker served, once older than
+        ``retention_s`` (those of predictions it runs again stay); returns how many."""
         with self._lock:
-            return min((started for started, _ in self._running.values()), default=None)
+            running = {prediction_id for prediction_id, _ in self._running.values()}
+        cutoff = time.time() - retention_s
+        removed = 0
+        for served in self.folder.glob(f"{SERVED_FILE_PREFIX}*"):
+            prediction_id = served.name.removeprefix(SERVED_FILE_PREFIX)
+            if prediction_id in running:
+                continue
+            with contextlib.suppress(OSError):  # gone already: only the note is left to remove
+                if (root / prediction_id).stat().st_mtime >= cutoff:
+                    continue
+                shutil.rmtree(root / prediction_id)
+                removed += 1
+            served.unlink(missing_ok=True)
+        return removed
 
     def remove(self) -> None:
+        """As the worker exits: coglet's folders of every prediction it served, then its own."""
+        self.remove_stale_prediction_dirs(retention_s=0.0)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def remove_stale_prediction_dirs(
-    oldest_in_flight: float | None = None,
-    retention_s: float = PREDICTION_DIR_RETENTION_S,
-    root: Path = COGLET_PREDICTIONS_DIR,
-) -> int:
-    """Remove coglet's per-prediction folders older than ``retention_s``; returns how many.
+def current_prediction_id() -> str | None:
+    """The id of the prediction whose ``run()`` calls this (coglet's ContextVar), if it can name a folder."""
+    for var, value in contextvars.copy_context().items():
+        if var.name == PREDICTION_ID_VAR and isinstance(value, str):
+            # an id from PUT /predictions/{id} is the caller's: only a plain name is a folder of coglet's
+            return value if value not in {"", ".", ".."} and Path(value).name == value else None
+    return None
 
-    A folder newer than ``oldest_in_flight`` (wall time, minus a second for the folder made
-    just before ``run()``) may belong to a prediction still running, and stays.
-    """
-    cutoff = time.time() - retention_s
-    if oldest_in_flight is not None:
-        cutoff = min(cutoff, oldest_in_flight - 1.0)
+
+def remove_orphaned_slot_folders(temp_dir: Path | None = None, root: Path = COGLET_PREDICTIONS_DIR) -> int:
+    """Remove the ``InFlight`` folders of workers that were killed, with coglet's folders of the
+    predictions they served or ran; returns how many folders went."""
     removed = 0
-    for folder in root.glob("*"):
-        with contextlib.suppress(OSError):
-            if folder.is_dir() and folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder)
+    for folder in (temp_dir or Path(tempfile.gettempdir())).glob(f"{SLOTS_DIR_PREFIX}*-*"):
+        if owner_pid_alive(folder, SLOTS_DIR_PREFIX):
+            continue
+        prediction_ids = [
+            served.name.removeprefix(SERVED_FILE_PREFIX) for served in folder.glob(f"{SERVED_FILE_PREFIX}*")
+        ]
+        for request in folder.glob(f"{REQUEST_FILE_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                prediction_ids.append(request.read_text())
+        for prediction_id in filter(None, prediction_ids):
+            if (root / prediction_id).is_dir():
+                shutil.rmtree(root / prediction_id, ignore_errors=True)
                 removed += 1
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
     return removed
 
 
@@ -265,7 +310,7 @@ def health_status(url: str, timeout_s: float = 5.0) -> str:
 
 def request_shutdown(url: str) -> None:
     """``POST <url>/shutdown``: coglet stops its worker and returns from ``serve``."""
-    shutdown = urllib.request.Request(f"{url}/shutdown", method="POST")
+    shutdown = urllib.request.Request(f"{url.rstrip('/')}/shutdown", method="POST")
     with contextlib.suppress(OSError), _LOCAL.open(shutdown, timeout=10):
         pass
 
@@ -287,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     drain_parser = commands.add_parser("drain", help="refuse new predictions, wait for the running ones")
     drain_parser.add_argument("--grace-s", type=float, help=f"default ${SHUTDOWN_GRACE_ENV}, else 300")
     drain_parser.add_argument("--worker", type=int, help="the worker's pid (default: every worker here)")
+    drain_parser.add_argument(
+        "--shutdown",
+        action="store_true",
+        help="then POST /shutdown (a server run with --await-explicit-shutdown)",
+    )
+    drain_parser.add_argument(
+        "--url", default=DEFAULT_URL, help="the server for --shutdown, default %(default)s"
+    )
     probe_parser = commands.add_parser("probe", help="exit 0 when the replica is live/ready, else 1")
     probe_parser.add_argument("kind", choices=["live", "ready"])
     probe_parser.add_argument("--url", default=DEFAULT_URL, help="default %(default)s")
@@ -306,9 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error(
             "drain: %d prediction(s) still running after %.0f s were stopped and failed", left, grace_s
         )
-        return 1
-    logger.info("drain: no prediction in flight")
-    return 0
+    else:
+        logger.info("drain: no prediction in flight")
+    if args.shutdown:
+        time.sleep(WEBHOOK_SETTLE_S)
+        request_shutdown(args.url)
+    return 1 if left else 0
 
 
 if __name__ == "__main__":

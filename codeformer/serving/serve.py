@@ -40,10 +40,10 @@ from codeformer.config import PROJECT_ROOT
 from codeformer.errors import ConfigError
 from codeformer.serving.client import SETUP_FAILED
 from codeformer.serving.lifecycle import (
-    SLOTS_DIR_PREFIX,
+    WEBHOOK_SETTLE_S,
     drain,
     health_status,
-    remove_stale_prediction_dirs,
+    remove_orphaned_slot_folders,
     request_shutdown,
     shutdown_grace_s,
 )
@@ -58,9 +58,6 @@ DEFAULT_PORT = 5000
 STOP_GRACE_S = 20.0
 WORKER_MARKER = b"_run_worker"  # coglet starts its worker as `python -c "...coglet.server._run_worker()"`
 WATCH_INTERVAL_S = 0.5  # how often serve() looks for SIGTERM and for its worker
-# seconds between the last prediction leaving run() and the stop: coglet sends its terminal
-# webhook after run() returns, and a webhook not yet sent when coglet stops is never sent
-WEBHOOK_SETTLE_S = 1.0
 EXIT_WORKER_GONE = 70  # EX_SOFTWARE, as a worker that hit a sticky CUDA error exits
 EXIT_DRAIN_TIMEOUT = 75  # EX_TEMPFAIL: stopped with predictions still running
 
@@ -182,9 +179,8 @@ def local_url(host: str, port: int) -> str:
 
 
 def remove_leftovers() -> None:
-    """Remove the folders of workers that no longer run, and coglet's old prediction folders."""
-    removed = remove_orphaned_output_dirs() + remove_orphaned_output_dirs(prefix=SLOTS_DIR_PREFIX)
-    removed += remove_stale_prediction_dirs()
+    """Remove the folders of workers that no longer run, with coglet's folders of their predictions."""
+    removed = remove_orphaned_output_dirs() + remove_orphaned_slot_folders()
     logger.info("stopped; removed %d folder(s) the worker and coglet left", removed)
     logging.shutdown()
 
