@@ -10,7 +10,9 @@ must give before anything else, written to the JSON (``headline``) as each of it
 configurations ends: max_speed safe, then max_speed optimized with inductor-cudagraphs (on
 CUDA): a one-face 1 MP request's latency (``--headline-repeats`` timed, after one untimed),
 host-device syncs in one request (torch's sync debug mode: count and messages), CodeFormer's
-and ParseNet's ms per call at each face batch (1, 2, 4), peak GPU memory, set-up ms, and
+and ParseNet's ms per call at each face batch (1, 2, 4) and the detector's at a 640x853 and
+a 640x5120 input, each call's peak GPU memory above its start, the nets' weights in MiB,
+peak and reserved GPU memory of the configuration, set-up ms, and
 ``goals`` (on CUDA): PASS/FAIL for latency < 15 ms, optimized >= 1.5x faster than safe,
 set-up < 60 s.
 ``--no-headline`` skips it.
@@ -59,6 +61,10 @@ counted, not retried): JSON ``concurrency`` {levels, concurrency_max, stop, conf
 {K: throughput_images_per_s, per_request, rejected_409, errors, ..}, not_run, reasons}; a
 409 at K <= N or a failed request fails the run.
 
+``--megapixel`` sends each photo resized to about 1 MP (the headline's size), so that with
+``--server`` and ``--max-faces 1`` the passes give the one-face 1 MP latency over HTTP, and
+the sweep runs on it.
+
 ``--budget-s``: a pass that would end past the budget (judged by the one before) is not
 started; what was measured is written, configurations left out get SKIP.
 
@@ -94,6 +100,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -170,6 +177,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, load.LoadPla
         "--no-headline", dest="headline", action="store_false", help="skip the headline part (in process)"
     )
     parser.add_argument("--headline-repeats", type=int, default=10, help="timed calls per headline figure")
+    parser.add_argument(
+        "--megapixel",
+        action="store_true",
+        help="send each photo resized to about 1 MP, the headline's size (--server: its HTTP latency)",
+    )
     harness.add_concurrency_arguments(parser)
     parser.add_argument(
         "--sweep-config", default="baseline/safe", help="the configuration --concurrency sweeps"
@@ -289,9 +301,10 @@ class Checker:
                 entry["latency_ms"] = headline.timed_ms(request, repeats)
                 entry["faces"] = len(request()[0].faces)
                 entry["syncs_per_request"] = headline.count_syncs(torch, self.device, request)
-                entry.update(headline.net_timings(restorer, config, repeats))
-                if cuda:
+                if cuda:  # read before net_timings, which resets the peak for each net's own
                     entry["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+                    entry["reserved_gpu_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
+                entry.update(headline.net_timings(restorer, config, repeats))
             except Exception as exc:  # a check tool reports each failure and goes on to the next one
                 entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
             if cuda:  # the goals are for a GPU
@@ -510,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep: dict | None = None
     with contextlib.ExitStack() as stack:
         weights_dir = args.weights_dir or stack.enter_context(harness.random_weights_folder())
+        if args.megapixel:
+            paths = headline.megapixel_copies(paths, Path(stack.enter_context(tempfile.TemporaryDirectory())))
         label = reports.portable_path(args.weights_dir) if args.weights_dir else harness.RANDOM_WEIGHTS_LABEL
         kind = ServerChecker if args.server else Checker
         checker = kind(args, weights_dir, paths, started + args.budget_s)

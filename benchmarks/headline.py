@@ -9,8 +9,11 @@ the full nets would eat the budget):
 - host-device synchronisations in one such request (``count_syncs``: torch's sync debug
   mode, one warning per synchronising call; None off CUDA);
 - CodeFormer's and ParseNet's ms per call at each face batch a request can send (1, 2, 4 on
-  CUDA), as their stage runs them (upload, chunks, one download), on the device thread;
-- peak device memory and set-up ms (``prepare_optimized``) per configuration;
+  CUDA), as their stage runs them (upload, chunks, one download), and the detector's at a 4:3
+  photo's input (and on CUDA an 8:1 panorama's), on the device thread, each with its peak
+  device memory above its start (``peak_above_mb``), and the nets' weights (``weights_mb``):
+  what made optimized peak at 13.9 GB against safe's 3.7 in the first GPU run;
+- peak and reserved device memory and set-up ms (``prepare_optimized``) per configuration;
 - verdicts against the goals (``goal_verdicts``), written with the figures as each
   configuration ends.
 """
@@ -22,6 +25,7 @@ import time
 import warnings
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -37,6 +41,8 @@ GOAL_LATENCY_MS = 15.0  # one-face 1 MP max_speed request in process
 GOAL_SPEEDUP = 1.5  # optimized against safe, same profile
 GOAL_SETUP_MS = 60_000.0  # set-up with compiled graphs
 SYNC_WARNING = "synchroniz"  # torch's sync debug warning: "called a synchronizing CUDA operation"
+# the detector's input widths timed (short side 640): a 4:3 photo's and an 8:1 panorama's
+DETECTOR_WIDTHS = (853, 5120)
 
 
 def headline_configs(device_type: str) -> list[Configuration]:
@@ -51,6 +57,20 @@ def megapixel_photo(photo: np.ndarray, pixels: int = HEADLINE_PIXELS) -> np.ndar
     scale = math.sqrt(pixels / (height * width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(photo, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def megapixel_copies(paths: list[Path], folder: Path) -> list[Path]:
+    """Each photo resized to about 1 MP (``megapixel_photo``), as a JPG in ``folder``: what
+    ``gpu_check.py --megapixel`` sends, the headline's photo size."""
+    from codeformer.imageio import encode_jpeg
+
+    copies = []
+    for path in paths:
+        copy = folder / f"{path.stem}-1mp.jpg"
+        photo = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        copy.write_bytes(encode_jpeg(megapixel_photo(photo)))
+        copies.append(copy)
+    return copies
 
 
 def count_syncs(torch: Any, device: Any, run: Callable[[], object]) -> dict[str, Any] | None:
@@ -85,14 +105,42 @@ def timed_ms(run: Callable[[], object], repeats: int) -> dict[str, Any]:
     return summary.summarize(times)
 
 
+def weights_mb(nets: Any) -> dict[str, float]:
+    """MiB of each net's parameters and buffers (what one more set of weights costs)."""
+    return {
+        name: sum(tensor.numel() * tensor.element_size() for tensor in (*net.parameters(), *net.buffers()))
+        / 2**20
+        for name, net in vars(nets).items()
+    }
+
+
+def peak_above_mb(torch: Any, device: Any, run: Callable[[], object]) -> float | None:
+    """MiB of device memory ``run()`` allocated at its peak above what was allocated before it
+    (activations, copies, cuDNN workspaces, graph pools); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def net_timings(restorer: Any, config: Configuration, repeats: int) -> dict[str, Any]:
-    """ms per call of CodeFormer (restore) and ParseNet (labels) at each face batch a request sends.
+    """ms per call of CodeFormer (restore) and ParseNet (labels) at each face batch a request
+    sends and of the detector at ``DETECTOR_WIDTHS``; each call's peak device memory above its
+    start; the MiB of the nets' weights.
 
     The nets ``config`` runs on (built and warmed by set-up), wrapped as their stages wrap
     them, called on the device thread (CUDA graph trees belong to the thread that recorded them).
     """
+    import torch
+
     from codeformer.config import RequestOptions
+    from codeformer.image_sizes import DETECTOR_SHORT_SIDE
     from codeformer.runtime import cuda_numerics
+    from codeformer.stages.detect import FaceDetector
     from codeformer.stages.face_batch import face_batch_sizes
     from codeformer.stages.parse import FaceParser
     from codeformer.stages.restore import FaceRestorer
@@ -106,19 +154,30 @@ def net_timings(restorer: Any, config: Configuration, repeats: int) -> dict[str,
     face_restorer = FaceRestorer(nets.codeformer, device, batch, restorer.runtime.safe_nets.codeformer)
     parser = FaceParser(nets.parsenet, device, batch, restorer.runtime.safe_nets.parsenet)
     crops = np.random.default_rng(0).integers(0, 256, (batch, 512, 512, 3), dtype=np.uint8)
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {"weights_mb": weights_mb(nets)}
 
-    def on_device(run: Callable[[], object]) -> dict[str, Any]:
+    def on_device(run: Callable[[], object]) -> tuple[dict[str, Any], float | None]:
         # with the profile's CUDA numerics, as the pipeline runs its device calls
         with cuda_numerics(device, options.profile.mixed_precision):
-            return timed_ms(run, repeats)
+            return timed_ms(run, repeats), peak_above_mb(torch, device, run)
 
+    calls = {}
     for size in face_batch_sizes(batch):
         faces = crops[:size]
-        restore = partial(face_restorer.restore, faces, HEADLINE_FIDELITY, mixed_precision)
-        figures[f"codeformer_batch_{size}_ms"] = restorer.scheduler.call(on_device, restore)
-        labels = partial(parser.labels, faces, mixed_precision)
-        figures[f"parsenet_batch_{size}_ms"] = restorer.scheduler.call(on_device, labels)
+        calls[f"codeformer_batch_{size}"] = partial(
+            face_restorer.restore, faces, HEADLINE_FIDELITY, mixed_precision
+        )
+        calls[f"parsenet_batch_{size}"] = partial(parser.labels, faces, mixed_precision)
+    # the detector at a 4:3 photo's input, and on a GPU at an 8:1 panorama's: it grows with the photo
+    detector = FaceDetector(nets.retinaface, device)
+    for width in DETECTOR_WIDTHS if device.type == "cuda" else DETECTOR_WIDTHS[:1]:
+        pixels = torch.full((DETECTOR_SHORT_SIDE, width, 3), 127, dtype=torch.uint8)
+        calls[f"retinaface_640x{width}"] = partial(detector.detect_rows, pixels, 1.0)
+    for name, call in calls.items():
+        timings, peak = restorer.scheduler.call(on_device, call)
+        figures[f"{name}_ms"] = timings
+        if peak is not None:
+            figures[f"{name}_peak_mb"] = peak
     return figures
 
 

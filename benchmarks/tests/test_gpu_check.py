@@ -41,6 +41,7 @@ from benchmarks.headline import (
     count_syncs,
     goal_verdicts,
     headline_configs,
+    megapixel_copies,
     megapixel_photo,
 )
 from benchmarks.plans import Configuration
@@ -133,6 +134,9 @@ def test_on_the_cpu_it_checks_and_reports_what_the_budget_allows(tmp_path: Path)
         figures = headline[label]
         assert figures["faces"] == 1 and figures["latency_ms"]["count"] == 1, label
         assert figures["codeformer_batch_1_ms"]["count"] == figures["parsenet_batch_1_ms"]["count"] == 1
+        assert figures["retinaface_640x853_ms"]["count"] == 1 and "retinaface_640x5120_ms" not in figures
+        assert not any(key.endswith("_peak_mb") for key in figures)  # device memory: CUDA only
+        assert figures["weights_mb"]["codeformer"] > figures["weights_mb"]["parsenet"] > 0
         assert figures["syncs_per_request"] is None and "peak_gpu_mb" not in figures  # CUDA only
     assert "goals" not in headline  # the goals are a GPU's
     assert report["finished"] and report["pending"] == []
@@ -197,13 +201,14 @@ def test_through_the_server_on_the_cpu_it_checks_and_sweeps(tmp_path: Path) -> N
     completed = run_by_path(
         *("--server", "--device", "cpu", "--configs", "baseline/safe", "--budget-s", "400"),
         *("--images", str(PROJECT_ROOT / "tests/golden/04/04.jpg"), "--max-faces", "1"),
-        *("--warmup", "0", "--repeats", "1", "--output", str(output)),
+        *("--warmup", "0", "--repeats", "1", "--output", str(output), "--megapixel"),
         *("--concurrency", "1", "2", "--requests", "1"),
         cwd=tmp_path,
         without_cog=False,  # the server it starts runs Cog; the check itself needs no Cog either
     )
     report = json.loads(output.read_text())
     assert report["through"] == "server"
+    assert [Path(image).name for image in report["images"]] == ["04-1mp.jpg"]  # what was sent
     [baseline] = report["configs"]
     assert baseline["verdict"] == "PASS", completed.stdout + completed.stderr[-2000:]
     assert baseline["observed_through"] == "server"
@@ -383,6 +388,13 @@ def test_the_headline_photo_is_one_megapixel_in_the_photos_aspect() -> None:
     height, width = resized.shape[:2]
     assert abs(height * width - HEADLINE_PIXELS) < 0.01 * HEADLINE_PIXELS
     assert width / height == pytest.approx(photo.shape[1] / photo.shape[0], rel=0.01)
+
+
+def test_megapixel_copies_are_the_headline_photos_as_jpgs_in_their_folder(tmp_path: Path) -> None:
+    [copy] = megapixel_copies([PHOTO], tmp_path)
+    assert copy.parent == tmp_path and copy.suffix == ".jpg"
+    resized = cv2.imread(str(copy))
+    assert resized.shape == megapixel_photo(cv2.imread(str(PHOTO))).shape
 
 
 def test_the_headline_compares_max_speed_safe_with_the_production_backend() -> None:
