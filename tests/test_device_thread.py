@@ -178,6 +178,7 @@ HOST_STEPS = {
     "cv2.estimateAffinePartial2D",
     "cv2.invertAffineTransform",
     "prepare.py:is_gray_from_sums",
+    "prepare.py:_decided",  # the margin decision on the score from the sums: a comparison
     "prepare.py:_score",
     "prepare.py:<listcomp>",
     "prepare.py:<genexpr>",
