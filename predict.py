@@ -55,6 +55,9 @@ log = logging.getLogger("codeformer.predict")
 # by pixels in flight (CODEFORMER_MAX_PIXELS_IN_FLIGHT), not by this number. 4 covers a face
 # batch of 4 one-face requests; more slots only queue longer on a device that is already busy.
 MAX_CONCURRENT_REQUESTS = 4
+# a failed prediction's ``failed_at`` when it was refused before its first step (image count,
+# options, a replica that drains)
+REFUSED_STEP = "checking the request"
 
 # coglet imports this module in its worker before it normalises any request input
 defer_cog_fetching()
@@ -185,6 +188,7 @@ class Predictor(BaseRunner):
     ) -> list[Path]:
         request_start = time.perf_counter()
         cancel = threading.Event()
+        reached = StepReached()  # the request's steps, as the progress bar names them
         try:
             with self.in_flight.request(cancel):  # fails at once while the replica drains
                 if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
@@ -197,7 +201,7 @@ class Predictor(BaseRunner):
                 # to_thread copies the context: coglet routes the thread's log lines and metrics
                 # to this prediction
                 return await asyncio.to_thread(
-                    self.serve_request, list(images), options, cancel, request_start
+                    self.serve_request, list(images), options, cancel, request_start, reached
                 )
         except asyncio.CancelledError:
             # a real cancel: the thread stops at its next device call, holds no output, and
@@ -205,6 +209,9 @@ class Predictor(BaseRunner):
             cancel.set()
             raise
         except Exception as exc:
+            # coglet returns the metrics recorded before a failure: say how far the request got
+            self.record_metric("image_count", len(images))
+            self.record_metric("failed_at", reached.name or REFUSED_STEP)
             raise reported_as_failure(exc) from exc
 
     def serve_request(
@@ -213,23 +220,17 @@ class Predictor(BaseRunner):
         options: RequestOptions,
         cancel: threading.Event | None = None,
         request_start: float | None = None,
+        reached: StepReached | None = None,
     ) -> list[Path]:
         """The blocking part of ``run``: the request (``restore_request``), then its JPGs as
-        files and its figures as the prediction's metrics; a failed request's metrics say how
-        many images it had and the step it had started last (``failed_at``)."""
+        files and its figures as the prediction's metrics. ``reached`` notes each step as it
+        starts, for a failed request's ``failed_at``."""
         from codeformer.scheduler import check_cancel
 
         self.remove_stale_folders()
-        reached = StepReached()
-        try:
-            restored = restore_request(
-                self.restorer, images, options, cancel, PROJECT_ROOT, request_start, reached
-            )
-        except Exception:
-            # coglet returns the metrics recorded before a failure: say how far the request got
-            self.record_metric("image_count", len(images))
-            self.record_metric("failed_at", reached.name)
-            raise
+        restored = restore_request(
+            self.restorer, images, options, cancel, PROJECT_ROOT, request_start, reached or StepReached()
+        )
         check_cancel(cancel)  # nobody will read the files of a cancelled request
         output_dir = new_output_dir()
         outputs = [Path(output_dir / f"restored_{index}.jpg") for index in range(len(restored.jpgs))]

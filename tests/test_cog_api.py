@@ -112,7 +112,7 @@ def test_a_real_cancel_of_run_stays_a_cancel_and_stops_the_request() -> None:
     predictor = stand_in_predictor()
     entered, seen_cancel = threading.Event(), threading.Event()
 
-    def blocking_request(images, options, cancel, request_start):  # noqa: ANN001, ARG001
+    def blocking_request(images, options, cancel, request_start, reached):  # noqa: ANN001, ARG001
         entered.set()
         if cancel.wait(30):
             seen_cancel.set()
@@ -175,3 +175,21 @@ def test_a_failed_request_records_its_image_count_and_the_step_it_reached(
     with pytest.raises(CodeFormerError, match=r"^images\[1\] \(bad.png\): not a readable"):
         asyncio.run(predictor.run(images=[good, bad, good], **OPTIONS))
     assert recorded == {"image_count": 3, "failed_at": "images[1] (bad.png): read"}
+
+
+@pytest.mark.parametrize(
+    ("count", "options"),
+    [(5, OPTIONS), (1, {**OPTIONS, "runtime_profile": "fastest"})],
+    ids=["five-images", "unknown-profile"],
+)
+def test_a_request_refused_before_its_work_records_its_image_count_and_says_so(
+    count: int, options: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predictor = stand_in_predictor()
+    recorded: dict[str, object] = {}
+    monkeypatch.setattr(
+        predictor, "record_metric", lambda key, value, mode="replace": recorded.update({key: value})
+    )
+    with pytest.raises(CodeFormerError):
+        asyncio.run(predictor.run(images=["data:image/png;base64,AAAA"] * count, **options))
+    assert recorded == {"image_count": count, "failed_at": "checking the request"}

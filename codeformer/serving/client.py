@@ -114,7 +114,7 @@ class PredictionResult:
     def metrics(self) -> dict[str, Any]:
         """The prediction's ``metrics``: Cog's ``predict_time`` and, once it succeeded, the
         request's figures (``images``, ``admission_wait_ms``, ...; docs/serving.md, "Metrics"),
-        or where it failed in the request's work ``image_count`` and ``failed_at``; {} when the
+        or once it failed ``image_count`` and ``failed_at``, the step it reached; {} when the
         answer has none (a 409 or 422)."""
         return self.body.get("metrics") or {}
 
