@@ -164,8 +164,14 @@ def make_coglet_folders(root: Path, ages: dict[str, float]) -> None:
 
 def test_only_old_folders_of_predictions_this_worker_served_go(in_flight: InFlight, tmp_path: Path) -> None:
     root = tmp_path / "coglet-predictions"
-    for prediction_id in ("served-long-ago", "served-just-now", "running-long", "../escape"):
+    # ids the file system refuses or that leave the folder: the prediction still succeeds
+    unsafe = ["../escape", "nul\x00byte", "x" * 300, "a/b", ".."]
+    for prediction_id in ("served-long-ago", "served-just-now", "running-long", *unsafe):
         as_prediction(prediction_id, in_flight)
+    served = {
+        path.name.removeprefix(SERVED_FILE_PREFIX) for path in in_flight.folder.glob(f"{SERVED_FILE_PREFIX}*")
+    }
+    assert served == {"served-long-ago", "served-just-now", "running-long"}
     release = threading.Event()
     running = threading.Thread(target=as_prediction, args=("running-long", in_flight, release), daemon=True)
     running.start()

@@ -37,6 +37,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -62,6 +63,7 @@ SERVED_FILE_PREFIX = "served-"  # served-<id>: coglet's folder for <id> is this 
 # the ContextVar coglet's worker sets to the prediction's id around run() (cog's own async
 # wrapper finds it by this name too); coglet 0.23 offers no public way to read the id
 PREDICTION_ID_VAR = "_coglet_prediction_id"
+SAFE_PREDICTION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # ids whose coglet folder this worker may remove
 # where coglet 0.23's orchestrator puts a folder per prediction (a constant in coglet, not $TMPDIR)
 COGLET_PREDICTIONS_DIR = Path("/tmp/coglet/predictions")
 # seconds a prediction's coglet folder may outlive the prediction (the issue allows minutes)
@@ -204,11 +206,16 @@ class InFlight:
 
 
 def current_prediction_id() -> str | None:
-    """The id of the prediction whose ``run()`` calls this (coglet's ContextVar), if it can name a folder."""
+    """The id of the prediction whose ``run()`` calls this (coglet's ContextVar), if it can name a folder.
+
+    An id from ``PUT /predictions/{id}`` is the caller's: only a short plain name (coglet's own
+    are like ``pred_18eeee49ea886cdd``) is taken, so that no id can reach outside coglet's
+    folder or make a file name the file system refuses (a NUL, a slash, over 255 bytes); the
+    folder of any other id is left alone.
+    """
     for var, value in contextvars.copy_context().items():
         if var.name == PREDICTION_ID_VAR and isinstance(value, str):
-            # an id from PUT /predictions/{id} is the caller's: only a plain name is a folder of coglet's
-            return value if value not in {"", ".", ".."} and Path(value).name == value else None
+            return value if SAFE_PREDICTION_ID.fullmatch(value) and value not in {".", ".."} else None
     return None
 
 
