@@ -139,6 +139,7 @@ class _Call:
     mixed_precision: bool
     cancel: threading.Event | None
     progress: Progress
+    labels: Sequence[str]  # each image's name in its progress steps, ``images[0] (photo.jpg)``
     fast_math: bool  # the profile trades precision for speed: on CUDA, TF32 and cuDNN autotuning
     pixels_on_device: bool  # the device pixel path (``pixels_on_device``)
 
@@ -454,11 +455,13 @@ class Restorer:
         options: RequestOptions = DEFAULT_OPTIONS,
         cancel: threading.Event | None = None,
         progress: Progress | None = None,
+        labels: Sequence[str] | None = None,
     ) -> list[RestoreResult]:
         """Restore every face of every image with ``options``; one result per image, in order.
 
         ``progress`` is told each image's detection and paste-back, and the CodeFormer pass
-        over all the faces, as they start (``codeformer.progress``).
+        over all the faces, as they start (``codeformer.progress``), each image's step named
+        by its label (``labels``, e.g. ``images[0] (photo.jpg)``; default ``images[0]``, ...).
 
         ``images``: (H, W, 3) uint8 BGR arrays, each checked once, here (``_checked_image``),
         or ``DecodedImage``s, checked when decoded (``imageio.decode_header``); the stages
@@ -485,6 +488,7 @@ class Restorer:
                 self._mixed_precision(options),
                 cancel,
                 progress or Progress(),
+                labels or [f"images[{index}]" for index in range(len(images))],
                 fast_math=options.profile.mixed_precision,
                 pixels_on_device=pixels_on_device(self.settings.pixel_stages, self.device, options),
             )
@@ -499,7 +503,7 @@ class Restorer:
             ]
 
     def _locate_faces(self, index: int, image: np.ndarray, call: _Call) -> _ImageWork:
-        call.progress.step(f"images[{index}]: detect faces")
+        call.progress.step(f"{call.labels[index]}: detect faces")
         timings: dict[str, float] = {}
         detector = call.stages.detector
         try:
@@ -592,7 +596,7 @@ class Restorer:
     def _finish(
         self, index: int, image: np.ndarray, item: _ImageWork, faces: RestoredFaces, call: _Call
     ) -> RestoreResult:
-        call.progress.step(f"images[{index}]: paste back")
+        call.progress.step(f"{call.labels[index]}: paste back")
         timings = item.timings
         if len(faces) == 0:
             # nothing to paste: the input comes back as it was (not a resized working copy)

@@ -230,7 +230,7 @@ def _restore_request(
         del headers
         shared_before = restorer.scheduler.shared_forwards()
         try:
-            results = restorer.restore(decoded, options, cancel, progress)  # checked when decoded
+            results = restorer.restore(decoded, options, cancel, progress, labels)  # checked when decoded
         except ImageFailedError as exc:
             raise CodeFormerError(f"{', '.join(labels[i] for i in exc.indices)}: {exc.reason}") from exc
         shared_forwards = restorer.scheduler.shared_forwards() - shared_before
