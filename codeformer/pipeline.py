@@ -562,9 +562,9 @@ class Restorer:
         fidelity = call.options.fidelity
         restorer = call.stages.restorer
         if call.pixels_on_device:
-            # (F, 512, 512, 3) uint8 on the device, joined and restored there
-            with_faces = [item.aligned.crops for item in work if len(item.aligned)]
-            crops = with_faces[0] if len(with_faces) == 1 else self.scheduler.call(torch.cat, with_faces)
+            # each image's (F, 512, 512, 3) uint8 crops on the device, joined by the scheduler
+            # with the batch and restored there
+            crops = [item.aligned.crops for item in work if len(item.aligned)]
 
             def restore(batch: torch.Tensor) -> torch.Tensor:
                 return restorer.restore_tensor(batch, fidelity, call.mixed_precision, to_host=False)

@@ -93,13 +93,13 @@ def without_frames(error: Exception) -> Exception:
 
 
 def _joined(payloads: list[Any], device: torch.device | None) -> Any:
-    """Batched jobs' payloads (arrays, or tensors) joined along their first axis.
+    """The parts of batched jobs' items (arrays, or tensors), in order, joined along their first axis.
 
     Host arrays (on a CPU) are joined on the host. Tensors are joined on ``device`` with
     ``torch.cat``, queued like any kernel: device tensors (the device pixel path's crops and
     faces) as they are, host tensors (the host path's, staged in pinned memory by their
     request's thread: ``runtime.staged``) uploaded part by part first, each copy queued
-    without blocking. One payload is uploaded alone; an array alone is returned as it is.
+    without blocking. One part is uploaded alone; an array alone is returned as it is.
     """
     if isinstance(payloads[0], np.ndarray):
         return payloads[0] if len(payloads) == 1 else np.concatenate(payloads)
@@ -125,8 +125,10 @@ class _Job:
         key: Hashable | None,
         cancel: threading.Event | None,
     ) -> None:
-        self.function, self.payload, self.key, self.cancel = function, payload, key, cancel
-        self.size = len(payload) if key is not None else 1
+        self.function, self.key, self.cancel = function, key, cancel
+        # a batchable job's items, as parts of one request to join in order (``batched``)
+        self.parts: list[Any] = payload if isinstance(payload, list) else [payload]
+        self.size = sum(len(part) for part in self.parts) if key is not None else 1
         self.caller = threading.get_ident()  # jobs are made on their request's thread
         self.queued_at = time.monotonic()
         self.result: Any = None
@@ -212,17 +214,20 @@ class DeviceScheduler:
         self,
         key: Hashable,
         function: Callable[[np.ndarray], np.ndarray],
-        items: np.ndarray,
+        items: Any,
         cancel: threading.Event | None = None,
-    ) -> np.ndarray:
+    ) -> Any:
         """``function(items)``, maybe run on ``items`` joined with other callers' items of the same ``key``.
 
-        ``function`` maps N items to N results, each result depending on its own item only
-        (up to floating-point batching effects); callers with equal keys pass equal functions.
+        ``items``: an array or a tensor, or a list of them, parts of this request's items that
+        the device thread joins in order, with the batch (``_joined``). ``function`` maps N
+        items to N results, each result depending on its own item only (up to floating-point
+        batching effects); callers with equal keys pass equal functions.
         """
-        if len(items) == 0:
-            return function(items)
-        return self._submit(_Job(function, items, key, cancel))
+        job = _Job(function, items, key, cancel)
+        if job.size == 0:
+            return function(_joined(job.parts, None))
+        return self._submit(job)
 
     def stop(self) -> None:
         """End the device thread after the calls already queued, and wait for it to end.
@@ -327,7 +332,7 @@ class DeviceScheduler:
             self._run_alone(group[0])
             return
         sizes = [job.size for job in group]
-        payloads = [job.payload for job in group]
+        payloads = [part for job in group for part in job.parts]
         # joined inside the attempt: a join that runs out of memory fails like the forward
         results, error = _attempt(lambda: group[0].function(_joined(payloads, self.device)))
         if error is not None:
@@ -367,7 +372,7 @@ class DeviceScheduler:
         if job.key is None:
             result, error = _attempt(job.function)
         else:
-            result, error = _attempt(lambda: job.function(_joined([job.payload], self.device)))
+            result, error = _attempt(lambda: job.function(_joined(job.parts, self.device)))
             if error is None:
                 self.batches_run += 1
                 self.jobs_batched += 1

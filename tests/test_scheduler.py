@@ -90,6 +90,23 @@ def test_faces_of_callers_in_flight_share_one_forward_and_each_gets_its_own_resu
     scheduler.stop()
 
 
+def test_a_callers_parts_are_joined_in_order_once_with_the_batch() -> None:
+    # a request with faces in several images hands them as parts: one join, on the device thread
+    scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S)
+    device = Recorder()
+    sent = [[np.array([1.0, 2.0]), np.array([3.0])], np.array([4.0])]
+    outcomes = run_callers(
+        scheduler, [lambda items=items: scheduler.batched("k", device, items) for items in sent]
+    )
+    assert len(device.batches) == 1 and sorted(device.batches[0]) == [1.0, 2.0, 3.0, 4.0]
+    assert [result.tolist() for _, result in outcomes] == [[2.0, 4.0, 6.0], [8.0]]
+    [(_, alone)] = run_callers(
+        scheduler, [lambda: scheduler.batched("k", device, [np.array([5.0]), np.array([6.0])])]
+    )
+    assert device.batches[-1] == [5.0, 6.0] and alone.tolist() == [10.0, 12.0]
+    scheduler.stop()
+
+
 def test_a_batch_holds_at_most_the_batch_size_and_keys_never_mix() -> None:
     scheduler = DeviceScheduler(batch_size=2, batch_wait_s=HANG_S)
     device = Recorder()
