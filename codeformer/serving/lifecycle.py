@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from codeformer.errors import RequestCancelled, ShuttingDownError
-from codeformer.serving.outputs import new_output_dir, owner_pid_alive
+from codeformer.serving.outputs import new_output_dir, orphaned_dirs, owner_pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +223,7 @@ def remove_orphaned_slot_folders(temp_dir: Path | None = None, root: Path = COGL
     """Remove the ``InFlight`` folders of workers that were killed, with coglet's folders of the
     predictions they served or ran; returns how many folders went."""
     removed = 0
-    for folder in (temp_dir or Path(tempfile.gettempdir())).glob(f"{SLOTS_DIR_PREFIX}*-*"):
-        if owner_pid_alive(folder, SLOTS_DIR_PREFIX):
-            continue
+    for folder in orphaned_dirs(temp_dir, SLOTS_DIR_PREFIX):
         prediction_ids = [
             served.name.removeprefix(SERVED_FILE_PREFIX) for served in folder.glob(f"{SERVED_FILE_PREFIX}*")
         ]

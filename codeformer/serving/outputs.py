@@ -42,14 +42,18 @@ def owner_pid_alive(folder: Path, prefix: str = OUTPUT_DIR_PREFIX) -> bool:
     return not owner.isdigit() or _pid_alive(int(owner))
 
 
+def orphaned_dirs(temp_dir: Path | None = None, prefix: str = OUTPUT_DIR_PREFIX) -> list[Path]:
+    """The ``new_output_dir(prefix)`` folders in ``temp_dir`` of processes that no longer run."""
+    folders = (temp_dir or Path(tempfile.gettempdir())).glob(f"{prefix}*-*")
+    return [folder for folder in folders if not owner_pid_alive(folder, prefix)]
+
+
 def remove_orphaned_output_dirs(temp_dir: Path | None = None, prefix: str = OUTPUT_DIR_PREFIX) -> int:
     """Remove the ``new_output_dir`` folders of processes that no longer run; returns how many."""
-    removed = 0
-    for folder in (temp_dir or Path(tempfile.gettempdir())).glob(f"{prefix}*-*"):
-        if not owner_pid_alive(folder, prefix):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
-    return removed
+    orphaned = orphaned_dirs(temp_dir, prefix)
+    for folder in orphaned:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(orphaned)
 
 
 class OutputFolders:
