@@ -74,7 +74,7 @@ def compare(detector: FaceDetector, image: np.ndarray) -> dict[str, object]:
     if padded is None:
         return figures
     with torch.inference_mode():
-        net_input = pixels.permute(2, 0, 1).unsqueeze(0).to(torch.float32) - detector._mean
+        net_input = detector.net_input(pixels)
         heads = detector.net(net_input)
         padded_input = F.pad(net_input, (0, padded[1] - size[1], 0, padded[0] - size[0]))
         padded_heads = unpadded_anchors(detector.net(padded_input), padded, size)

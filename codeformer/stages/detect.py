@@ -159,6 +159,16 @@ class FaceDetector:
                 self._priors.popitem(last=False)
         return priors
 
+    def net_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(h', w', 3) uint8 BGR detector input -> (1, 3, h', w') float32, BGR minus the mean, on the device.
+
+        The one upload of ``pixels`` (none when they are on the device already). The permuted
+        view keeps the channels-last strides the official numpy-transpose input had; on CPU
+        that also selects the faster channels-last convolutions.
+        """
+        pixels_on_device = upload(pixels, self.device)  # (h', w', 3) uint8
+        return pixels_on_device.permute(2, 0, 1).unsqueeze(0).to(torch.float32) - self._mean
+
     def detect_rows(self, pixels: torch.Tensor, scale: float) -> torch.Tensor:
         """(h', w', 3) uint8 BGR detector input -> (F', 16) float32 rows on the host.
 
@@ -170,12 +180,7 @@ class FaceDetector:
         detector's device, and off the CPU only NMS waits for it (``rows_without_waiting``).
         """
         with torch.inference_mode():
-            # HWC -> (1, 3, h', w') float32, BGR minus mean. The permuted view keeps the
-            # channels-last strides the official numpy-transpose input had; on CPU that also
-            # selects the faster channels-last convolutions.
-            pixels_on_device = upload(pixels, self.device)  # (h', w', 3) uint8
-            net_input = pixels_on_device.permute(2, 0, 1).unsqueeze(0).to(torch.float32) - self._mean
-            heads = self.net(net_input)  # loc (1, P, 4), conf (1, P, 2), landms (1, P, 10)
+            heads = self.net(self.net_input(pixels))  # loc (1, P, 4), conf (1, P, 2), landms (1, P, 10)
             if self.device.type == "cpu":
                 return self.rows_exact(heads, pixels.shape[:2], scale)
             return self.rows_without_waiting(heads, pixels.shape[:2], scale)
