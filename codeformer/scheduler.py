@@ -213,7 +213,7 @@ class DeviceScheduler:
     def batched(
         self,
         key: Hashable,
-        function: Callable[[np.ndarray], np.ndarray],
+        function: Callable[[Any], Any],
         items: Any,
         cancel: threading.Event | None = None,
     ) -> Any:
