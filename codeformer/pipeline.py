@@ -42,9 +42,11 @@ from codeformer.image_sizes import DETECTOR_SHORT_SIDE, check_image_size
 from codeformer.imageio import DecodedImage
 from codeformer.progress import Progress
 from codeformer.runtime import (
+    Download,
     Nets,
     Runtime,
     cuda_numerics,
+    downloads,
     load_compile_cache,
     pick_device,
     save_compile_cache,
@@ -54,7 +56,13 @@ from codeformer.runtime import (
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 from codeformer.stages.align import AlignedFaces, align_faces, estimate_affines, invert_affines
 from codeformer.stages.detect import Detections, FaceDetector
-from codeformer.stages.device_paste import paste_and_resize_tensor
+from codeformer.stages.device_paste import (
+    PastePlan,
+    blend_and_resize,
+    edge_widths,
+    paste_and_resize_tensor,
+    plan_paste,
+)
 from codeformer.stages.device_warp import (
     detector_input_tensor,
     gray_sums_tensor,
@@ -275,22 +283,31 @@ def locate_on_device(
         return working, factor, gray_sums.cpu(), rows
 
 
+def plan_paste_on_device(
+    working: torch.Tensor, inverse_affines: np.ndarray
+) -> tuple[PastePlan, Download | None]:
+    """The device pixel path's paste-back, first half (``device_paste.plan_paste``): queued, no wait."""
+    with torch.inference_mode():
+        return plan_paste(working, inverse_affines)
+
+
 def paste_on_device(
     working: torch.Tensor,
     restored: RestoredFaces,
-    inverse_affines: np.ndarray,
+    plan: PastePlan,
+    w_edges: list[int],
     masks: FaceMasks | None,
     size: tuple[int, int],
-) -> torch.Tensor:
-    """The device pixel path's end: paste-back and the resize to the input's (H, W), on the device.
+) -> Download:
+    """The device pixel path's end: paste-back's second half, and the resize to the input's (H, W).
 
-    ``working``, ``restored`` and ``masks`` on the device, ``inverse_affines`` (F, 2, 3) on
-    the host. Returns the (H, W, 3) uint8 output on the host: the image's one pixel-sized download.
+    ``working``, ``restored`` and ``masks`` on the device; ``plan`` and ``w_edges`` from
+    ``plan_paste_on_device`` and ``device_paste.edge_widths``. Returns the (H, W, 3) uint8
+    output on its way to the host: the image's one pixel-sized download, queued.
     """
     with torch.inference_mode():
         face_masks = None if masks is None else masks.masks
-        output = paste_and_resize_tensor(working, restored.faces, inverse_affines, face_masks, size)
-        return output.cpu()
+        return downloads(blend_and_resize(working, restored.faces, plan, w_edges, face_masks, size))[0]
 
 
 class Restorer:
@@ -367,7 +384,7 @@ class Restorer:
         )
         if key not in self._stages:
             nets = self.runtime.nets_for(options.stability, options.compile_backend, mixed_precision)
-            # a reduced-precision chunk that is not finite is computed again with the nets as loaded
+            # a reduced-precision face that is not finite is computed again with the nets as loaded
             float32 = self.runtime.safe_nets
             batch = self.settings.face_batch
             stages = _Stages(
@@ -447,7 +464,8 @@ class Restorer:
             masks = None
             if options.profile.use_parse:
                 masks = FaceMasks(stages.parser.masks_tensor(restored, mixed_precision, to_host=False))
-            paste_on_device(working, RestoredFaces(restored), identity, masks, canvas.shape[:2])
+            face_masks = None if masks is None else masks.masks
+            paste_and_resize_tensor(working, restored, identity, face_masks, canvas.shape[:2])
 
     def restore(
         self,
@@ -561,37 +579,43 @@ class Restorer:
         start = time.perf_counter()
         fidelity = call.options.fidelity
         restorer = call.stages.restorer
-        if call.pixels_on_device:
-            # each image's (F, 512, 512, 3) uint8 crops on the device, joined by the scheduler
-            # with the batch and restored there
-            crops = [item.aligned.crops for item in work if len(item.aligned)]
-
-            def restore(batch: torch.Tensor) -> torch.Tensor:
-                return restorer.restore_tensor(batch, fidelity, call.mixed_precision, to_host=False)
-
-        else:
-            # joined here, on the request's thread: on CUDA in pinned memory, for the device
-            # thread to upload without a host copy (the scheduler uploads and joins batches)
-            crops = staged([item.aligned.crops for item in work if len(item.aligned)], self.device)
-
-            def restore(batch: np.ndarray | torch.Tensor) -> np.ndarray:
-                return restorer.restore(batch, fidelity, call.mixed_precision)
-
+        # on the device pixel path each image's (F, 512, 512, 3) uint8 crops on the device, else
+        # joined here, on the request's thread: on CUDA in pinned memory, for the device thread
+        # to upload without a host copy; the scheduler uploads and joins batches
+        on_device = call.pixels_on_device
+        crops = [item.aligned.crops for item in work if len(item.aligned)]
+        if not on_device:
+            crops = staged(crops, self.device)
+        run = restorer.restoring(fidelity, call.mixed_precision, to_host=not on_device)
         # requests with the same nets, fidelity, precision and numerics may share the forward
         key = (RESTORE_STAGE, id(call.stages.restorer), fidelity, call.mixed_precision, call.fast_math)
         try:
-            restored = self.scheduler.batched(key, call.on_device(restore, self.device), crops, call.cancel)
+            launched = self.scheduler.batched(
+                key, call.on_device(run.launch, self.device), crops, call.cancel
+            )
+            restored = run.complete(launched, crops, self._device_call(call))
         except torch.OutOfMemoryError as exc:
             # the request's faces share one call: it fails for every image that has faces
             with_faces = [index for index, count in enumerate(counts) if count]
             raise ImageFailedError(
                 with_faces, out_of_memory_reason(f"restoring {total} faces", exc)
             ) from None
+        if not on_device:
+            restored = restored.numpy()
         per_face_ms = (time.perf_counter() - start) * 1000.0 / total
         bounds = np.cumsum([0, *counts])
         for item, count in zip(work, counts, strict=True):
             item.timings["restore"] = per_face_ms * count
         return [RestoredFaces(restored[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _device_call(self, call: _Call) -> Callable[..., Any]:
+        """``run(function, *args)``: ``function(*args)`` on the device thread, with ``call``'s
+        numerics and cancel flag."""
+
+        def run(function: Callable[..., T], *args: Any) -> T:
+            return self.scheduler.call(call.on_device(function, self.device), *args, cancel=call.cancel)
+
+        return run
 
     def _finish(
         self, index: int, image: np.ndarray, item: _ImageWork, faces: RestoredFaces, call: _Call
@@ -637,11 +661,12 @@ class Restorer:
         if call.options.profile.use_parse:
             parser = call.stages.parser
 
-            def parse(batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-                if on_device:  # labels and blurs on the device, the masks kept there
-                    return parser.masks_tensor(batch, call.mixed_precision, to_host=False)
-                return parser.labels(batch, call.mixed_precision)
-
+            # on the device pixel path the masks themselves, kept there; else ParseNet's labels
+            run = (
+                parser.masking(call.mixed_precision, to_host=False)
+                if on_device
+                else parser.labelling(call.mixed_precision)
+            )
             with _timed(timings, "parse"):
                 # FaceParser.masks in its steps: on the device thread ParseNet's labels, or on
                 # the device pixel path the masks themselves (gray faces arrive as float64 and
@@ -654,19 +679,28 @@ class Restorer:
                     str(restored.faces.dtype),
                     on_device,
                 )
-                parse_on_device = call.on_device(parse, self.device)
                 faces = restored.faces if on_device else staged([restored.faces], self.device)
-                parsed = self.scheduler.batched(key, parse_on_device, faces, call.cancel)
+                launched = self.scheduler.batched(
+                    key, call.on_device(run.launch, self.device), faces, call.cancel
+                )
+                parsed = run.complete(launched, faces, self._device_call(call))
                 if not on_device:
-                    parsed = self._image_work(face_pixels_to_masks, parsed, cancel=call.cancel)
+                    parsed = self._image_work(face_pixels_to_masks, parsed.numpy(), cancel=call.cancel)
                 masks = FaceMasks(parsed)
         if on_device:
             with _timed(timings, "paste"):
-                paste = call.on_device(paste_on_device, self.device)
+                # two device calls: the host reads the faces' areas in between (their w_edges
+                # set kernel sizes), here, while the device thread serves others
+                plan_paste_call = call.on_device(plan_paste_on_device, self.device)
                 inverse_affines = item.aligned.inverse_affines
+                plan, areas = self.scheduler.call(
+                    plan_paste_call, item.working, inverse_affines, cancel=call.cancel
+                )
+                paste = call.on_device(paste_on_device, self.device)
+                w_edges = edge_widths(plan, areas)
                 size = image.shape[:2]
                 output = self.scheduler.call(
-                    paste, item.working, restored, inverse_affines, masks, size, cancel=call.cancel
+                    paste, item.working, restored, plan, w_edges, masks, size, cancel=call.cancel
                 )
                 return output.numpy()
         with _timed(timings, "paste"):

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,19 +168,61 @@ def staged(parts: list[np.ndarray], device: torch.device) -> np.ndarray | torch.
     return joined
 
 
-def download_with_flags(result: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``result`` and (N,) bool ``flags``, both on one device -> both on the host, in one device->host copy.
+class Download:
+    """A device tensor on its way to the host: a copy queued into pinned memory, and an event after it.
 
-    Both travel as the bytes of one uint8 tensor (``result``'s bytes, then one byte per flag),
-    so that a stage that must also tell the host something small (which chunks were finite)
-    still waits for the device once, when its result is ready anyway. ``result`` is returned
-    in its dtype and shape, a view of the downloaded bytes.
+    Made on the device thread (``downloads``), which queues the copy and goes on to the next
+    request's work; waited for (``wait``, or ``arrived``) by the thread that reads it: a
+    request's own. So the device thread never waits for a copy while other work is queued,
+    and the device is fed while the host waits. Rows can be taken before the copy has run
+    (``download[a:b]``: a view of the same buffer, under the same event), which is how the
+    scheduler hands each request its share of a batch.
     """
-    result_bytes = result.contiguous().reshape(-1).view(torch.uint8)
-    packed = torch.cat([result_bytes, flags.to(torch.uint8)]).cpu()  # the one device->host copy
-    size = result_bytes.numel()
-    # views of the downloaded bytes, nothing computed on the host; flags are 0 or 1: valid bools
-    return packed[:size].view(result.dtype).reshape(result.shape), packed[size:].view(torch.bool)
+
+    def __init__(self, host: torch.Tensor, event: Any | None) -> None:
+        self._host = host  # filled once ``event`` has passed; None: filled already
+        self._event = event
+
+    def __getitem__(self, rows: slice) -> Download:
+        return Download(self._host[rows], self._event)
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+    def wait(self) -> torch.Tensor:
+        """The host tensor, once its copy has run: the calling thread sleeps until then."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+def downloads(*tensors: torch.Tensor) -> tuple[Download, ...]:
+    """Each tensor copied to the host without blocking: CUDA ones into pinned memory, one event after all.
+
+    Host tensors come as they are. On CUDA the copies are queued on the current stream and a
+    blocking-sync event recorded after them: the thread that waits sleeps rather than spins,
+    leaving the cores to other requests' decode and encode. Pinned buffers come from torch's
+    caching host allocator, so that steady traffic reuses them.
+    """
+    if not any(tensor.device.type == "cuda" for tensor in tensors):
+        return tuple(Download(tensor.cpu(), None) for tensor in tensors)
+    hosts = []
+    for tensor in tensors:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        hosts.append(host)
+    event = torch.cuda.Event(blocking=True)
+    event.record()
+    return tuple(Download(host, event) for host in hosts)
+
+
+def arrived(value: Any) -> Any:
+    """``value`` with every ``Download`` in it (itself, or an item of a tuple) waited for: its tensor."""
+    if isinstance(value, Download):
+        return value.wait()
+    if isinstance(value, tuple):
+        return tuple(arrived(item) for item in value)
+    return value
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

@@ -18,6 +18,9 @@ the face batch is 1 (batching does not pay there, see ``config.DEFAULT_FACE_BATC
 wait ever happens. On a GPU the device thread copies no pixels on the host: a batch's
 payloads arrive on the device (the device pixel path) or staged in pinned memory by their
 request's thread (``runtime.staged``), and are uploaded and joined with queued copies.
+Nor does it wait for the device: a call's results on their way to the host
+(``runtime.Download``s, alone or in a tuple) are waited for by the request's thread, once
+the device thread has gone on to the next call.
 
 A batch that fails is run again one request at a time, so that one request's bad input
 cannot fail another's. The retry runs once the failed forward's tensors are freed: an
@@ -58,6 +61,7 @@ import torch
 from codeformer.device_faults import is_broken_device, is_out_of_memory, stop_worker
 from codeformer.errors import CodeFormerError, DeviceBrokenError, RequestCancelled
 from codeformer.host_memory import start_thread as start_plain_thread
+from codeformer.runtime import arrived
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,13 @@ def _joined(payloads: list[Any], device: torch.device | None) -> Any:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _rows(results: Any, start: int, end: int) -> Any:
+    """Rows ``start:end`` of a batched call's results: of each item of a tuple (None stays None)."""
+    if isinstance(results, tuple):
+        return tuple(_rows(item, start, end) for item in results)
+    return None if results is None else results[start:end]
+
+
 def _attempt(function: Callable[[], Any]) -> tuple[Any, Exception | None]:
     """(``function()``, None), or (None, its exception without frames) when it raises."""
     try:
@@ -145,8 +156,9 @@ class DeviceScheduler:
     """Runs device calls one at a time on its own thread, batching faces across callers.
 
     ``start_thread(run)`` starts the device thread, which runs ``run``, and returns it (by
-    default a plain daemon thread). ``on_broken_device(error)`` is called once, on the device
-    thread, after a sticky device error; by default it stops the process
+    default a plain daemon thread). ``on_broken_device(error)`` is called once after a sticky device
+    error: on the device thread, or on a thread of its own when the error surfaced where a
+    request waited for its copies (``_submit``); by default it stops the process
     (``device_faults.stop_worker``). ``device``: where batched calls' tensor payloads are
     joined (``_joined``); None leaves them where they are.
     """
@@ -169,6 +181,7 @@ class DeviceScheduler:
         self._callers: dict[int, set[Hashable]] = {}
         self._stopping = False
         self._broken: str | None = None  # why every call fails, after a sticky device error
+        self._stop_started = False  # a sticky error has been handed to on_broken_device
         self.batches_run = 0  # forwards of batchable calls, and the jobs they served (for tests, logs)
         self.jobs_batched = 0
         self._per_thread = threading.local()  # ``shared``: forwards each caller thread shared
@@ -221,12 +234,13 @@ class DeviceScheduler:
 
         ``items``: an array or a tensor, or a list of them, parts of this request's items that
         the device thread joins in order, with the batch (``_joined``). ``function`` maps N
-        items to N results, each result depending on its own item only (up to floating-point
-        batching effects); callers with equal keys pass equal functions.
+        items to N results (rows, or a tuple of rows: ``_rows``), each result depending on
+        its own item only (up to floating-point batching effects); callers with equal keys
+        pass equal functions.
         """
         job = _Job(function, items, key, cancel)
         if job.size == 0:
-            return function(_joined(job.parts, None))
+            return arrived(function(_joined(job.parts, None)))
         return self._submit(job)
 
     def stop(self) -> None:
@@ -256,7 +270,29 @@ class DeviceScheduler:
             self._per_thread.shared = self.shared_forwards() + 1
         if job.error is not None:
             raise job.error
-        return job.result
+        try:
+            return arrived(job.result)  # the copies the call queued, waited for here
+        except Exception as exc:
+            broken = self._broken_by(exc)  # an asynchronous device error surfaces at the wait
+            if broken is None:
+                raise
+            self._stop_broken(exc, wait=False)
+            raise DeviceBrokenError(broken) from None
+
+    def _stop_broken(self, error: Exception, wait: bool = True) -> None:
+        """``on_broken_device(error)``, once whichever thread saw the error first. The device
+        thread calls it itself (``wait``); a request's thread, on a thread of its own, so that
+        its request answers meanwhile."""
+        with self._condition:
+            started, self._stop_started = self._stop_started, True
+        if started:
+            return
+        if wait:
+            self._on_broken_device(error)
+        else:
+            threading.Thread(
+                target=self._on_broken_device, args=(error,), name="broken-device", daemon=True
+            ).start()
 
     # -- the device thread ---------------------------------------------------------------------
     def _serve(self) -> None:
@@ -340,7 +376,7 @@ class DeviceScheduler:
             if broken is not None:
                 for job in group:
                     job.finish(error=DeviceBrokenError(broken))
-                self._on_broken_device(error)
+                self._stop_broken(error)
                 return
             # outside the except block: the failed forward's tensors are freed by now
             log.warning(
@@ -360,7 +396,7 @@ class DeviceScheduler:
         log.info("%d requests shared a forward of %d faces", len(group), sum(sizes))
         bounds = np.cumsum([0, *sizes])
         for job, start, end in zip(group, bounds[:-1], bounds[1:], strict=True):
-            job.finish(results[start:end])
+            job.finish(_rows(results, start, end))
 
     def _run_alone(self, job: _Job) -> None:
         if job.cancel is not None and job.cancel.is_set():
@@ -379,7 +415,7 @@ class DeviceScheduler:
         broken = None if error is None else self._broken_by(error)
         job.finish(result, error if broken is None else DeviceBrokenError(broken))
         if broken is not None and error is not None:
-            self._on_broken_device(error)  # its request has its answer by now
+            self._stop_broken(error)  # its request has its answer by now
 
     def _broken_by(self, error: Exception) -> str | None:
         """Why the device is broken if ``error`` broke it, else None.

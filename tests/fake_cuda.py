@@ -5,14 +5,16 @@ without computing anything, and refuses a CPU tensor meeting a CUDA one
 (``FakeTensorDeviceMismatchError``). Two steps make CUDA work without a GPU: parameters and
 buffers are converted one by one (``Module.to`` cannot move fake tensors), and
 ``torch.autocast("cuda")`` is built while ``torch.cuda.is_available()`` reports True
-(otherwise it warns and disables itself). ``DeviceLog`` records what crosses between host
-and device while the code under test runs.
+(otherwise it warns and disables itself). CUDA events are stand-ins (``FakeEvents``) that
+note where they were recorded and waited for. ``DeviceLog`` records what crosses between
+host and device while the code under test runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +54,32 @@ def to_fake_cuda(net: nn.Module, mode: FakeTensorMode) -> nn.Module:
 
     with mode:
         return replace_tensors(net, fake_cuda_copy)
+
+
+class FakeEvents:
+    """Stands in for ``torch.cuda.Event`` (which needs a GPU to record): notes the thread of
+    each ``record`` and ``synchronize``, by the name of the thread."""
+
+    def __init__(self) -> None:
+        self.recorded: list[str] = []
+        self.waited: list[str] = []
+
+    def __call__(self, *_args: object, **_kwargs: object) -> FakeEvents:
+        return self  # every event made is this one: the test reads one log
+
+    def record(self, *_stream: object) -> None:
+        self.recorded.append(threading.current_thread().name)
+
+    def synchronize(self) -> None:
+        self.waited.append(threading.current_thread().name)
+
+
+@contextlib.contextmanager
+def fake_cuda_events() -> Iterator[FakeEvents]:
+    """``torch.cuda.Event`` is a ``FakeEvents`` in the block."""
+    events = FakeEvents()
+    with mock.patch.object(torch.cuda, "Event", events):
+        yield events
 
 
 @contextlib.contextmanager
@@ -105,6 +133,8 @@ class DeviceLog(TorchDispatchMode):
     ``uploads``/``downloads``: copies host->device and device->host (``_to_copy``, ``copy_``),
     their sizes in ``upload_bytes``/``download_bytes``;
     ``pinned_uploads``: the uploads that copy from pinned host memory without blocking;
+    ``pinned_downloads``: the downloads that copy into pinned host memory without blocking
+    (every other download blocks the thread that makes it until the device has run it);
     ``host_ops``: every other op with a CPU tensor among its inputs or outputs (a tensor
     made or computed on the host), except views (which compute nothing) and the staging of
     an upload in pinned memory (``staging``); ``waits``: ops on CUDA tensors whose output size depends
@@ -120,6 +150,7 @@ class DeviceLog(TorchDispatchMode):
     upload_bytes: list[int | None] = field(default_factory=list)
     download_bytes: list[int | None] = field(default_factory=list)
     pinned_uploads: list[str] = field(default_factory=list)
+    pinned_downloads: list[str] = field(default_factory=list)
     staging: list[str] = field(default_factory=list)
     downloads: list[str] = field(default_factory=list)
     host_ops: list[str] = field(default_factory=list)
@@ -159,6 +190,8 @@ class DeviceLog(TorchDispatchMode):
                 source_tensor, non_blocking = args[0], bool(kwargs.get("non_blocking"))
             if source == "cpu" and non_blocking and self._is_pinned(source_tensor):
                 self.pinned_uploads.append(name)
+            if source != "cpu" and non_blocking and self._is_pinned(args[0]):  # copy_ into pinned memory
+                self.pinned_downloads.append(name)
         elif name == "aten.empty" and kwargs.get("pin_memory"):
             self._pinned[id(out)] = weakref.ref(out)
             self.staging.append(name)

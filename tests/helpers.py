@@ -335,6 +335,22 @@ def run_python_together(
 GATE_POLL_S = 0.005
 
 
+class GatedEvent:
+    """A CUDA event's stand-in for ``runtime.Download``: ``synchronize`` returns once the test
+    opens ``gate`` (raising ``error`` then, if one is set), and notes the threads that waited."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.gate = threading.Event()
+        self.error = error
+        self.waited_on: list[str] = []
+
+    def synchronize(self) -> None:
+        self.waited_on.append(threading.current_thread().name)
+        assert self.gate.wait(60), "the test never opened the gate"
+        if self.error is not None:
+            raise self.error
+
+
 def hold_device_until(scheduler: DeviceScheduler, requests: int, timeout_s: float = 600.0) -> None:
     """Occupy ``scheduler``'s device thread until ``requests`` requests are in progress at once
     (or ``timeout_s`` passes); the calls queued meanwhile run after, in order. Returns once

@@ -24,6 +24,7 @@ from benchmarks.stage_checks import level_difference
 from codeformer.config import FACE_SIZE
 from codeformer.nets.parsenet import ParseNet
 from codeformer.pipeline import to_gray_faces
+from codeformer.runtime import arrived
 from codeformer.stages import device_paste
 from codeformer.stages.device_paste import erode_tensor, gaussian_blur_tensor, paste_and_resize_tensor
 from codeformer.stages.device_warp import warp_affine_tensor
@@ -163,7 +164,10 @@ def test_w_edges_are_the_host_ones_from_one_download(name: str, monkeypatch: pyt
     monkeypatch.setattr(
         torch.Tensor, "tolist", lambda tensor: downloads.append(tensor.shape) or tolist(tensor)
     )
-    _, w_edges = device_paste._eroded_masks(regions, torch.from_numpy(case.inverse_affines))
+    plan, areas = device_paste.plan_paste(torch.from_numpy(case.image), case.inverse_affines)
+    assert downloads == [], "the first half reads nothing on the host"
+    w_edges = device_paste.edge_widths(plan, arrived(areas))
+    assert plan.regions == regions
     assert downloads == [(sum(not region.empty for region in regions),)]
     assert w_edges == host_w_edges(case)
 

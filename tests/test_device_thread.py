@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -31,6 +32,7 @@ from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 from codeformer.stages.align import FFHQ_TEMPLATE_512
 from codeformer.stages.detect import FaceDetector
+from codeformer.stages.face_batch import FaceBatchRun
 from codeformer.stages.parse import PARSE_MASK_OPERATOR, FaceParser, face_pixels_to_masks_tensor
 from codeformer.stages.restore import FaceRestorer
 
@@ -113,6 +115,17 @@ class StandInDevice:
         return face_pixels_to_masks_tensor(labels, torch.tensor(PARSE_MASK_OPERATOR))
 
 
+@dataclass(frozen=True)
+class StandInRun(FaceBatchRun):
+    """A ``FaceBatchRun`` whose device half is ``compute``: the request's half is the pipeline's own."""
+
+    compute: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def launch(self, faces: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, None]:
+        assert self.compute is not None
+        return self.compute(torch.as_tensor(faces)), None  # float32 in effect: no finiteness flags
+
+
 @pytest.fixture
 def stand_in_device(monkeypatch: pytest.MonkeyPatch) -> StandInDevice:
     device = StandInDevice()
@@ -126,6 +139,30 @@ def stand_in_device(monkeypatch: pytest.MonkeyPatch) -> StandInDevice:
     monkeypatch.setattr(
         FaceParser, "masks_tensor", lambda self, *args, **kwargs: device.masks_tensor(self, *args, **kwargs)
     )
+
+    def restoring(
+        restorer: FaceRestorer, fidelity: float, mixed_precision: bool, to_host: bool = True
+    ) -> StandInRun:
+        def compute(crops: torch.Tensor) -> torch.Tensor:
+            return device.restore_tensor(restorer, crops, fidelity, mixed_precision, to_host)
+
+        return StandInRun(restorer, mixed_precision, nn.Identity(), nn.Identity(), to_host, compute)
+
+    def labelling(parser: FaceParser, mixed_precision: bool) -> StandInRun:
+        def compute(faces: torch.Tensor) -> torch.Tensor:
+            return device.labels_tensor(parser, faces, mixed_precision)
+
+        return StandInRun(parser, mixed_precision, nn.Identity(), nn.Identity(), True, compute)
+
+    def masking(parser: FaceParser, mixed_precision: bool, to_host: bool = True) -> StandInRun:
+        def compute(faces: torch.Tensor) -> torch.Tensor:
+            return device.masks_tensor(parser, faces, mixed_precision, to_host)
+
+        return StandInRun(parser, mixed_precision, nn.Identity(), nn.Identity(), to_host, compute)
+
+    monkeypatch.setattr(FaceRestorer, "restoring", restoring)
+    monkeypatch.setattr(FaceParser, "labelling", labelling)
+    monkeypatch.setattr(FaceParser, "masking", masking)
     return device
 
 

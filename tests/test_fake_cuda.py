@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from fake_cuda import CUDA, DeviceLog, cuda_reported_available, fake_cuda_mode, to_fake_cuda
+from fake_cuda import CUDA, DeviceLog, cuda_reported_available, fake_cuda_events, fake_cuda_mode, to_fake_cuda
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 from codeformer import pipeline
@@ -25,7 +25,7 @@ from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.nets.retinaface import RetinaFace
-from codeformer.runtime import Nets, Runtime, staged, upload
+from codeformer.runtime import Nets, Runtime, arrived, staged, upload
 from codeformer.scheduler import DeviceScheduler
 from codeformer.stages import detect, device_paste, face_batch
 from codeformer.stages.detect import FaceDetector, prior_boxes
@@ -44,6 +44,7 @@ CPU = torch.device("cpu")
 FlagReads = list[tuple[torch.device, torch.dtype, tuple[int, ...]]]  # (device, dtype, shape) of each read
 FACE_BATCH = 4  # Settings.face_batch's default: 5 faces make two chunks
 FACES = 5
+SMALL_COPY_BYTES = 4096  # rows, sums, flags, areas, transforms: anything under this is not pixels
 
 
 def device_variants(use_parse_only: bool = False) -> list[object]:
@@ -97,32 +98,38 @@ def host_tensor(mode: FakeTensorMode, shape: tuple[int, ...], dtype: torch.dtype
 
 def run_logged(mode: FakeTensorMode, function: Callable[..., T], *args: object) -> tuple[T, DeviceLog]:
     """``function(*args)`` on fake tensors, with autocast("cuda") able to engage; its result and log."""
-    with mode, cuda_reported_available(), DeviceLog() as log:
+    with mode, cuda_reported_available(), fake_cuda_events(), DeviceLog() as log:
         result = function(*args)
     return result, log
 
 
 @pytest.fixture
 def finiteness_reads(monkeypatch: pytest.MonkeyPatch) -> FlagReads:
-    """(device, dtype, shape) of each set of finiteness flags the host reads; every chunk is finite.
+    """(device, dtype, shape) of each set of finiteness flags the host reads; every face is finite.
 
     A fake tensor holds no values, so the flags cannot be read: the stand-in records what the
     host was given and reports no non-finite chunk.
     """
     reads: FlagReads = []
 
-    def non_finite_chunks(finite: torch.Tensor) -> list[int]:
+    def non_finite_faces(finite: torch.Tensor) -> list[int]:
         reads.append((finite.device, finite.dtype, tuple(finite.shape)))
         return []
 
-    monkeypatch.setattr(face_batch, "non_finite_chunks", non_finite_chunks)
+    monkeypatch.setattr(face_batch, "non_finite_faces", non_finite_faces)
     return reads
 
 
-def assert_one_copy_each_way(log: DeviceLog) -> None:
+def assert_one_copy_each_way(log: DeviceLog, queued: bool = True) -> None:
+    """One copy up, one down (besides a few bytes of flags), neither blocking the thread;
+    ``queued=False``: the download may wait (after a wait for the device anyway)."""
     assert len(log.uploads) == 1, "one host->device copy: the stage's input"
     assert log.pinned_uploads == log.uploads, "from pinned memory, without blocking the host"
-    assert len(log.downloads) == 1, "one device->host copy: the stage's result"
+    assert len([size for size in log.download_bytes if size is None or size >= SMALL_COPY_BYTES]) == 1, (
+        "one device->host copy: the stage's result"
+    )
+    if queued:
+        assert log.pinned_downloads == log.downloads, "into pinned memory, without blocking the host"
     assert log.host_ops == [], "no tensor made or computed on the host inside the CUDA path"
     assert log.dtype_clashes == [], "a convolution CUDA would refuse"
     assert log.inexact_divisions == [], "use divide_exactly: CUDA would multiply by the reciprocal"
@@ -212,7 +219,7 @@ def test_detector_uploads_the_image_and_downloads_the_rows_only(
     pixels = host_tensor(mode, (height, width, 3), torch.uint8)
     for _ in range(2):  # the second call finds its priors in the cache
         rows, log = run_logged(mode, detector.detect_rows, pixels, 640 / min(height, width))
-        assert_one_copy_each_way(log)
+        assert_one_copy_each_way(log, queued=False)  # the rows, once NMS has waited for the device
         assert (rows.device.type, rows.dtype, rows.shape[1]) == ("cpu", torch.float32, 16)
         assert set(log.convolution_dtypes) == {torch.float32}
         # NMS is the one wait for the device (its greedy pass runs on the host); the
@@ -244,9 +251,9 @@ def test_restorer_uploads_the_crops_and_downloads_the_faces_only(
 ) -> None:
     """uint8 crops -> normalised RGB -> CodeFormer in two chunks -> uint8 BGR faces, on CUDA.
 
-    In fp16 each chunk's output is checked for non-finite values on the device, and the two
-    flags reach the host with the faces, in their one copy: nothing waits for the device
-    between the upload and the download.
+    In fp16 each face's output is checked for non-finite values on the device, and the flags
+    come to the host with the faces, both copies queued behind one event: nothing waits for
+    the device between the upload and the wait for that event.
     """
     nets = nets_for(runtime, mode, mixed_precision, stability)
     with mode:
@@ -257,7 +264,8 @@ def test_restorer_uploads_the_crops_and_downloads_the_faces_only(
     assert (faces.device.type, faces.dtype, faces.shape) == ("cpu", torch.uint8, crops.shape)
     assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
     assert log.waits == []
-    assert finiteness_reads == ([(CPU, torch.bool, (2,))] if mixed_precision else [])
+    assert finiteness_reads == ([(CPU, torch.bool, (FACES,))] if mixed_precision else [])
+    assert len(log.downloads) == 1 + int(mixed_precision)
 
 
 @pytest.mark.parametrize("callers", [1, 2])
@@ -329,7 +337,7 @@ def test_parser_uploads_the_faces_and_downloads_the_labels_only(
 ) -> None:
     """Normalisation, ParseNet in two chunks, argmax and the face-class lookup, on CUDA.
 
-    In fp16 each chunk's logits are checked for non-finite values on the device; the flags
+    In fp16 each face's logits are checked for non-finite values on the device; the flags
     come back with the labels, and nothing waits for the device in between.
     """
     nets = nets_for(runtime, mode, mixed_precision, stability)
@@ -341,7 +349,7 @@ def test_parser_uploads_the_faces_and_downloads_the_labels_only(
     assert (labels.device.type, labels.dtype, labels.shape) == ("cpu", torch.bool, faces.shape[:3])
     assert set(log.convolution_dtypes) == {torch.float16 if mixed_precision else torch.float32}
     assert log.waits == []
-    assert finiteness_reads == ([(CPU, torch.bool, (2,))] if mixed_precision else [])
+    assert finiteness_reads == ([(CPU, torch.bool, (FACES,))] if mixed_precision else [])
 
 
 @pytest.mark.parametrize(("mixed_precision", "stability"), device_variants(use_parse_only=True))
@@ -367,8 +375,7 @@ def test_parser_device_masks_upload_the_faces_and_download_the_masks_only(
     assert_one_copy_each_way(log)
     assert log.waits == []
     assert (masks.device.type, masks.dtype, masks.shape) == ("cpu", torch.float64, faces.shape[:3])
-    chunks = -(-face_count // FACE_BATCH)
-    assert finiteness_reads == ([(CPU, torch.bool, (chunks,))] if mixed_precision else [])
+    assert finiteness_reads == ([(CPU, torch.bool, (face_count,))] if mixed_precision else [])
 
 
 def test_device_log_sees_what_the_stage_tests_forbid(mode: FakeTensorMode) -> None:
@@ -408,9 +415,6 @@ def test_autocast_on_fake_cuda_needs_cuda_reported_available(mode: FakeTensorMod
         assert torch.nn.functional.conv2d(image, weight).dtype == torch.float16
 
 
-SMALL_COPY_BYTES = 4096  # rows, sums, flags, areas, transforms: anything under this is not pixels
-
-
 @pytest.mark.parametrize("profile", ["fast", "max_speed"])
 @pytest.mark.parametrize("face_count", [1, FACES])
 def test_the_device_pixel_path_copies_an_image_up_once_and_down_once(
@@ -423,17 +427,19 @@ def test_the_device_pixel_path_copies_an_image_up_once_and_down_once(
 ) -> None:
     """A request's image on the device pixel path, from its upload to its finished pixels, on CUDA.
 
-    The pipeline's device steps in order (``locate_on_device``, the crops, CodeFormer and in
-    fast the parse masks kept on the device, ``paste_on_device``), with the host steps between
-    them standing in: the landmark fit's transforms, the gray test's and paste-back's small
-    reads (a fake tensor holds no values). A small photo, enlarged to work on and shrunk back
-    at the end: every moved stage runs. Whatever the face count, one pixel-sized copy each way.
+    The pipeline's device calls in order (``locate_on_device``, the crops, CodeFormer's and in
+    fast the parse masks' launch, kept on the device, ``plan_paste_on_device``,
+    ``paste_on_device``), each logged on its own, with the request's steps between them: the
+    arrivals, and standing in, the landmark fit's transforms and the gray test's and the
+    areas' reads (a fake tensor holds no values). A small photo, enlarged to work on and
+    shrunk back at the end: every moved stage runs. Whatever the face count, one pixel-sized
+    copy each way, and no device call waits for the device but the detector's (NMS).
     """
     monkeypatch.setattr(detect, "MAX_CANDIDATES", 1 << 30)  # see the detector's test above
     areas_read: list[tuple[int, ...]] = []
 
     def face_areas(areas: torch.Tensor) -> list[float]:
-        areas_read.append(tuple(areas.cpu().shape))  # the download the real read makes
+        areas_read.append((areas.device.type, *areas.shape))
         return [60_000.0] * len(areas)  # a face's eroded area, about 245 px square: w_edge 12
 
     monkeypatch.setattr(device_paste, "face_areas", face_areas)
@@ -446,16 +452,31 @@ def test_the_device_pixel_path_copies_an_image_up_once_and_down_once(
     # working image -> crop: faces of about 250 px along the top, as estimate_affines gives them
     affines = np.array([[[2.0, 0.0, -100.0 * index], [0.0, 2.0, -40.0]] for index in range(face_count)])
     inverse_affines = np.stack([cv2.invertAffineTransform(affine) for affine in affines])
+    device_calls: dict[str, DeviceLog] = {}
+
+    def on_device(name: str, function: Callable[..., T], *args: object) -> T:
+        with DeviceLog() as call_log:
+            result = function(*args)
+        device_calls[name] = call_log
+        return result
 
     def request() -> torch.Tensor:
-        working, _, gray_sums, rows = pipeline.locate_on_device(image, detector, CUDA)
-        crops = warp_crops_tensor(working, affines)
-        restored = restorer.restore_tensor(crops, 0.5, True, to_host=False)
+        working, _, _, _ = on_device("locate", pipeline.locate_on_device, image, detector, CUDA)
+        crops = on_device("crops", warp_crops_tensor, working, affines)
+        restoring = restorer.restoring(0.5, True, to_host=False)
+        restored = restoring.complete(arrived(on_device("restore", restoring.launch, crops)), crops)
         masks = None
         if PROFILES[profile].use_parse:
-            masks = FaceMasks(parser.masks_tensor(restored, True, to_host=False))
-        return pipeline.paste_on_device(
-            working, RestoredFaces(restored), inverse_affines, masks, image.shape[:2]
+            masking = parser.masking(True, to_host=False)
+            masks = FaceMasks(
+                masking.complete(arrived(on_device("parse", masking.launch, restored)), restored)
+            )
+        plan, areas = on_device("plan paste", pipeline.plan_paste_on_device, working, inverse_affines)
+        w_edges = device_paste.edge_widths(plan, arrived(areas))
+        faces = RestoredFaces(restored)
+        size = image.shape[:2]
+        return arrived(
+            on_device("paste", pipeline.paste_on_device, working, faces, plan, w_edges, masks, size)
         )
 
     output, log = run_logged(mode, request)
@@ -470,8 +491,21 @@ def test_the_device_pixel_path_copies_an_image_up_once_and_down_once(
     # besides: the transforms up (crops, paste-back); down the rows, the gray sums, each net
     # stage's finiteness flags (fp16) and the faces' areas, besides the finished pixels
     assert len(log.uploads) == 3 and len(log.downloads) == 5 + int(PROFILES[profile].use_parse)
-    assert areas_read == [(face_count,)]
-    chunks = -(-face_count // FACE_BATCH)
-    assert finiteness_reads == [(CPU, torch.bool, (chunks,))] * (1 + int(PROFILES[profile].use_parse))
+    assert areas_read == [("cpu", face_count)]
+    assert finiteness_reads == [(CPU, torch.bool, (face_count,))] * (1 + int(PROFILES[profile].use_parse))
     assert log.waits == ["torchvision.nms"]  # the detector's, as on the host pixel path
     assert log.dtype_clashes == [] and log.inexact_divisions == []
+    # the sync budget: the device thread waits for the device in the detector's call only, for
+    # NMS's greedy pass; its small copies after it (rows, sums) come once the device has run it
+    locate = device_calls.pop("locate")
+    assert locate.waits == ["torchvision.nms"] and len(locate.downloads) == 2
+    assert list(device_calls) == [
+        "crops",
+        "restore",
+        *["parse"] * PROFILES[profile].use_parse,
+        "plan paste",
+        "paste",
+    ]
+    for name, call_log in device_calls.items():
+        assert call_log.waits == [], name
+        assert call_log.downloads == call_log.pinned_downloads, f"{name}: a download that blocks"

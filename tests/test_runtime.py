@@ -4,10 +4,12 @@ precision and its measured decision, and the compile backend setting."""
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 import pytest
 import torch
+from helpers import GatedEvent
 from torch import nn
 
 from codeformer import pipeline
@@ -15,11 +17,13 @@ from codeformer.config import STABILITY_MODES, RequestOptions, Settings
 from codeformer.errors import ConfigError
 from codeformer.pipeline import Restorer
 from codeformer.runtime import (
+    Download,
     Nets,
     Runtime,
+    arrived,
     compile_options,
     cuda_numerics,
-    download_with_flags,
+    downloads,
     mixed_precision_pays,
     staged,
 )
@@ -243,13 +247,31 @@ def test_each_profiles_device_calls_run_under_its_numerics(
         assert asked and set(asked) == {fast_math}, (profile, asked)
 
 
+def test_a_download_and_its_rows_arrive_once_its_event_has_passed() -> None:
+    host = torch.arange(12).reshape(4, 3)
+    event = GatedEvent()
+    download = Download(host, event)
+    rows = download[1:3]  # taken before the copy has run: a view under the same event
+    assert len(rows) == 2 and event.waited_on == []
+    waiter = threading.Thread(target=lambda: arrived((rows, None)), name="request")
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive(), "the rows are not there before the event"
+    event.gate.set()
+    waiter.join(10)
+    assert event.waited_on == ["request"]
+    first, nothing = arrived((rows, None))
+    assert torch.equal(first, host[1:3]) and nothing is None
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float64])  # faces, labels, masks
-def test_download_with_flags_returns_the_result_and_the_flags_unchanged(dtype: torch.dtype) -> None:
+def test_downloads_of_host_tensors_are_the_tensors_without_an_event(dtype: torch.dtype) -> None:
+    # on CUDA they go to pinned memory behind one event (tests/test_fake_cuda.py)
     result = (torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 200).to(dtype)
     flags = torch.tensor([True, False, True])
-    host_result, host_flags = download_with_flags(result[:, 1:], flags)  # a non-contiguous result too
+    host_result, host_flags = arrived(downloads(result[:, 1:], flags))  # a non-contiguous result too
     assert host_result.dtype == dtype and torch.equal(host_result, result[:, 1:])
-    assert host_flags.dtype == torch.bool and host_flags.tolist() == [True, False, True]
+    assert host_flags.tolist() == [True, False, True]
 
 
 def test_staged_parts_off_cuda_are_the_host_join_and_a_lone_part_is_not_copied() -> None:

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import hold_device_until
+from helpers import GatedEvent, hold_device_until
 
 from codeformer.errors import DeviceBrokenError, RequestCancelled
+from codeformer.runtime import Download
 from codeformer.scheduler import DeviceScheduler, PixelBudget
 
 HANG_S = 30.0  # a join that takes this long means the scheduler hangs
@@ -322,6 +323,27 @@ def test_a_sticky_device_error_fails_every_later_call_and_is_handed_on_once() ->
     scheduler.stop()
 
 
+def test_a_sticky_error_met_while_waiting_for_a_copy_fails_its_request_and_is_handed_on_once() -> None:
+    """An asynchronous device error surfaces where the request waits for its copy (its thread)."""
+    handed_on: list[tuple[BaseException, str]] = []
+    scheduler = DeviceScheduler(
+        batch_size=1,
+        batch_wait_s=0.0,
+        on_broken_device=lambda error: handed_on.append((error, threading.current_thread().name)),
+    )
+    event = GatedEvent(torch.AcceleratorError(ILLEGAL_ADDRESS))
+    event.gate.set()
+    with pytest.raises(DeviceBrokenError, match="cannot recover .*an illegal memory access"):
+        scheduler.call(lambda: Download(torch.zeros(2), event))
+    _wait_until(lambda: bool(handed_on))
+    with pytest.raises(DeviceBrokenError):
+        scheduler.call(lambda: None)
+    assert [(type(error), thread) for error, thread in handed_on] == [
+        (torch.AcceleratorError, "broken-device")
+    ]
+    scheduler.stop()
+
+
 def test_a_sticky_error_in_a_shared_batch_is_not_retried_request_by_request() -> None:
     handed_on: list[BaseException] = []
     scheduler = DeviceScheduler(batch_size=8, batch_wait_s=HANG_S, on_broken_device=handed_on.append)
@@ -570,4 +592,35 @@ def test_a_batch_waits_at_most_its_wait_from_its_first_call() -> None:
 
     _joined(_in_thread(request_b), _in_thread(request_a))
     assert a_done.is_set() and device.batches == [[1.0]]
+    scheduler.stop()
+
+
+def test_the_device_thread_goes_on_while_a_request_waits_for_its_copies() -> None:
+    """A call's results on their way to the host are waited for by its request, on its thread:
+    the next request's calls run meanwhile, and each caller of a batch gets its own rows."""
+    scheduler = DeviceScheduler(batch_size=2, batch_wait_s=3600.0)
+    event = GatedEvent()
+    rows = torch.arange(6.0).reshape(3, 2)
+    got: dict[str, Any] = {}
+    both_in = threading.Barrier(2)
+
+    def forward(items: np.ndarray) -> tuple[Download, None]:  # a batch's rows in one copy, no flags
+        return Download(rows[: len(items)], event), None
+
+    def request(name: str, items: np.ndarray) -> None:
+        threading.current_thread().name = name
+        with scheduler.caller():
+            both_in.wait(HANG_S)
+            got[name] = scheduler.batched("restore", forward, items)
+            got[f"{name} later"] = scheduler.call(lambda: "ran")
+
+    threads = [_in_thread(lambda: request("a", np.zeros(1))), _in_thread(lambda: request("b", np.zeros(1)))]
+    _wait_until(lambda: len(event.waited_on) == 2)  # both wait for the one copy of their batch
+    assert scheduler.call(lambda: "another request's call") == "another request's call"
+    assert "a" not in got and "b" not in got, "the rows were handed over before their copy ran"
+    event.gate.set()
+    _joined(*threads)
+    assert sorted(event.waited_on) == ["a", "b"], "waited for on the requests' threads only"
+    assert sorted(got["a"][0].tolist() + got["b"][0].tolist()) == rows[:2].tolist(), "a row each"
+    assert got["a"][1] is None and got["a later"] == got["b later"] == "ran"
     scheduler.stop()

@@ -14,8 +14,10 @@ stage, within ``benchmarks.stage_checks.STAGE_BOUND`` of it:
   elsewhere within an ulp or two of float32;
 - w_edge: each face's eroded-mask area is summed in float64 on the device and all faces'
   areas come to the host in one download per image (w_edge sets kernel sizes, so the host
-  must know it). The host sums in float32 in canvas order; the two agree unless an area lies
-  within float32 rounding of a step (400·k² pixels).
+  must know it): paste-back runs in two halves, ``plan_paste`` and ``blend_and_resize``, and
+  the host reads the areas in between, on the request's thread (``edge_widths``). The host
+  stage sums in float32 in canvas order; the two agree unless an area lies within float32
+  rounding of a step (400·k² pixels).
 
 Memory, per pixel of a face's region (footprint box plus margin), from the dtypes: about
 80 bytes at the peak of a blend with parse masks (float64 blend, canvas patch and soft mask,
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from codeformer.config import FACE_SIZE
-from codeformer.runtime import upload
+from codeformer.runtime import Download, arrived, downloads, upload
 from codeformer.stages.device_warp import fma32, resize_tensor, warp_affine_tensor
 from codeformer.stages.regions import Region, blend_edge_width, face_region
 
@@ -181,53 +183,72 @@ def _read_canvas(
 
 
 def face_areas(areas: torch.Tensor) -> list[float]:
-    """The faces' (F,) float64 eroded-mask areas, downloaded: paste-back's one wait for the device."""
+    """The faces' (F,) float64 eroded-mask areas, arrived on the host (``plan_paste``), as numbers."""
     return areas.tolist()
 
 
-def _eroded_masks(
-    regions: list[Region], inverse_affines: torch.Tensor
-) -> tuple[list[torch.Tensor | None], list[int]]:
-    """Each face's 2x2-eroded warped mask ((h, w) float32, None off the canvas) and its w_edge.
+@dataclass
+class PastePlan:
+    """Paste-back's first half, on the device: what its second half (``blend_and_resize``) needs.
 
-    The areas are summed on the device in float64 and downloaded together: one small
-    transfer per image, the only host sync of the paste.
+    Made by ``plan_paste``; between the two halves the host turns the faces' areas into
+    their w_edges (``edge_widths``), which set kernel sizes.
     """
-    face_mask = torch.ones((FACE_SIZE, FACE_SIZE), dtype=torch.float32, device=inverse_affines.device)
-    eroded: list[torch.Tensor | None] = []
-    for index, region in enumerate(regions):
-        if region.empty:
-            eroded.append(None)
-            continue
-        inv_mask = _warp_into_region(face_mask, inverse_affines[index : index + 1], region)
-        eroded.append(erode_tensor(inv_mask, MASK_EROSION_SIZE))
-    areas = [mask.sum(dtype=torch.float64) for mask in eroded if mask is not None]
-    downloaded = iter(face_areas(torch.stack(areas)) if areas else [])
-    w_edges = [0 if mask is None else blend_edge_width(np.float32(next(downloaded))) for mask in eroded]
-    return eroded, w_edges
+
+    regions: list[Region]  # each face's region of the canvas (empty: off the canvas)
+    affines: torch.Tensor  # (F, 2, 3) float64 face -> image matrices, on the device
+    # each face's 2x2-eroded warped mask, (h, w) float32; None off the canvas
+    eroded: list[torch.Tensor | None]
 
 
-def paste_faces_tensor(
-    image: torch.Tensor,
-    restored: torch.Tensor,
-    inverse_affines: np.ndarray,
-    masks: torch.Tensor | None,
-) -> torch.Tensor:
-    """``paste_faces`` (docs/reference.md §6.3–§6.6) on tensors of one device.
+def plan_paste(image: torch.Tensor, inverse_affines: np.ndarray) -> tuple[PastePlan, Download | None]:
+    """The faces' regions and eroded masks on ``image``'s device, and their areas on their way to the host.
 
-    image: (H, W, 3) uint8 BGR working image (not modified).
-    restored: (F, 512, 512, 3) uint8 BGR faces, float64 for gray inputs, on the image's device.
-    inverse_affines: (F, 2, 3) float64 face -> image matrices, a host NumPy array: the face
-        regions (tensor shapes) come from them, so they must be on the host anyway.
-    masks: (F, 512, 512) float64 parse masks in [0, 1] on the device, or None (§6.4).
-    Returns a new (H, W, 3) uint8 tensor on the device.
+    image: (H, W, 3) working image (its size and device); inverse_affines: (F, 2, 3) float64
+    on the host (the regions, tensor shapes, come from them). The areas are summed on the
+    device in float64 and copied without blocking (``runtime.downloads``): (F',) for the F'
+    faces on the canvas, None when there is none. Nothing here waits for the device.
     """
     inverse_affines = np.asarray(inverse_affines, dtype=np.float64)
     canvas_hw = (int(image.shape[0]), int(image.shape[1]))
     regions = [face_region(inverse_affine, canvas_hw) for inverse_affine in inverse_affines]
     # one upload for all the faces' warps (F, 2, 3), queued without blocking the host
-    device_affines = upload(torch.from_numpy(inverse_affines), image.device)
-    eroded_masks, w_edges = _eroded_masks(regions, device_affines)
+    affines = upload(torch.from_numpy(inverse_affines), image.device)
+    face_mask = torch.ones((FACE_SIZE, FACE_SIZE), dtype=torch.float32, device=image.device)
+    eroded: list[torch.Tensor | None] = []
+    for index, region in enumerate(regions):
+        if region.empty:
+            eroded.append(None)
+            continue
+        inv_mask = _warp_into_region(face_mask, affines[index : index + 1], region)
+        eroded.append(erode_tensor(inv_mask, MASK_EROSION_SIZE))
+    areas = [mask.sum(dtype=torch.float64) for mask in eroded if mask is not None]
+    return PastePlan(regions, affines, eroded), (downloads(torch.stack(areas))[0] if areas else None)
+
+
+def edge_widths(plan: PastePlan, areas: torch.Tensor | None) -> list[int]:
+    """Each face's w_edge from ``plan_paste``'s areas, arrived on the host (0 off the canvas)."""
+    arrived_areas = iter(face_areas(areas) if areas is not None else [])
+    return [0 if mask is None else blend_edge_width(np.float32(next(arrived_areas))) for mask in plan.eroded]
+
+
+def _blend_faces(
+    image: torch.Tensor,
+    restored: torch.Tensor,
+    plan: PastePlan,
+    w_edges: list[int],
+    masks: torch.Tensor | None,
+) -> torch.Tensor:
+    """``paste_faces`` (docs/reference.md §6.3–§6.6) on tensors of one device, once planned.
+
+    image: (H, W, 3) uint8 BGR working image (not modified).
+    restored: (F, 512, 512, 3) uint8 BGR faces, float64 for gray inputs, on the image's device.
+    plan, w_edges: ``plan_paste``'s and ``edge_widths``' for these faces on this image; the
+        plan's eroded masks are used up (freed face by face).
+    masks: (F, 512, 512) float64 parse masks in [0, 1] on the device, or None (§6.4).
+    Returns a new (H, W, 3) uint8 tensor on the device.
+    """
+    regions, eroded_masks = plan.regions, plan.eroded
     output = image.clone()
     kept: list[_Patch] = []
     for index, region in enumerate(regions):
@@ -235,7 +256,7 @@ def paste_faces_tensor(
         if inv_mask_erosion is None:
             continue  # nothing on the canvas: the blend leaves img as it is
         eroded_masks[index] = None  # the loop holds the last reference: freed once used (del below)
-        inverse_affine = device_affines[index : index + 1]
+        inverse_affine = plan.affines[index : index + 1]
         inv_restored = _warp_into_region(restored[index], inverse_affine, region)  # (h, w, 3)
         pasted_face = inv_restored * inv_mask_erosion[..., None]  # float32 (float64 for gray)
         w_edge = w_edges[index]
@@ -261,6 +282,26 @@ def paste_faces_tensor(
     return output
 
 
+def blend_and_resize(
+    image: torch.Tensor,
+    restored: torch.Tensor,
+    plan: PastePlan,
+    w_edges: list[int],
+    masks: torch.Tensor | None,
+    output_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Paste-back's second half: the blend (``_blend_faces``' arguments), then back to the input's (H, W).
+
+    When the working image was enlarged (docs/reference.md §4.1) the pasted image is shrunk
+    to ``output_hw`` with INTER_AREA, as the host path's ``cv2.resize``. Returns (H, W, 3)
+    uint8 on the device.
+    """
+    pasted = _blend_faces(image, restored, plan, w_edges, masks)
+    if tuple(pasted.shape[:2]) == tuple(output_hw):
+        return pasted
+    return resize_tensor(pasted, output_hw, cv2.INTER_AREA, channels_last=True)
+
+
 def paste_and_resize_tensor(
     image: torch.Tensor,
     restored: torch.Tensor,
@@ -268,13 +309,11 @@ def paste_and_resize_tensor(
     masks: torch.Tensor | None,
     output_hw: tuple[int, int],
 ) -> torch.Tensor:
-    """``Restorer._paste``'s pixel work once the masks exist: paste-back, then back to the input's size.
+    """``Restorer._paste``'s pixel work once the masks exist, both halves on the calling thread.
 
-    ``paste_faces_tensor``'s arguments, and ``output_hw``: the input image's (H, W). When the
-    working image was enlarged (docs/reference.md §4.1) the pasted image is shrunk to it with
-    INTER_AREA, as the host path's ``cv2.resize``. Returns (H, W, 3) uint8 on the device.
+    ``plan_paste``'s arguments (``inverse_affines``: (F, 2, 3) float64 on the host), then
+    ``blend_and_resize``'s: ``restored`` faces, parse ``masks`` or None, the input's
+    ``output_hw``. Waits for the areas in between. Returns (H, W, 3) uint8 on the device.
     """
-    pasted = paste_faces_tensor(image, restored, inverse_affines, masks)
-    if tuple(pasted.shape[:2]) == tuple(output_hw):
-        return pasted
-    return resize_tensor(pasted, output_hw, cv2.INTER_AREA, channels_last=True)
+    plan, areas = plan_paste(image, inverse_affines)
+    return blend_and_resize(image, restored, plan, edge_widths(plan, arrived(areas)), masks, output_hw)

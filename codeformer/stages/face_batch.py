@@ -4,12 +4,16 @@
 ``RestoredFaces``) make once, when built. ``FaceBatchNet`` is the base of ``FaceRestorer``
 and ``FaceParser``: the faces go to the device once, are normalised there
 (``crops_to_tensor``), run ``batch_size`` at a time, and come back to the host once.
+``FaceBatchRun`` is one stage's run of such a net, in two halves: what the device thread
+queues, and what the request's thread finishes once the results have arrived.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +22,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 from codeformer.config import FACE_SIZE
 from codeformer.errors import InternalError
-from codeformer.runtime import autocast_dtype, divide_exactly, download_with_flags, upload
+from codeformer.runtime import Download, arrived, autocast_dtype, divide_exactly, downloads, upload
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +67,9 @@ def crops_to_tensor(crops: np.ndarray | torch.Tensor, device: torch.device) -> t
     return ((unit - 0.5) / 0.5).contiguous()
 
 
-def non_finite_chunks(finite: torch.Tensor) -> list[int]:
-    """The indices of the False entries of (C,) bool ``finite``, a host tensor: a read of host memory."""
-    return [index for index, chunk_finite in enumerate(finite.tolist()) if not chunk_finite]
+def non_finite_faces(finite: torch.Tensor) -> list[int]:
+    """The indices of the False entries of (F,) bool ``finite``, a host tensor: a read of host memory."""
+    return [index for index, face_finite in enumerate(finite.tolist()) if not face_finite]
 
 
 def face_batch_sizes(batch_size: int) -> tuple[int, ...]:
@@ -94,21 +98,24 @@ def pad_chunk(chunk: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 Finish = Callable[[torch.Tensor], torch.Tensor]
+# a run's first half: (the rows, on their way to the host or kept on the device; each face's
+# finiteness on its way to the host, None in float32)
+Launched = tuple[torch.Tensor | Download, Download | None]
+Faces = np.ndarray | torch.Tensor | list[np.ndarray] | list[torch.Tensor]  # a run's input, or its parts
+
+
+def call_here(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` on the calling thread: how a run makes its device calls outside a scheduler."""
+    return function(*args)
 
 
 class FaceBatchNet:
-    """A loaded net on ``device``, run over normalised faces ``batch_size`` at a time.
+    """A loaded net on ``device``, run over normalised faces ``batch_size`` at a time (``FaceBatchRun``).
 
-    What the restorer and the parser share: the input normalisation (``crops_to_tensor``),
-    the chunking that bounds activation memory, autocast when mixed precision is asked, the
-    float32 recompute of a reduced-precision chunk whose output is not finite, and the one
-    copy of the result back to the host. ``float32_net`` computes that chunk: the same net
-    when its weights are float32 (autocast off is enough), the float32 original when ``net``
-    stores weights in reduced precision (the runtime's optimized mixed-precision copies).
-
-    The device never waits for the host between chunks: each chunk's finiteness is a flag
-    on the device, and the flags come back with the result, in its one device->host copy
-    (``download_with_flags``); only then are the rare non-finite chunks computed again.
+    What the restorer and the parser share. ``float32_net`` computes the faces whose
+    reduced-precision output is not finite: the same net when its weights are float32
+    (autocast off is enough), the float32 original when ``net`` stores weights in reduced
+    precision (the runtime's optimized mixed-precision copies).
 
     When ``net`` is a ``torch.compile`` module (``compiled``), every chunk is padded to one
     of ``face_batch_sizes`` (1, 2, 4 by default) and the padding rows dropped from its
@@ -131,50 +138,93 @@ class FaceBatchNet:
         self.compiled = isinstance(net, OptimizedModule)
         self.chunk_sizes = face_batch_sizes(batch_size)
 
-    def _run(
-        self,
-        faces: torch.Tensor,
-        mixed_precision: bool,
-        forward: Forward,
-        finish: Finish,
-        to_host: bool = True,
-    ) -> torch.Tensor:
-        """(F, 512, 512, 3) BGR faces -> ``finish(forward(net, chunk))`` per chunk, joined.
 
-        ``finish`` turns a chunk's network output into the stage's result rows on the device
-        (faces, labels, masks): (B, ...) per chunk, whatever the output's shape. ``faces`` on
-        the host are uploaded once; faces already on the device are used as they are. The
-        result comes back to the host in one copy, or with ``to_host=False`` stays on the
-        device (the device pixel path): then only the chunks' finiteness flags are
-        downloaded, a few bytes, when mixed precision needs them.
+@dataclass(frozen=True)
+class FaceBatchRun:
+    """One stage's run of ``net`` over (F, 512, 512, 3) BGR faces: ``finish(forward(net, chunk))``
+    per chunk, joined.
+
+    ``finish`` turns a chunk's network output into the stage's result rows on the device
+    (faces, labels, masks): (B, ...) per chunk, whatever the output's shape. Faces on the
+    host are uploaded once; faces already on the device are used as they are. The rows come
+    back to the host in one copy, or with ``to_host=False`` stay on the device (the device
+    pixel path). ``mixed_precision`` runs the net under autocast.
+
+    In two halves, so that the device thread never waits for the device. ``launch``, on the
+    device thread, queues everything: the chunks, each face's finiteness flag (a bool on the
+    device, in reduced precision), and the copies of the rows and the flags to the host
+    (``runtime.downloads``), and returns at once. ``complete``, on the request's thread once
+    they have arrived (``runtime.arrived``), reads the flags and computes the rare faces whose
+    output is not finite again in float32, through ``run``: a device call of its own (the
+    scheduler's ``call``). Each face's result depends on its own input only, whichever faces
+    shared its chunk. Calling the run does both on the calling thread.
+    """
+
+    net: FaceBatchNet
+    mixed_precision: bool
+    forward: Forward
+    finish: Finish
+    to_host: bool = True
+
+    def __call__(self, faces: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.complete(arrived(self.launch(faces)), faces)
+
+    def launch(self, faces: np.ndarray | torch.Tensor) -> Launched:
+        """The device half: (rows, finite), both queued, nothing waited for (``Launched``)."""
+        net = self.net
+        precision = autocast_dtype(net.device)
+        with torch.inference_mode():
+            faces_in = crops_to_tensor(faces, net.device)  # (F, 3, 512, 512) float in [-1, 1]
+            results, finite = [], []
+            for chunk in faces_in.split(net.batch_size):
+                net_input = pad_chunk(chunk, net.chunk_sizes) if net.compiled else chunk
+                with torch.autocast(net.device.type, dtype=precision, enabled=self.mixed_precision):
+                    output = self.forward(net.net, net_input)[: len(chunk)]  # the padding rows dropped
+                if self.mixed_precision:
+                    finite.append(torch.isfinite(output).flatten(1).all(1))  # (B,) bool on the device
+                results.append(self.finish(output))
+            rows = torch.cat(results)
+            flags = torch.cat(finite) if finite else None
+            copied = iter(downloads(*([rows] if self.to_host else []), *([] if flags is None else [flags])))
+            return (next(copied) if self.to_host else rows), (None if flags is None else next(copied))
+
+    def complete(
+        self,
+        launched: tuple[torch.Tensor, torch.Tensor | None],
+        faces: Faces,
+        run: Callable[..., Any] = call_here,
+    ) -> torch.Tensor:
+        """The request's half: ``launch``'s rows, arrived, with any non-finite face computed again.
+
+        ``launched``: this request's rows of what was launched, arrived (the scheduler hands
+        each request its share of a batch, waited for: ``runtime.arrived``); ``faces``: the
+        request's input to it (an array or tensor, or a list of parts, as the scheduler joins
+        them); ``run(function, *args)``: how to make a device call.
         """
-        precision = autocast_dtype(self.device)
-        faces_in = crops_to_tensor(faces, self.device)  # (F, 3, 512, 512) float in [-1, 1]
-        chunks = faces_in.split(self.batch_size)
-        results, finite = [], []
-        for chunk in chunks:
-            net_input = pad_chunk(chunk, self.chunk_sizes) if self.compiled else chunk
-            with torch.autocast(self.device.type, dtype=precision, enabled=mixed_precision):
-                output = forward(self.net, net_input)[: len(chunk)]  # the padding rows dropped
-            if mixed_precision:
-                finite.append(torch.isfinite(output).all())  # a 0-d bool on the device: no wait
-            results.append(finish(output))
-        if not mixed_precision:
-            joined = torch.cat(results)
-            return joined.cpu() if to_host else joined  # the one device->host copy, if any
-        if to_host:
-            result, chunk_finite = download_with_flags(torch.cat(results), torch.stack(finite))
-        else:
-            result, chunk_finite = torch.cat(results), torch.stack(finite).cpu()
-        for index in non_finite_chunks(chunk_finite):
-            chunk = chunks[index]
+        rows, finite = launched
+        bad = [] if finite is None else non_finite_faces(finite)
+        if bad:
             logger.warning(
-                "%s: %d faces gave non-finite values in %s; computing them again in float32",
-                self.net_name,
-                len(chunk),
-                str(precision).removeprefix("torch."),
+                "%s: %d face%s gave non-finite values in %s; computing them again in float32",
+                self.net.net_name,
+                len(bad),
+                "s" * (len(bad) != 1),
+                str(autocast_dtype(self.net.device)).removeprefix("torch."),
             )
-            start = index * self.batch_size
-            recomputed = finish(forward(self.float32_net, chunk))
-            result[start : start + len(chunk)] = recomputed.cpu() if to_host else recomputed
-        return result
+            run(self._recompute, rows, faces, bad)
+        return rows
+
+    def _recompute(self, rows: torch.Tensor, faces: Faces, bad: list[int]) -> None:
+        """On the device: the faces at ``bad`` through the float32 net, by chunks, into ``rows``.
+
+        Rare: the small copies here (indices up, on the host path the faces down) may wait.
+        """
+        net = self.net
+        parts = [torch.as_tensor(part) for part in (faces if isinstance(faces, list) else [faces])]
+        faces = parts[0] if len(parts) == 1 else torch.cat(parts)
+        with torch.inference_mode():
+            for start in range(0, len(bad), net.batch_size):
+                index = torch.tensor(bad[start : start + net.batch_size])
+                chunk = crops_to_tensor(faces[index.to(faces.device)], net.device)
+                again = self.finish(self.forward(net.float32_net, chunk))
+                rows[index.to(rows.device)] = again.to(rows.device)

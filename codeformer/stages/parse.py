@@ -18,7 +18,7 @@ from torch import nn
 from codeformer.config import FACE_SIZE
 from codeformer.errors import InternalError
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
-from codeformer.stages.face_batch import FaceBatchNet, element_type
+from codeformer.stages.face_batch import FaceBatchNet, FaceBatchRun, element_type
 from codeformer.stages.restore import RestoredFaces
 
 logger = logging.getLogger(__name__)
@@ -166,8 +166,11 @@ class FaceParser(FaceBatchNet):
 
     def labels_tensor(self, faces: torch.Tensor, mixed_precision: bool) -> torch.Tensor:
         """``labels``' device part: (F, 512, 512, 3) BGR faces, host or device -> (F, 512, 512) bool, host."""
-        with torch.inference_mode():
-            return self._parse(faces, mixed_precision, self._face_pixels)
+        return self.labelling(mixed_precision)(faces)
+
+    def labelling(self, mixed_precision: bool) -> FaceBatchRun:
+        """``labels_tensor`` as a run in two halves (``FaceBatchRun``)."""
+        return self._parsing(mixed_precision, self._face_pixels)
 
     def masks_tensor(self, faces: torch.Tensor, mixed_precision: bool, to_host: bool = True) -> torch.Tensor:
         """(F, 512, 512, 3) BGR faces -> (F, 512, 512) float64 blend masks: ParseNet's labels and
@@ -176,12 +179,15 @@ class FaceParser(FaceBatchNet):
         Host faces in, host masks out; faces on the device with ``to_host=False`` (the device
         pixel path): the masks stay there.
         """
+        return self.masking(mixed_precision, to_host)(faces)
+
+    def masking(self, mixed_precision: bool, to_host: bool = True) -> FaceBatchRun:
+        """``masks_tensor`` as a run in two halves (``FaceBatchRun``)."""
 
         def masks(logits: torch.Tensor) -> torch.Tensor:
             return face_pixels_to_masks_tensor(self._face_pixels(logits), self._mask_operator)
 
-        with torch.inference_mode():
-            return self._parse(faces, mixed_precision, masks, to_host)
+        return self._parsing(mixed_precision, masks, to_host)
 
     def _face_pixels(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, 19, 512, 512) ParseNet logits -> (B, 512, 512) bool on their device, True on face classes.
@@ -191,19 +197,18 @@ class FaceParser(FaceBatchNet):
         """
         return self._face_classes[logits.argmax(dim=1)]
 
-    def _parse(
+    def _parsing(
         self,
-        faces: torch.Tensor,
         mixed_precision: bool,
         finish: Callable[[torch.Tensor], torch.Tensor],
         to_host: bool = True,
-    ) -> torch.Tensor:
-        """(F, 512, 512, 3) BGR faces -> ``finish`` of each chunk's logits, joined (``FaceBatchNet._run``)."""
+    ) -> FaceBatchRun:
+        """A run of ParseNet over (F, 512, 512, 3) BGR faces: ``finish`` of each chunk's logits, joined."""
 
         def forward(net: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
             return net(chunk)[0]  # (B, 19, 512, 512) logits
 
-        return self._run(faces, mixed_precision, forward, finish, to_host)
+        return FaceBatchRun(self, mixed_precision, forward, finish, to_host)
 
     def masks(self, faces: RestoredFaces, mixed_precision: bool = False) -> FaceMasks:
         """One image's restored faces -> their (F, 512, 512) float64 blend masks in [0, 1], on the host path.

@@ -6,8 +6,8 @@ chunks, and come back to the CPU once as uint8 BGR faces. The device part
 CUDA tensors in the tests. Unlike the official helper, a failing network call is not
 replaced by the input face: the error propagates.
 
-In reduced precision a chunk whose output is not finite is computed again in float32
-(``FaceBatchNet``): fp16 convolutions in CodeFormer's decoder can overflow, and a NaN
+In reduced precision a face whose output is not finite is computed again in float32
+(``FaceBatchRun``): fp16 convolutions in CodeFormer's decoder can overflow, and a NaN
 survives the clamp to [-1, 1] and becomes arbitrary pixels.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from codeformer.config import FACE_SIZE
 from codeformer.nets.codeformer import CodeFormer
-from codeformer.stages.face_batch import FaceBatchNet, check_face_batch
+from codeformer.stages.face_batch import FaceBatchNet, FaceBatchRun, check_face_batch
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +110,15 @@ class FaceRestorer(FaceBatchNet):
         Host crops in, host faces out; crops on the device with ``to_host=False`` (the device
         pixel path): the faces stay there.
         """
+        return self.restoring(fidelity, mixed_precision, to_host)(crops)
 
+    def restoring(self, fidelity: float, mixed_precision: bool, to_host: bool = True) -> FaceBatchRun:
+        """``restore_tensor`` as a run in two halves (``FaceBatchRun``): the scheduler's device
+        thread launches it, the request's thread completes it."""
         weight = self.fidelity_argument(fidelity)
 
         def forward(net: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
             w = weight if net is self.net else float(fidelity)  # the float32 recompute is not compiled
             return net(chunk, w=w, adain=True)[0]  # (B, 3, 512, 512)
 
-        with torch.inference_mode():
-            return self._run(crops, mixed_precision, forward, output_to_faces, to_host)
+        return FaceBatchRun(self, mixed_precision, forward, output_to_faces, to_host)
