@@ -14,6 +14,7 @@ landmark bound.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -70,3 +71,50 @@ def test_the_device_path_finds_the_same_faces_and_stays_within_the_mean_bound(
     # the gray photo came back gray: the gray test on the device decided as the host's
     restored_gray = results["device"][2].image.astype(np.int16)
     assert np.abs(restored_gray - restored_gray[..., 1:2]).max() <= 1
+
+
+class OverflowingCodeFormer(torch.nn.Module):
+    """A CodeFormer whose reduced-precision output is NaN, as an fp16 overflow would make it;
+    with ``float32_always`` it computes in float32 whatever autocast says (the reference)."""
+
+    def __init__(self, net: torch.nn.Module, float32_always: bool = False) -> None:
+        super().__init__()
+        self.net, self.float32_always = net, float32_always
+
+    def forward(self, x: torch.Tensor, w: float = 0.0, adain: bool = False) -> tuple[torch.Tensor, ...]:
+        if self.float32_always:
+            with torch.autocast("cpu", enabled=False):
+                return self.net(x, w=w, adain=adain)
+        out, *rest = self.net(x, w=w, adain=adain)
+        if torch.is_autocast_enabled("cpu"):
+            out = torch.full_like(out, torch.nan)
+        return (out, *rest)
+
+
+@pytest.mark.nets  # the seed-0 nets, one face, four requests
+@pytest.mark.parametrize("stages", ["host", "device"])
+def test_a_face_that_overflows_in_reduced_precision_comes_back_as_float32_computes_it(
+    restorer_seed0: Restorer, stages: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request's thread reads the finiteness flags and has the face computed again, on
+    either pixel path: the output is the one a float32 CodeFormer gives, to the bit."""
+    nets = restorer_seed0.runtime.safe_nets
+    settings = dataclasses.replace(
+        restorer_seed0.settings, pixel_stages=stages, max_faces=1, mixed_precision="on"
+    )
+    photo = golden_photo(next(iter(GOLDEN_PHOTOS)))
+    options = RequestOptions(profile=PROFILES["fast"])
+    results = []
+    for float32_always in (False, True):
+        codeformer = OverflowingCodeFormer(nets.codeformer, float32_always)
+        restorer = Restorer(dataclasses.replace(nets, codeformer=codeformer), CPU, settings)
+        with caplog.at_level(logging.WARNING, logger="codeformer.stages.face_batch"):
+            results.append(restorer.restore([photo], options)[0])
+        restorer.scheduler.stop()
+    overflowed, reference = results
+    assert len(overflowed.faces) == 1
+    assert np.array_equal(overflowed.image, reference.image)
+    recomputed = [record.getMessage() for record in caplog.records if record.name.endswith("face_batch")]
+    assert recomputed == [
+        "CodeFormer: 1 face gave non-finite values in bfloat16; computing them again in float32"
+    ]
