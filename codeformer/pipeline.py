@@ -702,7 +702,10 @@ class Restorer:
                 output = self.scheduler.call(
                     paste, item.working, restored, plan, w_edges, masks, size, cancel=call.cancel
                 )
-                return output.numpy()
+                # on CUDA the pixels arrived in pinned memory: copied out here, so that the
+                # pinned block goes back to torch's cache now, not after the encode (pinned
+                # blocks are kept, rounded up to a power of two, for reuse)
+                return output.numpy().copy() if self.device.type == "cuda" else output.numpy()
         with _timed(timings, "paste"):
             output = paste_faces(item.working, restored, item.aligned.inverse_affines, masks)
         if output.shape[:2] != image.shape[:2]:

@@ -206,13 +206,14 @@ def downloads(*tensors: torch.Tensor) -> tuple[Download, ...]:
     """
     if not any(tensor.device.type == "cuda" for tensor in tensors):
         return tuple(Download(tensor.cpu(), None) for tensor in tensors)
+    device = next(tensor.device for tensor in tensors if tensor.device.type == "cuda")
     hosts = []
     for tensor in tensors:
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
+        host.copy_(tensor, non_blocking=True)  # queued on the current stream of the tensor's device
         hosts.append(host)
     event = torch.cuda.Event(blocking=True)
-    event.record()
+    event.record(torch.cuda.current_stream(device))  # that device's stream, whichever is current
     return tuple(Download(host, event) for host in hosts)
 
 

@@ -18,7 +18,7 @@ the face batch is 1 (batching does not pay there, see ``config.DEFAULT_FACE_BATC
 wait ever happens. On a GPU the device thread copies no pixels on the host: a batch's
 payloads arrive on the device (the device pixel path) or staged in pinned memory by their
 request's thread (``runtime.staged``), and are uploaded and joined with queued copies.
-Nor does it wait for the device: a call's results on their way to the host
+Nor does it wait for a call's copies to the host: a call's results on their way there
 (``runtime.Download``s, alone or in a tuple) are waited for by the request's thread, once
 the device thread has gone on to the next call.
 

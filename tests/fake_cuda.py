@@ -57,18 +57,22 @@ def to_fake_cuda(net: nn.Module, mode: FakeTensorMode) -> nn.Module:
 
 
 class FakeEvents:
-    """Stands in for ``torch.cuda.Event`` (which needs a GPU to record): notes the thread of
-    each ``record`` and ``synchronize``, by the name of the thread."""
+    """Stands in for ``torch.cuda.Event`` and ``torch.cuda.current_stream`` (which need a GPU):
+    notes the stream (by its device) of each ``record``, and the thread of each ``synchronize``."""
 
     def __init__(self) -> None:
-        self.recorded: list[str] = []
+        self.recorded: list[torch.device | None] = []
         self.waited: list[str] = []
 
     def __call__(self, *_args: object, **_kwargs: object) -> FakeEvents:
         return self  # every event made is this one: the test reads one log
 
-    def record(self, *_stream: object) -> None:
-        self.recorded.append(threading.current_thread().name)
+    @staticmethod
+    def current_stream(device: torch.device | None = None) -> torch.device | None:
+        return device  # a stream stands for its device
+
+    def record(self, stream: torch.device | None = None) -> None:
+        self.recorded.append(stream)
 
     def synchronize(self) -> None:
         self.waited.append(threading.current_thread().name)
@@ -76,9 +80,12 @@ class FakeEvents:
 
 @contextlib.contextmanager
 def fake_cuda_events() -> Iterator[FakeEvents]:
-    """``torch.cuda.Event`` is a ``FakeEvents`` in the block."""
+    """``torch.cuda.Event`` and ``current_stream`` are a ``FakeEvents``' in the block."""
     events = FakeEvents()
-    with mock.patch.object(torch.cuda, "Event", events):
+    with (
+        mock.patch.object(torch.cuda, "Event", events),
+        mock.patch.object(torch.cuda, "current_stream", events.current_stream),
+    ):
         yield events
 
 

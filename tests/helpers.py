@@ -7,6 +7,7 @@ this module holds no fixtures (those are in ``conftest.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import shutil
@@ -24,12 +25,15 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 import pillow_heif
+import torch
 from PIL import Image, ImageCms
+from torch import nn
 
 import codeformer.imageio  # noqa: F401  (registers pillow-heif's HEIF writer that ``encode`` uses)
 from codeformer.icc import rgb_profile_for_gray
 from codeformer.scheduler import DeviceScheduler
 from codeformer.serving.request import ADMITTED_LINE, FINISHED_LINE
+from codeformer.stages.face_batch import FaceBatchNet, FaceBatchRun
 from codeformer.tools.inputs import cmyk_icc_profile, gray_icc_profile
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -333,6 +337,31 @@ def run_python_together(
 
 # -- holding the device thread --------------------------------------------------------------
 GATE_POLL_S = 0.005
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInRun(FaceBatchRun):
+    """A ``FaceBatchRun`` whose device half is ``compute`` (faces -> rows); the request's half is
+    the product's own. Every face finite, or with ``finite=False`` none (each is computed again
+    with ``forward``)."""
+
+    compute: Callable[[torch.Tensor], torch.Tensor] | None = None
+    finite: bool = True
+
+    def launch(self, faces: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert self.compute is not None
+        rows = self.compute(torch.as_tensor(faces))
+        return rows, (None if self.finite else torch.zeros(len(rows), dtype=torch.bool))
+
+
+def stand_in_run(
+    net: FaceBatchNet,
+    compute: Callable[[torch.Tensor], torch.Tensor],
+    to_host: bool = True,
+    forward: Callable[..., torch.Tensor] | None = None,
+) -> StandInRun:
+    """A ``StandInRun`` of ``net``; given a ``forward`` (net, chunk), its faces are all non-finite."""
+    return StandInRun(net, False, forward or nn.Identity(), nn.Identity(), to_host, compute, forward is None)
 
 
 class GatedEvent:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import stand_in_run
 from torch import nn
 
 from codeformer.config import RequestOptions, Settings
@@ -27,6 +28,7 @@ from codeformer.errors import ConfigError, ImageFailedError
 from codeformer.pipeline import Restorer
 from codeformer.runtime import Nets
 from codeformer.stages.detect import FaceDetector
+from codeformer.stages.face_batch import FaceBatchRun
 from codeformer.stages.parse import FaceParser
 from codeformer.stages.restore import FaceRestorer
 
@@ -165,9 +167,12 @@ def _one_face_rows(pixels: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.cat([box, (centre + offsets).flatten(), torch.ones(1)]).to(torch.float32)[None]  # a face
 
 
+@pytest.mark.parametrize("where", ["forward", "float32 recompute"])
 def test_out_of_memory_while_restoring_fails_the_request_naming_the_images_with_faces(
-    monkeypatch: pytest.MonkeyPatch,
+    where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """In CodeFormer's forward, or in the float32 recompute of faces that were not finite (a
+    device call of its own, from the request's thread): the same answer."""
     cpu = torch.device("cpu")
     nets = Nets(*(nn.Identity() for _ in range(3)))
     restorer = Restorer(nets, cpu, Settings(retained_memory_mb=0, mixed_precision="off"))
@@ -177,8 +182,13 @@ def test_out_of_memory_while_restoring_fails_the_request_naming_the_images_with_
     def out_of_memory(*_args: object) -> np.ndarray:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    def restoring(restorer: FaceRestorer, *_args: object, **_kwargs: object) -> FaceBatchRun:
+        if where == "forward":
+            return stand_in_run(restorer, out_of_memory)
+        return stand_in_run(restorer, lambda crops: crops.clone(), forward=out_of_memory)
+
     monkeypatch.setattr(FaceDetector, "detect_rows", lambda _detector, *args: _one_face_rows(*args))
-    monkeypatch.setattr(FaceRestorer, "restore", out_of_memory)
+    monkeypatch.setattr(FaceRestorer, "restoring", restoring)
     with pytest.raises(ImageFailedError) as raised:
         restorer.restore(images, RequestOptions.parse(profile="max_speed"))
     assert raised.value.indices == (0, 2)
@@ -189,7 +199,7 @@ def test_out_of_memory_while_restoring_fails_the_request_naming_the_images_with_
 
 @pytest.mark.parametrize(
     ("pixel_stages", "parse_call", "doing"),
-    [("host", "labels", "parsing"), ("device", "masks_tensor", "parsing and pasting back")],
+    [("host", "labelling", "parsing"), ("device", "masking", "parsing and pasting back")],
 )
 def test_out_of_memory_after_restoring_fails_only_its_image_naming_the_step(
     pixel_stages: str, parse_call: str, doing: str, monkeypatch: pytest.MonkeyPatch
@@ -206,9 +216,13 @@ def test_out_of_memory_after_restoring_fails_only_its_image_naming_the_step(
 
     monkeypatch.setattr(FaceDetector, "detect_rows", lambda _detector, *args: _one_face_rows(*args))
     monkeypatch.setattr(
-        FaceRestorer, "restore_tensor", lambda _restorer, crops, *args, **kwargs: crops.clone()
+        FaceRestorer,
+        "restoring",
+        lambda restorer, _fidelity, _mp, to_host=True: stand_in_run(restorer, torch.clone, to_host),
     )
-    monkeypatch.setattr(FaceParser, parse_call, out_of_memory)
+    monkeypatch.setattr(
+        FaceParser, parse_call, lambda parser, *_args, **_kwargs: stand_in_run(parser, out_of_memory)
+    )
     with pytest.raises(ImageFailedError) as raised:
         restorer.restore(images, RequestOptions.parse(profile="fast"))
     assert raised.value.indices == (0,)

@@ -15,8 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -24,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import stand_in_run
 from torch import nn
 
 import codeformer.stages
@@ -115,17 +115,6 @@ class StandInDevice:
         return face_pixels_to_masks_tensor(labels, torch.tensor(PARSE_MASK_OPERATOR))
 
 
-@dataclass(frozen=True)
-class StandInRun(FaceBatchRun):
-    """A ``FaceBatchRun`` whose device half is ``compute``: the request's half is the pipeline's own."""
-
-    compute: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def launch(self, faces: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, None]:
-        assert self.compute is not None
-        return self.compute(torch.as_tensor(faces)), None  # float32 in effect: no finiteness flags
-
-
 @pytest.fixture
 def stand_in_device(monkeypatch: pytest.MonkeyPatch) -> StandInDevice:
     device = StandInDevice()
@@ -142,23 +131,23 @@ def stand_in_device(monkeypatch: pytest.MonkeyPatch) -> StandInDevice:
 
     def restoring(
         restorer: FaceRestorer, fidelity: float, mixed_precision: bool, to_host: bool = True
-    ) -> StandInRun:
+    ) -> FaceBatchRun:
         def compute(crops: torch.Tensor) -> torch.Tensor:
             return device.restore_tensor(restorer, crops, fidelity, mixed_precision, to_host)
 
-        return StandInRun(restorer, mixed_precision, nn.Identity(), nn.Identity(), to_host, compute)
+        return stand_in_run(restorer, compute, to_host)
 
-    def labelling(parser: FaceParser, mixed_precision: bool) -> StandInRun:
+    def labelling(parser: FaceParser, mixed_precision: bool) -> FaceBatchRun:
         def compute(faces: torch.Tensor) -> torch.Tensor:
             return device.labels_tensor(parser, faces, mixed_precision)
 
-        return StandInRun(parser, mixed_precision, nn.Identity(), nn.Identity(), True, compute)
+        return stand_in_run(parser, compute)
 
-    def masking(parser: FaceParser, mixed_precision: bool, to_host: bool = True) -> StandInRun:
+    def masking(parser: FaceParser, mixed_precision: bool, to_host: bool = True) -> FaceBatchRun:
         def compute(faces: torch.Tensor) -> torch.Tensor:
             return device.masks_tensor(parser, faces, mixed_precision, to_host)
 
-        return StandInRun(parser, mixed_precision, nn.Identity(), nn.Identity(), to_host, compute)
+        return stand_in_run(parser, compute, to_host)
 
     monkeypatch.setattr(FaceRestorer, "restoring", restoring)
     monkeypatch.setattr(FaceParser, "labelling", labelling)

@@ -25,7 +25,7 @@ from codeformer.config import FACE_SIZE, PROFILES, STABILITY_MODES
 from codeformer.nets.codeformer import CodeFormer
 from codeformer.nets.parsenet import PARSE_CLASSES, ParseNet
 from codeformer.nets.retinaface import RetinaFace
-from codeformer.runtime import Nets, Runtime, arrived, staged, upload
+from codeformer.runtime import Nets, Runtime, arrived, downloads, staged, upload
 from codeformer.scheduler import DeviceScheduler
 from codeformer.stages import detect, device_paste, face_batch
 from codeformer.stages.detect import FaceDetector, prior_boxes
@@ -509,3 +509,17 @@ def test_the_device_pixel_path_copies_an_image_up_once_and_down_once(
     for name, call_log in device_calls.items():
         assert call_log.waits == [], name
         assert call_log.downloads == call_log.pinned_downloads, f"{name}: a download that blocks"
+
+
+def test_downloads_queue_pinned_copies_behind_one_event_on_their_devices_stream(mode: FakeTensorMode) -> None:
+    """On whichever GPU the tensors are (here the second), not the current device's stream."""
+    second = torch.device("cuda", 1)
+    with mode:
+        rows, flags = torch.empty((3, 4), device=second), torch.empty(3, dtype=torch.bool, device=second)
+    with mode, fake_cuda_events() as events, DeviceLog() as log:
+        copies = downloads(rows, flags)
+        assert events.recorded == [second] and events.waited == [], "queued, nothing waited for"
+        host_rows, host_flags = arrived(copies)
+    assert log.downloads == log.pinned_downloads and len(log.downloads) == 2
+    assert events.waited == [threading.current_thread().name] * 2  # one event, waited for by the reader
+    assert (host_rows.device.type, host_flags.dtype) == ("cpu", torch.bool)

@@ -23,8 +23,9 @@ Memory, per pixel of a face's region (footprint box plus margin), from the dtype
 80 bytes at the peak of a blend with parse masks (float64 blend, canvas patch and soft mask,
 float32 face × mask), 90 with float64 (gray) faces, 50 without parse masks; the warps'
 temporaries come on top, capped by warping in bands of ``WARP_BAND_PIXELS``. A face's
-2x2-eroded mask (4 bytes a pixel) lives from the w_edge pass to its blend, and its float
-patch (12 or 24 bytes a pixel) until no later face overlaps it.
+2x2-eroded mask (4 bytes a pixel) is made twice, for its area and for its blend, and lives
+only while each is computed (nothing pixel-sized waits between the two calls); its float
+patch (12 or 24 bytes a pixel) lives until no later face overlaps it.
 """
 
 from __future__ import annotations
@@ -187,49 +188,53 @@ def face_areas(areas: torch.Tensor) -> list[float]:
     return areas.tolist()
 
 
-@dataclass
+@dataclass(frozen=True)
 class PastePlan:
     """Paste-back's first half, on the device: what its second half (``blend_and_resize``) needs.
 
     Made by ``plan_paste``; between the two halves the host turns the faces' areas into
-    their w_edges (``edge_widths``), which set kernel sizes.
+    their w_edges (``edge_widths``), which set kernel sizes. Only the regions and the
+    transforms are kept across the two calls, no mask: other requests' calls run between
+    them, and the memory a face's mask takes is paste-back's own, face by face.
     """
 
     regions: list[Region]  # each face's region of the canvas (empty: off the canvas)
     affines: torch.Tensor  # (F, 2, 3) float64 face -> image matrices, on the device
-    # each face's 2x2-eroded warped mask, (h, w) float32; None off the canvas
-    eroded: list[torch.Tensor | None]
+
+
+def _eroded_mask(affines: torch.Tensor, index: int, region: Region) -> torch.Tensor:
+    """Face ``index``'s warped mask, eroded 2x2: (h, w) float32 over its region, on the affines' device."""
+    face_mask = torch.ones((FACE_SIZE, FACE_SIZE), dtype=torch.float32, device=affines.device)
+    return erode_tensor(_warp_into_region(face_mask, affines[index : index + 1], region), MASK_EROSION_SIZE)
 
 
 def plan_paste(image: torch.Tensor, inverse_affines: np.ndarray) -> tuple[PastePlan, Download | None]:
-    """The faces' regions and eroded masks on ``image``'s device, and their areas on their way to the host.
+    """The faces' regions, and their eroded masks' areas on their way to the host.
 
     image: (H, W, 3) working image (its size and device); inverse_affines: (F, 2, 3) float64
-    on the host (the regions, tensor shapes, come from them). The areas are summed on the
-    device in float64 and copied without blocking (``runtime.downloads``): (F',) for the F'
-    faces on the canvas, None when there is none. Nothing here waits for the device.
+    on the host (the regions, tensor shapes, come from them). Each area is summed in float64
+    on the device and all are copied without blocking (``runtime.downloads``): (F',) for the
+    F' faces on the canvas, None when there is none. Nothing here waits for the device.
     """
     inverse_affines = np.asarray(inverse_affines, dtype=np.float64)
     canvas_hw = (int(image.shape[0]), int(image.shape[1]))
     regions = [face_region(inverse_affine, canvas_hw) for inverse_affine in inverse_affines]
     # one upload for all the faces' warps (F, 2, 3), queued without blocking the host
     affines = upload(torch.from_numpy(inverse_affines), image.device)
-    face_mask = torch.ones((FACE_SIZE, FACE_SIZE), dtype=torch.float32, device=image.device)
-    eroded: list[torch.Tensor | None] = []
-    for index, region in enumerate(regions):
-        if region.empty:
-            eroded.append(None)
-            continue
-        inv_mask = _warp_into_region(face_mask, affines[index : index + 1], region)
-        eroded.append(erode_tensor(inv_mask, MASK_EROSION_SIZE))
-    areas = [mask.sum(dtype=torch.float64) for mask in eroded if mask is not None]
-    return PastePlan(regions, affines, eroded), (downloads(torch.stack(areas))[0] if areas else None)
+    areas = [
+        _eroded_mask(affines, index, region).sum(dtype=torch.float64)
+        for index, region in enumerate(regions)
+        if not region.empty
+    ]
+    return PastePlan(regions, affines), (downloads(torch.stack(areas))[0] if areas else None)
 
 
 def edge_widths(plan: PastePlan, areas: torch.Tensor | None) -> list[int]:
     """Each face's w_edge from ``plan_paste``'s areas, arrived on the host (0 off the canvas)."""
     arrived_areas = iter(face_areas(areas) if areas is not None else [])
-    return [0 if mask is None else blend_edge_width(np.float32(next(arrived_areas))) for mask in plan.eroded]
+    return [
+        0 if region.empty else blend_edge_width(np.float32(next(arrived_areas))) for region in plan.regions
+    ]
 
 
 def _blend_faces(
@@ -243,19 +248,17 @@ def _blend_faces(
 
     image: (H, W, 3) uint8 BGR working image (not modified).
     restored: (F, 512, 512, 3) uint8 BGR faces, float64 for gray inputs, on the image's device.
-    plan, w_edges: ``plan_paste``'s and ``edge_widths``' for these faces on this image; the
-        plan's eroded masks are used up (freed face by face).
+    plan, w_edges: ``plan_paste``'s and ``edge_widths``' for these faces on this image.
     masks: (F, 512, 512) float64 parse masks in [0, 1] on the device, or None (§6.4).
     Returns a new (H, W, 3) uint8 tensor on the device.
     """
-    regions, eroded_masks = plan.regions, plan.eroded
+    regions = plan.regions
     output = image.clone()
     kept: list[_Patch] = []
     for index, region in enumerate(regions):
-        inv_mask_erosion = eroded_masks[index]
-        if inv_mask_erosion is None:
+        if region.empty:
             continue  # nothing on the canvas: the blend leaves img as it is
-        eroded_masks[index] = None  # the loop holds the last reference: freed once used (del below)
+        inv_mask_erosion = _eroded_mask(plan.affines, index, region)  # the mask plan_paste summed
         inverse_affine = plan.affines[index : index + 1]
         inv_restored = _warp_into_region(restored[index], inverse_affine, region)  # (h, w, 3)
         pasted_face = inv_restored * inv_mask_erosion[..., None]  # float32 (float64 for gray)

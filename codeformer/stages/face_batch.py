@@ -211,20 +211,36 @@ class FaceBatchRun:
                 "s" * (len(bad) != 1),
                 str(autocast_dtype(self.net.device)).removeprefix("torch."),
             )
-            run(self._recompute, rows, faces, bad)
+            recomputed = arrived(run(self._recompute, rows, faces, bad))
+            if recomputed is not None:  # host rows: written here, once their copy has arrived
+                with torch.inference_mode():
+                    for row, index in enumerate(bad):
+                        rows[index] = recomputed[row]
         return rows
 
-    def _recompute(self, rows: torch.Tensor, faces: Faces, bad: list[int]) -> None:
-        """On the device: the faces at ``bad`` through the float32 net, by chunks, into ``rows``.
+    def _recompute(self, rows: torch.Tensor, faces: Faces, bad: list[int]) -> torch.Tensor | Download | None:
+        """On the device: the faces at ``bad`` through the float32 net, by chunks, nothing waited for.
 
-        Rare: the small copies here (indices up, on the host path the faces down) may wait.
+        Rows on the device are written there (stream order keeps the write after the launch
+        that made them); for rows on the host the recomputed rows come back on their way there,
+        for ``complete`` to write. Only the bad faces are taken from ``faces`` (or its parts).
         """
         net = self.net
         parts = [torch.as_tensor(part) for part in (faces if isinstance(faces, list) else [faces])]
-        faces = parts[0] if len(parts) == 1 else torch.cat(parts)
+        starts = np.cumsum([0, *(len(part) for part in parts)])
+        picked = []  # (1, 512, 512, 3) views, one per bad face, from the part that holds it
+        for index in bad:
+            part = int(np.searchsorted(starts, index, side="right")) - 1
+            local = index - int(starts[part])
+            picked.append(parts[part][local : local + 1])
+        recomputed = []
         with torch.inference_mode():
-            for start in range(0, len(bad), net.batch_size):
-                index = torch.tensor(bad[start : start + net.batch_size])
-                chunk = crops_to_tensor(faces[index.to(faces.device)], net.device)
-                again = self.finish(self.forward(net.float32_net, chunk))
-                rows[index.to(rows.device)] = again.to(rows.device)
+            for start in range(0, len(picked), net.batch_size):
+                chunk = crops_to_tensor(torch.cat(picked[start : start + net.batch_size]), net.device)
+                recomputed.append(self.finish(self.forward(net.float32_net, chunk)))
+            again = torch.cat(recomputed)
+            if rows.device != again.device:
+                return downloads(again)[0]
+            for row, index in enumerate(bad):
+                rows[index] = again[row]
+        return None
