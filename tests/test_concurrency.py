@@ -189,22 +189,6 @@ def test_a_bad_input_fails_only_its_own_request(
     assert_same_answer(canvas, alone["canvas"])
 
 
-def test_requests_below_capacity_never_get_409(server: LocalServer) -> None:
-    """Clients below the predictor's slot count sending back to back: no 409, even right after an answer."""
-    cheap = request(flat_canvas(64, 64), runtime_profile="max_speed")
-    clients, per_client = SLOTS - 1, 6
-    # below capacity means nothing else in flight: this runs before the cancel test, whose
-    # cancelled prediction can keep its coglet slot after its answer (two full-suite runs saw
-    # it, with a slot coglet had not yet freed after the previous answer, give one 409 here)
-    wait_for(lambda: server.client.health()["status"], lambda status: status == "READY", "the server idle")
-
-    def back_to_back(client: CogClient) -> list[int]:
-        return [client.predict(cheap, retry_busy=False).http_status for _ in range(per_client)]
-
-    statuses = together(server, [back_to_back] * clients)
-    assert statuses == [[200] * per_client] * clients
-
-
 def test_a_cancel_stops_only_its_own_request(server: LocalServer, alone: dict[str, PredictionResult]) -> None:
     long_images = [data_uri(png_bytes(noise(300, 400, seed)), name=f"n{seed}.png") for seed in range(4)]
     prediction_id = f"cancel-me-{os.getpid()}"
@@ -228,6 +212,21 @@ def test_a_cancel_stops_only_its_own_request(server: LocalServer, alone: dict[st
     assert helpers.requests_finished(server_log, 1) > 0  # the line finished requests log is there
     assert helpers.requests_finished(server_log, 4) == 0
     assert_same_answer(server.client.predict(REQUESTS["face"], retry_busy=False), alone["face"])
+
+
+def test_requests_below_capacity_never_get_409(server: LocalServer) -> None:
+    """Clients below the predictor's slot count sending back to back: no 409, even right after an answer."""
+    cheap = request(flat_canvas(64, 64), runtime_profile="max_speed")
+    clients, per_client = SLOTS - 1, 6
+    # below capacity means nothing else in flight: an earlier test's cancelled prediction may
+    # hold its slot until its thread reaches its next device call
+    wait_for(lambda: server.client.health()["status"], lambda status: status == "READY", "the server idle")
+
+    def back_to_back(client: CogClient) -> list[int]:
+        return [client.predict(cheap, retry_busy=False).http_status for _ in range(per_client)]
+
+    statuses = together(server, [back_to_back] * clients)
+    assert statuses == [[200] * per_client] * clients
 
 
 def test_a_request_beyond_capacity_gets_409_and_the_others_finish(server: LocalServer) -> None:
