@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,7 @@ from codeformer.stages.device_warp import (
     warp_crops_tensor,
     working_image_tensor,
 )
+from codeformer.stages.face_batch import FaceBatchRun
 from codeformer.stages.parse import FaceMasks, FaceParser, face_pixels_to_masks
 from codeformer.stages.paste import paste_faces
 from codeformer.stages.prepare import (
@@ -590,10 +591,7 @@ class Restorer:
         # requests with the same nets, fidelity, precision and numerics may share the forward
         key = (RESTORE_STAGE, id(call.stages.restorer), fidelity, call.mixed_precision, call.fast_math)
         try:
-            launched = self.scheduler.batched(
-                key, call.on_device(run.launch, self.device), crops, call.cancel
-            )
-            restored = run.complete(launched, crops, self._device_call(call))
+            restored = self._run_batched(key, run, crops, call)
         except torch.OutOfMemoryError as exc:
             # the request's faces share one call: it fails for every image that has faces
             with_faces = [index for index, count in enumerate(counts) if count]
@@ -608,14 +606,17 @@ class Restorer:
             item.timings["restore"] = per_face_ms * count
         return [RestoredFaces(restored[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def _device_call(self, call: _Call) -> Callable[..., Any]:
-        """``run(function, *args)``: ``function(*args)`` on the device thread, with ``call``'s
-        numerics and cancel flag."""
+    def _run_batched(self, key: Hashable, run: FaceBatchRun, faces: Any, call: _Call) -> torch.Tensor:
+        """``run`` over this request's ``faces`` (an array or tensor, or a list of parts): launched
+        on the device thread, maybe in one forward with other requests' faces of ``key``, and
+        completed here, on the request's thread; its rows. ``call``'s numerics and cancel flag
+        hold for its device calls, the float32 recompute's included."""
 
-        def run(function: Callable[..., T], *args: Any) -> T:
+        def device_call(function: Callable[..., T], *args: Any) -> T:
             return self.scheduler.call(call.on_device(function, self.device), *args, cancel=call.cancel)
 
-        return run
+        launched = self.scheduler.batched(key, call.on_device(run.launch, self.device), faces, call.cancel)
+        return run.complete(launched, faces, device_call)
 
     def _finish(
         self, index: int, image: np.ndarray, item: _ImageWork, faces: RestoredFaces, call: _Call
@@ -680,10 +681,7 @@ class Restorer:
                     on_device,
                 )
                 faces = restored.faces if on_device else staged([restored.faces], self.device)
-                launched = self.scheduler.batched(
-                    key, call.on_device(run.launch, self.device), faces, call.cancel
-                )
-                parsed = run.complete(launched, faces, self._device_call(call))
+                parsed = self._run_batched(key, run, faces, call)
                 if not on_device:
                     parsed = self._image_work(face_pixels_to_masks, parsed.numpy(), cancel=call.cancel)
                 masks = FaceMasks(parsed)
