@@ -180,8 +180,8 @@ class Download:
     """
 
     def __init__(self, host: torch.Tensor, event: Any | None) -> None:
-        self._host = host  # filled once ``event`` has passed; None: filled already
-        self._event = event
+        self._host = host  # filled once ``event`` has passed
+        self._event = event  # None: filled already (a host tensor)
 
     def __getitem__(self, rows: slice) -> Download:
         return Download(self._host[rows], self._event)
